@@ -1,0 +1,1 @@
+//! flintd and the flint CLI.

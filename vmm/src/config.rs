@@ -1,0 +1,251 @@
+//! The VM configuration (JSON file or command-line flags), validated before anything starts.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostProfile;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Uncompressed ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Uncompressed initramfs (cpio), optional when a root drive is given.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Appended to the kernel command line Flint builds.
+    #[serde(default)]
+    pub cmdline_extra: String,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    #[serde(default = "default_true")]
+    pub rng: bool,
+    /// Where the serial console goes: a file path, "stdout" or "off".
+    #[serde(default = "default_console")]
+    pub console: String,
+    /// Force a host profile instead of detecting it.
+    #[serde(default)]
+    pub host_profile: Option<HostProfile>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Boot from this drive (root=/dev/vdX).
+    #[serde(default)]
+    pub root: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Name of an existing tap device.
+    pub tap: String,
+    /// Network namespace holding the tap (a path such as /var/run/netns/NAME).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// Guest MAC address (aa:bb:cc:dd:ee:ff); derived from the tap name when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+    /// Host-side Unix socket (Firecracker-compatible `CONNECT <port>` protocol).
+    pub uds_path: PathBuf,
+}
+
+fn default_mem() -> u64 {
+    256
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_console() -> String {
+    "stdout".into()
+}
+fn default_cid() -> u64 {
+    3
+}
+
+/// Most vCPUs a VM may have (MP table and CPUID topology limits of this VMM).
+pub const MAX_VCPUS: u8 = 8;
+/// Most virtio devices (IRQs 5..=23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, not {0}")]
+    Vcpus(u8),
+    #[error("mem_mib must be a multiple of 2 between 64 and 65536, not {0}")]
+    Memory(u64),
+    #[error("{0} does not exist or is not a regular file")]
+    MissingFile(PathBuf),
+    #[error("neither an initramfs nor a root drive is configured: the guest would have no root filesystem")]
+    NoRoot,
+    #[error("more than one drive is marked as root")]
+    TwoRoots,
+    #[error("too many devices: at most {MAX_VIRTIO_DEVICES} virtio devices")]
+    TooManyDevices,
+    #[error("MAC address {0:?} is not six colon-separated hex bytes")]
+    Mac(String),
+    #[error("vsock guest_cid must be between 3 and 2^32-1, not {0}")]
+    Cid(u64),
+    #[error("cmdline_extra may not contain newlines or NUL bytes")]
+    Cmdline,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initramfs: None,
+            mem_mib: default_mem(),
+            vcpus: default_vcpus(),
+            cmdline_extra: String::new(),
+            drives: Vec::new(),
+            net: None,
+            vsock: None,
+            rng: true,
+            console: default_console(),
+            host_profile: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.mem_mib < 64 || self.mem_mib > 65536 || self.mem_mib % 2 != 0 {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        let files = std::iter::once(&self.kernel)
+            .chain(self.initramfs.iter())
+            .chain(self.drives.iter().map(|d| &d.path));
+        for f in files {
+            if !f.is_file() {
+                return Err(ConfigError::MissingFile(f.clone()));
+            }
+        }
+        let roots = self.drives.iter().filter(|d| d.root).count();
+        if roots > 1 {
+            return Err(ConfigError::TwoRoots);
+        }
+        if roots == 0 && self.initramfs.is_none() {
+            return Err(ConfigError::NoRoot);
+        }
+        let n = self.drives.len()
+            + usize::from(self.net.is_some())
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng);
+        if n > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices);
+        }
+        if let Some(mac) = self.net.as_ref().and_then(|n| n.mac.as_ref()) {
+            parse_mac(mac).ok_or_else(|| ConfigError::Mac(mac.clone()))?;
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(ConfigError::Cid(v.guest_cid));
+            }
+        }
+        if self.cmdline_extra.contains(['\n', '\0']) {
+            return Err(ConfigError::Cmdline);
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// A locally administered unicast MAC derived from a name.
+pub fn mac_from_name(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x06, b[0], b[1], b[2], b[3], b[4]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> PathBuf {
+        std::env::current_exe().unwrap()
+    }
+
+    #[test]
+    fn rejects_bad_values_with_clear_errors() {
+        let mut c = VmConfig::new(kernel());
+        assert_eq!(c.validate(), Err(ConfigError::NoRoot));
+        c.initramfs = Some(kernel());
+        assert_eq!(c.validate(), Ok(()));
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        c.vcpus = 1;
+        c.mem_mib = 100 + 1;
+        assert_eq!(c.validate(), Err(ConfigError::Memory(101)));
+        c.mem_mib = 128;
+        c.kernel = "/nonexistent/vmlinux".into();
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MissingFile("/nonexistent/vmlinux".into()))
+        );
+        c.kernel = kernel();
+        c.net = Some(NetConfig {
+            tap: "tap0".into(),
+            netns: None,
+            mac: Some("zz:00".into()),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::Mac("zz:00".into())));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","memory":5}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `memory`"), "{e}");
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("06:00:ac:10:00:02"),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        assert_eq!(parse_mac("06:00:ac:10:00"), None);
+        assert_eq!(mac_from_name("tap0")[0], 0x06);
+        assert_ne!(mac_from_name("tap0"), mac_from_name("tap1"));
+    }
+}

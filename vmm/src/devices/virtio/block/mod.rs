@@ -1,0 +1,342 @@
+//! virtio-blk backed by a host file: read-only or read-write, flush honoured.
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use virtio_queue::QueueT;
+
+use super::{DeviceCounters, DeviceCtx, VirtioDevice, TYPE_BLOCK};
+
+pub const SECTOR_SIZE: u64 = 512;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const ID_BYTES: usize = 20;
+/// Largest single request accepted (bounded buffer per request).
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+const SEG_MAX: u32 = 126;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open drive file {0}")]
+    Open(PathBuf, #[source] std::io::Error),
+    #[error("drive file {0} is {1} bytes, not a multiple of 512")]
+    Size(PathBuf, u64),
+}
+
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    nsectors: u64,
+    id: [u8; ID_BYTES],
+    pub counters: DeviceCounters,
+}
+
+impl Block {
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::Open(path.to_path_buf(), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| BlockError::Open(path.to_path_buf(), e))?
+            .len();
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size(path.to_path_buf(), len));
+        }
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            nsectors: len / SECTOR_SIZE,
+            id: idb,
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    /// Serves one request; returns (status, bytes written to the guest) or None when the chain
+    /// is malformed (no room for the status byte).
+    fn handle(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+        mem: &vm_memory::GuestMemoryMmap,
+    ) -> Option<u32> {
+        let mut reader = chain.clone().reader(mem).ok()?;
+        let mut writer = chain.writer(mem).ok()?;
+        let avail = writer.available_bytes();
+        if avail == 0 {
+            return None;
+        }
+        // The last writable byte is the status; data goes before it.
+        let mut status_w = writer.split_at(avail - 1).ok()?;
+        let req_type: u32 = reader.read_obj().ok()?;
+        let _reserved: u32 = reader.read_obj().ok()?;
+        let sector: u64 = reader.read_obj().ok()?;
+        let (status, written) = match req_type {
+            T_IN => {
+                let len = writer.available_bytes();
+                match self.check_range(sector, len) {
+                    Some(off) => {
+                        let mut buf = vec![0u8; len];
+                        match self.file.read_exact_at(&mut buf, off) {
+                            Ok(()) if writer.write_all(&buf).is_ok() => {
+                                self.counters
+                                    .bytes_out
+                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                (S_OK, len)
+                            }
+                            _ => (S_IOERR, 0),
+                        }
+                    }
+                    None => (S_IOERR, 0),
+                }
+            }
+            T_OUT if self.read_only => (S_IOERR, 0),
+            T_OUT => {
+                let len = reader.available_bytes();
+                match self.check_range(sector, len) {
+                    Some(off) => {
+                        let mut buf = vec![0u8; len];
+                        match reader.read_exact(&mut buf) {
+                            Ok(()) if self.file.write_all_at(&buf, off).is_ok() => {
+                                self.counters
+                                    .bytes_in
+                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                (S_OK, 0)
+                            }
+                            _ => (S_IOERR, 0),
+                        }
+                    }
+                    None => (S_IOERR, 0),
+                }
+            }
+            T_FLUSH if self.read_only => (S_OK, 0),
+            T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (S_OK, 0),
+                Err(_) => (S_IOERR, 0),
+            },
+            T_GET_ID => {
+                let n = writer.available_bytes().min(ID_BYTES);
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => (S_OK, n),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            _ => (S_UNSUPP, 0),
+        };
+        if status == S_IOERR {
+            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        status_w.write_all(&[status]).ok()?;
+        Some(written as u32 + 1)
+    }
+
+    /// Byte offset of a request when it lies inside the disk and is not oversized.
+    fn check_range(&self, sector: u64, len: usize) -> Option<u64> {
+        if len % SECTOR_SIZE as usize != 0 || len > MAX_REQUEST_BYTES {
+            return None;
+        }
+        let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;
+        (end <= self.nsectors).then_some(sector * SECTOR_SIZE)
+    }
+
+    fn process(&mut self, ctx: &mut DeviceCtx) {
+        let mem = ctx.mem;
+        let mut used = false;
+        while let Some(chain) = ctx.queues[0].pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let len = match self.handle(chain, mem) {
+                Some(len) => len,
+                None => {
+                    self.counters
+                        .bad_descriptors
+                        .fetch_add(1, Ordering::Relaxed);
+                    0
+                }
+            };
+            if ctx.queues[0].add_used(mem, head, len).is_err() {
+                self.counters
+                    .bad_descriptors
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            used = true;
+        }
+        if used && ctx.queues[0].needs_notification(mem).unwrap_or(true) {
+            ctx.irq.signal_used();
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256]
+    }
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64), size_max (u32), seg_max (u32)
+        let mut cfg = [0u8; 16];
+        cfg[..8].copy_from_slice(&self.nsectors.to_le_bytes());
+        cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let off = offset as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(off + i).copied().unwrap_or(0);
+        }
+    }
+    fn queue_notify(&mut self, _index: usize, ctx: &mut DeviceCtx, _ops: &mut dyn super::Watch) {
+        self.process(ctx);
+    }
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path,
+            "read_only": self.read_only,
+            "sectors": self.nsectors,
+            "counters": self.counters.snapshot(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_util::*;
+
+    fn disk(read_only: bool) -> (Block, tempfile_path::TempPath) {
+        let p = tempfile_path::TempPath::new("blk");
+        let mut data = vec![0u8; 8 * 512];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        std::fs::write(&p.0, &data).unwrap();
+        (Block::open(&p.0, read_only, "flint-test").unwrap(), p)
+    }
+
+    fn header(env: &QueueEnv, addr: u64, t: u32, sector: u64) {
+        let mut h = Vec::new();
+        h.extend_from_slice(&t.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        env.write(addr, &h);
+    }
+
+    #[test]
+    fn reads_writes_and_flushes() {
+        let (mut dev, p) = disk(false);
+        let mut env = QueueEnv::new(&[256]);
+        header(&env, 0x10000, T_IN, 2);
+        env.add_chain(
+            0,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 1024, true),
+                (0x12000, 1, true),
+            ],
+        );
+        env.run(|ctx| dev.process(ctx));
+        assert_eq!(env.used(0), vec![(0, 1025)]);
+        assert_eq!(env.read(0x11000, 1024)[..512], [2u8; 512]);
+        assert_eq!(env.read(0x11000, 1024)[512..], [3u8; 512]);
+        assert_eq!(env.read(0x12000, 1), vec![S_OK]);
+
+        header(&env, 0x13000, T_OUT, 7);
+        env.write(0x14000, &[0xab; 512]);
+        env.add_chain(
+            0,
+            &[
+                (0x13000, 16, false),
+                (0x14000, 512, false),
+                (0x15000, 1, true),
+            ],
+        );
+        header(&env, 0x16000, T_FLUSH, 0);
+        env.add_chain(0, &[(0x16000, 16, false), (0x17000, 1, true)]);
+        env.run(|ctx| dev.process(ctx));
+        assert_eq!(env.read(0x15000, 1), vec![S_OK]);
+        assert_eq!(env.read(0x17000, 1), vec![S_OK]);
+        assert_eq!(std::fs::read(&p.0).unwrap()[7 * 512..], [0xab; 512]);
+    }
+
+    #[test]
+    fn read_only_rejects_writes_and_out_of_range_fails() {
+        let (mut dev, p) = disk(true);
+        let mut env = QueueEnv::new(&[256]);
+        header(&env, 0x10000, T_OUT, 0);
+        env.add_chain(
+            0,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 512, false),
+                (0x12000, 1, true),
+            ],
+        );
+        header(&env, 0x13000, T_IN, 8);
+        env.add_chain(
+            0,
+            &[
+                (0x13000, 16, false),
+                (0x14000, 512, true),
+                (0x15000, 1, true),
+            ],
+        );
+        env.run(|ctx| dev.process(ctx));
+        assert_eq!(env.read(0x12000, 1), vec![S_IOERR]);
+        assert_eq!(env.read(0x15000, 1), vec![S_IOERR]);
+        assert_eq!(std::fs::read(&p.0).unwrap()[..512], [0u8; 512]);
+    }
+
+    #[test]
+    fn malformed_chains_are_counted() {
+        let (mut dev, _p) = disk(false);
+        let mut env = QueueEnv::new(&[256]);
+        // No writable status byte at all.
+        header(&env, 0x10000, T_IN, 0);
+        env.add_chain(0, &[(0x10000, 16, false)]);
+        // A buffer beyond guest memory.
+        env.add_chain(0, &[(0xfff_0000, 16, false), (0x12000, 1, true)]);
+        // A descriptor loop: next points at itself.
+        env.write_desc(0, 10, 0x10000, 16, 1, 10);
+        env.publish(0, 10);
+        env.run(|ctx| dev.process(ctx));
+        assert_eq!(dev.counters.bad_descriptors.load(Ordering::Relaxed), 3);
+    }
+}
+
+#[cfg(test)]
+mod tempfile_path {
+    /// A file path removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn new(tag: &str) -> Self {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Self(std::env::temp_dir().join(format!("flint-{tag}-{}-{n}", std::process::id())))
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}

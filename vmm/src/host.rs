@@ -1,0 +1,79 @@
+//! Host profiles: what the VMM adapts to on the machine it runs on.
+//!
+//! - `hardware`: KVM on VT-x/AMD-V. Nothing special.
+//! - `pvm-native`: KVM served by the `kvm_pvm` module in "native" mode, which runs guest
+//!   kernel mode through KVM's instruction emulator. The guest kernel must avoid what that
+//!   emulator lacks: XSAVE in kernel mode, a handful of CPU features (hidden with the
+//!   kernel's own `clearcpuid`, since CPUID masking does not reach kernel mode there), and
+//!   three spots handled by Flint's guest-kernel patches (`flint.*` boot options).
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostProfile {
+    Hardware,
+    PvmNative,
+}
+
+/// Kernel command line additions for `pvm-native` hosts.
+pub const PVM_NATIVE_CMDLINE: &str =
+    "noxsave clearcpuid=smap,cx16,fsgsbase,pcid,invpcid,rdpid,popcnt,rdtscp,114 flint.noint3test flint.nofwait flint.syscall_pf";
+
+impl HostProfile {
+    /// Detects the profile of this host from sysfs.
+    pub fn detect() -> Self {
+        Self::detect_in(Path::new("/sys/module"))
+    }
+
+    fn detect_in(sys_module: &Path) -> Self {
+        let pvm = sys_module.join("kvm_pvm");
+        if pvm.is_dir() {
+            // Non-native PVM (guest kernel in a separate address space) is not supported by
+            // these quirks either way; treat any kvm_pvm as needing them.
+            return HostProfile::PvmNative;
+        }
+        HostProfile::Hardware
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HostProfile::Hardware => "hardware",
+            HostProfile::PvmNative => "pvm-native",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "hardware" => Some(HostProfile::Hardware),
+            "pvm-native" => Some(HostProfile::PvmNative),
+            _ => None,
+        }
+    }
+
+    /// Kernel command line additions this host needs.
+    pub fn cmdline_extra(self) -> &'static str {
+        match self {
+            HostProfile::Hardware => "",
+            HostProfile::PvmNative => PVM_NATIVE_CMDLINE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_from_sysfs_layout() {
+        let d = std::env::temp_dir().join(format!("flint-host-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert_eq!(HostProfile::detect_in(&d), HostProfile::Hardware);
+        std::fs::create_dir_all(d.join("kvm_pvm")).unwrap();
+        assert_eq!(HostProfile::detect_in(&d), HostProfile::PvmNative);
+        std::fs::remove_dir_all(&d).unwrap();
+        assert!(HostProfile::Hardware.cmdline_extra().is_empty());
+        assert!(HostProfile::PvmNative
+            .cmdline_extra()
+            .contains("flint.syscall_pf"));
+    }
+}

@@ -1,0 +1,16 @@
+//! flint-vmm: Flint's KVM virtual machine monitor, one process per microVM.
+//!
+//! Layout follows what the VMM is: [`vstate`] (KVM VM, memory, vCPUs), [`arch`] (x86_64 boot),
+//! [`devices`] (buses, legacy and virtio devices), [`builder`] (assembly), [`api`] (control
+//! socket), [`host`] (host profiles). See docs/vmm.md.
+pub mod api;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod host;
+pub mod vstate;
+
+pub use builder::{BuildError, Vmm, VmmHandle};
+pub use config::VmConfig;
+pub use host::HostProfile;

@@ -1,0 +1,385 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, signal kicks for pause/stop.
+use std::cell::Cell;
+use std::fmt;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::x86_64::translate_gva;
+use crate::devices::bus::lock;
+use crate::devices::Bus;
+
+/// Why the VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest reset itself (i8042 reset line): Linux `reboot`, `poweroff` or `panic` with
+    /// `reboot=k`.
+    GuestReset,
+    /// The guest stopped in a way the VMM treats as a shutdown (HLT with interrupts off,
+    /// a system event).
+    GuestShutdown { detail: String },
+    /// Asked to stop through the control API or a signal.
+    Requested,
+    /// The VM failed: emulation failure, failed entry, triple fault, KVM error.
+    Failed { message: String },
+}
+
+impl ExitReason {
+    /// The flint-vmm process exit code for this reason (see docs/vmm.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::GuestReset | ExitReason::GuestShutdown { .. } | ExitReason::Requested => 0,
+            ExitReason::Failed { .. } => 2,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::GuestReset => write!(f, "the guest reset itself (i8042 reset)"),
+            ExitReason::GuestShutdown { detail } => write!(f, "the guest shut down: {detail}"),
+            ExitReason::Requested => write!(f, "stop requested"),
+            ExitReason::Failed { message } => write!(f, "the VM failed: {message}"),
+        }
+    }
+}
+
+/// The first exit reason wins; the event wakes the main loop.
+pub struct VmExit {
+    reason: Mutex<Option<ExitReason>>,
+    pub evt: EventFd,
+}
+
+impl VmExit {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn set(&self, reason: ExitReason) {
+        let mut r = lock(&self.reason);
+        if r.is_none() {
+            *r = Some(reason);
+            let _ = self.evt.write(1);
+        }
+    }
+
+    pub fn get(&self) -> Option<ExitReason> {
+        lock(&self.reason).clone()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct ControlState {
+    want: Want,
+    paused: usize,
+    running_threads: usize,
+}
+
+/// Shared run/pause/stop control of all vCPU threads of one VM.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    cv: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl VcpuControl {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(ControlState {
+                want: Want::Run,
+                paused: 0,
+                running_threads: 0,
+            }),
+            cv: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn kick_all(&self) {
+        for t in lock(&self.threads).iter() {
+            // SAFETY: `t` is a live vCPU thread (threads are removed only after join); the
+            // signal's handler only sets `immediate_exit` in that thread's kvm_run.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU at an instruction boundary with pending I/O completed; returns once all
+    /// running vCPU threads are parked.
+    pub fn pause(&self) {
+        let mut s = lock(&self.state);
+        if s.want == Want::Run {
+            s.want = Want::Pause;
+        }
+        drop(s);
+        self.kick_all();
+        let mut s = lock(&self.state);
+        while s.want == Want::Pause && s.paused < s.running_threads {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut s = lock(&self.state);
+        if s.want == Want::Pause {
+            s.want = Want::Run;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Asks every vCPU thread to leave its loop.
+    pub fn stop(&self) {
+        lock(&self.state).want = Want::Stop;
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.state).want == Want::Pause
+    }
+
+    fn wanted(&self) -> Want {
+        lock(&self.state).want
+    }
+
+    /// Parks the calling vCPU while paused; returns false when it must stop.
+    fn park(&self) -> bool {
+        let mut s = lock(&self.state);
+        if s.want == Want::Pause {
+            s.paused += 1;
+            self.cv.notify_all();
+            while s.want == Want::Pause {
+                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.paused -= 1;
+        }
+        s.want != Want::Stop
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's own mmap'ed kvm_run, set before the first
+        // KVM_RUN and cleared before the VcpuFd is dropped; a single aligned byte store.
+        unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Installs the vCPU kick handler (once per process).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// Counters a vCPU thread keeps (for `describe`).
+#[derive(Default)]
+pub struct VcpuStats {
+    pub exits: AtomicU64,
+    pub pio: AtomicU64,
+    pub mmio: AtomicU64,
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    pub index: u8,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<VmExit>,
+    pub control: Arc<VcpuControl>,
+    pub mem: GuestMemoryMmap,
+    pub stats: Arc<VcpuStats>,
+}
+
+/// Starts a vCPU thread running `fd`.
+pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<VcpuFd>> {
+    let control = ctx.control.clone();
+    lock(&control.state).running_threads += 1;
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{}", ctx.index))
+        .spawn(move || {
+            KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+            run_loop(&mut fd, &ctx);
+            KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+            let mut s = lock(&ctx.control.state);
+            s.running_threads -= 1;
+            ctx.control.cv.notify_all();
+            drop(s);
+            fd
+        });
+    match handle {
+        Ok(h) => {
+            lock(&control.threads).push(h.as_pthread_t());
+            Ok(h)
+        }
+        Err(e) => {
+            lock(&control.state).running_threads -= 1;
+            Err(e)
+        }
+    }
+}
+
+/// Joins vCPU threads after [`VcpuControl::stop`], returning their fds.
+pub fn join_all(control: &VcpuControl, handles: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
+    let fds = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    lock(&control.threads).clear();
+    fds
+}
+
+fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) {
+    loop {
+        if ctx.control.wanted() != Want::Run {
+            // Complete any pending I/O, then come back with EINTR and park or stop.
+            fd.set_kvm_immediate_exit(1);
+        }
+        let res = fd.run();
+        ctx.stats.exits.fetch_add(1, Ordering::Relaxed);
+        let stop = match res {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.read(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => Some(ExitReason::GuestShutdown {
+                detail: format!("vCPU {} halted", ctx.index),
+            }),
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::Failed {
+                message: format!(
+                    "vCPU {} triple-faulted (KVM_EXIT_SHUTDOWN){}",
+                    ctx.index,
+                    describe_rip(fd, &ctx.mem)
+                ),
+            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(ExitReason::GuestShutdown {
+                detail: format!("system event {kind} on vCPU {}", ctx.index),
+            }),
+            Ok(VcpuExit::InternalError) => Some(ExitReason::Failed {
+                message: internal_error(fd, ctx),
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Failed {
+                message: format!(
+                    "KVM_EXIT_FAIL_ENTRY on vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
+                    ctx.index
+                ),
+            }),
+            Ok(other) => Some(ExitReason::Failed {
+                message: format!("unexpected vCPU exit {other:?} on vCPU {}", ctx.index),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                if !ctx.control.park() {
+                    return;
+                }
+                None
+            }
+            Err(e) => Some(ExitReason::Failed {
+                message: format!("KVM_RUN failed on vCPU {}: {e}", ctx.index),
+            }),
+        };
+        if let Some(reason) = stop {
+            ctx.exit.set(reason);
+            // Stay parked until the VMM stops us: the vCPU's state stays inspectable.
+            let mut s = lock(&ctx.control.state);
+            while s.want != Want::Stop {
+                s = ctx.control.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            return;
+        }
+    }
+}
+
+fn describe_rip(fd: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+    let (Ok(regs), Ok(sregs)) = (fd.get_regs(), fd.get_sregs()) else {
+        return String::new();
+    };
+    let gpa = if sregs.cr0 & 0x8000_0000 != 0 {
+        translate_gva(mem, sregs.cr3, regs.rip)
+    } else {
+        Some(regs.rip)
+    };
+    let bytes = gpa.and_then(|gpa| {
+        let mut b = [0u8; 16];
+        mem.read_slice(&mut b, GuestAddress(gpa)).ok().map(|_| b)
+    });
+    let hex = bytes
+        .map(|b| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unreadable".into());
+    format!(
+        " at RIP {:#x} (CPL {}, GPA {}) instruction bytes [{hex}]",
+        regs.rip,
+        sregs.cs.selector & 3,
+        gpa.map(|g| format!("{g:#x}"))
+            .unwrap_or_else(|| "unmapped".into()),
+    )
+}
+
+fn internal_error(fd: &mut VcpuFd, ctx: &VcpuContext) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+    let ie = unsafe { run.__bindgen_anon_1.internal };
+    let n = (ie.ndata as usize).min(ie.data.len());
+    let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    let kind = match ie.suberror {
+        1 => "emulation failure: the host's instruction emulator cannot run this instruction",
+        2 => "simultaneous exception",
+        3 => "delivery event",
+        _ => "internal error",
+    };
+    format!(
+        "KVM_EXIT_INTERNAL_ERROR on vCPU {} ({kind}; suberror {}, data [{}]){}",
+        ctx.index,
+        ie.suberror,
+        data.join(", "),
+        describe_rip(fd, &ctx.mem)
+    )
+}
