@@ -1,1 +1,11 @@
-//! flint-agent library: protocol, service and host client (see docs/agent-protocol.md).
+//! flint-agent: the in-guest agent (server side) and the host's client for it.
+//!
+//! - [`protocol`]: frames and messages (docs/agent-protocol.md).
+//! - [`server`]: the service the agent runs, in a guest or on a host Unix socket.
+//! - [`client`]: what `flintd` and tests use to talk to an agent.
+pub mod client;
+pub mod init;
+pub mod listen;
+pub mod protocol;
+pub mod reaper;
+pub mod server;

@@ -1,4 +1,109 @@
-fn main() {
-    eprintln!("flint-agent: not built yet");
-    std::process::exit(1);
+//! `flint-agent`: Flint's in-guest agent. As the guest's PID 1 it sets up the system and
+//! reaps orphans; everywhere it serves the agent protocol (docs/agent-protocol.md).
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use flint_agent::listen::{ListenAddr, Listener};
+use flint_agent::server::{serve_connection, Agent, Settings};
+
+struct Args {
+    listen: ListenAddr,
+    settings: Settings,
+}
+
+const USAGE: &str = "usage: flint-agent [--listen vsock:PORT|unix:PATH] [--root DIR] [--max-file-bytes N] [--hooks-dir DIR]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        listen: ListenAddr::Vsock(flint_agent::protocol::DEFAULT_PORT),
+        settings: Settings::default(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| format!("{k} needs a value\n{USAGE}"))
+        };
+        match k.as_str() {
+            "--listen" => a.listen = val()?.parse()?,
+            "--root" => a.settings.root = PathBuf::from(val()?),
+            "--max-file-bytes" => {
+                a.settings.max_file_bytes = val()?
+                    .parse()
+                    .map_err(|_| "--max-file-bytes takes a number".to_string())?
+            }
+            "--hooks-dir" => a.settings.hooks_dir = PathBuf::from(val()?),
+            "--help" | "-h" => return Err(USAGE.into()),
+            "--version" => return Err(format!("flint-agent {}", env!("CARGO_PKG_VERSION"))),
+            // The kernel passes unknown boot parameters to init as arguments: ignore them.
+            _ if std::process::id() == 1 => {}
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    let mut args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if pid1 {
+        flint_agent::init::init_system();
+        args.settings.is_init = true;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flint-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let r = rt.block_on(run(args));
+    if let Err(e) = &r {
+        eprintln!("flint-agent: {e}");
+    }
+    if pid1 {
+        // PID 1 must never exit (the kernel would panic): keep reaping and wait.
+        loop {
+            // SAFETY: pause(2) has no preconditions.
+            unsafe { libc::pause() };
+        }
+    }
+    if r.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
+    let agent = Agent::new(args.settings);
+    tokio::spawn(agent.reaper.clone().run());
+    let listener = Listener::bind(&args.listen).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {:?}: {e}", args.listen))
+    })?;
+    eprintln!(
+        "flint-agent {} ready on {:?}",
+        env!("CARGO_PKG_VERSION"),
+        args.listen
+    );
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                tokio::spawn(serve_connection(agent.clone(), stream));
+            }
+            Err(e) => {
+                eprintln!("flint-agent: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

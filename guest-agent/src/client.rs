@@ -1,0 +1,572 @@
+//! Host-side client of the agent: over a Unix socket (host mode) or through a VMM's vsock
+//! socket with the `CONNECT <port>` handshake. One connection carries many concurrent calls.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::protocol::*;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The agent's own Unix socket (host mode).
+    Unix(PathBuf),
+    /// A VMM's vsock Unix socket and the guest port behind it.
+    Vsock { uds: PathBuf, port: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("vsock handshake with {0} failed: {1}")]
+    Handshake(String, String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to the agent closed")]
+    Closed,
+    #[error("agent error ({code}): {message}")]
+    Agent { code: ErrorCode, message: String },
+    #[error("unexpected reply from the agent: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The agent's error code, when the agent refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Agent { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+type Streams = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+
+/// A connection to one agent.
+pub struct AgentClient {
+    tx: mpsc::Sender<Frame>,
+    streams: Streams,
+    next_id: AtomicU32,
+    /// Limit for calls that are not streams (health, stat, ...).
+    pub call_timeout: Duration,
+}
+
+/// Output of a finished exec.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+/// One event of a running exec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {
+    match ep {
+        Endpoint::Unix(p) => UnixStream::connect(p)
+            .await
+            .map_err(|e| ClientError::Connect(p.display().to_string(), e)),
+        Endpoint::Vsock { uds, port } => {
+            let name = format!("{} port {port}", uds.display());
+            let mut s = UnixStream::connect(uds)
+                .await
+                .map_err(|e| ClientError::Connect(name.clone(), e))?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .await
+                .map_err(|e| ClientError::Connect(name.clone(), e))?;
+            // Read the reply a byte at a time: whatever follows the newline is the agent's.
+            let mut line = Vec::new();
+            loop {
+                let mut b = [0u8; 1];
+                match s.read(&mut b).await {
+                    Ok(0) => {
+                        return Err(ClientError::Handshake(
+                            name,
+                            "the VMM closed the connection (is the agent listening yet?)".into(),
+                        ))
+                    }
+                    Ok(_) if b[0] == b'\n' => break,
+                    Ok(_) if line.len() < 64 => line.push(b[0]),
+                    Ok(_) => {
+                        return Err(ClientError::Handshake(name, "reply line too long".into()))
+                    }
+                    Err(e) => return Err(ClientError::Connect(name, e)),
+                }
+            }
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if !line.starts_with("OK ") {
+                return Err(ClientError::Handshake(name, line));
+            }
+            Ok(s)
+        }
+    }
+}
+
+impl AgentClient {
+    /// Connects and says hello, within `timeout`.
+    pub async fn connect(ep: &Endpoint, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(timeout, dial(ep))
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))??;
+        let client = Self::from_stream(stream);
+        let hello = tokio::time::timeout(
+            timeout,
+            client.call(&Request::Hello {
+                version: PROTOCOL_VERSION,
+            }),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+        match hello {
+            Response::Hello { .. } => Ok(client),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Connects, retrying while the agent is not up yet, until `deadline` passes.
+    pub async fn connect_retry(ep: &Endpoint, deadline: Duration) -> Result<Self, ClientError> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            match Self::connect(
+                ep,
+                left.min(Duration::from_secs(10))
+                    .max(Duration::from_millis(1)),
+            )
+            .await
+            {
+                Ok(c) => return Ok(c),
+                Err(e) if start.elapsed() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Wraps an already connected stream (no hello).
+    pub fn from_stream(stream: UnixStream) -> Self {
+        let (mut rd, wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        tokio::spawn(async move {
+            let mut w = BufWriter::new(wr);
+            while let Some(f) = rx.recv().await {
+                if write_frame(&mut w, &f).await.is_err() {
+                    return;
+                }
+                while let Ok(f) = rx.try_recv() {
+                    if write_frame(&mut w, &f).await.is_err() {
+                        return;
+                    }
+                }
+                if w.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let streams: Streams = Arc::new(Mutex::new(HashMap::new()));
+        let s2 = streams.clone();
+        tokio::spawn(async move {
+            while let Ok(f) = read_frame(&mut rd).await {
+                let target = lock(&s2).get(&f.stream).cloned();
+                match target {
+                    Some(t) => {
+                        let _ = t.send(f);
+                    }
+                    None if f.stream == 0 => {
+                        // A connection-level error: deliver to everyone waiting.
+                        for t in lock(&s2).values() {
+                            let _ = t.send(f.clone());
+                        }
+                    }
+                    None => {}
+                }
+            }
+            lock(&s2).clear();
+        });
+        AgentClient {
+            tx,
+            streams,
+            next_id: AtomicU32::new(1),
+            call_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn open(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (t, r) = mpsc::unbounded_channel();
+        lock(&self.streams).insert(id, t);
+        (id, r)
+    }
+
+    fn close(&self, id: u32) {
+        lock(&self.streams).remove(&id);
+    }
+
+    async fn send(&self, f: Frame) -> Result<(), ClientError> {
+        self.tx.send(f).await.map_err(|_| ClientError::Closed)
+    }
+
+    async fn next_json(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Result<Response, ClientError> {
+        loop {
+            let f = rx.recv().await.ok_or(ClientError::Closed)?;
+            if f.kind == kind::JSON {
+                let r: Response = serde_json::from_slice(&f.payload)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if let Response::Error { code, message } = r {
+                    return Err(ClientError::Agent { code, message });
+                }
+                return Ok(r);
+            }
+        }
+    }
+
+    /// One request, one reply.
+    pub async fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        let (id, mut rx) = self.open();
+        let r = async {
+            self.send(Frame::json(id, req)).await?;
+            tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
+                .await
+                .map_err(|_| ClientError::Timeout(self.call_timeout))?
+        }
+        .await;
+        self.close(id);
+        r
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        match self.call(&Request::Health).await? {
+            Response::Health(h) => Ok(h),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a process; events arrive on the returned stream.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream<'_>, ClientError> {
+        let (id, mut rx) = self.open();
+        self.send(Frame::json(id, &Request::Exec(req))).await?;
+        match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx)).await {
+            Ok(Ok(Response::Started { pid })) => Ok(ExecStream {
+                client: self,
+                id,
+                rx,
+                pid,
+                done: false,
+            }),
+            Ok(Ok(other)) => {
+                self.close(id);
+                Err(ClientError::Protocol(format!("{other:?}")))
+            }
+            Ok(Err(e)) => {
+                self.close(id);
+                Err(e)
+            }
+            Err(_) => {
+                self.close(id);
+                Err(ClientError::Timeout(self.call_timeout))
+            }
+        }
+    }
+
+    /// Runs a process to completion and collects its output.
+    pub async fn exec_output(&self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
+        let mut s = self.exec(req).await?;
+        let mut out = ExecOutput::default();
+        while let Some(ev) = s.next().await? {
+            match ev {
+                ExecEvent::Stdout(b) => out.stdout.extend(b),
+                ExecEvent::Stderr(b) => out.stderr.extend(b),
+                ExecEvent::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                } => {
+                    out.code = code;
+                    out.signal = signal;
+                    out.timed_out = timed_out;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Shorthand: runs `argv` with no stdin.
+    pub async fn run(&self, argv: &[&str]) -> Result<ExecOutput, ClientError> {
+        self.exec_output(ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Uploads `data` from a reader to `path` (created with `mode`, replaced atomically).
+    pub async fn write_file_from<R: AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        mode: u32,
+        mut data: R,
+    ) -> Result<u64, ClientError> {
+        let (id, mut rx) = self.open();
+        let r = async {
+            self.send(Frame::json(
+                id,
+                &Request::WriteFile {
+                    path: path.into(),
+                    mode,
+                    append: false,
+                },
+            ))
+            .await?;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = data
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| ClientError::Connect("upload source".into(), e))?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                // An early error (bad path, too large) ends the upload at once.
+                if let Ok(f) = rx.try_recv() {
+                    if f.kind == kind::JSON {
+                        if let Ok(Response::Error { code, message }) =
+                            serde_json::from_slice(&f.payload)
+                        {
+                            return Err(ClientError::Agent { code, message });
+                        }
+                    }
+                }
+                self.send(Frame::data(kind::DATA, id, buf)).await?;
+            }
+            self.send(Frame::data(kind::EOF, id, Vec::new())).await?;
+            match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
+                .await
+                .map_err(|_| ClientError::Timeout(self.call_timeout))??
+            {
+                Response::Ok { bytes } => Ok(bytes.unwrap_or(0)),
+                other => Err(ClientError::Protocol(format!("{other:?}"))),
+            }
+        }
+        .await;
+        self.close(id);
+        r
+    }
+
+    pub async fn write_file(&self, path: &str, mode: u32, data: &[u8]) -> Result<u64, ClientError> {
+        self.write_file_from(path, mode, data).await
+    }
+
+    /// Downloads a file.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let (id, mut rx) = self.open();
+        let r = async {
+            self.send(Frame::json(id, &Request::ReadFile { path: path.into() }))
+                .await?;
+            let size = match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
+                .await
+                .map_err(|_| ClientError::Timeout(self.call_timeout))??
+            {
+                Response::File { size, .. } => size,
+                other => return Err(ClientError::Protocol(format!("{other:?}"))),
+            };
+            let mut data = Vec::with_capacity(size.min(1 << 30) as usize);
+            loop {
+                let f = tokio::time::timeout(self.call_timeout, rx.recv())
+                    .await
+                    .map_err(|_| ClientError::Timeout(self.call_timeout))?
+                    .ok_or(ClientError::Closed)?;
+                match f.kind {
+                    kind::DATA => data.extend_from_slice(&f.payload),
+                    kind::EOF => break,
+                    kind::JSON => {
+                        if let Ok(Response::Error { code, message }) =
+                            serde_json::from_slice(&f.payload)
+                        {
+                            return Err(ClientError::Agent { code, message });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Self::next_json(&mut rx).await?;
+            Ok(data)
+        }
+        .await;
+        self.close(id);
+        r
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<StatInfo, ClientError> {
+        match self.call(&Request::Stat { path: path.into() }).await? {
+            Response::Stat(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<DirEntry>, ClientError> {
+        match self.call(&Request::List { path: path.into() }).await? {
+            Response::List { entries } => Ok(entries),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    async fn ok(&self, req: Request) -> Result<(), ClientError> {
+        match self.call(&req).await? {
+            Response::Ok { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn mkdir(&self, path: &str) -> Result<(), ClientError> {
+        self.ok(Request::Mkdir {
+            path: path.into(),
+            mode: 0o755,
+        })
+        .await
+    }
+
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
+        self.ok(Request::Remove {
+            path: path.into(),
+            recursive,
+        })
+        .await
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), ClientError> {
+        self.ok(Request::Rename {
+            from: from.into(),
+            to: to.into(),
+        })
+        .await
+    }
+
+    pub async fn before_checkpoint(&self) -> Result<(), ClientError> {
+        self.ok(Request::BeforeCheckpoint).await
+    }
+
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        self.ok(Request::Shutdown { reboot: false }).await
+    }
+
+    /// After a restore: sets the guest clock to the host's, adds fresh host entropy, replaces
+    /// the exec environment and runs after-restore hooks.
+    pub async fn refresh(
+        &self,
+        env: std::collections::BTreeMap<String, String>,
+        hostname: Option<String>,
+    ) -> Result<Response, ClientError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut entropy = [0u8; 64];
+        getrandom::getrandom(&mut entropy)
+            .map_err(|e| ClientError::Protocol(format!("host entropy: {e}")))?;
+        self.call(&Request::Refresh(RefreshRequest {
+            wall_clock_ns: Some(now),
+            entropy_hex: Some(hex_encode(&entropy)),
+            env,
+            hostname,
+        }))
+        .await
+    }
+}
+
+/// A running exec.
+pub struct ExecStream<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    pub pid: u32,
+    done: bool,
+}
+
+impl ExecStream<'_> {
+    /// The next output chunk or the exit; `None` after the exit.
+    pub async fn next(&mut self) -> Result<Option<ExecEvent>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let f = self.rx.recv().await.ok_or(ClientError::Closed)?;
+        Ok(Some(match f.kind {
+            kind::STDOUT => ExecEvent::Stdout(f.payload),
+            kind::STDERR => ExecEvent::Stderr(f.payload),
+            kind::JSON => match serde_json::from_slice::<Response>(&f.payload)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                Response::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                } => {
+                    self.done = true;
+                    ExecEvent::Exit {
+                        code,
+                        signal,
+                        timed_out,
+                    }
+                }
+                Response::Error { code, message } => {
+                    self.done = true;
+                    return Err(ClientError::Agent { code, message });
+                }
+                other => return Err(ClientError::Protocol(format!("{other:?}"))),
+            },
+            k => {
+                return Err(ClientError::Protocol(format!(
+                    "frame kind {k:#x} on an exec stream"
+                )))
+            }
+        }))
+    }
+
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        for c in data.chunks(CHUNK) {
+            self.client
+                .send(Frame::data(kind::STDIN, self.id, c.to_vec()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self) -> Result<(), ClientError> {
+        self.client
+            .send(Frame::data(kind::EOF, self.id, Vec::new()))
+            .await
+    }
+
+    pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        self.client
+            .send(Frame::json(self.id, &Request::Signal { signal }))
+            .await
+    }
+}
+
+impl Drop for ExecStream<'_> {
+    fn drop(&mut self) {
+        self.client.close(self.id);
+    }
+}

@@ -1,0 +1,125 @@
+//! Where the agent listens: a vsock port (in a guest) or a Unix socket (host mode, tests).
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixStream;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Vsock(u32),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("vsock:") {
+            return p
+                .parse()
+                .map(ListenAddr::Vsock)
+                .map_err(|_| format!("bad vsock port in {s:?}"));
+        }
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(ListenAddr::Unix(p.into()));
+        }
+        Err(format!(
+            "listen address {s:?} must be vsock:PORT or unix:PATH"
+        ))
+    }
+}
+
+pub enum Listener {
+    Vsock(AsyncFd<OwnedFd>),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    pub fn bind(addr: &ListenAddr) -> std::io::Result<Self> {
+        match addr {
+            ListenAddr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
+            }
+            ListenAddr::Vsock(port) => {
+                // SAFETY: plain socket(2); the result is checked and then owned.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_VSOCK,
+                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        0,
+                    )
+                };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: `fd` is a fresh socket nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+                let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+                sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+                sa.svm_port = *port;
+                sa.svm_cid = libc::VMADDR_CID_ANY;
+                let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+                // SAFETY: `sa` is a valid sockaddr_vm of `len` bytes.
+                if unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        (&sa as *const libc::sockaddr_vm).cast(),
+                        len,
+                    )
+                } != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: listen(2) on a bound socket we own.
+                if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: `fd` is an OwnedFd: it stays open and the same for the AsyncFd's life.
+                let afd = unsafe { AsyncFd::register(fd) }
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Ok(Listener::Vsock(afd))
+            }
+        }
+    }
+
+    /// Accepts one connection as a stream (a vsock stream socket is driven through the same
+    /// read/write/epoll calls as a Unix stream).
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        match self {
+            Listener::Unix(l) => Ok(l.accept().await?.0),
+            Listener::Vsock(afd) => loop {
+                let mut guard = afd.readable().await?;
+                // SAFETY: accept4 with null address pointers is allowed.
+                let fd = unsafe {
+                    libc::accept4(
+                        afd.get_ref().as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                if fd >= 0 {
+                    // SAFETY: `fd` is a fresh connected stream socket nobody else owns.
+                    let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+                    return UnixStream::from_std(std_stream);
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    continue;
+                }
+                if e.kind() == std::io::ErrorKind::Interrupted
+                    || e.raw_os_error() == Some(libc::ECONNABORTED)
+                {
+                    continue;
+                }
+                return Err(e);
+            },
+        }
+    }
+}

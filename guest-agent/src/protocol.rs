@@ -1,0 +1,381 @@
+//! The agent wire protocol, version 1 (docs/agent-protocol.md).
+//!
+//! A connection carries frames: `len: u32 BE` (bytes after this field), `kind: u8`,
+//! `stream: u32 BE`, then `len - 5` payload bytes. Control frames carry one JSON object;
+//! data frames carry raw bytes of one stream (stdin, stdout, stderr, file contents).
+//! Many requests run at once on one connection, each on its own stream id chosen by the host.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default vsock port the agent listens on.
+pub const DEFAULT_PORT: u32 = 52;
+/// Largest frame payload either side sends or accepts.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Data chunk size used for streaming.
+pub const CHUNK: usize = 64 * 1024;
+const HEADER: usize = 9;
+
+/// Frame kinds.
+pub mod kind {
+    pub const JSON: u8 = 1;
+    pub const STDIN: u8 = 0x10;
+    pub const STDOUT: u8 = 0x11;
+    pub const STDERR: u8 = 0x12;
+    /// File contents, in either direction.
+    pub const DATA: u8 = 0x13;
+    /// End of the data (stdin closed, upload finished, download finished).
+    pub const EOF: u8 = 0x14;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn json<T: Serialize>(stream: u32, msg: &T) -> Frame {
+        Frame {
+            kind: kind::JSON,
+            stream,
+            payload: serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec()),
+        }
+    }
+
+    pub fn data(kind: u8, stream: u32, payload: Vec<u8>) -> Frame {
+        Frame {
+            kind,
+            stream,
+            payload,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("frame length {0} is shorter than a frame header")]
+    Short(u32),
+    #[error("i/o error")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one frame. A clean EOF between frames is `Closed`.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if (len as usize) < HEADER - 4 {
+        return Err(FrameError::Short(len));
+    }
+    let payload_len = len as usize - (HEADER - 4);
+    if payload_len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(payload_len));
+    }
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).await?;
+    let mut payload = vec![0u8; payload_len];
+    r.read_exact(&mut payload).await?;
+    Ok(Frame {
+        kind: head[0],
+        stream: u32::from_be_bytes([head[1], head[2], head[3], head[4]]),
+        payload,
+    })
+}
+
+/// Writes one frame (no flush).
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    if f.payload.len() > MAX_PAYLOAD {
+        return Err(std::io::Error::other(format!(
+            "frame payload of {} bytes is too large",
+            f.payload.len()
+        )));
+    }
+    let mut buf = Vec::with_capacity(HEADER + f.payload.len());
+    buf.extend_from_slice(&((f.payload.len() + HEADER - 4) as u32).to_be_bytes());
+    buf.push(f.kind);
+    buf.extend_from_slice(&f.stream.to_be_bytes());
+    buf.extend_from_slice(&f.payload);
+    w.write_all(&buf).await
+}
+
+/// Host → agent control messages.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Hello {
+        version: u32,
+    },
+    Health,
+    Exec(ExecRequest),
+    /// Signal a running exec (same stream as the exec).
+    Signal {
+        signal: i32,
+    },
+    WriteFile {
+        path: String,
+        #[serde(default = "default_mode")]
+        mode: u32,
+        #[serde(default)]
+        append: bool,
+    },
+    ReadFile {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    List {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        #[serde(default = "default_dir_mode")]
+        mode: u32,
+    },
+    Remove {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Refresh(RefreshRequest),
+    BeforeCheckpoint,
+    Shutdown {
+        #[serde(default)]
+        reboot: bool,
+    },
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+fn default_dir_mode() -> u32 {
+    0o755
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User name or numeric uid.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// The host will stream stdin (STDIN frames, then EOF); otherwise stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub wall_clock_ns: Option<u64>,
+    /// Fresh entropy for the guest's pool, hex-encoded.
+    #[serde(default)]
+    pub entropy_hex: Option<String>,
+    /// Environment for later execs (replaces the previous refresh's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// Agent → host control messages.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        version: u32,
+        agent: String,
+    },
+    Health(Health),
+    Started {
+        pid: u32,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Ok {
+        #[serde(default)]
+        bytes: Option<u64>,
+    },
+    File {
+        size: u64,
+        mode: u32,
+    },
+    Stat(StatInfo),
+    List {
+        entries: Vec<DirEntry>,
+    },
+    Refreshed {
+        clock_step_ns: Option<i64>,
+        entropy_bytes: usize,
+        hooks_run: usize,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub version: String,
+    pub protocol: u32,
+    pub uptime_s: f64,
+    pub mem_total_kb: u64,
+    pub mem_available_kb: u64,
+    pub load: [f64; 3],
+    pub pid: u32,
+    pub running_execs: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatInfo {
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_s: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request could not be parsed or is not valid here.
+    Invalid,
+    UnsupportedVersion,
+    NotFound,
+    NotADirectory,
+    IsADirectory,
+    AlreadyExists,
+    PermissionDenied,
+    TooLarge,
+    /// A path that escapes the agent's root or is not absolute.
+    BadPath,
+    Io,
+    Busy,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+impl ErrorCode {
+    pub fn from_io(e: &std::io::Error) -> ErrorCode {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::NotFound => ErrorCode::NotFound,
+            K::PermissionDenied => ErrorCode::PermissionDenied,
+            K::AlreadyExists => ErrorCode::AlreadyExists,
+            _ => match e.raw_os_error() {
+                Some(libc::ENOTDIR) => ErrorCode::NotADirectory,
+                Some(libc::EISDIR) => ErrorCode::IsADirectory,
+                Some(libc::EFBIG) | Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::TooLarge,
+                _ => ErrorCode::Io,
+            },
+        }
+    }
+}
+
+pub fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits_hold() {
+        let mut buf = Vec::new();
+        let f = Frame::json(7, &Request::Health);
+        write_frame(&mut buf, &f).await.unwrap();
+        write_frame(&mut buf, &Frame::data(kind::STDOUT, 7, b"hi".to_vec()))
+            .await
+            .unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r).await.unwrap(), f);
+        assert_eq!(read_frame(&mut r).await.unwrap().payload, b"hi");
+        assert!(matches!(read_frame(&mut r).await, Err(FrameError::Closed)));
+        let huge = ((MAX_PAYLOAD + 100) as u32).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        let short = 2u32.to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &short[..]).await,
+            Err(FrameError::Short(2))
+        ));
+    }
+
+    #[test]
+    fn requests_parse_strictly() {
+        let r: Request = serde_json::from_str(r#"{"type":"exec","argv":["echo","hi"]}"#).unwrap();
+        assert!(matches!(r, Request::Exec(ExecRequest { ref argv, .. }) if argv.len() == 2));
+        assert!(serde_json::from_str::<Request>(r#"{"type":"exec","argv":[],"bogus":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"nope"}"#).is_err());
+        assert_eq!(
+            hex_decode(&hex_encode(&[0, 255, 16])),
+            Some(vec![0, 255, 16])
+        );
+        assert_eq!(hex_decode("zz"), None);
+    }
+}

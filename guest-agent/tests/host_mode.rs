@@ -1,0 +1,422 @@
+//! The agent in host mode (`--listen unix:PATH`), driven through the client library.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use flint_agent::client::{AgentClient, ClientError, Endpoint, ExecEvent};
+use flint_agent::protocol::{ErrorCode, ExecRequest, FileKind, Frame, Request, Response};
+use tokio::io::AsyncWriteExt;
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Agent {
+    fn start(tag: &str, extra: &[&str]) -> Agent {
+        let dir =
+            std::env::temp_dir().join(format!("flint-agent-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let sock = dir.join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_flint-agent"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--hooks-dir")
+            .arg(dir.join("hooks"))
+            .args(extra)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "agent did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Agent { child, dir, sock }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    async fn client(&self) -> AgentClient {
+        AgentClient::connect(&Endpoint::Unix(self.sock.clone()), Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn health_and_simple_exec() {
+    let a = Agent::start("health", &[]);
+    let c = a.client().await;
+    let h = c.health().await.unwrap();
+    assert_eq!(h.protocol, 1);
+    assert!(h.mem_total_kb > 0);
+    let out = c.run(&["/bin/echo", "hello", "world"]).await.unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert_eq!(out.code, Some(0));
+    let out = c
+        .exec_output(sh("echo out; echo err >&2; exit 3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice(), out.code),
+        (&b"out\n"[..], &b"err\n"[..], Some(3))
+    );
+    // env and cwd
+    std::fs::create_dir_all(a.root().join("work")).unwrap();
+    let mut req = sh("echo $GREETING; pwd");
+    req.env.insert("GREETING".into(), "hi".into());
+    req.cwd = Some("/work".into());
+    let out = c.exec_output(req).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi\n{}\n", a.root().join("work").display())
+    );
+    // a program that does not exist
+    let e = c.run(&["/no/such/program"]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+}
+
+#[tokio::test]
+async fn concurrent_execs_interleave_output() {
+    let a = Agent::start("concurrent", &[]);
+    let c = a.client().await;
+    // Each prints a line, then waits for the other's marker file before finishing: they can
+    // only both finish if both run at the same time on the one connection.
+    let root = a.root();
+    let s1 = format!(
+        "echo one-start; touch {r}/m1; while [ ! -e {r}/m2 ]; do sleep 0.01; done; echo one-end",
+        r = root.display()
+    );
+    let s2 = format!(
+        "echo two-start; touch {r}/m2; while [ ! -e {r}/m1 ]; do sleep 0.01; done; echo two-end",
+        r = root.display()
+    );
+    let (o1, o2) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(c.exec_output(sh(&s1)), c.exec_output(sh(&s2)))
+    })
+    .await
+    .expect("both execs finish");
+    assert_eq!(o1.unwrap().stdout, b"one-start\none-end\n");
+    assert_eq!(o2.unwrap().stdout, b"two-start\ntwo-end\n");
+}
+
+#[tokio::test]
+async fn output_streams_as_it_is_produced() {
+    let a = Agent::start("stream", &[]);
+    let c = a.client().await;
+    let mut s = c
+        .exec(sh("echo first; sleep 1; echo second"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let first = s.next().await.unwrap().unwrap();
+    assert_eq!(first, ExecEvent::Stdout(b"first\n".to_vec()));
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "first chunk arrived before the process ended"
+    );
+    let mut rest = Vec::new();
+    while let Some(ev) = s.next().await.unwrap() {
+        rest.push(ev);
+    }
+    assert_eq!(rest.first(), Some(&ExecEvent::Stdout(b"second\n".to_vec())));
+    assert!(matches!(
+        rest.last(),
+        Some(ExecEvent::Exit { code: Some(0), .. })
+    ));
+}
+
+#[tokio::test]
+async fn stdin_streams_to_the_process() {
+    let a = Agent::start("stdin", &[]);
+    let c = a.client().await;
+    let mut req = ExecRequest {
+        argv: vec!["/usr/bin/wc".into(), "-c".into()],
+        ..Default::default()
+    };
+    req.stdin = true;
+    let mut s = c.exec(req).await.unwrap();
+    let data = vec![b'x'; 300_000];
+    s.write_stdin(&data).await.unwrap();
+    s.close_stdin().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(ev) = s.next().await.unwrap() {
+        if let ExecEvent::Stdout(b) = ev {
+            out.extend(b);
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "300000");
+}
+
+#[tokio::test]
+async fn kill_and_timeout() {
+    let a = Agent::start("kill", &[]);
+    let c = a.client().await;
+    let mut s = c.exec(sh("sleep 30")).await.unwrap();
+    s.signal(libc::SIGTERM).await.unwrap();
+    let mut exit = None;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if let ExecEvent::Exit {
+            signal, timed_out, ..
+        } = ev
+        {
+            exit = Some((signal, timed_out));
+        }
+    }
+    assert_eq!(exit, Some((Some(libc::SIGTERM), false)));
+
+    let mut req = sh("sleep 30 | cat");
+    req.timeout_ms = Some(300);
+    let t = Instant::now();
+    let out = c.exec_output(req).await.unwrap();
+    assert!(out.timed_out);
+    assert_eq!(out.signal, Some(libc::SIGKILL));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "timeout killed the whole pipeline"
+    );
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[tokio::test]
+async fn files_round_trip_50_mib() {
+    let a = Agent::start("files", &[]);
+    let c = a.client().await;
+    let mut data = vec![0u8; 50 << 20];
+    let mut x = 0x1234_5678u32;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    c.mkdir("/data/nested").await.unwrap();
+    let n = c
+        .write_file("/data/nested/blob.bin", 0o600, &data)
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    let st = c.stat("/data/nested/blob.bin").await.unwrap();
+    assert_eq!(
+        (st.kind, st.size, st.mode),
+        (FileKind::File, data.len() as u64, 0o600)
+    );
+    let back = c.read_file("/data/nested/blob.bin").await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(checksum(&back), checksum(&data));
+    // The bytes on disk are the same too (the agent's root is a plain directory here).
+    assert_eq!(
+        checksum(&std::fs::read(a.root().join("data/nested/blob.bin")).unwrap()),
+        checksum(&data)
+    );
+
+    let names: Vec<String> = c
+        .list("/data/nested")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec!["blob.bin".to_string()]);
+    c.rename("/data/nested/blob.bin", "/data/moved.bin")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.stat("/data/nested/blob.bin").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    c.remove("/data", true).await.unwrap();
+    assert_eq!(
+        c.stat("/data").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test]
+async fn file_errors_are_clear() {
+    let a = Agent::start("errors", &["--max-file-bytes", "1000"]);
+    let c = a.client().await;
+    std::fs::write(a.root().join("plain"), b"x").unwrap();
+    assert_eq!(
+        c.read_file("/missing").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        c.list("/plain").await.unwrap_err().code(),
+        Some(ErrorCode::NotADirectory)
+    );
+    assert_eq!(
+        c.stat("/plain/x").await.unwrap_err().code(),
+        Some(ErrorCode::NotADirectory)
+    );
+    assert_eq!(
+        c.read_file("/../etc/passwd").await.unwrap_err().code(),
+        Some(ErrorCode::BadPath)
+    );
+    assert_eq!(
+        c.stat("relative").await.unwrap_err().code(),
+        Some(ErrorCode::BadPath)
+    );
+    assert_eq!(
+        c.read_file("/").await.unwrap_err().code(),
+        Some(ErrorCode::IsADirectory)
+    );
+    let e = c.write_file("/big", 0o644, &[0u8; 5000]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
+    assert!(
+        !a.root().join("big").exists(),
+        "a refused upload leaves nothing behind"
+    );
+    assert_eq!(
+        c.remove("/", true).await.unwrap_err().code(),
+        Some(ErrorCode::BadPath)
+    );
+    assert_eq!(
+        c.remove("/nope", false).await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    // The connection is still good after all those errors.
+    assert!(c.health().await.is_ok());
+}
+
+#[tokio::test]
+async fn refresh_and_hooks() {
+    let a = Agent::start("refresh", &[]);
+    let hooks = a.dir.join("hooks/after-restore.d");
+    std::fs::create_dir_all(&hooks).unwrap();
+    let marker = a.dir.join("hook-ran");
+    let hook = hooks.join("10-mark");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho ran > {}\n", marker.display()),
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&hook).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let c = a.client().await;
+    let mut env = std::collections::BTreeMap::new();
+    env.insert("FLINT_CLONE_ID".into(), "clone-7".into());
+    match c.refresh(env, None).await.unwrap() {
+        Response::Refreshed {
+            clock_step_ns,
+            entropy_bytes,
+            hooks_run,
+        } => {
+            assert!(clock_step_ns.unwrap().abs() < 1_000_000_000);
+            assert_eq!((entropy_bytes, hooks_run), (64, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(marker.exists());
+    let out = c.exec_output(sh("echo $FLINT_CLONE_ID")).await.unwrap();
+    assert_eq!(out.stdout, b"clone-7\n");
+    c.before_checkpoint().await.unwrap();
+    // A host-mode agent refuses to shut the host down.
+    assert_eq!(
+        c.shutdown().await.unwrap_err().code(),
+        Some(ErrorCode::Invalid)
+    );
+}
+
+#[tokio::test]
+async fn bad_versions_and_malformed_frames_do_not_hurt_the_agent() {
+    let a = Agent::start("malformed", &[]);
+    // Wrong protocol version: a clear error.
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    flint_agent::protocol::write_frame(&mut s, &Frame::json(1, &Request::Hello { version: 99 }))
+        .await
+        .unwrap();
+    let f = flint_agent::protocol::read_frame(&mut s).await.unwrap();
+    let r: Response = serde_json::from_slice(&f.payload).unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Garbage: an oversized length, then random bytes.
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    let mut s2 = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    s2.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    drop(s2);
+    // JSON that is not a request, after a good hello.
+    let mut s3 = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    flint_agent::protocol::write_frame(&mut s3, &Frame::json(1, &Request::Hello { version: 1 }))
+        .await
+        .unwrap();
+    flint_agent::protocol::write_frame(
+        &mut s3,
+        &Frame {
+            kind: 1,
+            stream: 2,
+            payload: b"{\"type\":\"exec\"".to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+    let _ = flint_agent::protocol::read_frame(&mut s3).await.unwrap();
+    let f = flint_agent::protocol::read_frame(&mut s3).await.unwrap();
+    let r: Response = serde_json::from_slice(&f.payload).unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::Invalid,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Still healthy for a new client.
+    let c = a.client().await;
+    assert!(c.health().await.is_ok());
+    assert!(Path::new(&a.sock).exists());
+    let e = AgentClient::connect(
+        &Endpoint::Unix(a.dir.join("nope.sock")),
+        Duration::from_secs(1),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(e, ClientError::Connect(..)), "{e}");
+}
