@@ -9,3 +9,4 @@ pub mod listen;
 pub mod protocol;
 pub mod reaper;
 pub mod server;
+pub mod vsock_cat;

@@ -11,7 +11,7 @@ struct Args {
     settings: Settings,
 }
 
-const USAGE: &str = "usage: flint-agent [--listen vsock:PORT|unix:PATH] [--root DIR] [--max-file-bytes N] [--hooks-dir DIR]";
+const USAGE: &str = "usage: flint-agent [--listen vsock:PORT|unix:PATH] [--root DIR] [--max-file-bytes N] [--hooks-dir DIR]\n       flint-agent vsock-cat CID PORT";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -45,6 +45,24 @@ fn parse_args() -> Result<Args, String> {
 
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
+    let argv: Vec<String> = std::env::args().collect();
+    if !pid1 && argv.get(1).map(String::as_str) == Some("vsock-cat") {
+        let parsed = (
+            argv.get(2).and_then(|c| c.parse().ok()),
+            argv.get(3).and_then(|p| p.parse().ok()),
+        );
+        let (Some(cid), Some(port)) = parsed else {
+            eprintln!("usage: flint-agent vsock-cat CID PORT");
+            return ExitCode::from(2);
+        };
+        return match flint_agent::vsock_cat::run(cid, port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flint-agent vsock-cat {cid} {port}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -117,12 +117,27 @@ pub async fn serve_connection<S>(agent: Arc<Agent>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let debug = std::env::var_os("FLINT_AGENT_DEBUG").is_some();
+    if debug {
+        eprintln!("flint-agent: connection accepted");
+    }
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Frame>(64);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(wr);
         while let Some(f) = rx.recv().await {
-            if write_frame(&mut w, &f).await.is_err() {
+            if debug {
+                eprintln!(
+                    "flint-agent: writing frame kind {} stream {} ({} bytes)",
+                    f.kind,
+                    f.stream,
+                    f.payload.len()
+                );
+            }
+            if let Err(e) = write_frame(&mut w, &f).await {
+                if debug {
+                    eprintln!("flint-agent: write failed: {e}");
+                }
                 return;
             }
             // Coalesce what is already queued, then flush.
@@ -131,8 +146,14 @@ where
                     return;
                 }
             }
-            if w.flush().await.is_err() {
+            if let Err(e) = w.flush().await {
+                if debug {
+                    eprintln!("flint-agent: flush failed: {e}");
+                }
                 return;
+            }
+            if debug {
+                eprintln!("flint-agent: flushed");
             }
         }
     });
@@ -141,7 +162,17 @@ where
     let mut streams: HashMap<u32, mpsc::Sender<Inbound>> = HashMap::new();
     loop {
         let f = match read_frame(&mut rd).await {
-            Ok(f) => f,
+            Ok(f) => {
+                if debug {
+                    eprintln!(
+                        "flint-agent: read frame kind {} stream {} ({} bytes)",
+                        f.kind,
+                        f.stream,
+                        f.payload.len()
+                    );
+                }
+                f
+            }
             Err(FrameError::Closed) => break,
             Err(e) => {
                 let _ = tx

@@ -30,7 +30,7 @@ while IFS= read -r line; do
 done < "$here/microvm.fragment"
 [ "$missing" = 0 ] || exit 1
 echo "kernel: building vmlinux with -j$(nproc) (about 4 minutes on 2 cores)" >&2
-make -s -C "$src" ARCH=x86_64 -j"$(nproc)" KBUILD_BUILD_TIMESTAMP="flint" KBUILD_BUILD_USER=flint KBUILD_BUILD_HOST=flint vmlinux >&2
+make -s -C "$src" ARCH=x86_64 -j"$(nproc)" KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 2026" KBUILD_BUILD_USER=flint KBUILD_BUILD_HOST=flint vmlinux >&2
 mkdir -p "$out"
 cp "$src/vmlinux" "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
 cp "$src/.config" "$out/config"

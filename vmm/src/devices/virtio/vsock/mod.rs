@@ -143,6 +143,8 @@ pub struct Vsock {
     rx_ctrl: VecDeque<Header>,
     next_local_port: u32,
     pub counters: DeviceCounters,
+    /// Log every packet to stderr (`FLINT_TRACE_VSOCK` set when the device was created).
+    trace: bool,
 }
 
 impl Vsock {
@@ -167,6 +169,7 @@ impl Vsock {
             rx_ctrl: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             counters: DeviceCounters::default(),
+            trace: std::env::var_os("FLINT_TRACE_VSOCK").is_some(),
         })
     }
 
@@ -280,6 +283,9 @@ impl Vsock {
     }
 
     fn handle_guest_packet(&mut self, h: Header, payload: &[u8], ops: &mut dyn Watch) {
+        if self.trace {
+            eprintln!("vsock guest->host {h:?}");
+        }
         let key = ConnKey {
             local: h.dst_port,
             peer: h.src_port,
@@ -320,9 +326,15 @@ impl Vsock {
             OP_RESPONSE => match self.conns.get_mut(&key) {
                 Some(c) if c.state == ConnState::Connecting => {
                     c.state = ConnState::Established;
+                    // The handshake reply is not guest data: it must not count in fwd_cnt
+                    // (the guest would see more bytes forwarded than it sent and stop
+                    // sending). A fresh socket has room for these few bytes.
                     let line = format!("OK {}\n", key.local);
-                    c.tx_pending.extend(line.as_bytes());
-                    self.flush_to_host(key, ops);
+                    if c.stream.write_all(line.as_bytes()).is_err() {
+                        self.reset_conn(key, ops);
+                        return;
+                    }
+                    self.update_watch(key, ops);
                 }
                 _ => self.reset_conn(key, ops),
             },
@@ -483,6 +495,9 @@ impl Vsock {
                 }
             };
             let written = if let Some(h) = self.rx_ctrl.pop_front() {
+                if self.trace {
+                    eprintln!("vsock host->guest {h:?}");
+                }
                 w.write_all(&h.to_bytes()).map(|_| HDR_LEN).unwrap_or(0)
             } else if let Some(key) = data_key {
                 self.write_data_packet(key, &mut w, ops)
@@ -521,6 +536,7 @@ impl Vsock {
         ops: &mut dyn Watch,
     ) -> usize {
         let mut h = self.reply(key, OP_RW, 0);
+        let trace = self.trace;
         let Some(c) = self.conns.get_mut(&key) else {
             return 0;
         };
@@ -538,6 +554,9 @@ impl Vsock {
         h.len = n as u32;
         c.rx_cnt += Wrapping(n as u32);
         c.last_fwd_cnt_sent = c.fwd_cnt;
+        if trace {
+            eprintln!("vsock host->guest {h:?}");
+        }
         let ok = w
             .write_all(&h.to_bytes())
             .and_then(|_| w.write_all(&data))
@@ -679,6 +698,13 @@ impl Vsock {
     /// Number of open connections (for `describe` and tests).
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        // The socket file belongs to this device: leave nothing behind.
+        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 

@@ -1,0 +1,33 @@
+# Flint: the two commands a newcomer needs are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+JOBS ?= 2
+export FLINT_CACHE ?= $(HOME)/.cache/flint
+
+.PHONY: images build demo test unit e2e bench fmt clippy
+
+## images: build (or find cached) guest kernel + rootfs; prints the directory
+images:
+	@bash images/build.sh
+
+## build: release binaries (flint-vmm, flintd, flint)
+build:
+	$(CARGO) build -j$(JOBS) --release --workspace --bins
+
+## demo: the main job: boot a sandbox, exec in it, snapshot, restore clones, print timings
+demo: build
+	@FLINT_IMAGES="$$(bash images/build.sh)" bash scripts/demo.sh
+
+## test: the whole suite: unit tests, host-mode agent tests, end-to-end tests on /dev/kvm
+test:
+	@bash scripts/test.sh
+
+## bench: boot benchmark (prints figures; not a test)
+bench: build
+	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- boot
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `make test`: the whole suite. Builds/finds the guest images (cached outside the clone),
+# builds the binaries, then runs unit tests, host-mode agent tests and the end-to-end tests
+# that boot real guests on /dev/kvm.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+jobs=${JOBS:-2}
+
+[ -c /dev/kvm ] || { echo "test: /dev/kvm is missing: the end-to-end tests boot real guests" >&2; exit 1; }
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test: installing ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+
+start=$(date +%s)
+FLINT_IMAGES=$(bash images/build.sh)
+export FLINT_IMAGES
+echo "test: guest images in $FLINT_IMAGES ($(( $(date +%s) - start )) s)" >&2
+
+cargo build -j"$jobs" --workspace --bins
+# Guest boots are CPU-bound on emulating hosts: run the test binaries one at a time and at
+# most two tests at once.
+cargo test -j"$jobs" --workspace -- --test-threads=2
+echo "test: done in $(( $(date +%s) - start )) s" >&2

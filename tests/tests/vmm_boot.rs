@@ -1,0 +1,282 @@
+//! End-to-end: flint-vmm boots the real guest images on /dev/kvm, and the guest's devices and
+//! agent work. One boot carries most checks (a boot costs ~40 s on emulating KVM hosts).
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use flint_agent::protocol::ExecRequest;
+use flint_tests::*;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const DRIVE_BYTES: usize = 1 << 20;
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout_ms: Some(60_000),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_boots_and_every_device_works() {
+    let dir = TempDir::new("boot");
+    let net = NetnsTap::create("boot", 201);
+
+    // Drives: a read-only one with known content, a read-write one of zeros.
+    let ro = dir.path().join("ro.img");
+    let mut ro_data = vec![0u8; DRIVE_BYTES];
+    ro_data[..14].copy_from_slice(b"FLINT-RO-DRIVE");
+    ro_data[DRIVE_BYTES - 9..].copy_from_slice(b"LAST-BYTE");
+    std::fs::write(&ro, &ro_data).unwrap();
+    let rw = dir.path().join("rw.img");
+    std::fs::write(&rw, vec![0u8; DRIVE_BYTES]).unwrap();
+
+    // Guest → host vsock: a host service on port 5000, answering one line.
+    let vsock_service = dir.path().join("vsock.sock_5000");
+    let listener = UnixListener::bind(&vsock_service).unwrap();
+    let service = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            got.push(b[0]);
+        }
+        s.write_all(b"pong-from-host\n").unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    });
+
+    let mut vm = VmProcess::boot(
+        dir.path(),
+        &[
+            "--drive".into(),
+            format!("{},ro", ro.display()),
+            "--drive".into(),
+            rw.display().to_string(),
+            "--tap".into(),
+            format!("{},netns={}", net.tap, net.netns_path()),
+            "--cmdline-extra".into(),
+            net.guest_ip_cmdline(),
+        ],
+    );
+    let agent = vm.agent(BOOT_TIMEOUT).await;
+
+    // Host → guest vsock: the agent answers.
+    let h = agent.health().await.unwrap();
+    assert_eq!(h.pid, 1, "the agent is the guest's init");
+    assert!(
+        h.mem_total_kb > 200_000 && h.mem_total_kb < 262_144,
+        "{}",
+        h.mem_total_kb
+    );
+
+    // The control API describes the VM.
+    let (st, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(d["state"], "running");
+    assert_eq!(
+        d["devices"].as_array().unwrap().len(),
+        5,
+        "2 drives, net, vsock, rng"
+    );
+    assert!(
+        d["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["activated"] == true),
+        "{d}"
+    );
+    assert!(d["timings"]["first_run_to_init_us"].as_u64().is_some());
+
+    // Guest → host vsock.
+    let out = agent
+        .exec_output(sh(
+            "echo ping-from-guest | /sbin/flint-agent vsock-cat 2 5000",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pong-from-host\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(service.join().unwrap(), "ping-from-guest");
+
+    // Block: read the read-only drive, refuse writes to it, write the read-write drive.
+    let out = agent
+        .exec_output(sh("head -c 14 /dev/vda; tail -c 9 /dev/vda"))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "FLINT-RO-DRIVELAST-BYTE",
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent
+        .exec_output(sh("echo x | dd of=/dev/vda bs=512 count=1 conv=fsync"))
+        .await
+        .unwrap();
+    assert_ne!(out.code, Some(0), "writing a read-only drive must fail");
+    let out = agent
+        .exec_output(sh(
+            "printf FLINT-WROTE-THIS | dd of=/dev/vdb bs=512 conv=sync,fsync",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // RNG: the guest reads entropy from virtio-rng.
+    let out = agent.exec_output(sh("cat /sys/class/misc/hw_random/rng_current; head -c 64 /dev/hwrng | od -An -tx1 | tr -d ' \\n'")).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert!(
+        lines.next().unwrap_or("").starts_with("virtio_rng"),
+        "{text}"
+    );
+    let hex = lines.next().unwrap_or("");
+    assert_eq!(hex.len(), 128, "{text}");
+    assert!(hex.chars().any(|c| c != '0'));
+
+    // Net: the guest reaches the host end of the tap inside the namespace, and back.
+    let out = agent
+        .exec_output(sh(&format!("ping -c 2 -W 5 {}", net.host_ip)))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "guest ping failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &net.ns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            &net.guest_ip,
+        ],
+    );
+
+    // Pause and resume through the API.
+    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/pause", None).unwrap();
+    assert_eq!((st, r["state"].as_str()), (200, Some("paused")));
+    let paused = tokio::time::timeout(Duration::from_secs(3), agent.health()).await;
+    assert!(paused.is_err(), "a paused guest does not answer");
+    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/resume", None).unwrap();
+    assert_eq!((st, r["state"].as_str()), (200, Some("running")));
+    let fresh = vm.agent(Duration::from_secs(60)).await;
+    assert!(fresh.health().await.is_ok());
+    let (st, _) = api_call(&vm.api_sock, "GET", "/nope", None).unwrap();
+    assert_eq!(st, 404);
+
+    // Clean shutdown from inside the guest: the VMM exits 0 and leaves no sockets behind.
+    fresh.shutdown().await.unwrap();
+    let (status, stderr) = vm.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("reset itself"), "{stderr}");
+    assert!(
+        !vm.api_sock.exists() && !vm.vsock_uds.exists(),
+        "sockets removed"
+    );
+    let written = std::fs::read(&rw).unwrap();
+    assert_eq!(
+        &written[..16],
+        b"FLINT-WROTE-THIS",
+        "data written by the guest is in the host file"
+    );
+    assert!(written[16..512].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn bad_inputs_fail_fast_with_clear_errors() {
+    let dir = TempDir::new("bad");
+    let img = images();
+    let not_elf = dir.path().join("bzImage");
+    std::fs::write(&not_elf, b"MZ not a kernel").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--kernel".into(),
+                not_elf.display().to_string(),
+                "--initramfs".into(),
+                img.initramfs.display().to_string(),
+            ],
+            "not an ELF vmlinux",
+        ),
+        (
+            vec!["--kernel".into(), img.vmlinux.display().to_string()],
+            "no root filesystem",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                "/nonexistent".into(),
+                "--initramfs".into(),
+                img.initramfs.display().to_string(),
+            ],
+            "/nonexistent does not exist",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                img.vmlinux.display().to_string(),
+                "--initramfs".into(),
+                img.initramfs.display().to_string(),
+                "--mem".into(),
+                "63".into(),
+            ],
+            "mem_mib must be",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                img.vmlinux.display().to_string(),
+                "--initramfs".into(),
+                img.initramfs.display().to_string(),
+                "--tap".into(),
+                "fnosuchtap0".into(),
+            ],
+            "tap device",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                img.vmlinux.display().to_string(),
+                "--initramfs".into(),
+                img.initramfs.display().to_string(),
+                "--drive".into(),
+                "/nonexistent.img".into(),
+            ],
+            "does not exist",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut vm = VmProcess::spawn(dir.path(), &args);
+        let (status, stderr) = vm.wait(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: expected {want:?} in {stderr:?}"
+        );
+        assert!(
+            !vm.vsock_uds.exists() && !vm.api_sock.exists(),
+            "no socket left behind for {args:?}"
+        );
+    }
+}
