@@ -72,11 +72,7 @@ pub struct ExecOutput {
 pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exit {
-        code: Option<i32>,
-        signal: Option<i32>,
-        timed_out: bool,
-    },
+    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,14 +81,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {
     match ep {
-        Endpoint::Unix(p) => UnixStream::connect(p)
-            .await
-            .map_err(|e| ClientError::Connect(p.display().to_string(), e)),
+        Endpoint::Unix(p) => UnixStream::connect(p).await.map_err(|e| ClientError::Connect(p.display().to_string(), e)),
         Endpoint::Vsock { uds, port } => {
             let name = format!("{} port {port}", uds.display());
-            let mut s = UnixStream::connect(uds)
-                .await
-                .map_err(|e| ClientError::Connect(name.clone(), e))?;
+            let mut s = UnixStream::connect(uds).await.map_err(|e| ClientError::Connect(name.clone(), e))?;
             s.write_all(format!("CONNECT {port}\n").as_bytes())
                 .await
                 .map_err(|e| ClientError::Connect(name.clone(), e))?;
@@ -109,9 +101,7 @@ async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {
                     }
                     Ok(_) if b[0] == b'\n' => break,
                     Ok(_) if line.len() < 64 => line.push(b[0]),
-                    Ok(_) => {
-                        return Err(ClientError::Handshake(name, "reply line too long".into()))
-                    }
+                    Ok(_) => return Err(ClientError::Handshake(name, "reply line too long".into())),
                     Err(e) => return Err(ClientError::Connect(name, e)),
                 }
             }
@@ -127,18 +117,11 @@ async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {
 impl AgentClient {
     /// Connects and says hello, within `timeout`.
     pub async fn connect(ep: &Endpoint, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(timeout, dial(ep))
+        let stream = tokio::time::timeout(timeout, dial(ep)).await.map_err(|_| ClientError::Timeout(timeout))??;
+        let client = Self::from_stream(stream);
+        let hello = tokio::time::timeout(timeout, client.call(&Request::Hello { version: PROTOCOL_VERSION }))
             .await
             .map_err(|_| ClientError::Timeout(timeout))??;
-        let client = Self::from_stream(stream);
-        let hello = tokio::time::timeout(
-            timeout,
-            client.call(&Request::Hello {
-                version: PROTOCOL_VERSION,
-            }),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))??;
         match hello {
             Response::Hello { .. } => Ok(client),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -150,13 +133,7 @@ impl AgentClient {
         let start = tokio::time::Instant::now();
         loop {
             let left = deadline.saturating_sub(start.elapsed());
-            match Self::connect(
-                ep,
-                left.min(Duration::from_secs(10))
-                    .max(Duration::from_millis(1)),
-            )
-            .await
-            {
+            match Self::connect(ep, left.min(Duration::from_secs(10)).max(Duration::from_millis(1))).await {
                 Ok(c) => return Ok(c),
                 Err(e) if start.elapsed() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -204,12 +181,7 @@ impl AgentClient {
             }
             lock(&s2).clear();
         });
-        AgentClient {
-            tx,
-            streams,
-            next_id: AtomicU32::new(1),
-            call_timeout: Duration::from_secs(30),
-        }
+        AgentClient { tx, streams, next_id: AtomicU32::new(1), call_timeout: Duration::from_secs(30) }
     }
 
     fn open(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {
@@ -231,8 +203,8 @@ impl AgentClient {
         loop {
             let f = rx.recv().await.ok_or(ClientError::Closed)?;
             if f.kind == kind::JSON {
-                let r: Response = serde_json::from_slice(&f.payload)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let r: Response =
+                    serde_json::from_slice(&f.payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 if let Response::Error { code, message } = r {
                     return Err(ClientError::Agent { code, message });
                 }
@@ -267,13 +239,7 @@ impl AgentClient {
         let (id, mut rx) = self.open();
         self.send(Frame::json(id, &Request::Exec(req))).await?;
         match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx)).await {
-            Ok(Ok(Response::Started { pid })) => Ok(ExecStream {
-                client: self,
-                id,
-                rx,
-                pid,
-                done: false,
-            }),
+            Ok(Ok(Response::Started { pid })) => Ok(ExecStream { client: self, id, rx, pid, done: false }),
             Ok(Ok(other)) => {
                 self.close(id);
                 Err(ClientError::Protocol(format!("{other:?}")))
@@ -297,11 +263,7 @@ impl AgentClient {
             match ev {
                 ExecEvent::Stdout(b) => out.stdout.extend(b),
                 ExecEvent::Stderr(b) => out.stderr.extend(b),
-                ExecEvent::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                } => {
+                ExecEvent::Exit { code, signal, timed_out } => {
                     out.code = code;
                     out.signal = signal;
                     out.timed_out = timed_out;
@@ -313,11 +275,7 @@ impl AgentClient {
 
     /// Shorthand: runs `argv` with no stdin.
     pub async fn run(&self, argv: &[&str]) -> Result<ExecOutput, ClientError> {
-        self.exec_output(ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
+        self.exec_output(ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }).await
     }
 
     /// Uploads `data` from a reader to `path` (created with `mode`, replaced atomically).
@@ -329,21 +287,10 @@ impl AgentClient {
     ) -> Result<u64, ClientError> {
         let (id, mut rx) = self.open();
         let r = async {
-            self.send(Frame::json(
-                id,
-                &Request::WriteFile {
-                    path: path.into(),
-                    mode,
-                    append: false,
-                },
-            ))
-            .await?;
+            self.send(Frame::json(id, &Request::WriteFile { path: path.into(), mode, append: false })).await?;
             loop {
                 let mut buf = vec![0u8; CHUNK];
-                let n = data
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| ClientError::Connect("upload source".into(), e))?;
+                let n = data.read(&mut buf).await.map_err(|e| ClientError::Connect("upload source".into(), e))?;
                 if n == 0 {
                     break;
                 }
@@ -351,9 +298,7 @@ impl AgentClient {
                 // An early error (bad path, too large) ends the upload at once.
                 if let Ok(f) = rx.try_recv() {
                     if f.kind == kind::JSON {
-                        if let Ok(Response::Error { code, message }) =
-                            serde_json::from_slice(&f.payload)
-                        {
+                        if let Ok(Response::Error { code, message }) = serde_json::from_slice(&f.payload) {
                             return Err(ClientError::Agent { code, message });
                         }
                     }
@@ -380,10 +325,14 @@ impl AgentClient {
 
     /// Downloads a file.
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        self.read_file_limit(path, None).await
+    }
+
+    /// Downloads at most `limit` bytes of a file (devices such as /dev/urandom never end).
+    pub async fn read_file_limit(&self, path: &str, limit: Option<u64>) -> Result<Vec<u8>, ClientError> {
         let (id, mut rx) = self.open();
         let r = async {
-            self.send(Frame::json(id, &Request::ReadFile { path: path.into() }))
-                .await?;
+            self.send(Frame::json(id, &Request::ReadFile { path: path.into(), limit })).await?;
             let size = match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
                 .await
                 .map_err(|_| ClientError::Timeout(self.call_timeout))??
@@ -401,9 +350,7 @@ impl AgentClient {
                     kind::DATA => data.extend_from_slice(&f.payload),
                     kind::EOF => break,
                     kind::JSON => {
-                        if let Ok(Response::Error { code, message }) =
-                            serde_json::from_slice(&f.payload)
-                        {
+                        if let Ok(Response::Error { code, message }) = serde_json::from_slice(&f.payload) {
                             return Err(ClientError::Agent { code, message });
                         }
                     }
@@ -440,27 +387,15 @@ impl AgentClient {
     }
 
     pub async fn mkdir(&self, path: &str) -> Result<(), ClientError> {
-        self.ok(Request::Mkdir {
-            path: path.into(),
-            mode: 0o755,
-        })
-        .await
+        self.ok(Request::Mkdir { path: path.into(), mode: 0o755 }).await
     }
 
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
-        self.ok(Request::Remove {
-            path: path.into(),
-            recursive,
-        })
-        .await
+        self.ok(Request::Remove { path: path.into(), recursive }).await
     }
 
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), ClientError> {
-        self.ok(Request::Rename {
-            from: from.into(),
-            to: to.into(),
-        })
-        .await
+        self.ok(Request::Rename { from: from.into(), to: to.into() }).await
     }
 
     pub async fn before_checkpoint(&self) -> Result<(), ClientError> {
@@ -483,8 +418,7 @@ impl AgentClient {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let mut entropy = [0u8; 64];
-        getrandom::getrandom(&mut entropy)
-            .map_err(|e| ClientError::Protocol(format!("host entropy: {e}")))?;
+        getrandom::getrandom(&mut entropy).map_err(|e| ClientError::Protocol(format!("host entropy: {e}")))?;
         self.call(&Request::Refresh(RefreshRequest {
             wall_clock_ns: Some(now),
             entropy_hex: Some(hex_encode(&entropy)),
@@ -517,17 +451,9 @@ impl ExecStream<'_> {
             kind::JSON => match serde_json::from_slice::<Response>(&f.payload)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
-                Response::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                } => {
+                Response::Exit { code, signal, timed_out } => {
                     self.done = true;
-                    ExecEvent::Exit {
-                        code,
-                        signal,
-                        timed_out,
-                    }
+                    ExecEvent::Exit { code, signal, timed_out }
                 }
                 Response::Error { code, message } => {
                     self.done = true;
@@ -535,33 +461,23 @@ impl ExecStream<'_> {
                 }
                 other => return Err(ClientError::Protocol(format!("{other:?}"))),
             },
-            k => {
-                return Err(ClientError::Protocol(format!(
-                    "frame kind {k:#x} on an exec stream"
-                )))
-            }
+            k => return Err(ClientError::Protocol(format!("frame kind {k:#x} on an exec stream"))),
         }))
     }
 
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
         for c in data.chunks(CHUNK) {
-            self.client
-                .send(Frame::data(kind::STDIN, self.id, c.to_vec()))
-                .await?;
+            self.client.send(Frame::data(kind::STDIN, self.id, c.to_vec())).await?;
         }
         Ok(())
     }
 
     pub async fn close_stdin(&self) -> Result<(), ClientError> {
-        self.client
-            .send(Frame::data(kind::EOF, self.id, Vec::new()))
-            .await
+        self.client.send(Frame::data(kind::EOF, self.id, Vec::new())).await
     }
 
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.client
-            .send(Frame::json(self.id, &Request::Signal { signal }))
-            .await
+        self.client.send(Frame::json(self.id, &Request::Signal { signal })).await
     }
 }
 

@@ -2,26 +2,12 @@
 //! bring up loopback, set the hostname.
 use std::ffi::CString;
 
-fn mount(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> std::io::Result<()> {
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).map_err(|_| std::io::Error::other("NUL in mount argument"));
     let (src, tgt, fs, d) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ptr(),
-            flags,
-            d.as_ptr().cast(),
-        )
-    };
+    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), flags, d.as_ptr().cast()) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -68,13 +54,7 @@ pub fn init_system() {
         ("proc", "/proc", "proc", nodev_nosuid | libc::MS_NOEXEC, ""),
         ("sysfs", "/sys", "sysfs", nodev_nosuid | libc::MS_NOEXEC, ""),
         ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            "mode=0620,ptmxmode=0666",
-        ),
+        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "mode=0620,ptmxmode=0666"),
         ("tmpfs", "/tmp", "tmpfs", nodev_nosuid, "mode=1777"),
         ("tmpfs", "/run", "tmpfs", nodev_nosuid, "mode=0755"),
     ];

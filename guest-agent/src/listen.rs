@@ -15,10 +15,7 @@ impl std::str::FromStr for ListenAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(p) = s.strip_prefix("vsock:") {
-            return p
-                .parse()
-                .map(ListenAddr::Vsock)
-                .map_err(|_| format!("bad vsock port in {s:?}"));
+            return p.parse().map(ListenAddr::Vsock).map_err(|_| format!("bad vsock port in {s:?}"));
         }
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
@@ -26,9 +23,7 @@ impl std::str::FromStr for ListenAddr {
             }
             return Ok(ListenAddr::Unix(p.into()));
         }
-        Err(format!(
-            "listen address {s:?} must be vsock:PORT or unix:PATH"
-        ))
+        Err(format!("listen address {s:?} must be vsock:PORT or unix:PATH"))
     }
 }
 
@@ -47,11 +42,7 @@ impl Listener {
             ListenAddr::Vsock(port) => {
                 // SAFETY: plain socket(2); the result is checked and then owned.
                 let fd = unsafe {
-                    libc::socket(
-                        libc::AF_VSOCK,
-                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                        0,
-                    )
+                    libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
                 };
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -65,14 +56,7 @@ impl Listener {
                 sa.svm_cid = libc::VMADDR_CID_ANY;
                 let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
                 // SAFETY: `sa` is a valid sockaddr_vm of `len` bytes.
-                if unsafe {
-                    libc::bind(
-                        fd.as_raw_fd(),
-                        (&sa as *const libc::sockaddr_vm).cast(),
-                        len,
-                    )
-                } != 0
-                {
+                if unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_vm).cast(), len) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // SAFETY: listen(2) on a bound socket we own.
@@ -80,8 +64,7 @@ impl Listener {
                     return Err(std::io::Error::last_os_error());
                 }
                 // SAFETY: `fd` is an OwnedFd: it stays open and the same for the AsyncFd's life.
-                let afd = unsafe { AsyncFd::register(fd) }
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let afd = unsafe { AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))?;
                 Ok(Listener::Vsock(afd))
             }
         }
@@ -113,9 +96,7 @@ impl Listener {
                     guard.clear_ready();
                     continue;
                 }
-                if e.kind() == std::io::ErrorKind::Interrupted
-                    || e.raw_os_error() == Some(libc::ECONNABORTED)
-                {
+                if e.kind() == std::io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::ECONNABORTED) {
                     continue;
                 }
                 return Err(e);

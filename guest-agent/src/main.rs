@@ -14,23 +14,15 @@ struct Args {
 const USAGE: &str = "usage: flint-agent [--listen vsock:PORT|unix:PATH] [--root DIR] [--max-file-bytes N] [--hooks-dir DIR]\n       flint-agent vsock-cat CID PORT";
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        listen: ListenAddr::Vsock(flint_agent::protocol::DEFAULT_PORT),
-        settings: Settings::default(),
-    };
+    let mut a = Args { listen: ListenAddr::Vsock(flint_agent::protocol::DEFAULT_PORT), settings: Settings::default() };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut val = || {
-            it.next()
-                .ok_or_else(|| format!("{k} needs a value\n{USAGE}"))
-        };
+        let mut val = || it.next().ok_or_else(|| format!("{k} needs a value\n{USAGE}"));
         match k.as_str() {
             "--listen" => a.listen = val()?.parse()?,
             "--root" => a.settings.root = PathBuf::from(val()?),
             "--max-file-bytes" => {
-                a.settings.max_file_bytes = val()?
-                    .parse()
-                    .map_err(|_| "--max-file-bytes takes a number".to_string())?
+                a.settings.max_file_bytes = val()?.parse().map_err(|_| "--max-file-bytes takes a number".to_string())?
             }
             "--hooks-dir" => a.settings.hooks_dir = PathBuf::from(val()?),
             "--help" | "-h" => return Err(USAGE.into()),
@@ -47,10 +39,7 @@ fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
     let argv: Vec<String> = std::env::args().collect();
     if !pid1 && argv.get(1).map(String::as_str) == Some("vsock-cat") {
-        let parsed = (
-            argv.get(2).and_then(|c| c.parse().ok()),
-            argv.get(3).and_then(|p| p.parse().ok()),
-        );
+        let parsed = (argv.get(2).and_then(|c| c.parse().ok()), argv.get(3).and_then(|p| p.parse().ok()));
         let (Some(cid), Some(port)) = parsed else {
             eprintln!("usage: flint-agent vsock-cat CID PORT");
             return ExitCode::from(2);
@@ -74,10 +63,7 @@ fn main() -> ExitCode {
         flint_agent::init::init_system();
         args.settings.is_init = true;
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flint-agent: cannot start the runtime: {e}");
@@ -105,14 +91,9 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> std::io::Result<()> {
     let agent = Agent::new(args.settings);
     tokio::spawn(agent.reaper.clone().run());
-    let listener = Listener::bind(&args.listen).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {:?}: {e}", args.listen))
-    })?;
-    eprintln!(
-        "flint-agent {} ready on {:?}",
-        env!("CARGO_PKG_VERSION"),
-        args.listen
-    );
+    let listener = Listener::bind(&args.listen)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {:?}: {e}", args.listen)))?;
+    eprintln!("flint-agent {} ready on {:?}", env!("CARGO_PKG_VERSION"), args.listen);
     loop {
         match listener.accept().await {
             Ok(stream) => {

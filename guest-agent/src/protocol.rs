@@ -39,19 +39,11 @@ pub struct Frame {
 
 impl Frame {
     pub fn json<T: Serialize>(stream: u32, msg: &T) -> Frame {
-        Frame {
-            kind: kind::JSON,
-            stream,
-            payload: serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec()),
-        }
+        Frame { kind: kind::JSON, stream, payload: serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec()) }
     }
 
     pub fn data(kind: u8, stream: u32, payload: Vec<u8>) -> Frame {
-        Frame {
-            kind,
-            stream,
-            payload,
-        }
+        Frame { kind, stream, payload }
     }
 }
 
@@ -87,20 +79,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameE
     r.read_exact(&mut head).await?;
     let mut payload = vec![0u8; payload_len];
     r.read_exact(&mut payload).await?;
-    Ok(Frame {
-        kind: head[0],
-        stream: u32::from_be_bytes([head[1], head[2], head[3], head[4]]),
-        payload,
-    })
+    Ok(Frame { kind: head[0], stream: u32::from_be_bytes([head[1], head[2], head[3], head[4]]), payload })
 }
 
 /// Writes one frame (no flush).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
     if f.payload.len() > MAX_PAYLOAD {
-        return Err(std::io::Error::other(format!(
-            "frame payload of {} bytes is too large",
-            f.payload.len()
-        )));
+        return Err(std::io::Error::other(format!("frame payload of {} bytes is too large", f.payload.len())));
     }
     let mut buf = Vec::with_capacity(HEADER + f.payload.len());
     buf.extend_from_slice(&((f.payload.len() + HEADER - 4) as u32).to_be_bytes());
@@ -132,6 +117,9 @@ pub enum Request {
     },
     ReadFile {
         path: String,
+        /// Read at most this many bytes (e.g. from /dev/urandom).
+        #[serde(default)]
+        limit: Option<u64>,
     },
     Stat {
         path: String,
@@ -252,6 +240,9 @@ pub struct Health {
     pub load: [f64; 3],
     pub pid: u32,
     pub running_execs: usize,
+    /// The guest's wall clock, nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub time_unix_ns: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -299,10 +290,7 @@ pub enum ErrorCode {
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         f.write_str(&s)
     }
 }
@@ -332,10 +320,7 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -347,23 +332,15 @@ mod tests {
         let mut buf = Vec::new();
         let f = Frame::json(7, &Request::Health);
         write_frame(&mut buf, &f).await.unwrap();
-        write_frame(&mut buf, &Frame::data(kind::STDOUT, 7, b"hi".to_vec()))
-            .await
-            .unwrap();
+        write_frame(&mut buf, &Frame::data(kind::STDOUT, 7, b"hi".to_vec())).await.unwrap();
         let mut r = &buf[..];
         assert_eq!(read_frame(&mut r).await.unwrap(), f);
         assert_eq!(read_frame(&mut r).await.unwrap().payload, b"hi");
         assert!(matches!(read_frame(&mut r).await, Err(FrameError::Closed)));
         let huge = ((MAX_PAYLOAD + 100) as u32).to_be_bytes();
-        assert!(matches!(
-            read_frame(&mut &huge[..]).await,
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(read_frame(&mut &huge[..]).await, Err(FrameError::TooLarge(_))));
         let short = 2u32.to_be_bytes();
-        assert!(matches!(
-            read_frame(&mut &short[..]).await,
-            Err(FrameError::Short(2))
-        ));
+        assert!(matches!(read_frame(&mut &short[..]).await, Err(FrameError::Short(2))));
     }
 
     #[test]
@@ -372,10 +349,7 @@ mod tests {
         assert!(matches!(r, Request::Exec(ExecRequest { ref argv, .. }) if argv.len() == 2));
         assert!(serde_json::from_str::<Request>(r#"{"type":"exec","argv":[],"bogus":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"nope"}"#).is_err());
-        assert_eq!(
-            hex_decode(&hex_encode(&[0, 255, 16])),
-            Some(vec![0, 255, 16])
-        );
+        assert_eq!(hex_decode(&hex_encode(&[0, 255, 16])), Some(vec![0, 255, 16]));
         assert_eq!(hex_decode("zz"), None);
     }
 }

@@ -32,9 +32,7 @@ fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: fcntl on an fd we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
-    if flags < 0
-        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-    {
+    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -73,13 +71,7 @@ impl Reaper {
         let stdout = recv(child.stdout.take().map(OwnedFd::from))?;
         let stderr = recv(child.stderr.take().map(OwnedFd::from))?;
         // `child` is dropped without waiting: the reaper owns its exit status.
-        Ok(Spawned {
-            pid,
-            stdin,
-            stdout,
-            stderr,
-            exit: rx,
-        })
+        Ok(Spawned { pid, stdin, stdout, stderr, exit: rx })
     }
 
     /// Reaps every exited child; exec children's statuses go to their waiters.
@@ -91,18 +83,13 @@ impl Reaper {
             if pid <= 0 {
                 return;
             }
-            let tx = self
-                .waiters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(pid as u32));
+            let tx = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&(pid as u32));
             match tx {
                 Some(tx) => {
                     let _ = tx.send(ExitStatus::from_raw(status));
                 }
                 None => {
-                    self.orphans_reaped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.orphans_reaped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

@@ -78,15 +78,8 @@ pub fn resolve_path(root: &Path, path: &str) -> Result<PathBuf, (ErrorCode, Stri
         match c {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(p) => out.push(p),
-            Component::ParentDir => {
-                return Err((ErrorCode::BadPath, format!("path {path:?} contains '..'")))
-            }
-            Component::Prefix(_) => {
-                return Err((
-                    ErrorCode::BadPath,
-                    format!("path {path:?} is not a Unix path"),
-                ))
-            }
+            Component::ParentDir => return Err((ErrorCode::BadPath, format!("path {path:?} contains '..'"))),
+            Component::Prefix(_) => return Err((ErrorCode::BadPath, format!("path {path:?} is not a Unix path"))),
         }
     }
     Ok(out)
@@ -101,10 +94,7 @@ enum Inbound {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error {
-        code,
-        message: message.into(),
-    }
+    Response::Error { code, message: message.into() }
 }
 
 fn io_error(what: &str, e: &std::io::Error) -> Response {
@@ -127,12 +117,7 @@ where
         let mut w = BufWriter::new(wr);
         while let Some(f) = rx.recv().await {
             if debug {
-                eprintln!(
-                    "flint-agent: writing frame kind {} stream {} ({} bytes)",
-                    f.kind,
-                    f.stream,
-                    f.payload.len()
-                );
+                eprintln!("flint-agent: writing frame kind {} stream {} ({} bytes)", f.kind, f.stream, f.payload.len());
             }
             if let Err(e) = write_frame(&mut w, &f).await {
                 if debug {
@@ -175,12 +160,7 @@ where
             }
             Err(FrameError::Closed) => break,
             Err(e) => {
-                let _ = tx
-                    .send(Frame::json(
-                        0,
-                        &error(ErrorCode::Invalid, format!("bad frame: {e}")),
-                    ))
-                    .await;
+                let _ = tx.send(Frame::json(0, &error(ErrorCode::Invalid, format!("bad frame: {e}")))).await;
                 break;
             }
         };
@@ -194,45 +174,27 @@ where
         let req: Request = match serde_json::from_slice(&f.payload) {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx
-                    .send(Frame::json(
-                        f.stream,
-                        &error(ErrorCode::Invalid, format!("bad request: {e}")),
-                    ))
-                    .await;
+                let _ = tx.send(Frame::json(f.stream, &error(ErrorCode::Invalid, format!("bad request: {e}")))).await;
                 continue;
             }
         };
         if let Request::Hello { version } = req {
             if version != PROTOCOL_VERSION {
                 let msg = format!("protocol version {version} is not supported (this agent speaks {PROTOCOL_VERSION})");
-                let _ = tx
-                    .send(Frame::json(
-                        f.stream,
-                        &error(ErrorCode::UnsupportedVersion, msg),
-                    ))
-                    .await;
+                let _ = tx.send(Frame::json(f.stream, &error(ErrorCode::UnsupportedVersion, msg))).await;
                 break;
             }
             said_hello = true;
             let _ = tx
                 .send(Frame::json(
                     f.stream,
-                    &Response::Hello {
-                        version: PROTOCOL_VERSION,
-                        agent: env!("CARGO_PKG_VERSION").into(),
-                    },
+                    &Response::Hello { version: PROTOCOL_VERSION, agent: env!("CARGO_PKG_VERSION").into() },
                 ))
                 .await;
             continue;
         }
         if !said_hello {
-            let _ = tx
-                .send(Frame::json(
-                    f.stream,
-                    &error(ErrorCode::Invalid, "say hello first"),
-                ))
-                .await;
+            let _ = tx.send(Frame::json(f.stream, &error(ErrorCode::Invalid, "say hello first"))).await;
             break;
         }
         if let Some(s) = streams.get(&f.stream) {
@@ -267,14 +229,9 @@ async fn handle(
         Request::Hello { .. } => return None,
         Request::Health => Response::Health(health(&agent)),
         Request::Exec(e) => return exec(agent, id, e, inbound, tx).await,
-        Request::Signal { .. } => error(
-            ErrorCode::Invalid,
-            "signal names no running exec on this stream",
-        ),
-        Request::WriteFile { path, mode, append } => {
-            write_file(&agent, &path, mode, append, inbound).await
-        }
-        Request::ReadFile { path } => return read_file(&agent, id, &path, tx).await,
+        Request::Signal { .. } => error(ErrorCode::Invalid, "signal names no running exec on this stream"),
+        Request::WriteFile { path, mode, append } => write_file(&agent, &path, mode, append, inbound).await,
+        Request::ReadFile { path, limit } => return read_file(&agent, id, &path, limit, tx).await,
         Request::Stat { path } => match agent.resolve(&path) {
             Ok(p) => match tokio::fs::symlink_metadata(&p).await {
                 Ok(m) => Response::Stat(stat_info(&m)),
@@ -307,23 +264,19 @@ async fn handle(
         Request::BeforeCheckpoint => {
             // SAFETY: sync(2) has no preconditions.
             unsafe { libc::sync() };
-            match run_hooks(
-                &agent.reaper,
-                &agent.settings.hooks_dir.join("before-checkpoint.d"),
-            )
-            .await
-            {
+            match run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("before-checkpoint.d")).await {
                 Ok(_) => Response::Ok { bytes: None },
                 Err(m) => error(ErrorCode::Io, m),
             }
         }
         Request::Shutdown { reboot: _ } => {
             if !agent.settings.is_init {
-                return Some(error(ErrorCode::Invalid, "this agent does not run as the guest's init; it will not shut the machine down"));
+                return Some(error(
+                    ErrorCode::Invalid,
+                    "this agent does not run as the guest's init; it will not shut the machine down",
+                ));
             }
-            let _ = tx
-                .send(Frame::json(id, &Response::Ok { bytes: None }))
-                .await;
+            let _ = tx.send(Frame::json(id, &Response::Ok { bytes: None })).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             // SAFETY: sync(2) and reboot(2) have no memory-safety preconditions. Flint VMs
             // exit on the i8042 reset that RB_AUTOBOOT triggers (reboot=k).
@@ -351,34 +304,25 @@ fn read_meminfo() -> (u64, u64) {
 fn health(agent: &Agent) -> Health {
     let (total, avail) = read_meminfo();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let l: Vec<f64> = load
-        .split_whitespace()
-        .take(3)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let l: Vec<f64> = load.split_whitespace().take(3).filter_map(|v| v.parse().ok()).collect();
     Health {
         version: env!("CARGO_PKG_VERSION").into(),
         protocol: PROTOCOL_VERSION,
         uptime_s: agent.started.elapsed().as_secs_f64(),
         mem_total_kb: total,
         mem_available_kb: avail,
-        load: [
-            l.first().copied().unwrap_or(0.0),
-            l.get(1).copied().unwrap_or(0.0),
-            l.get(2).copied().unwrap_or(0.0),
-        ],
+        load: [l.first().copied().unwrap_or(0.0), l.get(1).copied().unwrap_or(0.0), l.get(2).copied().unwrap_or(0.0)],
         pid: std::process::id(),
         running_execs: agent.reaper.running(),
+        time_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
     }
 }
 
 fn stat_info(m: &std::fs::Metadata) -> StatInfo {
-    StatInfo {
-        kind: file_kind(&m.file_type()),
-        size: m.len(),
-        mode: m.mode() & 0o7777,
-        mtime_s: m.mtime(),
-    }
+    StatInfo { kind: file_kind(&m.file_type()), size: m.len(), mode: m.mode() & 0o7777, mtime_s: m.mtime() }
 }
 
 fn file_kind(t: &std::fs::FileType) -> FileKind {
@@ -424,9 +368,7 @@ async fn list(agent: &Agent, path: &str) -> Response {
 
 async fn remove(agent: &Agent, path: &str, recursive: bool) -> Response {
     let p = match agent.resolve(path) {
-        Ok(p) if p == agent.settings.root => {
-            return error(ErrorCode::BadPath, "refusing to remove the root")
-        }
+        Ok(p) if p == agent.settings.root => return error(ErrorCode::BadPath, "refusing to remove the root"),
         Ok(p) => p,
         Err((c, m)) => return error(c, m),
     };
@@ -464,9 +406,7 @@ async fn write_file(
     // interrupted upload never leaves a half-written file under the real name.
     let tmp = p.with_file_name(format!(
         ".{}.flint-upload-{}",
-        p.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
     let target = if append { p.clone() } else { tmp.clone() };
@@ -489,10 +429,7 @@ async fn write_file(
                 if total > agent.settings.max_file_bytes {
                     break Err(error(
                         ErrorCode::TooLarge,
-                        format!(
-                            "{path}: larger than the {} byte limit",
-                            agent.settings.max_file_bytes
-                        ),
+                        format!("{path}: larger than the {} byte limit", agent.settings.max_file_bytes),
                     ));
                 }
                 if let Err(e) = f.write_all(&chunk).await {
@@ -500,12 +437,7 @@ async fn write_file(
                 }
             }
             Some(Inbound::Data(kind::EOF, _)) => break Ok(()),
-            Some(_) => {
-                break Err(error(
-                    ErrorCode::Invalid,
-                    "expected file data or end of data",
-                ))
-            }
+            Some(_) => break Err(error(ErrorCode::Invalid, "expected file data or end of data")),
             None => break Err(error(ErrorCode::Io, "connection closed during upload")),
         }
     };
@@ -534,7 +466,7 @@ async fn write_file(
     }
 }
 
-async fn read_file(agent: &Agent, id: u32, path: &str, tx: &Tx) -> Option<Response> {
+async fn read_file(agent: &Agent, id: u32, path: &str, limit: Option<u64>, tx: &Tx) -> Option<Response> {
     let p = match agent.resolve(path) {
         Ok(p) => p,
         Err((c, m)) => return Some(error(c, m)),
@@ -544,31 +476,17 @@ async fn read_file(agent: &Agent, id: u32, path: &str, tx: &Tx) -> Option<Respon
         Err(e) => return Some(io_error(path, &e)),
     };
     let m = match f.metadata().await {
-        Ok(m) if m.is_dir() => {
-            return Some(error(
-                ErrorCode::IsADirectory,
-                format!("{path} is a directory"),
-            ))
-        }
+        Ok(m) if m.is_dir() => return Some(error(ErrorCode::IsADirectory, format!("{path} is a directory"))),
         Ok(m) => m,
         Err(e) => return Some(io_error(path, &e)),
     };
-    if tx
-        .send(Frame::json(
-            id,
-            &Response::File {
-                size: m.len(),
-                mode: m.mode() & 0o7777,
-            },
-        ))
-        .await
-        .is_err()
-    {
+    if tx.send(Frame::json(id, &Response::File { size: m.len(), mode: m.mode() & 0o7777 })).await.is_err() {
         return None;
     }
     let mut total = 0u64;
-    loop {
-        let mut buf = vec![0u8; CHUNK];
+    let limit = limit.unwrap_or(u64::MAX);
+    while total < limit {
+        let mut buf = vec![0u8; CHUNK.min((limit - total).min(CHUNK as u64) as usize)];
         match f.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => {
@@ -611,10 +529,7 @@ async fn exec(
     let mut cmd = std::process::Command::new(program);
     cmd.args(&req.argv[1..]);
     cmd.env_clear();
-    cmd.env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
+    cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     cmd.env("HOME", "/root");
     for (k, v) in lock(&agent.refresh_env).iter() {
         cmd.env(k, v);
@@ -638,11 +553,7 @@ async fn exec(
         std::os::unix::process::CommandExt::gid(&mut cmd, gid);
         cmd.env("HOME", home);
     }
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     // Own process group, so a kill or timeout reaches the whole pipeline.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -656,9 +567,7 @@ async fn exec(
     let out = pump(child.stdout, kind::STDOUT, id, tx.clone());
     let err = pump(child.stderr, kind::STDERR, id, tx.clone());
     let mut exit = child.exit;
-    let deadline = req
-        .timeout_ms
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = req.timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     let mut timed_out = false;
     let kill = |sig: i32| {
         // SAFETY: kill(2) on the child's own process group; no memory is involved.
@@ -703,22 +612,13 @@ async fn exec(
     Some(match status {
         Ok(st) => {
             use std::os::unix::process::ExitStatusExt;
-            Response::Exit {
-                code: st.code(),
-                signal: st.signal(),
-                timed_out,
-            }
+            Response::Exit { code: st.code(), signal: st.signal(), timed_out }
         }
         Err(e) => io_error("wait", &e),
     })
 }
 
-fn pump<R: AsyncRead + Unpin + Send + 'static>(
-    r: Option<R>,
-    kind: u8,
-    id: u32,
-    tx: Tx,
-) -> tokio::task::JoinHandle<()> {
+fn pump<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>, kind: u8, id: u32, tx: Tx) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(mut r) = r else { return };
         let mut buf = vec![0u8; CHUNK];
@@ -726,11 +626,7 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if tx
-                        .send(Frame::data(kind, id, buf[..n].to_vec()))
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(Frame::data(kind, id, buf[..n].to_vec())).await.is_err() {
                         return;
                     }
                 }
@@ -751,8 +647,7 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
             tv_nsec: (ns % 1_000_000_000) as libc::c_long,
         };
         // SAFETY: `ts` is a valid timespec for the duration of the call.
-        if agent.settings.is_init && unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0
-        {
+        if agent.settings.is_init && unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
             return io_error("set the clock", &std::io::Error::last_os_error());
         }
         clock_step_ns = Some((ns as i128 - before) as i64);
@@ -774,17 +669,8 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
             return io_error("set the hostname", &std::io::Error::last_os_error());
         }
     }
-    match run_hooks(
-        &agent.reaper,
-        &agent.settings.hooks_dir.join("after-restore.d"),
-    )
-    .await
-    {
-        Ok(hooks_run) => Response::Refreshed {
-            clock_step_ns,
-            entropy_bytes,
-            hooks_run,
-        },
+    match run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("after-restore.d")).await {
+        Ok(hooks_run) => Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run },
         Err(m) => error(ErrorCode::Io, m),
     }
 }
@@ -795,9 +681,7 @@ fn add_entropy(bytes: &[u8], credit: bool) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
     if !credit {
         return std::io::Write::write_all(&mut &f, bytes);
     }
@@ -826,25 +710,13 @@ async fn run_hooks(reaper: &Reaper, dir: &Path) -> Result<usize, String> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Ok(0);
     };
-    let mut hooks: Vec<PathBuf> = rd
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
+    let mut hooks: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
     hooks.sort();
     for h in &hooks {
         let child = reaper
-            .spawn(
-                std::process::Command::new(h)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null()),
-            )
+            .spawn(std::process::Command::new(h).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()))
             .map_err(|e| format!("hook {} could not run: {e}", h.display()))?;
-        let st = child
-            .exit
-            .await
-            .map_err(|_| format!("hook {} vanished", h.display()))?;
+        let st = child.exit.await.map_err(|_| format!("hook {} vanished", h.display()))?;
         if !st.success() {
             return Err(format!("hook {} failed ({st})", h.display()));
         }
@@ -859,15 +731,9 @@ mod tests {
     #[test]
     fn paths_stay_under_the_root() {
         let root = Path::new("/srv/box");
-        assert_eq!(
-            resolve_path(root, "/a/./b").unwrap(),
-            PathBuf::from("/srv/box/a/b")
-        );
+        assert_eq!(resolve_path(root, "/a/./b").unwrap(), PathBuf::from("/srv/box/a/b"));
         assert_eq!(resolve_path(root, "/").unwrap(), PathBuf::from("/srv/box"));
-        assert_eq!(
-            resolve_path(root, "/a/../../etc").unwrap_err().0,
-            ErrorCode::BadPath
-        );
+        assert_eq!(resolve_path(root, "/a/../../etc").unwrap_err().0, ErrorCode::BadPath);
         assert_eq!(resolve_path(root, "rel").unwrap_err().0, ErrorCode::BadPath);
     }
 }

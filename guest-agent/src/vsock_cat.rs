@@ -19,14 +19,7 @@ pub fn run(cid: u32, port: u32) -> std::io::Result<()> {
     sa.svm_port = port;
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `sa` is a valid sockaddr_vm of `len` bytes.
-    if unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_vm).cast(),
-            len,
-        )
-    } != 0
-    {
+    if unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_vm).cast(), len) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let sock = std::fs::File::from(fd);
@@ -48,8 +41,6 @@ pub fn run(cid: u32, port: u32) -> std::io::Result<()> {
         out.write_all(&buf[..n])?;
         out.flush()?;
     }
-    sender
-        .join()
-        .map_err(|_| std::io::Error::other("stdin thread panicked"))??;
+    sender.join().map_err(|_| std::io::Error::other("stdin thread panicked"))??;
     Ok(())
 }

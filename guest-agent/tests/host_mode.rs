@@ -15,8 +15,7 @@ struct Agent {
 
 impl Agent {
     fn start(tag: &str, extra: &[&str]) -> Agent {
-        let dir =
-            std::env::temp_dir().join(format!("flint-agent-test-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("flint-agent-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("root")).unwrap();
         let sock = dir.join("agent.sock");
@@ -43,9 +42,7 @@ impl Agent {
     }
 
     async fn client(&self) -> AgentClient {
-        AgentClient::connect(&Endpoint::Unix(self.sock.clone()), Duration::from_secs(5))
-            .await
-            .unwrap()
+        AgentClient::connect(&Endpoint::Unix(self.sock.clone()), Duration::from_secs(5)).await.unwrap()
     }
 }
 
@@ -58,10 +55,7 @@ impl Drop for Agent {
 }
 
 fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
+    ExecRequest { argv: vec!["/bin/sh".into(), "-c".into(), script.into()], ..Default::default() }
 }
 
 #[tokio::test]
@@ -74,24 +68,15 @@ async fn health_and_simple_exec() {
     let out = c.run(&["/bin/echo", "hello", "world"]).await.unwrap();
     assert_eq!(out.stdout, b"hello world\n");
     assert_eq!(out.code, Some(0));
-    let out = c
-        .exec_output(sh("echo out; echo err >&2; exit 3"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (out.stdout.as_slice(), out.stderr.as_slice(), out.code),
-        (&b"out\n"[..], &b"err\n"[..], Some(3))
-    );
+    let out = c.exec_output(sh("echo out; echo err >&2; exit 3")).await.unwrap();
+    assert_eq!((out.stdout.as_slice(), out.stderr.as_slice(), out.code), (&b"out\n"[..], &b"err\n"[..], Some(3)));
     // env and cwd
     std::fs::create_dir_all(a.root().join("work")).unwrap();
     let mut req = sh("echo $GREETING; pwd");
     req.env.insert("GREETING".into(), "hi".into());
     req.cwd = Some("/work".into());
     let out = c.exec_output(req).await.unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hi\n{}\n", a.root().join("work").display())
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hi\n{}\n", a.root().join("work").display()));
     // a program that does not exist
     let e = c.run(&["/no/such/program"]).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
@@ -125,36 +110,24 @@ async fn concurrent_execs_interleave_output() {
 async fn output_streams_as_it_is_produced() {
     let a = Agent::start("stream", &[]);
     let c = a.client().await;
-    let mut s = c
-        .exec(sh("echo first; sleep 1; echo second"))
-        .await
-        .unwrap();
+    let mut s = c.exec(sh("echo first; sleep 1; echo second")).await.unwrap();
     let t = Instant::now();
     let first = s.next().await.unwrap().unwrap();
     assert_eq!(first, ExecEvent::Stdout(b"first\n".to_vec()));
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "first chunk arrived before the process ended"
-    );
+    assert!(t.elapsed() < Duration::from_millis(900), "first chunk arrived before the process ended");
     let mut rest = Vec::new();
     while let Some(ev) = s.next().await.unwrap() {
         rest.push(ev);
     }
     assert_eq!(rest.first(), Some(&ExecEvent::Stdout(b"second\n".to_vec())));
-    assert!(matches!(
-        rest.last(),
-        Some(ExecEvent::Exit { code: Some(0), .. })
-    ));
+    assert!(matches!(rest.last(), Some(ExecEvent::Exit { code: Some(0), .. })));
 }
 
 #[tokio::test]
 async fn stdin_streams_to_the_process() {
     let a = Agent::start("stdin", &[]);
     let c = a.client().await;
-    let mut req = ExecRequest {
-        argv: vec!["/usr/bin/wc".into(), "-c".into()],
-        ..Default::default()
-    };
+    let mut req = ExecRequest { argv: vec!["/usr/bin/wc".into(), "-c".into()], ..Default::default() };
     req.stdin = true;
     let mut s = c.exec(req).await.unwrap();
     let data = vec![b'x'; 300_000];
@@ -176,15 +149,8 @@ async fn kill_and_timeout() {
     let mut s = c.exec(sh("sleep 30")).await.unwrap();
     s.signal(libc::SIGTERM).await.unwrap();
     let mut exit = None;
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        if let ExecEvent::Exit {
-            signal, timed_out, ..
-        } = ev
-        {
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), s.next()).await.unwrap().unwrap() {
+        if let ExecEvent::Exit { signal, timed_out, .. } = ev {
             exit = Some((signal, timed_out));
         }
     }
@@ -196,16 +162,11 @@ async fn kill_and_timeout() {
     let out = c.exec_output(req).await.unwrap();
     assert!(out.timed_out);
     assert_eq!(out.signal, Some(libc::SIGKILL));
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "timeout killed the whole pipeline"
-    );
+    assert!(t.elapsed() < Duration::from_secs(10), "timeout killed the whole pipeline");
 }
 
 fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }
 
 #[tokio::test]
@@ -221,45 +182,22 @@ async fn files_round_trip_50_mib() {
         *b = x as u8;
     }
     c.mkdir("/data/nested").await.unwrap();
-    let n = c
-        .write_file("/data/nested/blob.bin", 0o600, &data)
-        .await
-        .unwrap();
+    let n = c.write_file("/data/nested/blob.bin", 0o600, &data).await.unwrap();
     assert_eq!(n, data.len() as u64);
     let st = c.stat("/data/nested/blob.bin").await.unwrap();
-    assert_eq!(
-        (st.kind, st.size, st.mode),
-        (FileKind::File, data.len() as u64, 0o600)
-    );
+    assert_eq!((st.kind, st.size, st.mode), (FileKind::File, data.len() as u64, 0o600));
     let back = c.read_file("/data/nested/blob.bin").await.unwrap();
     assert_eq!(back.len(), data.len());
     assert_eq!(checksum(&back), checksum(&data));
     // The bytes on disk are the same too (the agent's root is a plain directory here).
-    assert_eq!(
-        checksum(&std::fs::read(a.root().join("data/nested/blob.bin")).unwrap()),
-        checksum(&data)
-    );
+    assert_eq!(checksum(&std::fs::read(a.root().join("data/nested/blob.bin")).unwrap()), checksum(&data));
 
-    let names: Vec<String> = c
-        .list("/data/nested")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let names: Vec<String> = c.list("/data/nested").await.unwrap().into_iter().map(|e| e.name).collect();
     assert_eq!(names, vec!["blob.bin".to_string()]);
-    c.rename("/data/nested/blob.bin", "/data/moved.bin")
-        .await
-        .unwrap();
-    assert_eq!(
-        c.stat("/data/nested/blob.bin").await.unwrap_err().code(),
-        Some(ErrorCode::NotFound)
-    );
+    c.rename("/data/nested/blob.bin", "/data/moved.bin").await.unwrap();
+    assert_eq!(c.stat("/data/nested/blob.bin").await.unwrap_err().code(), Some(ErrorCode::NotFound));
     c.remove("/data", true).await.unwrap();
-    assert_eq!(
-        c.stat("/data").await.unwrap_err().code(),
-        Some(ErrorCode::NotFound)
-    );
+    assert_eq!(c.stat("/data").await.unwrap_err().code(), Some(ErrorCode::NotFound));
 }
 
 #[tokio::test]
@@ -267,44 +205,17 @@ async fn file_errors_are_clear() {
     let a = Agent::start("errors", &["--max-file-bytes", "1000"]);
     let c = a.client().await;
     std::fs::write(a.root().join("plain"), b"x").unwrap();
-    assert_eq!(
-        c.read_file("/missing").await.unwrap_err().code(),
-        Some(ErrorCode::NotFound)
-    );
-    assert_eq!(
-        c.list("/plain").await.unwrap_err().code(),
-        Some(ErrorCode::NotADirectory)
-    );
-    assert_eq!(
-        c.stat("/plain/x").await.unwrap_err().code(),
-        Some(ErrorCode::NotADirectory)
-    );
-    assert_eq!(
-        c.read_file("/../etc/passwd").await.unwrap_err().code(),
-        Some(ErrorCode::BadPath)
-    );
-    assert_eq!(
-        c.stat("relative").await.unwrap_err().code(),
-        Some(ErrorCode::BadPath)
-    );
-    assert_eq!(
-        c.read_file("/").await.unwrap_err().code(),
-        Some(ErrorCode::IsADirectory)
-    );
+    assert_eq!(c.read_file("/missing").await.unwrap_err().code(), Some(ErrorCode::NotFound));
+    assert_eq!(c.list("/plain").await.unwrap_err().code(), Some(ErrorCode::NotADirectory));
+    assert_eq!(c.stat("/plain/x").await.unwrap_err().code(), Some(ErrorCode::NotADirectory));
+    assert_eq!(c.read_file("/../etc/passwd").await.unwrap_err().code(), Some(ErrorCode::BadPath));
+    assert_eq!(c.stat("relative").await.unwrap_err().code(), Some(ErrorCode::BadPath));
+    assert_eq!(c.read_file("/").await.unwrap_err().code(), Some(ErrorCode::IsADirectory));
     let e = c.write_file("/big", 0o644, &[0u8; 5000]).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
-    assert!(
-        !a.root().join("big").exists(),
-        "a refused upload leaves nothing behind"
-    );
-    assert_eq!(
-        c.remove("/", true).await.unwrap_err().code(),
-        Some(ErrorCode::BadPath)
-    );
-    assert_eq!(
-        c.remove("/nope", false).await.unwrap_err().code(),
-        Some(ErrorCode::NotFound)
-    );
+    assert!(!a.root().join("big").exists(), "a refused upload leaves nothing behind");
+    assert_eq!(c.remove("/", true).await.unwrap_err().code(), Some(ErrorCode::BadPath));
+    assert_eq!(c.remove("/nope", false).await.unwrap_err().code(), Some(ErrorCode::NotFound));
     // The connection is still good after all those errors.
     assert!(c.health().await.is_ok());
 }
@@ -316,25 +227,14 @@ async fn refresh_and_hooks() {
     std::fs::create_dir_all(&hooks).unwrap();
     let marker = a.dir.join("hook-ran");
     let hook = hooks.join("10-mark");
-    std::fs::write(
-        &hook,
-        format!("#!/bin/sh\necho ran > {}\n", marker.display()),
-    )
-    .unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&hook).unwrap().permissions(),
-        0o755,
-    );
+    std::fs::write(&hook, format!("#!/bin/sh\necho ran > {}\n", marker.display())).unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&hook).unwrap().permissions(), 0o755);
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let c = a.client().await;
     let mut env = std::collections::BTreeMap::new();
     env.insert("FLINT_CLONE_ID".into(), "clone-7".into());
     match c.refresh(env, None).await.unwrap() {
-        Response::Refreshed {
-            clock_step_ns,
-            entropy_bytes,
-            hooks_run,
-        } => {
+        Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run } => {
             assert!(clock_step_ns.unwrap().abs() < 1_000_000_000);
             assert_eq!((entropy_bytes, hooks_run), (64, 1));
         }
@@ -345,10 +245,7 @@ async fn refresh_and_hooks() {
     assert_eq!(out.stdout, b"clone-7\n");
     c.before_checkpoint().await.unwrap();
     // A host-mode agent refuses to shut the host down.
-    assert_eq!(
-        c.shutdown().await.unwrap_err().code(),
-        Some(ErrorCode::Invalid)
-    );
+    assert_eq!(c.shutdown().await.unwrap_err().code(), Some(ErrorCode::Invalid));
 }
 
 #[tokio::test]
@@ -356,67 +253,30 @@ async fn bad_versions_and_malformed_frames_do_not_hurt_the_agent() {
     let a = Agent::start("malformed", &[]);
     // Wrong protocol version: a clear error.
     let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
-    flint_agent::protocol::write_frame(&mut s, &Frame::json(1, &Request::Hello { version: 99 }))
-        .await
-        .unwrap();
+    flint_agent::protocol::write_frame(&mut s, &Frame::json(1, &Request::Hello { version: 99 })).await.unwrap();
     let f = flint_agent::protocol::read_frame(&mut s).await.unwrap();
     let r: Response = serde_json::from_slice(&f.payload).unwrap();
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                code: ErrorCode::UnsupportedVersion,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert!(matches!(r, Response::Error { code: ErrorCode::UnsupportedVersion, .. }), "{r:?}");
     // Garbage: an oversized length, then random bytes.
     let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
-    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
-        .await
-        .unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
     let mut s2 = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
     s2.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     drop(s2);
     // JSON that is not a request, after a good hello.
     let mut s3 = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
-    flint_agent::protocol::write_frame(&mut s3, &Frame::json(1, &Request::Hello { version: 1 }))
+    flint_agent::protocol::write_frame(&mut s3, &Frame::json(1, &Request::Hello { version: 1 })).await.unwrap();
+    flint_agent::protocol::write_frame(&mut s3, &Frame { kind: 1, stream: 2, payload: b"{\"type\":\"exec\"".to_vec() })
         .await
         .unwrap();
-    flint_agent::protocol::write_frame(
-        &mut s3,
-        &Frame {
-            kind: 1,
-            stream: 2,
-            payload: b"{\"type\":\"exec\"".to_vec(),
-        },
-    )
-    .await
-    .unwrap();
     let _ = flint_agent::protocol::read_frame(&mut s3).await.unwrap();
     let f = flint_agent::protocol::read_frame(&mut s3).await.unwrap();
     let r: Response = serde_json::from_slice(&f.payload).unwrap();
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                code: ErrorCode::Invalid,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert!(matches!(r, Response::Error { code: ErrorCode::Invalid, .. }), "{r:?}");
     // Still healthy for a new client.
     let c = a.client().await;
     assert!(c.health().await.is_ok());
     assert!(Path::new(&a.sock).exists());
-    let e = AgentClient::connect(
-        &Endpoint::Unix(a.dir.join("nope.sock")),
-        Duration::from_secs(1),
-    )
-    .await
-    .err()
-    .unwrap();
+    let e = AgentClient::connect(&Endpoint::Unix(a.dir.join("nope.sock")), Duration::from_secs(1)).await.err().unwrap();
     assert!(matches!(e, ClientError::Connect(..)), "{e}");
 }

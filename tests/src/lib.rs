@@ -19,10 +19,7 @@ pub struct Images {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// The image directory: `$FLINT_IMAGES`, or whatever `images/build.sh` prints (building it
@@ -72,11 +69,7 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn vmm_bin() -> PathBuf {
     let p = bin_dir().join("flint-vmm");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it first (cargo build -p flint-vmm)",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: build it first (cargo build -p flint-vmm)", p.display());
     p
 }
 
@@ -85,14 +78,8 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let base = std::env::var_os("FLINT_TEST_TMP")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let d = base.join(format!(
-            "flint-{tag}-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        ));
+        let base = std::env::var_os("FLINT_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let d = base.join(format!("flint-{tag}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("create temp dir");
         TempDir(d)
@@ -136,13 +123,7 @@ impl VmProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn flint-vmm");
-        VmProcess {
-            child,
-            api_sock,
-            vsock_uds,
-            console,
-            started,
-        }
+        VmProcess { child, api_sock, vsock_uds, console, started }
     }
 
     /// Standard boot from the images' initramfs with `extra` flags.
@@ -161,10 +142,7 @@ impl VmProcess {
     }
 
     pub fn endpoint(&self) -> Endpoint {
-        Endpoint::Vsock {
-            uds: self.vsock_uds.clone(),
-            port: flint_agent::protocol::DEFAULT_PORT,
-        }
+        Endpoint::Vsock { uds: self.vsock_uds.clone(), port: flint_agent::protocol::DEFAULT_PORT }
     }
 
     /// Connects to the agent, waiting up to `timeout` for the guest to boot. On failure the
@@ -173,21 +151,13 @@ impl VmProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!(
-                    "flint-vmm exited ({st}) before the agent answered\n{}",
-                    self.diagnostics()
-                );
+                panic!("flint-vmm exited ({st}) before the agent answered\n{}", self.diagnostics());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                panic!(
-                    "the agent did not answer within {timeout:?}\n{}",
-                    self.diagnostics()
-                );
+                panic!("the agent did not answer within {timeout:?}\n{}", self.diagnostics());
             }
-            if let Ok(c) =
-                AgentClient::connect(&self.endpoint(), left.min(Duration::from_secs(5))).await
-            {
+            if let Ok(c) = AgentClient::connect(&self.endpoint(), left.min(Duration::from_secs(5))).await {
                 return c;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -223,10 +193,7 @@ impl VmProcess {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!(
-                    "flint-vmm did not exit within {timeout:?}\n{}",
-                    self.diagnostics()
-                );
+                panic!("flint-vmm did not exit within {timeout:?}\n{}", self.diagnostics());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -260,11 +227,7 @@ pub fn api_call(
     let mut r = BufReader::new(s);
     let mut status_line = String::new();
     r.read_line(&mut status_line)?;
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let mut len = None;
     loop {
         let mut h = String::new();
@@ -301,10 +264,7 @@ pub fn api_call(
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
@@ -326,30 +286,11 @@ impl NetnsTap {
     pub fn create(tag: &str, subnet: u8) -> NetnsTap {
         let ns = format!("flint-{tag}-{}", std::process::id());
         let tap = format!("ftap{}", std::process::id() % 100_000);
-        let t = NetnsTap {
-            ns,
-            tap,
-            host_ip: format!("10.{subnet}.0.1"),
-            guest_ip: format!("10.{subnet}.0.2"),
-        };
+        let t = NetnsTap { ns, tap, host_ip: format!("10.{subnet}.0.1"), guest_ip: format!("10.{subnet}.0.2") };
         let _ = Command::new("ip").args(["netns", "del", &t.ns]).output();
         run("ip", &["netns", "add", &t.ns]);
-        run(
-            "ip",
-            &["-n", &t.ns, "tuntap", "add", "dev", &t.tap, "mode", "tap"],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &t.ns,
-                "addr",
-                "add",
-                &format!("{}/24", t.host_ip),
-                "dev",
-                &t.tap,
-            ],
-        );
+        run("ip", &["-n", &t.ns, "tuntap", "add", "dev", &t.tap, "mode", "tap"]);
+        run("ip", &["-n", &t.ns, "addr", "add", &format!("{}/24", t.host_ip), "dev", &t.tap]);
         run("ip", &["-n", &t.ns, "link", "set", &t.tap, "up"]);
         run("ip", &["-n", &t.ns, "link", "set", "lo", "up"]);
         t
@@ -361,15 +302,146 @@ impl NetnsTap {
 
     /// Kernel command line that configures the guest's eth0 statically.
     pub fn guest_ip_cmdline(&self) -> String {
-        format!(
-            "ip={}::{}:255.255.255.0::eth0:off",
-            self.guest_ip, self.host_ip
-        )
+        format!("ip={}::{}:255.255.255.0::eth0:off", self.guest_ip, self.host_ip)
     }
 }
 
 impl Drop for NetnsTap {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// A snapshot of a booted guest whose agent is up and which runs a background counter
+/// (`/tmp/counter`, incremented every second by a process started before the snapshot).
+#[derive(Clone, Debug)]
+pub struct Golden {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub mem: PathBuf,
+    /// The counter's value when the snapshot was taken.
+    pub counter_at_snapshot: u64,
+    /// What the snapshot call reported.
+    pub report: serde_json::Value,
+    /// Cold boot: VMM start → agent answers, when this snapshot was made.
+    pub boot_ms: f64,
+}
+
+/// Script of the background process: no forks (echo, sleep and the redirection are shell
+/// built-ins in busybox), so it survives any number of snapshots.
+pub const COUNTER_SCRIPT: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done";
+
+fn file_digest(p: &Path) -> String {
+    let data = std::fs::read(p).unwrap_or_default();
+    let h = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    format!("{h:016x}")
+}
+
+/// Boots the images once, starts the counter, snapshots, and caches the result under
+/// `${FLINT_CACHE}/golden/<images>-<flint-vmm digest>/` (SnapStart for our own tests).
+pub fn golden() -> &'static Golden {
+    static GOLDEN: OnceLock<Golden> = OnceLock::new();
+    GOLDEN.get_or_init(|| {
+        let img = images();
+        let cache = std::env::var_os("FLINT_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flint"));
+        let key = format!(
+            "{}-{}",
+            img.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            file_digest(&vmm_bin())
+        );
+        let dir = cache.join("golden").join(key);
+        let meta = dir.join("golden.json");
+        if let Ok(text) = std::fs::read_to_string(&meta) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                return Golden {
+                    state: dir.join("vm.state"),
+                    mem: dir.join("vm.mem"),
+                    dir,
+                    counter_at_snapshot: v["counter"].as_u64().unwrap_or(0),
+                    report: v["report"].clone(),
+                    boot_ms: v["boot_ms"].as_f64().unwrap_or(0.0),
+                };
+            }
+        }
+        // Its own thread and runtime: callers may be inside an async test already.
+        std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            rt.block_on(make_golden(&dir))
+        })
+        .join()
+        .expect("making the golden snapshot failed")
+    })
+}
+
+async fn make_golden(dir: &Path) -> Golden {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("golden dir");
+    let work = TempDir::new("golden");
+    let mut vm = VmProcess::boot(work.path(), &["--track-dirty-pages".into()]);
+    let agent = vm.agent(Duration::from_secs(300)).await;
+    let boot_ms = vm.started.elapsed().as_secs_f64() * 1000.0;
+    let req = flint_agent::protocol::ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("({COUNTER_SCRIPT}) >/dev/null 2>&1 </dev/null &")],
+        timeout_ms: Some(60_000),
+        ..Default::default()
+    };
+    let out = agent.exec_output(req).await.expect("start the counter");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // Let it count a little.
+    let mut counter = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(b) = agent.read_file("/tmp/counter").await {
+            counter = String::from_utf8_lossy(&b).trim().parse().unwrap_or(0);
+            if counter >= 2 {
+                break;
+            }
+        }
+    }
+    assert!(counter >= 2, "the counter did not start\n{}", vm.diagnostics());
+    agent.before_checkpoint().await.expect("before-checkpoint");
+    let body = serde_json::json!({
+        "state_path": tmp.join("vm.state"),
+        "mem_path": tmp.join("vm.mem"),
+        "resume": false,
+    });
+    let (st, report) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&body)).expect("snapshot");
+    assert_eq!(st, 200, "{report}");
+    // The counter cannot have moved while paused: read what the snapshot holds afterwards in a
+    // restore; record the last value seen before it.
+    let meta = serde_json::json!({ "counter": counter, "report": report["snapshot"], "boot_ms": boot_ms });
+    std::fs::write(tmp.join("golden.json"), meta.to_string()).expect("golden meta");
+    drop(agent);
+    let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+    let _ = vm.wait(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).expect("publish golden snapshot");
+    Golden {
+        state: dir.join("vm.state"),
+        mem: dir.join("vm.mem"),
+        dir: dir.to_path_buf(),
+        counter_at_snapshot: counter,
+        report: report["snapshot"].clone(),
+        boot_ms,
+    }
+}
+
+impl VmProcess {
+    /// Restores a clone of `state`/`mem` in a new flint-vmm (sockets and console in `dir`).
+    pub fn restore(dir: &Path, state: &Path, mem: &Path, mode: &str, extra: &[String]) -> VmProcess {
+        let mut args = vec![
+            "--restore-state".to_string(),
+            state.display().to_string(),
+            "--restore-mem".into(),
+            mem.display().to_string(),
+            "--restore-mode".into(),
+            mode.into(),
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(dir, &args)
     }
 }

@@ -6,6 +6,7 @@
 //! | PUT    | /vm/pause     | pause all vCPUs (idempotent)                  |
 //! | PUT    | /vm/resume    | resume (idempotent)                           |
 //! | PUT    | /vm/shutdown  | stop the VM; the process exits with code 0    |
+//! | PUT    | /snapshot/create | write a snapshot (body: SnapshotRequest)   |
 //!
 //! Errors are `{"error": "..."}` with a 4xx status.
 use std::io::{BufRead, BufReader, Write};
@@ -27,12 +28,13 @@ pub enum ApiServerError {
 }
 
 /// A parsed request, before it is applied.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Action {
     Describe,
     Pause,
     Resume,
     Shutdown,
+    Snapshot(crate::snapshot::SnapshotRequest),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -42,26 +44,28 @@ pub struct ApiError {
 }
 
 fn err(status: u16, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        message: message.into(),
-    }
+    ApiError { status, message: message.into() }
 }
 
-/// Maps a method and path to an action.
-pub fn parse(method: &str, path: &str) -> Result<Action, ApiError> {
+/// Maps a method, path and body to an action.
+pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Action, ApiError> {
     let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
+    let want = if path == "/vm" { "GET" } else { "PUT" };
+    let known = matches!(path, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/snapshot/create");
+    if !known {
+        return Err(err(404, format!("no such resource: {path}")));
+    }
+    if method != want {
+        return Err(err(405, format!("{path} takes {want}, not {method}")));
+    }
     let action = match path {
         "/vm" => Action::Describe,
         "/vm/pause" => Action::Pause,
         "/vm/resume" => Action::Resume,
         "/vm/shutdown" => Action::Shutdown,
-        _ => return Err(err(404, format!("no such resource: {path}"))),
-    };
-    let want = if action == Action::Describe {
-        "GET"
-    } else {
-        "PUT"
+        _ => {
+            Action::Snapshot(serde_json::from_slice(body).map_err(|e| err(400, format!("bad snapshot request: {e}")))?)
+        }
     };
     if method != want {
         return Err(err(405, format!("{path} takes {want}, not {method}")));
@@ -70,21 +74,47 @@ pub fn parse(method: &str, path: &str) -> Result<Action, ApiError> {
 }
 
 /// Applies an action to the VM.
-pub fn apply(vm: &VmmHandle, action: Action) -> serde_json::Value {
+pub fn apply(vm: &VmmHandle, action: Action) -> Result<serde_json::Value, ApiError> {
     match action {
-        Action::Describe => return vm.describe(),
+        Action::Describe => return Ok(vm.describe()),
         Action::Pause => vm.control.pause(),
         Action::Resume => vm.control.resume(),
         Action::Shutdown => vm.exit.set(ExitReason::Requested),
+        Action::Snapshot(req) => {
+            return match vm.snapshot(&req) {
+                Ok(report) => Ok(serde_json::json!({ "snapshot": report })),
+                Err(e) => Err(err(
+                    if matches!(
+                        e,
+                        crate::snapshot::SnapshotError::NotRunning | crate::snapshot::SnapshotError::NoDirtyTracking
+                    ) {
+                        409
+                    } else {
+                        500
+                    },
+                    error_chain(&e),
+                )),
+            };
+        }
     }
-    serde_json::json!({ "state": vm.describe()["state"] })
+    Ok(serde_json::json!({ "state": vm.describe()["state"] }))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// Binds `path` (0600, replacing a stale socket) and serves requests on a thread.
 pub fn serve(path: &Path, vm: VmmHandle) -> Result<(), ApiServerError> {
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
+    let listener = UnixListener::bind(path).map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
     std::thread::Builder::new()
@@ -92,9 +122,7 @@ pub fn serve(path: &Path, vm: VmmHandle) -> Result<(), ApiServerError> {
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 let vm = vm.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || handle_conn(stream, &vm));
+                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || handle_conn(stream, &vm));
             }
         })
         .map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
@@ -112,8 +140,8 @@ fn handle_conn(stream: UnixStream, vm: &VmmHandle) {
         let (status, body, keep_alive) = match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some(req)) => {
-                let (status, body) = match parse(&req.method, &req.path) {
-                    Ok(action) => (200, apply(vm, action)),
+                let (status, body) = match parse(&req.method, &req.path, &req.body).and_then(|a| apply(vm, a)) {
+                    Ok(v) => (200, v),
                     Err(e) => (e.status, serde_json::json!({ "error": e.message })),
                 };
                 (status, body, req.keep_alive)
@@ -126,6 +154,8 @@ fn handle_conn(stream: UnixStream, vm: &VmmHandle) {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
+            500 => "Internal Server Error",
             413 => "Payload Too Large",
             _ => "Error",
         };
@@ -143,16 +173,14 @@ fn handle_conn(stream: UnixStream, vm: &VmmHandle) {
 struct Request {
     method: String,
     path: String,
+    body: Vec<u8>,
     keep_alive: bool,
 }
 
 fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, ApiError> {
     let mut line = String::new();
     let mut total = 0;
-    if r.read_line(&mut line)
-        .map_err(|e| err(400, e.to_string()))?
-        == 0
-    {
+    if r.read_line(&mut line).map_err(|e| err(400, e.to_string()))? == 0 {
         return Ok(None);
     }
     let mut it = line.split_whitespace();
@@ -176,9 +204,7 @@ fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, ApiError> {
         if let Some((k, v)) = h.split_once(':') {
             let v = v.trim();
             match k.trim().to_ascii_lowercase().as_str() {
-                "content-length" => {
-                    content_length = v.parse().map_err(|_| err(400, "bad Content-Length"))?
-                }
+                "content-length" => content_length = v.parse().map_err(|_| err(400, "bad Content-Length"))?,
                 "connection" => keep_alive = !v.eq_ignore_ascii_case("close"),
                 _ => {}
             }
@@ -188,13 +214,8 @@ fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, ApiError> {
         return Err(err(413, "request body too large"));
     }
     let mut body = vec![0u8; content_length];
-    r.read_exact(&mut body)
-        .map_err(|e| err(400, e.to_string()))?;
-    Ok(Some(Request {
-        method,
-        path,
-        keep_alive,
-    }))
+    r.read_exact(&mut body).map_err(|e| err(400, e.to_string()))?;
+    Ok(Some(Request { method, path, body, keep_alive }))
 }
 
 #[cfg(test)]
@@ -203,25 +224,26 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(parse("GET", "/vm"), Ok(Action::Describe));
-        assert_eq!(parse("PUT", "/vm/pause/"), Ok(Action::Pause));
-        assert_eq!(parse("GET", "/vm/pause").unwrap_err().status, 405);
-        assert_eq!(parse("GET", "/nope").unwrap_err().status, 404);
+        assert!(matches!(parse("GET", "/vm", b""), Ok(Action::Describe)));
+        assert!(matches!(parse("PUT", "/vm/pause/", b""), Ok(Action::Pause)));
+        assert_eq!(parse("GET", "/vm/pause", b"").unwrap_err().status, 405);
+        assert_eq!(parse("GET", "/nope", b"").unwrap_err().status, 404);
+        assert_eq!(parse("GET", "/snapshot/create", b"").unwrap_err().status, 405);
+        let e = parse("PUT", "/snapshot/create", br#"{"state_path":"/s"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("mem_path"), "{}", e.message);
+        let ok = parse("PUT", "/snapshot/create", br#"{"state_path":"/s","mem_path":"/m","kind":"diff"}"#).unwrap();
+        assert!(matches!(ok, Action::Snapshot(r) if r.kind == crate::snapshot::SnapshotKind::Diff && r.resume));
     }
 
     #[test]
     fn parses_requests_and_rejects_junk() {
-        let mut r =
-            std::io::Cursor::new(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec());
+        let mut r = std::io::Cursor::new(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec());
         let req = read_request(&mut r).unwrap().unwrap();
-        assert_eq!(
-            (req.method.as_str(), req.path.as_str(), req.keep_alive),
-            ("PUT", "/vm/pause", true)
-        );
+        assert_eq!((req.method.as_str(), req.path.as_str(), req.keep_alive), ("PUT", "/vm/pause", true));
         let mut r = std::io::Cursor::new(b"garbage\r\n\r\n".to_vec());
         assert_eq!(read_request(&mut r).err().unwrap().status, 400);
-        let mut r =
-            std::io::Cursor::new(b"GET /vm HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec());
+        let mut r = std::io::Cursor::new(b"GET /vm HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec());
         assert_eq!(read_request(&mut r).err().unwrap().status, 413);
     }
 }

@@ -34,6 +34,9 @@ pub struct VmConfig {
     /// Force a host profile instead of detecting it.
     #[serde(default)]
     pub host_profile: Option<HostProfile>,
+    /// Log dirtied guest pages (KVM dirty log) so diff snapshots can be taken.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -127,6 +130,7 @@ impl VmConfig {
             rng: true,
             console: default_console(),
             host_profile: None,
+            track_dirty_pages: false,
         }
     }
 
@@ -137,9 +141,8 @@ impl VmConfig {
         if self.mem_mib < 64 || self.mem_mib > 65536 || self.mem_mib % 2 != 0 {
             return Err(ConfigError::Memory(self.mem_mib));
         }
-        let files = std::iter::once(&self.kernel)
-            .chain(self.initramfs.iter())
-            .chain(self.drives.iter().map(|d| &d.path));
+        let files =
+            std::iter::once(&self.kernel).chain(self.initramfs.iter()).chain(self.drives.iter().map(|d| &d.path));
         for f in files {
             if !f.is_file() {
                 return Err(ConfigError::MissingFile(f.clone()));
@@ -191,9 +194,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// A locally administered unicast MAC derived from a name.
 pub fn mac_from_name(name: &str) -> [u8; 6] {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let b = h.to_le_bytes();
     [0x06, b[0], b[1], b[2], b[3], b[4]]
 }
@@ -219,16 +220,9 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::Memory(101)));
         c.mem_mib = 128;
         c.kernel = "/nonexistent/vmlinux".into();
-        assert_eq!(
-            c.validate(),
-            Err(ConfigError::MissingFile("/nonexistent/vmlinux".into()))
-        );
+        assert_eq!(c.validate(), Err(ConfigError::MissingFile("/nonexistent/vmlinux".into())));
         c.kernel = kernel();
-        c.net = Some(NetConfig {
-            tap: "tap0".into(),
-            netns: None,
-            mac: Some("zz:00".into()),
-        });
+        c.net = Some(NetConfig { tap: "tap0".into(), netns: None, mac: Some("zz:00".into()) });
         assert_eq!(c.validate(), Err(ConfigError::Mac("zz:00".into())));
     }
 
@@ -240,10 +234,7 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(
-            parse_mac("06:00:ac:10:00:02"),
-            Some([6, 0, 0xac, 0x10, 0, 2])
-        );
+        assert_eq!(parse_mac("06:00:ac:10:00:02"), Some([6, 0, 0xac, 0x10, 0, 2]));
         assert_eq!(parse_mac("06:00:ac:10:00"), None);
         assert_eq!(mac_from_name("tap0")[0], 0x06);
         assert_ne!(mac_from_name("tap0"), mac_from_name("tap1"));

@@ -72,8 +72,6 @@ mod tests {
         assert_eq!(HostProfile::detect_in(&d), HostProfile::PvmNative);
         std::fs::remove_dir_all(&d).unwrap();
         assert!(HostProfile::Hardware.cmdline_extra().is_empty());
-        assert!(HostProfile::PvmNative
-            .cmdline_extra()
-            .contains("flint.syscall_pf"));
+        assert!(HostProfile::PvmNative.cmdline_extra().contains("flint.syscall_pf"));
     }
 }

@@ -5,18 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
+use flint_vmm::builder::RestoreOverrides;
 use flint_vmm::config::{DriveConfig, NetConfig, VsockConfig};
+use flint_vmm::snapshot::memory::RestoreMode;
 use flint_vmm::{api, HostProfile, VmConfig, Vmm};
 
 /// Exit code for a bad configuration or a VM that could not be built.
 const EXIT_SETUP: u8 = 1;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "flint-vmm",
-    version,
-    about = "Flint's KVM microVM monitor (one VM per process)"
-)]
+#[command(name = "flint-vmm", version, about = "Flint's KVM microVM monitor (one VM per process)")]
 struct Args {
     /// JSON VM configuration (fields as in docs/vmm.md); flags below override it.
     #[arg(long)]
@@ -61,19 +59,31 @@ struct Args {
     /// Print the VM description as JSON on exit.
     #[arg(long)]
     describe_on_exit: bool,
+    /// Log dirtied pages so diff snapshots can be taken.
+    #[arg(long)]
+    track_dirty_pages: bool,
+    /// Restore from this snapshot state file instead of booting (with --restore-mem).
+    #[arg(long, requires = "restore_mem")]
+    restore_state: Option<PathBuf>,
+    /// The snapshot's memory file.
+    #[arg(long, requires = "restore_state")]
+    restore_mem: Option<PathBuf>,
+    /// How restored memory is provided: private (mmap MAP_PRIVATE, shared page cache) or uffd
+    /// (filled on first touch by a userfaultfd handler).
+    #[arg(long, default_value = "private")]
+    restore_mode: String,
+    /// With a diff snapshot's state file: the memory file is its base with the diff merged on.
+    #[arg(long, requires = "restore_state")]
+    merged_memory: bool,
+    /// Merge a diff memory file onto its base and exit: --merge-diff BASE DIFF.
+    #[arg(long, num_args = 2, value_names = ["BASE", "DIFF"])]
+    merge_diff: Option<Vec<PathBuf>>,
 }
 
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let mut parts = s.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or("--drive needs a path")?;
-    let mut d = DriveConfig {
-        path: path.into(),
-        read_only: false,
-        root: false,
-    };
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("--drive needs a path")?;
+    let mut d = DriveConfig { path: path.into(), read_only: false, root: false };
     for opt in parts {
         match opt {
             "ro" => d.read_only = true,
@@ -87,24 +97,13 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
 
 fn parse_tap(s: &str) -> Result<NetConfig, String> {
     let mut parts = s.split(',');
-    let tap = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or("--tap needs a name")?;
-    let mut n = NetConfig {
-        tap: tap.into(),
-        netns: None,
-        mac: None,
-    };
+    let tap = parts.next().filter(|p| !p.is_empty()).ok_or("--tap needs a name")?;
+    let mut n = NetConfig { tap: tap.into(), netns: None, mac: None };
     for opt in parts {
         match opt.split_once('=') {
             Some(("netns", v)) => n.netns = Some(v.into()),
             Some(("mac", v)) => n.mac = Some(v.into()),
-            _ => {
-                return Err(format!(
-                    "unknown --tap option {opt:?} (use netns=PATH, mac=MAC)"
-                ))
-            }
+            _ => return Err(format!("unknown --tap option {opt:?} (use netns=PATH, mac=MAC)")),
         }
     }
     Ok(n)
@@ -113,8 +112,7 @@ fn parse_tap(s: &str) -> Result<NetConfig, String> {
 fn build_config(a: &Args) -> Result<VmConfig, String> {
     let mut c = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             serde_json::from_str::<VmConfig>(&text).map_err(|e| format!("{}: {e}", p.display()))?
         }
         None => VmConfig::new(a.kernel.clone().ok_or("--kernel or --config is required")?),
@@ -141,10 +139,7 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
         c.net = Some(parse_tap(t)?);
     }
     if let Some(u) = &a.vsock_uds {
-        c.vsock = Some(VsockConfig {
-            guest_cid: a.vsock_cid,
-            uds_path: u.clone(),
-        });
+        c.vsock = Some(VsockConfig { guest_cid: a.vsock_cid, uds_path: u.clone() });
     }
     if let Some(con) = &a.console {
         c.console = con.clone();
@@ -152,12 +147,16 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
     if a.no_rng {
         c.rng = false;
     }
+    if a.track_dirty_pages {
+        c.track_dirty_pages = true;
+    }
     match a.host_profile.as_str() {
         "auto" => {}
         p => {
-            c.host_profile = Some(HostProfile::parse(p).ok_or_else(|| {
-                format!("unknown host profile {p:?} (auto, hardware, pvm-native)")
-            })?)
+            c.host_profile = Some(
+                HostProfile::parse(p)
+                    .ok_or_else(|| format!("unknown host profile {p:?} (auto, hardware, pvm-native)"))?,
+            )
         }
     }
     Ok(c)
@@ -172,21 +171,36 @@ extern "C" fn on_term(_: libc::c_int) {
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let args = Args::parse();
-    let config = match build_config(&args) {
-        Ok(c) => c,
+    if let Some(paths) = &args.merge_diff {
+        return match flint_vmm::snapshot::memory::merge_diff(&paths[0], &paths[1]) {
+            Ok(n) => {
+                println!("merged {n} bytes of {} onto {}", paths[1].display(), paths[0].display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flint-vmm: {}", error_chain(&e));
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
+    let built = match (&args.restore_state, &args.restore_mem) {
+        (Some(state), Some(mem)) => restore(&args, state, mem, process_start),
+        _ => match build_config(&args) {
+            Ok(config) => {
+                let profile = config.host_profile.unwrap_or_else(HostProfile::detect);
+                Vmm::build(config, profile, process_start).map_err(|e| error_chain(&e))
+            }
+            Err(e) => Err(e),
+        },
+    };
+    let mut vmm = match built {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("flint-vmm: {e}");
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    let profile = config.host_profile.unwrap_or_else(HostProfile::detect);
-    let mut vmm = match Vmm::build(config, profile, process_start) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("flint-vmm: {}", error_chain(&e));
-            return ExitCode::from(EXIT_SETUP);
-        }
-    };
+    let profile = vmm.profile;
     let handle = vmm.handle();
     if let Some(p) = &args.api_sock {
         if let Err(e) = api::serve(p, handle.clone()) {
@@ -198,11 +212,7 @@ fn main() -> ExitCode {
         // SAFETY: installs an async-signal-safe handler (one atomic store).
         unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
     }
-    eprintln!(
-        "flint-vmm: host profile {}, cmdline: {}",
-        profile.name(),
-        vmm.cmdline
-    );
+    eprintln!("flint-vmm: host profile {}, cmdline: {}", profile.name(), vmm.cmdline);
     if let Err(e) = vmm.start(process_start) {
         eprintln!("flint-vmm: {}", error_chain(&e));
         return ExitCode::from(EXIT_SETUP);
@@ -216,6 +226,32 @@ fn main() -> ExitCode {
     }
     eprintln!("flint-vmm: {reason}");
     ExitCode::from(reason.exit_code() as u8)
+}
+
+fn restore(args: &Args, state: &std::path::Path, mem: &std::path::Path, start: Instant) -> Result<Vmm, String> {
+    let mode = RestoreMode::parse(&args.restore_mode)
+        .ok_or_else(|| format!("unknown restore mode {:?} (private, uffd)", args.restore_mode))?;
+    if args.kernel.is_some()
+        || args.initramfs.is_some()
+        || args.config.is_some()
+        || args.mem.is_some()
+        || args.vcpus.is_some()
+    {
+        return Err("--kernel, --initramfs, --config, --mem and --vcpus come from the snapshot; they cannot be given with --restore-state".into());
+    }
+    let overrides = RestoreOverrides {
+        vsock_uds: args.vsock_uds.clone(),
+        console: args.console.clone(),
+        net: args.tap.as_deref().map(parse_tap).transpose()?,
+        drive_paths: if args.drives.is_empty() {
+            None
+        } else {
+            Some(args.drives.iter().map(|d| parse_drive(d).map(|d| d.path)).collect::<Result<_, _>>()?)
+        },
+        track_dirty_pages: args.track_dirty_pages.then_some(true),
+        merged_memory: args.merged_memory,
+    };
+    Vmm::restore(state, mem, mode, overrides, start).map_err(|e| error_chain(&e))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -36,16 +36,8 @@ impl Bus {
     }
 
     /// Adds `device` at `[base, base + len)`.
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::Overlap(base, len))?;
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), BusError> {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap(base, len))?;
         if let Some((b, e)) = self.devices.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap(base, len));
@@ -115,18 +107,9 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(0x10, 8, Arc::new(Mutex::new(Reg(1)))).unwrap();
         bus.insert(0x20, 8, Arc::new(Mutex::new(Reg(100)))).unwrap();
-        assert_eq!(
-            bus.insert(0x14, 8, Arc::new(Mutex::new(Reg(0)))),
-            Err(BusError::Overlap(0x14, 8))
-        );
-        assert_eq!(
-            bus.insert(0x0c, 8, Arc::new(Mutex::new(Reg(0)))),
-            Err(BusError::Overlap(0x0c, 8))
-        );
-        assert_eq!(
-            bus.insert(0x30, 0, Arc::new(Mutex::new(Reg(0)))),
-            Err(BusError::Overlap(0x30, 0))
-        );
+        assert_eq!(bus.insert(0x14, 8, Arc::new(Mutex::new(Reg(0)))), Err(BusError::Overlap(0x14, 8)));
+        assert_eq!(bus.insert(0x0c, 8, Arc::new(Mutex::new(Reg(0)))), Err(BusError::Overlap(0x0c, 8)));
+        assert_eq!(bus.insert(0x30, 0, Arc::new(Mutex::new(Reg(0)))), Err(BusError::Overlap(0x30, 0)));
         let mut b = [0u8; 1];
         assert!(bus.read(0x12, &mut b));
         assert_eq!(b[0], 3);

@@ -31,9 +31,18 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            serial: Serial::new(IrqTrigger(irq), out),
-        }
+        Self { serial: Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// A UART in a saved state (restore).
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+            .map(|serial| Self { serial })
+            .map_err(|e| format!("{e:?}"))
     }
 }
 

@@ -1,4 +1,5 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, signal kicks for pause/stop.
+use crate::vstate::memory::GuestMem;
 use std::cell::Cell;
 use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
@@ -8,13 +9,15 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::x86_64::translate_gva;
 use crate::devices::bus::lock;
 use crate::devices::Bus;
+use crate::snapshot::cpu::{readable_msrs, save_vcpu};
+use crate::snapshot::VcpuState;
 
 /// Why the VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -61,10 +64,7 @@ pub struct VmExit {
 
 impl VmExit {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            reason: Mutex::new(None),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
+        Ok(Self { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)? })
     }
 
     pub fn set(&self, reason: ExitReason) {
@@ -91,6 +91,9 @@ struct ControlState {
     want: Want,
     paused: usize,
     running_threads: usize,
+    /// Bumped to ask every parked vCPU to save its state into `saved`.
+    save_gen: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Shared run/pause/stop control of all vCPU threads of one VM.
@@ -107,6 +110,8 @@ impl VcpuControl {
                 want: Want::Run,
                 paused: 0,
                 running_threads: 0,
+                save_gen: 0,
+                saved: Vec::new(),
             }),
             cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -136,6 +141,25 @@ impl VcpuControl {
         }
     }
 
+    /// With all vCPUs paused, has each thread save its own vCPU's state (KVM state is read on
+    /// the thread that owns the vCPU).
+    pub fn save_states(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+        let mut s = lock(&self.state);
+        if s.want != Want::Pause || s.paused < s.running_threads {
+            return Err("the vCPUs are not paused".into());
+        }
+        if s.running_threads != count {
+            return Err(format!("{} of {count} vCPU threads are running", s.running_threads));
+        }
+        s.saved = (0..count).map(|_| None).collect();
+        s.save_gen += 1;
+        self.cv.notify_all();
+        while s.saved.iter().any(Option::is_none) {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        std::mem::take(&mut s.saved).into_iter().map(|r| r.unwrap_or_else(|| Err("missing".into()))).collect()
+    }
+
     pub fn resume(&self) {
         let mut s = lock(&self.state);
         if s.want == Want::Pause {
@@ -159,13 +183,26 @@ impl VcpuControl {
         lock(&self.state).want
     }
 
-    /// Parks the calling vCPU while paused; returns false when it must stop.
-    fn park(&self) -> bool {
+    /// Parks the calling vCPU while paused (saving its state when asked); returns false when
+    /// it must stop.
+    fn park(&self, fd: &VcpuFd, index: usize) -> bool {
         let mut s = lock(&self.state);
         if s.want == Want::Pause {
             s.paused += 1;
             self.cv.notify_all();
+            let mut seen = s.save_gen;
             while s.want == Want::Pause {
+                if s.save_gen != seen {
+                    seen = s.save_gen;
+                    drop(s);
+                    let r = save_vcpu_here(fd);
+                    s = lock(&self.state);
+                    if let Some(slot) = s.saved.get_mut(index) {
+                        *slot = Some(r);
+                    }
+                    self.cv.notify_all();
+                    continue;
+                }
                 s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.paused -= 1;
@@ -217,7 +254,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub exit: Arc<VmExit>,
     pub control: Arc<VcpuControl>,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     pub stats: Arc<VcpuStats>,
 }
 
@@ -225,18 +262,16 @@ pub struct VcpuContext {
 pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<VcpuFd>> {
     let control = ctx.control.clone();
     lock(&control.state).running_threads += 1;
-    let handle = std::thread::Builder::new()
-        .name(format!("vcpu{}", ctx.index))
-        .spawn(move || {
-            KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
-            run_loop(&mut fd, &ctx);
-            KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-            let mut s = lock(&ctx.control.state);
-            s.running_threads -= 1;
-            ctx.control.cv.notify_all();
-            drop(s);
-            fd
-        });
+    let handle = std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || {
+        KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+        run_loop(&mut fd, &ctx);
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        let mut s = lock(&ctx.control.state);
+        s.running_threads -= 1;
+        ctx.control.cv.notify_all();
+        drop(s);
+        fd
+    });
     match handle {
         Ok(h) => {
             lock(&control.threads).push(h.as_pthread_t());
@@ -285,41 +320,28 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) {
                 ctx.mmio.write(addr, data);
                 None
             }
-            Ok(VcpuExit::Hlt) => Some(ExitReason::GuestShutdown {
-                detail: format!("vCPU {} halted", ctx.index),
-            }),
+            Ok(VcpuExit::Hlt) => Some(ExitReason::GuestShutdown { detail: format!("vCPU {} halted", ctx.index) }),
             Ok(VcpuExit::Shutdown) => Some(ExitReason::Failed {
-                message: format!(
-                    "vCPU {} triple-faulted (KVM_EXIT_SHUTDOWN){}",
-                    ctx.index,
-                    describe_rip(fd, &ctx.mem)
-                ),
+                message: format!("vCPU {} triple-faulted (KVM_EXIT_SHUTDOWN){}", ctx.index, describe_rip(fd, &ctx.mem)),
             }),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Some(ExitReason::GuestShutdown {
-                detail: format!("system event {kind} on vCPU {}", ctx.index),
-            }),
-            Ok(VcpuExit::InternalError) => Some(ExitReason::Failed {
-                message: internal_error(fd, ctx),
-            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Some(ExitReason::GuestShutdown { detail: format!("system event {kind} on vCPU {}", ctx.index) })
+            }
+            Ok(VcpuExit::InternalError) => Some(ExitReason::Failed { message: internal_error(fd, ctx) }),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Failed {
-                message: format!(
-                    "KVM_EXIT_FAIL_ENTRY on vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
-                    ctx.index
-                ),
+                message: format!("KVM_EXIT_FAIL_ENTRY on vCPU {} (hardware reason {reason:#x}, cpu {cpu})", ctx.index),
             }),
-            Ok(other) => Some(ExitReason::Failed {
-                message: format!("unexpected vCPU exit {other:?} on vCPU {}", ctx.index),
-            }),
+            Ok(other) => {
+                Some(ExitReason::Failed { message: format!("unexpected vCPU exit {other:?} on vCPU {}", ctx.index) })
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
-                if !ctx.control.park() {
+                if !ctx.control.park(fd, usize::from(ctx.index)) {
                     return;
                 }
                 None
             }
-            Err(e) => Some(ExitReason::Failed {
-                message: format!("KVM_RUN failed on vCPU {}: {e}", ctx.index),
-            }),
+            Err(e) => Some(ExitReason::Failed { message: format!("KVM_RUN failed on vCPU {}: {e}", ctx.index) }),
         };
         if let Some(reason) = stop {
             ctx.exit.set(reason);
@@ -333,33 +355,23 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) {
     }
 }
 
-fn describe_rip(fd: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+fn describe_rip(fd: &VcpuFd, mem: &GuestMem) -> String {
     let (Ok(regs), Ok(sregs)) = (fd.get_regs(), fd.get_sregs()) else {
         return String::new();
     };
-    let gpa = if sregs.cr0 & 0x8000_0000 != 0 {
-        translate_gva(mem, sregs.cr3, regs.rip)
-    } else {
-        Some(regs.rip)
-    };
+    let gpa = if sregs.cr0 & 0x8000_0000 != 0 { translate_gva(mem, sregs.cr3, regs.rip) } else { Some(regs.rip) };
     let bytes = gpa.and_then(|gpa| {
         let mut b = [0u8; 16];
         mem.read_slice(&mut b, GuestAddress(gpa)).ok().map(|_| b)
     });
     let hex = bytes
-        .map(|b| {
-            b.iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "unreadable".into());
     format!(
         " at RIP {:#x} (CPL {}, GPA {}) instruction bytes [{hex}]",
         regs.rip,
         sregs.cs.selector & 3,
-        gpa.map(|g| format!("{g:#x}"))
-            .unwrap_or_else(|| "unmapped".into()),
+        gpa.map(|g| format!("{g:#x}")).unwrap_or_else(|| "unmapped".into()),
     )
 }
 
@@ -382,4 +394,11 @@ fn internal_error(fd: &mut VcpuFd, ctx: &VcpuContext) -> String {
         data.join(", "),
         describe_rip(fd, &ctx.mem)
     )
+}
+
+/// Saves the calling thread's vCPU (MSR list probed once per process).
+fn save_vcpu_here(fd: &VcpuFd) -> Result<VcpuState, String> {
+    static MSRS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let list = MSRS.get_or_init(|| kvm_ioctls::Kvm::new().map(|k| readable_msrs(&k, fd)).unwrap_or_default());
+    save_vcpu(fd, list).map_err(|e| e.to_string())
 }

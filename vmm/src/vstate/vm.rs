@@ -1,7 +1,8 @@
 //! The KVM VM: in-kernel irqchip and PIT, guest memory slots.
+use crate::vstate::memory::GuestMem;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::TSS_ADDRESS;
 
@@ -44,33 +45,20 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// Creates a VM with the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| VmError::Kvm("create the VM", e))?;
-    vm.set_tss_address(TSS_ADDRESS)
-        .map_err(|e| VmError::Kvm("set the TSS address", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| VmError::Kvm("create the PIT", e))?;
+    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create the VM", e))?;
+    vm.set_tss_address(TSS_ADDRESS).map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    vm.create_irq_chip().map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmError::Kvm("create the PIT", e))?;
     Ok(vm)
 }
 
 /// Registers every region of `mem` as a KVM memory slot.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
+pub fn register_memory(vm: &VmFd, mem: &GuestMem, flags: u32) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| {
-                VmError::Kvm(
-                    "find a memory region's host address",
-                    kvm_ioctls::Error::new(libc::EFAULT),
-                )
-            })?;
+            .map_err(|_| VmError::Kvm("find a memory region's host address", kvm_ioctls::Error::new(libc::EFAULT)))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags,
@@ -79,9 +67,8 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(
             userspace_addr: host as u64,
         };
         // SAFETY: the region's host mapping is owned by `mem`, which outlives the VM's use of
-        // it (the caller keeps the GuestMemoryMmap alive as long as the VmFd).
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmError::Kvm("register guest memory", e))?;
+        // it (the caller keeps the GuestMem alive as long as the VmFd).
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmError::Kvm("register guest memory", e))?;
     }
     Ok(())
 }

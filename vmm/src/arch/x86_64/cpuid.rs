@@ -87,26 +87,12 @@ mod tests {
     use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax: !0,
-            ebx: !0,
-            ecx: !0,
-            edx: !0,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, eax: !0, ebx: !0, ecx: !0, edx: !0, ..Default::default() }
     }
 
     #[test]
     fn hides_hypercall_features_and_sets_topology() {
-        let mut c = CpuId::from_entries(&[
-            entry(1, 0),
-            entry(0xa, 0),
-            entry(0xb, 1),
-            entry(0x4000_0001, 0),
-        ])
-        .unwrap();
+        let mut c = CpuId::from_entries(&[entry(1, 0), entry(0xa, 0), entry(0xb, 1), entry(0x4000_0001, 0)]).unwrap();
         normalize(&mut c, 2, 4);
         let s = c.as_slice();
         assert_eq!(s[0].ebx >> 24, 2);

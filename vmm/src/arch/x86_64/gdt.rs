@@ -17,11 +17,7 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
-        limit: if g == 0 {
-            raw_limit
-        } else {
-            (raw_limit << 12) | 0xfff
-        },
+        limit: if g == 0 { raw_limit } else { (raw_limit << 12) | 0xfff },
         selector: u16::from(table_index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -59,10 +55,7 @@ mod tests {
     #[test]
     fn code_segment_is_long_mode() {
         let cs = segment_from_gdt(BOOT_GDT[2], 2);
-        assert_eq!(
-            (cs.l, cs.db, cs.present, cs.selector, cs.type_),
-            (1, 0, 1, 0x10, 0xb)
-        );
+        assert_eq!((cs.l, cs.db, cs.present, cs.selector, cs.type_), (1, 0, 1, 0x10, 0xb));
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(BOOT_GDT[3], 3);
         assert_eq!((ds.l, ds.db, ds.selector, ds.type_), (0, 1, 0x18, 0x3));

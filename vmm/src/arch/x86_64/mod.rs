@@ -5,10 +5,11 @@ pub mod layout;
 pub mod mptable;
 pub mod regs;
 
+use crate::vstate::memory::GuestMem;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use layout::*;
 
@@ -38,7 +39,7 @@ pub struct InitrdRegion {
 
 /// Highest page-aligned address below which an initramfs of `size` bytes fits in low RAM
 /// (below the MMIO gap), or `None` when it does not fit above the kernel.
-pub fn initrd_load_addr(mem: &GuestMemoryMmap, size: u64, kernel_end: u64) -> Option<u64> {
+pub fn initrd_load_addr(mem: &GuestMem, size: u64, kernel_end: u64) -> Option<u64> {
     let low_end = mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1;
     let addr = low_end.checked_sub(size)? & !0xfff;
     (addr >= kernel_end).then_some(addr)
@@ -46,7 +47,7 @@ pub fn initrd_load_addr(mem: &GuestMemoryMmap, size: u64, kernel_end: u64) -> Op
 
 /// Writes boot_params (zero page), the e820 map and the MP table.
 pub fn configure_system(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     cmdline_size: usize,
     initrd: Option<InitrdRegion>,
     num_cpus: u8,
@@ -67,11 +68,7 @@ pub fn configure_system(
         if i >= params.e820_table.len() {
             return Err(ConfigureSystemError::E820Overflow);
         }
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: kind,
-        };
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type: kind };
         params.e820_entries += 1;
         Ok(())
     };
@@ -85,15 +82,13 @@ pub fn configure_system(
         add(MMIO_GAP_END, mem_end - MMIO_GAP_END, E820_RAM)?;
     }
     let bp = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
-        .map_err(ConfigureSystemError::BootParams)?;
-    mem.write_slice(&mptable::build(num_cpus), GuestAddress(MPTABLE_START))
-        .map_err(ConfigureSystemError::MpTable)
+    LinuxBootConfigurator::write_bootparams::<GuestMem>(&bp, mem).map_err(ConfigureSystemError::BootParams)?;
+    mem.write_slice(&mptable::build(num_cpus), GuestAddress(MPTABLE_START)).map_err(ConfigureSystemError::MpTable)
 }
 
 /// Translates a guest virtual address through the guest's 4-level page tables (for error
 /// reports: the instruction bytes at RIP). Returns `None` when a level is not present.
-pub fn translate_gva(mem: &GuestMemoryMmap, cr3: u64, gva: u64) -> Option<u64> {
+pub fn translate_gva(mem: &GuestMem, cr3: u64, gva: u64) -> Option<u64> {
     const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
     let mut table = cr3 & ADDR_MASK;
     for level in (0..4u32).rev() {

@@ -1,7 +1,8 @@
 //! vCPU register, MSR and LAPIC set-up for direct 64-bit kernel entry.
+use crate::vstate::memory::GuestMem;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{segment_from_gdt, BOOT_GDT};
 use super::layout::*;
@@ -24,29 +25,20 @@ pub enum SetupRegsError {
 }
 
 /// Writes the boot GDT, an empty IDT and identity-mapping page tables for the first 1 GiB.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), SetupRegsError> {
+pub fn write_boot_tables(mem: &GuestMem) -> Result<(), SetupRegsError> {
     let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))
-        .map_err(SetupRegsError::GuestMemory)?;
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(SetupRegsError::GuestMemory)?;
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
-        .map_err(SetupRegsError::GuestMemory)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
-        .map_err(SetupRegsError::GuestMemory)?;
-    let pde: Vec<u8> = (0..512u64)
-        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
-        .collect();
-    mem.write_slice(&pde, GuestAddress(PDE_START))
-        .map_err(SetupRegsError::GuestMemory)?;
+    mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START)).map_err(SetupRegsError::GuestMemory)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(SetupRegsError::GuestMemory)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(SetupRegsError::GuestMemory)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)).map_err(SetupRegsError::GuestMemory)?;
+    let pde: Vec<u8> = (0..512u64).flat_map(|i| ((i << 21) | 0x83).to_le_bytes()).collect();
+    mem.write_slice(&pde, GuestAddress(PDE_START)).map_err(SetupRegsError::GuestMemory)?;
     Ok(())
 }
 
 /// Puts the boot vCPU in 64-bit mode at `entry` with RSI pointing at the zero page.
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), SetupRegsError> {
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(|e| SetupRegsError::Kvm("get sregs", e))?;
+    let mut sregs = vcpu.get_sregs().map_err(|e| SetupRegsError::Kvm("get sregs", e))?;
     let code = segment_from_gdt(BOOT_GDT[2], 2);
     let data = segment_from_gdt(BOOT_GDT[3], 3);
     let tss = segment_from_gdt(BOOT_GDT[4], 4);
@@ -65,8 +57,7 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), SetupRegsError> 
     sregs.cr3 = PML4_START;
     sregs.cr4 = X86_CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| SetupRegsError::Kvm("set sregs", e))?;
+    vcpu.set_sregs(&sregs).map_err(|e| SetupRegsError::Kvm("set sregs", e))?;
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -76,28 +67,18 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), SetupRegsError> 
         rsi: ZERO_PAGE_START,
         ..Default::default()
     };
-    vcpu.set_regs(&regs)
-        .map_err(|e| SetupRegsError::Kvm("set regs", e))
+    vcpu.set_regs(&regs).map_err(|e| SetupRegsError::Kvm("set regs", e))
 }
 
 /// FPU defaults (every vCPU).
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), SetupRegsError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu)
-        .map_err(|e| SetupRegsError::Kvm("set FPU", e))
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|e| SetupRegsError::Kvm("set FPU", e))
 }
 
 /// The MSRs a freshly reset x86 CPU is expected to have (every vCPU).
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), SetupRegsError> {
-    let e = |index: u32, data: u64| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let e = |index: u32, data: u64| kvm_msr_entry { index, data, ..Default::default() };
     let entries = [
         e(0x174, 0),             // IA32_SYSENTER_CS
         e(0x175, 0),             // IA32_SYSENTER_ESP
@@ -112,9 +93,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), SetupRegsError> {
         e(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ];
     let msrs = Msrs::from_entries(&entries).map_err(|_| SetupRegsError::Msrs(0, entries.len()))?;
-    let n = vcpu
-        .set_msrs(&msrs)
-        .map_err(|e| SetupRegsError::Kvm("set MSRs", e))?;
+    let n = vcpu.set_msrs(&msrs).map_err(|e| SetupRegsError::Kvm("set MSRs", e))?;
     if n != entries.len() {
         return Err(SetupRegsError::Msrs(n, entries.len()));
     }
@@ -127,9 +106,7 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), SetupRegsError> {
     const APIC_LVT1: usize = 0x360;
     const MODE_EXTINT: u32 = 0x7;
     const MODE_NMI: u32 = 0x4;
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| SetupRegsError::Kvm("get LAPIC", e))?;
+    let mut lapic = vcpu.get_lapic().map_err(|e| SetupRegsError::Kvm("get LAPIC", e))?;
     let set_mode = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate() {
@@ -142,6 +119,5 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), SetupRegsError> {
     };
     set_mode(&mut lapic.regs, APIC_LVT0, MODE_EXTINT);
     set_mode(&mut lapic.regs, APIC_LVT1, MODE_NMI);
-    vcpu.set_lapic(&lapic)
-        .map_err(|e| SetupRegsError::Kvm("set LAPIC", e))
+    vcpu.set_lapic(&lapic).map_err(|e| SetupRegsError::Kvm("set LAPIC", e))
 }

@@ -1,10 +1,11 @@
 //! The virtio-mmio transport (virtio spec 1.2, section 4.2.2, version 2 registers).
+use crate::vstate::memory::GuestMem;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceCtx, Interrupt, VirtioDevice, DEVICE_EVENT_BASE, VIRTIO_F_VERSION_1};
@@ -28,7 +29,7 @@ const CONFIG_OFFSET: u64 = 0x100;
 /// Transport state plus the device model.
 pub struct MmioTransport {
     pub device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     pub queues: Vec<Queue>,
     pub queue_evts: Vec<EventFd>,
     pub irq: Arc<Interrupt>,
@@ -44,18 +45,11 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        irq: Arc<Interrupt>,
-    ) -> std::io::Result<Self> {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMem, irq: Arc<Interrupt>) -> std::io::Result<Self> {
         let mut queues = Vec::new();
         let mut queue_evts = Vec::new();
         for &max in device.queue_max_sizes() {
-            queues.push(
-                Queue::new(max)
-                    .map_err(|e| std::io::Error::other(format!("queue size {max}: {e}")))?,
-            );
+            queues.push(Queue::new(max).map_err(|e| std::io::Error::other(format!("queue size {max}: {e}")))?);
             queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
         Ok(Self {
@@ -111,14 +105,9 @@ impl MmioTransport {
         let newly_ok = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status = v;
         if newly_ok && !self.activated {
-            let all_valid = self
-                .queues
-                .iter()
-                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let all_valid = self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
             if !all_valid {
-                self.mark_broken(
-                    "the driver enabled a queue whose rings lie outside guest memory".into(),
-                );
+                self.mark_broken("the driver enabled a queue whose rings lie outside guest memory".into());
                 return;
             }
             for q in &mut self.queues {
@@ -126,12 +115,8 @@ impl MmioTransport {
             }
             self.activated = true;
             let acked = self.acked_features;
-            let mut ctx = DeviceCtx {
-                active: self.activated,
-                mem: &self.mem,
-                queues: &mut self.queues,
-                irq: &self.irq,
-            };
+            let mut ctx =
+                DeviceCtx { active: self.activated, mem: &self.mem, queues: &mut self.queues, irq: &self.irq };
             self.device.activate(acked, &mut ctx);
         }
     }
@@ -141,9 +126,7 @@ impl MmioTransport {
         self.broken = Some(why);
         self.activated = false;
         self.status |= STATUS_NEEDS_RESET;
-        self.irq
-            .status
-            .fetch_or(super::INT_CONFIG, Ordering::SeqCst);
+        self.irq.status.fetch_or(super::INT_CONFIG, Ordering::SeqCst);
         let _ = self.irq.irqfd.write(1);
     }
 
@@ -156,22 +139,89 @@ impl MmioTransport {
             if !self.activated || i >= self.queues.len() {
                 return;
             }
-            let mut ctx = DeviceCtx {
-                active: self.activated,
-                mem: &self.mem,
-                queues: &mut self.queues,
-                irq: &self.irq,
-            };
+            let mut ctx =
+                DeviceCtx { active: self.activated, mem: &self.mem, queues: &mut self.queues, irq: &self.irq };
             self.device.queue_notify(i, &mut ctx, ops);
         } else {
-            let mut ctx = DeviceCtx {
-                active: self.activated,
-                mem: &self.mem,
-                queues: &mut self.queues,
-                irq: &self.irq,
-            };
+            let mut ctx =
+                DeviceCtx { active: self.activated, mem: &self.mem, queues: &mut self.queues, irq: &self.irq };
             self.device.device_event(data, fd, set, &mut ctx, ops);
         }
+    }
+
+    /// The transport's state as plain data.
+    pub fn save_state(&self) -> crate::snapshot::TransportState {
+        crate::snapshot::TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let st = q.state();
+                    crate::snapshot::QueueSnapshot {
+                        max_size: st.max_size,
+                        size: st.size,
+                        ready: st.ready,
+                        next_avail: st.next_avail,
+                        next_used: st.next_used,
+                        event_idx: st.event_idx_enabled,
+                        desc_table: st.desc_table,
+                        avail_ring: st.avail_ring,
+                        used_ring: st.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts the transport back in a saved state (same device type and queue count), then lets
+    /// the device react to the restore (vsock resets its connections).
+    pub fn restore_state(&mut self, s: &crate::snapshot::TransportState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "saved device type {} with {} queues, configured type {} with {} queues",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        for (q, qs) in self.queues.iter_mut().zip(&s.queues) {
+            let st = virtio_queue::QueueState {
+                max_size: qs.max_size,
+                next_avail: qs.next_avail,
+                next_used: qs.next_used,
+                event_idx_enabled: qs.event_idx,
+                size: qs.size,
+                ready: qs.ready,
+                desc_table: qs.desc_table,
+                avail_ring: qs.avail_ring,
+                used_ring: qs.used_ring,
+            };
+            *q = Queue::try_from(st).map_err(|e| format!("queue: {e}"))?;
+        }
+        self.status = s.status;
+        self.acked_features = s.acked_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.irq.status.store(s.interrupt_status, Ordering::SeqCst);
+        self.activated = s.activated;
+        if self.activated {
+            let acked = self.acked_features;
+            let mut ctx = DeviceCtx { active: true, mem: &self.mem, queues: &mut self.queues, irq: &self.irq };
+            self.device.restored(acked, &mut ctx);
+        }
+        Ok(())
     }
 
     pub fn describe(&self) -> serde_json::Value {
@@ -205,14 +255,8 @@ impl BusDevice for MmioTransport {
                 1 => (self.features() >> 32) as u32,
                 _ => 0,
             },
-            0x34 => self
-                .selected_queue()
-                .map(|q| u32::from(q.max_size()))
-                .unwrap_or(0),
-            0x44 => self
-                .selected_queue()
-                .map(|q| u32::from(q.ready()))
-                .unwrap_or(0),
+            0x34 => self.selected_queue().map(|q| u32::from(q.max_size())).unwrap_or(0),
+            0x44 => self.selected_queue().map(|q| u32::from(q.ready())).unwrap_or(0),
             0x60 => self.irq.status.load(Ordering::SeqCst),
             0x70 => self.status,
             0xfc => self.config_generation,
@@ -265,30 +309,24 @@ impl BusDevice for MmioTransport {
                 self.irq.status.fetch_and(!v, Ordering::SeqCst);
             }
             0x70 => self.set_status(v),
-            0x80 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 if configuring => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            0x80 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_desc_table_address(Some(v), None))
+            }
+            0x84 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_desc_table_address(None, Some(v)))
+            }
+            0x90 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_avail_ring_address(Some(v), None))
+            }
+            0x94 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_avail_ring_address(None, Some(v)))
+            }
+            0xa0 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_used_ring_address(Some(v), None))
+            }
+            0xa4 if configuring => {
+                self.selected_queue().into_iter().for_each(|q| q.set_used_ring_address(None, Some(v)))
+            }
             _ => {}
         }
     }
@@ -318,8 +356,8 @@ pub(crate) mod tests {
     use super::*;
     use vm_memory::GuestAddress;
 
-    pub fn test_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    pub fn test_memory() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     struct Dummy;
@@ -336,13 +374,7 @@ pub(crate) mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn queue_notify(
-            &mut self,
-            _index: usize,
-            _ctx: &mut DeviceCtx,
-            _ops: &mut dyn crate::devices::virtio::Watch,
-        ) {
-        }
+        fn queue_notify(&mut self, _index: usize, _ctx: &mut DeviceCtx, _ops: &mut dyn crate::devices::virtio::Watch) {}
         fn describe(&self) -> serde_json::Value {
             serde_json::Value::Null
         }
@@ -374,11 +406,7 @@ pub(crate) mod tests {
         wr(&mut t, 0x24, 1);
         wr(&mut t, 0x20, 1);
         assert_eq!(t.acked_features, (1 << 3) | VIRTIO_F_VERSION_1);
-        wr(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         for q in 0..2u32 {
             wr(&mut t, 0x30, q);
@@ -389,11 +417,7 @@ pub(crate) mod tests {
             wr(&mut t, 0xa0, 0x8000 * (q + 1));
             wr(&mut t, 0x44, 1);
         }
-        wr(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(t.activated);
         assert!(t.broken.is_none());
         // Reset clears everything.
@@ -406,11 +430,7 @@ pub(crate) mod tests {
     fn legacy_drivers_are_refused() {
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let mut t = MmioTransport::new(Box::new(Dummy), test_memory(), irq).unwrap();
-        wr(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
     }
 
@@ -420,20 +440,12 @@ pub(crate) mod tests {
         let mut t = MmioTransport::new(Box::new(Dummy), test_memory(), irq).unwrap();
         wr(&mut t, 0x24, 1);
         wr(&mut t, 0x20, 1);
-        wr(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         wr(&mut t, 0x30, 0);
         wr(&mut t, 0x38, 8);
         wr(&mut t, 0x80, 0xfff0_0000); // beyond 1 MiB of memory
         wr(&mut t, 0x44, 1);
-        wr(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(!t.activated);
         assert!(t.broken.is_some());
         assert_ne!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);

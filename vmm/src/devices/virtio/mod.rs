@@ -11,12 +11,13 @@ pub mod rng;
 pub(crate) mod test_util;
 pub mod vsock;
 
+use crate::vstate::memory::GuestMem;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
@@ -41,10 +42,7 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
-        Self {
-            status: AtomicU32::new(0),
-            irqfd,
-        }
+        Self { status: AtomicU32::new(0), irqfd }
     }
 
     /// Tells the guest that a used ring has new entries.
@@ -81,7 +79,7 @@ impl DeviceCounters {
 pub struct DeviceCtx<'a> {
     /// False until the driver set DRIVER_OK (and after a reset): queues must not be touched.
     pub active: bool,
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestMem,
     pub queues: &'a mut [Queue],
     pub irq: &'a Interrupt,
 }
@@ -101,6 +99,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, _acked: u64, _ctx: &mut DeviceCtx) {}
     /// The driver reset the device (status 0).
     fn reset(&mut self) {}
+    /// The transport was restored from a snapshot with the device active.
+    fn restored(&mut self, _acked: u64, _ctx: &mut DeviceCtx) {}
     /// The guest notified queue `index`.
     fn queue_notify(&mut self, index: usize, ctx: &mut DeviceCtx, ops: &mut dyn Watch);
     /// Device fds to watch from the start: (fd, events, data >= DEVICE_EVENT_BASE).
@@ -108,15 +108,7 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
     /// One of the device's own fds is ready (also before activation: check `ctx.active`).
-    fn device_event(
-        &mut self,
-        _data: u32,
-        _fd: RawFd,
-        _set: EventSet,
-        _ctx: &mut DeviceCtx,
-        _ops: &mut dyn Watch,
-    ) {
-    }
+    fn device_event(&mut self, _data: u32, _fd: RawFd, _set: EventSet, _ctx: &mut DeviceCtx, _ops: &mut dyn Watch) {}
     /// JSON for `describe`.
     fn describe(&self) -> serde_json::Value;
 }

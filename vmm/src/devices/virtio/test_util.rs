@@ -1,9 +1,10 @@
 //! Test helpers: a guest memory with virtqueues laid out in it, driven like a guest driver would.
 #![cfg(test)]
+use crate::vstate::memory::GuestMem;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceCtx, Interrupt};
@@ -13,7 +14,7 @@ const QUEUE_STRIDE: u64 = 0x3000;
 
 /// Guest memory (1 MiB) with ready queues; descriptor tables at 0x1000 + i*0x3000.
 pub struct QueueEnv {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     pub queues: Vec<Queue>,
     pub irq: Interrupt,
     next_desc: Vec<u16>,
@@ -22,7 +23,7 @@ pub struct QueueEnv {
 
 impl QueueEnv {
     pub fn new(sizes: &[u16]) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut queues = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
             let base = DESC_BASE + i as u64 * QUEUE_STRIDE;
@@ -79,22 +80,13 @@ impl QueueEnv {
         let avail = Self::base(q) + 0x400;
         let size = u64::from(self.queues[q].size());
         let slot = u64::from(self.avail_idx[q]) % size;
-        self.mem
-            .write_obj(head, GuestAddress(avail + 4 + slot * 2))
-            .unwrap();
+        self.mem.write_obj(head, GuestAddress(avail + 4 + slot * 2)).unwrap();
         self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx[q], GuestAddress(avail + 2))
-            .unwrap();
+        self.mem.write_obj(self.avail_idx[q], GuestAddress(avail + 2)).unwrap();
     }
 
     pub fn run<F: FnOnce(&mut DeviceCtx)>(&mut self, f: F) {
-        let mut ctx = DeviceCtx {
-            active: true,
-            mem: &self.mem,
-            queues: &mut self.queues,
-            irq: &self.irq,
-        };
+        let mut ctx = DeviceCtx { active: true, mem: &self.mem, queues: &mut self.queues, irq: &self.irq };
         f(&mut ctx);
     }
 
@@ -106,10 +98,7 @@ impl QueueEnv {
         (0..idx)
             .map(|i| {
                 let e = used + 4 + (u64::from(i) % size) * 8;
-                (
-                    self.mem.read_obj(GuestAddress(e)).unwrap(),
-                    self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
-                )
+                (self.mem.read_obj(GuestAddress(e)).unwrap(), self.mem.read_obj(GuestAddress(e + 4)).unwrap())
             })
             .collect()
     }

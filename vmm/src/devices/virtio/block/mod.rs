@@ -1,4 +1,5 @@
 //! virtio-blk backed by a host file: read-only or read-write, flush honoured.
+use crate::vstate::memory::GuestMem;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -49,10 +50,7 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::Open(path.to_path_buf(), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| BlockError::Open(path.to_path_buf(), e))?
-            .len();
+        let len = file.metadata().map_err(|e| BlockError::Open(path.to_path_buf(), e))?.len();
         if len % SECTOR_SIZE != 0 {
             return Err(BlockError::Size(path.to_path_buf(), len));
         }
@@ -71,11 +69,7 @@ impl Block {
 
     /// Serves one request; returns (status, bytes written to the guest) or None when the chain
     /// is malformed (no room for the status byte).
-    fn handle(
-        &mut self,
-        chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
-        mem: &vm_memory::GuestMemoryMmap,
-    ) -> Option<u32> {
+    fn handle(&mut self, chain: virtio_queue::DescriptorChain<&GuestMem>, mem: &GuestMem) -> Option<u32> {
         let mut reader = chain.clone().reader(mem).ok()?;
         let mut writer = chain.writer(mem).ok()?;
         let avail = writer.available_bytes();
@@ -95,9 +89,7 @@ impl Block {
                         let mut buf = vec![0u8; len];
                         match self.file.read_exact_at(&mut buf, off) {
                             Ok(()) if writer.write_all(&buf).is_ok() => {
-                                self.counters
-                                    .bytes_out
-                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                self.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
                                 (S_OK, len)
                             }
                             _ => (S_IOERR, 0),
@@ -114,9 +106,7 @@ impl Block {
                         let mut buf = vec![0u8; len];
                         match reader.read_exact(&mut buf) {
                             Ok(()) if self.file.write_all_at(&buf, off).is_ok() => {
-                                self.counters
-                                    .bytes_in
-                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                self.counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
                                 (S_OK, 0)
                             }
                             _ => (S_IOERR, 0),
@@ -164,16 +154,12 @@ impl Block {
             let len = match self.handle(chain, mem) {
                 Some(len) => len,
                 None => {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     0
                 }
             };
             if ctx.queues[0].add_used(mem, head, len).is_err() {
-                self.counters
-                    .bad_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             used = true;
@@ -246,14 +232,7 @@ mod tests {
         let (mut dev, p) = disk(false);
         let mut env = QueueEnv::new(&[256]);
         header(&env, 0x10000, T_IN, 2);
-        env.add_chain(
-            0,
-            &[
-                (0x10000, 16, false),
-                (0x11000, 1024, true),
-                (0x12000, 1, true),
-            ],
-        );
+        env.add_chain(0, &[(0x10000, 16, false), (0x11000, 1024, true), (0x12000, 1, true)]);
         env.run(|ctx| dev.process(ctx));
         assert_eq!(env.used(0), vec![(0, 1025)]);
         assert_eq!(env.read(0x11000, 1024)[..512], [2u8; 512]);
@@ -262,14 +241,7 @@ mod tests {
 
         header(&env, 0x13000, T_OUT, 7);
         env.write(0x14000, &[0xab; 512]);
-        env.add_chain(
-            0,
-            &[
-                (0x13000, 16, false),
-                (0x14000, 512, false),
-                (0x15000, 1, true),
-            ],
-        );
+        env.add_chain(0, &[(0x13000, 16, false), (0x14000, 512, false), (0x15000, 1, true)]);
         header(&env, 0x16000, T_FLUSH, 0);
         env.add_chain(0, &[(0x16000, 16, false), (0x17000, 1, true)]);
         env.run(|ctx| dev.process(ctx));
@@ -283,23 +255,9 @@ mod tests {
         let (mut dev, p) = disk(true);
         let mut env = QueueEnv::new(&[256]);
         header(&env, 0x10000, T_OUT, 0);
-        env.add_chain(
-            0,
-            &[
-                (0x10000, 16, false),
-                (0x11000, 512, false),
-                (0x12000, 1, true),
-            ],
-        );
+        env.add_chain(0, &[(0x10000, 16, false), (0x11000, 512, false), (0x12000, 1, true)]);
         header(&env, 0x13000, T_IN, 8);
-        env.add_chain(
-            0,
-            &[
-                (0x13000, 16, false),
-                (0x14000, 512, true),
-                (0x15000, 1, true),
-            ],
-        );
+        env.add_chain(0, &[(0x13000, 16, false), (0x14000, 512, true), (0x15000, 1, true)]);
         env.run(|ctx| dev.process(ctx));
         assert_eq!(env.read(0x12000, 1), vec![S_IOERR]);
         assert_eq!(env.read(0x15000, 1), vec![S_IOERR]);

@@ -55,24 +55,18 @@ impl Net {
                     if r.read_exact(&mut frame).is_ok() {
                         match self.tap.write(&frame) {
                             Ok(_) => {
-                                self.counters
-                                    .bytes_out
-                                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                                self.counters.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                             }
                             Err(_) => {
                                 self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     } else {
-                        self.counters
-                            .bad_descriptors
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 _ => {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if ctx.queues[TXQ].add_used(mem, head, 0).is_err() {
@@ -128,9 +122,7 @@ impl Net {
                     0
                 }
             };
-            self.counters
-                .bytes_in
-                .fetch_add(u64::from(len), Ordering::Relaxed);
+            self.counters.bytes_in.fetch_add(u64::from(len), Ordering::Relaxed);
             if ctx.queues[RXQ].add_used(mem, head, len).is_err() {
                 break;
             }
@@ -174,14 +166,7 @@ impl VirtioDevice for Net {
     fn initial_fds(&self) -> Vec<(RawFd, EventSet, u32)> {
         vec![(self.tap.as_raw_fd(), EventSet::IN, EV_TAP)]
     }
-    fn device_event(
-        &mut self,
-        _data: u32,
-        _fd: RawFd,
-        _set: EventSet,
-        ctx: &mut DeviceCtx,
-        ops: &mut dyn Watch,
-    ) {
+    fn device_event(&mut self, _data: u32, _fd: RawFd, _set: EventSet, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
         if !ctx.active {
             // Frames before the driver is up are dropped (a real NIC would do the same).
             let mut buf = vec![0u8; MAX_FRAME];

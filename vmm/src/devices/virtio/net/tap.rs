@@ -16,7 +16,9 @@ pub enum TapError {
     BadName(String),
     #[error("cannot open /dev/net/tun")]
     OpenTun(#[source] std::io::Error),
-    #[error("cannot attach to tap device {0:?} (does it exist, and is it free?)")]
+    #[error("no tap device named {0:?} in the VMM's network namespace or the one given (create it first)")]
+    NoSuchTap(String),
+    #[error("cannot attach to tap device {0:?} (is it a tap, and is it free?)")]
     SetIff(String, #[source] std::io::Error),
     #[error("cannot configure tap device {0:?}")]
     Configure(String, #[source] std::io::Error),
@@ -61,46 +63,34 @@ pub fn open_tap(name: &str, netns: Option<&Path>) -> Result<File, TapError> {
 }
 
 fn open_here(name: &str) -> Result<File, TapError> {
+    // TUNSETIFF would silently create a missing device: refuse instead, the caller owns taps.
+    let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.into()))?;
+    // SAFETY: valid NUL-terminated name.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+        return Err(TapError::NoSuchTap(name.into()));
+    }
     let path = c"/dev/net/tun";
     // SAFETY: valid NUL-terminated path; the returned fd is checked and then owned.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(TapError::OpenTun(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
+    let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads/writes an ifreq, which `req` is laid out as (40 bytes).
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-        return Err(TapError::SetIff(
-            name.into(),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(TapError::SetIff(name.into(), std::io::Error::last_os_error()));
     }
     let hdr: libc::c_int = super::NET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr) } < 0 {
-        return Err(TapError::Configure(
-            name.into(),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(TapError::Configure(name.into(), std::io::Error::last_os_error()));
     }
     // SAFETY: TUNSETOFFLOAD takes an unsigned long by value; 0 = no offloads.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, 0 as libc::c_ulong) } < 0 {
-        return Err(TapError::Configure(
-            name.into(),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(TapError::Configure(name.into(), std::io::Error::last_os_error()));
     }
     Ok(file)
 }

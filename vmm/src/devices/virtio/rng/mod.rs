@@ -36,28 +36,20 @@ impl Rng {
                         match w.write_all(&buf) {
                             Ok(()) => n,
                             Err(_) => {
-                                self.counters
-                                    .bad_descriptors
-                                    .fetch_add(1, Ordering::Relaxed);
+                                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                                 0
                             }
                         }
                     }
                 }
                 Err(_) => {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     0
                 }
             };
-            self.counters
-                .bytes_out
-                .fetch_add(written as u64, Ordering::Relaxed);
+            self.counters.bytes_out.fetch_add(written as u64, Ordering::Relaxed);
             if ctx.queues[0].add_used(mem, head, written as u32).is_err() {
-                self.counters
-                    .bad_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             used = true;

@@ -145,6 +145,11 @@ pub struct Vsock {
     pub counters: DeviceCounters,
     /// Log every packet to stderr (`FLINT_TRACE_VSOCK` set when the device was created).
     trace: bool,
+    /// After a restore: a transport reset was sent and the guest has not yet re-posted its
+    /// event buffer (i.e. not yet processed the reset). New host connections wait for it, or
+    /// the guest's reset would kill them.
+    awaiting_reset_ack: bool,
+    deferred_requests: Vec<Header>,
 }
 
 impl Vsock {
@@ -154,11 +159,8 @@ impl Vsock {
             return Err(VsockError::BadCid(cid));
         }
         let _ = std::fs::remove_file(uds_path);
-        let listener = UnixListener::bind(uds_path)
-            .map_err(|e| VsockError::Listen(uds_path.to_path_buf(), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| VsockError::Listen(uds_path.to_path_buf(), e))?;
+        let listener = UnixListener::bind(uds_path).map_err(|e| VsockError::Listen(uds_path.to_path_buf(), e))?;
+        listener.set_nonblocking(true).map_err(|e| VsockError::Listen(uds_path.to_path_buf(), e))?;
         Ok(Self {
             cid,
             uds_path: uds_path.to_path_buf(),
@@ -170,6 +172,8 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             counters: DeviceCounters::default(),
             trace: std::env::var_os("FLINT_TRACE_VSOCK").is_some(),
+            awaiting_reset_ack: false,
+            deferred_requests: Vec::new(),
         })
     }
 
@@ -251,28 +255,20 @@ impl Vsock {
                         let len = h.len.min(MAX_PKT_PAYLOAD) as usize;
                         let mut payload = vec![0u8; len.min(r.available_bytes())];
                         if h.len > MAX_PKT_PAYLOAD || r.read_exact(&mut payload).is_err() {
-                            self.counters
-                                .bad_descriptors
-                                .fetch_add(1, Ordering::Relaxed);
+                            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                         } else {
                             self.handle_guest_packet(h, &payload, ops);
                         }
                     } else {
-                        self.counters
-                            .bad_descriptors
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(_) => {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if ctx.queues[TXQ].add_used(mem, head, 0).is_err() {
-                self.counters
-                    .bad_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             used = true;
@@ -286,14 +282,9 @@ impl Vsock {
         if self.trace {
             eprintln!("vsock guest->host {h:?}");
         }
-        let key = ConnKey {
-            local: h.dst_port,
-            peer: h.src_port,
-        };
+        let key = ConnKey { local: h.dst_port, peer: h.src_port };
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.type_ != TYPE_STREAM {
-            self.counters
-                .bad_descriptors
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
             if h.op != OP_RST {
                 self.rx_ctrl.push_back(self.reply(key, OP_RST, 0));
             }
@@ -350,16 +341,12 @@ impl Vsock {
                 if c.tx_pending.len() + payload.len() > CONN_BUF_ALLOC as usize {
                     // The guest ignored our credit: drop the connection rather than buffer
                     // without bound.
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     self.reset_conn(key, ops);
                     return;
                 }
                 c.tx_pending.extend(payload);
-                self.counters
-                    .bytes_in
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                self.counters.bytes_in.fetch_add(payload.len() as u64, Ordering::Relaxed);
                 self.flush_to_host(key, ops);
             }
             OP_CREDIT_UPDATE => self.update_watch(key, ops),
@@ -389,9 +376,7 @@ impl Vsock {
             }
             OP_RST => self.drop_conn(key, ops),
             _ => {
-                self.counters
-                    .bad_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 self.reset_conn(key, ops);
             }
         }
@@ -454,8 +439,7 @@ impl Vsock {
             match c.stream.read(&mut buf) {
                 Ok(0) => c.host_eof = true,
                 Ok(n) => c.rx_stage.extend(&buf[..n]),
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => c.host_eof = true,
             }
         }
@@ -471,11 +455,7 @@ impl Vsock {
         let mut used = false;
         loop {
             // Pick the next thing to send before taking a buffer.
-            let data_key = if self.rx_ctrl.is_empty() {
-                self.next_data_conn()
-            } else {
-                None
-            };
+            let data_key = if self.rx_ctrl.is_empty() { self.next_data_conn() } else { None };
             if self.rx_ctrl.is_empty() && data_key.is_none() {
                 break;
             }
@@ -486,9 +466,7 @@ impl Vsock {
             let mut w = match chain.writer(mem) {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                     let _ = ctx.queues[RXQ].add_used(mem, head, 0);
                     used = true;
                     continue;
@@ -505,9 +483,7 @@ impl Vsock {
                 0
             };
             if ctx.queues[RXQ].add_used(mem, head, written as u32).is_err() {
-                self.counters
-                    .bad_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             used = true;
@@ -523,16 +499,15 @@ impl Vsock {
             .iter()
             .find(|(_, c)| {
                 c.state == ConnState::Established
-                    && ((!c.rx_stage.is_empty() && c.peer_credit() > 0)
-                        || (c.host_eof && c.rx_stage.is_empty()))
+                    && ((!c.rx_stage.is_empty() && c.peer_credit() > 0) || (c.host_eof && c.rx_stage.is_empty()))
             })
             .map(|(k, _)| *k)
     }
 
-    fn write_data_packet(
+    fn write_data_packet<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         key: ConnKey,
-        w: &mut virtio_queue::Writer<'_, ()>,
+        w: &mut virtio_queue::Writer<'_, B>,
         ops: &mut dyn Watch,
     ) -> usize {
         let mut h = self.reply(key, OP_RW, 0);
@@ -547,9 +522,7 @@ impl Vsock {
             h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
             return w.write_all(&h.to_bytes()).map(|_| HDR_LEN).unwrap_or(0);
         }
-        let n = (w.available_bytes() - HDR_LEN)
-            .min(c.rx_stage.len())
-            .min(c.peer_credit() as usize);
+        let n = (w.available_bytes() - HDR_LEN).min(c.rx_stage.len()).min(c.peer_credit() as usize);
         let data: Vec<u8> = c.rx_stage.drain(..n).collect();
         h.len = n as u32;
         c.rx_cnt += Wrapping(n as u32);
@@ -557,13 +530,8 @@ impl Vsock {
         if trace {
             eprintln!("vsock host->guest {h:?}");
         }
-        let ok = w
-            .write_all(&h.to_bytes())
-            .and_then(|_| w.write_all(&data))
-            .is_ok();
-        self.counters
-            .bytes_out
-            .fetch_add(n as u64, Ordering::Relaxed);
+        let ok = w.write_all(&h.to_bytes()).and_then(|_| w.write_all(&data)).is_ok();
+        self.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         self.update_watch(key, ops);
         if ok {
             HDR_LEN + n
@@ -581,13 +549,7 @@ impl Vsock {
                     }
                     let fd = stream.as_raw_fd();
                     ops.add(fd, EV_STREAM, EventSet::IN | EventSet::READ_HANG_UP);
-                    self.pending.insert(
-                        fd,
-                        PendingHost {
-                            stream,
-                            line: Vec::new(),
-                        },
-                    );
+                    self.pending.insert(fd, PendingHost { stream, line: Vec::new() });
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break,
@@ -604,9 +566,7 @@ impl Vsock {
         let n = match p.stream.read(&mut buf[..CONNECT_LINE_MAX - p.line.len()]) {
             Ok(0) => 0,
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                return
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return,
             Err(_) => 0,
         };
         if n == 0 {
@@ -642,7 +602,11 @@ impl Vsock {
         self.by_fd.insert(fd, key);
         self.conns.insert(key, c);
         let h = self.reply(key, OP_REQUEST, 0);
-        self.rx_ctrl.push_back(h);
+        if self.awaiting_reset_ack {
+            self.deferred_requests.push(h);
+        } else {
+            self.rx_ctrl.push_back(h);
+        }
         // Watch for the host hanging up while the guest has not answered yet.
         if let Some(c) = self.conns.get_mut(&key) {
             c.watch = EventSet::READ_HANG_UP;
@@ -653,11 +617,7 @@ impl Vsock {
     fn alloc_local_port(&mut self) -> u32 {
         loop {
             let p = self.next_local_port;
-            self.next_local_port = if p == u32::MAX {
-                FIRST_LOCAL_PORT
-            } else {
-                p + 1
-            };
+            self.next_local_port = if p == u32::MAX { FIRST_LOCAL_PORT } else { p + 1 };
             if !self.conns.keys().any(|k| k.local == p) {
                 return p;
             }
@@ -673,11 +633,7 @@ impl Vsock {
             ops.remove(fd);
             return;
         };
-        let state_connecting = self
-            .conns
-            .get(&key)
-            .map(|c| c.state == ConnState::Connecting)
-            .unwrap_or(false);
+        let state_connecting = self.conns.get(&key).map(|c| c.state == ConnState::Connecting).unwrap_or(false);
         if state_connecting {
             if set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
                 // The host client gave up before the guest answered.
@@ -688,10 +644,26 @@ impl Vsock {
         if set.contains(EventSet::OUT) {
             self.flush_to_host(key, ops);
         }
-        if set
-            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
-        {
+        if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
             self.read_from_host(key, ops);
+        }
+    }
+
+    fn send_transport_reset(&mut self, ctx: &mut DeviceCtx) {
+        const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+        let mem = ctx.mem;
+        let Some(chain) = ctx.queues[EVQ].pop_descriptor_chain(mem) else {
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let head = chain.head_index();
+        let len = match chain.writer(mem) {
+            Ok(mut w) => w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()).map(|_| 4).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if ctx.queues[EVQ].add_used(mem, head, len).is_ok() {
+            self.awaiting_reset_ack = true;
+            ctx.irq.signal_used();
         }
     }
 
@@ -737,21 +709,29 @@ impl VirtioDevice for Vsock {
                 self.process_rx(ctx, ops);
             }
             RXQ => self.process_rx(ctx, ops),
-            EVQ => {}
+            EVQ => {
+                // The guest re-posted its event buffer: the transport reset is processed.
+                if self.awaiting_reset_ack {
+                    self.awaiting_reset_ack = false;
+                    self.rx_ctrl.extend(self.deferred_requests.drain(..));
+                    self.process_rx(ctx, ops);
+                }
+            }
             _ => {}
         }
     }
     fn initial_fds(&self) -> Vec<(RawFd, EventSet, u32)> {
         vec![(self.listener.as_raw_fd(), EventSet::IN, EV_LISTENER)]
     }
-    fn device_event(
-        &mut self,
-        data: u32,
-        fd: RawFd,
-        set: EventSet,
-        ctx: &mut DeviceCtx,
-        ops: &mut dyn Watch,
-    ) {
+    fn restored(&mut self, _acked: u64, ctx: &mut DeviceCtx) {
+        // Connections did not survive the snapshot: tell the guest to drop them all
+        // (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue).
+        self.conns.clear();
+        self.by_fd.clear();
+        self.rx_ctrl.clear();
+        self.send_transport_reset(ctx);
+    }
+    fn device_event(&mut self, data: u32, fd: RawFd, set: EventSet, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
         match data {
             EV_LISTENER => self.accept_host(ops),
             EV_STREAM => self.stream_event(fd, set, ops),

@@ -40,8 +40,7 @@ impl Env {
     fn give_rx_buffers(&mut self, n: usize) {
         for _ in 0..n {
             let a = self.rx_next;
-            self.q
-                .add_chain(RXQ, &[(a, HDR_LEN as u32, true), (a + 0x100, 4096, true)]);
+            self.q.add_chain(RXQ, &[(a, HDR_LEN as u32, true), (a + 0x100, 4096, true)]);
             self.rx_next += 0x2000;
         }
         let Env { q, dev, watch, .. } = self;
@@ -55,13 +54,7 @@ impl Env {
         if payload.is_empty() {
             self.q.add_chain(TXQ, &[(a, HDR_LEN as u32, false)]);
         } else {
-            self.q.add_chain(
-                TXQ,
-                &[
-                    (a, HDR_LEN as u32, false),
-                    (a + 0x100, payload.len() as u32, false),
-                ],
-            );
+            self.q.add_chain(TXQ, &[(a, HDR_LEN as u32, false), (a + 0x100, payload.len() as u32, false)]);
         }
         self.tx_next += 0x2000;
         let Env { q, dev, watch, .. } = self;
@@ -120,10 +113,7 @@ fn guest_connects_to_host_listener_and_data_flows_both_ways() {
     env.guest_send(env.guest_hdr(OP_REQUEST, 1025, 5000), &[]);
     let pkts = env.guest_recv();
     assert_eq!(pkts.len(), 1);
-    assert_eq!(
-        (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
-        (OP_RESPONSE, 5000, 1025)
-    );
+    assert_eq!((pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port), (OP_RESPONSE, 5000, 1025));
     assert_eq!(pkts[0].0.buf_alloc, CONN_BUF_ALLOC);
     let (mut host, _) = listener.accept().unwrap();
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -168,9 +158,7 @@ fn host_connect_handshake() {
     let mut env = Env::new("h2g");
     env.give_rx_buffers(8);
     let mut client = UnixStream::connect(env.dir.join("v.sock")).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let lfd = env.dev.listener.as_raw_fd();
     env.host_event(lfd, EV_LISTENER, EventSet::IN);
     client.write_all(b"CONNECT 52\nearly").unwrap();
@@ -179,28 +167,18 @@ fn host_connect_handshake() {
     let pkts = env.guest_recv();
     assert_eq!(pkts.len(), 1);
     let req = pkts[0].0;
-    assert_eq!(
-        (req.op, req.dst_port, req.dst_cid),
-        (OP_REQUEST, 52, GUEST_CID)
-    );
+    assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 52, GUEST_CID));
     // Guest accepts.
     let mut resp = env.guest_hdr(OP_RESPONSE, 52, req.src_port);
     resp.buf_alloc = 65536;
     env.guest_send(resp, &[]);
     let mut line = [0u8; 64];
     let n = client.read(&mut line).unwrap();
-    assert_eq!(
-        std::str::from_utf8(&line[..n]).unwrap(),
-        format!("OK {}\n", req.src_port)
-    );
+    assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {}\n", req.src_port));
     // Bytes the client sent right after its CONNECT line reach the guest.
     env.host_event(pfd, EV_STREAM, EventSet::IN);
     let pkts = env.guest_recv();
-    let data: Vec<u8> = pkts
-        .iter()
-        .filter(|p| p.0.op == OP_RW)
-        .flat_map(|p| p.1.clone())
-        .collect();
+    let data: Vec<u8> = pkts.iter().filter(|p| p.0.op == OP_RW).flat_map(|p| p.1.clone()).collect();
     assert_eq!(data, b"early");
 }
 
@@ -208,9 +186,7 @@ fn host_connect_handshake() {
 fn bad_connect_line_is_refused() {
     let mut env = Env::new("badline");
     let mut client = UnixStream::connect(env.dir.join("v.sock")).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let lfd = env.dev.listener.as_raw_fd();
     env.host_event(lfd, EV_LISTENER, EventSet::IN);
     client.write_all(b"HELLO\n").unwrap();

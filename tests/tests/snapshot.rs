@@ -1,0 +1,201 @@
+//! End-to-end: snapshot a running guest and restore it in new flint-vmm processes.
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use flint_agent::protocol::Response;
+use flint_tests::*;
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn counter(agent: &flint_agent::client::AgentClient) -> u64 {
+    let b = agent.read_file("/tmp/counter").await.expect("read the counter");
+    String::from_utf8_lossy(&b).trim().parse().expect("a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_guest_resumes_its_processes_and_clock() {
+    let g = golden();
+    for mode in ["private", "uffd"] {
+        let dir = TempDir::new("restore");
+        let t = Instant::now();
+        let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, mode, &[]);
+        let agent = vm.agent(AGENT_TIMEOUT).await;
+        let ready = t.elapsed();
+        // The counter process started before the snapshot is still there and still counting.
+        let c1 = counter(&agent).await;
+        assert!(c1 >= g.counter_at_snapshot, "{mode}: counter went back: {c1} < {}", g.counter_at_snapshot);
+        let mut c2 = c1;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c2 = counter(&agent).await;
+            if c2 > c1 {
+                break;
+            }
+        }
+        assert!(c2 > c1, "{mode}: the background process stopped counting ({c1})\n{}", vm.diagnostics());
+        // After refresh the guest's wall clock is the host's (within a second).
+        match agent.refresh(BTreeMap::new(), Some(format!("clone-{mode}"))).await.unwrap() {
+            Response::Refreshed { entropy_bytes, .. } => assert_eq!(entropy_bytes, 64),
+            other => panic!("{other:?}"),
+        }
+        let guest_ns = agent.health().await.unwrap().time_unix_ns as i128;
+        let host_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
+        assert!(
+            (guest_ns - host_ns).abs() < 1_000_000_000,
+            "{mode}: guest clock is {} ms off",
+            (guest_ns - host_ns) / 1_000_000
+        );
+        let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
+        assert_eq!(d["restore"]["mode"], mode);
+        if mode == "uffd" {
+            assert!(d["uffd"]["faults"].as_u64().unwrap_or(0) > 0, "{d}");
+            assert_eq!(d["uffd"]["failed"], false);
+        }
+        eprintln!("{mode}: restore -> agent answered in {ready:?}; {}", d["restore"]);
+        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+        let (st, _) = vm.wait(Duration::from_secs(30));
+        assert_eq!(st.code(), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clones_restore_concurrently_and_share_memory() {
+    let g = golden();
+    let dirs: Vec<TempDir> = (0..10).map(|_| TempDir::new("clone")).collect();
+    let mut vms: Vec<VmProcess> =
+        dirs.iter().map(|d| VmProcess::restore(d.path(), &g.state, &g.mem, "private", &[])).collect();
+    let mut agents = Vec::new();
+    for vm in vms.iter_mut() {
+        agents.push(vm.agent(Duration::from_secs(300)).await);
+    }
+    let guest_kib = 256 * 1024;
+    for (i, (vm, agent)) in vms.iter().zip(&agents).enumerate() {
+        let h = agent.health().await.unwrap();
+        assert_eq!(h.pid, 1);
+        let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
+        let rss = d["rss_kib"].as_u64().unwrap();
+        assert!(rss < guest_kib / 2, "clone {i}: VMM RSS {rss} KiB is not well below the guest's {guest_kib} KiB");
+        eprintln!("clone {i}: VMM RSS {rss} KiB of {guest_kib} KiB guest memory");
+    }
+    // Keep two clones (ten busy guests share two cores here) and check they diverge.
+    for vm in vms.iter_mut().skip(2) {
+        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+        let (st, _) = vm.wait(Duration::from_secs(60));
+        assert_eq!(st.code(), Some(0));
+    }
+    let mut entropy = Vec::new();
+    for agent in agents.iter_mut().take(2) {
+        agent.call_timeout = Duration::from_secs(120);
+        agent.refresh(BTreeMap::new(), None).await.unwrap();
+        // Read in-process by the agent (no new guest process needed).
+        let bytes = agent.read_file_limit("/dev/urandom", Some(32)).await.unwrap();
+        assert_eq!(bytes.len(), 32);
+        entropy.push(bytes);
+    }
+    assert_ne!(entropy[0], entropy[1], "two clones of one snapshot produced the same random bytes");
+    for vm in vms.iter_mut().take(2) {
+        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+        let (st, _) = vm.wait(Duration::from_secs(60));
+        assert_eq!(st.code(), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
+    let g = golden();
+    let dir = TempDir::new("diff");
+    let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, "private", &["--track-dirty-pages".into()]);
+    let agent = vm.agent(AGENT_TIMEOUT).await;
+    // Touch 1 MiB in the guest: a tmpfs file of random bytes, written by the agent.
+    let mut agent = agent;
+    agent.call_timeout = Duration::from_secs(120);
+    let mut blob = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9u32;
+    for b in blob.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    agent.write_file("/tmp/blob", 0o644, &blob).await.unwrap();
+    let body = serde_json::json!({ "state_path": dir.path().join("d.state"), "mem_path": dir.path().join("d.mem"), "kind": "diff" });
+    let (st, r) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&body)).unwrap();
+    assert_eq!(st, 200, "{r}");
+    let written = r["snapshot"]["memory"]["bytes_written"].as_u64().unwrap();
+    let full = g.report["memory"]["bytes_written"].as_u64().unwrap();
+    assert!(written >= 1 << 20, "the diff must hold the 1 MiB written: {written}");
+    assert!(written < (1 << 20) + (12 << 20), "the diff holds only dirtied pages: {written} bytes");
+    eprintln!("diff snapshot: {written} bytes (full snapshot: {full} bytes)");
+    // A diff alone cannot be restored.
+    std::fs::create_dir_all(dir.path().join("x")).unwrap();
+    let mut bad = VmProcess::restore(
+        &dir.path().join("x"),
+        &dir.path().join("d.state"),
+        &dir.path().join("d.mem"),
+        "private",
+        &[],
+    );
+    let (st, err) = bad.wait(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("diff"), "{err}");
+    let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+    let _ = vm.wait(Duration::from_secs(30));
+
+    // Merge onto a copy of the base and restore that.
+    let merged = dir.path().join("merged.mem");
+    std::fs::copy(&g.mem, &merged).unwrap();
+    let out = std::process::Command::new(vmm_bin())
+        .arg("--merge-diff")
+        .arg(&merged)
+        .arg(dir.path().join("d.mem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The diff's state file with the merged memory is the diff snapshot's VM.
+    let rdir = TempDir::new("diff-restore");
+    let mut r =
+        VmProcess::restore(rdir.path(), &dir.path().join("d.state"), &merged, "private", &["--merged-memory".into()]);
+    let mut agent = r.agent(AGENT_TIMEOUT).await;
+    agent.call_timeout = Duration::from_secs(120);
+    let back = agent.read_file("/tmp/blob").await.unwrap();
+    assert!(back == blob, "guest memory from base + diff is byte-exact");
+    let _ = api_call(&r.api_sock, "PUT", "/vm/shutdown", None);
+    let _ = r.wait(Duration::from_secs(30));
+}
+
+#[test]
+fn corrupt_or_foreign_state_files_are_rejected() {
+    let g = golden();
+    let dir = TempDir::new("corrupt");
+    let good = std::fs::read(&g.state).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    cases.push(("flipped", flipped, "corrupt"));
+    cases.push(("truncated", good[..good.len() / 3].to_vec(), "truncated"));
+    let mut version = good.clone();
+    version[8] = 99;
+    cases.push(("version", version, "format version 99"));
+    cases.push(("garbage", b"this is not a snapshot at all".to_vec(), "bad magic"));
+    for (name, bytes, want) in cases {
+        let p = dir.path().join(format!("{name}.state"));
+        std::fs::write(&p, bytes).unwrap();
+        let vdir = dir.path().join(name);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private", &[]);
+        let (st, err) = vm.wait(Duration::from_secs(30));
+        assert_eq!(st.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
+        assert!(!vm.vsock_uds.exists() && !vm.api_sock.exists(), "{name}: no half-started VM is left");
+    }
+    // A memory file of the wrong size.
+    let short = dir.path().join("short.mem");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let vdir = dir.path().join("short");
+    std::fs::create_dir_all(&vdir).unwrap();
+    let mut vm = VmProcess::restore(&vdir, &g.state, &short, "private", &[]);
+    let (st, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("the snapshot needs"), "{err}");
+}
