@@ -22,8 +22,9 @@ demo: build
 test:
 	@bash scripts/test.sh
 
-## bench: boot benchmark (prints figures; not a test)
+## bench: snapshot/restore and boot benchmarks (print figures; not tests)
 bench: build
+	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- snapshot
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- boot
 
 fmt:

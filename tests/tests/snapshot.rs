@@ -77,11 +77,11 @@ async fn ten_clones_restore_concurrently_and_share_memory() {
         assert!(rss < guest_kib / 2, "clone {i}: VMM RSS {rss} KiB is not well below the guest's {guest_kib} KiB");
         eprintln!("clone {i}: VMM RSS {rss} KiB of {guest_kib} KiB guest memory");
     }
-    // Keep two clones (ten busy guests share two cores here) and check they diverge.
-    for vm in vms.iter_mut().skip(2) {
-        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
-        let (st, _) = vm.wait(Duration::from_secs(60));
-        assert_eq!(st.code(), Some(0));
+    // Keep two clones (ten busy guests share two cores here) and check they diverge; the
+    // other eight are simply killed, as a platform reclaiming idle sandboxes would.
+    agents.truncate(2);
+    for vm in vms.drain(2..) {
+        drop(vm);
     }
     let mut entropy = Vec::new();
     for agent in agents.iter_mut().take(2) {

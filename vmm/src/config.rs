@@ -138,7 +138,7 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
-        if self.mem_mib < 64 || self.mem_mib > 65536 || self.mem_mib % 2 != 0 {
+        if self.mem_mib < 64 || self.mem_mib > 65536 || !self.mem_mib.is_multiple_of(2) {
             return Err(ConfigError::Memory(self.mem_mib));
         }
         let files =

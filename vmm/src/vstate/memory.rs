@@ -25,7 +25,7 @@ pub enum MemoryError {
 /// Allocates anonymous guest memory of `mem_mib` MiB (private, not reserved up front).
 pub fn create_anonymous(mem_mib: u64) -> Result<GuestMem, MemoryError> {
     let size = mem_mib * MIB;
-    if mem_mib < 64 || size % REGION_ALIGN != 0 {
+    if mem_mib < 64 || !size.is_multiple_of(REGION_ALIGN) {
         return Err(MemoryError::BadSize(mem_mib));
     }
     let ranges: Vec<(GuestAddress, usize)> =

@@ -138,7 +138,7 @@ impl Block {
 
     /// Byte offset of a request when it lies inside the disk and is not oversized.
     fn check_range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len % SECTOR_SIZE as usize != 0 || len > MAX_REQUEST_BYTES {
+        if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_REQUEST_BYTES {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;

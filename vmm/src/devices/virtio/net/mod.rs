@@ -53,7 +53,8 @@ impl Net {
                 Ok(mut r) if r.available_bytes() <= MAX_FRAME => {
                     let mut frame = vec![0u8; r.available_bytes()];
                     if r.read_exact(&mut frame).is_ok() {
-                        match self.tap.write(&frame) {
+                        // A tap takes a whole frame per write (or none).
+                        match self.tap.write_all(&frame) {
                             Ok(_) => {
                                 self.counters.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                             }

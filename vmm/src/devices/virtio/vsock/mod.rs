@@ -709,13 +709,11 @@ impl VirtioDevice for Vsock {
                 self.process_rx(ctx, ops);
             }
             RXQ => self.process_rx(ctx, ops),
-            EVQ => {
-                // The guest re-posted its event buffer: the transport reset is processed.
-                if self.awaiting_reset_ack {
-                    self.awaiting_reset_ack = false;
-                    self.rx_ctrl.extend(self.deferred_requests.drain(..));
-                    self.process_rx(ctx, ops);
-                }
+            // The guest re-posted its event buffer: the transport reset is processed.
+            EVQ if self.awaiting_reset_ack => {
+                self.awaiting_reset_ack = false;
+                self.rx_ctrl.extend(self.deferred_requests.drain(..));
+                self.process_rx(ctx, ops);
             }
             _ => {}
         }
