@@ -15,6 +15,7 @@ async fn counter(agent: &flint_agent::client::AgentClient) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_guest_resumes_its_processes_and_clock() {
     let g = golden();
+    let mut entropy = Vec::new();
     for mode in ["private", "uffd"] {
         let dir = TempDir::new("restore");
         let t = Instant::now();
@@ -38,6 +39,8 @@ async fn restored_guest_resumes_its_processes_and_clock() {
             Response::Refreshed { entropy_bytes, .. } => assert_eq!(entropy_bytes, 64),
             other => panic!("{other:?}"),
         }
+        // Fresh entropy: two clones of one snapshot must not share random streams.
+        entropy.push(agent.read_file_limit("/dev/urandom", Some(32)).await.unwrap());
         let guest_ns = agent.health().await.unwrap().time_unix_ns as i128;
         let host_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
         assert!(
@@ -56,6 +59,8 @@ async fn restored_guest_resumes_its_processes_and_clock() {
         let (st, _) = vm.wait(Duration::from_secs(30));
         assert_eq!(st.code(), Some(0));
     }
+    assert_eq!(entropy[0].len(), 32);
+    assert_ne!(entropy[0], entropy[1], "two clones of one snapshot produced the same random bytes after refresh");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,27 +82,13 @@ async fn ten_clones_restore_concurrently_and_share_memory() {
         assert!(rss < guest_kib / 2, "clone {i}: VMM RSS {rss} KiB is not well below the guest's {guest_kib} KiB");
         eprintln!("clone {i}: VMM RSS {rss} KiB of {guest_kib} KiB guest memory");
     }
-    // Keep two clones (ten busy guests share two cores here) and check they diverge; the
-    // other eight are simply killed, as a platform reclaiming idle sandboxes would.
-    agents.truncate(2);
-    for vm in vms.drain(2..) {
-        drop(vm);
+    // Every clone is still healthy after all of them were checked.
+    for agent in &agents {
+        assert!(agent.health().await.is_ok());
     }
-    let mut entropy = Vec::new();
-    for agent in agents.iter_mut().take(2) {
-        agent.call_timeout = Duration::from_secs(120);
-        agent.refresh(BTreeMap::new(), None).await.unwrap();
-        // Read in-process by the agent (no new guest process needed).
-        let bytes = agent.read_file_limit("/dev/urandom", Some(32)).await.unwrap();
-        assert_eq!(bytes.len(), 32);
-        entropy.push(bytes);
-    }
-    assert_ne!(entropy[0], entropy[1], "two clones of one snapshot produced the same random bytes");
-    for vm in vms.iter_mut().take(2) {
-        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
-        let (st, _) = vm.wait(Duration::from_secs(60));
-        assert_eq!(st.code(), Some(0));
-    }
+    // Reclaimed the way a platform drops idle sandboxes: killed (VmProcess's drop).
+    drop(agents);
+    drop(vms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

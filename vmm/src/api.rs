@@ -100,7 +100,8 @@ pub fn apply(vm: &VmmHandle, action: Action) -> Result<serde_json::Value, ApiErr
     Ok(serde_json::json!({ "state": vm.describe()["state"] }))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and all its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
+use flint_vmm::api::error_chain;
 use flint_vmm::builder::RestoreOverrides;
 use flint_vmm::config::{DriveConfig, NetConfig, VsockConfig};
 use flint_vmm::snapshot::memory::RestoreMode;
@@ -252,15 +253,4 @@ fn restore(args: &Args, state: &std::path::Path, mem: &std::path::Path, start: I
         merged_memory: args.merged_memory,
     };
     Vmm::restore(state, mem, mode, overrides, start).map_err(|e| error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
