@@ -56,6 +56,9 @@ impl fmt::Display for ExitReason {
     }
 }
 
+/// How long the VMM may take to shut down after its VM stopped.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The first exit reason wins; the event wakes the main loop.
 pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
@@ -70,8 +73,17 @@ impl VmExit {
     pub fn set(&self, reason: ExitReason) {
         let mut r = lock(&self.reason);
         if r.is_none() {
+            let code = reason.exit_code();
             *r = Some(reason);
             let _ = self.evt.write(1);
+            // Safety net: the process exits within SHUTDOWN_GRACE of its VM stopping, even if
+            // a vCPU never leaves KVM_RUN or a device never lets go (seen under heavy load on
+            // emulating hosts). The normal path is much faster and exits first.
+            let _ = std::thread::Builder::new().name("exit-watchdog".into()).spawn(move || {
+                std::thread::sleep(SHUTDOWN_GRACE);
+                eprintln!("flint-vmm: the VM stopped but the VMM did not finish shutting down within {SHUTDOWN_GRACE:?}; exiting");
+                std::process::exit(code);
+            });
         }
     }
 
