@@ -111,7 +111,18 @@ impl VmProcess {
         let vsock_uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
         let started = Instant::now();
-        let child = Command::new(vmm_bin())
+        let mut cmd = Command::new(vmm_bin());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours:
+        // the VMM is killed if this process dies without cleaning up (e.g. a panic=abort).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("--api-sock")
             .arg(&api_sock)
             .arg("--vsock-uds")
