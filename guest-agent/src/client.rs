@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use crate::lock;
 use crate::protocol::*;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,10 +74,6 @@ pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {

@@ -10,3 +10,8 @@ pub mod protocol;
 pub mod reaper;
 pub mod server;
 pub mod vsock_cat;
+
+/// Locks a mutex, recovering from poisoning (a panicked task must not wedge the others).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -11,6 +11,8 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::unix::pipe;
+
+use crate::lock;
 use tokio::sync::oneshot;
 
 #[derive(Default)]
@@ -45,7 +47,7 @@ impl Reaper {
 
     /// Spawns `cmd` and registers its waiter. Must not be awaited across (see module docs).
     pub fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<Spawned> {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiters = lock(&self.waiters);
         let mut child = cmd.spawn()?;
         let pid = child.id();
         let (tx, rx) = oneshot::channel();
@@ -83,7 +85,7 @@ impl Reaper {
             if pid <= 0 {
                 return;
             }
-            let tx = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&(pid as u32));
+            let tx = lock(&self.waiters).remove(&(pid as u32));
             match tx {
                 Some(tx) => {
                     let _ = tx.send(ExitStatus::from_raw(status));
@@ -107,6 +109,6 @@ impl Reaper {
     }
 
     pub fn running(&self) -> usize {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.waiters).len()
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use crate::lock;
 use crate::protocol::*;
 use crate::reaper::Reaper;
 
@@ -59,10 +60,6 @@ impl Agent {
     fn resolve(&self, path: &str) -> Result<PathBuf, (ErrorCode, String)> {
         resolve_path(&self.settings.root, path)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Resolves an absolute request path below `root`, refusing `..`, relative paths and NULs.
