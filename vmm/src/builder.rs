@@ -153,8 +153,8 @@ pub struct Vmm {
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
     pub timings: Arc<Mutex<BootTimings>>,
     init_seen: Arc<Mutex<Option<Instant>>>,
-    first_run: Option<Instant>,
-    first_run_shared: Arc<Mutex<Option<Instant>>>,
+    /// When the vCPUs first ran (shared with the handle, which derives boot timings from it).
+    first_run: Arc<Mutex<Option<Instant>>>,
     event_manager: EventManager<Box<dyn MutEventSubscriber + Send>>,
     pending_vcpus: Vec<(VcpuFd, VcpuContext)>,
     vcpu_threads: Vec<JoinHandle<VcpuFd>>,
@@ -602,8 +602,7 @@ impl Vmm {
             restore_timings: restore,
             cpuids: Arc::new(cpuids),
             init_seen,
-            first_run: None,
-            first_run_shared: Arc::new(Mutex::new(None)),
+            first_run: Arc::new(Mutex::new(None)),
             event_manager: devices.event_manager,
             pending_vcpus,
             vcpu_threads: Vec::new(),
@@ -615,8 +614,7 @@ impl Vmm {
     /// Starts the vCPU threads.
     pub fn start(&mut self, process_start: Instant) -> Result<(), BuildError> {
         lock(&self.timings).process_to_first_run_us = elapsed_us(process_start);
-        self.first_run = Some(Instant::now());
-        *lock(&self.first_run_shared) = self.first_run;
+        *lock(&self.first_run) = Some(Instant::now());
         for (fd, ctx) in self.pending_vcpus.drain(..) {
             let h = vcpu::spawn(fd, ctx).map_err(|e| BuildError::Runtime(format!("vCPU thread: {e}")))?;
             self.vcpu_threads.push(h);
@@ -636,16 +634,6 @@ impl Vmm {
             }
             if let Err(e) = self.event_manager.run_with_timeout(100) {
                 self.exit.set(ExitReason::Failed { message: format!("device event loop failed: {e:?}") });
-            }
-            self.note_init();
-        }
-    }
-
-    fn note_init(&self) {
-        if let (Some(first), Some(init)) = (self.first_run, *lock(&self.init_seen)) {
-            let mut t = lock(&self.timings);
-            if t.first_run_to_init_us.is_none() {
-                t.first_run_to_init_us = Some(init.saturating_duration_since(first).as_micros() as u64);
             }
         }
     }
@@ -681,7 +669,7 @@ impl Vmm {
             devices: self.devices.clone(),
             timings: self.timings.clone(),
             init_seen: self.init_seen.clone(),
-            first_run: self.first_run_shared.clone(),
+            first_run: self.first_run.clone(),
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
             vm: self.vm.clone(),

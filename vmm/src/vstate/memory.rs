@@ -30,22 +30,7 @@ pub fn create_anonymous(mem_mib: u64) -> Result<GuestMem, MemoryError> {
     }
     let ranges: Vec<(GuestAddress, usize)> =
         ram_regions(size).into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
-    let mem = GuestMem::from_ranges(&ranges).map_err(MemoryError::Map)?;
-    if std::env::var_os("FLINT_POPULATE").is_some() {
-        populate_write(&mem);
-    }
-    Ok(mem)
-}
-
-/// Faults every page in writable (MADV_POPULATE_WRITE), so the host never maps the shared zero
-/// page into guest memory and never has to copy-on-write a page the guest already uses.
-pub fn populate_write(mem: &GuestMem) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    const MADV_POPULATE_WRITE: i32 = 23;
-    for r in mem.iter() {
-        // SAFETY: advice on a mapping we own; it only faults pages in.
-        unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, MADV_POPULATE_WRITE) };
-    }
+    GuestMem::from_ranges(&ranges).map_err(MemoryError::Map)
 }
 
 #[cfg(test)]
