@@ -22,6 +22,10 @@ FLINT_IMAGES=$(bash images/build.sh)
 export FLINT_IMAGES
 echo "test: guest images in $FLINT_IMAGES ($(( $(date +%s) - start )) s)" >&2
 
+FLINT_S3_SERVER=$(bash scripts/s3-server.sh)
+export FLINT_S3_SERVER
+echo "test: S3-compatible server $FLINT_S3_SERVER" >&2
+
 cargo build -j"$jobs" --workspace --bins
 # Guests are CPU-bound on emulating hosts (their kernel code is emulated): one test at a time,
 # so no test's guests starve another's. --no-fail-fast: every suite reports, exit is still 1.

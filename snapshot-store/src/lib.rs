@@ -1,1 +1,19 @@
-//! Tiered, content-addressed snapshot storage. See docs/design.md; the store lands with its own issue.
+//! Tiered, content-addressed snapshot storage: an L1 local cache with a byte budget in front of S3-compatible
+//! object storage. Images are split into fixed-size chunks named by the BLAKE3 hash of their plaintext,
+//! zstd-compressed (optionally sealed), all-zero chunks not stored; a manifest written last makes a snapshot exist.
+//! See docs/snapshot-store.md.
+
+pub mod chunk;
+pub mod manifest;
+mod reader;
+mod store;
+pub mod tier;
+
+pub use chunk::{ChunkId, Secret};
+pub use manifest::{ChunkRef, Image, Manifest};
+pub use reader::ImageReader;
+pub use store::{
+    FetchReport, GcReport, ImageSource, PinGuard, PublishReport, PutReport, SnapshotDraft, SnapshotInfo, Store,
+    StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_SIZE,
+};
+pub use tier::{ObjectTier, S3Config, Tier, TierError};

@@ -79,7 +79,9 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let base = std::env::var_os("FLINT_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let d = base.join(format!("flint-{tag}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = base.join(format!("flint-{tag}-{}-{seq}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("create temp dir");
         TempDir(d)
@@ -92,6 +94,19 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The child is killed if this process dies without cleaning up (e.g. a panic=abort or kill -9 of a test).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -112,16 +127,7 @@ impl VmProcess {
         let console = dir.join("console.log");
         let started = Instant::now();
         let mut cmd = Command::new(vmm_bin());
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours:
-        // the VMM is killed if this process dies without cleaning up (e.g. a panic=abort).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd
             .arg("--api-sock")
             .arg(&api_sock)
@@ -454,5 +460,101 @@ impl VmProcess {
         ];
         args.extend_from_slice(extra);
         Self::spawn(dir, &args)
+    }
+}
+
+/// A real S3-compatible server (s3s-fs, installed by `scripts/s3-server.sh`) on a loopback port, storing objects
+/// as files under its own directory. Killed on drop.
+pub struct S3Server {
+    pub dir: TempDir,
+    pub port: u16,
+    pub bucket: String,
+    child: Option<Child>,
+}
+
+pub const S3_ACCESS_KEY: &str = "flint-test";
+pub const S3_SECRET_KEY: &str = "flint-test-secret";
+
+fn s3_server_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("FLINT_S3_SERVER") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/s3-server.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/s3-server.sh");
+        assert!(out.status.success(), "scripts/s3-server.sh failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let dir = TempDir::new("s3");
+        let bucket = "flint".to_string();
+        std::fs::create_dir_all(dir.path().join("data").join(&bucket)).expect("create bucket dir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port");
+            l.local_addr().expect("port").port()
+        };
+        let mut s = S3Server { dir, port, bucket, child: None };
+        s.resume();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where the server keeps an object (for tests that damage one).
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        self.dir.path().join("data").join(&self.bucket).join(key)
+    }
+
+    /// Environment for a process (flint-store, flintd) that should use this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("FLINT_S3_ENDPOINT".into(), self.endpoint()),
+            ("FLINT_S3_BUCKET".into(), self.bucket.clone()),
+        ]
+    }
+
+    /// Stops the server (connections are refused until [`S3Server::resume`]).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and data.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
+        let mut cmd = Command::new(s3_server_bin());
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.dir.path().join("data"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        self.child = Some(cmd.spawn().expect("start s3s-fs"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "S3 server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

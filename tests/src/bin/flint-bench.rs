@@ -152,6 +152,109 @@ async fn snapshot_bench() {
     );
 }
 
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes only into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Store figures for real guest memory images: the golden snapshot's memory and a clone's memory after it wrote
+/// 512 KiB of files. For several chunk sizes, side by side: compression, dedup of the second image, put/publish/get
+/// throughput against a real S3 server on loopback, and objects per image.
+async fn store_bench() {
+    use flint_snapshot_store::{ImageSource, S3Config, SnapshotDraft, Store, StoreConfig};
+    let g = flint_tests::golden();
+    let dir = TempDir::new("bench-store");
+    // A second image: a clone of the golden snapshot after some work (files written through the agent).
+    let rdir = TempDir::new("bench-store-clone");
+    let mut r = VmProcess::restore(rdir.path(), &g.state, &g.mem, "private", &[]);
+    let agent = r.agent(Duration::from_secs(120)).await;
+    for i in 0..4 {
+        let data: Vec<u8> =
+            (0..(1usize << 20)).map(|j| (j as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4]).collect();
+        agent.write_file(&format!("/tmp/work{i}"), 0o644, &data).await.expect("write a file in the clone");
+    }
+    let mem2 = dir.path().join("clone.mem");
+    let req = serde_json::json!({"state_path": dir.path().join("clone.state"), "mem_path": mem2});
+    api_call(&r.api_sock, "PUT", "/snapshot/create", Some(&req)).expect("snapshot the clone");
+    drop(agent);
+    let _ = api_call(&r.api_sock, "PUT", "/vm/shutdown", None);
+    let _ = r.wait(Duration::from_secs(30));
+
+    let s3 = flint_tests::S3Server::start();
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    let size = std::fs::metadata(&g.mem).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "flint-bench store: guest memory images of {} MiB (golden, and a clone after writing 512 KiB of files)",
+        size >> 20
+    );
+    println!(
+        "S3: s3s-fs on loopback; zstd level 3; {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!();
+    println!(
+        "{:>6} {:>8} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "chunk", "objects", "stored MB", "ratio", "2nd adds", "put MB/s", "put MB/s/c", "publish MB/s", "get MB/s"
+    );
+    for cs in [64u32 << 10, 256 << 10, 1 << 20, 4 << 20] {
+        let mut cfg = StoreConfig::new(&dir.path().join(format!("l1-{cs}")));
+        let mut s3c = S3Config::new(&s3.bucket);
+        s3c.endpoint = Some(s3.endpoint());
+        s3c.prefix = format!("bench-{cs}");
+        cfg.s3 = Some(s3c);
+        cfg.chunk_size = cs;
+        let store = Store::open(cfg.clone()).expect("open store");
+        let (c0, t0) = (cpu_seconds(), Instant::now());
+        let (m1, put1) = store
+            .put(SnapshotDraft::new("golden").image("memory", ImageSource::File(g.mem.clone())), false)
+            .await
+            .expect("put");
+        let put_s = t0.elapsed().as_secs_f64();
+        let put_cpu = cpu_seconds() - c0;
+        let t1 = Instant::now();
+        let pubr = store.publish("golden").await.expect("publish");
+        let pub_s = t1.elapsed().as_secs_f64();
+        let (_, put2) = store
+            .put(SnapshotDraft::new("clone").image("memory", ImageSource::File(mem2.clone())), true)
+            .await
+            .expect("put 2");
+        cfg.local_dir = dir.path().join(format!("l1-{cs}-reader"));
+        let reader = Store::open(cfg).expect("open reader");
+        let t2 = Instant::now();
+        let out = dir.path().join("out.mem");
+        reader.get_image("golden", "memory", &out).await.expect("get");
+        let get_s = t2.elapsed().as_secs_f64();
+        let nonzero = (put1.chunks - put1.zero_chunks) as f64 * cs as f64;
+        let mb = size as f64 / 1e6;
+        println!(
+            "{:>5}K {:>8} {:>9.1} {:>7.1}x {:>9.2}% {:>11.0} {:>11.0} {:>11.0} {:>11.0}",
+            cs >> 10,
+            m1.chunk_ids().count(),
+            m1.stored_bytes() as f64 / 1e6,
+            nonzero / m1.stored_bytes().max(1) as f64,
+            put2.new_plain_bytes as f64 * 100.0 / size as f64,
+            mb / put_s,
+            mb / put_cpu.max(1e-9),
+            pubr.uploaded_bytes as f64 / 1e6 / pub_s,
+            mb / get_s
+        );
+        let _ = std::fs::remove_file(&out);
+    }
+    println!();
+    println!(
+        "ratio: non-zero chunk bytes / stored bytes. 2nd adds: new chunk bytes of the clone image, % of its size."
+    );
+    println!(
+        "put MB/s/c: logical MB per CPU-second (hash + zero check + compress). publish: stored MB uploaded per second."
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -162,8 +265,12 @@ async fn main() {
         snapshot_bench().await;
         return;
     }
+    if mode == "store" {
+        store_bench().await;
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

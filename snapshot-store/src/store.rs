@@ -1,0 +1,1220 @@
+//! The tiered store: L1 local cache with a byte budget, then remote tiers (S3).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::chunk::{self, ChunkId, DecodeError, Secret};
+use crate::manifest::{check_name, ChunkRef, Image, Manifest, MANIFEST_FORMAT, MAX_MANIFEST_BYTES};
+use crate::tier::{LocalDirTier, ObjectTier, S3Config, Tier, TierError};
+
+/// 256 KiB: see docs/snapshot-store.md for the measurement behind it.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// L1 directory (chunks, manifests).
+    pub local_dir: PathBuf,
+    /// L1 byte budget for chunks; least recently used chunks of published, unpinned snapshots are evicted past it.
+    pub local_budget: u64,
+    pub chunk_size: u32,
+    pub zstd_level: i32,
+    /// Convergent encryption at rest (chunks and manifests, in every tier).
+    pub secret: Option<Secret>,
+    pub s3: Option<S3Config>,
+    /// Remote chunks no manifest references are deleted by GC only once older than this; a publish re-uploads a
+    /// chunk it reuses when that chunk is older than half of it, so GC and publishes never race (docs/snapshot-store.md).
+    pub gc_grace: Duration,
+    /// Concurrent chunk operations (compression, uploads, fetches).
+    pub parallelism: usize,
+}
+
+impl StoreConfig {
+    pub fn new(local_dir: &Path) -> StoreConfig {
+        StoreConfig {
+            local_dir: local_dir.to_path_buf(),
+            local_budget: 20 << 30,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: 3,
+            secret: None,
+            s3: None,
+            gc_grace: Duration::from_secs(7 * 24 * 3600),
+            parallelism: 16,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("snapshot `{id}` not found ({looked_in})")]
+    NotFound { id: String, looked_in: String },
+    #[error("snapshot `{id}` has no image `{name}`")]
+    NoImage { id: String, name: String },
+    #[error("chunk {key} from {tier} is corrupt")]
+    Corrupt {
+        key: String,
+        tier: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("chunk {key} is missing from every tier ({looked_in})")]
+    ChunkMissing { key: String, looked_in: String },
+    #[error("storage tier unavailable")]
+    Unavailable(#[source] TierError),
+    #[error("manifest of `{id}` from {tier} is invalid: {detail}")]
+    BadManifest { id: String, tier: String, detail: String },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no remote tier is configured (set [store.s3] / FLINT_S3_BUCKET)")]
+    NoRemote,
+    #[error("publishing `{id}` took longer than half the GC grace period ({grace:?}); retry it")]
+    PublishTooSlow { id: String, grace: Duration },
+}
+
+impl From<TierError> for StoreError {
+    fn from(e: TierError) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counters, for `flint-store stats`, `/metrics` and benchmarks.
+#[derive(Debug, Default)]
+struct Counters {
+    l1_hits: AtomicU64,
+    l1_misses: AtomicU64,
+    remote_fetches: AtomicU64,
+    remote_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    chunks_written: AtomicU64,
+    chunks_deduplicated: AtomicU64,
+    zero_chunks: AtomicU64,
+    uploaded_chunks: AtomicU64,
+    uploaded_bytes: AtomicU64,
+    upload_skipped: AtomicU64,
+    evicted_chunks: AtomicU64,
+    evicted_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStats {
+    pub l1_hits: u64,
+    pub l1_misses: u64,
+    pub remote_fetches: u64,
+    pub remote_bytes: u64,
+    pub corrupt: u64,
+    pub chunks_written: u64,
+    pub chunks_deduplicated: u64,
+    pub zero_chunks: u64,
+    pub uploaded_chunks: u64,
+    pub uploaded_bytes: u64,
+    pub upload_skipped: u64,
+    pub evicted_chunks: u64,
+    pub evicted_bytes: u64,
+    pub l1_chunks: u64,
+    pub l1_bytes: u64,
+    pub l1_budget: u64,
+}
+
+/// LRU index of the chunks in L1.
+#[derive(Default)]
+struct CacheIndex {
+    entries: HashMap<String, (u64, u64)>, // key -> (size, tick)
+    order: BTreeMap<u64, String>,         // tick -> key
+    tick: u64,
+    bytes: u64,
+}
+
+impl CacheIndex {
+    fn touch(&mut self, key: &str) -> bool {
+        let Some(entry) = self.entries.get_mut(key) else { return false };
+        self.order.remove(&entry.1);
+        self.tick += 1;
+        entry.1 = self.tick;
+        self.order.insert(self.tick, key.to_string());
+        true
+    }
+    fn insert(&mut self, key: &str, size: u64) {
+        if self.touch(key) {
+            return;
+        }
+        self.tick += 1;
+        self.entries.insert(key.to_string(), (size, self.tick));
+        self.order.insert(self.tick, key.to_string());
+        self.bytes += size;
+    }
+    fn remove(&mut self, key: &str) -> Option<u64> {
+        let (size, tick) = self.entries.remove(key)?;
+        self.order.remove(&tick);
+        self.bytes -= size;
+        Some(size)
+    }
+}
+
+/// Where a listed snapshot lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub parent: Option<String>,
+    pub created_unix_ms: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub chunks: usize,
+    /// The manifest is in L1.
+    pub local: bool,
+    /// Every chunk is in L1 (it restores without the network).
+    pub local_complete: bool,
+    /// The manifest is in the remote tier.
+    pub remote: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a put or publish did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PutReport {
+    pub logical_bytes: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    /// Chunks already in L1 (deduplicated against earlier snapshots or repeats within this one).
+    pub deduplicated_chunks: u64,
+    pub new_chunks: u64,
+    pub new_stored_bytes: u64,
+    pub new_plain_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PublishReport {
+    pub chunks: u64,
+    pub uploaded_chunks: u64,
+    pub uploaded_bytes: u64,
+    pub already_present: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FetchReport {
+    pub bytes_written: u64,
+    pub chunks: u64,
+    pub fetched_chunks: u64,
+    pub fetched_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub manifests: u64,
+    pub chunks_seen: u64,
+    pub deleted_chunks: u64,
+    pub deleted_bytes: u64,
+    pub kept_young: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub tier: String,
+    pub chunks: u64,
+    pub ok: u64,
+    pub problems: Vec<String>,
+}
+
+/// Where image bytes come from when a snapshot is put.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    File(PathBuf),
+    Bytes(Bytes),
+}
+
+/// A snapshot to put into the store.
+#[derive(Debug, Clone)]
+pub struct SnapshotDraft {
+    pub id: String,
+    pub parent: Option<String>,
+    pub vmm_format: Option<u32>,
+    pub cpu_profile: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub images: Vec<(String, ImageSource)>,
+}
+
+impl SnapshotDraft {
+    pub fn new(id: &str) -> SnapshotDraft {
+        SnapshotDraft {
+            id: id.to_string(),
+            parent: None,
+            vmm_format: None,
+            cpu_profile: None,
+            metadata: BTreeMap::new(),
+            images: Vec::new(),
+        }
+    }
+    pub fn image(mut self, name: &str, source: ImageSource) -> SnapshotDraft {
+        self.images.push((name.to_string(), source));
+        self
+    }
+}
+
+struct Inner {
+    cfg: StoreConfig,
+    l1: LocalDirTier,
+    remotes: Vec<Arc<dyn Tier>>,
+    index: Mutex<CacheIndex>,
+    /// Chunk keys in use by running VMs or writes in progress: never evicted.
+    pins: Mutex<HashMap<String, u64>>,
+    /// One remote fetch per chunk at a time; concurrent readers wait for it.
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    counters: Counters,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Keeps a snapshot's chunks in L1 while held (a running VM restored from it).
+pub struct PinGuard {
+    inner: Arc<Inner>,
+    keys: Vec<String>,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut pins = lock(&self.inner.pins);
+        for key in &self.keys {
+            if let Some(n) = pins.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(key);
+                }
+            }
+        }
+    }
+}
+
+fn chunk_key_path(name: &ChunkId) -> String {
+    let hex = name.to_hex();
+    format!("chunks/{}/{}", &hex[..2], hex)
+}
+
+fn manifest_key(id: &str) -> String {
+    format!("manifests/{id}")
+}
+
+fn published_key(id: &str) -> String {
+    format!("published/{id}")
+}
+
+impl Store {
+    /// Opens (creating) the L1 directory and connects the S3 tier if configured. Does not touch the network.
+    pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
+        let mut remotes: Vec<Arc<dyn Tier>> = Vec::new();
+        if let Some(s3) = &cfg.s3 {
+            remotes.push(Arc::new(ObjectTier::s3(s3)?));
+        }
+        Store::with_remotes(cfg, remotes)
+    }
+
+    /// Opens with explicit remote tiers, read in order (an L2 before the S3 tier).
+    pub fn with_remotes(cfg: StoreConfig, remotes: Vec<Arc<dyn Tier>>) -> Result<Store, StoreError> {
+        if cfg.chunk_size < 4096
+            || cfg.chunk_size as usize > chunk::MAX_CHUNK_SIZE
+            || !cfg.chunk_size.is_multiple_of(4096)
+        {
+            return Err(StoreError::InvalidInput(format!(
+                "chunk size {} must be a multiple of 4096 between 4 KiB and 64 MiB",
+                cfg.chunk_size
+            )));
+        }
+        let l1 = LocalDirTier::open(&cfg.local_dir).map_err(io(format!("open {}", cfg.local_dir.display())))?;
+        let mut listed = l1.list_blocking("chunks")?;
+        listed.sort_by_key(|o| o.modified_unix_ms);
+        let mut index = CacheIndex::default();
+        for o in listed {
+            index.insert(&o.key, o.size);
+        }
+        info!(dir = %cfg.local_dir.display(), chunks = index.entries.len(), bytes = index.bytes, "snapshot store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                cfg,
+                l1,
+                remotes,
+                index: Mutex::new(index),
+                pins: Mutex::new(HashMap::new()),
+                inflight: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.cfg
+    }
+
+    pub fn has_remote(&self) -> bool {
+        !self.inner.remotes.is_empty()
+    }
+
+    fn looked_in(&self) -> String {
+        let mut names = vec!["local cache".to_string()];
+        names.extend(self.inner.remotes.iter().map(|r| r.name().to_string()));
+        names.join(", ")
+    }
+
+    /// The object key of a chunk in every tier.
+    pub fn chunk_key(&self, id: &ChunkId) -> String {
+        match &self.inner.cfg.secret {
+            None => chunk_key_path(id),
+            Some(secret) => chunk_key_path(&secret.chunk_name(id)),
+        }
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let index = lock(&self.inner.index);
+        StoreStats {
+            l1_hits: get(&c.l1_hits),
+            l1_misses: get(&c.l1_misses),
+            remote_fetches: get(&c.remote_fetches),
+            remote_bytes: get(&c.remote_bytes),
+            corrupt: get(&c.corrupt),
+            chunks_written: get(&c.chunks_written),
+            chunks_deduplicated: get(&c.chunks_deduplicated),
+            zero_chunks: get(&c.zero_chunks),
+            uploaded_chunks: get(&c.uploaded_chunks),
+            uploaded_bytes: get(&c.uploaded_bytes),
+            upload_skipped: get(&c.upload_skipped),
+            evicted_chunks: get(&c.evicted_chunks),
+            evicted_bytes: get(&c.evicted_bytes),
+            l1_chunks: index.entries.len() as u64,
+            l1_bytes: index.bytes,
+            l1_budget: self.inner.cfg.local_budget,
+        }
+    }
+
+    fn encode_manifest(&self, m: &Manifest) -> Bytes {
+        let json = serde_json::to_vec(m).unwrap_or_default();
+        match &self.inner.cfg.secret {
+            None => Bytes::from(json),
+            Some(s) => Bytes::from(chunk::seal_manifest(&json, s)),
+        }
+    }
+
+    fn decode_manifest(&self, id: &str, tier: &str, bytes: &[u8]) -> Result<Manifest, StoreError> {
+        let bad = |detail: String| StoreError::BadManifest { id: id.to_string(), tier: tier.to_string(), detail };
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(bad(format!("{} bytes is over the {MAX_MANIFEST_BYTES} byte limit", bytes.len())));
+        }
+        let json = chunk::open_manifest(bytes, self.inner.cfg.secret.as_ref()).map_err(|e| bad(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+        m.validate().map_err(bad)?;
+        if m.id != id {
+            return Err(bad(format!("it describes snapshot `{}`", m.id)));
+        }
+        Ok(m)
+    }
+
+    /// Pins chunk keys so eviction skips them.
+    fn pin_keys(&self, keys: Vec<String>) -> PinGuard {
+        let mut pins = lock(&self.inner.pins);
+        for k in &keys {
+            *pins.entry(k.clone()).or_insert(0) += 1;
+        }
+        PinGuard { inner: self.inner.clone(), keys }
+    }
+
+    /// Keeps every chunk of `manifest` in L1 while the guard lives (running VMs restored from it).
+    pub fn pin(&self, manifest: &Manifest) -> PinGuard {
+        let keys = manifest.chunk_ids().map(|id| self.chunk_key(&id)).collect();
+        self.pin_keys(keys)
+    }
+
+    /// Chunk keys that must not be evicted: pinned, or referenced by a local snapshot not yet published.
+    fn protected_keys(&self) -> HashSet<String> {
+        let mut keys: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        if let Ok(local) = self.inner.l1.list_blocking("manifests") {
+            for o in local {
+                let id = o.key.trim_start_matches("manifests/");
+                let published = matches!(self.inner.l1.get_blocking(&published_key(id)), Ok(Some(_)));
+                if published && self.has_remote() {
+                    continue;
+                }
+                if let Ok(Some(bytes)) = self.inner.l1.get_blocking(&o.key) {
+                    if let Ok(m) = self.decode_manifest(id, "local", &bytes) {
+                        keys.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// Evicts least recently used chunks until L1 is within budget.
+    fn evict(&self) {
+        if lock(&self.inner.index).bytes <= self.inner.cfg.local_budget {
+            return;
+        }
+        let protected = self.protected_keys();
+        let mut index = lock(&self.inner.index);
+        let candidates: Vec<String> = index.order.values().cloned().collect();
+        for key in candidates {
+            if index.bytes <= self.inner.cfg.local_budget {
+                break;
+            }
+            if protected.contains(&key) {
+                continue;
+            }
+            if self.inner.l1.delete_blocking(&key).is_ok() {
+                if let Some(size) = index.remove(&key) {
+                    self.inner.counters.evicted_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.inner.counters.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+            }
+        }
+        if index.bytes > self.inner.cfg.local_budget {
+            warn!(
+                bytes = index.bytes,
+                budget = self.inner.cfg.local_budget,
+                "local snapshot cache over budget: the rest is pinned or not yet published"
+            );
+        }
+    }
+
+    fn l1_put(&self, key: &str, stored: &[u8]) -> Result<(), StoreError> {
+        self.inner.l1.put_blocking(key, stored)?;
+        lock(&self.inner.index).insert(key, stored.len() as u64);
+        Ok(())
+    }
+
+    fn l1_remove(&self, key: &str) {
+        let _ = self.inner.l1.delete_blocking(key);
+        lock(&self.inner.index).remove(key);
+    }
+
+    /// Splits, hashes, compresses and stores every image in L1, then writes the manifest (last). With `publish`,
+    /// also uploads to the remote tiers (write-through); otherwise call [`Store::publish`] later (write-back).
+    pub async fn put(&self, draft: SnapshotDraft, publish: bool) -> Result<(Manifest, PutReport), StoreError> {
+        let started = Instant::now();
+        check_name("snapshot id", &draft.id).map_err(StoreError::InvalidInput)?;
+        if let Some(p) = &draft.parent {
+            check_name("parent id", p).map_err(StoreError::InvalidInput)?;
+        }
+        let mut names = HashSet::new();
+        for (name, _) in &draft.images {
+            check_name("image name", name).map_err(StoreError::InvalidInput)?;
+            if !names.insert(name.clone()) {
+                return Err(StoreError::InvalidInput(format!("image `{name}` is given twice")));
+            }
+        }
+        if self.inner.l1.get_blocking(&manifest_key(&draft.id))?.is_some() {
+            return Err(StoreError::InvalidInput(format!("snapshot `{}` already exists", draft.id)));
+        }
+        if publish {
+            for tier in &self.inner.remotes {
+                if tier.head(&manifest_key(&draft.id)).await?.is_some() {
+                    return Err(StoreError::InvalidInput(format!(
+                        "snapshot `{}` already exists in {}",
+                        draft.id,
+                        tier.name()
+                    )));
+                }
+            }
+        }
+        let mut report = PutReport::default();
+        let mut images = Vec::new();
+        let mut pins = Vec::new();
+        for (name, source) in &draft.images {
+            let (image, guard) = self.put_image(name, source, &mut report).await?;
+            images.push(image);
+            pins.push(guard);
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            id: draft.id.clone(),
+            parent: draft.parent.clone(),
+            created_unix_ms: now_unix_ms(),
+            vmm_format: draft.vmm_format,
+            cpu_profile: draft.cpu_profile.clone(),
+            metadata: draft.metadata.clone(),
+            images,
+        };
+        self.inner.l1.put_blocking(&manifest_key(&manifest.id), &self.encode_manifest(&manifest))?;
+        drop(pins);
+        report.seconds = started.elapsed().as_secs_f64();
+        info!(id = %manifest.id, logical = report.logical_bytes, new_stored = report.new_stored_bytes, "snapshot stored locally");
+        if publish {
+            self.publish(&manifest.id).await?;
+        }
+        self.evict();
+        Ok((manifest, report))
+    }
+
+    async fn put_image(
+        &self,
+        name: &str,
+        source: &ImageSource,
+        report: &mut PutReport,
+    ) -> Result<(Image, PinGuard), StoreError> {
+        let size = match source {
+            ImageSource::Bytes(b) => b.len() as u64,
+            ImageSource::File(p) => std::fs::metadata(p).map_err(io(format!("image `{name}`: {}", p.display())))?.len(),
+        };
+        let file = match source {
+            ImageSource::File(p) => {
+                Some(Arc::new(std::fs::File::open(p).map_err(io(format!("image `{name}`: {}", p.display())))?))
+            }
+            ImageSource::Bytes(_) => None,
+        };
+        let cs = self.inner.cfg.chunk_size as u64;
+        let n = size.div_ceil(cs) as usize;
+        let guard = Arc::new(Mutex::new(self.pin_keys(Vec::new())));
+        let results: Vec<(Option<ChunkRef>, u8, u64)> = futures::stream::iter(0..n)
+            .map(|i| {
+                let this = self.clone();
+                let file = file.clone();
+                let source = source.clone();
+                let guard = guard.clone();
+                let name = name.to_string();
+                async move {
+                    tokio::task::spawn_blocking(move || -> Result<(Option<ChunkRef>, u8, u64), StoreError> {
+                        let off = i as u64 * cs;
+                        let len = (size - off).min(cs) as usize;
+                        let owned;
+                        let data: &[u8] = match (&source, &file) {
+                            (ImageSource::Bytes(b), _) => &b[off as usize..off as usize + len],
+                            (_, Some(f)) => {
+                                use std::os::unix::fs::FileExt;
+                                let mut buf = vec![0u8; len];
+                                f.read_exact_at(&mut buf, off).map_err(io(format!("read image `{name}`")))?;
+                                owned = buf;
+                                &owned
+                            }
+                            _ => unreachable!("file sources are opened above"),
+                        };
+                        if chunk::is_zero(data) {
+                            return Ok((None, 0, 0));
+                        }
+                        let id = ChunkId::of(data);
+                        let key = this.chunk_key(&id);
+                        // Pin before checking/writing so a concurrent eviction cannot drop it under us.
+                        {
+                            let mut g = lock(&guard);
+                            let mut pins = lock(&this.inner.pins);
+                            *pins.entry(key.clone()).or_insert(0) += 1;
+                            g.keys.push(key.clone());
+                        }
+                        let existing = lock(&this.inner.index).entries.get(&key).map(|e| e.0);
+                        if let Some(stored) = existing {
+                            return Ok((Some(ChunkRef { id, stored: stored as u32 }), 1, 0));
+                        }
+                        let stored =
+                            chunk::encode(data, &id, this.inner.cfg.zstd_level, this.inner.cfg.secret.as_ref());
+                        this.l1_put(&key, &stored)?;
+                        Ok((Some(ChunkRef { id, stored: stored.len() as u32 }), 2, data.len() as u64))
+                    })
+                    .await
+                    .map_err(|e| StoreError::InvalidInput(format!("chunk task failed: {e}")))?
+                }
+            })
+            .buffered(self.inner.cfg.parallelism.max(1))
+            .try_collect()
+            .await?;
+        let mut chunks = Vec::with_capacity(n);
+        let mut seen_new = HashSet::new();
+        for (c, kind, plain) in results {
+            report.chunks += 1;
+            match (kind, c) {
+                (0, _) => report.zero_chunks += 1,
+                (2, Some(c)) if seen_new.insert(c.id) => {
+                    report.new_chunks += 1;
+                    report.new_stored_bytes += c.stored as u64;
+                    report.new_plain_bytes += plain;
+                }
+                _ => report.deduplicated_chunks += 1,
+            }
+            chunks.push(c);
+        }
+        let ctr = &self.inner.counters;
+        ctr.zero_chunks.fetch_add(report.zero_chunks, Ordering::Relaxed);
+        ctr.chunks_written.fetch_add(report.new_chunks, Ordering::Relaxed);
+        ctr.chunks_deduplicated.fetch_add(report.deduplicated_chunks, Ordering::Relaxed);
+        report.logical_bytes += size;
+        let guard = std::mem::replace(&mut *lock(&guard), self.pin_keys(Vec::new()));
+        Ok((Image { name: name.to_string(), size, chunk_size: cs as u32, chunks }, guard))
+    }
+
+    /// Reads a manifest: L1 first, then the remote tiers (caching it in L1 as published).
+    pub async fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        if let Some(bytes) = self.inner.l1.get_blocking(&manifest_key(id))? {
+            return self.decode_manifest(id, "local cache", &bytes);
+        }
+        let mut last_err = None;
+        for tier in &self.inner.remotes {
+            match tier.get(&manifest_key(id)).await {
+                Ok(Some(bytes)) => {
+                    let m = self.decode_manifest(id, tier.name(), &bytes)?;
+                    self.inner.l1.put_blocking(&published_key(id), b"")?;
+                    self.inner.l1.put_blocking(&manifest_key(id), &bytes)?;
+                    return Ok(m);
+                }
+                Ok(None) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match last_err {
+            Some(e) => Err(StoreError::Unavailable(e)),
+            None => Err(StoreError::NotFound { id: id.to_string(), looked_in: self.looked_in() }),
+        }
+    }
+
+    /// Fetches one chunk's plaintext: L1, else the remote tiers in order (filling L1). Every copy is verified
+    /// against its hash; a corrupt L1 copy is dropped and refetched, a corrupt remote copy tries the next tier.
+    pub async fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let key = self.chunk_key(id);
+        if let Some(plain) = self.chunk_from_l1(&key, id).await {
+            self.inner.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(plain);
+        }
+        let gate = lock(&self.inner.inflight).entry(key.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        let result = self.fetch_remote(&key, id).await;
+        {
+            let mut inflight = lock(&self.inner.inflight);
+            if inflight.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) <= 2 {
+                inflight.remove(&key);
+            }
+        }
+        result
+    }
+
+    async fn chunk_from_l1(&self, key: &str, id: &ChunkId) -> Option<Vec<u8>> {
+        if !lock(&self.inner.index).touch(key) {
+            return None;
+        }
+        let this = self.clone();
+        let (key2, id2) = (key.to_string(), *id);
+        let decoded = tokio::task::spawn_blocking(move || {
+            let stored = this.inner.l1.get_blocking(&key2).ok().flatten()?;
+            Some(chunk::decode(&stored, &id2, this.inner.cfg.secret.as_ref()))
+        })
+        .await
+        .ok()
+        .flatten();
+        match decoded {
+            Some(Ok(plain)) => Some(plain),
+            Some(Err(e)) => {
+                self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                warn!(key, error = %e, "corrupt chunk in the local cache; dropping it and refetching");
+                self.l1_remove(key);
+                None
+            }
+            None => {
+                lock(&self.inner.index).remove(key);
+                None
+            }
+        }
+    }
+
+    async fn fetch_remote(&self, key: &str, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        // Another reader may have fetched it while we waited for our turn.
+        if let Some(plain) = self.chunk_from_l1(key, id).await {
+            self.inner.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(plain);
+        }
+        self.inner.counters.l1_misses.fetch_add(1, Ordering::Relaxed);
+        let mut failure: Option<StoreError> = None;
+        for tier in &self.inner.remotes {
+            let stored = match tier.get(key).await {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    failure = Some(StoreError::Unavailable(e));
+                    continue;
+                }
+            };
+            self.inner.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.remote_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+            let this = self.clone();
+            let (key2, id2) = (key.to_string(), *id);
+            let decoded = tokio::task::spawn_blocking(move || {
+                let plain = chunk::decode(&stored, &id2, this.inner.cfg.secret.as_ref())?;
+                let _ = this.l1_put(&key2, &stored);
+                Ok::<_, DecodeError>(plain)
+            })
+            .await
+            .map_err(|e| StoreError::InvalidInput(format!("decode task failed: {e}")))?;
+            match decoded {
+                Ok(plain) => {
+                    self.evict();
+                    return Ok(plain);
+                }
+                Err(source) => {
+                    self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                    warn!(key, tier = tier.name(), error = %source, "corrupt chunk in a remote tier");
+                    failure = Some(StoreError::Corrupt { key: key.to_string(), tier: tier.name().to_string(), source });
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| StoreError::ChunkMissing { key: key.to_string(), looked_in: self.looked_in() }))
+    }
+
+    /// Uploads a locally stored snapshot to every remote tier: missing chunks first, the manifest last.
+    pub async fn publish(&self, id: &str) -> Result<PublishReport, StoreError> {
+        if self.inner.remotes.is_empty() {
+            return Err(StoreError::NoRemote);
+        }
+        let started = Instant::now();
+        let manifest = self.manifest(id).await?;
+        let _pin = self.pin(&manifest);
+        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
+        let sizes: HashMap<ChunkId, u32> =
+            manifest.images.iter().flat_map(|i| i.chunks.iter().flatten()).map(|c| (c.id, c.stored)).collect();
+        let sizes = &sizes;
+        let mut report = PublishReport { chunks: ids.len() as u64, ..Default::default() };
+        let refresh_after_ms = self.inner.cfg.gc_grace.as_millis() as u64 / 2;
+        for tier in &self.inner.remotes {
+            let outcomes: Vec<Option<u64>> = futures::stream::iter(ids.iter().copied())
+                .map(|cid| {
+                    let tier = tier.clone();
+                    let this = self.clone();
+                    async move {
+                        let key = this.chunk_key(&cid);
+                        if let Some(info) = tier.head(&key).await? {
+                            // A stored object of the wrong size (a torn write on a non-atomic server) is re-sent.
+                            let size_ok = sizes.get(&cid).is_none_or(|s| *s as u64 == info.size);
+                            if size_ok && now_unix_ms().saturating_sub(info.modified_unix_ms) < refresh_after_ms {
+                                return Ok(None);
+                            }
+                        }
+                        let stored = match this.inner.l1.get_blocking(&key)? {
+                            Some(b) => Bytes::from(b),
+                            None => {
+                                // Evicted from L1 (it was published before): bring it back through the tiers.
+                                this.chunk(&cid).await?;
+                                Bytes::from(this.inner.l1.get_blocking(&key)?.ok_or_else(|| {
+                                    StoreError::ChunkMissing { key: key.clone(), looked_in: this.looked_in() }
+                                })?)
+                            }
+                        };
+                        let len = stored.len() as u64;
+                        tier.put(&key, stored).await?;
+                        Ok::<_, StoreError>(Some(len))
+                    }
+                })
+                .buffer_unordered(self.inner.cfg.parallelism.max(1))
+                .try_collect()
+                .await?;
+            for o in outcomes {
+                match o {
+                    Some(len) => {
+                        report.uploaded_chunks += 1;
+                        report.uploaded_bytes += len;
+                    }
+                    None => report.already_present += 1,
+                }
+            }
+            if started.elapsed() > self.inner.cfg.gc_grace / 2 {
+                return Err(StoreError::PublishTooSlow { id: id.to_string(), grace: self.inner.cfg.gc_grace });
+            }
+            tier.put(&manifest_key(id), self.encode_manifest(&manifest)).await?;
+        }
+        let c = &self.inner.counters;
+        c.uploaded_chunks.fetch_add(report.uploaded_chunks, Ordering::Relaxed);
+        c.uploaded_bytes.fetch_add(report.uploaded_bytes, Ordering::Relaxed);
+        c.upload_skipped.fetch_add(report.already_present, Ordering::Relaxed);
+        self.inner.l1.put_blocking(&published_key(id), b"")?;
+        report.seconds = started.elapsed().as_secs_f64();
+        info!(id, uploaded = report.uploaded_bytes, chunks = report.uploaded_chunks, "snapshot published");
+        Ok(report)
+    }
+
+    /// Makes every chunk of a snapshot local (eager restore, or preparing to run without the network).
+    pub async fn pull(&self, id: &str) -> Result<FetchReport, StoreError> {
+        let started = Instant::now();
+        let manifest = self.manifest(id).await?;
+        let before = self.stats();
+        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
+        futures::stream::iter(ids.clone())
+            .map(|cid| {
+                let this = self.clone();
+                async move { this.chunk(&cid).await.map(|_| ()) }
+            })
+            .buffer_unordered(self.inner.cfg.parallelism.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        let after = self.stats();
+        Ok(FetchReport {
+            bytes_written: 0,
+            chunks: ids.len() as u64,
+            fetched_chunks: after.remote_fetches - before.remote_fetches,
+            fetched_bytes: after.remote_bytes - before.remote_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Writes an image of a snapshot to `dest` (sparse: zero chunks stay holes).
+    pub async fn get_image(&self, id: &str, name: &str, dest: &Path) -> Result<FetchReport, StoreError> {
+        let started = Instant::now();
+        let manifest = self.manifest(id).await?;
+        let image = manifest
+            .image(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoImage { id: id.to_string(), name: name.to_string() })?;
+        let before = self.stats();
+        let tmp = dest.with_extension(format!("partial.{}", std::process::id()));
+        let file = std::fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+        file.set_len(image.size).map_err(io(format!("size {}", tmp.display())))?;
+        let file = Arc::new(file);
+        let written = AtomicU64::new(0);
+        let present: Vec<(usize, ChunkRef)> =
+            image.chunks.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i, *c))).collect();
+        let result = futures::stream::iter(present)
+            .map(|(i, c)| {
+                let file = file.clone();
+                let written = &written;
+                let cs = image.chunk_size as u64;
+                async move {
+                    let plain = self.chunk(&c.id).await?;
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&plain, i as u64 * cs).map_err(io("write image"))?;
+                    written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                    Ok::<_, StoreError>(())
+                }
+            })
+            .buffer_unordered(self.inner.cfg.parallelism.max(1))
+            .try_collect::<Vec<()>>()
+            .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        file.sync_all().map_err(io("sync image"))?;
+        std::fs::rename(&tmp, dest).map_err(io(format!("rename to {}", dest.display())))?;
+        let after = self.stats();
+        Ok(FetchReport {
+            bytes_written: written.load(Ordering::Relaxed),
+            chunks: image.chunks.len() as u64,
+            fetched_chunks: after.remote_fetches - before.remote_fetches,
+            fetched_bytes: after.remote_bytes - before.remote_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Random access to one image of a snapshot (for lazy restore).
+    pub async fn reader(&self, id: &str, name: &str) -> Result<crate::ImageReader, StoreError> {
+        let manifest = self.manifest(id).await?;
+        let image = manifest
+            .image(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoImage { id: id.to_string(), name: name.to_string() })?;
+        Ok(crate::ImageReader::new(self.clone(), Arc::new(image)))
+    }
+
+    /// Snapshots in L1 and in the remote tiers. A remote tier that cannot be listed is an error.
+    pub async fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let mut out: BTreeMap<String, SnapshotInfo> = BTreeMap::new();
+        let index_has = |m: &Manifest| {
+            let index = lock(&self.inner.index);
+            m.chunk_ids().all(|c| index.entries.contains_key(&self.chunk_key(&c)))
+        };
+        for o in self.inner.l1.list_blocking("manifests")? {
+            let id = o.key.trim_start_matches("manifests/").to_string();
+            let Some(bytes) = self.inner.l1.get_blocking(&o.key)? else { continue };
+            match self.decode_manifest(&id, "local cache", &bytes) {
+                Ok(m) => {
+                    let complete = index_has(&m);
+                    out.insert(id, info_of(&m, true, complete, false));
+                }
+                Err(e) => warn!(%id, error = %e, "skipping an unreadable local manifest"),
+            }
+        }
+        for tier in &self.inner.remotes {
+            for o in tier.list("manifests").await? {
+                let id = o.key.trim_start_matches("manifests/").to_string();
+                if let Some(info) = out.get_mut(&id) {
+                    info.remote = true;
+                    continue;
+                }
+                if check_name("id", &id).is_err() {
+                    continue;
+                }
+                let Some(bytes) = tier.get(&o.key).await? else { continue };
+                match self.decode_manifest(&id, tier.name(), &bytes) {
+                    Ok(m) => {
+                        let complete = index_has(&m);
+                        out.insert(id, info_of(&m, false, complete, true));
+                    }
+                    Err(e) => warn!(%id, error = %e, "skipping an unreadable remote manifest"),
+                }
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Deletes a snapshot's manifest locally and, with `remote`, from the remote tiers. Chunks go at the next GC.
+    pub async fn delete(&self, id: &str, remote: bool) -> Result<(), StoreError> {
+        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        let local = self.inner.l1.get_blocking(&manifest_key(id))?.is_some();
+        let mut found = local;
+        if remote {
+            for tier in &self.inner.remotes {
+                if tier.head(&manifest_key(id)).await?.is_some() {
+                    found = true;
+                    tier.delete(&manifest_key(id)).await?;
+                }
+            }
+        }
+        if !found {
+            return Err(StoreError::NotFound { id: id.to_string(), looked_in: self.looked_in() });
+        }
+        self.inner.l1.delete_blocking(&manifest_key(id))?;
+        self.inner.l1.delete_blocking(&published_key(id))?;
+        Ok(())
+    }
+
+    /// Drops every chunk from L1 (keeps manifests): models a fresh host, or frees a disk.
+    pub fn clear_local_chunks(&self) -> Result<u64, StoreError> {
+        let protected: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        let mut index = lock(&self.inner.index);
+        let keys: Vec<String> = index.entries.keys().cloned().collect();
+        let mut n = 0;
+        for key in keys {
+            if protected.contains(&key) {
+                continue;
+            }
+            self.inner.l1.delete_blocking(&key)?;
+            index.remove(&key);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Deletes chunks no manifest references: in L1 (unpinned ones) and, with `remote`, in the remote tiers
+    /// (only those older than the GC grace period, so a publish in flight never loses a chunk).
+    pub async fn gc(&self, remote: bool) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        let mut referenced = HashSet::new();
+        let local_manifests = self.inner.l1.list_blocking("manifests")?;
+        for o in &local_manifests {
+            let id = o.key.trim_start_matches("manifests/");
+            if let Some(bytes) = self.inner.l1.get_blocking(&o.key)? {
+                let m = self.decode_manifest(id, "local cache", &bytes)?;
+                referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
+            }
+        }
+        report.manifests += local_manifests.len() as u64;
+        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        let local_chunks: Vec<(String, u64)> =
+            lock(&self.inner.index).entries.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+        for (key, size) in local_chunks {
+            report.chunks_seen += 1;
+            if !referenced.contains(&key) && !pinned.contains(&key) {
+                self.l1_remove(&key);
+                report.deleted_chunks += 1;
+                report.deleted_bytes += size;
+            }
+        }
+        if !remote {
+            return Ok(report);
+        }
+        let grace_ms = self.inner.cfg.gc_grace.as_millis() as u64;
+        for tier in &self.inner.remotes {
+            // Chunks are listed before manifests: a chunk uploaded after this listing is not a candidate, and a
+            // manifest published after the manifest listing only reuses chunks younger than the grace period.
+            let chunks = tier.list("chunks").await?;
+            let mut referenced = HashSet::new();
+            let manifests = tier.list("manifests").await?;
+            for o in &manifests {
+                let id = o.key.trim_start_matches("manifests/");
+                let Some(bytes) = tier.get(&o.key).await? else { continue };
+                let m = self.decode_manifest(id, tier.name(), &bytes)?;
+                referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
+            }
+            report.manifests += manifests.len() as u64;
+            let now = now_unix_ms();
+            for o in chunks {
+                report.chunks_seen += 1;
+                if referenced.contains(&o.key) {
+                    continue;
+                }
+                if now.saturating_sub(o.modified_unix_ms) <= grace_ms {
+                    report.kept_young += 1;
+                    continue;
+                }
+                debug!(key = %o.key, "gc: deleting unreferenced chunk");
+                tier.delete(&o.key).await?;
+                report.deleted_chunks += 1;
+                report.deleted_bytes += o.size;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads every chunk of a snapshot from one tier (`local` or a remote's name; default: the first remote) and
+    /// checks it against its hash, without filling L1.
+    pub async fn verify(&self, id: &str, local: bool) -> Result<VerifyReport, StoreError> {
+        let manifest = self.manifest(id).await?;
+        let tier: Option<Arc<dyn Tier>> = if local { None } else { self.inner.remotes.first().cloned() };
+        if !local && tier.is_none() {
+            return Err(StoreError::NoRemote);
+        }
+        let tier_name = tier.as_ref().map(|t| t.name().to_string()).unwrap_or_else(|| "local cache".into());
+        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
+        let problems: Vec<Option<String>> = futures::stream::iter(ids.iter().copied())
+            .map(|cid| {
+                let tier = tier.clone();
+                let this = self.clone();
+                async move {
+                    let key = this.chunk_key(&cid);
+                    let stored = match &tier {
+                        Some(t) => t.get(&key).await?.map(|b| b.to_vec()),
+                        None => this.inner.l1.get_blocking(&key)?,
+                    };
+                    let Some(stored) = stored else { return Ok::<_, StoreError>(Some(format!("{key}: missing"))) };
+                    Ok(chunk::decode(&stored, &cid, this.inner.cfg.secret.as_ref())
+                        .err()
+                        .map(|e| format!("{key}: {e}")))
+                }
+            })
+            .buffer_unordered(self.inner.cfg.parallelism.max(1))
+            .try_collect()
+            .await?;
+        let problems: Vec<String> = problems.into_iter().flatten().collect();
+        Ok(VerifyReport {
+            tier: tier_name,
+            chunks: ids.len() as u64,
+            ok: ids.len() as u64 - problems.len() as u64,
+            problems,
+        })
+    }
+}
+
+fn info_of(m: &Manifest, local: bool, local_complete: bool, remote: bool) -> SnapshotInfo {
+    SnapshotInfo {
+        id: m.id.clone(),
+        parent: m.parent.clone(),
+        created_unix_ms: m.created_unix_ms,
+        logical_bytes: m.logical_bytes(),
+        stored_bytes: m.stored_bytes(),
+        chunks: m.chunk_ids().count(),
+        local,
+        local_complete,
+        remote,
+        metadata: m.metadata.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    fn store(dir: &Path, remote: Option<&Path>, budget: u64) -> Store {
+        let mut cfg = StoreConfig::new(&dir.join("l1"));
+        cfg.local_budget = budget;
+        cfg.chunk_size = 64 << 10;
+        cfg.zstd_level = 1;
+        let remotes: Vec<Arc<dyn Tier>> = match remote {
+            Some(r) => vec![Arc::new(LocalDirTier::open(r).unwrap())],
+            None => vec![],
+        };
+        Store::with_remotes(cfg, remotes).unwrap()
+    }
+
+    // The S3 behaviour is covered by tests/tests/store_s3.rs against a real server; these cover cache policy.
+    #[tokio::test]
+    async fn eviction_spares_pinned_and_unpublished_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote");
+        let s = store(dir.path(), Some(&remote), 1 << 20);
+        // Unpublished: over budget, yet nothing may be evicted (it exists nowhere else).
+        let (m1, _) = s
+            .put(SnapshotDraft::new("one").image("memory", ImageSource::Bytes(random(1536 << 10, 1).into())), false)
+            .await
+            .unwrap();
+        assert_eq!(s.stats().evicted_chunks, 0);
+        assert!(s.stats().l1_bytes > 1 << 20);
+        s.publish("one").await.unwrap();
+        let pin = s.pin(&m1);
+        let (_, _) = s
+            .put(SnapshotDraft::new("two").image("memory", ImageSource::Bytes(random(512 << 10, 2).into())), true)
+            .await
+            .unwrap();
+        // `one` is pinned (a VM runs from it): still nothing of it goes; `two` is published and unpinned.
+        let index_has =
+            |m: &Manifest| m.chunk_ids().all(|c| lock(&s.inner.index).entries.contains_key(&s.chunk_key(&c)));
+        assert!(index_has(&m1));
+        drop(pin);
+        let (_, _) = s
+            .put(SnapshotDraft::new("three").image("memory", ImageSource::Bytes(random(256 << 10, 3).into())), true)
+            .await
+            .unwrap();
+        assert!(s.stats().l1_bytes <= 1 << 20, "{:?}", s.stats());
+        assert!(s.stats().evicted_chunks > 0);
+        // Evicted chunks come back through the remote tier.
+        let out = dir.path().join("one.out");
+        s.get_image("one", "memory", &out).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), random(1536 << 10, 1));
+        assert!(s.stats().remote_fetches > 0);
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), None, 1 << 30);
+        let e = s.put(SnapshotDraft::new("../x"), false).await.unwrap_err();
+        assert!(e.to_string().contains("invalid"), "{e}");
+        let d = SnapshotDraft::new("x").image("m", ImageSource::Bytes(vec![1u8; 10].into()));
+        s.put(d.clone(), false).await.unwrap();
+        assert!(s.put(d, false).await.unwrap_err().to_string().contains("already exists"));
+        let e = s
+            .put(SnapshotDraft::new("y").image("m", ImageSource::File("/nonexistent".into())), false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent"), "{e}");
+        assert!(matches!(s.manifest("nope").await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(s.publish("x").await, Err(StoreError::NoRemote)));
+        assert!(matches!(s.get_image("x", "disk", &dir.path().join("o")).await, Err(StoreError::NoImage { .. })));
+        // Deleting a local snapshot, then GC, frees its chunks.
+        s.delete("x", false).await.unwrap();
+        assert_eq!(s.gc(false).await.unwrap().deleted_chunks, 1);
+        assert!(matches!(s.delete("x", false).await, Err(StoreError::NotFound { .. })));
+    }
+}
