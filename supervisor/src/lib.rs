@@ -1,1 +1,75 @@
-//! flintd and the flint CLI.
+//! flintd, the host supervisor daemon, and the flint CLI. See docs/operations.md and docs/api/flintd.yaml.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod http;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+/// Binds the API socket: a stale socket (nothing answers) is removed; a live one is an error.
+fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("{} is in use: another flintd is running", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("remove stale {}: {e}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// Tells systemd (Type=notify) that the API is up.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return warn!(error = %e, "sd_notify"),
+    };
+    let path = path.to_string_lossy().into_owned();
+    let r = if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = r {
+        warn!(error = %e, "sd_notify");
+    }
+}
+
+/// Runs flintd until SIGTERM/SIGINT. VMs keep running across a daemon restart (they are re-adopted).
+pub async fn run(cfg: config::Config) -> Result<(), String> {
+    let socket = cfg.socket.clone();
+    let daemon = daemon::Daemon::open(cfg)?;
+    let listener = bind(&socket)?;
+    info!(socket = %socket.display(), vms = daemon.list().len(), s3 = daemon.store.has_remote(), "flintd ready");
+    sd_notify("READY=1");
+    let app = api::router(daemon.clone());
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        info!("flintd stopping (VMs keep running and are re-adopted at the next start)");
+        sd_notify("STOPPING=1");
+    };
+    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    drop(Arc::clone(&daemon));
+    r.map_err(|e| format!("API server: {e}"))
+}

@@ -1,4 +1,389 @@
-fn main() {
-    eprintln!("flint: not built yet");
-    std::process::exit(1);
+//! `flint`: the command line for flintd's API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "flint", version, about = "Drive flintd: VMs, exec, files, snapshots, templates, clones")]
+struct Cli {
+    /// flintd's API socket.
+    #[arg(long, env = "FLINT_SOCKET", default_value = "/run/flint/flintd.sock")]
+    socket: PathBuf,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Is flintd up?
+    Health,
+    /// Guest images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Run a command in a VM: flint exec VM -- CMD ARGS...
+    Exec {
+        vm: String,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a file into or out of a VM: flint cp LOCAL VM:/path, or flint cp VM:/path LOCAL.
+    Cp {
+        src: String,
+        dst: String,
+        /// Octal mode for files copied into a VM.
+        #[arg(long, default_value = "644")]
+        mode: String,
+    },
+    /// Snapshots in the store.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapCmd,
+    },
+    /// Templates: boot once, init, snapshot (SnapStart).
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+    },
+    /// Restore N clones of a template (or --snapshot).
+    Clone {
+        template: Option<String>,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Prometheus metrics.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a VM from an image.
+    Create {
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        mem_mib: Option<u64>,
+        #[arg(long)]
+        vcpus: Option<u8>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    Ls,
+    Get {
+        id: String,
+    },
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapCmd {
+    /// Snapshot a running VM (it keeps running).
+    Create {
+        vm: String,
+        id: String,
+        /// Upload to S3 too.
+        #[arg(long)]
+        push: bool,
+    },
+    Ls,
+    Rm {
+        id: String,
+        /// Delete from S3 too.
+        #[arg(long)]
+        remote: bool,
+    },
+    Push {
+        id: String,
+    },
+    Pull {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// flint template create NAME [--image I] [--push] [-- INIT CMD...]
+    Create {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        push: bool,
+        #[arg(last = true)]
+        init: Vec<String>,
+    },
+    Ls,
+    Rm {
+        name: String,
+    },
+}
+
+struct Api {
+    socket: PathBuf,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let raw = self.raw(method, path, body.map(|b| b.to_string().into_bytes())).await?;
+        if raw.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&raw).map_err(|e| format!("flintd sent invalid JSON: {e}"))
+    }
+
+    async fn raw(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, String> {
+        // Long operations (templates boot a VM; clones restore many) may take minutes on slow hosts.
+        let (status, out) =
+            flint_supervisor::http::request(&self.socket, method, path, body.as_deref(), Duration::from_secs(3600))
+                .await
+                .map_err(|e| format!("{e} (is flintd running? set FLINT_SOCKET or --socket)"))?;
+        if status >= 300 {
+            let msg = serde_json::from_slice::<Value>(&out)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&out).into_owned());
+            return Err(format!("{msg} (HTTP {status})"));
+        }
+        Ok(out)
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_vms(v: &Value) {
+    println!("{:<24} {:<9} {:>8} {:>10} {:<20} ERROR", "ID", "STATUS", "MEM MiB", "READY ms", "FROM");
+    for vm in v.as_array().into_iter().flatten() {
+        let from = vm["snapshot"].as_str().or(vm["image"].as_str()).unwrap_or("-");
+        println!(
+            "{:<24} {:<9} {:>8} {:>10} {:<20} {}",
+            vm["id"].as_str().unwrap_or("?"),
+            vm["status"].as_str().unwrap_or("?"),
+            vm["mem_mib"],
+            vm["ready_ms"].as_f64().map(|m| format!("{m:.0}")).unwrap_or("-".into()),
+            from,
+            vm["error"].as_str().unwrap_or("")
+        );
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32, String> {
+    let api = Api { socket: cli.socket.clone() };
+    let out = |v: &Value, human: &dyn Fn(&Value)| {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            human(v);
+        }
+    };
+    let pretty = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match cli.cmd {
+        Cmd::Health => out(&api.call("GET", "/v1/health", None).await?, &pretty),
+        Cmd::Image { cmd: ImageCmd::Ls } => out(&api.call("GET", "/v1/images", None).await?, &|v| {
+            for i in v.as_array().into_iter().flatten() {
+                println!("{:<16} {}", i["name"].as_str().unwrap_or("?"), i["dir"].as_str().unwrap_or("?"));
+            }
+        }),
+        Cmd::Vm { cmd } => match cmd {
+            VmCmd::Create { image, mem_mib, vcpus, id } => {
+                eprintln!("booting a VM (waits for its agent)...");
+                let v = api
+                    .call(
+                        "POST",
+                        "/v1/vms",
+                        Some(json!({"image": image, "mem_mib": mem_mib, "vcpus": vcpus, "id": id})),
+                    )
+                    .await?;
+                out(&v, &|v| print_vms(&json!([v])));
+            }
+            VmCmd::Ls => out(&api.call("GET", "/v1/vms", None).await?, &print_vms),
+            VmCmd::Get { id } => out(&api.call("GET", &format!("/v1/vms/{}", enc(&id)), None).await?, &pretty),
+            VmCmd::Rm { ids } => {
+                for id in ids {
+                    api.call("DELETE", &format!("/v1/vms/{}", enc(&id)), None).await?;
+                    if !cli.json {
+                        println!("deleted {id}");
+                    }
+                }
+            }
+            VmCmd::Pause { id } => {
+                out(&api.call("POST", &format!("/v1/vms/{}/pause", enc(&id)), None).await?, &|v| print_vms(&json!([v])))
+            }
+            VmCmd::Resume { id } => {
+                out(&api.call("POST", &format!("/v1/vms/{}/resume", enc(&id)), None).await?, &|v| {
+                    print_vms(&json!([v]))
+                })
+            }
+        },
+        Cmd::Exec { vm, timeout_ms, cwd, argv } => {
+            let raw = api
+                .raw(
+                    "POST",
+                    &format!("/v1/vms/{}/exec", enc(&vm)),
+                    Some(json!({"argv": argv, "timeout_ms": timeout_ms, "cwd": cwd}).to_string().into_bytes()),
+                )
+                .await?;
+            let mut code = 1;
+            for line in raw.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let v: Value = serde_json::from_slice(line).map_err(|e| format!("bad exec stream: {e}"))?;
+                if cli.json {
+                    println!("{v}");
+                }
+                if let Some(s) = v["stdout"].as_str() {
+                    if !cli.json {
+                        print!("{s}");
+                    }
+                } else if let Some(s) = v["stderr"].as_str() {
+                    if !cli.json {
+                        eprint!("{s}");
+                    }
+                } else if let Some(e) = v.get("exit") {
+                    code =
+                        e["code"].as_i64().map(|c| c as i32).unwrap_or(128 + e["signal"].as_i64().unwrap_or(0) as i32);
+                    if e["timed_out"].as_bool() == Some(true) {
+                        eprintln!("flint: the command timed out");
+                    }
+                } else if let Some(e) = v["error"].as_str() {
+                    return Err(e.to_string());
+                }
+            }
+            return Ok(code);
+        }
+        Cmd::Cp { src, dst, mode } => match (src.split_once(":/"), dst.split_once(":/")) {
+            (None, Some((vm, path))) => {
+                let data = std::fs::read(&src).map_err(|e| format!("read {src}: {e}"))?;
+                let v = api
+                    .raw(
+                        "PUT",
+                        &format!("/v1/vms/{}/files?path=/{}&mode={}", enc(vm), enc(path), enc(&mode)),
+                        Some(data),
+                    )
+                    .await?;
+                if cli.json {
+                    println!("{}", String::from_utf8_lossy(&v));
+                }
+            }
+            (Some((vm, path)), None) => {
+                let data = api.raw("GET", &format!("/v1/vms/{}/files?path=/{}", enc(vm), enc(path)), None).await?;
+                std::fs::write(&dst, data).map_err(|e| format!("write {dst}: {e}"))?;
+            }
+            _ => return Err("exactly one of SRC and DST must be VM:/path".into()),
+        },
+        Cmd::Snapshot { cmd } => match cmd {
+            SnapCmd::Create { vm, id, push } => {
+                let v = api
+                    .call("POST", &format!("/v1/vms/{}/snapshots", enc(&vm)), Some(json!({"id": id, "publish": push})))
+                    .await?;
+                out(&v, &pretty);
+            }
+            SnapCmd::Ls => out(&api.call("GET", "/v1/snapshots", None).await?, &|v| {
+                println!("{:<28} {:>10} {:>10} {:<6} {:<6}", "ID", "LOGICAL MB", "STORED MB", "LOCAL", "S3");
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<28} {:>10.1} {:>10.1} {:<6} {:<6}",
+                        s["id"].as_str().unwrap_or("?"),
+                        s["logical_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                        s["stored_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                        if s["local_complete"].as_bool() == Some(true) { "yes" } else { "no" },
+                        if s["remote"].as_bool() == Some(true) { "yes" } else { "no" }
+                    );
+                }
+            }),
+            SnapCmd::Rm { id, remote } => {
+                api.call("DELETE", &format!("/v1/snapshots/{}?remote={remote}", enc(&id)), None).await?;
+            }
+            SnapCmd::Push { id } => {
+                out(&api.call("POST", &format!("/v1/snapshots/{}/push", enc(&id)), None).await?, &pretty)
+            }
+            SnapCmd::Pull { id } => {
+                out(&api.call("POST", &format!("/v1/snapshots/{}/pull", enc(&id)), None).await?, &pretty)
+            }
+        },
+        Cmd::Template { cmd } => match cmd {
+            TemplateCmd::Create { name, image, push, init } => {
+                eprintln!("creating template {name}: boot, init, snapshot...");
+                let v = api
+                    .call(
+                        "POST",
+                        "/v1/templates",
+                        Some(json!({"name": name, "image": image, "init": init, "publish": push})),
+                    )
+                    .await?;
+                out(&v, &pretty);
+            }
+            TemplateCmd::Ls => out(&api.call("GET", "/v1/templates", None).await?, &pretty),
+            TemplateCmd::Rm { name } => {
+                api.call("DELETE", &format!("/v1/templates/{}", enc(&name)), None).await?;
+            }
+        },
+        Cmd::Clone { template, snapshot, count } => {
+            eprintln!("restoring {count} clone(s)...");
+            let v = api
+                .call("POST", "/v1/clones", Some(json!({"template": template, "snapshot": snapshot, "count": count})))
+                .await?;
+            out(&v, &print_vms);
+        }
+        Cmd::Metrics => {
+            let raw = api.raw("GET", "/metrics", None).await?;
+            print!("{}", String::from_utf8_lossy(&raw));
+        }
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flint: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("flint: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

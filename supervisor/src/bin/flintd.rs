@@ -1,4 +1,71 @@
-fn main() {
-    eprintln!("flintd: not built yet");
-    std::process::exit(1);
+//! `flintd`: the Flint host daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "flintd", version, about = "Flint host daemon: microVMs, snapshots, clones")]
+struct Args {
+    /// TOML configuration (default /etc/flint/flintd.toml if it exists, else built-in defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the API socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Override the data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Add a guest image: NAME=DIR (DIR holds vmlinux and initramfs.cpio). Repeatable.
+    #[arg(long = "image")]
+    images: Vec<String>,
+    /// Override the VMM binary.
+    #[arg(long)]
+    vmm_bin: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = match flint_supervisor::config::Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flintd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(s) = args.socket {
+        cfg.socket = s;
+    }
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(v) = args.vmm_bin {
+        cfg.vmm_bin = Some(v);
+    }
+    for spec in args.images {
+        let Some((name, dir)) = spec.split_once('=') else {
+            eprintln!("flintd: --image `{spec}`: expected NAME=DIR");
+            return ExitCode::FAILURE;
+        };
+        cfg.images.insert(name.to_string(), PathBuf::from(dir));
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flintd: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(flint_supervisor::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flintd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,363 @@
+//! The flintd HTTP/JSON API over its Unix socket (docs/api/flintd.yaml).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::daemon::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, Daemon, OpError};
+
+/// Every route: (method, path). The OpenAPI test checks docs/api/flintd.yaml against this and the live server.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/health"),
+    ("get", "/v1/images"),
+    ("get", "/v1/vms"),
+    ("post", "/v1/vms"),
+    ("get", "/v1/vms/{id}"),
+    ("delete", "/v1/vms/{id}"),
+    ("post", "/v1/vms/{id}/pause"),
+    ("post", "/v1/vms/{id}/resume"),
+    ("post", "/v1/vms/{id}/exec"),
+    ("get", "/v1/vms/{id}/files"),
+    ("put", "/v1/vms/{id}/files"),
+    ("post", "/v1/vms/{id}/snapshots"),
+    ("get", "/v1/snapshots"),
+    ("delete", "/v1/snapshots/{id}"),
+    ("post", "/v1/snapshots/{id}/push"),
+    ("post", "/v1/snapshots/{id}/pull"),
+    ("get", "/v1/templates"),
+    ("post", "/v1/templates"),
+    ("delete", "/v1/templates/{name}"),
+    ("post", "/v1/clones"),
+    ("get", "/metrics"),
+];
+
+pub struct ApiError(StatusCode, String);
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let status = match &e {
+            OpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::VmFailed(_) => StatusCode::BAD_GATEWAY,
+            OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+    }
+}
+
+type R<T> = Result<T, ApiError>;
+type D = State<Arc<Daemon>>;
+
+/// Parses a JSON body with a message that says what is wrong (axum's own rejection is terse).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+fn json<T: serde::Serialize>(v: T) -> Response {
+    Json(v).into_response()
+}
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/images", get(images))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/pause", post(pause_vm))
+        .route("/v1/vms/{id}/resume", post(resume_vm))
+        .route("/v1/vms/{id}/exec", post(exec))
+        .route("/v1/vms/{id}/files", get(get_file).put(put_file))
+        .route("/v1/vms/{id}/snapshots", post(snapshot_vm))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", axum::routing::delete(delete_snapshot))
+        .route("/v1/snapshots/{id}/push", post(push_snapshot))
+        .route("/v1/snapshots/{id}/pull", post(pull_snapshot))
+        .route("/v1/templates", get(list_templates).post(create_template))
+        .route("/v1/templates/{name}", axum::routing::delete(delete_template))
+        .route("/v1/clones", post(clones))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see docs/api/flintd.yaml)".into()) })
+        .layer(axum::middleware::from_fn_with_state(d.clone(), count_requests))
+        .with_state(d)
+}
+
+async fn count_requests(State(d): D, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    d.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    next.run(req).await
+}
+
+async fn health(State(d): D) -> Response {
+    json(
+        serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "vms": d.list().len(), "s3": d.store.has_remote()}),
+    )
+}
+
+async fn images(State(d): D) -> Response {
+    json(d.images().into_iter().map(|(k, v)| serde_json::json!({"name": k, "dir": v})).collect::<Vec<_>>())
+}
+
+async fn list_vms(State(d): D) -> Response {
+    json(d.list())
+}
+
+async fn create_vm(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateVm = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.create(req).await?)).into_response())
+}
+
+async fn get_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.get(&id)?))
+}
+
+async fn delete_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
+    d.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn pause_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.pause(&id, true).await?))
+}
+
+async fn resume_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.pause(&id, false).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Streams NDJSON: `{"stdout": "..."}` / `{"stderr": "..."}` chunks as they come, then `{"exit": {...}}`.
+async fn exec(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let req: ExecBody = body(&b)?;
+    if req.argv.is_empty() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "argv must not be empty".into()));
+    }
+    let agent = d.agent(&id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
+    tokio::spawn(async move {
+        let er = flint_agent::protocol::ExecRequest {
+            argv: req.argv,
+            env: req.env,
+            cwd: req.cwd,
+            user: req.user,
+            timeout_ms: req.timeout_ms,
+            stdin: false,
+        };
+        let mut stream = match agent.exec(er).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
+                return;
+            }
+        };
+        loop {
+            let ev = match stream.next().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
+                    break;
+                }
+            };
+            let v = match ev {
+                flint_agent::client::ExecEvent::Stdout(b) => serde_json::json!({"stdout": String::from_utf8_lossy(&b)}),
+                flint_agent::client::ExecEvent::Stderr(b) => serde_json::json!({"stderr": String::from_utf8_lossy(&b)}),
+                flint_agent::client::ExecEvent::Exit { code, signal, timed_out } => {
+                    serde_json::json!({"exit": {"code": code, "signal": signal, "timed_out": timed_out}})
+                }
+            };
+            if tx.send(line(v)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    path: String,
+    #[serde(default)]
+    mode: Option<String>,
+    /// Read at most this many bytes (devices such as /dev/urandom never end).
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+async fn get_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>) -> R<Response> {
+    let agent = d.agent(&id).await?;
+    let data = agent.read_file_limit(&q.path, q.limit).await.map_err(|e| agent_err(&e))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+async fn put_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>, b: Bytes) -> R<Response> {
+    let mode = match &q.mode {
+        Some(m) => u32::from_str_radix(m, 8)
+            .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("mode `{m}` is not octal (e.g. 644)")))?,
+        None => 0o644,
+    };
+    let agent = d.agent(&id).await?;
+    let n = agent.write_file(&q.path, mode, &b).await.map_err(|e| agent_err(&e))?;
+    Ok(json(serde_json::json!({"path": q.path, "bytes": n})))
+}
+
+fn agent_err(e: &flint_agent::client::ClientError) -> ApiError {
+    use flint_agent::protocol::ErrorCode;
+    let status = match e.code() {
+        Some(ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+        Some(
+            ErrorCode::Invalid
+            | ErrorCode::BadPath
+            | ErrorCode::NotADirectory
+            | ErrorCode::IsADirectory
+            | ErrorCode::TooLarge,
+        ) => StatusCode::BAD_REQUEST,
+        Some(_) => StatusCode::CONFLICT,
+        None => StatusCode::BAD_GATEWAY,
+    };
+    ApiError(status, format!("agent: {e}"))
+}
+
+async fn snapshot_vm(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let req: CreateSnapshot = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.snapshot(&id, req).await?)).into_response())
+}
+
+async fn list_snapshots(State(d): D) -> R<Response> {
+    Ok(json(d.store.list().await.map_err(OpError::from)?))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    remote: bool,
+}
+
+async fn delete_snapshot(State(d): D, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> R<Response> {
+    d.store.delete(&id, q.remote).await.map_err(OpError::from)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn push_snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.store.publish(&id).await.map_err(OpError::from)?))
+}
+
+async fn pull_snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.store.pull(&id).await.map_err(OpError::from)?))
+}
+
+async fn list_templates(State(d): D) -> R<Response> {
+    Ok(json(d.templates()?))
+}
+
+async fn create_template(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateTemplate = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.create_template(req).await?)).into_response())
+}
+
+async fn delete_template(State(d): D, Path(name): Path<String>) -> R<Response> {
+    d.delete_template(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn clones(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateClones = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.clones(req).await?)).into_response())
+}
+
+async fn metrics(State(d): D) -> Response {
+    use crate::daemon::VmStatus;
+    let vms = d.list();
+    let m = &d.metrics;
+    let s = d.store.stats();
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    out.push_str("# TYPE flint_vms gauge\n");
+    for st in [VmStatus::Starting, VmStatus::Running, VmStatus::Paused, VmStatus::Failed, VmStatus::Lost] {
+        let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        out.push_str(&format!("flint_vms{{status=\"{name}\"}} {}\n", vms.iter().filter(|v| v.status == st).count()));
+    }
+    for (name, help, count, sum) in [
+        ("flint_boot", "cold boots", g(&m.boots), g(&m.boot_ms_sum)),
+        ("flint_restore", "restores", g(&m.restores), g(&m.restore_ms_sum)),
+        ("flint_snapshot", "snapshots", g(&m.snapshots), g(&m.snapshot_ms_sum)),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name}_ms {help}: start to ready\n# TYPE {name}_ms summary\n{name}_ms_count {count}\n{name}_ms_sum {sum}\n"
+        ));
+    }
+    for (name, v) in [
+        ("flint_vm_failures_total", g(&m.vm_failures)),
+        ("flint_api_requests_total", g(&m.requests)),
+        ("flint_store_l1_hits_total", s.l1_hits),
+        ("flint_store_l1_misses_total", s.l1_misses),
+        ("flint_store_remote_fetches_total", s.remote_fetches),
+        ("flint_store_remote_bytes_total", s.remote_bytes),
+        ("flint_store_uploaded_bytes_total", s.uploaded_bytes),
+        ("flint_store_corrupt_chunks_total", s.corrupt),
+        ("flint_store_evicted_chunks_total", s.evicted_chunks),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+    out.push_str(&format!("# TYPE flint_store_l1_bytes gauge\nflint_store_l1_bytes {}\n", s.l1_bytes));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/api/flintd.yaml documents exactly the routes the router serves (the live check is in tests/flintd.rs).
+    #[test]
+    fn openapi_lists_every_route() {
+        let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api/flintd.yaml")).unwrap();
+        let mut documented = Vec::new();
+        let mut path = None;
+        for line in spec.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if !line.starts_with("  ") {
+                path = None;
+            } else if let Some(p) = &path {
+                for m in ["get", "post", "put", "delete"] {
+                    if line == format!("    {m}:") {
+                        documented.push((m.to_string(), p.clone()));
+                    }
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> =
+            super::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+}

@@ -1,0 +1,137 @@
+//! flintd configuration: TOML, every field optional; the embedded defaults work with no file at all.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use flint_snapshot_store::S3Config;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The API socket (mode 0660).
+    pub socket: PathBuf,
+    /// VM directories, the state database and the local snapshot cache live here.
+    pub data_dir: PathBuf,
+    /// The VMM binary; default: `flint-vmm` next to `flintd`, else on PATH.
+    pub vmm_bin: Option<PathBuf>,
+    /// Named guest images: directories holding `vmlinux` and `initramfs.cpio`. Directories under
+    /// `<data_dir>/images/` are images too, named after the directory.
+    pub images: BTreeMap<String, PathBuf>,
+    pub vm: VmDefaults,
+    pub store: StoreSection,
+    /// How long a booting or restored VM may take to answer its agent.
+    pub agent_timeout_s: u64,
+    /// Restores run at most this many at once (they are CPU-bound).
+    pub max_parallel_restores: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmDefaults {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// L1 byte budget.
+    pub local_budget_bytes: u64,
+    pub chunk_size: u32,
+    /// File with the 64-hex-digit secret that turns on encryption at rest.
+    pub secret_file: Option<PathBuf>,
+    /// Remote tier; off unless configured (or FLINT_S3_BUCKET is set).
+    pub s3: Option<S3Config>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from("/run/flint/flintd.sock"),
+            data_dir: PathBuf::from("/var/lib/flint"),
+            vmm_bin: None,
+            images: BTreeMap::new(),
+            vm: VmDefaults::default(),
+            store: StoreSection::default(),
+            agent_timeout_s: 300,
+            max_parallel_restores: 2,
+        }
+    }
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        VmDefaults { mem_mib: 256, vcpus: 1 }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            local_budget_bytes: 20 << 30,
+            chunk_size: flint_snapshot_store::DEFAULT_CHUNK_SIZE,
+            secret_file: None,
+            s3: None,
+        }
+    }
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flint/flintd.toml";
+
+impl Config {
+    /// `path` if given (it must exist), else /etc/flint/flintd.toml if present, else the defaults; then the
+    /// environment (`FLINT_S3_BUCKET`, `FLINT_S3_ENDPOINT`, `FLINT_S3_PREFIX`) fills in an unconfigured S3 tier.
+    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+        let text = match path {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("read config {}: {e}", p.display()))?),
+            None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).ok(),
+        };
+        let mut cfg: Config = match text {
+            Some(t) => toml::from_str(&t).map_err(|e| format!("config: {e}"))?,
+            None => Config::default(),
+        };
+        if cfg.store.s3.is_none() {
+            if let Ok(bucket) = std::env::var("FLINT_S3_BUCKET") {
+                let mut s3 = S3Config::new(&bucket);
+                s3.endpoint = std::env::var("FLINT_S3_ENDPOINT").ok();
+                s3.prefix = std::env::var("FLINT_S3_PREFIX").unwrap_or_default();
+                cfg.store.s3 = Some(s3);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn vmm_bin(&self) -> PathBuf {
+        if let Some(p) = &self.vmm_bin {
+            return p.clone();
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                let p = dir.join("flint-vmm");
+                if p.is_file() {
+                    return p;
+                }
+            }
+        }
+        PathBuf::from("flint-vmm")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults_and_typos_are_errors() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c, Config::default());
+        let c: Config =
+            toml::from_str("socket = \"/tmp/x.sock\"\n[vm]\nmem_mib = 512\n[store.s3]\nbucket = \"b\"\n").unwrap();
+        assert_eq!(c.vm.mem_mib, 512);
+        assert_eq!(c.store.s3.unwrap().bucket, "b");
+        let e = toml::from_str::<Config>("sockett = 1").unwrap_err().to_string();
+        assert!(e.contains("sockett"), "{e}");
+        assert!(Config::load(Some(Path::new("/nonexistent.toml"))).unwrap_err().contains("/nonexistent.toml"));
+    }
+}

@@ -1,0 +1,222 @@
+//! flintd end to end, driven only through its API (the flint CLI and the socket): template from an image, exec,
+//! snapshot pushed to a real S3 server, local cache wiped, clones pulled from S3 and restored, distinct entropy in
+//! each, kill -9 of flintd, restart, and the clones still listed and answering.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flint_tests::{bin_dir, die_with_parent, images, S3Server, TempDir};
+
+struct Flintd {
+    child: Child,
+    socket: PathBuf,
+}
+
+fn start_flintd(data: &Path, socket: &Path, s3: &S3Server) -> Flintd {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+    let mut cmd = Command::new(bin_dir().join("flintd"));
+    cmd.arg("--socket")
+        .arg(socket)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--image")
+        .arg(format!("default={}", images().dir.display()))
+        .envs(s3.env())
+        .env("FLINT_S3_PREFIX", "e2e")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().expect("start flintd (cargo build --workspace --bins)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "flintd did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Flintd { child, socket: socket.to_path_buf() }
+}
+
+fn flint(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin_dir().join("flint")).arg("--socket").arg(socket).args(args).output().unwrap()
+}
+
+fn flint_json(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let out = flint(socket, &full);
+    assert!(
+        out.status.success(),
+        "flint {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn random_bytes(socket: &Path, vm: &str, dir: &Path) -> Vec<u8> {
+    // Through the agent's file API, not a new process: reads 32 bytes of the clone's /dev/urandom.
+    let dest = dir.join(format!("{vm}.rand"));
+    let _ = std::fs::remove_file(&dest);
+    let out = Command::new(bin_dir().join("flint"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["cp", &format!("{vm}:/proc/sys/kernel/random/uuid"), dest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let uuid = std::fs::read(&dest).unwrap();
+    let raw = flint_supervisor_get(socket, &format!("/v1/vms/{vm}/files?path=/dev/urandom&limit=32"));
+    assert_eq!(raw.len(), 32, "32 bytes of /dev/urandom from {vm}");
+    [uuid, raw].concat()
+}
+
+fn flint_supervisor_get(socket: &Path, path: &str) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, body) =
+        rt.block_on(flint_supervisor::http::request(socket, "GET", path, None, Duration::from_secs(60))).unwrap();
+    assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+    body
+}
+
+#[test]
+fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    let mut d = start_flintd(&data, &socket, &s3);
+
+    // Bad input gets a 4xx with a message, and flintd stays up.
+    let bad = flint(&socket, &["clone", "no-such-template", "-n", "2"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no template `no-such-template`"), "{bad:?}");
+    let bad = flint(&socket, &["vm", "create", "--image", "nope"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no image `nope`"), "{bad:?}");
+
+    // Template: boot the default image, run an init command, snapshot, push to S3.
+    let t =
+        flint_json(&socket, &["template", "create", "py", "--push", "--", "/bin/sh", "-c", "echo warm > /tmp/warm"]);
+    println!("template: {t}");
+    assert_eq!(t["snapshot"], "tmpl-py");
+    let snaps = flint_json(&socket, &["snapshot", "ls"]);
+    assert!(snaps.as_array().unwrap().iter().any(|s| s["id"] == "tmpl-py" && s["remote"] == true), "{snaps}");
+    assert!(s3.object_path("e2e/manifests/tmpl-py").is_file(), "the manifest is in the S3 bucket");
+
+    // Wipe the local cache: stop flintd, delete its store directory (a fresh host), start again.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    std::fs::remove_dir_all(data.join("store")).unwrap();
+    let mut d = start_flintd(&data, &socket, &s3);
+
+    let started = Instant::now();
+    let clones = flint_json(&socket, &["clone", "py", "-n", "5"]);
+    let clones: Vec<String> =
+        clones.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    println!("5 clones from S3 in {:?}", started.elapsed());
+    assert_eq!(clones.len(), 5);
+    let metrics = String::from_utf8(flint(&socket, &["metrics"]).stdout).unwrap();
+    assert!(metrics.contains("flint_vms{status=\"running\"} 5"), "{metrics}");
+    let fetched: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flint_store_remote_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(fetched > 0, "the clones' memory came from S3");
+
+    let mut seen = Vec::new();
+    for c in &clones {
+        let r = random_bytes(&socket, c, work.path());
+        assert!(!seen.contains(&r), "two clones share entropy");
+        seen.push(r);
+    }
+    // The template's init ran before the snapshot: its file is in every clone.
+    let warm = work.path().join("warm");
+    assert!(flint(&socket, &["cp", &format!("{}:/tmp/warm", clones[0]), warm.to_str().unwrap()]).status.success());
+    assert_eq!(std::fs::read_to_string(&warm).unwrap(), "warm\n");
+
+    // kill -9 flintd: the VMs run on; a new flintd re-adopts them.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGKILL) };
+    d.child.wait().unwrap();
+    let d2 = start_flintd(&data, &socket, &s3);
+    let vms = flint_json(&socket, &["vm", "ls"]);
+    for c in &clones {
+        let vm = vms.as_array().unwrap().iter().find(|v| v["id"] == c.as_str()).expect("clone listed after restart");
+        assert_eq!(vm["status"], "running", "{vm}");
+    }
+    for c in &clones {
+        random_bytes(&socket, c, work.path());
+    }
+    let mut args = vec!["vm", "rm"];
+    args.extend(clones.iter().map(String::as_str));
+    assert!(flint(&socket, &args).status.success());
+    assert!(flint_json(&socket, &["vm", "ls"]).as_array().unwrap().is_empty());
+    drop(d2);
+}
+
+impl Drop for Flintd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = Stdio::null();
+    }
+}
+
+/// VMMs started by flintd live in their own sessions (they must survive flintd): kill any left under `0` when the
+/// test ends, pass or fail.
+struct KillVmmsUnder(PathBuf);
+
+impl Drop for KillVmmsUnder {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                // SAFETY: kill(2) on a process whose command line names this test's private directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Every route of docs/api/flintd.yaml is live (answers something other than "no such route"), and bad input gets
+/// a 4xx JSON error, never a crash. No VM is booted.
+#[test]
+fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-routes");
+    let data = work.path().join("data");
+    let socket = work.path().join("flintd.sock");
+    let _d = start_flintd(&data, &socket, &s3);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (method, path) in flint_supervisor::api::ROUTES {
+        let path = path.replace("{id}", "no-such").replace("{name}", "no-such");
+        let path = if path.ends_with("/files") { format!("{path}?path=/etc/hostname") } else { path };
+        let body: &[u8] = b"{\"bogus\": 1}";
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(
+                &socket,
+                &method.to_uppercase(),
+                &path,
+                Some(body),
+                Duration::from_secs(30),
+            ))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        println!("{method} {path} -> {status} {}", text.chars().take(100).collect::<String>());
+        assert!(!text.contains("no such route") && status != 405, "{method} {path} is not served: {status} {text}");
+        if status >= 400 {
+            assert!(status < 500 || status == 503, "{method} {path}: {status} {text}");
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()) || status == 400, "{method} {path}: {text}");
+        }
+    }
+    let (status, _) =
+        rt.block_on(flint_supervisor::http::request(&socket, "GET", "/v1/nope", None, Duration::from_secs(5))).unwrap();
+    assert_eq!(status, 404);
+    // Still alive.
+    assert!(flint(&socket, &["health"]).status.success());
+}
