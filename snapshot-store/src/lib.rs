@@ -17,3 +17,18 @@ pub use store::{
     StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_SIZE,
 };
 pub use tier::{ObjectTier, S3Config, Tier, TierError};
+
+/// An error and its whole `source()` chain on one line (`outer: cause: root cause`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}

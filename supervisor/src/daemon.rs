@@ -34,13 +34,7 @@ pub enum OpError {
 
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        let msg = flint_snapshot_store::error_chain(&e);
         match e {
             StoreError::InvalidInput(_) => OpError::BadRequest(msg),
             StoreError::NotFound { .. } | StoreError::NoImage { .. } => OpError::NotFound(msg),

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flint_snapshot_store::{
-    ImageSource, S3Config, Secret, SnapshotDraft, Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE,
+    error_chain, ImageSource, S3Config, Secret, SnapshotDraft, Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE,
 };
 use flint_tests::{bin_dir, S3Server, TempDir, S3_ACCESS_KEY, S3_SECRET_KEY};
 
@@ -342,15 +342,4 @@ fn visit(dir: &Path, f: &mut dyn FnMut(&Path)) {
             f(&e.path());
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }

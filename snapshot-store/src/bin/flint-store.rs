@@ -184,14 +184,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                source = s.source();
-            }
-            eprintln!("flint-store: {msg}");
+            eprintln!("flint-store: {}", flint_snapshot_store::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
