@@ -14,7 +14,7 @@ pub use manifest::{ChunkRef, Image, Manifest};
 pub use reader::ImageReader;
 pub use store::{
     FetchReport, GcReport, ImageSource, PinGuard, PublishReport, PutReport, SnapshotDraft, SnapshotInfo, Store,
-    StoreConfig, StoreError, StoreStats, VerifyReport, DEFAULT_CHUNK_SIZE,
+    StoreConfig, StoreError, StoreSpec, StoreStats, VerifyReport, WorkingSet, DEFAULT_CHUNK_SIZE,
 };
 pub use tier::{ObjectTier, S3Config, Tier, TierError};
 

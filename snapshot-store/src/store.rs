@@ -243,6 +243,38 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// Chunks of one image a restore touched, in first-touch order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub image: String,
+    pub chunks: Vec<u32>,
+}
+
+/// A serializable description of how to open a store (handed from flintd to a VMM serving a lazy restore).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    pub local_dir: PathBuf,
+    pub local_budget: u64,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub s3: Option<S3Config>,
+}
+
+impl StoreSpec {
+    pub fn open(&self) -> Result<Store, StoreError> {
+        let mut cfg = StoreConfig::new(&self.local_dir);
+        cfg.local_budget = self.local_budget;
+        cfg.s3 = self.s3.clone();
+        if let Some(f) = &self.secret_file {
+            let text = std::fs::read_to_string(f).map_err(io(format!("read {}", f.display())))?;
+            cfg.secret = Some(Secret::from_hex(&text).map_err(StoreError::InvalidInput)?);
+        }
+        Store::open(cfg)
+    }
+}
+
 /// Where image bytes come from when a snapshot is put.
 #[derive(Debug, Clone)]
 pub enum ImageSource {
@@ -323,6 +355,10 @@ fn chunk_key_path(name: &ChunkId) -> String {
 
 fn manifest_key(id: &str) -> String {
     format!("manifests/{id}")
+}
+
+fn working_set_key(id: &str) -> String {
+    format!("workingsets/{id}")
 }
 
 fn published_key(id: &str) -> String {
@@ -715,7 +751,9 @@ impl Store {
 
     async fn chunk_from_l1(&self, key: &str, id: &ChunkId) -> Option<Vec<u8>> {
         if !lock(&self.inner.index).touch(key) {
-            return None;
+            // Another process sharing this cache (a VMM serving a lazy restore) may have written it.
+            let size = std::fs::metadata(self.inner.l1.root().join(key)).ok()?.len();
+            lock(&self.inner.index).insert(key, size);
         }
         let this = self.clone();
         let (key2, id2) = (key.to_string(), *id);
@@ -993,8 +1031,78 @@ impl Store {
         if !found {
             return Err(StoreError::NotFound { id: id.to_string(), looked_in: self.looked_in() });
         }
+        if remote {
+            for tier in &self.inner.remotes {
+                tier.delete(&working_set_key(id)).await?;
+            }
+        }
         self.inner.l1.delete_blocking(&manifest_key(id))?;
         self.inner.l1.delete_blocking(&published_key(id))?;
+        self.inner.l1.delete_blocking(&working_set_key(id))?;
+        Ok(())
+    }
+
+    /// Records which chunks of `image` a restore of snapshot `id` touched, in first-touch order (the working set
+    /// that later restores prefetch). Stored next to the manifest in L1 and, best effort, in the remote tiers.
+    pub async fn put_working_set(&self, id: &str, image: &str, chunks: &[u32]) -> Result<(), StoreError> {
+        let manifest = self.manifest(id).await?;
+        let n = manifest
+            .image(image)
+            .ok_or_else(|| StoreError::NoImage { id: id.to_string(), name: image.to_string() })?
+            .chunks
+            .len();
+        if let Some(bad) = chunks.iter().find(|c| **c as usize >= n) {
+            return Err(StoreError::InvalidInput(format!(
+                "working set chunk {bad} is past the {n} chunks of `{image}`"
+            )));
+        }
+        let body = Bytes::from(
+            serde_json::to_vec(&WorkingSet { image: image.to_string(), chunks: chunks.to_vec() }).unwrap_or_default(),
+        );
+        self.inner.l1.put_blocking(&working_set_key(id), &body)?;
+        for tier in &self.inner.remotes {
+            if let Err(e) = tier.put(&working_set_key(id), body.clone()).await {
+                warn!(id, error = %e, "could not store the working set remotely");
+            }
+        }
+        Ok(())
+    }
+
+    /// The recorded working set of a snapshot, if any (L1, then the remote tiers).
+    pub async fn working_set(&self, id: &str) -> Result<Option<WorkingSet>, StoreError> {
+        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        let mut bytes = self.inner.l1.get_blocking(&working_set_key(id))?.map(Bytes::from);
+        if bytes.is_none() {
+            for tier in &self.inner.remotes {
+                if let Some(b) = tier.get(&working_set_key(id)).await? {
+                    self.inner.l1.put_blocking(&working_set_key(id), &b)?;
+                    bytes = Some(b);
+                    break;
+                }
+            }
+        }
+        match bytes {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::BadManifest {
+                id: id.to_string(),
+                tier: "working set".into(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Re-reads the L1 directory into the cache index (chunks written by other processes, e.g. a VMM serving a
+    /// lazy restore from the same cache).
+    pub fn rescan(&self) -> Result<(), StoreError> {
+        let listed = self.inner.l1.list_blocking("chunks")?;
+        let mut index = lock(&self.inner.index);
+        for o in listed {
+            if !index.entries.contains_key(&o.key) {
+                index.insert(&o.key, o.size);
+            }
+        }
+        drop(index);
+        self.evict();
         Ok(())
     }
 

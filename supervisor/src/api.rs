@@ -37,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/templates"),
     ("delete", "/v1/templates/{name}"),
     ("post", "/v1/clones"),
+    ("delete", "/v1/store/cache"),
     ("get", "/metrics"),
 ];
 
@@ -93,6 +94,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/templates", get(list_templates).post(create_template))
         .route("/v1/templates/{name}", axum::routing::delete(delete_template))
         .route("/v1/clones", post(clones))
+        .route("/v1/store/cache", axum::routing::delete(clear_cache))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see docs/api/flintd.yaml)".into()) })
         .layer(axum::middleware::from_fn_with_state(d.clone(), count_requests))
@@ -123,8 +125,14 @@ async fn create_vm(State(d): D, b: Bytes) -> R<Response> {
     Ok((StatusCode::CREATED, Json(d.create(req).await?)).into_response())
 }
 
+/// The record, plus `vmm`: the VMM's own description (timings, restore breakdown, fault counters) while it runs.
 async fn get_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
-    Ok(json(d.get(&id)?))
+    let rec = d.get(&id)?;
+    let mut v = serde_json::to_value(&rec).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(vmm) = d.vmm_describe(&id).await {
+        v["vmm"] = vmm;
+    }
+    Ok(json(v))
 }
 
 async fn delete_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
@@ -293,6 +301,12 @@ async fn delete_template(State(d): D, Path(name): Path<String>) -> R<Response> {
 async fn clones(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateClones = body(&b)?;
     Ok((StatusCode::CREATED, Json(d.clones(req).await?)).into_response())
+}
+
+/// Drops every unpinned chunk from the local cache (manifests stay): the next restore fetches from S3.
+async fn clear_cache(State(d): D) -> R<Response> {
+    let n = d.store.clear_local_chunks().map_err(OpError::from)?;
+    Ok(json(serde_json::json!({"deleted_chunks": n})))
 }
 
 async fn metrics(State(d): D) -> Response {

@@ -81,6 +81,9 @@ pub struct VmRecord {
     /// For restored VMs: fetching the snapshot's images from the store.
     pub fetch_ms: Option<f64>,
     pub error: Option<String>,
+    /// Restored lazily: memory is fetched from the store as the guest touches it.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +147,10 @@ pub struct CreateClones {
     /// Environment for the clones' later execs (set by the agent's refresh).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Start before the memory has arrived: pages come from the store (L1, else S3) on first touch, the recorded
+    /// working set is prefetched. Otherwise the memory image is fetched whole first.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 fn one() -> u32 {
@@ -181,6 +188,7 @@ pub struct Metrics {
 
 pub struct Daemon {
     pub cfg: Config,
+    store_spec: flint_snapshot_store::StoreSpec,
     db: Db,
     pub store: Store,
     vms: Mutex<HashMap<String, VmRecord>>,
@@ -212,9 +220,16 @@ impl Daemon {
             scfg.secret = Some(flint_snapshot_store::Secret::from_hex(&text)?);
         }
         let store = Store::open(scfg).map_err(|e| format!("snapshot store: {e}"))?;
+        let store_spec = flint_snapshot_store::StoreSpec {
+            local_dir: cfg.data_dir.join("store"),
+            local_budget: cfg.store.local_budget_bytes,
+            secret_file: cfg.store.secret_file.clone(),
+            s3: cfg.store.s3.clone(),
+        };
         let slots = cfg.max_parallel_restores.max(1);
         let d = Arc::new(Daemon {
             cfg,
+            store_spec,
             db,
             store,
             vms: Mutex::new(HashMap::new()),
@@ -272,6 +287,18 @@ impl Daemon {
         lock(&self.vms).get(id).cloned().ok_or_else(|| OpError::NotFound(format!("no VM `{id}`")))
     }
 
+    /// The VMM's own description (timings, restore breakdown, userfaultfd and store counters), if it answers.
+    pub async fn vmm_describe(&self, id: &str) -> Option<serde_json::Value> {
+        let rec = self.get(id).ok()?;
+        rec.pid?;
+        let (status, body) =
+            http::request(&rec.dir.join("api.sock"), "GET", "/vm", None, Duration::from_secs(5)).await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_slice(&body).ok()
+    }
+
     /// Named images: the config's, then directories under `<data_dir>/images`.
     pub fn images(&self) -> BTreeMap<String, PathBuf> {
         let mut out = self.cfg.images.clone();
@@ -322,6 +349,7 @@ impl Daemon {
                     ready_ms: None,
                     fetch_ms: None,
                     error: None,
+                    lazy: false,
                 },
             );
         }
@@ -639,12 +667,15 @@ impl Daemon {
             .ok_or_else(|| OpError::NotFound(format!("snapshot `{id}` not found")))
     }
 
-    /// Restores one VM from a snapshot (fetching its images from the store, S3 on a miss), then refreshes the
-    /// guest's clock, entropy, env and hostname through the agent.
+    /// Restores one VM from a snapshot, then refreshes the guest's clock, entropy, env and hostname through the
+    /// agent. Eager: the images are fetched whole from the store (S3 on a miss) first. Lazy: only the state image;
+    /// the VMM serves memory from the store on first touch and prefetches the recorded working set; the first lazy
+    /// restore of a snapshot records that working set.
     pub async fn restore(
         self: &Arc<Self>,
         snapshot: &str,
         env: &BTreeMap<String, String>,
+        lazy: bool,
     ) -> Result<VmRecord, OpError> {
         let manifest = self.store.manifest(snapshot).await?;
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
@@ -655,22 +686,39 @@ impl Daemon {
             r.image = manifest.metadata.get("image").cloned();
             r.mem_mib = mem_mib;
             r.vcpus = 1;
+            r.lazy = lazy;
         });
         let started = Instant::now();
+        let mut recorded = false;
         let result = async {
             let t = Instant::now();
             let _pin = self.store.pin(&manifest);
             self.store.get_image(snapshot, "state", &dir.join("state")).await?;
-            self.store.get_image(snapshot, "memory", &dir.join("memory")).await?;
+            let (mem_arg, mode) = if lazy {
+                let prefetch = self.store.working_set(snapshot).await?.map(|w| w.chunks).unwrap_or_default();
+                recorded = !prefetch.is_empty();
+                let source = serde_json::json!({
+                    "store": self.store_spec,
+                    "snapshot": snapshot,
+                    "image": "memory",
+                    "prefetch": prefetch,
+                });
+                std::fs::write(dir.join("store-source.json"), source.to_string())
+                    .map_err(|e| OpError::Internal(format!("write store source: {e}")))?;
+                (dir.join("store-source.json"), "store")
+            } else {
+                self.store.get_image(snapshot, "memory", &dir.join("memory")).await?;
+                (dir.join("memory"), "private")
+            };
             let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
             self.update(&id, |r| r.fetch_ms = Some(fetch_ms));
             let args = vec![
                 "--restore-state".to_string(),
                 dir.join("state").display().to_string(),
                 "--restore-mem".into(),
-                dir.join("memory").display().to_string(),
+                mem_arg.display().to_string(),
                 "--restore-mode".into(),
-                "private".into(),
+                mode.into(),
             ];
             self.spawn_vmm(&id, &dir, &args)?;
             let agent = self.wait_agent(&id, &dir).await?;
@@ -681,7 +729,32 @@ impl Daemon {
             Ok(())
         }
         .await;
-        self.finish_start(&id, started, result, true)
+        let rec = self.finish_start(&id, started, result, true)?;
+        if lazy {
+            if !recorded {
+                self.record_working_set(&id, snapshot).await;
+            }
+            if let Err(e) = self.store.rescan() {
+                warn!(error = %e, "could not rescan the local snapshot cache");
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Stores the chunks a lazily restored VM touched until its agent was ready and refreshed.
+    async fn record_working_set(&self, id: &str, snapshot: &str) {
+        let Some(d) = self.vmm_describe(id).await else { return };
+        let units: Vec<u32> = d["uffd"]["touched_units"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|u| u as u32)).collect())
+            .unwrap_or_default();
+        if units.is_empty() {
+            return;
+        }
+        match self.store.put_working_set(snapshot, "memory", &units).await {
+            Ok(()) => info!(snapshot, chunks = units.len(), "recorded the restore working set"),
+            Err(e) => warn!(snapshot, error = %e, "could not record the working set"),
+        }
     }
 
     pub async fn clones(self: &Arc<Self>, req: CreateClones) -> Result<Vec<VmRecord>, OpError> {
@@ -700,7 +773,8 @@ impl Daemon {
                 let this = self.clone();
                 let snapshot = snapshot.clone();
                 let env = req.env.clone();
-                tokio::spawn(async move { this.restore(&snapshot, &env).await })
+                let lazy = req.lazy;
+                tokio::spawn(async move { this.restore(&snapshot, &env, lazy).await })
             })
             .collect();
         let mut out = Vec::new();

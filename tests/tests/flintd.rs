@@ -220,3 +220,102 @@ fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
     // Still alive.
     assert!(flint(&socket, &["health"]).status.success());
 }
+
+fn vm_detail(socket: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_slice(&flint_supervisor_get(socket, &format!("/v1/vms/{id}"))).unwrap()
+}
+
+/// Lazy restore from S3 with an empty cache: the clone answers after fetching part of its memory, its memory is
+/// byte-exact, the first restore records the working set and the next prefetches it; with S3 gone the VM fails
+/// cleanly and quickly instead of hanging.
+#[test]
+fn lazy_clones_from_s3_working_set_and_outage() {
+    let mut s3 = S3Server::start();
+    let work = TempDir::new("flintd-lazy");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    let _d = start_flintd(&data, &socket, &s3);
+
+    // A VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
+    flint_json(&socket, &["vm", "create", "--id", "src"]);
+    let blob: Vec<u8> = {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..192 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let blob_path = work.path().join("blob");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let out = flint(&socket, &["cp", blob_path.to_str().unwrap(), "src:/tmp/blob"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    flint_json(&socket, &["snapshot", "create", "src", "lz", "--push"]);
+    assert!(flint(&socket, &["vm", "rm", "src"]).status.success());
+    let snaps = flint_json(&socket, &["snapshot", "ls"]);
+    let stored = snaps.as_array().unwrap().iter().find(|s| s["id"] == "lz").unwrap()["stored_bytes"].as_u64().unwrap();
+
+    let mut report = Vec::new();
+    for round in ["first lazy (records the working set)", "second lazy (prefetches it)"] {
+        flint_json(&socket, &["cache", "clear"]);
+        let c = flint_json(&socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
+        let id = c[0]["id"].as_str().unwrap().to_string();
+        let d = vm_detail(&socket, &id);
+        let u = &d["vmm"]["uffd"];
+        let fetched = u["source"]["remote_bytes"].as_u64().unwrap();
+        println!(
+            "{round}: ready in {:.0} ms, fetched {fetched} of {stored} stored bytes ({:.0}%), {} faults, {} units touched, {} prefetched",
+            d["ready_ms"].as_f64().unwrap(),
+            fetched as f64 * 100.0 / stored as f64,
+            u["faults"],
+            u["touched_units"].as_array().map(|a| a.len()).unwrap_or(0),
+            u["prefetched_units"]
+        );
+        assert!(fetched > 0 && fetched < stored, "a lazy clone fetches part of the memory: {u}");
+        report.push(u.clone());
+        // Byte-exact memory: the blob written before the snapshot reads back identical from the lazy clone.
+        let back = work.path().join("blob.back");
+        let out = flint(&socket, &["cp", &format!("{id}:/tmp/blob"), back.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&back).unwrap() == blob, "guest memory differs after a lazy restore");
+        assert!(flint(&socket, &["vm", "rm", &id]).status.success());
+    }
+    assert_eq!(report[0]["prefetched_units"], 0);
+    assert!(report[1]["prefetched_units"].as_u64().unwrap() > 0, "the second restore prefetched the working set");
+    assert!(
+        report[1]["faults"].as_u64().unwrap() < report[0]["faults"].as_u64().unwrap(),
+        "prefetch saves faults: {} vs {}",
+        report[1]["faults"],
+        report[0]["faults"]
+    );
+
+    // S3 goes away after the manifest and state are local: the VMM cannot get memory, the VM fails with a clear
+    // error in bounded time, and no VMM is left running.
+    flint_json(&socket, &["cache", "clear"]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s3.object_path("e2e/manifests/lz")).unwrap()).unwrap();
+    let state_images = manifest["images"].as_array().unwrap();
+    let state = state_images.iter().find(|i| i["name"] == "state").unwrap();
+    for c in state["chunks"].as_array().unwrap().iter().filter(|c| !c.is_null()) {
+        let hex = c["id"].as_str().unwrap();
+        let key = format!("chunks/{}/{hex}", &hex[..2]);
+        let dest = data.join("store").join(&key);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(s3.object_path(&format!("e2e/{key}")), &dest).unwrap();
+    }
+    s3.stop();
+    let started = Instant::now();
+    let out = flint(&socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("with S3 stopped: {err} (after {:?})", started.elapsed());
+    assert!(!out.status.success());
+    assert!(err.contains("lazy restore failed") && err.contains("could not be provided"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(120), "a lost page source must fail the VM, not hang it");
+    let vms = flint_json(&socket, &["vm", "ls"]);
+    let failed = vms.as_array().unwrap().iter().find(|v| v["status"] == "failed").expect("the failed clone is listed");
+    assert!(failed["pid"].is_null(), "no VMM left for the failed clone: {failed}");
+}

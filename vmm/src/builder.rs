@@ -81,6 +81,13 @@ pub enum BuildError {
 pub const UFFD_CHUNK: u64 = 64 * 1024;
 
 /// Fault-handler counters of this process's userfaultfd restore (one VM per process).
+/// The page source of a lazy restore (for its counters in `describe`).
+static PAGE_SOURCE: Mutex<Option<Arc<dyn crate::snapshot::uffd::PageSource>>> = Mutex::new(None);
+
+fn lock_source() -> std::sync::MutexGuard<'static, Option<Arc<dyn crate::snapshot::uffd::PageSource>>> {
+    PAGE_SOURCE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub static UFFD_STATS: std::sync::LazyLock<Arc<crate::snapshot::uffd::UffdStats>> =
     std::sync::LazyLock::new(|| Arc::new(crate::snapshot::uffd::UffdStats::default()));
 
@@ -491,7 +498,37 @@ impl Vmm {
                     uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
                     off += r.len();
                 }
-                uffd::start(uranges, Arc::new(uffd::FileSource(f)), UFFD_CHUNK, UFFD_STATS.clone())
+                let source = Arc::new(uffd::FileSource { file: f, unit: UFFD_CHUNK, size: want });
+                *lock_source() = Some(source.clone());
+                uffd::start(uranges, source, 1, &[], UFFD_STATS.clone()).map_err(RestoreError::from)?;
+                mem
+            }
+            snapmem::RestoreMode::Store => {
+                let (source, scfg) = crate::snapshot::store_source::StoreSource::open(mem_path)
+                    .map_err(|e| RestoreError::Memory(snapmem::MemFileError::Store(e)))?;
+                let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
+                let have = uffd::PageSource::size(&source);
+                if have != want {
+                    return Err(RestoreError::Memory(snapmem::MemFileError::Size {
+                        path: format!("snapshot {} image {}", scfg.snapshot, scfg.image),
+                        have,
+                        want,
+                    })
+                    .into());
+                }
+                let ranges: Vec<(GuestAddress, usize)> =
+                    snap.memory_layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
+                let mem =
+                    GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
+                let mut off = 0;
+                let mut uranges = Vec::new();
+                for r in mem.iter() {
+                    uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
+                    off += r.len();
+                }
+                let source: Arc<dyn uffd::PageSource> = Arc::new(source);
+                *lock_source() = Some(source.clone());
+                uffd::start(uranges, source, scfg.workers, &scfg.prefetch, UFFD_STATS.clone())
                     .map_err(RestoreError::from)?;
                 mem
             }
@@ -840,7 +877,7 @@ impl VmmHandle {
             "unhandled_pio": self.pio.unhandled.load(Ordering::Relaxed),
             "unhandled_mmio": self.mmio.unhandled.load(Ordering::Relaxed),
             "restore": self.restore_timings,
-            "uffd": self.restore_timings.as_ref().filter(|r| r.mode == Some(crate::snapshot::memory::RestoreMode::Uffd)).map(|_| {
+            "uffd": lock_source().as_ref().map(|source| {
                 let u = &*UFFD_STATS;
                 serde_json::json!({
                     "faults": u.faults.load(Ordering::Relaxed),
@@ -849,6 +886,10 @@ impl VmmHandle {
                     "bytes_read": u.bytes_read.load(Ordering::Relaxed),
                     "handler_us": u.handler_ns.load(Ordering::Relaxed) / 1000,
                     "failed": u.failed.load(Ordering::Relaxed),
+                    "prefetched_units": u.prefetched.load(Ordering::Relaxed),
+                    "unit_bytes": u.unit.load(Ordering::Relaxed),
+                    "touched_units": *u.touched.lock().unwrap_or_else(|p| p.into_inner()),
+                    "source": source.stats(),
                 })
             }),
             "rss_kib": rss_kib(),

@@ -231,7 +231,7 @@ fn main() -> ExitCode {
 
 fn restore(args: &Args, state: &std::path::Path, mem: &std::path::Path, start: Instant) -> Result<Vmm, String> {
     let mode = RestoreMode::parse(&args.restore_mode)
-        .ok_or_else(|| format!("unknown restore mode {:?} (private, uffd)", args.restore_mode))?;
+        .ok_or_else(|| format!("unknown restore mode {:?} (private, uffd, store)", args.restore_mode))?;
     if args.kernel.is_some()
         || args.initramfs.is_some()
         || args.config.is_some()

@@ -69,9 +69,23 @@ enum Cmd {
         snapshot: Option<String>,
         #[arg(short = 'n', long, default_value_t = 1)]
         count: u32,
+        /// Start before memory arrives (pages fetched on first touch, working set prefetched).
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// The local snapshot cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
     },
     /// Prometheus metrics.
     Metrics,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Drop every chunk not pinned by a running VM (the next restore fetches from S3).
+    Clear,
 }
 
 #[derive(Subcommand)]
@@ -355,13 +369,18 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 api.call("DELETE", &format!("/v1/templates/{}", enc(&name)), None).await?;
             }
         },
-        Cmd::Clone { template, snapshot, count } => {
-            eprintln!("restoring {count} clone(s)...");
+        Cmd::Clone { template, snapshot, count, lazy } => {
+            eprintln!("restoring {count} clone(s){}...", if lazy { " lazily" } else { "" });
             let v = api
-                .call("POST", "/v1/clones", Some(json!({"template": template, "snapshot": snapshot, "count": count})))
+                .call(
+                    "POST",
+                    "/v1/clones",
+                    Some(json!({"template": template, "snapshot": snapshot, "count": count, "lazy": lazy})),
+                )
                 .await?;
             out(&v, &print_vms);
         }
+        Cmd::Cache { cmd: CacheCmd::Clear } => out(&api.call("DELETE", "/v1/store/cache", None).await?, &pretty),
         Cmd::Metrics => {
             let raw = api.raw("GET", "/metrics", None).await?;
             print!("{}", String::from_utf8_lossy(&raw));

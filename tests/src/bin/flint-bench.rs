@@ -255,6 +255,101 @@ async fn store_bench() {
     );
 }
 
+/// Restores through flintd from S3 with an empty local cache, side by side in one run: eager (whole memory image
+/// first), lazy (pages on first touch; records the working set), lazy + prefetch of that working set.
+fn lazy_bench() {
+    use std::process::{Command, Stdio};
+    let s3 = flint_tests::S3Server::start();
+    let work = TempDir::new("bench-lazy");
+    let data = work.path().join("data");
+    let sock = work.path().join("flintd.sock");
+    let log = std::fs::File::create(work.path().join("flintd.log")).expect("log");
+    let mut cmd = Command::new(bin_dir().join("flintd"));
+    cmd.arg("--socket")
+        .arg(&sock)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--image")
+        .arg(format!("default={}", images().dir.display()))
+        .envs(s3.env())
+        .stdout(Stdio::null())
+        .stderr(log);
+    flint_tests::die_with_parent(&mut cmd);
+    let mut daemon = cmd.spawn().expect("start flintd");
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| -> serde_json::Value {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+            .expect("flintd");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert!(status < 300, "{method} {path}: {status} {v}");
+        v
+    };
+    let metric = |name: &str| -> u64 {
+        let (_, out) = rt
+            .block_on(flint_supervisor::http::request(&sock, "GET", "/metrics", None, Duration::from_secs(10)))
+            .expect("metrics");
+        String::from_utf8_lossy(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    println!(
+        "flint-bench lazy: template from {} (cold boot), pushed to S3 (s3s-fs on loopback)",
+        images().dir.display()
+    );
+    let t = call(
+        "POST",
+        "/v1/templates",
+        Some(serde_json::json!({"name": "b", "publish": true, "init": ["/bin/sh", "-c", "echo ready > /tmp/ready"]})),
+    );
+    let snaps = call("GET", "/v1/snapshots", None);
+    let stored = snaps
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["id"] == "tmpl-b"))
+        .map(|s| s["stored_bytes"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    println!("cold boot {:.0} ms; snapshot stores {:.1} MB", t["boot_ms"].as_f64().unwrap_or(0.0), stored as f64 / 1e6);
+    println!();
+    println!(
+        "{:<34} {:>12} {:>14} {:>9} {:>9} {:>10}",
+        "restore (empty local cache)", "ready ms", "S3 bytes", "% stored", "faults", "prefetched"
+    );
+    for (label, lazy) in [
+        ("eager (whole image first)", false),
+        ("lazy, first (records working set)", true),
+        ("lazy + working-set prefetch", true),
+    ] {
+        call("DELETE", "/v1/store/cache", None);
+        let before = metric("flint_store_remote_bytes_total");
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "b", "count": 1, "lazy": lazy})));
+        let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+        let d = call("GET", &format!("/v1/vms/{id}"), None);
+        let u = &d["vmm"]["uffd"];
+        let bytes =
+            metric("flint_store_remote_bytes_total") - before + u["source"]["remote_bytes"].as_u64().unwrap_or(0);
+        println!(
+            "{:<34} {:>12.1} {:>14} {:>8.1}% {:>9} {:>10}",
+            label,
+            d["ready_ms"].as_f64().unwrap_or(0.0),
+            bytes,
+            bytes as f64 * 100.0 / stored.max(1) as f64,
+            if lazy { u["faults"].to_string() } else { "-".into() },
+            if lazy { u["prefetched_units"].to_string() } else { "-".into() }
+        );
+        call("DELETE", &format!("/v1/vms/{id}"), None);
+    }
+    println!();
+    println!("ready ms: flintd's restore call start -> agent answers and refresh done (includes fetching from S3).");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -269,8 +364,12 @@ async fn main() {
         store_bench().await;
         return;
     }
+    if mode == "lazy" {
+        lazy_bench();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

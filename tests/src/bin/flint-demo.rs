@@ -1,117 +1,202 @@
-//! `flint-demo` (run by `make demo`): boots a sandbox with flint-vmm from the cached images,
-//! talks to its agent over vsock, runs commands, snapshots it, restores clones and prints a
-//! timing table.
+//! `make demo`: start flintd on its embedded defaults (temporary socket and data directory) with a loopback S3
+//! server, create a template from the default image (boot, init, snapshot, push), restore clones from it, exec in
+//! each, print a timing table (cold boot vs. restore with the VMM-side breakdown), and stop everything.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flint_agent::protocol::ExecRequest;
-use flint_tests::*;
+use flint_tests::{bin_dir, die_with_parent, images, S3Server, TempDir};
+use serde_json::{json, Value};
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+const CLONES: u32 = 3;
+
+fn api(
+    rt: &tokio::runtime::Runtime,
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let body = body.map(|b| b.to_string().into_bytes());
+    let (status, out) = rt
+        .block_on(flint_supervisor::http::request(sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+    if status >= 300 {
+        return Err(format!("{method} {path}: HTTP {status}: {}", v["error"].as_str().unwrap_or("?")));
+    }
+    Ok(v)
+}
+
+/// Runs `argv` in a VM through the API's exec stream; returns (stdout, exit description).
+fn exec(rt: &tokio::runtime::Runtime, sock: &Path, vm: &str, argv: &[&str]) -> Result<(String, String), String> {
+    let body = json!({"argv": argv, "timeout_ms": 60000}).to_string().into_bytes();
+    let (status, out) = rt
+        .block_on(flint_supervisor::http::request(
+            sock,
+            "POST",
+            &format!("/v1/vms/{vm}/exec"),
+            Some(&body),
+            Duration::from_secs(120),
+        ))
+        .map_err(|e| e.to_string())?;
+    if status >= 300 {
+        return Err(String::from_utf8_lossy(&out).into_owned());
+    }
+    let (mut stdout, mut exit) = (String::new(), String::from("?"));
+    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if let Some(s) = v["stdout"].as_str() {
+            stdout.push_str(s);
+        } else if let Some(e) = v.get("exit") {
+            exit = match (e["code"].as_i64(), e["signal"].as_i64()) {
+                (Some(c), _) => format!("exit {c}"),
+                (_, Some(s)) => format!("signal {s}"),
+                _ => "?".into(),
+            };
+        } else if let Some(e) = v["error"].as_str() {
+            return Err(e.to_string());
+        }
+    }
+    Ok((stdout.trim().to_string(), exit))
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child: SIGTERM for a graceful stop.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("flint demo: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
     let img = images();
-    println!("flint demo: kernel {}, initramfs {}", img.vmlinux.display(), img.initramfs.display());
-    let dir = TempDir::new("demo");
-    let t0 = Instant::now();
-    let mut vm = VmProcess::boot(dir.path(), &[]);
-    println!("booting a 256 MiB, 1-vCPU sandbox (console: {}) ...", vm.console.display());
-    let agent = vm.agent(Duration::from_secs(300)).await;
-    let boot = t0.elapsed();
-    println!("agent answered after {:.1} s", boot.as_secs_f64());
-
-    let mut rows: Vec<(String, Duration, String)> = Vec::new();
-    for argv in [&["/bin/uname", "-sr"][..], &["/bin/cat", "/proc/loadavg"][..], &["/bin/true"][..]] {
-        let t = Instant::now();
-        let req = ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_ms: Some(60_000),
-            ..Default::default()
-        };
-        let out = agent.exec_output(req).await.expect("exec");
-        let status = match (out.code, out.signal) {
-            (Some(c), _) => format!("exit {c}"),
-            (_, Some(s)) => format!("signal {s}"),
-            _ => "?".into(),
-        };
-        rows.push((argv.join(" "), t.elapsed(), format!("{} [{status}]", String::from_utf8_lossy(&out.stdout).trim())));
-    }
-    let t = Instant::now();
-    agent.write_file("/tmp/upload.bin", 0o644, &vec![7u8; 256 << 10]).await.expect("upload");
-    let back = agent.read_file("/tmp/upload.bin").await.expect("download");
-    rows.push(("256 KiB upload + download".into(), t.elapsed(), format!("{} bytes back", back.len())));
-
-    let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).expect("describe");
-    let tm = &d["timings"];
-    let ms = |k: &str| tm[k].as_u64().unwrap_or(0) as f64 / 1000.0;
-    println!();
-    println!("host profile: {}", d["host_profile"].as_str().unwrap_or("?"));
-    println!("{:<42} {:>12}", "phase", "time");
-    println!("{:<42} {:>9.2} ms", "VMM start -> first guest instruction", ms("process_to_first_run_us"));
-    println!("{:<42} {:>9.2} ms", "  KVM VM + irqchip + PIT", ms("kvm_setup_us"));
-    println!("{:<42} {:>9.2} ms", "  guest memory", ms("memory_us"));
-    println!("{:<42} {:>9.2} ms", "  kernel + initramfs load", ms("kernel_load_us"));
-    println!("{:<42} {:>9.2} ms", "  devices", ms("devices_us"));
-    println!("{:<42} {:>9.2} ms", "first guest instruction -> /init", ms("first_run_to_init_us"));
-    println!("{:<42} {:>9.2} ms", "VMM start -> agent answers (cold boot)", boot.as_secs_f64() * 1000.0);
-    for (label, t, out) in &rows {
-        println!("{:<42} {:>9.2} ms   {}", format!("exec: {label}"), t.as_secs_f64() * 1000.0, out);
-    }
-
-    // SnapStart: snapshot the initialised sandbox, then start clones from it.
-    agent.before_checkpoint().await.expect("before-checkpoint");
-    let req = serde_json::json!({
-        "state_path": dir.path().join("demo.state"),
-        "mem_path": dir.path().join("demo.mem"),
-        "resume": false,
-    });
-    let (_, snap) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&req)).expect("snapshot");
-    let snap = &snap["snapshot"];
-    let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
-    let _ = vm.wait(Duration::from_secs(60));
-    drop(agent);
-    let us = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / 1000.0;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let s3 = S3Server::start();
+    let work = TempDir::new("demo");
+    let data: PathBuf = work.path().join("data");
+    let sock = work.path().join("flintd.sock");
+    let log = std::fs::File::create(work.path().join("flintd.log")).map_err(|e| e.to_string())?;
+    println!("flint demo: images {}, S3 (s3s-fs) at {}", img.dir.display(), s3.endpoint());
     println!(
-        "{:<42} {:>9.2} ms   ({:.1} MB of {} MiB written, pause {:.2} ms)",
-        "snapshot (full)",
-        us(&snap["total_us"]),
-        snap["memory"]["bytes_written"].as_u64().unwrap_or(0) as f64 / 1e6,
-        snap["guest_memory_bytes"].as_u64().unwrap_or(0) >> 20,
-        us(&snap["pause_us"])
+        "$ flintd --socket {} --data-dir {} --image default={}",
+        sock.display(),
+        data.display(),
+        img.dir.display()
     );
+    let mut cmd = Command::new(bin_dir().join("flintd"));
+    cmd.arg("--socket")
+        .arg(&sock)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--image")
+        .arg(format!("default={}", img.dir.display()))
+        .envs(s3.env())
+        .stdout(Stdio::null())
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    let daemon = Daemon(cmd.spawn().map_err(|e| format!("start flintd: {e}"))?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if Instant::now() > deadline {
+            return Err("flintd did not come up (see its log)".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
-    const CLONES: usize = 3;
-    let dirs: Vec<TempDir> = (0..CLONES).map(|_| TempDir::new("demo-clone")).collect();
-    let t = Instant::now();
-    let mut clones: Vec<VmProcess> =
-        dirs.iter().map(|d| VmProcess::restore(d.path(), &d_state(&dir), &d_mem(&dir), "private", &[])).collect();
-    for (i, c) in clones.iter_mut().enumerate() {
-        let a = c.agent(Duration::from_secs(120)).await;
-        let ready = c.started.elapsed();
-        a.refresh(Default::default(), Some(format!("clone-{i}"))).await.expect("refresh");
-        let rnd = a.read_file_limit("/dev/urandom", Some(8)).await.expect("entropy");
-        let (_, d) = api_call(&c.api_sock, "GET", "/vm", None).expect("describe");
+    println!(
+        "$ flint template create demo --push -- /bin/sh -c 'echo warmed > /tmp/warm'   (boot, init, snapshot, push)"
+    );
+    let t = api(
+        &rt,
+        &sock,
+        "POST",
+        "/v1/templates",
+        Some(json!({"name": "demo", "init": ["/bin/sh", "-c", "echo warmed > /tmp/warm"], "publish": true})),
+    )?;
+    let snaps = api(&rt, &sock, "GET", "/v1/snapshots", None)?;
+    let snap = snaps.as_array().and_then(|a| a.iter().find(|s| s["id"] == "tmpl-demo").cloned()).unwrap_or_default();
+
+    println!("$ flint clone demo -n {CLONES}");
+    let started = Instant::now();
+    let clones = api(&rt, &sock, "POST", "/v1/clones", Some(json!({"template": "demo", "count": CLONES})))?;
+    let clones_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let clones: Vec<Value> = clones.as_array().cloned().unwrap_or_default();
+
+    println!();
+    println!("{:<24} {:<10} {:>10}  output", "clone", "exec", "ms");
+    let mut details = Vec::new();
+    for c in &clones {
+        let id = c["id"].as_str().unwrap_or("?");
+        for argv in [&["/bin/cat", "/proc/sys/kernel/random/uuid"][..], &["/bin/cat", "/tmp/warm"][..]] {
+            let t0 = Instant::now();
+            let (out, status) = exec(&rt, &sock, id, argv).unwrap_or_else(|e| (e, "error".into()));
+            println!("{:<24} {:<10} {:>10.1}  {out} [{status}]", id, argv[1], t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        details.push(api(&rt, &sock, "GET", &format!("/v1/vms/{id}"), None)?);
+    }
+
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let us = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1000.0;
+    let boot = f(&t["boot_ms"]);
+    println!();
+    println!("{:<52} {:>12}", "phase (through flintd)", "ms");
+    println!("{:<52} {:>12.1}", "cold boot: VMM start -> agent answers", boot);
+    println!("{:<52} {:>12.1}", "template init command", f(&t["init_ms"]));
+    println!(
+        "{:<52} {:>12.1}",
+        format!(
+            "snapshot + store + push ({:.1} MB logical -> {:.1} MB stored)",
+            f(&snap["logical_bytes"]) / 1e6,
+            f(&snap["stored_bytes"]) / 1e6
+        ),
+        f(&t["snapshot_ms"])
+    );
+    for d in &details {
+        let ready = f(&d["ready_ms"]);
         println!(
-            "{:<42} {:>9.2} ms   (VMM start -> first instruction {:.2} ms, RSS {} KiB, urandom {})",
-            format!("clone {i}: restore -> agent answers"),
-            ready.as_secs_f64() * 1000.0,
-            us(&d["timings"]["process_to_first_run_us"]),
-            d["rss_kib"],
-            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            "{:<52} {:>12.1}   ({:.0}x faster than cold boot)",
+            format!("restore {} -> agent answers + refresh", d["id"].as_str().unwrap_or("?")),
+            ready,
+            boot / ready.max(0.001)
+        );
+        println!("{:<52} {:>12.1}", "  fetch snapshot images from the store", f(&d["fetch_ms"]));
+        let r = &d["vmm"]["restore"];
+        for (label, key) in [
+            ("  VMM: read + check state file", "read_state_us"),
+            ("  VMM: KVM VM + irqchip", "kvm_setup_us"),
+            ("  VMM: map guest memory", "memory_us"),
+            ("  VMM: devices", "devices_us"),
+            ("  VMM: VM + vCPU state", "vcpu_state_us"),
+        ] {
+            println!("{:<52} {:>12.2}", label, us(&r[key]));
+        }
+        println!(
+            "{:<52} {:>12.2}",
+            "  VMM: process start -> first instruction",
+            us(&d["vmm"]["timings"]["process_to_first_run_us"])
         );
     }
-    println!("{:<42} {:>9.2} ms", format!("{CLONES} clones, all answering"), t.elapsed().as_secs_f64() * 1000.0);
-    for c in clones.iter_mut() {
-        let _ = api_call(&c.api_sock, "PUT", "/vm/shutdown", None);
-        let _ = c.wait(Duration::from_secs(60));
-    }
+    println!("{:<52} {:>12.1}", format!("{CLONES} clones, all answering (wall)"), clones_ms);
     println!();
     println!("cold boot vs. restore: the ratio is what a host with hardware KVM also sees; the absolute");
     println!("boot time here reflects this machine's emulating KVM (see docs/images.md).");
-}
 
-fn d_state(d: &TempDir) -> std::path::PathBuf {
-    d.path().join("demo.state")
-}
-
-fn d_mem(d: &TempDir) -> std::path::PathBuf {
-    d.path().join("demo.mem")
+    for c in &clones {
+        api(&rt, &sock, "DELETE", &format!("/v1/vms/{}", c["id"].as_str().unwrap_or("?")), None)?;
+    }
+    drop(daemon);
+    let left = std::fs::read_dir(data.join("vms")).map(|d| d.count()).unwrap_or(0);
+    println!("stopped flintd and {} clones cleanly ({} VM directories left)", clones.len(), left);
+    Ok(())
 }

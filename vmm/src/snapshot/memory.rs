@@ -23,6 +23,8 @@ pub enum MemFileError {
     Map(String, #[source] std::io::Error),
     #[error("KVM failed to read the dirty log")]
     DirtyLog(#[source] kvm_ioctls::Error),
+    #[error("snapshot store: {0}")]
+    Store(String),
 }
 
 /// Bytes written and pages skipped by a memory write.
@@ -189,6 +191,9 @@ pub enum RestoreMode {
     Private,
     /// Anonymous memory filled on first touch by a userfaultfd handler thread.
     Uffd,
+    /// Like `Uffd`, with pages fetched from the snapshot store (L1, then S3) instead of a local file; the memory
+    /// path names a store source file (JSON, see `store_source.rs`).
+    Store,
 }
 
 impl RestoreMode {
@@ -196,6 +201,7 @@ impl RestoreMode {
         match s {
             "private" => Some(RestoreMode::Private),
             "uffd" => Some(RestoreMode::Uffd),
+            "store" => Some(RestoreMode::Store),
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 pub mod cpu;
 pub mod format;
 pub mod memory;
+pub mod store_source;
 pub mod uffd;
 
 use serde::{Deserialize, Serialize};

@@ -4,17 +4,19 @@
 //! UFFD_USER_MODE_ONLY, because the faults come from the kernel (KVM touching guest pages on
 //! the vCPU's behalf). A handler thread answers each fault by copying the page from a
 //! [`PageSource`] (UFFDIO_COPY) or mapping the zero page (UFFDIO_ZEROPAGE).
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const PAGE: u64 = 4096;
@@ -51,19 +53,40 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
-/// Where page contents come from (a local file now; the snapshot store later).
+/// Where page contents come from: a local memory file, or the snapshot store (lazy restore from L1/S3).
+///
+/// Memory is served in *units* (the source's natural granularity: 64 KiB of a file, one store chunk); a fault
+/// installs the whole unit around it.
 pub trait PageSource: Send + Sync {
-    /// Fills `buf` with the bytes at `offset` of the memory image; returns false when the whole
-    /// range is known to be zero (no copy needed).
-    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<bool>;
+    /// Bytes per unit (a multiple of the page size).
+    fn unit(&self) -> u64;
+    /// Total bytes of the memory image.
+    fn size(&self) -> u64;
+    /// Fills `buf` (the unit's length, shorter for the last one) with unit `index`; returns false when the unit is
+    /// all zero (no copy needed). An error is fatal to the VM: its memory cannot be provided.
+    fn read_unit(&self, index: u64, buf: &mut [u8]) -> std::io::Result<bool>;
+    /// Extra counters for `describe` (bytes fetched from the store, ...).
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// A memory file on local disk.
-pub struct FileSource(pub File);
+pub struct FileSource {
+    pub file: File,
+    pub unit: u64,
+    pub size: u64,
+}
 
 impl PageSource for FileSource {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.0.read_exact_at(buf, offset)?;
+    fn unit(&self) -> u64 {
+        self.unit
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_unit(&self, index: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.file.read_exact_at(buf, index * self.unit)?;
         Ok(buf.iter().any(|b| *b != 0))
     }
 }
@@ -77,6 +100,12 @@ pub struct UffdStats {
     pub bytes_read: AtomicU64,
     pub handler_ns: AtomicU64,
     pub failed: AtomicBool,
+    /// Units installed ahead of any fault (working-set prefetch).
+    pub prefetched: AtomicU64,
+    /// Units first faulted by the guest, in first-touch order (the working set of this restore).
+    pub touched: Mutex<Vec<u32>>,
+    /// Unit size of the source, for interpreting `touched`.
+    pub unit: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,13 +124,34 @@ pub struct Range {
     pub file_offset: u64,
 }
 
-/// Creates the userfaultfd, registers `ranges`, and starts the handler thread. Faults are
-/// served a whole `chunk` (a multiple of the page size) at a time, so sequential touches cost
-/// one round trip per chunk.
+/// Unit states.
+const MISSING: u8 = 0;
+const QUEUED: u8 = 1;
+const DONE: u8 = 2;
+
+/// Work for the fetch workers: demand faults first, then prefetch.
+struct Queue {
+    jobs: Mutex<(VecDeque<u64>, VecDeque<u64>)>,
+    ready: Condvar,
+}
+
+struct Shared {
+    uffd: OwnedFd,
+    ranges: Vec<Range>,
+    source: Arc<dyn PageSource>,
+    states: Vec<AtomicU8>,
+    queue: Queue,
+    stats: Arc<UffdStats>,
+}
+
+/// Creates the userfaultfd, registers `ranges`, and starts the fault thread plus `workers` fetch threads. A fault
+/// queues the unit around it (once); workers fetch units in parallel, so a slow fetch never blocks faults on other
+/// units. `prefetch` units are fetched and installed ahead of faults, after any demand fault.
 pub fn start(
     ranges: Vec<Range>,
     source: Arc<dyn PageSource>,
-    chunk: u64,
+    workers: usize,
+    prefetch: &[u32],
     stats: Arc<UffdStats>,
 ) -> Result<(), UffdError> {
     // SAFETY: plain syscall; the result is checked and owned.
@@ -124,20 +174,54 @@ pub fn start(
             return Err(UffdError::Ioctl("register", std::io::Error::last_os_error()));
         }
     }
-    let chunk = chunk.max(PAGE) / PAGE * PAGE;
+    let unit = source.unit();
+    if unit == 0 || !unit.is_multiple_of(PAGE) {
+        return Err(UffdError::Ioctl("unit size", std::io::Error::other(format!("{unit} is not a page multiple"))));
+    }
+    stats.unit.store(unit, Ordering::Relaxed);
+    let units = source.size().div_ceil(unit) as usize;
+    let shared = Arc::new(Shared {
+        uffd,
+        ranges,
+        source,
+        states: (0..units).map(|_| AtomicU8::new(MISSING)).collect(),
+        queue: Queue { jobs: Mutex::new((VecDeque::new(), VecDeque::new())), ready: Condvar::new() },
+        stats,
+    });
+    {
+        let mut jobs = lock(&shared.queue.jobs);
+        for &u in prefetch {
+            if let Some(st) = shared.states.get(u as usize) {
+                if st.compare_exchange(MISSING, QUEUED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    jobs.1.push_back(u as u64);
+                }
+            }
+        }
+    }
+    for i in 0..workers.max(1) {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("uffd-fetch{i}"))
+            .spawn(move || worker(sh))
+            .map_err(|e| UffdError::Ioctl("worker thread", e))?;
+    }
     std::thread::Builder::new()
         .name("uffd".into())
-        .spawn(move || handler(uffd, ranges, source, chunk, stats))
+        .spawn(move || handler(shared))
         .map_err(|e| UffdError::Ioctl("handler thread", e))?;
     Ok(())
 }
 
-fn handler(uffd: OwnedFd, ranges: Vec<Range>, source: Arc<dyn PageSource>, chunk: u64, stats: Arc<UffdStats>) {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn handler(sh: Arc<Shared>) {
     let mut msg = [0u8; 32];
-    let mut buf = vec![0u8; chunk as usize];
+    let unit = sh.source.unit();
     loop {
         // SAFETY: reading one uffd_msg (32 bytes) into our buffer.
-        let n = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        let n = unsafe { libc::read(sh.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
         if n != msg.len() as isize {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -148,41 +232,99 @@ fn handler(uffd: OwnedFd, ranges: Vec<Range>, source: Arc<dyn PageSource>, chunk
         if msg[0] != UFFD_EVENT_PAGEFAULT {
             continue;
         }
-        let t = std::time::Instant::now();
         let mut a = [0u8; 8];
         a.copy_from_slice(&msg[16..24]);
         let addr = u64::from_le_bytes(a) & !(PAGE - 1);
-        stats.faults.fetch_add(1, Ordering::Relaxed);
-        let Some(r) = ranges.iter().find(|r| addr >= r.host && addr < r.host + r.len) else { continue };
-        // Serve the aligned chunk around the fault, clipped to the range.
-        let start = (addr - r.host) / chunk * chunk;
-        let len = chunk.min(r.len - start);
-        let dst = r.host + start;
-        let ok = match source.read(r.file_offset + start, &mut buf[..len as usize]) {
-            Ok(true) => {
-                stats.bytes_read.fetch_add(len, Ordering::Relaxed);
-                copy(&uffd, dst, &buf[..len as usize], &stats)
+        sh.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let Some(r) = sh.ranges.iter().find(|r| addr >= r.host && addr < r.host + r.len) else { continue };
+        let u = (r.file_offset + (addr - r.host)) / unit;
+        let Some(state) = sh.states.get(u as usize) else { continue };
+        match state.compare_exchange(MISSING, QUEUED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                lock(&sh.stats.touched).push(u as u32);
+                lock(&sh.queue.jobs).0.push_back(u);
+                sh.queue.ready.notify_one();
             }
-            Ok(false) => zero(&uffd, dst, len, &stats),
-            Err(_) => false,
-        };
-        if !ok {
-            // Try the single page: another fault may have filled part of the chunk (EEXIST).
-            let off = addr - r.host;
-            let page = &mut buf[..PAGE as usize];
-            let served = match source.read(r.file_offset + off, page) {
-                Ok(true) => copy(&uffd, addr, page, &stats),
-                Ok(false) => zero(&uffd, addr, PAGE, &stats),
-                Err(_) => false,
-            };
-            if !served {
-                stats.failed.store(true, Ordering::Relaxed);
+            Err(QUEUED) => {
+                // Queued for prefetch, or being fetched: move it to the front if it is still waiting.
+                let mut jobs = lock(&sh.queue.jobs);
+                if let Some(pos) = jobs.1.iter().position(|x| *x == u) {
+                    jobs.1.remove(pos);
+                    jobs.0.push_back(u);
+                    drop(jobs);
+                    sh.queue.ready.notify_one();
+                }
             }
+            Err(_) => wake(&sh.uffd, addr, PAGE), // installed meanwhile: make sure the faulting thread runs on
         }
-        stats.handler_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
+fn worker(sh: Arc<Shared>) {
+    let unit = sh.source.unit();
+    let mut buf = vec![0u8; unit as usize];
+    loop {
+        let (u, demand) = {
+            let mut jobs = lock(&sh.queue.jobs);
+            loop {
+                if let Some(u) = jobs.0.pop_front() {
+                    break (u, true);
+                }
+                if let Some(u) = jobs.1.pop_front() {
+                    break (u, false);
+                }
+                jobs = sh.queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let t = std::time::Instant::now();
+        let start = u * unit;
+        let len = unit.min(sh.source.size() - start);
+        let data = &mut buf[..len as usize];
+        let nonzero = match sh.source.read_unit(u, data) {
+            Ok(nz) => nz,
+            Err(e) => fatal(&sh, u, &e),
+        };
+        if nonzero {
+            sh.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+        }
+        // Install the unit into every registered range it overlaps (units are in image-offset space).
+        for r in &sh.ranges {
+            let lo = start.max(r.file_offset);
+            let hi = (start + len).min(r.file_offset + r.len);
+            if lo >= hi {
+                continue;
+            }
+            let dst = r.host + (lo - r.file_offset);
+            let ok = if nonzero {
+                copy(&sh.uffd, dst, &data[(lo - start) as usize..(hi - start) as usize], &sh.stats)
+            } else {
+                zero(&sh.uffd, dst, hi - lo, &sh.stats)
+            };
+            if !ok {
+                fatal(&sh, u, &std::io::Error::last_os_error());
+            }
+        }
+        sh.states[u as usize].store(DONE, Ordering::Release);
+        if !demand {
+            sh.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+        }
+        sh.stats.handler_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The guest's memory cannot be provided: stop the VM with a clear error rather than leave a vCPU waiting on a
+/// page that will never come (or give it wrong data).
+fn fatal(sh: &Shared, unit: u64, e: &std::io::Error) -> ! {
+    sh.stats.failed.store(true, Ordering::Relaxed);
+    eprintln!(
+        "flint-vmm: lazy restore failed: memory unit {unit} ({} bytes at offset {}) could not be provided: {e}; stopping the VM",
+        sh.source.unit(),
+        unit * sh.source.unit()
+    );
+    std::process::exit(2);
+}
+
+/// Installs `data` at `dst`. Units are installed once each, so EEXIST means a bug, not a race.
 fn copy(uffd: &OwnedFd, dst: u64, data: &[u8], stats: &UffdStats) -> bool {
     let mut c = UffdioCopy { dst, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
     // SAFETY: UFFDIO_COPY copies `len` bytes from our buffer into the registered range.
@@ -191,7 +333,7 @@ fn copy(uffd: &OwnedFd, dst: u64, data: &[u8], stats: &UffdStats) -> bool {
         stats.pages_copied.fetch_add(data.len() as u64 / PAGE, Ordering::Relaxed);
         return true;
     }
-    std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) && data.len() as u64 == PAGE
+    false
 }
 
 fn zero(uffd: &OwnedFd, start: u64, len: u64, stats: &UffdStats) -> bool {
@@ -202,5 +344,11 @@ fn zero(uffd: &OwnedFd, start: u64, len: u64, stats: &UffdStats) -> bool {
         stats.zero_pages.fetch_add(len / PAGE, Ordering::Relaxed);
         return true;
     }
-    std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) && len == PAGE
+    false
+}
+
+fn wake(uffd: &OwnedFd, start: u64, len: u64) {
+    let mut range = [start, len];
+    // SAFETY: UFFDIO_WAKE reads a uffdio_range {start, len}, which `range` is laid out as.
+    unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE as _, range.as_mut_ptr()) };
 }
