@@ -109,6 +109,20 @@ pub struct CreateVm {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub vcpus: Option<u8>,
+    /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ...
+    #[serde(default)]
+    pub drives: Vec<DriveSpec>,
+    /// Environment for the VM's execs (set through the agent once it answers).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -506,6 +520,17 @@ impl Daemon {
         if !(1..=32).contains(&vcpus) {
             return Err(OpError::BadRequest(format!("vcpus {vcpus} is out of range (1-32)")));
         }
+        for d in &req.drives {
+            if !d.path.is_absolute() || !d.path.is_file() {
+                return Err(OpError::BadRequest(format!(
+                    "drive {} is not an existing file (absolute path)",
+                    d.path.display()
+                )));
+            }
+        }
+        if req.drives.len() > 8 {
+            return Err(OpError::BadRequest(format!("{} drives: at most 8", req.drives.len())));
+        }
         let (id, dir) = self.reserve(req.id, "vm")?;
         self.update(&id, |r| {
             r.image = Some(image.clone());
@@ -513,7 +538,7 @@ impl Daemon {
             r.vcpus = vcpus;
         });
         let started = Instant::now();
-        let args = vec![
+        let mut args = vec![
             "--kernel".to_string(),
             dir_img.join("vmlinux").display().to_string(),
             "--initramfs".into(),
@@ -523,9 +548,20 @@ impl Daemon {
             "--vcpus".into(),
             vcpus.to_string(),
         ];
+        for d in &req.drives {
+            args.push("--drive".into());
+            args.push(format!("{}{}", d.path.display(), if d.read_only { ",ro" } else { "" }));
+        }
         let result = async {
             self.spawn_vmm(&id, &dir, &args)?;
-            self.wait_agent(&id, &dir).await
+            let agent = self.wait_agent(&id, &dir).await?;
+            if !req.env.is_empty() {
+                agent
+                    .refresh(req.env.clone(), Some(id.clone()))
+                    .await
+                    .map_err(|e| OpError::VmFailed(format!("set env: {e}")))?;
+            }
+            Ok(agent)
         }
         .await;
         self.finish_start(&id, started, result.map(|_| ()), false)
@@ -817,8 +853,7 @@ impl Daemon {
         if self.store.manifest(&snapshot).await.is_ok() {
             return Err(OpError::Conflict(format!("snapshot `{snapshot}` already exists")));
         }
-        let vm =
-            self.create(CreateVm { id: None, image: req.image.clone(), mem_mib: req.mem_mib, vcpus: None }).await?;
+        let vm = self.create(CreateVm { image: req.image.clone(), mem_mib: req.mem_mib, ..Default::default() }).await?;
         let result = async {
             let boot_ms = vm.ready_ms.unwrap_or(0.0);
             let t = Instant::now();

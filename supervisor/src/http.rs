@@ -43,6 +43,76 @@ pub async fn request(
     tokio::time::timeout(timeout, fut).await.map_err(|_| HttpError::Timeout(sock.display().to_string(), timeout))?
 }
 
+/// Sends one request and hands the response body to `on_data` as it arrives (for streamed NDJSON such as exec
+/// output); returns the status. Chunked transfer encoding is decoded on the fly.
+pub async fn request_stream(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    mut on_data: impl FnMut(&[u8]),
+) -> Result<u16, HttpError> {
+    let name = sock.display().to_string();
+    let io = |e| HttpError::Io(name.clone(), e);
+    let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.map_err(io)?;
+    s.write_all(body).await.map_err(io)?;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    // Headers.
+    let (status, chunked, mut rest) = loop {
+        let n = s.read(&mut tmp).await.map_err(io)?;
+        if n == 0 {
+            return Err(HttpError::Malformed(name.clone()));
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or(HttpError::Malformed(name.clone()))?;
+            let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+            break (status, chunked, buf[end + 4..].to_vec());
+        }
+        if buf.len() > 64 << 10 {
+            return Err(HttpError::Malformed(name.clone()));
+        }
+    };
+    loop {
+        if chunked {
+            // Emit every complete chunk in `rest`.
+            while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+                let size_text =
+                    String::from_utf8_lossy(&rest[..line_end]).split(';').next().unwrap_or("").trim().to_string();
+                let size = usize::from_str_radix(&size_text, 16).map_err(|_| HttpError::Malformed(name.clone()))?;
+                if size == 0 {
+                    return Ok(status);
+                }
+                if rest.len() < line_end + 2 + size + 2 {
+                    break;
+                }
+                on_data(&rest[line_end + 2..line_end + 2 + size]);
+                rest.drain(..line_end + 2 + size + 2);
+            }
+        } else if !rest.is_empty() {
+            on_data(&rest);
+            rest.clear();
+        }
+        let n = s.read(&mut tmp).await.map_err(io)?;
+        if n == 0 {
+            return Ok(status);
+        }
+        rest.extend_from_slice(&tmp[..n]);
+    }
+}
+
 /// Parses a whole response (Content-Length or read-to-close; chunked bodies are de-chunked).
 pub fn parse_response(buf: &[u8]) -> Option<(u16, Vec<u8>)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;

@@ -238,7 +238,14 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     let _d = start_flintd(&data, &socket, &s3);
 
     // A VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
-    flint_json(&socket, &["vm", "create", "--id", "src"]);
+    flint_json(&socket, &["vm", "create", "--id", "src", "--env", "FLINT_TEST=forty-two"]);
+    // exec through the CLI: streamed output, the command's exit status, the VM's env.
+    let out = flint(&socket, &["exec", "src", "--", "/bin/sh", "-c", "echo out-$FLINT_TEST; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out-forty-two\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"), "{out:?}");
+    let out = flint(&socket, &["exec", "nope", "--", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM `nope`"), "{out:?}");
     let blob: Vec<u8> = {
         let mut x = 0x2545_f491_4f6c_dd1du64;
         (0..192 * 1024)

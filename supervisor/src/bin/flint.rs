@@ -105,6 +105,12 @@ enum VmCmd {
         vcpus: Option<u8>,
         #[arg(long)]
         id: Option<String>,
+        /// Extra block device: PATH[,ro] (repeatable).
+        #[arg(long = "drive")]
+        drives: Vec<String>,
+        /// Environment for execs: KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
     },
     Ls,
     Get {
@@ -238,15 +244,22 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         }),
         Cmd::Vm { cmd } => match cmd {
-            VmCmd::Create { image, mem_mib, vcpus, id } => {
+            VmCmd::Create { image, mem_mib, vcpus, id, drives, env } => {
+                let drives: Vec<Value> = drives
+                    .iter()
+                    .map(|d| match d.strip_suffix(",ro") {
+                        Some(p) => json!({"path": p, "read_only": true}),
+                        None => json!({"path": d}),
+                    })
+                    .collect();
+                let mut envs = serde_json::Map::new();
+                for kv in env {
+                    let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
+                    envs.insert(k.to_string(), json!(v));
+                }
                 eprintln!("booting a VM (waits for its agent)...");
-                let v = api
-                    .call(
-                        "POST",
-                        "/v1/vms",
-                        Some(json!({"image": image, "mem_mib": mem_mib, "vcpus": vcpus, "id": id})),
-                    )
-                    .await?;
+                let body = json!({"image": image, "mem_mib": mem_mib, "vcpus": vcpus, "id": id, "drives": drives, "env": envs});
+                let v = api.call("POST", "/v1/vms", Some(body)).await?;
                 out(&v, &|v| print_vms(&json!([v])));
             }
             VmCmd::Ls => out(&api.call("GET", "/v1/vms", None).await?, &print_vms),
@@ -269,36 +282,68 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         },
         Cmd::Exec { vm, timeout_ms, cwd, argv } => {
-            let raw = api
-                .raw(
-                    "POST",
-                    &format!("/v1/vms/{}/exec", enc(&vm)),
-                    Some(json!({"argv": argv, "timeout_ms": timeout_ms, "cwd": cwd}).to_string().into_bytes()),
-                )
-                .await?;
+            // Output is printed as the guest produces it (NDJSON lines over a chunked response).
+            use std::io::Write;
+            let body = json!({"argv": argv, "timeout_ms": timeout_ms, "cwd": cwd}).to_string();
+            let mut pending: Vec<u8> = Vec::new();
             let mut code = 1;
-            for line in raw.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let v: Value = serde_json::from_slice(line).map_err(|e| format!("bad exec stream: {e}"))?;
-                if cli.json {
-                    println!("{v}");
-                }
-                if let Some(s) = v["stdout"].as_str() {
-                    if !cli.json {
-                        print!("{s}");
+            let mut failure: Option<String> = None;
+            let mut error_body = Vec::new();
+            let status = flint_supervisor::http::request_stream(
+                &cli.socket,
+                "POST",
+                &format!("/v1/vms/{}/exec", enc(&vm)),
+                Some(body.as_bytes()),
+                |data| {
+                    pending.extend_from_slice(data);
+                    while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=nl).collect();
+                        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                            error_body.extend_from_slice(&line);
+                            continue;
+                        };
+                        if cli.json {
+                            println!("{v}");
+                        }
+                        if let Some(s) = v["stdout"].as_str() {
+                            if !cli.json {
+                                print!("{s}");
+                                let _ = std::io::stdout().flush();
+                            }
+                        } else if let Some(s) = v["stderr"].as_str() {
+                            if !cli.json {
+                                eprint!("{s}");
+                            }
+                        } else if let Some(e) = v.get("exit") {
+                            code = e["code"]
+                                .as_i64()
+                                .map(|c| c as i32)
+                                .unwrap_or(128 + e["signal"].as_i64().unwrap_or(0) as i32);
+                            if e["timed_out"].as_bool() == Some(true) {
+                                eprintln!("flint: the command timed out");
+                            }
+                        } else if let Some(e) = v["error"].as_str() {
+                            failure = Some(e.to_string());
+                        }
                     }
-                } else if let Some(s) = v["stderr"].as_str() {
-                    if !cli.json {
-                        eprint!("{s}");
+                    if pending.len() > 1 << 20 {
+                        error_body.append(&mut pending);
                     }
-                } else if let Some(e) = v.get("exit") {
-                    code =
-                        e["code"].as_i64().map(|c| c as i32).unwrap_or(128 + e["signal"].as_i64().unwrap_or(0) as i32);
-                    if e["timed_out"].as_bool() == Some(true) {
-                        eprintln!("flint: the command timed out");
-                    }
-                } else if let Some(e) = v["error"].as_str() {
-                    return Err(e.to_string());
-                }
+                },
+            )
+            .await
+            .map_err(|e| format!("{e} (is flintd running? set FLINT_SOCKET or --socket)"))?;
+            error_body.extend_from_slice(&pending);
+            if status >= 300 {
+                let msg = serde_json::from_slice::<Value>(&error_body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(String::from))
+                    .or(failure)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&error_body).into_owned());
+                return Err(format!("{msg} (HTTP {status})"));
+            }
+            if let Some(f) = failure {
+                return Err(f);
             }
             return Ok(code);
         }

@@ -365,7 +365,8 @@ async fn main() {
         return;
     }
     if mode == "lazy" {
-        lazy_bench();
+        // Its own thread: it drives flintd with blocking calls on a runtime of its own.
+        let _ = std::thread::spawn(lazy_bench).join();
         return;
     }
     if mode != "boot" {

@@ -134,14 +134,19 @@ fn run() -> Result<(), String> {
     let clones: Vec<Value> = clones.as_array().cloned().unwrap_or_default();
 
     println!();
-    println!("{:<24} {:<10} {:>10}  output", "clone", "exec", "ms");
+    println!("{:<20} {:<44} {:>9}  output", "clone", "$ flint exec CLONE -- ...", "ms");
     let mut details = Vec::new();
     for c in &clones {
         let id = c["id"].as_str().unwrap_or("?");
         for argv in [&["/bin/cat", "/proc/sys/kernel/random/uuid"][..], &["/bin/cat", "/tmp/warm"][..]] {
             let t0 = Instant::now();
             let (out, status) = exec(&rt, &sock, id, argv).unwrap_or_else(|e| (e, "error".into()));
-            println!("{:<24} {:<10} {:>10.1}  {out} [{status}]", id, argv[1], t0.elapsed().as_secs_f64() * 1000.0);
+            println!(
+                "{:<20} {:<44} {:>9.1}  {out} [{status}]",
+                id,
+                argv.join(" "),
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
         }
         details.push(api(&rt, &sock, "GET", &format!("/v1/vms/{id}"), None)?);
     }
