@@ -568,7 +568,10 @@ impl Store {
             }
         }
         if self.inner.l1.get_blocking(&manifest_key(&draft.id))?.is_some() {
-            return Err(StoreError::InvalidInput(format!("snapshot `{}` already exists", draft.id)));
+            return Err(StoreError::InvalidInput(format!(
+                "snapshot `{}` already exists locally (to retry an interrupted upload, publish it)",
+                draft.id
+            )));
         }
         if publish {
             for tier in &self.inner.remotes {
