@@ -49,6 +49,15 @@ impl ClientError {
 
 type Streams = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
 
+/// Sets the flag when dropped (the end of a connection task, however it ends).
+struct MarkOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for MarkOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A connection to one agent.
 pub struct AgentClient {
     tx: mpsc::Sender<Frame>,
@@ -56,6 +65,8 @@ pub struct AgentClient {
     next_id: AtomicU32,
     /// Limit for calls that are not streams (health, stat, ...).
     pub call_timeout: Duration,
+    /// Set when the connection ended (either direction).
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Output of a finished exec.
@@ -142,7 +153,10 @@ impl AgentClient {
     pub fn from_stream(stream: UnixStream) -> Self {
         let (mut rd, wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed_w = closed.clone();
         tokio::spawn(async move {
+            let _mark = MarkOnDrop(closed_w);
             let mut w = BufWriter::new(wr);
             while let Some(f) = rx.recv().await {
                 if write_frame(&mut w, &f).await.is_err() {
@@ -160,7 +174,9 @@ impl AgentClient {
         });
         let streams: Streams = Arc::new(Mutex::new(HashMap::new()));
         let s2 = streams.clone();
+        let closed_r = closed.clone();
         tokio::spawn(async move {
+            let _mark = MarkOnDrop(closed_r);
             while let Ok(f) = read_frame(&mut rd).await {
                 let target = lock(&s2).get(&f.stream).cloned();
                 match target {
@@ -178,7 +194,12 @@ impl AgentClient {
             }
             lock(&s2).clear();
         });
-        AgentClient { tx, streams, next_id: AtomicU32::new(1), call_timeout: Duration::from_secs(30) }
+        AgentClient { tx, streams, next_id: AtomicU32::new(1), call_timeout: Duration::from_secs(30), closed }
+    }
+
+    /// True once the connection has ended; a new client must be connected.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     fn open(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {

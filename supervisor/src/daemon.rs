@@ -460,18 +460,16 @@ impl Daemon {
         if rec.status != VmStatus::Running {
             return Err(OpError::Conflict(format!("VM `{id}` is {:?}, not running", rec.status).to_lowercase()));
         }
-        let mut agents = self.agents.lock().await;
-        if let Some(a) = agents.get(id) {
-            if a.health().await.is_ok() {
-                return Ok(a.clone());
-            }
+        // One cached connection per VM; reconnect (without holding the map) when it has ended.
+        if let Some(a) = self.agents.lock().await.get(id).filter(|a| !a.is_closed()) {
+            return Ok(a.clone());
         }
         let a = Arc::new(
             AgentClient::connect(&Self::endpoint(&rec.dir), Duration::from_secs(10))
                 .await
                 .map_err(|e| OpError::VmFailed(format!("VM `{id}`: agent: {e}")))?,
         );
-        agents.insert(id.to_string(), a.clone());
+        self.agents.lock().await.insert(id.to_string(), a.clone());
         Ok(a)
     }
 

@@ -34,11 +34,18 @@ pub async fn request(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        s.write_all(head.as_bytes()).await.map_err(|e| HttpError::Io(name.clone(), e))?;
-        s.write_all(body).await.map_err(|e| HttpError::Io(name.clone(), e))?;
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        // A server may answer (an error, say) and close before reading the whole body: then the write fails but
+        // the response is there to read, and it is the answer that matters.
+        let write_err = s.write_all(&request).await.err();
         let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| HttpError::Io(name.clone(), e))?;
-        parse_response(&buf).ok_or_else(|| HttpError::Malformed(name.clone()))
+        let read = s.read_to_end(&mut buf).await;
+        match (parse_response(&buf), write_err, read) {
+            (Some(r), _, _) => Ok(r),
+            (None, Some(e), _) | (None, None, Err(e)) => Err(HttpError::Io(name.clone(), e)),
+            (None, None, Ok(_)) => Err(HttpError::Malformed(name.clone())),
+        }
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| HttpError::Timeout(sock.display().to_string(), timeout))?
 }
@@ -60,8 +67,10 @@ pub async fn request_stream(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).await.map_err(io)?;
-    s.write_all(body).await.map_err(io)?;
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    // As in `request`: an early answer (and close) still gets read.
+    let _ = s.write_all(&request).await;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16384];
     // Headers.

@@ -109,6 +109,18 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
         *b = x as u8;
     }
     agent.write_file("/tmp/blob", 0o644, &blob).await.unwrap();
+    let before = agent.read_file("/tmp/blob").await.unwrap();
+    if before != blob {
+        let again = agent.read_file("/tmp/blob").await.unwrap();
+        eprintln!("EXPERIMENT read again: {}", describe_difference(&again, &blob));
+        agent.write_file("/tmp/blob2", 0o644, &blob).await.unwrap();
+        let b2 = agent.read_file("/tmp/blob2").await.unwrap();
+        eprintln!("EXPERIMENT second file: {}", describe_difference(&b2, &blob));
+        let small = agent.read_file_limit("/tmp/blob", Some(128)).await.unwrap();
+        eprintln!("EXPERIMENT first 128: {:02x?}", &small[..]);
+        eprintln!("EXPERIMENT want     : {:02x?}", &blob[..128]);
+    }
+    assert!(before == blob, "the blob reads back wrong before any snapshot: {}", describe_difference(&before, &blob));
     let body = serde_json::json!({ "state_path": dir.path().join("d.state"), "mem_path": dir.path().join("d.mem"), "kind": "diff" });
     let (st, r) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&body)).unwrap();
     assert_eq!(st, 200, "{r}");
@@ -149,7 +161,7 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     let mut agent = r.agent(AGENT_TIMEOUT).await;
     agent.call_timeout = Duration::from_secs(120);
     let back = agent.read_file("/tmp/blob").await.unwrap();
-    assert!(back == blob, "guest memory from base + diff is byte-exact");
+    assert!(back == blob, "guest memory from base + diff is not byte-exact: {}", describe_difference(&back, &blob));
     let _ = api_call(&r.api_sock, "PUT", "/vm/shutdown", None);
     let _ = r.wait(Duration::from_secs(30));
 }
@@ -189,4 +201,23 @@ fn corrupt_or_foreign_state_files_are_rejected() {
     let (st, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(st.code(), Some(1));
     assert!(err.contains("the snapshot needs"), "{err}");
+}
+
+/// Where two buffers differ, page by page, for failure messages.
+fn describe_difference(got: &[u8], want: &[u8]) -> String {
+    let pages: Vec<String> = (0..want.len().div_ceil(4096))
+        .filter_map(|p| {
+            let (a, b) = (got.get(p * 4096..(p + 1) * 4096)?, &want[p * 4096..((p + 1) * 4096).min(want.len())]);
+            let diff: Vec<usize> = a.iter().zip(b).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect();
+            let (first, last) = (diff.first()?, diff.last()?);
+            Some(format!(
+                "page {p}: {} bytes differ in {first}..={last}, got {:02x?}.. want {:02x?}..",
+                diff.len(),
+                &a[*first..(*first + 8).min(a.len())],
+                &b[*first..(*first + 8).min(b.len())]
+            ))
+        })
+        .take(8)
+        .collect();
+    format!("{} bytes (want {}); {}", got.len(), want.len(), pages.join("; "))
 }
