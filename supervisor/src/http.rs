@@ -18,6 +18,17 @@ pub enum HttpError {
     Malformed(String),
 }
 
+/// One request, head and body in one buffer (one write).
+fn encode_request(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
 /// Sends one request and returns (status, body).
 pub async fn request(
     sock: &Path,
@@ -30,12 +41,7 @@ pub async fn request(
     let fut = async {
         let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
         let body = body.unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let mut request = head.into_bytes();
-        request.extend_from_slice(body);
+        let request = encode_request(method, path, body);
         // A server may answer (an error, say) and close before reading the whole body: then the write fails but
         // the response is there to read, and it is the answer that matters.
         let write_err = s.write_all(&request).await.err();
@@ -63,12 +69,7 @@ pub async fn request_stream(
     let io = |e| HttpError::Io(name.clone(), e);
     let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
     let body = body.unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    let mut request = head.into_bytes();
-    request.extend_from_slice(body);
+    let request = encode_request(method, path, body);
     // As in `request`: an early answer (and close) still gets read.
     let _ = s.write_all(&request).await;
     let mut buf = Vec::new();

@@ -81,6 +81,34 @@ pub enum BuildError {
 pub const UFFD_CHUNK: u64 = 64 * 1024;
 
 /// Fault-handler counters of this process's userfaultfd restore (one VM per process).
+/// Anonymous guest memory at `layout`, registered with a userfaultfd whose faults `source` serves (uffd and store
+/// restore modes). `what` names the source in errors.
+fn lazy_memory(
+    layout: &[(u64, u64)],
+    source: Arc<dyn crate::snapshot::uffd::PageSource>,
+    what: &str,
+    workers: usize,
+    prefetch: &[u32],
+) -> Result<GuestMem, BuildError> {
+    use crate::snapshot::{memory as snapmem, uffd, RestoreError};
+    let want: u64 = layout.iter().map(|r| r.1).sum();
+    let have = source.size();
+    if have != want {
+        return Err(RestoreError::Memory(snapmem::MemFileError::Size { path: what.to_string(), have, want }).into());
+    }
+    let ranges: Vec<(GuestAddress, usize)> = layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
+    let mut off = 0;
+    let mut uranges = Vec::new();
+    for r in mem.iter() {
+        uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
+        off += r.len();
+    }
+    *lock_source() = Some(source.clone());
+    uffd::start(uranges, source, workers, prefetch, UFFD_STATS.clone()).map_err(RestoreError::from)?;
+    Ok(mem)
+}
+
 /// The page source of a lazy restore (for its counters in `describe`).
 static PAGE_SOURCE: Mutex<Option<Arc<dyn crate::snapshot::uffd::PageSource>>> = Mutex::new(None);
 
@@ -478,59 +506,15 @@ impl Vmm {
                 let f = std::fs::File::open(mem_path).map_err(|e| {
                     RestoreError::Memory(snapmem::MemFileError::Read(mem_path.display().to_string(), e))
                 })?;
-                let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
-                let have = f.metadata().map(|m| m.len()).unwrap_or(0);
-                if have != want {
-                    return Err(RestoreError::Memory(snapmem::MemFileError::Size {
-                        path: mem_path.display().to_string(),
-                        have,
-                        want,
-                    })
-                    .into());
-                }
-                let ranges: Vec<(GuestAddress, usize)> =
-                    snap.memory_layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
-                let mem =
-                    GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
-                let mut off = 0;
-                let mut uranges = Vec::new();
-                for r in mem.iter() {
-                    uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
-                    off += r.len();
-                }
-                let source = Arc::new(uffd::FileSource { file: f, unit: UFFD_CHUNK, size: want });
-                *lock_source() = Some(source.clone());
-                uffd::start(uranges, source, 1, &[], UFFD_STATS.clone()).map_err(RestoreError::from)?;
-                mem
+                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let source = Arc::new(uffd::FileSource { file: f, unit: UFFD_CHUNK, size });
+                lazy_memory(&snap.memory_layout, source, &mem_path.display().to_string(), 1, &[])?
             }
             snapmem::RestoreMode::Store => {
                 let (source, scfg) = crate::snapshot::store_source::StoreSource::open(mem_path)
                     .map_err(|e| RestoreError::Memory(snapmem::MemFileError::Store(e)))?;
-                let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
-                let have = uffd::PageSource::size(&source);
-                if have != want {
-                    return Err(RestoreError::Memory(snapmem::MemFileError::Size {
-                        path: format!("snapshot {} image {}", scfg.snapshot, scfg.image),
-                        have,
-                        want,
-                    })
-                    .into());
-                }
-                let ranges: Vec<(GuestAddress, usize)> =
-                    snap.memory_layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
-                let mem =
-                    GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
-                let mut off = 0;
-                let mut uranges = Vec::new();
-                for r in mem.iter() {
-                    uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
-                    off += r.len();
-                }
-                let source: Arc<dyn uffd::PageSource> = Arc::new(source);
-                *lock_source() = Some(source.clone());
-                uffd::start(uranges, source, scfg.workers, &scfg.prefetch, UFFD_STATS.clone())
-                    .map_err(RestoreError::from)?;
-                mem
+                let what = format!("snapshot {} image {}", scfg.snapshot, scfg.image);
+                lazy_memory(&snap.memory_layout, Arc::new(source), &what, scfg.workers, &scfg.prefetch)?
             }
         };
         vm::register_memory(&vm, &mem, dirty_flag(&config))?;
