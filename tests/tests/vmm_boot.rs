@@ -73,6 +73,13 @@ async fn guest_boots_and_every_device_works() {
     assert!(d["devices"].as_array().unwrap().iter().all(|x| x["activated"] == true), "{d}");
     assert!(d["timings"]["first_run_to_init_us"].as_u64().is_some());
 
+    // The agent runs processes: a single command and a three-stage shell pipeline.
+    let out = agent.exec_output(argv(&["/bin/echo", "hello", "flint"])).await.unwrap();
+    assert_eq!((out.code, String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "hello flint\n"), "{out:?}");
+    let out = agent.exec_output(argv(&["/bin/sh", "-c", "echo one two three | tr ' ' '\\n' | wc -l"])).await.unwrap();
+    assert_eq!(out.code, Some(0), "pipeline failed: {out:?}\n{}", vm.diagnostics());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3", "{out:?}");
+
     // Guest → host vsock (stdin streamed into the guest-side client).
     let mut req = ExecRequest {
         argv: vec!["/sbin/flint-agent".into(), "vsock-cat".into(), "2".into(), "5000".into()],
