@@ -977,20 +977,36 @@ impl Store {
         Ok(crate::ImageReader::new(self.clone(), Arc::new(image)))
     }
 
-    /// Snapshots in L1 and in the remote tiers. A remote tier that cannot be listed is an error.
-    pub async fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
-        let mut out: BTreeMap<String, SnapshotInfo> = BTreeMap::new();
-        let index_has = |m: &Manifest| {
+    /// What `list` says of one snapshot, from its manifest: `local`/`remote` are where its manifest is known to be;
+    /// whether every chunk is in L1 is read off the cache index.
+    pub fn describe(&self, m: &Manifest, local: bool, remote: bool) -> SnapshotInfo {
+        let local_complete = {
             let index = lock(&self.inner.index);
             m.chunk_ids().all(|c| index.entries.contains_key(&self.chunk_key(&c)))
         };
+        SnapshotInfo {
+            id: m.id.clone(),
+            parent: m.parent.clone(),
+            created_unix_ms: m.created_unix_ms,
+            logical_bytes: m.logical_bytes(),
+            stored_bytes: m.stored_bytes(),
+            chunks: m.chunk_ids().count(),
+            local,
+            local_complete,
+            remote,
+            metadata: m.metadata.clone(),
+        }
+    }
+
+    /// Snapshots in L1 and in the remote tiers. A remote tier that cannot be listed is an error.
+    pub async fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let mut out: BTreeMap<String, SnapshotInfo> = BTreeMap::new();
         for o in self.inner.l1.list_blocking("manifests")? {
             let id = o.key.trim_start_matches("manifests/").to_string();
             let Some(bytes) = self.inner.l1.get_blocking(&o.key)? else { continue };
             match self.decode_manifest(&id, "local cache", &bytes) {
                 Ok(m) => {
-                    let complete = index_has(&m);
-                    out.insert(id, info_of(&m, true, complete, false));
+                    out.insert(id, self.describe(&m, true, false));
                 }
                 Err(e) => warn!(%id, error = %e, "skipping an unreadable local manifest"),
             }
@@ -1008,8 +1024,7 @@ impl Store {
                 let Some(bytes) = tier.get(&o.key).await? else { continue };
                 match self.decode_manifest(&id, tier.name(), &bytes) {
                     Ok(m) => {
-                        let complete = index_has(&m);
-                        out.insert(id, info_of(&m, false, complete, true));
+                        out.insert(id, self.describe(&m, false, true));
                     }
                     Err(e) => warn!(%id, error = %e, "skipping an unreadable remote manifest"),
                 }
@@ -1223,21 +1238,6 @@ impl Store {
             ok: ids.len() as u64 - problems.len() as u64,
             problems,
         })
-    }
-}
-
-fn info_of(m: &Manifest, local: bool, local_complete: bool, remote: bool) -> SnapshotInfo {
-    SnapshotInfo {
-        id: m.id.clone(),
-        parent: m.parent.clone(),
-        created_unix_ms: m.created_unix_ms,
-        logical_bytes: m.logical_bytes(),
-        stored_bytes: m.stored_bytes(),
-        chunks: m.chunk_ids().count(),
-        local,
-        local_complete,
-        remote,
-        metadata: m.metadata.clone(),
     }
 }
 

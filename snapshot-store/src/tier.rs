@@ -338,18 +338,8 @@ impl ObjectTier {
     }
 
     fn err(&self, what: &str, key: &str, e: object_store::Error) -> TierError {
-        // object_store's Display carries the whole source chain (connection refused, HTTP status, ...).
-        let mut detail = format!("{what} {key}: {e}");
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !detail.contains(&text) {
-                detail.push_str(": ");
-                detail.push_str(&text);
-            }
-            source = s.source();
-        }
-        TierError { tier: self.name.clone(), detail }
+        // The whole source chain: connection refused, HTTP status, ...
+        TierError { tier: self.name.clone(), detail: format!("{what} {key}: {}", crate::error_chain(&e)) }
     }
 
     fn strip(&self, location: &ObjPath) -> String {

@@ -679,26 +679,18 @@ impl Daemon {
                 draft.metadata.insert("image".into(), i.clone());
             }
             draft.metadata.insert("mem_mib".into(), rec.mem_mib.to_string());
-            self.store.put(draft, req.publish).await?;
-            Ok(())
+            let (manifest, _) = self.store.put(draft, req.publish).await?;
+            Ok(manifest)
         }
         .await;
         let _ = std::fs::remove_dir_all(&tmp);
-        result?;
+        let manifest = result?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.snapshot_ms_sum.fetch_add(ms as u64, Ordering::Relaxed);
         info!(vm, snapshot = %req.id, ms, "snapshot stored");
-        self.snapshot_info(&req.id).await
-    }
-
-    pub async fn snapshot_info(&self, id: &str) -> Result<SnapshotInfo, OpError> {
-        self.store
-            .list()
-            .await?
-            .into_iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| OpError::NotFound(format!("snapshot `{id}` not found")))
+        // From the manifest just written: no listing of every snapshot in S3 to describe one.
+        Ok(self.store.describe(&manifest, true, req.publish))
     }
 
     /// Restores one VM from a snapshot, then refreshes the guest's clock, entropy, env and hostname through the

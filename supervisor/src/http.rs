@@ -74,83 +74,83 @@ pub async fn request_stream(
     let _ = s.write_all(&request).await;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16384];
-    // Headers.
-    let (status, chunked, mut rest) = loop {
+    let malformed = || HttpError::Malformed(name.clone());
+    let (status, chunked, start) = loop {
         let n = s.read(&mut tmp).await.map_err(io)?;
         if n == 0 {
-            return Err(HttpError::Malformed(name.clone()));
+            return Err(malformed());
         }
         buf.extend_from_slice(&tmp[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .ok_or(HttpError::Malformed(name.clone()))?;
-            let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
-            break (status, chunked, buf[end + 4..].to_vec());
+        if let Some(head) = split_head(&buf).map_err(|_| malformed())? {
+            break head;
         }
         if buf.len() > 64 << 10 {
-            return Err(HttpError::Malformed(name.clone()));
+            return Err(malformed());
         }
     };
+    let mut dechunker = Dechunker::default();
+    let mut data = buf.split_off(start);
     loop {
         if chunked {
-            // Emit every complete chunk in `rest`.
-            while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
-                let size_text =
-                    String::from_utf8_lossy(&rest[..line_end]).split(';').next().unwrap_or("").trim().to_string();
-                let size = usize::from_str_radix(&size_text, 16).map_err(|_| HttpError::Malformed(name.clone()))?;
-                if size == 0 {
-                    return Ok(status);
-                }
-                if rest.len() < line_end + 2 + size + 2 {
-                    break;
-                }
-                on_data(&rest[line_end + 2..line_end + 2 + size]);
-                rest.drain(..line_end + 2 + size + 2);
+            if dechunker.feed(&data, &mut on_data).map_err(|_| malformed())? {
+                return Ok(status);
             }
-        } else if !rest.is_empty() {
-            on_data(&rest);
-            rest.clear();
+        } else if !data.is_empty() {
+            on_data(&data);
         }
         let n = s.read(&mut tmp).await.map_err(io)?;
         if n == 0 {
             return Ok(status);
         }
-        rest.extend_from_slice(&tmp[..n]);
+        data.clear();
+        data.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// A response head, once all of it is in `buf`: (status, chunked body?, offset of the body). `Ok(None)` while the
+/// head is incomplete, `Err` when it is not HTTP.
+fn split_head(buf: &[u8]) -> Result<Option<(u16, bool, usize)>, ()> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(())?;
+    let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    Ok(Some((status, chunked, end + 4)))
+}
+
+/// Decodes a chunked body as it arrives: `feed` emits every complete chunk and says whether the last one was seen.
+#[derive(Default)]
+struct Dechunker {
+    rest: Vec<u8>,
+}
+
+impl Dechunker {
+    fn feed(&mut self, data: &[u8], mut out: impl FnMut(&[u8])) -> Result<bool, ()> {
+        self.rest.extend_from_slice(data);
+        while let Some(line_end) = self.rest.windows(2).position(|w| w == b"\r\n") {
+            let size_text =
+                String::from_utf8_lossy(&self.rest[..line_end]).split(';').next().unwrap_or("").trim().to_string();
+            let size = usize::from_str_radix(&size_text, 16).map_err(|_| ())?;
+            if size == 0 {
+                return Ok(true);
+            }
+            if self.rest.len() < line_end + 2 + size + 2 {
+                break;
+            }
+            out(&self.rest[line_end + 2..line_end + 2 + size]);
+            self.rest.drain(..line_end + 2 + size + 2);
+        }
+        Ok(false)
     }
 }
 
 /// Parses a whole response (Content-Length or read-to-close; chunked bodies are de-chunked).
 pub fn parse_response(buf: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let mut body = buf[end + 4..].to_vec();
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
-    });
-    if chunked {
-        body = dechunk(&body)?;
+    let (status, chunked, start) = split_head(buf).ok()??;
+    if !chunked {
+        return Some((status, buf[start..].to_vec()));
     }
-    Some((status, body))
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
-        b = &b[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
+    let mut body = Vec::new();
+    Dechunker::default().feed(&buf[start..], |c| body.extend_from_slice(c)).ok()?.then_some((status, body))
 }
 
 #[cfg(test)]
@@ -165,5 +165,13 @@ mod tests {
         .unwrap();
         assert_eq!((s, b.as_slice()), (404, b"abcd".as_slice()));
         assert!(super::parse_response(b"garbage").is_none());
+        // Streamed: a chunk split across reads comes out whole, and the last chunk ends the body.
+        let mut d = super::Dechunker::default();
+        let mut got = Vec::new();
+        assert_eq!(d.feed(b"3\r\nab", |c| got.extend_from_slice(c)), Ok(false));
+        assert!(got.is_empty());
+        assert_eq!(d.feed(b"c\r\n0\r\n\r\n", |c| got.extend_from_slice(c)), Ok(true));
+        assert_eq!(got, b"abc");
+        assert_eq!(super::Dechunker::default().feed(b"zz\r\n", |_| ()), Err(()));
     }
 }
