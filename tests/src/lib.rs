@@ -558,3 +558,54 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// A flintd started by a test, the demo or a benchmark: the workspace's binary, the default image, `s3` as its
+/// remote tier (under `prefix` when not empty), its log appended to `<data>.log`. Stopped with SIGTERM on drop.
+pub struct Flintd {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Flintd {
+    pub fn start(data: &Path, socket: &Path, s3: &S3Server, prefix: &str) -> Flintd {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).expect("flintd log");
+        let mut cmd = Command::new(bin_dir().join("flintd"));
+        cmd.arg("--socket")
+            .arg(socket)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--image")
+            .arg(format!("default={}", images().dir.display()))
+            .envs(s3.env())
+            .stdout(log.try_clone().expect("flintd log"))
+            .stderr(log);
+        if !prefix.is_empty() {
+            cmd.env("FLINT_S3_PREFIX", prefix);
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("start flintd (cargo build --workspace --bins)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "flintd did not listen on {} (see {}.log)",
+                socket.display(),
+                data.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Flintd { child, socket: socket.to_path_buf() }
+    }
+}
+
+impl Drop for Flintd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child, still running and not reaped: SIGTERM for a graceful stop.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

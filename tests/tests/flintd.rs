@@ -3,37 +3,13 @@
 //! each, kill -9 of flintd, restart, and the clones still listed and answering.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use flint_tests::{bin_dir, die_with_parent, images, S3Server, TempDir};
-
-struct Flintd {
-    child: Child,
-    socket: PathBuf,
-}
+use flint_tests::{bin_dir, Flintd, S3Server, TempDir};
 
 fn start_flintd(data: &Path, socket: &Path, s3: &S3Server) -> Flintd {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
-    let mut cmd = Command::new(bin_dir().join("flintd"));
-    cmd.arg("--socket")
-        .arg(socket)
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--image")
-        .arg(format!("default={}", images().dir.display()))
-        .envs(s3.env())
-        .env("FLINT_S3_PREFIX", "e2e")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    die_with_parent(&mut cmd);
-    let child = cmd.spawn().expect("start flintd (cargo build --workspace --bins)");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "flintd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Flintd { child, socket: socket.to_path_buf() }
+    Flintd::start(data, socket, s3, "e2e")
 }
 
 fn flint(socket: &Path, args: &[&str]) -> Output {
@@ -153,15 +129,6 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     assert!(flint(&socket, &args).status.success());
     assert!(flint_json(&socket, &["vm", "ls"]).as_array().unwrap().is_empty());
     drop(d2);
-}
-
-impl Drop for Flintd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = Stdio::null();
-    }
 }
 
 /// VMMs started by flintd live in their own sessions (they must survive flintd): kill any left under `0` when the

@@ -258,27 +258,11 @@ async fn store_bench() {
 /// Restores through flintd from S3 with an empty local cache, side by side in one run: eager (whole memory image
 /// first), lazy (pages on first touch; records the working set), lazy + prefetch of that working set.
 fn lazy_bench() {
-    use std::process::{Command, Stdio};
     let s3 = flint_tests::S3Server::start();
     let work = TempDir::new("bench-lazy");
     let data = work.path().join("data");
     let sock = work.path().join("flintd.sock");
-    let log = std::fs::File::create(work.path().join("flintd.log")).expect("log");
-    let mut cmd = Command::new(bin_dir().join("flintd"));
-    cmd.arg("--socket")
-        .arg(&sock)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--image")
-        .arg(format!("default={}", images().dir.display()))
-        .envs(s3.env())
-        .stdout(Stdio::null())
-        .stderr(log);
-    flint_tests::die_with_parent(&mut cmd);
-    let mut daemon = cmd.spawn().expect("start flintd");
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = flint_tests::Flintd::start(&data, &sock, &s3, "");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let call = |method: &str, path: &str, body: Option<serde_json::Value>| -> serde_json::Value {
         let body = body.map(|b| b.to_string().into_bytes());
@@ -345,9 +329,7 @@ fn lazy_bench() {
     }
     println!();
     println!("ready ms: flintd's restore call start -> agent answers and refresh done (includes fetching from S3).");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let _ = daemon.wait();
+    drop(daemon);
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

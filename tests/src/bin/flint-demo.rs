@@ -3,10 +3,9 @@
 //! each, print a timing table (cold boot vs. restore with the VMM-side breakdown), and stop everything.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flint_tests::{bin_dir, die_with_parent, images, S3Server, TempDir};
+use flint_tests::{images, Flintd, S3Server, TempDir};
 use serde_json::{json, Value};
 
 const CLONES: u32 = 3;
@@ -62,16 +61,6 @@ fn exec(rt: &tokio::runtime::Runtime, sock: &Path, vm: &str, argv: &[&str]) -> R
     Ok((stdout.trim().to_string(), exit))
 }
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child: SIGTERM for a graceful stop.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("flint demo: {e}");
@@ -86,7 +75,6 @@ fn run() -> Result<(), String> {
     let work = TempDir::new("demo");
     let data: PathBuf = work.path().join("data");
     let sock = work.path().join("flintd.sock");
-    let log = std::fs::File::create(work.path().join("flintd.log")).map_err(|e| e.to_string())?;
     println!("flint demo: images {}, S3 (s3s-fs) at {}", img.dir.display(), s3.endpoint());
     println!(
         "$ flintd --socket {} --data-dir {} --image default={}",
@@ -94,25 +82,7 @@ fn run() -> Result<(), String> {
         data.display(),
         img.dir.display()
     );
-    let mut cmd = Command::new(bin_dir().join("flintd"));
-    cmd.arg("--socket")
-        .arg(&sock)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--image")
-        .arg(format!("default={}", img.dir.display()))
-        .envs(s3.env())
-        .stdout(Stdio::null())
-        .stderr(log);
-    die_with_parent(&mut cmd);
-    let daemon = Daemon(cmd.spawn().map_err(|e| format!("start flintd: {e}"))?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if Instant::now() > deadline {
-            return Err("flintd did not come up (see its log)".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = Flintd::start(&data, &sock, &s3, "");
 
     println!(
         "$ flint template create demo --push -- /bin/sh -c 'echo warmed > /tmp/warm'   (boot, init, snapshot, push)"
