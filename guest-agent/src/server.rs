@@ -513,6 +513,12 @@ fn lookup_user(root: &Path, user: &str) -> Option<(u32, u32, String)> {
     Some((uid, uid, "/".into()))
 }
 
+/// Variables of the agent's own environment that every process it starts gets (before the
+/// refresh and request env, which may override them). `GLIBC_TUNABLES` comes from the kernel
+/// command line on hosts where guest user mode must not use AVX (flint-vmm's `pvm-native`
+/// profile).
+const INHERITED_ENV: [&str; 1] = ["GLIBC_TUNABLES"];
+
 async fn exec(
     agent: Arc<Agent>,
     id: u32,
@@ -528,6 +534,11 @@ async fn exec(
     cmd.env_clear();
     cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     cmd.env("HOME", "/root");
+    for k in INHERITED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
     for (k, v) in lock(&agent.refresh_env).iter() {
         cmd.env(k, v);
     }

@@ -27,6 +27,10 @@ impl Agent {
             .arg("--hooks-dir")
             .arg(dir.join("hooks"))
             .args(extra)
+            // What a pvm-native kernel command line hands PID 1: passed on to every process. The
+            // rest of the agent's environment is not.
+            .env("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2")
+            .env("FLINT_TEST_PRIVATE", "agent-only")
             .spawn()
             .unwrap();
         let t = Instant::now();
@@ -77,6 +81,8 @@ async fn health_and_simple_exec() {
     req.cwd = Some("/work".into());
     let out = c.exec_output(req).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hi\n{}\n", a.root().join("work").display()));
+    let out = c.exec_output(sh("echo \"$GLIBC_TUNABLES|$FLINT_TEST_PRIVATE\"")).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "glibc.cpu.hwcaps=-AVX2|\n");
     // a program that does not exist
     let e = c.run(&["/no/such/program"]).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");

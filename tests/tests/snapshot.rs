@@ -7,9 +7,19 @@ use flint_tests::*;
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The counter's value. `echo $i > /tmp/counter` truncates before it writes, so a read can land
+/// in between and see an empty file: read again then.
 async fn counter(agent: &flint_agent::client::AgentClient) -> u64 {
-    let b = agent.read_file("/tmp/counter").await.expect("read the counter");
-    String::from_utf8_lossy(&b).trim().parse().expect("a number")
+    let mut last = String::new();
+    for _ in 0..20 {
+        let b = agent.read_file("/tmp/counter").await.expect("read the counter");
+        last = String::from_utf8_lossy(&b).trim().to_string();
+        if let Ok(n) = last.parse() {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/tmp/counter does not hold a number: {last:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,16 +120,9 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     }
     agent.write_file("/tmp/blob", 0o644, &blob).await.unwrap();
     let before = agent.read_file("/tmp/blob").await.unwrap();
-    if before != blob {
-        let again = agent.read_file("/tmp/blob").await.unwrap();
-        eprintln!("EXPERIMENT read again: {}", describe_difference(&again, &blob));
-        agent.write_file("/tmp/blob2", 0o644, &blob).await.unwrap();
-        let b2 = agent.read_file("/tmp/blob2").await.unwrap();
-        eprintln!("EXPERIMENT second file: {}", describe_difference(&b2, &blob));
-        let small = agent.read_file_limit("/tmp/blob", Some(128)).await.unwrap();
-        eprintln!("EXPERIMENT first 128: {:02x?}", &small[..]);
-        eprintln!("EXPERIMENT want     : {:02x?}", &blob[..128]);
-    }
+    // Before the pvm-native profile turned glibc's AVX paths off in the guest, this read came back
+    // with 16-byte holes in 1 of 2 restored clones (YMM upper halves lost across guest context
+    // switches; see vmm/src/host.rs).
     assert!(before == blob, "the blob reads back wrong before any snapshot: {}", describe_difference(&before, &blob));
     let body = serde_json::json!({ "state_path": dir.path().join("d.state"), "mem_path": dir.path().join("d.mem"), "kind": "diff" });
     let (st, r) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&body)).unwrap();

@@ -79,6 +79,15 @@ async fn guest_boots_and_every_device_works() {
     let out = agent.exec_output(argv(&["/bin/sh", "-c", "echo one two three | tr ' ' '\\n' | wc -l"])).await.unwrap();
     assert_eq!(out.code, Some(0), "pipeline failed: {out:?}\n{}", vm.diagnostics());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3", "{out:?}");
+    // On pvm-native hosts guest user mode must not use AVX (the guest kernel cannot preserve YMM
+    // state there): every process the agent starts gets the profile's glibc tunables.
+    let out = agent.exec_output(argv(&["/bin/sh", "-c", "echo \"$GLIBC_TUNABLES\""])).await.unwrap();
+    let tunables = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if d["host_profile"] == "pvm-native" {
+        assert!(tunables.starts_with("glibc.cpu.hwcaps=-AVX,-AVX2,"), "pvm-native guest env: {tunables:?}");
+    } else {
+        assert_eq!(tunables, "", "hardware hosts leave glibc alone");
+    }
 
     // Guest → host vsock (stdin streamed into the guest-side client).
     let mut req = ExecRequest {

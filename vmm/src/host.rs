@@ -6,6 +6,16 @@
 //!   emulator lacks: XSAVE in kernel mode, a handful of CPU features (hidden with the
 //!   kernel's own `clearcpuid`, since CPUID masking does not reach kernel mode there), and
 //!   three spots handled by Flint's guest-kernel patches (`flint.*` boot options).
+//!
+//!   Guest *user* mode runs natively there, on the host's XCR0: it sees AVX/AVX2 and OSXSAVE in
+//!   CPUID and may use YMM registers, while the guest kernel (booted `noxsave`, since the
+//!   emulator cannot run XSAVE) saves only the legacy FXSAVE area on a context switch. The upper
+//!   halves of the YMM registers are therefore shared by every guest thread: a thread preempted
+//!   between an AVX load and its store writes another thread's (often zeroed) upper halves. Seen
+//!   as 16-byte holes in data copied by glibc's AVX2 `memcpy` in the agent. The profile hands PID 1
+//!   `GLIBC_TUNABLES` turning glibc's AVX paths off ([`PVM_NATIVE_GLIBC_TUNABLES`]); the agent
+//!   passes it to every process it starts. Code that picks AVX by itself (its own CPUID/XGETBV
+//!   dispatch) is not covered: see docs/security.md.
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -15,9 +25,23 @@ pub enum HostProfile {
     PvmNative,
 }
 
-/// Kernel command line additions for `pvm-native` hosts.
-pub const PVM_NATIVE_CMDLINE: &str =
-    "noxsave clearcpuid=smap,cx16,fsgsbase,pcid,invpcid,rdpid,popcnt,rdtscp,114 flint.noint3test flint.nofwait flint.syscall_pf";
+macro_rules! pvm_native_glibc_tunables {
+    () => {
+        "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,-FMA,-FMA4,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"
+    };
+}
+
+/// glibc features turned off for guest user mode on `pvm-native` hosts: everything that
+/// selects YMM/ZMM code paths (see the module comment).
+pub const PVM_NATIVE_GLIBC_TUNABLES: &str = pvm_native_glibc_tunables!();
+
+/// Kernel command line additions for `pvm-native` hosts. The kernel hands `NAME=value`
+/// words it does not know to PID 1 as environment variables.
+pub const PVM_NATIVE_CMDLINE: &str = concat!(
+    "noxsave clearcpuid=smap,cx16,fsgsbase,pcid,invpcid,rdpid,popcnt,rdtscp,114 flint.noint3test flint.nofwait flint.syscall_pf",
+    " GLIBC_TUNABLES=",
+    pvm_native_glibc_tunables!()
+);
 
 impl HostProfile {
     /// Detects the profile of this host from sysfs.
@@ -73,5 +97,8 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
         assert!(HostProfile::Hardware.cmdline_extra().is_empty());
         assert!(HostProfile::PvmNative.cmdline_extra().contains("flint.syscall_pf"));
+        assert!(HostProfile::PvmNative
+            .cmdline_extra()
+            .ends_with(&format!(" GLIBC_TUNABLES={PVM_NATIVE_GLIBC_TUNABLES}")));
     }
 }
