@@ -119,6 +119,7 @@ struct Counters {
     upload_skipped: AtomicU64,
     evicted_chunks: AtomicU64,
     evicted_bytes: AtomicU64,
+    manifest_scans: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,6 +140,10 @@ pub struct StoreStats {
     pub l1_chunks: u64,
     pub l1_bytes: u64,
     pub l1_budget: u64,
+    /// Times eviction had to read every local manifest to learn which chunks exist nowhere else
+    /// (the result is reused while the manifest directories do not change).
+    #[serde(default)]
+    pub manifest_scans: u64,
 }
 
 /// LRU index of the chunks in L1.
@@ -320,7 +325,22 @@ struct Inner {
     /// One remote fetch per chunk at a time; concurrent readers wait for it.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counters: Counters,
+    /// The last scan of the local manifests for eviction (see `local_only_keys`).
+    local_only: Mutex<Option<LocalOnlyScan>>,
 }
+
+/// Chunk keys of the local snapshots that exist nowhere else, and the modification times of the
+/// `manifests/` and `published/` directories they were read from. Every change to either
+/// directory (a manifest or publish marker written by rename, or deleted, by this process or any
+/// other sharing the directory) changes its mtime, which makes the scan stale.
+struct LocalOnlyScan {
+    stamp: (SystemTime, SystemTime),
+    keys: Arc<HashSet<String>>,
+}
+
+/// A scan is kept only if both directories were last changed at least this long before it
+/// started, so a change within the same file-system timestamp tick cannot go unnoticed.
+const SCAN_SETTLE: Duration = Duration::from_secs(2);
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -403,6 +423,7 @@ impl Store {
                 pins: Mutex::new(HashMap::new()),
                 inflight: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
+                local_only: Mutex::new(None),
             }),
         })
     }
@@ -450,6 +471,7 @@ impl Store {
             l1_chunks: index.entries.len() as u64,
             l1_bytes: index.bytes,
             l1_budget: self.inner.cfg.local_budget,
+            manifest_scans: get(&c.manifest_scans),
         }
     }
 
@@ -491,8 +513,28 @@ impl Store {
     }
 
     /// Chunk keys that must not be evicted: pinned, or referenced by a local snapshot not yet published.
-    fn protected_keys(&self) -> HashSet<String> {
-        let mut keys: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+    /// Modification times of L1's `manifests/` and `published/` directories (a missing one reads
+    /// as the epoch); `None` if they cannot be read.
+    fn manifest_dirs_stamp(&self) -> Option<(SystemTime, SystemTime)> {
+        let mtime = |dir: &str| match std::fs::metadata(self.inner.l1.root().join(dir)) {
+            Ok(m) => m.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(UNIX_EPOCH),
+            Err(_) => None,
+        };
+        Some((mtime("manifests")?, mtime("published")?))
+    }
+
+    /// Chunk keys of local snapshots that exist nowhere else: unpublished ones, or all of them
+    /// without a remote tier. Reading every manifest is reused until a manifest directory changes.
+    fn local_only_keys(&self) -> Arc<HashSet<String>> {
+        let stamp = self.manifest_dirs_stamp();
+        if let (Some(st), Some(scan)) = (stamp, lock(&self.inner.local_only).as_ref()) {
+            if scan.stamp == st {
+                return scan.keys.clone();
+            }
+        }
+        self.inner.counters.manifest_scans.fetch_add(1, Ordering::Relaxed);
+        let mut keys = HashSet::new();
         if let Ok(local) = self.inner.l1.list_blocking("manifests") {
             for o in local {
                 let id = o.key.trim_start_matches("manifests/");
@@ -507,7 +549,19 @@ impl Store {
                 }
             }
         }
+        let keys = Arc::new(keys);
+        let settled = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= SCAN_SETTLE);
+        *lock(&self.inner.local_only) = match stamp {
+            Some(st) if settled(st.0) && settled(st.1) => Some(LocalOnlyScan { stamp: st, keys: keys.clone() }),
+            _ => None,
+        };
         keys
+    }
+
+    /// Whether L1 may drop `key`: not pinned by a running VM or a write in progress, and not part
+    /// of a snapshot that exists only here.
+    fn droppable(pinned: &HashSet<String>, local_only: &HashSet<String>, key: &str) -> bool {
+        !pinned.contains(key) && !local_only.contains(key)
     }
 
     /// Evicts least recently used chunks until L1 is within budget.
@@ -515,14 +569,15 @@ impl Store {
         if lock(&self.inner.index).bytes <= self.inner.cfg.local_budget {
             return;
         }
-        let protected = self.protected_keys();
+        let local_only = self.local_only_keys();
+        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
         let mut index = lock(&self.inner.index);
         let candidates: Vec<String> = index.order.values().cloned().collect();
         for key in candidates {
             if index.bytes <= self.inner.cfg.local_budget {
                 break;
             }
-            if protected.contains(&key) {
+            if !Self::droppable(&pinned, &local_only, &key) {
                 continue;
             }
             if self.inner.l1.delete_blocking(&key).is_ok() {
@@ -1124,14 +1179,16 @@ impl Store {
         Ok(())
     }
 
-    /// Drops every chunk from L1 (keeps manifests): models a fresh host, or frees a disk.
+    /// Drops every chunk from L1 that exists elsewhere too (keeps manifests, pinned chunks and
+    /// the chunks of snapshots that are only here): models a fresh host, or frees a disk.
     pub fn clear_local_chunks(&self) -> Result<u64, StoreError> {
-        let protected: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        let local_only = self.local_only_keys();
+        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
         let mut index = lock(&self.inner.index);
         let keys: Vec<String> = index.entries.keys().cloned().collect();
         let mut n = 0;
         for key in keys {
-            if protected.contains(&key) {
+            if !Self::droppable(&pinned, &local_only, &key) {
                 continue;
             }
             self.inner.l1.delete_blocking(&key)?;
@@ -1304,6 +1361,52 @@ mod tests {
         s.get_image("one", "memory", &out).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), random(1536 << 10, 1));
         assert!(s.stats().remote_fetches > 0);
+    }
+
+    #[tokio::test]
+    async fn eviction_reuses_its_manifest_scan_until_a_manifest_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote");
+        let l1 = dir.path().join("l1");
+        let s = store(dir.path(), Some(&remote), 256 << 10);
+        let draft = |id: &str, n: usize, seed: u64| {
+            SnapshotDraft::new(id).image("memory", ImageSource::Bytes(random(n, seed).into()))
+        };
+        s.put(draft("pub", 512 << 10, 1), true).await.unwrap();
+        let (local, _) = s.put(draft("local", 512 << 10, 2), false).await.unwrap();
+        // Over budget for good (`local` exists only here). Age the manifest directories so a scan may be kept.
+        let old = SystemTime::now() - Duration::from_secs(60);
+        for d in ["manifests", "published"] {
+            std::fs::File::open(l1.join(d)).unwrap().set_modified(old).unwrap();
+        }
+        let scans = s.stats().manifest_scans;
+        for i in 0..3 {
+            s.get_image("pub", "memory", &dir.path().join(format!("pub.{i}"))).await.unwrap();
+        }
+        assert!(s.stats().remote_fetches >= 3, "{:?}", s.stats());
+        assert_eq!(s.stats().manifest_scans, scans + 1, "one scan serves every eviction: {:?}", s.stats());
+
+        // Another process sharing the directory stores a snapshot that exists only here: the next eviction
+        // sees it (the manifest directory changed) and spares it.
+        let other = store(dir.path(), Some(&remote), 256 << 10);
+        let (m2, _) = other.put(draft("other", 256 << 10, 3), false).await.unwrap();
+        s.rescan().unwrap();
+        assert_eq!(s.stats().manifest_scans, scans + 2, "{:?}", s.stats());
+        let on_disk = |m: &Manifest| m.chunk_ids().all(|c| l1.join(s.chunk_key(&c)).is_file());
+        assert!(on_disk(&m2) && on_disk(&local));
+
+        // Clearing the cache drops what S3 holds and keeps what exists nowhere else.
+        let roomy = store(dir.path(), Some(&remote), 1 << 30);
+        roomy.get_image("pub", "memory", &dir.path().join("pub.roomy")).await.unwrap();
+        let pub_manifest = roomy.manifest("pub").await.unwrap();
+        assert!(on_disk(&pub_manifest));
+        assert!(roomy.clear_local_chunks().unwrap() > 0);
+        assert!(pub_manifest.chunk_ids().all(|c| !l1.join(s.chunk_key(&c)).exists()));
+        assert!(on_disk(&m2) && on_disk(&local));
+        std::fs::remove_dir_all(&remote).unwrap();
+        let out = dir.path().join("local.out");
+        s.get_image("local", "memory", &out).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), random(512 << 10, 2));
     }
 
     #[tokio::test]

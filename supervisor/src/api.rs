@@ -340,6 +340,7 @@ async fn metrics(State(d): D) -> Response {
         ("flint_store_uploaded_bytes_total", s.uploaded_bytes),
         ("flint_store_corrupt_chunks_total", s.corrupt),
         ("flint_store_evicted_chunks_total", s.evicted_chunks),
+        ("flint_store_manifest_scans_total", s.manifest_scans),
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
