@@ -120,6 +120,16 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
+    /// The `Seccomp:` and `NoNewPrivs:` lines of the VMM's /proc status ("2" and "1" once its
+    /// filter is installed).
+    pub fn seccomp_status(&self) -> (String, String) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+        };
+        (field("Seccomp:"), field("NoNewPrivs:"))
+    }
+
     /// Starts flint-vmm with `args` plus an API socket, a vsock socket and a console log in `dir`.
     pub fn spawn(dir: &Path, args: &[String]) -> VmProcess {
         let api_sock = dir.join("api.sock");

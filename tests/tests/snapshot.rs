@@ -32,6 +32,7 @@ async fn restored_guest_resumes_its_processes_and_clock() {
         let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, mode, &[]);
         let agent = vm.agent(AGENT_TIMEOUT).await;
         let ready = t.elapsed();
+        assert_eq!(vm.seccomp_status(), ("2".into(), "1".into()), "{mode}: restored VMM runs under its seccomp filter");
         // The counter process started before the snapshot is still there and still counting.
         let c1 = counter(&agent).await;
         assert!(c1 >= g.counter_at_snapshot, "{mode}: counter went back: {c1} < {}", g.counter_at_snapshot);

@@ -9,6 +9,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 

@@ -76,6 +76,9 @@ struct Args {
     /// With a diff snapshot's state file: the memory file is its base with the diff merged on.
     #[arg(long, requires = "restore_state")]
     merged_memory: bool,
+    /// Do not install the seccomp filter (for debugging; see docs/security.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Merge a diff memory file onto its base and exit: --merge-diff BASE DIFF.
     #[arg(long, num_args = 2, value_names = ["BASE", "DIFF"])]
     merge_diff: Option<Vec<PathBuf>>,
@@ -214,6 +217,15 @@ fn main() -> ExitCode {
         unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
     }
     eprintln!("flint-vmm: host profile {}, cmdline: {}", profile.name(), vmm.cmdline);
+    if !args.no_seccomp {
+        match flint_vmm::seccomp::install() {
+            Ok(n) => eprintln!("flint-vmm: seccomp filter installed ({n} system calls denied)"),
+            Err(e) => {
+                eprintln!("flint-vmm: {}", error_chain(&e));
+                return ExitCode::from(EXIT_SETUP);
+            }
+        }
+    }
     if let Err(e) = vmm.start(process_start) {
         eprintln!("flint-vmm: {}", error_chain(&e));
         return ExitCode::from(EXIT_SETUP);
