@@ -447,6 +447,7 @@ async fn make_golden(dir: &Path) -> Golden {
     let _ = vm.wait(Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir).expect("publish golden snapshot");
+    prune_goldens(dir, 4);
     Golden {
         state: dir.join("vm.state"),
         mem: dir.join("vm.mem"),
@@ -454,6 +455,23 @@ async fn make_golden(dir: &Path) -> Golden {
         counter_at_snapshot: counter,
         report: report["snapshot"].clone(),
         boot_ms,
+    }
+}
+
+/// Every build of flint-vmm makes its own golden snapshot (~25 MB): keep the `keep` newest
+/// (other checkouts may be using theirs) and drop the rest.
+fn prune_goldens(current: &Path, keep: usize) {
+    let Some(parent) = current.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p != current && p.extension().is_none())
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    for (_, p) in dirs.into_iter().skip(keep.saturating_sub(1)) {
+        let _ = std::fs::remove_dir_all(p);
     }
 }
 

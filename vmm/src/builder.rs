@@ -445,6 +445,9 @@ impl Vmm {
         if snap.memory_is_diff && !overrides.merged_memory {
             return Err(RestoreError::DiffMemory.into());
         }
+        if let Some(w) = crate::host::snapshot_warning(snap.host_profile, &snap.cmdline) {
+            eprintln!("flint-vmm: warning: {w}");
+        }
         let mut config = snap.config.clone();
         if let Some(u) = overrides.vsock_uds {
             match config.vsock.as_mut() {

@@ -83,6 +83,20 @@ impl HostProfile {
     }
 }
 
+/// What is wrong with restoring a snapshot whose guest booted on `profile` with `cmdline`, if
+/// anything: snapshots taken on `pvm-native` before its glibc tunables existed have guest
+/// processes that may use AVX, whose state that host's guest kernel cannot preserve.
+pub fn snapshot_warning(profile: HostProfile, cmdline: &str) -> Option<String> {
+    (profile == HostProfile::PvmNative && !cmdline.split_whitespace().any(|w| w.starts_with("GLIBC_TUNABLES="))).then(
+        || {
+            "this pvm-native snapshot's guest booted without GLIBC_TUNABLES: its processes may use AVX, whose \
+             register state the guest kernel there cannot preserve (data corruption); recreate the snapshot \
+             with this flint-vmm"
+                .to_string()
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +111,9 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
         assert!(HostProfile::Hardware.cmdline_extra().is_empty());
         assert!(HostProfile::PvmNative.cmdline_extra().contains("flint.syscall_pf"));
+        assert!(snapshot_warning(HostProfile::PvmNative, "console=ttyS0 noxsave").is_some());
+        assert!(snapshot_warning(HostProfile::PvmNative, PVM_NATIVE_CMDLINE).is_none());
+        assert!(snapshot_warning(HostProfile::Hardware, "console=ttyS0").is_none());
         assert!(HostProfile::PvmNative
             .cmdline_extra()
             .ends_with(&format!(" GLIBC_TUNABLES={PVM_NATIVE_GLIBC_TUNABLES}")));
