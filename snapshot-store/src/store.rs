@@ -338,6 +338,19 @@ struct LocalOnlyScan {
     keys: Arc<HashSet<String>>,
 }
 
+/// Chunks L1 must keep: pinned by a running VM or a write in progress, or part of a snapshot that
+/// exists only here.
+struct Protected {
+    pinned: HashSet<String>,
+    local_only: Arc<HashSet<String>>,
+}
+
+impl Protected {
+    fn contains(&self, key: &str) -> bool {
+        self.pinned.contains(key) || self.local_only.contains(key)
+    }
+}
+
 /// A scan is kept only if both directories were last changed at least this long before it
 /// started, so a change within the same file-system timestamp tick cannot go unnoticed.
 const SCAN_SETTLE: Duration = Duration::from_secs(2);
@@ -512,7 +525,6 @@ impl Store {
         self.pin_keys(keys)
     }
 
-    /// Chunk keys that must not be evicted: pinned, or referenced by a local snapshot not yet published.
     /// Modification times of L1's `manifests/` and `published/` directories (a missing one reads
     /// as the epoch); `None` if they cannot be read.
     fn manifest_dirs_stamp(&self) -> Option<(SystemTime, SystemTime)> {
@@ -558,10 +570,10 @@ impl Store {
         keys
     }
 
-    /// Whether L1 may drop `key`: not pinned by a running VM or a write in progress, and not part
-    /// of a snapshot that exists only here.
-    fn droppable(pinned: &HashSet<String>, local_only: &HashSet<String>, key: &str) -> bool {
-        !pinned.contains(key) && !local_only.contains(key)
+    /// The chunks L1 must keep right now.
+    fn protected(&self) -> Protected {
+        let local_only = self.local_only_keys();
+        Protected { pinned: lock(&self.inner.pins).keys().cloned().collect(), local_only }
     }
 
     /// Evicts least recently used chunks until L1 is within budget.
@@ -569,15 +581,14 @@ impl Store {
         if lock(&self.inner.index).bytes <= self.inner.cfg.local_budget {
             return;
         }
-        let local_only = self.local_only_keys();
-        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        let protected = self.protected();
         let mut index = lock(&self.inner.index);
         let candidates: Vec<String> = index.order.values().cloned().collect();
         for key in candidates {
             if index.bytes <= self.inner.cfg.local_budget {
                 break;
             }
-            if !Self::droppable(&pinned, &local_only, &key) {
+            if protected.contains(&key) {
                 continue;
             }
             if self.inner.l1.delete_blocking(&key).is_ok() {
@@ -1182,13 +1193,12 @@ impl Store {
     /// Drops every chunk from L1 that exists elsewhere too (keeps manifests, pinned chunks and
     /// the chunks of snapshots that are only here): models a fresh host, or frees a disk.
     pub fn clear_local_chunks(&self) -> Result<u64, StoreError> {
-        let local_only = self.local_only_keys();
-        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
+        let protected = self.protected();
         let mut index = lock(&self.inner.index);
         let keys: Vec<String> = index.entries.keys().cloned().collect();
         let mut n = 0;
         for key in keys {
-            if !Self::droppable(&pinned, &local_only, &key) {
+            if protected.contains(&key) {
                 continue;
             }
             self.inner.l1.delete_blocking(&key)?;

@@ -120,14 +120,19 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    /// The `Seccomp:` and `NoNewPrivs:` lines of the VMM's /proc status ("2" and "1" once its
-    /// filter is installed).
-    pub fn seccomp_status(&self) -> (String, String) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
-        };
-        (field("Seccomp:"), field("NoNewPrivs:"))
+    /// The `Seccomp:` and `NoNewPrivs:` values of every thread of the VMM ("2" and "1" once its
+    /// filter is installed). A thread that ends while this reads is left out.
+    pub fn seccomp_status(&self) -> Vec<(String, String)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the VMM's threads");
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+            .map(|status| {
+                let field = |name: &str| {
+                    status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+                };
+                (field("Seccomp:"), field("NoNewPrivs:"))
+            })
+            .collect()
     }
 
     /// Starts flint-vmm with `args` plus an API socket, a vsock socket and a console log in `dir`.

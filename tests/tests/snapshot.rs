@@ -32,7 +32,11 @@ async fn restored_guest_resumes_its_processes_and_clock() {
         let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, mode, &[]);
         let agent = vm.agent(AGENT_TIMEOUT).await;
         let ready = t.elapsed();
-        assert_eq!(vm.seccomp_status(), ("2".into(), "1".into()), "{mode}: restored VMM runs under its seccomp filter");
+        let threads = vm.seccomp_status();
+        assert!(
+            threads.len() > 1 && threads.iter().all(|t| t == &("2".into(), "1".into())),
+            "{mode}: restored VMM threads (Seccomp, NoNewPrivs): {threads:?}"
+        );
         // The counter process started before the snapshot is still there and still counting.
         let c1 = counter(&agent).await;
         assert!(c1 >= g.counter_at_snapshot, "{mode}: counter went back: {c1} < {}", g.counter_at_snapshot);
@@ -121,8 +125,8 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     }
     agent.write_file("/tmp/blob", 0o644, &blob).await.unwrap();
     let before = agent.read_file("/tmp/blob").await.unwrap();
-    // Before the pvm-native profile turned glibc's AVX paths off in the guest, this read came back
-    // with 16-byte holes in 1 of 2 restored clones (YMM upper halves lost across guest context
+    // Before the pvm-native profile turned glibc's AVX paths off in the guest, the upload came back
+    // with 16-byte holes in 7 of 18 restored clones (YMM upper halves lost across guest context
     // switches; see vmm/src/host.rs).
     assert!(before == blob, "the blob reads back wrong before any snapshot: {}", describe_difference(&before, &blob));
     let body = serde_json::json!({ "state_path": dir.path().join("d.state"), "mem_path": dir.path().join("d.mem"), "kind": "diff" });

@@ -80,7 +80,6 @@ pub enum BuildError {
 /// one round trip).
 pub const UFFD_CHUNK: u64 = 64 * 1024;
 
-/// Fault-handler counters of this process's userfaultfd restore (one VM per process).
 /// Anonymous guest memory at `layout`, registered with a userfaultfd whose faults `source` serves (uffd and store
 /// restore modes). `what` names the source in errors.
 fn lazy_memory(
@@ -116,6 +115,7 @@ fn lock_source() -> std::sync::MutexGuard<'static, Option<Arc<dyn crate::snapsho
     PAGE_SOURCE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Fault-handler counters of this process's userfaultfd restore (one VM per process).
 pub static UFFD_STATS: std::sync::LazyLock<Arc<crate::snapshot::uffd::UffdStats>> =
     std::sync::LazyLock::new(|| Arc::new(crate::snapshot::uffd::UffdStats::default()));
 
