@@ -4,7 +4,7 @@ CARGO ?= cargo
 JOBS ?= 2
 export FLINT_CACHE ?= $(HOME)/.cache/flint
 
-.PHONY: images build demo test unit e2e bench fmt clippy
+.PHONY: images build demo test bench fmt clippy
 
 ## images: build (or find cached) guest kernel + rootfs; prints the directory
 images:

@@ -18,6 +18,16 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 start=$(date +%s)
+# Fail fast: formatting, lints (warnings are errors) and the unit tests come first, before any guest image is
+# built or any guest boots.
+echo "test: cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "test: cargo clippy (warnings are errors)" >&2
+cargo clippy -j"$jobs" --workspace --all-targets -- -D warnings
+echo "test: unit tests" >&2
+cargo test -j"$jobs" --workspace --lib --bins
+echo "test: fmt, clippy and unit tests passed ($(( $(date +%s) - start )) s)" >&2
+
 FLINT_IMAGES=$(bash images/build.sh)
 export FLINT_IMAGES
 echo "test: guest images in $FLINT_IMAGES ($(( $(date +%s) - start )) s)" >&2
@@ -27,7 +37,9 @@ export FLINT_S3_SERVER
 echo "test: S3-compatible server $FLINT_S3_SERVER" >&2
 
 cargo build -j"$jobs" --workspace --bins
-# Guests are CPU-bound on emulating hosts (their kernel code is emulated): one test at a time,
-# so no test's guests starve another's. --no-fail-fast: every suite reports, exit is still 1.
-cargo test -j"$jobs" --workspace --no-fail-fast -- --test-threads=1
+# The suites that start processes: host-mode agent, S3 store, flintd, and guests on /dev/kvm. Guests are CPU-bound
+# on emulating hosts (their kernel code is emulated): one test at a time, so no test's guests starve another's.
+# --no-fail-fast: every suite reports, exit is still 1.
+cargo test -j"$jobs" --workspace --tests --no-fail-fast -- --test-threads=1 --skip '::tests::'
+
 echo "test: done in $(( $(date +%s) - start )) s" >&2

@@ -13,8 +13,8 @@ pub use chunk::{ChunkId, Secret};
 pub use manifest::{ChunkRef, Image, Manifest};
 pub use reader::ImageReader;
 pub use store::{
-    FetchReport, GcReport, ImageSource, PinGuard, PublishReport, PutReport, SnapshotDraft, SnapshotInfo, Store,
-    StoreConfig, StoreError, StoreSpec, StoreStats, VerifyReport, WorkingSet, DEFAULT_CHUNK_SIZE,
+    FetchReport, GcReport, ImageSource, PinGuard, PublishReport, PutReport, ReadCounters, SnapshotDraft, SnapshotInfo,
+    Store, StoreConfig, StoreError, StoreStats, VerifyReport, WorkingSet, DEFAULT_CHUNK_SIZE,
 };
 pub use tier::{ObjectTier, S3Config, Tier, TierError};
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::manifest::Image;
-use crate::store::{Store, StoreError};
+use crate::store::{ReadCounters, Store, StoreError};
 
 /// Reads ranges of an image; safe to share between threads.
 pub struct ImageReader {
@@ -15,6 +15,8 @@ pub struct ImageReader {
     /// Chunks this reader asked the store for, in first-touch order: the working set of a restore.
     touched: std::sync::Mutex<(Vec<u32>, Vec<bool>)>,
     pub chunks_read: AtomicU64,
+    /// What this reader's chunks cost: L1 hits and misses, fetches and bytes from the remote tiers.
+    pub counters: ReadCounters,
 }
 
 impl ImageReader {
@@ -25,6 +27,7 @@ impl ImageReader {
             image,
             touched: std::sync::Mutex::new((Vec::new(), vec![false; n])),
             chunks_read: AtomicU64::new(0),
+            counters: ReadCounters::default(),
         }
     }
 
@@ -61,7 +64,7 @@ impl ImageReader {
         self.record(index);
         let Some(c) = entry else { return Ok(None) };
         self.chunks_read.fetch_add(1, Ordering::Relaxed);
-        let plain = self.store.chunk(&c.id).await?;
+        let plain = self.store.chunk_counted(&c.id, Some(&self.counters)).await?;
         if plain.len() != self.image.chunk_len(index) {
             return Err(StoreError::InvalidInput(format!(
                 "chunk {index} of image `{}` is {} bytes, expected {}",

@@ -13,7 +13,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::daemon::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, Daemon, OpError};
+use crate::daemon::Daemon;
+use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, OpError};
 
 /// Every route: (method, path). The OpenAPI test checks docs/api/flintd.yaml against this and the live server.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -310,41 +311,7 @@ async fn clear_cache(State(d): D) -> R<Response> {
 }
 
 async fn metrics(State(d): D) -> Response {
-    use crate::daemon::VmStatus;
-    let vms = d.list();
-    let m = &d.metrics;
-    let s = d.store.stats();
-    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::new();
-    out.push_str("# TYPE flint_vms gauge\n");
-    for st in [VmStatus::Starting, VmStatus::Running, VmStatus::Paused, VmStatus::Failed, VmStatus::Lost] {
-        let name = serde_json::to_value(st).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        out.push_str(&format!("flint_vms{{status=\"{name}\"}} {}\n", vms.iter().filter(|v| v.status == st).count()));
-    }
-    for (name, help, count, sum) in [
-        ("flint_boot", "cold boots", g(&m.boots), g(&m.boot_ms_sum)),
-        ("flint_restore", "restores", g(&m.restores), g(&m.restore_ms_sum)),
-        ("flint_snapshot", "snapshots", g(&m.snapshots), g(&m.snapshot_ms_sum)),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name}_ms {help}: start to ready\n# TYPE {name}_ms summary\n{name}_ms_count {count}\n{name}_ms_sum {sum}\n"
-        ));
-    }
-    for (name, v) in [
-        ("flint_vm_failures_total", g(&m.vm_failures)),
-        ("flint_api_requests_total", g(&m.requests)),
-        ("flint_store_l1_hits_total", s.l1_hits),
-        ("flint_store_l1_misses_total", s.l1_misses),
-        ("flint_store_remote_fetches_total", s.remote_fetches),
-        ("flint_store_remote_bytes_total", s.remote_bytes),
-        ("flint_store_uploaded_bytes_total", s.uploaded_bytes),
-        ("flint_store_corrupt_chunks_total", s.corrupt),
-        ("flint_store_evicted_chunks_total", s.evicted_chunks),
-        ("flint_store_manifest_scans_total", s.manifest_scans),
-    ] {
-        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
-    }
-    out.push_str(&format!("# TYPE flint_store_l1_bytes gauge\nflint_store_l1_bytes {}\n", s.l1_bytes));
+    let out = crate::metrics::render(&d.metrics, &d.list(), &d.store.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -1,253 +1,76 @@
-//! The VM manager: one `flint-vmm` child per VM, records in the state database, snapshots in the store.
+//! The VM manager: one `flint-vmm` per VM (through a [`Launcher`]), one [`Slot`] owning each VM, records in the
+//! state database, snapshots in the store. The workflows that span VMs (templates, clones) are in `flows.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use flint_agent::client::{AgentClient, Endpoint};
-use flint_snapshot_store::{ImageSource, SnapshotDraft, SnapshotInfo, Store, StoreConfig, StoreError};
-use serde::{Deserialize, Serialize};
+use flint_agent::client::AgentClient;
+use flint_snapshot_store::{ImageSource, SnapshotDraft, SnapshotInfo, Store, StoreConfig};
+use flint_vmm_api::config::{check_mem_mib, check_vcpus, VmConfig, VsockConfig};
+use flint_vmm_api::spec::{HostDevices, Launch, LaunchSpec, MemorySource, RestoreSpec};
+use flint_vmm_api::{lock, now_unix_ms};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::db::{Db, TEMPLATES, VMS};
-use crate::http;
+use crate::launcher::{Launcher, Proc, ProcessLauncher};
+use crate::metrics::Metrics;
+use crate::pager;
+use crate::vm::model::*;
+use crate::vm::Slot;
 
-/// What a failed operation tells the API caller; mapped to an HTTP status in `api.rs`.
-#[derive(Debug, thiserror::Error)]
-pub enum OpError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    VmFailed(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for OpError {
-    fn from(e: StoreError) -> Self {
-        let msg = flint_snapshot_store::error_chain(&e);
-        match e {
-            StoreError::InvalidInput(_) => OpError::BadRequest(msg),
-            StoreError::NotFound { .. } | StoreError::NoImage { .. } => OpError::NotFound(msg),
-            StoreError::Unavailable(_) | StoreError::NoRemote => OpError::Unavailable(msg),
-            _ => OpError::Internal(msg),
-        }
-    }
-}
-
-impl From<crate::db::DbError> for OpError {
-    fn from(e: crate::db::DbError) -> Self {
-        OpError::Internal(e.to_string())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmStatus {
-    Starting,
-    Running,
-    Paused,
-    Stopping,
-    Failed,
-    /// flintd restarted and the VMM process was gone.
-    Lost,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub id: String,
-    pub status: VmStatus,
-    pub pid: Option<u32>,
-    /// Process start time (clock ticks since boot, /proc/PID/stat field 22): tells our VMM from a reused pid.
-    pub pid_start: Option<u64>,
-    pub dir: PathBuf,
-    pub image: Option<String>,
-    /// Snapshot (or template's snapshot) the VM was restored from.
-    pub snapshot: Option<String>,
-    pub mem_mib: u64,
-    pub vcpus: u8,
-    pub created_unix_ms: u64,
-    /// VMM start → agent answers.
-    pub ready_ms: Option<f64>,
-    /// For restored VMs: fetching the snapshot's images from the store.
-    pub fetch_ms: Option<f64>,
-    pub error: Option<String>,
-    /// Restored lazily: memory is fetched from the store as the guest touches it.
-    #[serde(default)]
-    pub lazy: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TemplateRecord {
-    pub name: String,
-    pub image: String,
-    pub init: Vec<String>,
-    pub snapshot: String,
-    pub created_unix_ms: u64,
-    pub boot_ms: f64,
-    pub init_ms: f64,
-    pub snapshot_ms: f64,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub image: Option<String>,
-    #[serde(default)]
-    pub mem_mib: Option<u64>,
-    #[serde(default)]
-    pub vcpus: Option<u8>,
-    /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ...
-    #[serde(default)]
-    pub drives: Vec<DriveSpec>,
-    /// Environment for the VM's execs (set through the agent once it answers).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriveSpec {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSnapshot {
-    pub id: String,
-    /// Upload to the remote tier too.
-    #[serde(default)]
-    pub publish: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateTemplate {
-    pub name: String,
-    #[serde(default)]
-    pub image: Option<String>,
-    /// Command run once in the fresh VM before the snapshot (e.g. warm up a runtime).
-    #[serde(default)]
-    pub init: Vec<String>,
-    #[serde(default)]
-    pub publish: bool,
-    #[serde(default)]
-    pub mem_mib: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateClones {
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    #[serde(default = "one")]
-    pub count: u32,
-    /// Environment for the clones' later execs (set by the agent's refresh).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Start before the memory has arrived: pages come from the store (L1, else S3) on first touch, the recorded
-    /// working set is prefetched. Otherwise the memory image is fetched whole first.
-    #[serde(default)]
-    pub lazy: bool,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Start time of a process (to recognise our VMM after a flintd restart), or None if it is gone.
-pub fn pid_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    // Fields after the command: state is field 3; starttime is field 22.
-    let state = after.split_whitespace().next()?;
-    if state == "Z" {
-        return None;
-    }
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Counters for /metrics.
-#[derive(Default)]
-pub struct Metrics {
-    pub boots: AtomicU64,
-    pub boot_ms_sum: AtomicU64,
-    pub restores: AtomicU64,
-    pub restore_ms_sum: AtomicU64,
-    pub snapshots: AtomicU64,
-    pub snapshot_ms_sum: AtomicU64,
-    pub vm_failures: AtomicU64,
-    pub requests: AtomicU64,
-}
+pub use crate::vm::model::{OpError, VmRecord, VmStatus};
 
 pub struct Daemon {
     pub cfg: Config,
-    store_spec: flint_snapshot_store::StoreSpec,
-    db: Db,
+    pub(crate) db: Db,
     pub store: Store,
-    vms: Mutex<HashMap<String, VmRecord>>,
-    agents: tokio::sync::Mutex<HashMap<String, Arc<AgentClient>>>,
-    restore_slots: tokio::sync::Semaphore,
+    pub launcher: Arc<dyn Launcher>,
+    vms: Mutex<HashMap<String, Arc<Slot>>>,
+    pub(crate) restore_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
     seq: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn valid_id(what: &str, id: &str) -> Result<(), OpError> {
+pub(crate) fn valid_id(what: &str, id: &str) -> Result<(), OpError> {
     flint_snapshot_store::manifest::check_name(what, id).map_err(OpError::BadRequest)
 }
 
+/// The store configuration flintd's config describes (built in this one place).
+pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
+    let mut scfg = StoreConfig::new(&cfg.data_dir.join("store"));
+    scfg.local_budget = cfg.store.local_budget_bytes;
+    scfg.chunk_size = cfg.store.chunk_size;
+    scfg.s3 = cfg.store.s3.clone();
+    if let Some(f) = &cfg.store.secret_file {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("read {}: {e}", f.display()))?;
+        scfg.secret = Some(flint_snapshot_store::Secret::from_hex(&text)?);
+    }
+    Ok(scfg)
+}
+
 impl Daemon {
+    /// Opens the state and the store, then re-adopts the VMs of the previous run. Must run inside a tokio runtime.
     pub fn open(cfg: Config) -> Result<Arc<Daemon>, String> {
+        let launcher = Arc::new(ProcessLauncher::new(cfg.vmm_bin()));
+        Self::open_with(cfg, launcher)
+    }
+
+    pub fn open_with(cfg: Config, launcher: Arc<dyn Launcher>) -> Result<Arc<Daemon>, String> {
         std::fs::create_dir_all(cfg.data_dir.join("vms"))
             .map_err(|e| format!("create {}: {e}", cfg.data_dir.join("vms").display()))?;
         let db = Db::open(&cfg.data_dir.join("flintd.redb")).map_err(|e| e.to_string())?;
-        let mut scfg = StoreConfig::new(&cfg.data_dir.join("store"));
-        scfg.local_budget = cfg.store.local_budget_bytes;
-        scfg.chunk_size = cfg.store.chunk_size;
-        scfg.s3 = cfg.store.s3.clone();
-        if let Some(f) = &cfg.store.secret_file {
-            let text = std::fs::read_to_string(f).map_err(|e| format!("read {}: {e}", f.display()))?;
-            scfg.secret = Some(flint_snapshot_store::Secret::from_hex(&text)?);
-        }
-        let store = Store::open(scfg).map_err(|e| format!("snapshot store: {e}"))?;
-        let store_spec = flint_snapshot_store::StoreSpec {
-            local_dir: cfg.data_dir.join("store"),
-            local_budget: cfg.store.local_budget_bytes,
-            secret_file: cfg.store.secret_file.clone(),
-            s3: cfg.store.s3.clone(),
-        };
+        let store = Store::open(store_config(&cfg)?).map_err(|e| format!("snapshot store: {e}"))?;
         let slots = cfg.max_parallel_restores.max(1);
         let d = Arc::new(Daemon {
             cfg,
-            store_spec,
             db,
             store,
+            launcher,
             vms: Mutex::new(HashMap::new()),
-            agents: tokio::sync::Mutex::new(HashMap::new()),
             restore_slots: tokio::sync::Semaphore::new(slots),
             metrics: Metrics::default(),
             seq: AtomicU64::new(0),
@@ -256,61 +79,93 @@ impl Daemon {
         Ok(d)
     }
 
-    /// After a restart: VMMs still running (same pid and start time) are adopted and watched again; the rest are
-    /// marked lost.
+    /// After a restart, each record is brought back to a true status:
+    /// - Running / Paused with its VMM alive: watched again; with its VMM gone: Lost.
+    /// - Starting with its VMM alive: the start is finished (agent awaited, env or refresh applied) in the
+    ///   background; gone: Lost.
+    /// - Stopping: the delete is finished (VMM stopped, record and directory removed).
+    /// - Failed / Lost: kept for `flint vm ls`.
+    ///
+    /// A lazily restored VM gets its page server back (its VMM reconnects to the new `pager.sock`).
     fn adopt(self: &Arc<Self>) -> Result<(), String> {
         let records: Vec<VmRecord> = self.db.all(VMS).map_err(|e| e.to_string())?;
-        for mut rec in records {
-            let alive = rec.pid.and_then(pid_start_time).is_some_and(|t| Some(t) == rec.pid_start);
-            if matches!(rec.status, VmStatus::Running | VmStatus::Paused | VmStatus::Starting) {
-                if alive {
-                    info!(vm = %rec.id, pid = ?rec.pid, "re-adopted a running VMM");
-                    if let Some(pid) = rec.pid {
-                        self.watch_adopted(rec.id.clone(), pid, rec.pid_start);
-                    }
-                } else {
-                    warn!(vm = %rec.id, "VMM is gone after a flintd restart; marking the VM lost");
-                    rec.status = VmStatus::Lost;
-                    rec.error = Some("the VMM process was not running when flintd restarted".into());
-                    let _ = self.db.put(VMS, &rec.id, &rec);
+        for rec in records {
+            let alive = rec.proc().is_some_and(|p| self.launcher.alive(p));
+            let id = rec.id.clone();
+            let status = rec.status;
+            let slot = Slot::new(rec);
+            lock(&self.vms).insert(id.clone(), slot.clone());
+            match (status, alive) {
+                (VmStatus::Stopping, _) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.delete(&id).await {
+                            warn!(vm = %id, error = %e, "could not finish deleting a VM after a restart");
+                        }
+                    });
                 }
+                (VmStatus::Running | VmStatus::Paused | VmStatus::Starting, true) => {
+                    info!(vm = %id, status = status.name(), "re-adopted a running VMM");
+                    let rec = slot.get();
+                    if let Some(p) = rec.proc() {
+                        self.watch(&id, p);
+                    }
+                    if rec.lazy {
+                        if let Some(snapshot) = rec.snapshot.clone() {
+                            self.readopt_pager(&slot, &snapshot, &rec.dir, rec.proc());
+                        }
+                    }
+                    if status == VmStatus::Starting {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let _op = slot.op.lock().await;
+                            let started = Instant::now();
+                            let result = this.await_ready(&slot).await;
+                            let _ = this.finish_start(&slot, started, result, rec.snapshot.is_some());
+                        });
+                    }
+                }
+                (VmStatus::Running | VmStatus::Paused | VmStatus::Starting, false) => {
+                    warn!(vm = %id, "VMM is gone after a flintd restart; marking the VM lost");
+                    slot.transition(&self.db, VmStatus::Lost, |r| {
+                        r.error = Some("the VMM process was not running when flintd restarted".into());
+                        r.pid = None;
+                    })
+                    .map_err(|e| e.to_string())?;
+                }
+                (VmStatus::Failed | VmStatus::Lost, _) => {}
             }
-            lock(&self.vms).insert(rec.id.clone(), rec);
         }
         Ok(())
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
-        let rec = {
-            let mut vms = lock(&self.vms);
-            let rec = vms.get_mut(id)?;
-            f(rec);
-            rec.clone()
-        };
-        let _ = self.db.put(VMS, id, &rec);
-        Some(rec)
+    fn slot(&self, id: &str) -> Result<Arc<Slot>, OpError> {
+        lock(&self.vms).get(id).cloned().ok_or_else(|| OpError::NotFound(format!("no VM `{id}`")))
     }
 
     pub fn list(&self) -> Vec<VmRecord> {
-        let mut v: Vec<VmRecord> = lock(&self.vms).values().cloned().collect();
+        let slots: Vec<Arc<Slot>> = lock(&self.vms).values().cloned().collect();
+        let mut v: Vec<VmRecord> = slots.iter().map(|s| s.get()).collect();
         v.sort_by(|a, b| a.created_unix_ms.cmp(&b.created_unix_ms).then(a.id.cmp(&b.id)));
         v
     }
 
     pub fn get(&self, id: &str) -> Result<VmRecord, OpError> {
-        lock(&self.vms).get(id).cloned().ok_or_else(|| OpError::NotFound(format!("no VM `{id}`")))
+        Ok(self.slot(id)?.get())
     }
 
-    /// The VMM's own description (timings, restore breakdown, userfaultfd and store counters), if it answers.
+    /// The VMM's own description (timings, restore breakdown, fault counters), if it answers; for a VM whose
+    /// memory flintd serves, `uffd` is the page server's counters.
     pub async fn vmm_describe(&self, id: &str) -> Option<serde_json::Value> {
-        let rec = self.get(id).ok()?;
+        let slot = self.slot(id).ok()?;
+        let rec = slot.get();
         rec.pid?;
-        let (status, body) =
-            http::request(&rec.dir.join("api.sock"), "GET", "/vm", None, Duration::from_secs(5)).await.ok()?;
-        if status != 200 {
-            return None;
+        let d = self.launcher.vmm(&rec.dir).describe().await.ok()?;
+        let mut v = serde_json::to_value(d).ok()?;
+        if let Some(p) = lock(&slot.pager).as_ref() {
+            v["uffd"] = serde_json::to_value(p.report()).ok()?;
         }
-        serde_json::from_slice(&body).ok()
+        Some(v)
     }
 
     /// Named images: the config's, then directories under `<data_dir>/images`.
@@ -330,10 +185,11 @@ impl Daemon {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut r = [0u8; 3];
         let _ = getrandom::getrandom(&mut r);
-        format!("{prefix}-{:x}{n:x}{:02x}{:02x}{:02x}", now_ms() % 0x10000, r[0], r[1], r[2])
+        format!("{prefix}-{:x}{n:x}{:02x}{:02x}{:02x}", now_unix_ms() % 0x10000, r[0], r[1], r[2])
     }
 
-    fn reserve(&self, id: Option<String>, prefix: &str) -> Result<(String, PathBuf), OpError> {
+    /// A new VM in `Starting`, persisted, with an empty directory.
+    fn reserve(&self, id: Option<String>, prefix: &str, f: impl FnOnce(&mut VmRecord)) -> Result<Arc<Slot>, OpError> {
         let id = match id {
             Some(id) => {
                 valid_id("VM id", &id)?;
@@ -342,160 +198,212 @@ impl Daemon {
             None => self.new_id(prefix),
         };
         let dir = self.cfg.data_dir.join("vms").join(&id);
-        {
+        let mut rec = VmRecord {
+            id: id.clone(),
+            status: VmStatus::Starting,
+            pid: None,
+            pid_start: None,
+            dir: dir.clone(),
+            image: None,
+            snapshot: None,
+            mem_mib: 0,
+            vcpus: 0,
+            created_unix_ms: now_unix_ms(),
+            ready_ms: None,
+            fetch_ms: None,
+            error: None,
+            lazy: false,
+            env: BTreeMap::new(),
+        };
+        f(&mut rec);
+        let slot = {
             let mut vms = lock(&self.vms);
             if vms.contains_key(&id) {
                 return Err(OpError::Conflict(format!("VM `{id}` already exists")));
             }
-            vms.insert(
-                id.clone(),
-                VmRecord {
-                    id: id.clone(),
-                    status: VmStatus::Starting,
-                    pid: None,
-                    pid_start: None,
-                    dir: dir.clone(),
-                    image: None,
-                    snapshot: None,
-                    mem_mib: 0,
-                    vcpus: 0,
-                    created_unix_ms: now_ms(),
-                    ready_ms: None,
-                    fetch_ms: None,
-                    error: None,
-                    lazy: false,
-                },
-            );
+            let slot = Slot::new(rec.clone());
+            vms.insert(id.clone(), slot.clone());
+            slot
+        };
+        let prepared = (|| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(|e| OpError::Internal(format!("create {}: {e}", dir.display())))?;
+            self.db.put(VMS, &id, &rec)?;
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            lock(&self.vms).remove(&id);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| OpError::Internal(format!("create {}: {e}", dir.display())))?;
-        Ok((id, dir))
+        Ok(slot)
     }
 
-    /// Spawns a VMM in its own session (it outlives a flintd crash) with stdout/stderr to `vmm.log`.
-    fn spawn_vmm(self: &Arc<Self>, id: &str, dir: &Path, args: &[String]) -> Result<u32, OpError> {
-        let log = std::fs::File::create(dir.join("vmm.log"))
-            .map_err(|e| OpError::Internal(format!("create {}: {e}", dir.join("vmm.log").display())))?;
-        let mut cmd = tokio::process::Command::new(self.cfg.vmm_bin());
-        cmd.arg("--api-sock")
-            .arg(dir.join("api.sock"))
-            .arg("--vsock-uds")
-            .arg(dir.join("vsock.sock"))
-            .arg("--console")
-            .arg(dir.join("console.log"))
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| OpError::Internal(e.to_string()))?)
-            .stderr(log)
-            .kill_on_drop(false);
-        // SAFETY: setsid() is async-signal-safe; it only detaches the child from flintd's session so a signal to
-        // flintd's process group (Ctrl-C, systemd stop of the daemon) does not take the VMs down with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    /// Starts the VMM for `spec`, records its process and watches it.
+    fn spawn(self: &Arc<Self>, slot: &Arc<Slot>, spec: &LaunchSpec) -> Result<Proc, OpError> {
+        let rec = slot.get();
+        let p = self.launcher.spawn(&rec.dir, spec)?;
+        if let Err(e) = slot.commit(&self.db, |r| {
+            r.pid = Some(p.pid);
+            r.pid_start = Some(p.start);
+        }) {
+            self.launcher.kill(p);
+            return Err(e);
         }
-        let mut child =
-            cmd.spawn().map_err(|e| OpError::Internal(format!("start {}: {e}", self.cfg.vmm_bin().display())))?;
-        let pid = child.id().ok_or_else(|| OpError::Internal("the VMM exited at once".into()))?;
-        let start = pid_start_time(pid);
-        self.update(id, |r| {
-            r.pid = Some(pid);
-            r.pid_start = start;
-        });
-        let this = self.clone();
+        self.watch(&rec.id, p);
+        Ok(p)
+    }
+
+    /// Marks the VM failed when its VMM exits (unless it is being deleted).
+    fn watch(self: &Arc<Self>, id: &str, p: Proc) {
+        // Weak: a watcher does not keep a daemon alive (its VMMs outlive it by design).
+        let this = Arc::downgrade(self);
         let id = id.to_string();
+        let exited = self.launcher.exited(p);
         tokio::spawn(async move {
-            let status = child.wait().await;
-            this.vmm_exited(&id, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
-        });
-        Ok(pid)
-    }
-
-    fn watch_adopted(self: &Arc<Self>, id: String, pid: u32, start: Option<u64>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if pid_start_time(pid) != start {
-                    this.vmm_exited(&id, "exited (adopted process)".into());
-                    return;
-                }
+            let how = exited.await;
+            if let Some(this) = this.upgrade() {
+                this.vmm_exited(&id, p, how);
             }
         });
     }
 
-    fn vmm_exited(&self, id: &str, how: String) {
-        let log_tail = {
-            let dir = lock(&self.vms).get(id).map(|r| r.dir.clone());
-            dir.and_then(|d| std::fs::read_to_string(d.join("vmm.log")).ok())
-                .map(|t| t.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
-                .unwrap_or_default()
-        };
-        let rec = self.update(id, |r| {
-            if r.status != VmStatus::Stopping {
+    fn vmm_exited(&self, id: &str, p: Proc, how: String) {
+        let Ok(slot) = self.slot(id) else { return };
+        let rec = slot.get();
+        if rec.proc() != Some(p) {
+            return; // a later VMM of the same record
+        }
+        *lock(&slot.pager) = None;
+        let log_tail = std::fs::read_to_string(rec.dir.join("vmm.log"))
+            .map(|t| t.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
+            .unwrap_or_default();
+        let result = slot.commit(&self.db, |r| {
+            if r.status != VmStatus::Stopping && r.status.can_become(VmStatus::Failed) {
                 r.status = VmStatus::Failed;
-                r.error = Some(format!("VMM {how}: {log_tail}"));
+                let what = format!("VMM {how}: {log_tail}");
+                // A reason recorded before the exit (the page server's) comes first.
+                r.error = Some(match r.error.take() {
+                    Some(first) => format!("{first} ({what})"),
+                    None => what,
+                });
             }
             r.pid = None;
+            r.pid_start = None;
         });
-        if let Some(rec) = rec {
-            if rec.status == VmStatus::Failed {
+        match result {
+            Ok(rec) if rec.status == VmStatus::Failed => {
                 self.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(vm = %id, error = ?rec.error, "VM failed");
             }
+            Ok(_) => {}
+            Err(e) => warn!(vm = %id, error = %e, "could not record a VMM exit"),
         }
-    }
-
-    fn endpoint(dir: &Path) -> Endpoint {
-        Endpoint::Vsock { uds: dir.join("vsock.sock"), port: flint_agent::protocol::DEFAULT_PORT }
     }
 
     /// The agent of a running VM (one connection per VM, reconnected when it breaks).
     pub async fn agent(&self, id: &str) -> Result<Arc<AgentClient>, OpError> {
-        let rec = self.get(id)?;
+        let slot = self.slot(id)?;
+        let rec = slot.get();
         if rec.status != VmStatus::Running {
-            return Err(OpError::Conflict(format!("VM `{id}` is {:?}, not running", rec.status).to_lowercase()));
+            return Err(OpError::Conflict(format!("VM `{id}` is {}, not running", rec.status.name())));
         }
-        // One cached connection per VM; reconnect (without holding the map) when it has ended.
-        if let Some(a) = self.agents.lock().await.get(id).filter(|a| !a.is_closed()) {
+        let mut cached = slot.agent.lock().await;
+        if let Some(a) = cached.as_ref().filter(|a| !a.is_closed()) {
             return Ok(a.clone());
         }
         let a = Arc::new(
-            AgentClient::connect(&Self::endpoint(&rec.dir), Duration::from_secs(10))
+            AgentClient::connect(&self.launcher.agent_endpoint(&rec.dir), Duration::from_secs(10))
                 .await
                 .map_err(|e| OpError::VmFailed(format!("VM `{id}`: agent: {e}")))?,
         );
-        self.agents.lock().await.insert(id.to_string(), a.clone());
+        *cached = Some(a.clone());
         Ok(a)
     }
 
-    async fn wait_agent(&self, id: &str, dir: &Path) -> Result<Arc<AgentClient>, OpError> {
+    /// Waits for a starting VM's agent, then gives it its env (boot) or refreshes it (restore: clock, entropy,
+    /// env, hostname); records what the VMM says it is (vCPUs, memory).
+    async fn await_ready(&self, slot: &Arc<Slot>) -> Result<(), OpError> {
+        let rec = slot.get();
+        let id = rec.id.clone();
         let deadline = Duration::from_secs(self.cfg.agent_timeout_s);
         let started = Instant::now();
-        loop {
-            let rec = self.get(id)?;
+        let agent = loop {
+            let rec = slot.get();
             if rec.status == VmStatus::Failed {
                 return Err(OpError::VmFailed(format!(
                     "VM `{id}` failed while starting: {}",
                     rec.error.unwrap_or_default()
                 )));
             }
-            match AgentClient::connect(&Self::endpoint(dir), Duration::from_secs(5)).await {
-                Ok(a) => {
-                    let a = Arc::new(a);
-                    self.agents.lock().await.insert(id.to_string(), a.clone());
-                    return Ok(a);
-                }
+            match AgentClient::connect(&self.launcher.agent_endpoint(&rec.dir), Duration::from_secs(5)).await {
+                Ok(a) => break Arc::new(a),
                 Err(e) if started.elapsed() > deadline => {
                     return Err(OpError::VmFailed(format!(
                         "VM `{id}`: the agent did not answer within {deadline:?}: {e}"
                     )))
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        if rec.snapshot.is_some() {
+            agent
+                .refresh(rec.env.clone(), Some(id.clone()))
+                .await
+                .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?;
+        } else if !rec.env.is_empty() {
+            agent
+                .refresh(rec.env.clone(), Some(id.clone()))
+                .await
+                .map_err(|e| OpError::VmFailed(format!("set env: {e}")))?;
+        }
+        *slot.agent.lock().await = Some(agent);
+        let d = self.launcher.vmm(&rec.dir).describe().await?;
+        slot.commit(&self.db, |r| {
+            r.vcpus = d.config.vcpus;
+            r.mem_mib = d.config.mem_mib;
+        })?;
+        Ok(())
+    }
+
+    /// Ends a start: Running, or Failed with no VMM left.
+    fn finish_start(
+        &self,
+        slot: &Arc<Slot>,
+        started: Instant,
+        result: Result<(), OpError>,
+        restore: bool,
+    ) -> Result<VmRecord, OpError> {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let id = slot.get().id;
+        match result {
+            Ok(()) => {
+                let rec = slot.transition(&self.db, VmStatus::Running, |r| r.ready_ms = Some(ms))?;
+                let (count, sum) = if restore {
+                    (&self.metrics.restores, &self.metrics.restore_ms_sum)
+                } else {
+                    (&self.metrics.boots, &self.metrics.boot_ms_sum)
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                sum.fetch_add(ms as u64, Ordering::Relaxed);
+                info!(vm = %id, ms, restore, "VM running");
+                Ok(rec)
+            }
+            Err(e) => {
+                // Leave a failed record (for `flint vm ls`) but no running process.
+                let rec = slot.get();
+                if let Some(p) = rec.proc() {
+                    self.launcher.kill(p);
+                }
+                let _ = slot.commit(&self.db, |r| {
+                    if r.status.can_become(VmStatus::Failed) {
+                        r.status = VmStatus::Failed;
+                    }
+                    if r.error.is_none() {
+                        r.error = Some(e.to_string());
+                    }
+                });
+                Err(e)
             }
         }
     }
@@ -512,12 +420,9 @@ impl Daemon {
         })?;
         let mem = req.mem_mib.unwrap_or(self.cfg.vm.mem_mib);
         let vcpus = req.vcpus.unwrap_or(self.cfg.vm.vcpus);
-        if !(64..=65536).contains(&mem) {
-            return Err(OpError::BadRequest(format!("mem_mib {mem} is out of range (64-65536)")));
-        }
-        if !(1..=32).contains(&vcpus) {
-            return Err(OpError::BadRequest(format!("vcpus {vcpus} is out of range (1-32)")));
-        }
+        // The VMM's own limits, checked here: a 400, not a failed VM.
+        check_mem_mib(mem)?;
+        check_vcpus(vcpus)?;
         for d in &req.drives {
             if !d.path.is_absolute() || !d.path.is_file() {
                 return Err(OpError::BadRequest(format!(
@@ -526,161 +431,114 @@ impl Daemon {
                 )));
             }
         }
-        if req.drives.len() > 8 {
-            return Err(OpError::BadRequest(format!("{} drives: at most 8", req.drives.len())));
+        if req.drives.len() > MAX_DRIVES {
+            return Err(OpError::BadRequest(format!("{} drives: at most {MAX_DRIVES}", req.drives.len())));
         }
-        let (id, dir) = self.reserve(req.id, "vm")?;
-        self.update(&id, |r| {
+        let slot = self.reserve(req.id, "vm", |r| {
             r.image = Some(image.clone());
             r.mem_mib = mem;
             r.vcpus = vcpus;
-        });
+            r.env = req.env.clone();
+        })?;
+        let _op = slot.op.lock().await;
+        let dir = slot.get().dir;
+        let mut config = VmConfig::new(dir_img.join("vmlinux"));
+        config.initramfs = Some(dir_img.join("initramfs.cpio"));
+        config.mem_mib = mem;
+        config.vcpus = vcpus;
+        config.drives = req
+            .drives
+            .iter()
+            .map(|d| flint_vmm_api::config::DriveConfig { path: d.path.clone(), read_only: d.read_only, root: false })
+            .collect();
+        config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
+        config.console = dir.join("console.log").display().to_string();
+        config.validate_limits()?;
+        let spec = LaunchSpec { api_sock: Some(dir.join("api.sock")), seccomp: true, launch: Launch::Boot(config) };
         let started = Instant::now();
-        let mut args = vec![
-            "--kernel".to_string(),
-            dir_img.join("vmlinux").display().to_string(),
-            "--initramfs".into(),
-            dir_img.join("initramfs.cpio").display().to_string(),
-            "--mem".into(),
-            mem.to_string(),
-            "--vcpus".into(),
-            vcpus.to_string(),
-        ];
-        for d in &req.drives {
-            args.push("--drive".into());
-            args.push(format!("{}{}", d.path.display(), if d.read_only { ",ro" } else { "" }));
-        }
         let result = async {
-            self.spawn_vmm(&id, &dir, &args)?;
-            let agent = self.wait_agent(&id, &dir).await?;
-            if !req.env.is_empty() {
-                agent
-                    .refresh(req.env.clone(), Some(id.clone()))
-                    .await
-                    .map_err(|e| OpError::VmFailed(format!("set env: {e}")))?;
-            }
-            Ok(agent)
+            self.spawn(&slot, &spec)?;
+            self.await_ready(&slot).await
         }
         .await;
-        self.finish_start(&id, started, result.map(|_| ()), false)
+        self.finish_start(&slot, started, result, false)
     }
 
-    fn finish_start(
-        &self,
-        id: &str,
-        started: Instant,
-        result: Result<(), OpError>,
-        restore: bool,
-    ) -> Result<VmRecord, OpError> {
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        match result {
-            Ok(()) => {
-                let (count, sum) = if restore {
-                    (&self.metrics.restores, &self.metrics.restore_ms_sum)
-                } else {
-                    (&self.metrics.boots, &self.metrics.boot_ms_sum)
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                sum.fetch_add(ms as u64, Ordering::Relaxed);
-                let rec = self
-                    .update(id, |r| {
-                        r.status = VmStatus::Running;
-                        r.ready_ms = Some(ms);
-                    })
-                    .ok_or_else(|| OpError::NotFound(format!("VM `{id}` vanished")))?;
-                info!(vm = %id, ms, restore, "VM running");
-                Ok(rec)
-            }
-            Err(e) => {
-                // Leave a failed record (for `flint vm ls`) but no running process.
-                if let Some(pid) = self.get(id).ok().and_then(|r| r.pid) {
-                    // SAFETY: kill(2) on the VMM's pid, which we spawned and have not reaped.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-                self.update(id, |r| {
-                    r.status = VmStatus::Failed;
-                    r.error = Some(e.to_string());
-                });
-                Err(e)
-            }
+    /// Stops a VM (VMM shutdown, then SIGKILL) and forgets it.
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), OpError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let rec = slot.get();
+        if rec.status != VmStatus::Stopping {
+            slot.transition(&self.db, VmStatus::Stopping, |_| ())?;
         }
-    }
-
-    /// Stops a VM (agent shutdown, then the VMM's API, then SIGKILL) and forgets it.
-    pub async fn delete(&self, id: &str) -> Result<(), OpError> {
-        let rec = self.get(id)?;
-        self.update(id, |r| r.status = VmStatus::Stopping);
-        self.agents.lock().await.remove(id);
-        if let Some(pid) = rec.pid.filter(|p| pid_start_time(*p).is_some() && pid_start_time(*p) == rec.pid_start) {
-            let _ = http::request(&rec.dir.join("api.sock"), "PUT", "/vm/shutdown", None, Duration::from_secs(5)).await;
+        *slot.agent.lock().await = None;
+        if let Some(p) = rec.proc().filter(|p| self.launcher.alive(*p)) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.launcher.vmm(&rec.dir).shutdown()).await;
             let deadline = Instant::now() + Duration::from_secs(5);
-            while pid_start_time(pid) == rec.pid_start && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            while self.launcher.alive(p) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if pid_start_time(pid) == rec.pid_start {
-                // SAFETY: kill(2) on our VMM's pid, checked against its start time just above.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
+            self.launcher.kill(p);
         }
+        *lock(&slot.pager) = None;
+        slot.remove(&self.db)?;
         lock(&self.vms).remove(id);
-        self.db.delete(VMS, id)?;
         let _ = std::fs::remove_dir_all(&rec.dir);
         info!(vm = %id, "VM deleted");
         Ok(())
     }
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<VmRecord, OpError> {
-        let rec = self.get(id)?;
-        let want = if pause { VmStatus::Running } else { VmStatus::Paused };
-        if rec.status != want {
-            return Err(OpError::Conflict(format!("VM `{id}` is {:?}", rec.status).to_lowercase()));
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let rec = slot.get();
+        let (from, to) =
+            if pause { (VmStatus::Running, VmStatus::Paused) } else { (VmStatus::Paused, VmStatus::Running) };
+        if rec.status != from {
+            return Err(OpError::Conflict(format!("VM `{id}` is {}", rec.status.name())));
         }
-        let path = if pause { "/vm/pause" } else { "/vm/resume" };
-        let (status, body) = http::request(&rec.dir.join("api.sock"), "PUT", path, None, Duration::from_secs(10))
-            .await
-            .map_err(|e| OpError::VmFailed(format!("VM `{id}`: {e}")))?;
-        if status >= 300 {
-            return Err(OpError::VmFailed(format!("VM `{id}`: {path}: {}", String::from_utf8_lossy(&body))));
+        let vmm = self.launcher.vmm(&rec.dir);
+        if pause {
+            vmm.pause().await?;
+        } else {
+            vmm.resume().await?;
         }
-        self.update(id, |r| r.status = if pause { VmStatus::Paused } else { VmStatus::Running })
-            .ok_or_else(|| OpError::NotFound(format!("no VM `{id}`")))
+        slot.transition(&self.db, to, |_| ())
     }
 
     /// Snapshots a running VM into the store: before-checkpoint hook, VMM snapshot (the VM resumes), put.
     pub async fn snapshot(&self, vm: &str, req: CreateSnapshot) -> Result<SnapshotInfo, OpError> {
         valid_id("snapshot id", &req.id)?;
-        let rec = self.get(vm)?;
+        let slot = self.slot(vm)?;
+        let _op = slot.op.lock().await;
+        let rec = slot.get();
         let agent = self.agent(vm).await?;
         agent.before_checkpoint().await.map_err(|e| OpError::VmFailed(format!("before-checkpoint hook: {e}")))?;
         let started = Instant::now();
         let tmp = rec.dir.join(format!("snap-{}", req.id));
         std::fs::create_dir_all(&tmp).map_err(|e| OpError::Internal(e.to_string()))?;
-        let body = serde_json::json!({"state_path": tmp.join("state"), "mem_path": tmp.join("memory"), "resume": true});
+        let request = flint_vmm_api::snapshot::SnapshotRequest {
+            state_path: tmp.join("state"),
+            mem_path: tmp.join("memory"),
+            kind: flint_vmm_api::snapshot::SnapshotKind::Full,
+            resume: true,
+        };
         let result = async {
-            let (status, out) = http::request(
-                &rec.dir.join("api.sock"),
-                "PUT",
-                "/snapshot/create",
-                Some(body.to_string().as_bytes()),
-                Duration::from_secs(300),
-            )
-            .await
-            .map_err(|e| OpError::VmFailed(format!("VM `{vm}`: {e}")))?;
-            if status >= 300 {
-                return Err(OpError::VmFailed(format!("VM `{vm}`: snapshot: {}", String::from_utf8_lossy(&out))));
-            }
+            let report = self.launcher.vmm(&rec.dir).snapshot(request).await?;
             let mut draft = SnapshotDraft::new(&req.id)
                 .image("state", ImageSource::File(tmp.join("state")))
                 .image("memory", ImageSource::File(tmp.join("memory")));
             draft.parent = rec.snapshot.clone();
-            draft.vmm_format = Some(1);
+            draft.vmm_format = Some(report.format_version);
             draft.metadata.insert("vm".into(), vm.to_string());
             if let Some(i) = &rec.image {
                 draft.metadata.insert("image".into(), i.clone());
             }
-            draft.metadata.insert("mem_mib".into(), rec.mem_mib.to_string());
+            draft.metadata.insert("mem_mib".into(), report.mem_mib.to_string());
+            draft.metadata.insert("vcpus".into(), report.vcpus.to_string());
             let (manifest, _) = self.store.put(draft, req.publish).await?;
-            Ok(manifest)
+            Ok::<_, OpError>(manifest)
         }
         .await;
         let _ = std::fs::remove_dir_all(&tmp);
@@ -695,8 +553,8 @@ impl Daemon {
 
     /// Restores one VM from a snapshot, then refreshes the guest's clock, entropy, env and hostname through the
     /// agent. Eager: the images are fetched whole from the store (S3 on a miss) first. Lazy: only the state image;
-    /// the VMM serves memory from the store on first touch and prefetches the recorded working set; the first lazy
-    /// restore of a snapshot records that working set.
+    /// flintd's page server serves memory from the store on first touch and prefetches the recorded working set;
+    /// the first lazy restore of a snapshot records that working set.
     pub async fn restore(
         self: &Arc<Self>,
         snapshot: &str,
@@ -705,60 +563,63 @@ impl Daemon {
     ) -> Result<VmRecord, OpError> {
         let manifest = self.store.manifest(snapshot).await?;
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
-        let (id, dir) = self.reserve(None, "clone")?;
-        let mem_mib = manifest.metadata.get("mem_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
-        self.update(&id, |r| {
+        let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse().ok());
+        let slot = self.reserve(None, "clone", |r| {
             r.snapshot = Some(snapshot.to_string());
             r.image = manifest.metadata.get("image").cloned();
-            r.mem_mib = mem_mib;
-            r.vcpus = 1;
+            // From the snapshot's metadata until the VMM says (after the restore) what it is.
+            r.mem_mib = meta("mem_mib").unwrap_or(0);
+            r.vcpus = meta("vcpus").unwrap_or(0) as u8;
             r.lazy = lazy;
-        });
+            r.env = env.clone();
+        })?;
+        let _op = slot.op.lock().await;
+        let dir = slot.get().dir;
         let started = Instant::now();
         let mut recorded = false;
         let result = async {
             let t = Instant::now();
             let _pin = self.store.pin(&manifest);
             self.store.get_image(snapshot, "state", &dir.join("state")).await?;
-            let (mem_arg, mode) = if lazy {
+            let (memory, pager) = if lazy {
                 let prefetch = self.store.working_set(snapshot).await?.map(|w| w.chunks).unwrap_or_default();
                 recorded = !prefetch.is_empty();
-                let source = serde_json::json!({
-                    "store": self.store_spec,
-                    "snapshot": snapshot,
-                    "image": "memory",
-                    "prefetch": prefetch,
-                });
-                std::fs::write(dir.join("store-source.json"), source.to_string())
-                    .map_err(|e| OpError::Internal(format!("write store source: {e}")))?;
-                (dir.join("store-source.json"), "store")
+                let source = Arc::new(pager::StoreSource::open(&self.store, snapshot).await?);
+                let listener = pager::bind(&dir)?;
+                (MemorySource::Pager { socket: pager::socket_path(&dir) }, Some((listener, source, prefetch)))
             } else {
                 self.store.get_image(snapshot, "memory", &dir.join("memory")).await?;
-                (dir.join("memory"), "private")
+                (MemorySource::Private { path: dir.join("memory") }, None)
             };
             let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
-            self.update(&id, |r| r.fetch_ms = Some(fetch_ms));
-            let args = vec![
-                "--restore-state".to_string(),
-                dir.join("state").display().to_string(),
-                "--restore-mem".into(),
-                mem_arg.display().to_string(),
-                "--restore-mode".into(),
-                mode.into(),
-            ];
-            self.spawn_vmm(&id, &dir, &args)?;
-            let agent = self.wait_agent(&id, &dir).await?;
-            agent
-                .refresh(env.clone(), Some(id.clone()))
-                .await
-                .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?;
-            Ok(())
+            slot.commit(&self.db, |r| r.fetch_ms = Some(fetch_ms))?;
+            let spec = LaunchSpec {
+                api_sock: Some(dir.join("api.sock")),
+                seccomp: true,
+                launch: Launch::Restore(RestoreSpec {
+                    state_path: dir.join("state"),
+                    memory,
+                    devices: HostDevices {
+                        vsock_uds: Some(dir.join("vsock.sock")),
+                        console: Some(dir.join("console.log").display().to_string()),
+                        net: None,
+                        drive_paths: None,
+                    },
+                    track_dirty_pages: None,
+                    merged_memory: false,
+                }),
+            };
+            let p = self.spawn(&slot, &spec)?;
+            if let Some((listener, source, prefetch)) = pager {
+                self.serve_memory(&slot, listener, source, prefetch, p).await?;
+            }
+            self.await_ready(&slot).await
         }
         .await;
-        let rec = self.finish_start(&id, started, result, true)?;
+        let rec = self.finish_start(&slot, started, result, true)?;
         if lazy {
             if !recorded {
-                self.record_working_set(&id, snapshot).await;
+                self.record_working_set(&slot, snapshot).await;
             }
             if let Err(e) = self.store.rescan() {
                 warn!(error = %e, "could not rescan the local snapshot cache");
@@ -767,58 +628,68 @@ impl Daemon {
         Ok(rec)
     }
 
+    /// Serves a lazily restored VM's memory: waits for its VMM's userfaultfd, then serves faults from the store.
+    /// A unit that cannot be provided stops that VM with the page server's message.
+    async fn serve_memory(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        listener: std::os::unix::net::UnixListener,
+        source: Arc<pager::StoreSource>,
+        prefetch: Vec<u32>,
+        p: Proc,
+    ) -> Result<(), OpError> {
+        let on_fatal = self.pager_fatal(slot, p);
+        let wait = Duration::from_secs(60);
+        let served = tokio::task::spawn_blocking(move || {
+            pager::accept_and_serve(listener, p.pid, source, prefetch, wait, on_fatal)
+        })
+        .await
+        .map_err(|e| OpError::Internal(e.to_string()))??;
+        *lock(&slot.pager) = Some(Arc::new(served));
+        Ok(())
+    }
+
+    /// What the page server does when memory cannot be provided: record why, stop the VMM.
+    fn pager_fatal(self: &Arc<Self>, slot: &Arc<Slot>, p: Proc) -> flint_uffd::OnFatal {
+        let this = Arc::downgrade(self);
+        let slot = Arc::downgrade(slot);
+        Box::new(move |message: String| {
+            let (Some(this), Some(slot)) = (this.upgrade(), slot.upgrade()) else { return };
+            warn!(vm = %slot.get().id, %message, "stopping the VM");
+            let _ = slot.commit(&this.db, |r| r.error = Some(message.clone()));
+            this.launcher.kill(p);
+        })
+    }
+
+    /// After a flintd restart: a new page server for a lazily restored VM (its VMM hands the fd over again).
+    fn readopt_pager(self: &Arc<Self>, slot: &Arc<Slot>, snapshot: &str, dir: &Path, p: Option<Proc>) {
+        let Some(p) = p else { return };
+        let (this, slot, snapshot, dir) = (self.clone(), slot.clone(), snapshot.to_string(), dir.to_path_buf());
+        tokio::spawn(async move {
+            let result = async {
+                let source = Arc::new(pager::StoreSource::open(&this.store, &snapshot).await?);
+                let listener = pager::bind(&dir)?;
+                this.serve_memory(&slot, listener, source, Vec::new(), p).await
+            }
+            .await;
+            if let Err(e) = result {
+                warn!(vm = %slot.get().id, error = %e, "could not serve a re-adopted VM's memory; stopping it");
+                let _ = slot.commit(&this.db, |r| r.error = Some(format!("page server after a flintd restart: {e}")));
+                this.launcher.kill(p);
+            }
+        });
+    }
+
     /// Stores the chunks a lazily restored VM touched until its agent was ready and refreshed.
-    async fn record_working_set(&self, id: &str, snapshot: &str) {
-        let Some(d) = self.vmm_describe(id).await else { return };
-        let units: Vec<u32> = d["uffd"]["touched_units"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|u| u as u32)).collect())
-            .unwrap_or_default();
+    async fn record_working_set(&self, slot: &Arc<Slot>, snapshot: &str) {
+        let Some(served) = lock(&slot.pager).clone() else { return };
+        let units = served.report().touched_units;
         if units.is_empty() {
             return;
         }
         match self.store.put_working_set(snapshot, "memory", &units).await {
             Ok(()) => info!(snapshot, chunks = units.len(), "recorded the restore working set"),
             Err(e) => warn!(snapshot, error = %e, "could not record the working set"),
-        }
-    }
-
-    pub async fn clones(self: &Arc<Self>, req: CreateClones) -> Result<Vec<VmRecord>, OpError> {
-        let snapshot = match (&req.template, &req.snapshot) {
-            (Some(t), None) => self.template(t)?.snapshot,
-            (None, Some(s)) => s.clone(),
-            _ => return Err(OpError::BadRequest("give exactly one of `template` and `snapshot`".into())),
-        };
-        if req.count == 0 || req.count > 1000 {
-            return Err(OpError::BadRequest(format!("count {} is out of range (1-1000)", req.count)));
-        }
-        // Fetch once (the clones then share the L1 chunks), then restore in parallel up to the slot limit.
-        self.store.manifest(&snapshot).await?;
-        let tasks: Vec<_> = (0..req.count)
-            .map(|_| {
-                let this = self.clone();
-                let snapshot = snapshot.clone();
-                let env = req.env.clone();
-                let lazy = req.lazy;
-                tokio::spawn(async move { this.restore(&snapshot, &env, lazy).await })
-            })
-            .collect();
-        let mut out = Vec::new();
-        let mut first_err = None;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(r)) => out.push(r),
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(OpError::Internal(e.to_string()))),
-            }
-        }
-        match first_err {
-            Some(e) if out.is_empty() => Err(e),
-            Some(e) => {
-                warn!(error = %e, ok = out.len(), "some clones failed");
-                Ok(out)
-            }
-            None => Ok(out),
         }
     }
 
@@ -833,70 +704,262 @@ impl Daemon {
             .ok_or_else(|| OpError::NotFound(format!("no template `{name}`")))
     }
 
-    /// SnapStart: boot an image, run the init command once, snapshot, (publish), stop the VM.
-    pub async fn create_template(self: &Arc<Self>, req: CreateTemplate) -> Result<TemplateRecord, OpError> {
-        valid_id("template name", &req.name)?;
-        if self.template(&req.name).is_ok() {
-            return Err(OpError::Conflict(format!("template `{}` already exists", req.name)));
-        }
-        let snapshot = format!("tmpl-{}", req.name);
-        if self.store.manifest(&snapshot).await.is_ok() {
-            return Err(OpError::Conflict(format!("snapshot `{snapshot}` already exists")));
-        }
-        let vm = self.create(CreateVm { image: req.image.clone(), mem_mib: req.mem_mib, ..Default::default() }).await?;
-        let result = async {
-            let boot_ms = vm.ready_ms.unwrap_or(0.0);
-            let t = Instant::now();
-            if !req.init.is_empty() {
-                let agent = self.agent(&vm.id).await?;
-                let out = agent
-                    .exec_output(flint_agent::protocol::ExecRequest {
-                        argv: req.init.clone(),
-                        timeout_ms: Some(self.cfg.agent_timeout_s * 1000),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| OpError::VmFailed(format!("init command: {e}")))?;
-                if out.code != Some(0) {
-                    return Err(OpError::BadRequest(format!(
-                        "init command {:?} failed ({:?}): {}",
-                        req.init,
-                        out.code.map(|c| format!("exit {c}")).or(out.signal.map(|s| format!("signal {s}"))),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-            }
-            let init_ms = t.elapsed().as_secs_f64() * 1000.0;
-            let t = Instant::now();
-            self.snapshot(&vm.id, CreateSnapshot { id: snapshot.clone(), publish: req.publish }).await?;
-            let rec = TemplateRecord {
-                name: req.name.clone(),
-                image: vm.image.clone().unwrap_or_default(),
-                init: req.init.clone(),
-                snapshot: snapshot.clone(),
-                created_unix_ms: now_ms(),
-                boot_ms,
-                init_ms,
-                snapshot_ms: t.elapsed().as_secs_f64() * 1000.0,
-            };
-            self.db.put(TEMPLATES, &rec.name, &rec)?;
-            Ok(rec)
-        }
-        .await;
-        let _ = self.delete(&vm.id).await;
-        result
-    }
-
     pub fn delete_template(&self, name: &str) -> Result<(), OpError> {
         self.template(name)?;
         Ok(self.db.delete(TEMPLATES, name)?)
     }
 
-    /// Stops every VMM this daemon started (used by tests and `flintd --stop-vms-on-exit`).
-    pub async fn stop_all(&self) {
+    pub(crate) fn put_template(&self, rec: &TemplateRecord) -> Result<(), OpError> {
+        Ok(self.db.put(TEMPLATES, &rec.name, rec)?)
+    }
+
+    /// The database's record of a VM (for tests: it must equal the in-memory one).
+    pub fn db_record(&self, id: &str) -> Result<Option<VmRecord>, OpError> {
+        let all: Vec<VmRecord> = self.db.all(VMS)?;
+        Ok(all.into_iter().find(|r| r.id == id))
+    }
+
+    /// Stops every VMM this daemon knows (`flintd --stop-vms-on-exit`, tests).
+    pub async fn stop_all(self: &Arc<Self>) {
         let ids: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for id in ids {
             let _ = self.delete(&id).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeLauncher;
+
+    struct Env {
+        dir: PathBuf,
+        cfg: Config,
+    }
+
+    impl Env {
+        fn new(tag: &str) -> Env {
+            let dir = std::env::temp_dir().join(format!("flintd-unit-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let img = dir.join("image");
+            std::fs::create_dir_all(&img).unwrap();
+            std::fs::write(img.join("vmlinux"), b"x").unwrap();
+            std::fs::write(img.join("initramfs.cpio"), b"x").unwrap();
+            let mut cfg = Config { data_dir: dir.join("data"), agent_timeout_s: 10, ..Config::default() };
+            cfg.images.insert("default".into(), img);
+            Env { dir, cfg }
+        }
+        fn open(&self, l: &FakeLauncher) -> Arc<Daemon> {
+            Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
+        }
+    }
+
+    impl Drop for Env {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn vm(id: &str) -> CreateVm {
+        CreateVm { id: Some(id.into()), ..Default::default() }
+    }
+
+    /// After any mix of operations, a VM that still exists is Running or Paused, its VMM is alive, and the
+    /// database holds exactly the in-memory record; a deleted one is gone from both and its VMM stopped.
+    fn check(d: &Daemon, l: &FakeLauncher, id: &str) {
+        match d.get(id) {
+            Ok(rec) => {
+                assert!(matches!(rec.status, VmStatus::Running | VmStatus::Paused), "{id}: {rec:?}");
+                assert_eq!(d.db_record(id).unwrap().as_ref(), Some(&rec), "{id}: database and memory differ");
+                assert!(rec.proc().is_some_and(|p| d.launcher.alive(p)), "{id}: no VMM behind {rec:?}");
+            }
+            Err(OpError::NotFound(_)) => {
+                assert_eq!(d.db_record(id).unwrap(), None, "{id}: deleted but still in the database");
+                assert!(l.pid_of(&d.cfg.data_dir.join("vms").join(id)).is_none(), "{id}: VMM left running");
+            }
+            Err(e) => panic!("{id}: {e}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_interleavings_on_one_vm_end_in_valid_states() {
+        let env = Env::new("interleave");
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut outcomes: HashMap<&str, usize> = HashMap::new();
+        for round in 0..100 {
+            let id = format!("vm{round}");
+            d.create(vm(&id)).await.unwrap();
+            let ops: Vec<u64> = (0..5).map(|_| next() % 5).collect();
+            let tasks: Vec<_> = ops
+                .iter()
+                .enumerate()
+                .map(|(i, op)| {
+                    let (d, id, op) = (d.clone(), id.clone(), *op);
+                    tokio::spawn(async move {
+                        match op {
+                            0 => d.pause(&id, true).await.map(drop),
+                            1 => d.pause(&id, false).await.map(drop),
+                            2 => d
+                                .snapshot(&id, CreateSnapshot { id: format!("s{id}-{i}"), publish: false })
+                                .await
+                                .map(drop),
+                            3 => d.delete(&id).await,
+                            _ => match d.agent(&id).await {
+                                Ok(a) => a
+                                    .exec_output(flint_agent::protocol::ExecRequest {
+                                        argv: vec!["/bin/true".into()],
+                                        ..Default::default()
+                                    })
+                                    .await
+                                    .map(drop)
+                                    .map_err(|e| OpError::VmFailed(e.to_string())),
+                                Err(e) => Err(e),
+                            },
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let r = t.await.unwrap();
+                let k = match r {
+                    Ok(()) => "ok",
+                    Err(OpError::Conflict(_)) => "conflict",
+                    Err(OpError::NotFound(_)) => "not found",
+                    Err(OpError::VmFailed(_)) => "vm failed",
+                    Err(e) => panic!("round {round}: unexpected error {e}"),
+                };
+                *outcomes.entry(k).or_default() += 1;
+            }
+            check(&d, &l, &id);
+            if d.get(&id).is_ok() {
+                d.delete(&id).await.unwrap();
+                check(&d, &l, &id);
+            }
+        }
+        assert_eq!(l.running(), 0, "every VMM stopped");
+        // The mix really interleaved: each kind of outcome happened.
+        for k in ["ok", "conflict", "not found"] {
+            assert!(outcomes.get(k).copied().unwrap_or(0) > 0, "{k} never happened: {outcomes:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readoption_after_a_restart_handles_every_status() {
+        let env = Env::new("adopt");
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        for id in ["running", "paused", "starting", "stopping", "gone", "failed"] {
+            d.create(CreateVm { id: Some(id.into()), env: [("K".into(), "v".into())].into(), ..Default::default() })
+                .await
+                .unwrap();
+        }
+        d.pause("paused", true).await.unwrap();
+        // Rewind or advance records to what a crash mid-operation leaves behind.
+        let set = |id: &str, f: &dyn Fn(&mut VmRecord)| {
+            let slot = d.slot(id).unwrap();
+            let mut rec = slot.get();
+            f(&mut rec);
+            d.db.put(VMS, id, &rec).unwrap();
+        };
+        set("starting", &|r| r.status = VmStatus::Starting);
+        set("stopping", &|r| r.status = VmStatus::Stopping);
+        set("failed", &|r| {
+            r.status = VmStatus::Failed;
+            r.error = Some("boom".into());
+        });
+        let gone = d.get("gone").unwrap().proc().unwrap();
+        let stopping = d.get("stopping").unwrap().proc().unwrap();
+        let failed = d.get("failed").unwrap().proc().unwrap();
+        l.kill(failed);
+        // flintd "crashes": nothing is stopped. Wait until nothing of it is left (its database is closed), then a
+        // VMM dies while no flintd watches.
+        let old = Arc::downgrade(&d);
+        drop(d);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while old.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "the old daemon is still referenced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        l.kill(gone);
+
+        let d = env.open(&l);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let starting = d.get("starting").map(|r| r.status);
+            if d.get("stopping").is_err() && starting.as_ref().is_ok_and(|s| *s == VmStatus::Running) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "adoption did not settle: starting {starting:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(d.get("running").unwrap().status, VmStatus::Running);
+        assert_eq!(d.get("paused").unwrap().status, VmStatus::Paused);
+        assert_eq!(d.get("gone").unwrap().status, VmStatus::Lost);
+        assert_eq!(d.get("failed").unwrap().status, VmStatus::Failed);
+        assert!(!l.alive(stopping), "the interrupted delete was finished");
+        assert_eq!(d.db_record("stopping").unwrap(), None);
+        // The VM that was starting got its env through the agent after the restart.
+        let a = d.agent("starting").await.unwrap();
+        let out = a
+            .exec_output(flint_agent::protocol::ExecRequest {
+                argv: vec!["/bin/sh".into(), "-c".into(), "echo $K".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "v\n");
+        for id in ["running", "paused", "starting", "gone", "failed"] {
+            assert_eq!(d.db_record(id).unwrap().as_ref(), Some(&d.get(id).unwrap()), "{id}");
+        }
+        // An adopted VM's exit is still noticed.
+        l.kill(d.get("running").unwrap().proc().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.get("running").unwrap().status != VmStatus::Failed {
+            assert!(Instant::now() < deadline, "the adopted VMM's exit went unnoticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        d.stop_all().await;
+        assert_eq!(l.running(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clones_carry_the_snapshot_shape_and_limits_are_400s() {
+        let env = Env::new("shape");
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        for (req, want) in [
+            (CreateVm { vcpus: Some(9), ..Default::default() }, "vcpus must be between 1 and 8, not 9"),
+            (CreateVm { mem_mib: Some(257), ..Default::default() }, "mem_mib must be a multiple of 2"),
+            (CreateVm { vcpus: Some(0), ..Default::default() }, "vcpus must be between 1 and 8, not 0"),
+        ] {
+            match d.create(req).await {
+                Err(OpError::BadRequest(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("expected a 400: {other:?}"),
+            }
+        }
+        assert!(d.list().is_empty() && l.running() == 0, "nothing was started");
+        let src = d
+            .create(CreateVm { id: Some("src".into()), vcpus: Some(2), mem_mib: Some(512), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!((src.vcpus, src.mem_mib), (2, 512));
+        d.snapshot("src", CreateSnapshot { id: "two".into(), publish: false }).await.unwrap();
+        let clones =
+            d.clones(CreateClones { snapshot: Some("two".into()), count: 3, ..Default::default() }).await.unwrap();
+        assert_eq!(clones.len(), 3);
+        for c in &clones {
+            assert_eq!((c.vcpus, c.mem_mib, c.status), (2, 512, VmStatus::Running), "{c:?}");
+            assert_eq!(d.db_record(&c.id).unwrap().as_ref(), Some(c));
+        }
+        d.stop_all().await;
     }
 }

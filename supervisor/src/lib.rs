@@ -4,7 +4,14 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod db;
+#[cfg(test)]
+mod fake;
+pub mod flows;
 pub mod http;
+pub mod launcher;
+pub mod metrics;
+pub mod pager;
+pub mod vm;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;

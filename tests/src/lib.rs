@@ -1,6 +1,6 @@
 //! End-to-end fixtures: find the guest images and binaries, start `flint-vmm` for a test,
 //! talk to its control API and to the agent inside the guest, and clean up everything.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -251,45 +251,15 @@ pub fn api_call(
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut r = BufReader::new(s);
-    let mut status_line = String::new();
-    r.read_line(&mut status_line)?;
-    let status: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let mut len = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            break;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse::<usize>().ok();
-            }
-        }
-    }
+    s.write_all(&flint_vmm_api::http::encode_request(method, path, body.as_bytes()))?;
     let mut buf = Vec::new();
-    match len {
-        Some(n) => {
-            buf.resize(n, 0);
-            r.read_exact(&mut buf)?;
-        }
-        None => {
-            r.read_to_end(&mut buf)?;
-        }
-    }
-    let v = if buf.is_empty() {
+    (&mut s).take(64 << 20).read_to_end(&mut buf)?;
+    let (status, body) = flint_vmm_api::http::parse_response(&buf)
+        .ok_or_else(|| std::io::Error::other(format!("malformed HTTP response from {}", sock.display())))?;
+    let v = if body.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&buf).unwrap_or(serde_json::Value::Null)
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
     };
     Ok((status, v))
 }

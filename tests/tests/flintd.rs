@@ -204,8 +204,19 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     let socket = work.path().join("flintd.sock");
     let _d = start_flintd(&data, &socket, &s3);
 
-    // A VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
-    flint_json(&socket, &["vm", "create", "--id", "src", "--env", "FLINT_TEST=forty-two"]);
+    // Limits are checked at the edge with the VMM's own rules: 400, nothing started.
+    for (args, want) in [
+        (["vm", "create", "--vcpus", "9"], "vcpus must be between 1 and 8, not 9"),
+        (["vm", "create", "--mem-mib", "257"], "mem_mib must be a multiple of 2"),
+    ] {
+        let out = flint(&socket, &args);
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
+    }
+    assert!(flint_json(&socket, &["vm", "ls"]).as_array().unwrap().is_empty(), "nothing was started");
+
+    // A 2-vCPU VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
+    let src = flint_json(&socket, &["vm", "create", "--id", "src", "--vcpus", "2", "--env", "FLINT_TEST=forty-two"]);
+    assert_eq!(src["vcpus"], 2, "{src}");
     // exec through the CLI: streamed output, the command's exit status, the VM's env.
     let out = flint(&socket, &["exec", "src", "--", "/bin/sh", "-c", "echo out-$FLINT_TEST; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
@@ -239,6 +250,16 @@ fn lazy_clones_from_s3_working_set_and_outage() {
         let c = flint_json(&socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
         let id = c[0]["id"].as_str().unwrap().to_string();
         let d = vm_detail(&socket, &id);
+        // The clone is what the snapshot was: 2 vCPUs, in flintd's record and in the VMM's description.
+        assert_eq!(d["vcpus"], 2, "{d}");
+        assert_eq!(d["vmm"]["config"]["vcpus"], 2);
+        assert_eq!(d["vmm"]["vcpus"].as_array().map(|a| a.len()), Some(2));
+        // The VMM holds no store credentials: flintd has them in its environment, the VMM's is cleared.
+        let pid = d["pid"].as_u64().unwrap();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(!environ.contains("AWS_ACCESS_KEY_ID") && !environ.contains("AWS_SECRET_ACCESS_KEY"), "{environ}");
+        assert_eq!(d["vmm"]["restore"]["mode"], "pager");
         let u = &d["vmm"]["uffd"];
         let fetched = u["source"]["remote_bytes"].as_u64().unwrap();
         println!(

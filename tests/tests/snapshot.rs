@@ -211,6 +211,47 @@ fn corrupt_or_foreign_state_files_are_rejected() {
     assert!(err.contains("the snapshot needs"), "{err}");
 }
 
+/// The version policy: a state file in the previous format version (1: devices by position, written here from
+/// the golden snapshot through the version-1 layout the previous release wrote) restores on this flint-vmm, its
+/// devices matched up by id, and the guest answers; a newer version is refused naming the version it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_of_the_previous_format_version_restores() {
+    use flint_vmm::snapshot::{decode_state, format, v1};
+    let g = golden();
+    let dir = TempDir::new("v1-state");
+    let (state, version) = decode_state(&std::fs::read(&g.state).unwrap()).unwrap();
+    assert_eq!(version, format::FORMAT_VERSION);
+    assert!(state.devices.iter().any(|d| d.id == "vsock0"), "devices carry ids");
+    let old = v1::downgrade(state).unwrap();
+    let bytes = format::encode_as(1, &old).unwrap();
+    let v1_path = dir.path().join("v1.state");
+    std::fs::write(&v1_path, &bytes).unwrap();
+    let mut vm = VmProcess::restore(dir.path(), &v1_path, &g.mem, "private", &[]);
+    let agent = vm.agent(AGENT_TIMEOUT).await;
+    let c = counter(&agent).await;
+    assert!(c >= g.counter_at_snapshot, "the guest restored from a version-1 state file runs: {c}");
+    let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
+    assert_eq!(d["restore"]["format_version"], 1, "{d}");
+    let ids: Vec<&str> = d["devices"].as_array().unwrap().iter().filter_map(|x| x["id"].as_str()).collect();
+    assert!(ids.contains(&"vsock0") && ids.contains(&"rng0"), "{ids:?}");
+    let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+    let (st, _) = vm.wait(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0));
+
+    // One version newer than this flint-vmm: refused with the version it would need.
+    let mut newer = std::fs::read(&g.state).unwrap();
+    newer[8..12].copy_from_slice(&(format::FORMAT_VERSION + 1).to_le_bytes());
+    let p = dir.path().join("newer.state");
+    std::fs::write(&p, newer).unwrap();
+    let vdir = dir.path().join("newer");
+    std::fs::create_dir_all(&vdir).unwrap();
+    let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private", &[]);
+    let (st, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1), "{err}");
+    let want = format!("reads format version {}", format::FORMAT_VERSION + 1);
+    assert!(err.contains(&want) && err.contains("newer"), "expected {want:?} in {err:?}");
+}
+
 /// Where two buffers differ, page by page, for failure messages.
 fn describe_difference(got: &[u8], want: &[u8]) -> String {
     let pages: Vec<String> = (0..want.len().div_ceil(4096))

@@ -9,17 +9,23 @@
 //! | PUT    | /snapshot/create | write a snapshot (body: SnapshotRequest)   |
 //!
 //! Errors are `{"error": "..."}` with a 4xx status.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use flint_vmm_api::error_chain;
+use flint_vmm_api::http::{self, MAX_REQUEST_BODY_BYTES};
+use flint_vmm_api::{describe::StateResponse, paths, snapshot::SnapshotResponse};
 
 use crate::builder::VmmHandle;
 use crate::vstate::vcpu::ExitReason;
 
-const MAX_HEADER_BYTES: usize = 16 * 1024;
-const MAX_BODY_BYTES: usize = 1 << 20;
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
@@ -34,7 +40,7 @@ pub enum Action {
     Pause,
     Resume,
     Shutdown,
-    Snapshot(crate::snapshot::SnapshotRequest),
+    Snapshot(flint_vmm_api::snapshot::SnapshotRequest),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -50,19 +56,18 @@ fn err(status: u16, message: impl Into<String>) -> ApiError {
 /// Maps a method, path and body to an action.
 pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Action, ApiError> {
     let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
-    let want = if path == "/vm" { "GET" } else { "PUT" };
-    let known = matches!(path, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/snapshot/create");
-    if !known {
+    let routes = [paths::DESCRIBE, paths::PAUSE, paths::RESUME, paths::SHUTDOWN, paths::SNAPSHOT];
+    let Some(&(want, _)) = routes.iter().find(|(_, p)| *p == path) else {
         return Err(err(404, format!("no such resource: {path}")));
-    }
+    };
     if method != want {
         return Err(err(405, format!("{path} takes {want}, not {method}")));
     }
     let action = match path {
-        "/vm" => Action::Describe,
-        "/vm/pause" => Action::Pause,
-        "/vm/resume" => Action::Resume,
-        "/vm/shutdown" => Action::Shutdown,
+        p if p == paths::DESCRIBE.1 => Action::Describe,
+        p if p == paths::PAUSE.1 => Action::Pause,
+        p if p == paths::RESUME.1 => Action::Resume,
+        p if p == paths::SHUTDOWN.1 => Action::Shutdown,
         _ => {
             Action::Snapshot(serde_json::from_slice(body).map_err(|e| err(400, format!("bad snapshot request: {e}")))?)
         }
@@ -70,16 +75,17 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Action, ApiError> 
     Ok(action)
 }
 
-/// Applies an action to the VM.
+/// Applies an action to the VM; the answer's JSON.
 pub fn apply(vm: &VmmHandle, action: Action) -> Result<serde_json::Value, ApiError> {
+    let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| err(500, e.to_string()));
     match action {
-        Action::Describe => return Ok(vm.describe()),
+        Action::Describe => return json(serde_json::to_value(vm.describe())),
         Action::Pause => vm.control.pause(),
         Action::Resume => vm.control.resume(),
         Action::Shutdown => vm.exit.set(ExitReason::Requested),
         Action::Snapshot(req) => {
             return match vm.snapshot(&req) {
-                Ok(report) => Ok(serde_json::json!({ "snapshot": report })),
+                Ok(report) => json(serde_json::to_value(SnapshotResponse { snapshot: report })),
                 Err(e) => Err(err(
                     if matches!(
                         e,
@@ -94,19 +100,7 @@ pub fn apply(vm: &VmmHandle, action: Action) -> Result<serde_json::Value, ApiErr
             };
         }
     }
-    Ok(serde_json::json!({ "state": vm.describe()["state"] }))
-}
-
-/// An error and all its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+    json(serde_json::to_value(StateResponse { state: vm.run_state() }))
 }
 
 /// Binds `path` (0600, replacing a stale socket) and serves requests on a thread.
@@ -115,12 +109,27 @@ pub fn serve(path: &Path, vm: VmmHandle) -> Result<(), ApiServerError> {
     let listener = UnixListener::bind(path).map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                // Bounded: at most MAX_CONNECTIONS threads; past that a connection is answered 503 and closed.
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    let body = br#"{"error":"too many connections"}"#;
+                    let _ = (&stream).write_all(&http::encode_response(503, body, false));
+                    continue;
+                }
                 let vm = vm.clone();
-                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || handle_conn(stream, &vm));
+                let busy2 = busy.clone();
+                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                    handle_conn(stream, &vm);
+                    busy2.fetch_sub(1, Ordering::AcqRel);
+                });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))?;
@@ -135,7 +144,7 @@ fn handle_conn(stream: UnixStream, vm: &VmmHandle) {
     let mut reader = BufReader::new(stream);
     let mut out = write_half;
     loop {
-        let (status, body, keep_alive) = match read_request(&mut reader) {
+        let (status, body, keep_alive) = match http::read_request(&mut reader, MAX_REQUEST_BODY_BYTES) {
             Ok(None) => return,
             Ok(Some(req)) => {
                 let (status, body) = match parse(&req.method, &req.path, &req.body).and_then(|a| apply(vm, a)) {
@@ -146,74 +155,11 @@ fn handle_conn(stream: UnixStream, vm: &VmmHandle) {
             }
             Err(e) => (e.status, serde_json::json!({ "error": e.message }), false),
         };
-        let body = body.to_string();
-        let reason = match status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            409 => "Conflict",
-            500 => "Internal Server Error",
-            413 => "Payload Too Large",
-            _ => "Error",
-        };
-        let resp = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
-            body.len(),
-            if keep_alive { "" } else { "Connection: close\r\n" }
-        );
-        if out.write_all(resp.as_bytes()).is_err() || !keep_alive {
+        let resp = http::encode_response(status, body.to_string().as_bytes(), keep_alive);
+        if out.write_all(&resp).is_err() || !keep_alive {
             return;
         }
     }
-}
-
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
-    keep_alive: bool,
-}
-
-fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, ApiError> {
-    let mut line = String::new();
-    let mut total = 0;
-    if r.read_line(&mut line).map_err(|e| err(400, e.to_string()))? == 0 {
-        return Ok(None);
-    }
-    let mut it = line.split_whitespace();
-    let (Some(method), Some(path), Some(version)) = (it.next(), it.next(), it.next()) else {
-        return Err(err(400, "malformed request line"));
-    };
-    let (method, path) = (method.to_string(), path.to_string());
-    let mut keep_alive = version == "HTTP/1.1";
-    let mut content_length = 0usize;
-    loop {
-        let mut h = String::new();
-        let n = r.read_line(&mut h).map_err(|e| err(400, e.to_string()))?;
-        total += n;
-        if n == 0 || total > MAX_HEADER_BYTES {
-            return Err(err(400, "headers too long or truncated"));
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            let v = v.trim();
-            match k.trim().to_ascii_lowercase().as_str() {
-                "content-length" => content_length = v.parse().map_err(|_| err(400, "bad Content-Length"))?,
-                "connection" => keep_alive = !v.eq_ignore_ascii_case("close"),
-                _ => {}
-            }
-        }
-    }
-    if content_length > MAX_BODY_BYTES {
-        return Err(err(413, "request body too large"));
-    }
-    let mut body = vec![0u8; content_length];
-    r.read_exact(&mut body).map_err(|e| err(400, e.to_string()))?;
-    Ok(Some(Request { method, path, body, keep_alive }))
 }
 
 #[cfg(test)]
@@ -231,17 +177,6 @@ mod tests {
         assert_eq!(e.status, 400);
         assert!(e.message.contains("mem_path"), "{}", e.message);
         let ok = parse("PUT", "/snapshot/create", br#"{"state_path":"/s","mem_path":"/m","kind":"diff"}"#).unwrap();
-        assert!(matches!(ok, Action::Snapshot(r) if r.kind == crate::snapshot::SnapshotKind::Diff && r.resume));
-    }
-
-    #[test]
-    fn parses_requests_and_rejects_junk() {
-        let mut r = std::io::Cursor::new(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec());
-        let req = read_request(&mut r).unwrap().unwrap();
-        assert_eq!((req.method.as_str(), req.path.as_str(), req.keep_alive), ("PUT", "/vm/pause", true));
-        let mut r = std::io::Cursor::new(b"garbage\r\n\r\n".to_vec());
-        assert_eq!(read_request(&mut r).err().unwrap().status, 400);
-        let mut r = std::io::Cursor::new(b"GET /vm HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec());
-        assert_eq!(read_request(&mut r).err().unwrap().status, 413);
+        assert!(matches!(ok, Action::Snapshot(r) if r.kind == flint_vmm_api::snapshot::SnapshotKind::Diff && r.resume));
     }
 }

@@ -24,6 +24,7 @@ use crate::devices::virtio::mmio::{MmioSubscriber, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::{block, net, rng, vsock, Interrupt, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::host::HostProfile;
+use crate::spec::{MemorySource, RestoreSpec};
 use crate::vstate::vcpu::{self, ExitReason, VcpuContext, VcpuControl, VcpuStats, VmExit};
 use crate::vstate::{memory, vm};
 
@@ -80,44 +81,31 @@ pub enum BuildError {
 /// one round trip).
 pub const UFFD_CHUNK: u64 = 64 * 1024;
 
-/// Anonymous guest memory at `layout`, registered with a userfaultfd whose faults `source` serves (uffd and store
-/// restore modes). `what` names the source in errors.
+/// The page server of a `uffd` restore, served in this process (for its counters in `describe`).
+#[derive(Clone)]
+pub struct LocalPager {
+    pub stats: Arc<flint_uffd::UffdStats>,
+    pub source: Arc<dyn flint_uffd::PageSource>,
+}
+
+/// Anonymous guest memory at `layout`, registered with a new userfaultfd; returns the memory, the fd and the
+/// registered ranges (in memory-image order).
 fn lazy_memory(
     layout: &[(u64, u64)],
-    source: Arc<dyn crate::snapshot::uffd::PageSource>,
-    what: &str,
-    workers: usize,
-    prefetch: &[u32],
-) -> Result<GuestMem, BuildError> {
-    use crate::snapshot::{memory as snapmem, uffd, RestoreError};
-    let want: u64 = layout.iter().map(|r| r.1).sum();
-    let have = source.size();
-    if have != want {
-        return Err(RestoreError::Memory(snapmem::MemFileError::Size { path: what.to_string(), have, want }).into());
-    }
+) -> Result<(GuestMem, flint_uffd::Userfault, Vec<flint_vmm_api::pager::PagerRange>), BuildError> {
+    use crate::snapshot::RestoreError;
     let ranges: Vec<(GuestAddress, usize)> = layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
     let mem = GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
+    let uffd = flint_uffd::Userfault::create().map_err(RestoreError::from)?;
     let mut off = 0;
     let mut uranges = Vec::new();
     for r in mem.iter() {
-        uranges.push(uffd::Range { host: r.as_ptr() as u64, len: r.len(), file_offset: off });
+        uffd.register(r.as_ptr() as u64, r.len()).map_err(RestoreError::from)?;
+        uranges.push(flint_vmm_api::pager::PagerRange { host: r.as_ptr() as u64, len: r.len(), image_offset: off });
         off += r.len();
     }
-    *lock_source() = Some(source.clone());
-    uffd::start(uranges, source, workers, prefetch, UFFD_STATS.clone()).map_err(RestoreError::from)?;
-    Ok(mem)
+    Ok((mem, uffd, uranges))
 }
-
-/// The page source of a lazy restore (for its counters in `describe`).
-static PAGE_SOURCE: Mutex<Option<Arc<dyn crate::snapshot::uffd::PageSource>>> = Mutex::new(None);
-
-fn lock_source() -> std::sync::MutexGuard<'static, Option<Arc<dyn crate::snapshot::uffd::PageSource>>> {
-    PAGE_SOURCE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Fault-handler counters of this process's userfaultfd restore (one VM per process).
-pub static UFFD_STATS: std::sync::LazyLock<Arc<crate::snapshot::uffd::UffdStats>> =
-    std::sync::LazyLock::new(|| Arc::new(crate::snapshot::uffd::UffdStats::default()));
 
 fn dirty_flag(config: &VmConfig) -> u32 {
     if config.track_dirty_pages {
@@ -127,19 +115,7 @@ fn dirty_flag(config: &VmConfig) -> u32 {
     }
 }
 
-/// Time spent in each phase of building and booting, for `describe` and benchmarks.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct BootTimings {
-    pub kvm_setup_us: u64,
-    pub memory_us: u64,
-    pub kernel_load_us: u64,
-    pub devices_us: u64,
-    pub vcpus_us: u64,
-    /// From process start to the first KVM_RUN.
-    pub process_to_first_run_us: u64,
-    /// From the first KVM_RUN to the kernel handing over to /init.
-    pub first_run_to_init_us: Option<u64>,
-}
+pub use flint_vmm_api::describe::{BootTimings, RestoreTimings};
 
 /// A serial console writer that also notes when the kernel reaches /init.
 struct ConsoleOut {
@@ -169,32 +145,129 @@ impl Write for ConsoleOut {
     }
 }
 
-/// One running (or ready to run) microVM.
+/// One running (or ready to run) microVM: what the thread running it owns, and the shared part every other thread
+/// reaches through a [`VmmHandle`].
 pub struct Vmm {
+    shared: VmmHandle,
+    _kvm: Kvm,
+    event_manager: EventManager<Box<dyn MutEventSubscriber + Send>>,
+    pending_vcpus: Vec<(VcpuFd, VcpuContext)>,
+    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
+}
+
+impl std::ops::Deref for Vmm {
+    type Target = VmmShared;
+    fn deref(&self) -> &VmmShared {
+        &self.shared
+    }
+}
+
+/// A thread-safe, cloneable view of a VM (for the control API).
+#[derive(Clone)]
+pub struct VmmHandle(Arc<VmmShared>);
+
+impl std::ops::Deref for VmmHandle {
+    type Target = VmmShared;
+    fn deref(&self) -> &VmmShared {
+        &self.0
+    }
+}
+
+/// The part of a VM every thread may use.
+pub struct VmmShared {
     pub config: VmConfig,
     pub profile: HostProfile,
     pub cmdline: String,
-    _kvm: Kvm,
-    vm: Arc<VmFd>,
+    pub(crate) vm: VmFd,
     pub mem: GuestMem,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub restore_timings: Option<RestoreTimings>,
     /// The CPUID each vCPU was configured with (what a snapshot records and a restore sets:
     /// on some hosts KVM_GET_CPUID2 reports the hardware's, not what the VMM set).
-    cpuids: Arc<Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>>,
+    pub(crate) cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     pub exit: Arc<VmExit>,
     pub control: Arc<VcpuControl>,
     pub stats: Vec<Arc<VcpuStats>>,
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
-    pub timings: Arc<Mutex<BootTimings>>,
+    /// Each device's id (`vda`, `net0`, ...), in `devices` order.
+    pub device_ids: Vec<String>,
+    pub timings: Mutex<BootTimings>,
+    pub(crate) init_seen: Arc<Mutex<Option<Instant>>>,
+    /// When the vCPUs first ran (boot timings are derived from it).
+    pub(crate) first_run: Mutex<Option<Instant>>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    /// The page server of a `uffd` restore.
+    pub(crate) local_pager: Option<LocalPager>,
+    /// One snapshot at a time.
+    pub(crate) snapshot_lock: Mutex<()>,
+}
+
+/// Everything a built or restored VM is made of, before its vCPU threads exist.
+struct Parts {
+    config: VmConfig,
+    profile: HostProfile,
+    cmdline: String,
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMem,
+    exit: Arc<VmExit>,
     init_seen: Arc<Mutex<Option<Instant>>>,
-    /// When the vCPUs first ran (shared with the handle, which derives boot timings from it).
-    first_run: Arc<Mutex<Option<Instant>>>,
-    event_manager: EventManager<Box<dyn MutEventSubscriber + Send>>,
-    pending_vcpus: Vec<(VcpuFd, VcpuContext)>,
-    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    devices: Devices,
+    fds: Vec<VcpuFd>,
+    cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    timings: BootTimings,
+    restore: Option<RestoreTimings>,
+    local_pager: Option<LocalPager>,
+}
+
+/// The snapshot's configuration with the host-side devices the restore spec gives.
+fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, BuildError> {
+    use crate::snapshot::RestoreError;
+    let mut config = saved.clone();
+    let d = &spec.devices;
+    if let Some(u) = &d.vsock_uds {
+        match config.vsock.as_mut() {
+            Some(v) => v.uds_path = u.clone(),
+            None => {
+                return Err(RestoreError::Devices(
+                    "a vsock socket was given but the snapshot has no vsock device".into(),
+                )
+                .into())
+            }
+        }
+    }
+    if let Some(c) = &d.console {
+        config.console = c.clone();
+    }
+    if let Some(n) = &d.net {
+        if config.net.is_none() {
+            return Err(RestoreError::Devices("a tap was given but the snapshot has no network device".into()).into());
+        }
+        config.net = Some(n.clone());
+    }
+    if let Some(paths) = &d.drive_paths {
+        if paths.len() != config.drives.len() {
+            return Err(RestoreError::Devices(format!(
+                "{} drive paths given, the snapshot has {} drives",
+                paths.len(),
+                config.drives.len()
+            ))
+            .into());
+        }
+        for (drive, p) in config.drives.iter_mut().zip(paths) {
+            drive.path = p.clone();
+        }
+    }
+    if let Some(track) = spec.track_dirty_pages {
+        config.track_dirty_pages = track;
+    }
+    for drive in &config.drives {
+        if !drive.path.is_file() {
+            return Err(crate::config::ConfigError::MissingFile(drive.path.clone()).into());
+        }
+    }
+    Ok(config)
 }
 
 /// Wakes the event loop when the VM exits.
@@ -220,6 +293,8 @@ struct Devices {
     event_manager: EventManager<Box<dyn MutEventSubscriber + Send>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Device ids, in `transports` order.
+    ids: Vec<String>,
     cmdline_devices: Vec<String>,
     root_dev: Option<(String, bool)>,
 }
@@ -302,7 +377,9 @@ fn setup_devices(
     }
     // Subscribers are added after any restore of transport state (see `finish_devices`).
     event_manager.add_subscriber(Box::new(ExitWatcher(exit.clone())));
-    Ok(Devices { pio, mmio, event_manager, transports, serial, cmdline_devices, root_dev })
+    let ids = crate::snapshot::device_ids(config);
+    debug_assert_eq!(ids.len(), transports.len());
+    Ok(Devices { pio, mmio, event_manager, transports, serial, ids, cmdline_devices, root_dev })
 }
 
 /// Registers every transport with the event loop (after their state is final).
@@ -310,31 +387,6 @@ fn finish_devices(d: &mut Devices) {
     for t in &d.transports {
         d.event_manager.add_subscriber(Box::new(MmioSubscriber(t.clone())));
     }
-}
-
-/// What a restore may change about the snapshot's configuration.
-#[derive(Clone, Debug, Default)]
-pub struct RestoreOverrides {
-    pub vsock_uds: Option<PathBuf>,
-    pub console: Option<String>,
-    pub net: Option<crate::config::NetConfig>,
-    /// Replaces the drives' paths, in order (same count as the snapshot's drives).
-    pub drive_paths: Option<Vec<PathBuf>>,
-    pub track_dirty_pages: Option<bool>,
-    /// The memory file is the diff's base with the diff merged onto it.
-    pub merged_memory: bool,
-}
-
-/// Timings of a restore, for `describe` and benchmarks.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct RestoreTimings {
-    pub read_state_us: u64,
-    pub kvm_setup_us: u64,
-    pub memory_us: u64,
-    pub devices_us: u64,
-    pub vm_state_us: u64,
-    pub vcpu_state_us: u64,
-    pub mode: Option<crate::snapshot::memory::RestoreMode>,
 }
 
 impl Vmm {
@@ -411,10 +463,10 @@ impl Vmm {
         }
         timings.vcpus_us = elapsed_us(t);
         timings.process_to_first_run_us = elapsed_us(process_start);
-        Ok(Self::assemble(
+        Ok(Self::assemble(Parts {
             config,
             profile,
-            cmdline_str,
+            cmdline: cmdline_str,
             kvm,
             vm,
             mem,
@@ -424,74 +476,27 @@ impl Vmm {
             fds,
             cpuids,
             timings,
-            None,
-        ))
+            restore: None,
+            local_pager: None,
+        }))
     }
 
     /// Restores a VM from a snapshot into this (new) process; vCPUs start with [`Vmm::start`].
-    pub fn restore(
-        state_path: &std::path::Path,
-        mem_path: &std::path::Path,
-        mode: crate::snapshot::memory::RestoreMode,
-        overrides: RestoreOverrides,
-        process_start: Instant,
-    ) -> Result<Self, BuildError> {
-        use crate::snapshot::{cpu, memory as snapmem, uffd, RestoreError};
-        let mut rt = RestoreTimings { mode: Some(mode), ..Default::default() };
+    pub fn restore(spec: RestoreSpec, process_start: Instant) -> Result<Self, BuildError> {
+        use crate::snapshot::{cpu, memory as snapmem, RestoreError};
+        let mut rt = RestoreTimings { mode: Some(spec.memory.mode_name().to_string()), ..Default::default() };
         vcpu::install_kick_handler().map_err(|e| BuildError::Runtime(format!("signal handler: {e}")))?;
 
         let t = Instant::now();
-        let snap = crate::snapshot::read_state(state_path)?;
-        if snap.memory_is_diff && !overrides.merged_memory {
+        let (snap, version) = crate::snapshot::read_state(&spec.state_path)?;
+        rt.format_version = version;
+        if snap.memory_is_diff && !spec.merged_memory {
             return Err(RestoreError::DiffMemory.into());
         }
         if let Some(w) = crate::host::snapshot_warning(snap.host_profile, &snap.cmdline) {
             eprintln!("flint-vmm: warning: {w}");
         }
-        let mut config = snap.config.clone();
-        if let Some(u) = overrides.vsock_uds {
-            match config.vsock.as_mut() {
-                Some(v) => v.uds_path = u,
-                None => {
-                    return Err(RestoreError::Devices(
-                        "a vsock socket was given but the snapshot has no vsock device".into(),
-                    )
-                    .into())
-                }
-            }
-        }
-        if let Some(c) = overrides.console {
-            config.console = c;
-        }
-        if let Some(n) = overrides.net {
-            if config.net.is_none() {
-                return Err(
-                    RestoreError::Devices("a tap was given but the snapshot has no network device".into()).into()
-                );
-            }
-            config.net = Some(n);
-        }
-        if let Some(paths) = overrides.drive_paths {
-            if paths.len() != config.drives.len() {
-                return Err(RestoreError::Devices(format!(
-                    "{} drive paths given, the snapshot has {} drives",
-                    paths.len(),
-                    config.drives.len()
-                ))
-                .into());
-            }
-            for (d, p) in config.drives.iter_mut().zip(paths) {
-                d.path = p;
-            }
-        }
-        if let Some(track) = overrides.track_dirty_pages {
-            config.track_dirty_pages = track;
-        }
-        for d in &config.drives {
-            if !d.path.is_file() {
-                return Err(crate::config::ConfigError::MissingFile(d.path.clone()).into());
-            }
-        }
+        let config = restored_config(&snap.config, &spec)?;
         rt.read_state_us = elapsed_us(t);
 
         let t = Instant::now();
@@ -501,23 +506,46 @@ impl Vmm {
         rt.kvm_setup_us = elapsed_us(t);
 
         let t = Instant::now();
-        let mem = match mode {
-            snapmem::RestoreMode::Private => {
-                snapmem::map_private(mem_path, &snap.memory_layout).map_err(RestoreError::from)?
+        let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
+        let mut local_pager = None;
+        let mem = match &spec.memory {
+            MemorySource::Private { path } => {
+                snapmem::map_private(path, &snap.memory_layout).map_err(RestoreError::from)?
             }
-            snapmem::RestoreMode::Uffd => {
-                let f = std::fs::File::open(mem_path).map_err(|e| {
-                    RestoreError::Memory(snapmem::MemFileError::Read(mem_path.display().to_string(), e))
-                })?;
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                let source = Arc::new(uffd::FileSource { file: f, unit: UFFD_CHUNK, size });
-                lazy_memory(&snap.memory_layout, source, &mem_path.display().to_string(), 1, &[])?
+            MemorySource::Uffd { path } => {
+                let read_err = |e| RestoreError::Memory(snapmem::MemFileError::Read(path.display().to_string(), e));
+                let f = std::fs::File::open(path).map_err(read_err)?;
+                let size = f.metadata().map_err(read_err)?.len();
+                if size != want {
+                    let e = snapmem::MemFileError::Size { path: path.display().to_string(), have: size, want };
+                    return Err(RestoreError::Memory(e).into());
+                }
+                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout)?;
+                let pager = LocalPager {
+                    stats: Arc::new(flint_uffd::UffdStats::default()),
+                    source: Arc::new(flint_uffd::FileSource { file: f, unit: UFFD_CHUNK, size }),
+                };
+                let on_fatal = Box::new(|message: String| {
+                    eprintln!("flint-vmm: {message}; stopping the VM");
+                    std::process::exit(2);
+                });
+                let cfg = flint_uffd::ServeConfig {
+                    ranges,
+                    source: pager.source.clone(),
+                    workers: 1,
+                    prefetch: Vec::new(),
+                    stats: pager.stats.clone(),
+                    on_fatal,
+                    hangup: None,
+                };
+                flint_uffd::serve(uffd, cfg).map_err(RestoreError::from)?;
+                local_pager = Some(pager);
+                mem
             }
-            snapmem::RestoreMode::Store => {
-                let (source, scfg) = crate::snapshot::store_source::StoreSource::open(mem_path)
-                    .map_err(|e| RestoreError::Memory(snapmem::MemFileError::Store(e)))?;
-                let what = format!("snapshot {} image {}", scfg.snapshot, scfg.image);
-                lazy_memory(&snap.memory_layout, Arc::new(source), &what, scfg.workers, &scfg.prefetch)?
+            MemorySource::Pager { socket } => {
+                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout)?;
+                crate::pager_link::hand_over(socket, uffd, ranges, want)?;
+                mem
             }
         };
         vm::register_memory(&vm, &mem, dirty_flag(&config))?;
@@ -527,17 +555,7 @@ impl Vmm {
         let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Runtime(e.to_string()))?);
         let init_seen = Arc::new(Mutex::new(None));
         let mut devices = setup_devices(&config, &vm, &mem, &exit, &init_seen, Some(&snap.serial))?;
-        if devices.transports.len() != snap.devices.len() {
-            return Err(RestoreError::Devices(format!(
-                "{} devices configured, {} saved",
-                devices.transports.len(),
-                snap.devices.len()
-            ))
-            .into());
-        }
-        for (t, s) in devices.transports.iter().zip(&snap.devices) {
-            lock(t).restore_state(s).map_err(RestoreError::Devices)?;
-        }
+        crate::persist::restore_devices(&devices.ids, &devices.transports, &snap.devices)?;
         finish_devices(&mut devices);
         rt.devices_us = elapsed_us(t);
 
@@ -555,10 +573,10 @@ impl Vmm {
         rt.vcpu_state_us = elapsed_us(t);
         let timings = BootTimings { process_to_first_run_us: elapsed_us(process_start), ..Default::default() };
         let cpuids = snap.vcpus.iter().map(|v| v.cpuid.clone()).collect();
-        Ok(Self::assemble(
+        Ok(Self::assemble(Parts {
             config,
-            snap.host_profile,
-            snap.cmdline.clone(),
+            profile: snap.host_profile,
+            cmdline: snap.cmdline.clone(),
             kvm,
             vm,
             mem,
@@ -568,26 +586,28 @@ impl Vmm {
             fds,
             cpuids,
             timings,
-            Some(rt),
-        ))
+            restore: Some(rt),
+            local_pager,
+        }))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        config: VmConfig,
-        profile: HostProfile,
-        cmdline: String,
-        kvm: Kvm,
-        vm: VmFd,
-        mem: GuestMem,
-        exit: Arc<VmExit>,
-        init_seen: Arc<Mutex<Option<Instant>>>,
-        devices: Devices,
-        fds: Vec<VcpuFd>,
-        cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
-        timings: BootTimings,
-        restore: Option<RestoreTimings>,
-    ) -> Self {
+    fn assemble(p: Parts) -> Self {
+        let Parts {
+            config,
+            profile,
+            cmdline,
+            kvm,
+            vm,
+            mem,
+            exit,
+            init_seen,
+            devices,
+            fds,
+            cpuids,
+            timings,
+            restore,
+            local_pager,
+        } = p;
         let control = Arc::new(VcpuControl::new());
         let pio = Arc::new(devices.pio);
         let mmio = Arc::new(devices.mmio);
@@ -610,28 +630,34 @@ impl Vmm {
                 (fd, ctx)
             })
             .collect();
-        Vmm {
+        let shared = VmmShared {
             config,
             profile,
             cmdline,
-            _kvm: kvm,
-            vm: Arc::new(vm),
+            vm,
             mem,
+            serial: devices.serial,
+            restore_timings: restore,
+            cpuids,
             exit,
             control,
             stats,
             devices: devices.transports,
-            serial: devices.serial,
-            timings: Arc::new(Mutex::new(timings)),
-            restore_timings: restore,
-            cpuids: Arc::new(cpuids),
+            device_ids: devices.ids,
+            timings: Mutex::new(timings),
             init_seen,
-            first_run: Arc::new(Mutex::new(None)),
+            first_run: Mutex::new(None),
+            pio,
+            mmio,
+            local_pager,
+            snapshot_lock: Mutex::new(()),
+        };
+        Vmm {
+            shared: VmmHandle(Arc::new(shared)),
+            _kvm: kvm,
             event_manager: devices.event_manager,
             pending_vcpus,
             vcpu_threads: Vec::new(),
-            pio,
-            mmio,
         }
     }
 
@@ -683,26 +709,7 @@ impl Vmm {
 
     /// A thread-safe view of this VM for the control API.
     pub fn handle(&self) -> VmmHandle {
-        VmmHandle {
-            config: self.config.clone(),
-            profile: self.profile,
-            cmdline: self.cmdline.clone(),
-            exit: self.exit.clone(),
-            control: self.control.clone(),
-            stats: self.stats.clone(),
-            devices: self.devices.clone(),
-            timings: self.timings.clone(),
-            init_seen: self.init_seen.clone(),
-            first_run: self.first_run.clone(),
-            pio: self.pio.clone(),
-            mmio: self.mmio.clone(),
-            vm: self.vm.clone(),
-            mem: self.mem.clone(),
-            serial: self.serial.clone(),
-            restore_timings: self.restore_timings.clone(),
-            cpuids: self.cpuids.clone(),
-            snapshot_lock: Arc::new(Mutex::new(())),
-        }
+        self.shared.clone()
     }
 
     pub fn vm_fd(&self) -> &VmFd {
@@ -730,162 +737,4 @@ fn load_initramfs(mem: &GuestMem, path: &PathBuf, kernel_end: u64) -> Result<Ini
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(|e| BuildError::Initramfs(path.clone(), std::io::Error::other(e.to_string())))?;
     Ok(InitrdRegion { addr, size })
-}
-
-/// What the control API needs of a running VM (all shared, thread-safe).
-#[derive(Clone)]
-pub struct VmmHandle {
-    pub config: VmConfig,
-    pub profile: HostProfile,
-    pub cmdline: String,
-    pub exit: Arc<VmExit>,
-    pub control: Arc<VcpuControl>,
-    stats: Vec<Arc<VcpuStats>>,
-    devices: Vec<Arc<Mutex<MmioTransport>>>,
-    timings: Arc<Mutex<BootTimings>>,
-    init_seen: Arc<Mutex<Option<Instant>>>,
-    first_run: Arc<Mutex<Option<Instant>>>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    vm: Arc<VmFd>,
-    mem: GuestMem,
-    serial: Arc<Mutex<SerialDevice>>,
-    restore_timings: Option<RestoreTimings>,
-    cpuids: Arc<Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>>,
-    snapshot_lock: Arc<Mutex<()>>,
-}
-
-impl VmmHandle {
-    /// Pauses the VM, writes a snapshot (state file + memory file) and resumes it unless asked
-    /// not to. Devices are held still for the duration, so memory and queue state agree.
-    pub fn snapshot(
-        &self,
-        req: &crate::snapshot::SnapshotRequest,
-    ) -> Result<crate::snapshot::SnapshotReport, crate::snapshot::SnapshotError> {
-        use crate::snapshot::{cpu, memory as snapmem, SnapshotError, SnapshotKind, SnapshotReport, SnapshotState};
-        let _one_at_a_time = lock(&self.snapshot_lock);
-        if self.exit.get().is_some() {
-            return Err(SnapshotError::NotRunning);
-        }
-        if req.kind == SnapshotKind::Diff && !self.config.track_dirty_pages {
-            return Err(SnapshotError::NoDirtyTracking);
-        }
-        let total = Instant::now();
-        let mut report =
-            SnapshotReport { guest_memory_bytes: self.mem.iter().map(|r| r.len()).sum(), ..Default::default() };
-        let was_paused = self.control.is_paused();
-        let t = Instant::now();
-        self.control.pause();
-        report.pause_us = elapsed_us(t);
-        let result = (|| -> Result<(), SnapshotError> {
-            // Hold every device still: no queue processing may touch guest memory meanwhile.
-            let guards: Vec<_> = self.devices.iter().map(|d| lock(d)).collect();
-            let t = Instant::now();
-            let mut vcpus = self.control.save_states(self.stats.len()).map_err(SnapshotError::Vcpus)?;
-            for (v, c) in vcpus.iter_mut().zip(self.cpuids.iter()) {
-                v.cpuid = c.clone();
-            }
-            let vm = cpu::save_vm(&self.vm)?;
-            let devices = guards.iter().map(|g| g.save_state()).collect();
-            let serial = lock(&self.serial).serial.state().into();
-            let state = SnapshotState {
-                created_unix_ms: crate::snapshot::now_unix_ms(),
-                vmm_version: env!("CARGO_PKG_VERSION").into(),
-                host_profile: self.profile,
-                cpu: cpu::cpu_identity(vcpus.first().map(|v| v.cpuid.as_slice()).unwrap_or(&[])),
-                config: self.config.clone(),
-                cmdline: self.cmdline.clone(),
-                memory_layout: snapmem::layout(&self.mem),
-                memory_is_diff: req.kind == SnapshotKind::Diff,
-                vm,
-                vcpus,
-                devices,
-                serial,
-            };
-            report.save_state_us = elapsed_us(t);
-            let t = Instant::now();
-            report.state_bytes = crate::snapshot::write_state(&state, &req.state_path)?;
-            report.write_state_us = elapsed_us(t);
-            let t = Instant::now();
-            report.memory = match req.kind {
-                SnapshotKind::Full => {
-                    let st = snapmem::write_full(&self.mem, &req.mem_path)?;
-                    if self.config.track_dirty_pages {
-                        snapmem::clear_dirty_log(&self.vm, &self.mem)?;
-                    }
-                    st
-                }
-                SnapshotKind::Diff => snapmem::write_diff(&self.vm, &self.mem, &req.mem_path)?,
-            };
-            report.write_memory_us = elapsed_us(t);
-            drop(guards);
-            Ok(())
-        })();
-        if req.resume && !was_paused {
-            self.control.resume();
-        }
-        result?;
-        report.total_us = elapsed_us(total);
-        Ok(report)
-    }
-
-    /// JSON description for the control API.
-    pub fn describe(&self) -> serde_json::Value {
-        let mut timings = lock(&self.timings).clone();
-        if let (Some(first), Some(init)) = (*lock(&self.first_run), *lock(&self.init_seen)) {
-            timings.first_run_to_init_us = Some(init.saturating_duration_since(first).as_micros() as u64);
-        }
-        let devices: Vec<serde_json::Value> = self.devices.iter().map(|d| lock(d).describe()).collect();
-        let vcpus: Vec<serde_json::Value> = self
-            .stats
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "exits": s.exits.load(Ordering::Relaxed),
-                    "pio_exits": s.pio.load(Ordering::Relaxed),
-                    "mmio_exits": s.mmio.load(Ordering::Relaxed),
-                })
-            })
-            .collect();
-        let state = match (self.exit.get(), self.control.is_paused()) {
-            (Some(_), _) => "exited",
-            (None, true) => "paused",
-            (None, false) => "running",
-        };
-        serde_json::json!({
-            "state": state,
-            "exit": self.exit.get(),
-            "host_profile": self.profile.name(),
-            "config": self.config,
-            "cmdline": self.cmdline,
-            "timings": timings,
-            "vcpus": vcpus,
-            "devices": devices,
-            "unhandled_pio": self.pio.unhandled.load(Ordering::Relaxed),
-            "unhandled_mmio": self.mmio.unhandled.load(Ordering::Relaxed),
-            "restore": self.restore_timings,
-            "uffd": lock_source().as_ref().map(|source| {
-                let u = &*UFFD_STATS;
-                serde_json::json!({
-                    "faults": u.faults.load(Ordering::Relaxed),
-                    "pages_copied": u.pages_copied.load(Ordering::Relaxed),
-                    "zero_pages": u.zero_pages.load(Ordering::Relaxed),
-                    "bytes_read": u.bytes_read.load(Ordering::Relaxed),
-                    "handler_us": u.handler_ns.load(Ordering::Relaxed) / 1000,
-                    "failed": u.failed.load(Ordering::Relaxed),
-                    "prefetched_units": u.prefetched.load(Ordering::Relaxed),
-                    "unit_bytes": u.unit.load(Ordering::Relaxed),
-                    "touched_units": *u.touched.lock().unwrap_or_else(|p| p.into_inner()),
-                    "source": source.stats(),
-                })
-            }),
-            "rss_kib": rss_kib(),
-        })
-    }
-}
-
-/// This process's resident set size (VmRSS), for memory-sharing checks.
-pub fn rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }

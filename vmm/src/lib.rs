@@ -6,12 +6,16 @@
 pub mod api;
 pub mod arch;
 pub mod builder;
-pub mod config;
+pub mod describe;
 pub mod devices;
-pub mod host;
+pub mod pager_link;
+pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
+
+/// The VM configuration and host profiles are part of the flintd-VMM contract.
+pub use flint_vmm_api::{config, host, spec};
 
 pub use builder::{BuildError, Vmm, VmmHandle};
 pub use config::VmConfig;

@@ -6,9 +6,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use flint_vmm::api::error_chain;
-use flint_vmm::builder::RestoreOverrides;
 use flint_vmm::config::{DriveConfig, NetConfig, VsockConfig};
-use flint_vmm::snapshot::memory::RestoreMode;
+use flint_vmm::spec::{HostDevices, Launch, LaunchSpec, MemorySource, RestoreSpec, MAX_SPEC_BYTES};
 use flint_vmm::{api, HostProfile, VmConfig, Vmm};
 
 /// Exit code for a bad configuration or a VM that could not be built.
@@ -17,6 +16,10 @@ const EXIT_SETUP: u8 = 1;
 #[derive(Parser, Debug)]
 #[command(name = "flint-vmm", version, about = "Flint's KVM microVM monitor (one VM per process)")]
 struct Args {
+    /// The launch spec flintd writes (JSON `LaunchSpec`, docs/vmm.md): everything this process is to do. No other
+    /// flag may be given with it.
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
+    spec: Option<PathBuf>,
     /// JSON VM configuration (fields as in docs/vmm.md); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -69,8 +72,9 @@ struct Args {
     /// The snapshot's memory file.
     #[arg(long, requires = "restore_state")]
     restore_mem: Option<PathBuf>,
-    /// How restored memory is provided: private (mmap MAP_PRIVATE, shared page cache) or uffd
-    /// (filled on first touch by a userfaultfd handler).
+    /// How restored memory is provided: private (mmap MAP_PRIVATE, shared page cache), uffd
+    /// (filled on first touch by this process's userfaultfd handler) or pager (filled by the page
+    /// server listening at the --restore-mem path, which gets the userfaultfd).
     #[arg(long, default_value = "private")]
     restore_mode: String,
     /// With a diff snapshot's state file: the memory file is its base with the diff merged on.
@@ -172,6 +176,27 @@ extern "C" fn on_term(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
+/// The launch spec: read from `--spec`, or built from the flags.
+fn launch_spec(args: &Args) -> Result<LaunchSpec, String> {
+    if let Some(p) = &args.spec {
+        use std::io::Read;
+        let f = std::fs::File::open(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let mut text = String::new();
+        f.take(MAX_SPEC_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        if text.len() as u64 > MAX_SPEC_BYTES {
+            return Err(format!("{} is larger than {MAX_SPEC_BYTES} bytes", p.display()));
+        }
+        return serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()));
+    }
+    let launch = match (&args.restore_state, &args.restore_mem) {
+        (Some(state), Some(mem)) => Launch::Restore(restore_spec(args, state, mem)?),
+        _ => Launch::Boot(build_config(args)?),
+    };
+    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, launch })
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let args = Args::parse();
@@ -187,15 +212,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    let built = match (&args.restore_state, &args.restore_mem) {
-        (Some(state), Some(mem)) => restore(&args, state, mem, process_start),
-        _ => match build_config(&args) {
-            Ok(config) => {
-                let profile = config.host_profile.unwrap_or_else(HostProfile::detect);
-                Vmm::build(config, profile, process_start).map_err(|e| error_chain(&e))
-            }
-            Err(e) => Err(e),
-        },
+    let spec = match launch_spec(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flint-vmm: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let built = match spec.launch {
+        Launch::Restore(r) => Vmm::restore(r, process_start).map_err(|e| error_chain(&e)),
+        Launch::Boot(config) => {
+            let profile = config.host_profile.unwrap_or_else(HostProfile::detect);
+            Vmm::build(config, profile, process_start).map_err(|e| error_chain(&e))
+        }
     };
     let mut vmm = match built {
         Ok(v) => v,
@@ -206,7 +235,7 @@ fn main() -> ExitCode {
     };
     let profile = vmm.profile;
     let handle = vmm.handle();
-    if let Some(p) = &args.api_sock {
+    if let Some(p) = &spec.api_sock {
         if let Err(e) = api::serve(p, handle.clone()) {
             eprintln!("flint-vmm: {}", error_chain(&e));
             return ExitCode::from(EXIT_SETUP);
@@ -217,7 +246,7 @@ fn main() -> ExitCode {
         unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
     }
     eprintln!("flint-vmm: host profile {}, cmdline: {}", profile.name(), vmm.cmdline);
-    if !args.no_seccomp {
+    if spec.seccomp {
         match flint_vmm::seccomp::install() {
             Ok(n) => eprintln!("flint-vmm: seccomp filter installed ({n} system calls denied)"),
             Err(e) => {
@@ -231,19 +260,23 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_SETUP);
     }
     let reason = vmm.run(&STOP);
-    if let Some(p) = &args.api_sock {
+    if let Some(p) = &spec.api_sock {
         let _ = std::fs::remove_file(p);
     }
     if args.describe_on_exit {
-        println!("{}", handle.describe());
+        println!("{}", serde_json::to_string(&handle.describe()).unwrap_or_default());
     }
     eprintln!("flint-vmm: {reason}");
     ExitCode::from(reason.exit_code() as u8)
 }
 
-fn restore(args: &Args, state: &std::path::Path, mem: &std::path::Path, start: Instant) -> Result<Vmm, String> {
-    let mode = RestoreMode::parse(&args.restore_mode)
-        .ok_or_else(|| format!("unknown restore mode {:?} (private, uffd, store)", args.restore_mode))?;
+fn restore_spec(args: &Args, state: &std::path::Path, mem: &std::path::Path) -> Result<RestoreSpec, String> {
+    let memory = match args.restore_mode.as_str() {
+        "private" => MemorySource::Private { path: mem.to_path_buf() },
+        "uffd" => MemorySource::Uffd { path: mem.to_path_buf() },
+        "pager" => MemorySource::Pager { socket: mem.to_path_buf() },
+        m => return Err(format!("unknown restore mode {m:?} (private, uffd, pager)")),
+    };
     if args.kernel.is_some()
         || args.initramfs.is_some()
         || args.config.is_some()
@@ -252,17 +285,20 @@ fn restore(args: &Args, state: &std::path::Path, mem: &std::path::Path, start: I
     {
         return Err("--kernel, --initramfs, --config, --mem and --vcpus come from the snapshot; they cannot be given with --restore-state".into());
     }
-    let overrides = RestoreOverrides {
-        vsock_uds: args.vsock_uds.clone(),
-        console: args.console.clone(),
-        net: args.tap.as_deref().map(parse_tap).transpose()?,
-        drive_paths: if args.drives.is_empty() {
-            None
-        } else {
-            Some(args.drives.iter().map(|d| parse_drive(d).map(|d| d.path)).collect::<Result<_, _>>()?)
+    Ok(RestoreSpec {
+        state_path: state.to_path_buf(),
+        memory,
+        devices: HostDevices {
+            vsock_uds: args.vsock_uds.clone(),
+            console: args.console.clone(),
+            net: args.tap.as_deref().map(parse_tap).transpose()?,
+            drive_paths: if args.drives.is_empty() {
+                None
+            } else {
+                Some(args.drives.iter().map(|d| parse_drive(d).map(|d| d.path)).collect::<Result<_, _>>()?)
+            },
         },
         track_dirty_pages: args.track_dirty_pages.then_some(true),
         merged_memory: args.merged_memory,
-    };
-    Vmm::restore(state, mem, mode, overrides, start).map_err(|e| error_chain(&e))
+    })
 }

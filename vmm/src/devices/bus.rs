@@ -84,9 +84,7 @@ impl Bus {
 
 /// Locks a device mutex, recovering from a poisoned lock (a panicking device thread must not
 /// wedge every vCPU).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use flint_vmm_api::lock;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,14 @@
 //! The snapshot state file: a fixed header (magic, format version, body length, CRC32) and a
 //! bincode body. See docs/snapshot-format.md.
+use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"FLINTSNP";
-/// Bumped when the body's layout changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this flint-vmm writes. Bumped whenever the body's layout changes (bincode is not
+/// self-describing: any change of a saved struct is a new version).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this flint-vmm reads (older bodies are upgraded on read; see docs/snapshot-format.md).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Largest body accepted (a state file is small: registers, device state, config).
 pub const MAX_BODY_BYTES: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
@@ -13,8 +17,10 @@ const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 pub enum FormatError {
     #[error("not a Flint snapshot state file (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {found} is not supported by this flint-vmm (it reads version {FORMAT_VERSION})")]
-    Version { found: u32 },
+    #[error("snapshot state format version {found} is newer than this flint-vmm reads (versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}): restore it with a flint-vmm that reads format version {found}")]
+    Newer { found: u32 },
+    #[error("snapshot state format version {found} is older than this flint-vmm reads (versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}): recreate the snapshot")]
+    Older { found: u32 },
     #[error("snapshot state file is truncated ({have} of {want} bytes)")]
     Truncated { have: u64, want: u64 },
     #[error("snapshot state body of {0} bytes exceeds the {MAX_BODY_BYTES}-byte limit")]
@@ -27,20 +33,43 @@ pub enum FormatError {
     Encode(#[source] bincode::Error),
 }
 
-/// Encodes `body` with the header.
+/// Encodes `body` with the header, as the current format version.
 pub fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, FormatError> {
+    encode_as(FORMAT_VERSION, body)
+}
+
+/// Encodes `body` with a header naming `version` (the body must be that version's layout).
+pub fn encode_as<T: Serialize>(version: u32, body: &T) -> Result<Vec<u8>, FormatError> {
     let payload = bincode::serialize(body).map_err(FormatError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
-/// Validates the header and decodes the body.
+/// Validates the header (of the current version) and decodes the body.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
+    match decode_versioned(bytes)? {
+        (FORMAT_VERSION, body) => decode_body(body),
+        (found, _) => Err(FormatError::Older { found }),
+    }
+}
+
+/// Decodes a body checked by [`decode_versioned`] as `T`.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FormatError> {
+    bincode::options()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(MAX_BODY_BYTES)
+        .deserialize(body)
+        .map_err(FormatError::Decode)
+}
+
+/// Validates the header (any readable version) and returns the version and the body, CRC-checked.
+pub fn decode_versioned(bytes: &[u8]) -> Result<(u32, &[u8]), FormatError> {
     if bytes.len() < HEADER_LEN {
         if bytes.len() >= 8 && &bytes[..8] != MAGIC {
             return Err(FormatError::BadMagic);
@@ -51,8 +80,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != FORMAT_VERSION {
-        return Err(FormatError::Version { found: version });
+    if version > FORMAT_VERSION {
+        return Err(FormatError::Newer { found: version });
+    }
+    if version < OLDEST_READABLE_VERSION {
+        return Err(FormatError::Older { found: version });
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&bytes[12..20]);
@@ -70,7 +102,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     if found != expected {
         return Err(FormatError::Crc { found, expected });
     }
-    bincode::deserialize(body).map_err(FormatError::Decode)
+    Ok((version, body))
 }
 
 #[cfg(test)]
@@ -94,7 +126,12 @@ mod tests {
         assert!(matches!(decode::<Body>(&bad), Err(FormatError::BadMagic)));
         let mut bad = bytes.clone();
         bad[8] = 9;
-        assert!(matches!(decode::<Body>(&bad), Err(FormatError::Version { found: 9 })));
+        let e = decode::<Body>(&bad).unwrap_err();
+        assert!(matches!(e, FormatError::Newer { found: 9 }));
+        assert!(e.to_string().contains("reads format version 9"), "{e}");
+        let mut bad = bytes.clone();
+        bad[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(decode::<Body>(&bad), Err(FormatError::Older { found: 0 })));
         assert!(matches!(decode::<Body>(&bytes[..bytes.len() - 1]), Err(FormatError::Truncated { .. })));
         assert!(matches!(decode::<Body>(&bytes[..10]), Err(FormatError::Truncated { .. })));
         let mut bad = bytes.clone();

@@ -23,17 +23,9 @@ pub enum MemFileError {
     Map(String, #[source] std::io::Error),
     #[error("KVM failed to read the dirty log")]
     DirtyLog(#[source] kvm_ioctls::Error),
-    #[error("snapshot store: {0}")]
-    Store(String),
 }
 
-/// Bytes written and pages skipped by a memory write.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct WriteStats {
-    pub bytes_written: u64,
-    pub pages_written: u64,
-    pub zero_pages_skipped: u64,
-}
+pub use flint_vmm_api::snapshot::WriteStats;
 
 fn region_slice(r: &crate::vstate::memory::GuestRegion) -> &[u8] {
     let host = r.as_ptr();
@@ -181,30 +173,6 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, MemFileError> {
     }
     b.sync_all().map_err(|e| MemFileError::Write(bp, e))?;
     Ok(copied)
-}
-
-/// How a restore gets guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RestoreMode {
-    /// mmap(MAP_PRIVATE) of the memory file: copy-on-write; clones share the page cache.
-    Private,
-    /// Anonymous memory filled on first touch by a userfaultfd handler thread.
-    Uffd,
-    /// Like `Uffd`, with pages fetched from the snapshot store (L1, then S3) instead of a local file; the memory
-    /// path names a store source file (JSON, see `store_source.rs`).
-    Store,
-}
-
-impl RestoreMode {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "private" => Some(RestoreMode::Private),
-            "uffd" => Some(RestoreMode::Uffd),
-            "store" => Some(RestoreMode::Store),
-            _ => None,
-        }
-    }
 }
 
 /// Maps the memory file privately at the given layout.

@@ -3,14 +3,14 @@
 pub mod cpu;
 pub mod format;
 pub mod memory;
-pub mod store_source;
-pub mod uffd;
+pub mod v1;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::host::HostProfile;
 pub use cpu::{CpuIdentity, VcpuState, VmState};
+pub use flint_vmm_api::snapshot::{SnapshotKind, SnapshotReport, SnapshotRequest};
 
 /// One virtqueue's position and configuration.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -26,9 +26,7 @@ pub struct QueueSnapshot {
     pub used_ring: u64,
 }
 
-/// A virtio-mmio transport and its queues. Device models keep no other state worth saving:
-/// block and rng are stateless between requests, net drops frames in flight, and vsock resets
-/// every connection (the guest is told through a transport-reset event).
+/// A virtio-mmio transport and its queues.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TransportState {
     pub device_type: u32,
@@ -92,7 +90,41 @@ impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
     }
 }
 
-/// Everything in a state file.
+/// A device model's own state, encoded and versioned by the device (so each device can grow its state without a
+/// new state-file format). Empty for devices with nothing to keep: block and rng are stateless between requests,
+/// net drops frames in flight, and vsock resets every connection (the guest is told through a transport-reset
+/// event).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelState {
+    pub version: u16,
+    pub data: Vec<u8>,
+}
+
+/// One device: its id (stable across restores: `vda`.., `net0`, `vsock0`, `rng0`), transport and model state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceState {
+    pub id: String,
+    pub transport: TransportState,
+    pub model: ModelState,
+}
+
+/// The ids of a configuration's virtio devices, in the order they are created (and in which format version 1
+/// listed their states).
+pub fn device_ids(config: &VmConfig) -> Vec<String> {
+    let mut ids: Vec<String> = (0..config.drives.len()).map(|i| format!("vd{}", (b'a' + i as u8) as char)).collect();
+    if config.net.is_some() {
+        ids.push("net0".into());
+    }
+    if config.vsock.is_some() {
+        ids.push("vsock0".into());
+    }
+    if config.rng {
+        ids.push("rng0".into());
+    }
+    ids
+}
+
+/// Everything in a state file (format version 2).
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotState {
     pub created_unix_ms: u64,
@@ -107,7 +139,7 @@ pub struct SnapshotState {
     pub memory_is_diff: bool,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
-    pub devices: Vec<TransportState>,
+    pub devices: Vec<DeviceState>,
     pub serial: SerialSnapshot,
 }
 
@@ -129,44 +161,6 @@ pub enum SnapshotError {
     WriteState(String, #[source] std::io::Error),
 }
 
-/// What a snapshot request wants.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRequest {
-    pub state_path: std::path::PathBuf,
-    pub mem_path: std::path::PathBuf,
-    #[serde(default)]
-    pub kind: SnapshotKind,
-    /// Resume the VM afterwards (default); false leaves it paused.
-    #[serde(default = "yes")]
-    pub resume: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    #[default]
-    Full,
-    Diff,
-}
-
-/// What a snapshot cost.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct SnapshotReport {
-    pub pause_us: u64,
-    pub save_state_us: u64,
-    pub write_state_us: u64,
-    pub write_memory_us: u64,
-    pub total_us: u64,
-    pub state_bytes: u64,
-    pub memory: memory::WriteStats,
-    pub guest_memory_bytes: u64,
-}
-
 /// Writes the state file atomically (temporary file, fsync, rename).
 pub fn write_state(state: &SnapshotState, path: &std::path::Path) -> Result<u64, SnapshotError> {
     let bytes = format::encode(state)?;
@@ -183,10 +177,27 @@ pub fn write_state(state: &SnapshotState, path: &std::path::Path) -> Result<u64,
     Ok(bytes.len() as u64)
 }
 
-/// Reads and validates a state file.
-pub fn read_state(path: &std::path::Path) -> Result<SnapshotState, RestoreError> {
-    let bytes = std::fs::read(path).map_err(|e| RestoreError::ReadState(path.display().to_string(), e))?;
-    Ok(format::decode(&bytes)?)
+/// Reads and validates a state file of any readable format version; an older one is upgraded. Returns the state
+/// and the version it was written in.
+pub fn read_state(path: &std::path::Path) -> Result<(SnapshotState, u32), RestoreError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| RestoreError::ReadState(path.display().to_string(), e))?;
+    let mut bytes = Vec::new();
+    // Never more than the format allows (a state file is small): a huge file is refused, not read into memory.
+    f.take(format::MAX_BODY_BYTES + 64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| RestoreError::ReadState(path.display().to_string(), e))?;
+    decode_state(&bytes)
+}
+
+/// Decodes a state file's bytes (see [`read_state`]).
+pub fn decode_state(bytes: &[u8]) -> Result<(SnapshotState, u32), RestoreError> {
+    let (version, body) = format::decode_versioned(bytes)?;
+    let state = match version {
+        1 => v1::upgrade(format::decode_body(body)?),
+        _ => format::decode_body(body)?,
+    };
+    Ok((state, version))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,13 +211,13 @@ pub enum RestoreError {
     #[error(transparent)]
     Memory(#[from] memory::MemFileError),
     #[error(transparent)]
-    Uffd(#[from] uffd::UffdError),
+    Uffd(#[from] flint_uffd::UffdError),
+    #[error("cannot hand guest memory to the page server at {0}")]
+    Pager(String, #[source] std::io::Error),
     #[error("the snapshot's memory file is a diff: merge it onto its base (flint-vmm --merge-diff BASE DIFF) and restore with --merged-memory")]
     DiffMemory,
     #[error("the snapshot's devices do not match its configuration: {0}")]
     Devices(String),
 }
 
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use flint_vmm_api::now_unix_ms;

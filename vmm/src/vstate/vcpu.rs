@@ -1,7 +1,6 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, signal kicks for pause/stop.
 use crate::vstate::memory::GuestMem;
 use std::cell::Cell;
-use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,42 +18,7 @@ use crate::devices::Bus;
 use crate::snapshot::cpu::{readable_msrs, save_vcpu};
 use crate::snapshot::VcpuState;
 
-/// Why the VM stopped running.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ExitReason {
-    /// The guest reset itself (i8042 reset line): Linux `reboot`, `poweroff` or `panic` with
-    /// `reboot=k`.
-    GuestReset,
-    /// The guest stopped in a way the VMM treats as a shutdown (HLT with interrupts off,
-    /// a system event).
-    GuestShutdown { detail: String },
-    /// Asked to stop through the control API or a signal.
-    Requested,
-    /// The VM failed: emulation failure, failed entry, triple fault, KVM error.
-    Failed { message: String },
-}
-
-impl ExitReason {
-    /// The flint-vmm process exit code for this reason (see docs/vmm.md).
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ExitReason::GuestReset | ExitReason::GuestShutdown { .. } | ExitReason::Requested => 0,
-            ExitReason::Failed { .. } => 2,
-        }
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitReason::GuestReset => write!(f, "the guest reset itself (i8042 reset)"),
-            ExitReason::GuestShutdown { detail } => write!(f, "the guest shut down: {detail}"),
-            ExitReason::Requested => write!(f, "stop requested"),
-            ExitReason::Failed { message } => write!(f, "the VM failed: {message}"),
-        }
-    }
-}
+pub use flint_vmm_api::describe::ExitReason;
 
 /// How long the VMM may take to shut down after its VM stopped.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(15);

@@ -149,6 +149,16 @@ impl MmioTransport {
         }
     }
 
+    /// The device model's own state.
+    pub fn save_model(&self) -> crate::snapshot::ModelState {
+        self.device.save_model()
+    }
+
+    /// Gives the device model its saved state.
+    pub fn restore_model(&mut self, s: &crate::snapshot::ModelState) -> Result<(), String> {
+        self.device.restore_model(s)
+    }
+
     /// The transport's state as plain data.
     pub fn save_state(&self) -> crate::snapshot::TransportState {
         crate::snapshot::TransportState {

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -111,6 +112,19 @@ pub trait VirtioDevice: Send {
     fn device_event(&mut self, _data: u32, _fd: RawFd, _set: EventSet, _ctx: &mut DeviceCtx, _ops: &mut dyn Watch) {}
     /// JSON for `describe`.
     fn describe(&self) -> serde_json::Value;
+    /// The device model's own state for a snapshot, encoded and versioned by the device. Default: nothing to keep.
+    fn save_model(&self) -> crate::snapshot::ModelState {
+        crate::snapshot::ModelState::default()
+    }
+    /// Takes back what [`VirtioDevice::save_model`] gave (called before the transport is restored). A device that
+    /// keeps nothing refuses state it does not know rather than drop it silently.
+    fn restore_model(&mut self, state: &crate::snapshot::ModelState) -> Result<(), String> {
+        if state.data.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unexpected device state (version {}, {} bytes)", state.version, state.data.len()))
+        }
+    }
 }
 
 /// What a device may change about the fds it watches (the event manager in production, a

@@ -6,8 +6,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use virtio_queue::QueueT;
-
 use super::{DeviceCounters, DeviceCtx, VirtioDevice, TYPE_BLOCK};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -147,26 +145,12 @@ impl Block {
 
     fn process(&mut self, ctx: &mut DeviceCtx) {
         let mem = ctx.mem;
-        let mut used = false;
-        while let Some(chain) = ctx.queues[0].pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        let bad = std::sync::atomic::AtomicU64::new(0);
+        super::queue::drain(ctx, 0, &bad, |chain| {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let len = match self.handle(chain, mem) {
-                Some(len) => len,
-                None => {
-                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
-                    0
-                }
-            };
-            if ctx.queues[0].add_used(mem, head, len).is_err() {
-                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            used = true;
-        }
-        if used && ctx.queues[0].needs_notification(mem).unwrap_or(true) {
-            ctx.irq.signal_used();
-        }
+            self.handle(chain, mem)
+        });
+        self.counters.bad_descriptors.fetch_add(bad.into_inner(), Ordering::Relaxed);
     }
 }
 

@@ -2,8 +2,6 @@
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::QueueT;
-
 use super::{DeviceCounters, DeviceCtx, VirtioDevice, TYPE_RNG};
 
 /// Largest amount served per request (a guest asking for more gets this much).
@@ -21,42 +19,20 @@ impl Rng {
 
     fn process(&mut self, ctx: &mut DeviceCtx) {
         let mem = ctx.mem;
-        let mut used = false;
-        while let Some(chain) = ctx.queues[0].pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let written = match chain.writer(mem) {
-                Ok(mut w) => {
-                    let n = w.available_bytes().min(MAX_PER_REQUEST);
-                    let mut buf = vec![0u8; n];
-                    if getrandom::getrandom(&mut buf).is_err() {
-                        self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                        0
-                    } else {
-                        match w.write_all(&buf) {
-                            Ok(()) => n,
-                            Err(_) => {
-                                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
-                                0
-                            }
-                        }
-                    }
-                }
-                Err(_) => {
-                    self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
-                    0
-                }
-            };
-            self.counters.bytes_out.fetch_add(written as u64, Ordering::Relaxed);
-            if ctx.queues[0].add_used(mem, head, written as u32).is_err() {
-                self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
-                break;
+        let counters = &self.counters;
+        super::queue::drain(ctx, 0, &counters.bad_descriptors, |chain| {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            let mut w = chain.writer(mem).ok()?;
+            let n = w.available_bytes().min(MAX_PER_REQUEST);
+            let mut buf = vec![0u8; n];
+            if getrandom::getrandom(&mut buf).is_err() {
+                counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                return Some(0);
             }
-            used = true;
-        }
-        if used && ctx.queues[0].needs_notification(mem).unwrap_or(true) {
-            ctx.irq.signal_used();
-        }
+            w.write_all(&buf).ok()?;
+            counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            Some(n as u32)
+        });
     }
 }
 

@@ -1,99 +1,31 @@
 //! The tiered store: L1 local cache with a byte budget, then remote tiers (S3).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::chunk::{self, ChunkId, DecodeError, Secret};
+use crate::chunk::{self, ChunkId, DecodeError};
 use crate::manifest::{check_name, ChunkRef, Image, Manifest, MANIFEST_FORMAT, MAX_MANIFEST_BYTES};
-use crate::tier::{LocalDirTier, ObjectTier, S3Config, Tier, TierError};
+use crate::tier::{LocalDirTier, ObjectTier, Tier};
 
-/// 256 KiB: see docs/snapshot-store.md for the measurement behind it.
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+mod cache;
+mod config;
+mod error;
+mod gc;
+mod publish;
+mod reports;
+mod working_set;
 
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// L1 directory (chunks, manifests).
-    pub local_dir: PathBuf,
-    /// L1 byte budget for chunks; least recently used chunks of published, unpinned snapshots are evicted past it.
-    pub local_budget: u64,
-    pub chunk_size: u32,
-    pub zstd_level: i32,
-    /// Convergent encryption at rest (chunks and manifests, in every tier).
-    pub secret: Option<Secret>,
-    pub s3: Option<S3Config>,
-    /// Remote chunks no manifest references are deleted by GC only once older than this; a publish re-uploads a
-    /// chunk it reuses when that chunk is older than half of it, so GC and publishes never race (docs/snapshot-store.md).
-    pub gc_grace: Duration,
-    /// Concurrent chunk operations (compression, uploads, fetches).
-    pub parallelism: usize,
-}
-
-impl StoreConfig {
-    pub fn new(local_dir: &Path) -> StoreConfig {
-        StoreConfig {
-            local_dir: local_dir.to_path_buf(),
-            local_budget: 20 << 30,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            zstd_level: 3,
-            secret: None,
-            s3: None,
-            gc_grace: Duration::from_secs(7 * 24 * 3600),
-            parallelism: 16,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0}")]
-    InvalidInput(String),
-    #[error("snapshot `{id}` not found ({looked_in})")]
-    NotFound { id: String, looked_in: String },
-    #[error("snapshot `{id}` has no image `{name}`")]
-    NoImage { id: String, name: String },
-    #[error("chunk {key} from {tier} is corrupt")]
-    Corrupt {
-        key: String,
-        tier: String,
-        #[source]
-        source: DecodeError,
-    },
-    #[error("chunk {key} is missing from every tier ({looked_in})")]
-    ChunkMissing { key: String, looked_in: String },
-    #[error("storage tier unavailable")]
-    Unavailable(#[source] TierError),
-    #[error("manifest of `{id}` from {tier} is invalid: {detail}")]
-    BadManifest { id: String, tier: String, detail: String },
-    #[error("{context}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("no remote tier is configured (set [store.s3] / FLINT_S3_BUCKET)")]
-    NoRemote,
-    #[error("publishing `{id}` took longer than half the GC grace period ({grace:?}); retry it")]
-    PublishTooSlow { id: String, grace: Duration },
-}
-
-impl From<TierError> for StoreError {
-    fn from(e: TierError) -> Self {
-        StoreError::Unavailable(e)
-    }
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
-    let context = context.into();
-    move |source| StoreError::Io { context, source }
-}
+pub use config::{StoreConfig, DEFAULT_CHUNK_SIZE};
+use error::io;
+pub use error::StoreError;
+pub use reports::*;
 
 fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -120,30 +52,6 @@ struct Counters {
     evicted_chunks: AtomicU64,
     evicted_bytes: AtomicU64,
     manifest_scans: AtomicU64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoreStats {
-    pub l1_hits: u64,
-    pub l1_misses: u64,
-    pub remote_fetches: u64,
-    pub remote_bytes: u64,
-    pub corrupt: u64,
-    pub chunks_written: u64,
-    pub chunks_deduplicated: u64,
-    pub zero_chunks: u64,
-    pub uploaded_chunks: u64,
-    pub uploaded_bytes: u64,
-    pub upload_skipped: u64,
-    pub evicted_chunks: u64,
-    pub evicted_bytes: u64,
-    pub l1_chunks: u64,
-    pub l1_bytes: u64,
-    pub l1_budget: u64,
-    /// Times eviction had to read every local manifest to learn which chunks exist nowhere else
-    /// (the result is reused while the manifest directories do not change).
-    #[serde(default)]
-    pub manifest_scans: u64,
 }
 
 /// LRU index of the chunks in L1.
@@ -178,140 +86,6 @@ impl CacheIndex {
         self.order.remove(&tick);
         self.bytes -= size;
         Some(size)
-    }
-}
-
-/// Where a listed snapshot lives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub parent: Option<String>,
-    pub created_unix_ms: u64,
-    pub logical_bytes: u64,
-    pub stored_bytes: u64,
-    pub chunks: usize,
-    /// The manifest is in L1.
-    pub local: bool,
-    /// Every chunk is in L1 (it restores without the network).
-    pub local_complete: bool,
-    /// The manifest is in the remote tier.
-    pub remote: bool,
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// What a put or publish did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PutReport {
-    pub logical_bytes: u64,
-    pub chunks: u64,
-    pub zero_chunks: u64,
-    /// Chunks already in L1 (deduplicated against earlier snapshots or repeats within this one).
-    pub deduplicated_chunks: u64,
-    pub new_chunks: u64,
-    pub new_stored_bytes: u64,
-    pub new_plain_bytes: u64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PublishReport {
-    pub chunks: u64,
-    pub uploaded_chunks: u64,
-    pub uploaded_bytes: u64,
-    pub already_present: u64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FetchReport {
-    pub bytes_written: u64,
-    pub chunks: u64,
-    pub fetched_chunks: u64,
-    pub fetched_bytes: u64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct GcReport {
-    pub manifests: u64,
-    pub chunks_seen: u64,
-    pub deleted_chunks: u64,
-    pub deleted_bytes: u64,
-    pub kept_young: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub tier: String,
-    pub chunks: u64,
-    pub ok: u64,
-    pub problems: Vec<String>,
-}
-
-/// Chunks of one image a restore touched, in first-touch order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkingSet {
-    pub image: String,
-    pub chunks: Vec<u32>,
-}
-
-/// A serializable description of how to open a store (handed from flintd to a VMM serving a lazy restore).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreSpec {
-    pub local_dir: PathBuf,
-    pub local_budget: u64,
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
-    #[serde(default)]
-    pub s3: Option<S3Config>,
-}
-
-impl StoreSpec {
-    pub fn open(&self) -> Result<Store, StoreError> {
-        let mut cfg = StoreConfig::new(&self.local_dir);
-        cfg.local_budget = self.local_budget;
-        cfg.s3 = self.s3.clone();
-        if let Some(f) = &self.secret_file {
-            let text = std::fs::read_to_string(f).map_err(io(format!("read {}", f.display())))?;
-            cfg.secret = Some(Secret::from_hex(&text).map_err(StoreError::InvalidInput)?);
-        }
-        Store::open(cfg)
-    }
-}
-
-/// Where image bytes come from when a snapshot is put.
-#[derive(Debug, Clone)]
-pub enum ImageSource {
-    File(PathBuf),
-    Bytes(Bytes),
-}
-
-/// A snapshot to put into the store.
-#[derive(Debug, Clone)]
-pub struct SnapshotDraft {
-    pub id: String,
-    pub parent: Option<String>,
-    pub vmm_format: Option<u32>,
-    pub cpu_profile: Option<String>,
-    pub metadata: BTreeMap<String, String>,
-    pub images: Vec<(String, ImageSource)>,
-}
-
-impl SnapshotDraft {
-    pub fn new(id: &str) -> SnapshotDraft {
-        SnapshotDraft {
-            id: id.to_string(),
-            parent: None,
-            vmm_format: None,
-            cpu_profile: None,
-            metadata: BTreeMap::new(),
-            images: Vec::new(),
-        }
-    }
-    pub fn image(mut self, name: &str, source: ImageSource) -> SnapshotDraft {
-        self.images.push((name.to_string(), source));
-        self
     }
 }
 
@@ -510,114 +284,6 @@ impl Store {
         Ok(m)
     }
 
-    /// Pins chunk keys so eviction skips them.
-    fn pin_keys(&self, keys: Vec<String>) -> PinGuard {
-        let mut pins = lock(&self.inner.pins);
-        for k in &keys {
-            *pins.entry(k.clone()).or_insert(0) += 1;
-        }
-        PinGuard { inner: self.inner.clone(), keys }
-    }
-
-    /// Keeps every chunk of `manifest` in L1 while the guard lives (running VMs restored from it).
-    pub fn pin(&self, manifest: &Manifest) -> PinGuard {
-        let keys = manifest.chunk_ids().map(|id| self.chunk_key(&id)).collect();
-        self.pin_keys(keys)
-    }
-
-    /// Modification times of L1's `manifests/` and `published/` directories (a missing one reads
-    /// as the epoch); `None` if they cannot be read.
-    fn manifest_dirs_stamp(&self) -> Option<(SystemTime, SystemTime)> {
-        let mtime = |dir: &str| match std::fs::metadata(self.inner.l1.root().join(dir)) {
-            Ok(m) => m.modified().ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(UNIX_EPOCH),
-            Err(_) => None,
-        };
-        Some((mtime("manifests")?, mtime("published")?))
-    }
-
-    /// Chunk keys of local snapshots that exist nowhere else: unpublished ones, or all of them
-    /// without a remote tier. Reading every manifest is reused until a manifest directory changes.
-    fn local_only_keys(&self) -> Arc<HashSet<String>> {
-        let stamp = self.manifest_dirs_stamp();
-        if let (Some(st), Some(scan)) = (stamp, lock(&self.inner.local_only).as_ref()) {
-            if scan.stamp == st {
-                return scan.keys.clone();
-            }
-        }
-        self.inner.counters.manifest_scans.fetch_add(1, Ordering::Relaxed);
-        let mut keys = HashSet::new();
-        if let Ok(local) = self.inner.l1.list_blocking("manifests") {
-            for o in local {
-                let id = o.key.trim_start_matches("manifests/");
-                let published = matches!(self.inner.l1.get_blocking(&published_key(id)), Ok(Some(_)));
-                if published && self.has_remote() {
-                    continue;
-                }
-                if let Ok(Some(bytes)) = self.inner.l1.get_blocking(&o.key) {
-                    if let Ok(m) = self.decode_manifest(id, "local", &bytes) {
-                        keys.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
-                    }
-                }
-            }
-        }
-        let keys = Arc::new(keys);
-        let settled = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= SCAN_SETTLE);
-        *lock(&self.inner.local_only) = match stamp {
-            Some(st) if settled(st.0) && settled(st.1) => Some(LocalOnlyScan { stamp: st, keys: keys.clone() }),
-            _ => None,
-        };
-        keys
-    }
-
-    /// The chunks L1 must keep right now.
-    fn protected(&self) -> Protected {
-        let local_only = self.local_only_keys();
-        Protected { pinned: lock(&self.inner.pins).keys().cloned().collect(), local_only }
-    }
-
-    /// Evicts least recently used chunks until L1 is within budget.
-    fn evict(&self) {
-        if lock(&self.inner.index).bytes <= self.inner.cfg.local_budget {
-            return;
-        }
-        let protected = self.protected();
-        let mut index = lock(&self.inner.index);
-        let candidates: Vec<String> = index.order.values().cloned().collect();
-        for key in candidates {
-            if index.bytes <= self.inner.cfg.local_budget {
-                break;
-            }
-            if protected.contains(&key) {
-                continue;
-            }
-            if self.inner.l1.delete_blocking(&key).is_ok() {
-                if let Some(size) = index.remove(&key) {
-                    self.inner.counters.evicted_chunks.fetch_add(1, Ordering::Relaxed);
-                    self.inner.counters.evicted_bytes.fetch_add(size, Ordering::Relaxed);
-                }
-            }
-        }
-        if index.bytes > self.inner.cfg.local_budget {
-            warn!(
-                bytes = index.bytes,
-                budget = self.inner.cfg.local_budget,
-                "local snapshot cache over budget: the rest is pinned or not yet published"
-            );
-        }
-    }
-
-    fn l1_put(&self, key: &str, stored: &[u8]) -> Result<(), StoreError> {
-        self.inner.l1.put_blocking(key, stored)?;
-        lock(&self.inner.index).insert(key, stored.len() as u64);
-        Ok(())
-    }
-
-    fn l1_remove(&self, key: &str) {
-        let _ = self.inner.l1.delete_blocking(key);
-        lock(&self.inner.index).remove(key);
-    }
-
     /// Splits, hashes, compresses and stores every image in L1, then writes the manifest (last). With `publish`,
     /// also uploads to the remote tiers (write-through); otherwise call [`Store::publish`] later (write-back).
     pub async fn put(&self, draft: SnapshotDraft, publish: bool) -> Result<(Manifest, PutReport), StoreError> {
@@ -801,14 +467,26 @@ impl Store {
     /// Fetches one chunk's plaintext: L1, else the remote tiers in order (filling L1). Every copy is verified
     /// against its hash; a corrupt L1 copy is dropped and refetched, a corrupt remote copy tries the next tier.
     pub async fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        self.chunk_counted(id, None).await
+    }
+
+    /// [`Store::chunk`], also counted in `reader` (one reader's share of the store's counters).
+    pub(crate) async fn chunk_counted(
+        &self,
+        id: &ChunkId,
+        reader: Option<&ReadCounters>,
+    ) -> Result<Vec<u8>, StoreError> {
         let key = self.chunk_key(id);
         if let Some(plain) = self.chunk_from_l1(&key, id).await {
             self.inner.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(r) = reader {
+                r.l1_hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(plain);
         }
         let gate = lock(&self.inner.inflight).entry(key.clone()).or_default().clone();
         let _turn = gate.lock().await;
-        let result = self.fetch_remote(&key, id).await;
+        let result = self.fetch_remote(&key, id, reader).await;
         {
             let mut inflight = lock(&self.inner.inflight);
             if inflight.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) <= 2 {
@@ -820,7 +498,7 @@ impl Store {
 
     async fn chunk_from_l1(&self, key: &str, id: &ChunkId) -> Option<Vec<u8>> {
         if !lock(&self.inner.index).touch(key) {
-            // Another process sharing this cache (a VMM serving a lazy restore) may have written it.
+            // Another process sharing this cache (flint-store, another flintd) may have written it.
             let size = std::fs::metadata(self.inner.l1.root().join(key)).ok()?.len();
             lock(&self.inner.index).insert(key, size);
         }
@@ -848,13 +526,24 @@ impl Store {
         }
     }
 
-    async fn fetch_remote(&self, key: &str, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+    async fn fetch_remote(
+        &self,
+        key: &str,
+        id: &ChunkId,
+        reader: Option<&ReadCounters>,
+    ) -> Result<Vec<u8>, StoreError> {
         // Another reader may have fetched it while we waited for our turn.
         if let Some(plain) = self.chunk_from_l1(key, id).await {
             self.inner.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(r) = reader {
+                r.l1_hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(plain);
         }
         self.inner.counters.l1_misses.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = reader {
+            r.l1_misses.fetch_add(1, Ordering::Relaxed);
+        }
         let mut failure: Option<StoreError> = None;
         for tier in &self.inner.remotes {
             let stored = match tier.get(key).await {
@@ -867,6 +556,10 @@ impl Store {
             };
             self.inner.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
             self.inner.counters.remote_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+            if let Some(r) = reader {
+                r.remote_fetches.fetch_add(1, Ordering::Relaxed);
+                r.remote_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+            }
             let this = self.clone();
             let (key2, id2) = (key.to_string(), *id);
             let decoded = tokio::task::spawn_blocking(move || {
@@ -889,100 +582,6 @@ impl Store {
             }
         }
         Err(failure.unwrap_or_else(|| StoreError::ChunkMissing { key: key.to_string(), looked_in: self.looked_in() }))
-    }
-
-    /// Uploads a locally stored snapshot to every remote tier: missing chunks first, the manifest last.
-    pub async fn publish(&self, id: &str) -> Result<PublishReport, StoreError> {
-        if self.inner.remotes.is_empty() {
-            return Err(StoreError::NoRemote);
-        }
-        let started = Instant::now();
-        let manifest = self.manifest(id).await?;
-        let _pin = self.pin(&manifest);
-        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
-        let sizes: HashMap<ChunkId, u32> =
-            manifest.images.iter().flat_map(|i| i.chunks.iter().flatten()).map(|c| (c.id, c.stored)).collect();
-        let sizes = &sizes;
-        let mut report = PublishReport { chunks: ids.len() as u64, ..Default::default() };
-        let refresh_after_ms = self.inner.cfg.gc_grace.as_millis() as u64 / 2;
-        for tier in &self.inner.remotes {
-            let outcomes: Vec<Option<u64>> = futures::stream::iter(ids.iter().copied())
-                .map(|cid| {
-                    let tier = tier.clone();
-                    let this = self.clone();
-                    async move {
-                        let key = this.chunk_key(&cid);
-                        if let Some(info) = tier.head(&key).await? {
-                            // A stored object of the wrong size (a torn write on a non-atomic server) is re-sent.
-                            let size_ok = sizes.get(&cid).is_none_or(|s| *s as u64 == info.size);
-                            if size_ok && now_unix_ms().saturating_sub(info.modified_unix_ms) < refresh_after_ms {
-                                return Ok(None);
-                            }
-                        }
-                        let stored = match this.inner.l1.get_blocking(&key)? {
-                            Some(b) => Bytes::from(b),
-                            None => {
-                                // Evicted from L1 (it was published before): bring it back through the tiers.
-                                this.chunk(&cid).await?;
-                                Bytes::from(this.inner.l1.get_blocking(&key)?.ok_or_else(|| {
-                                    StoreError::ChunkMissing { key: key.clone(), looked_in: this.looked_in() }
-                                })?)
-                            }
-                        };
-                        let len = stored.len() as u64;
-                        tier.put(&key, stored).await?;
-                        Ok::<_, StoreError>(Some(len))
-                    }
-                })
-                .buffer_unordered(self.inner.cfg.parallelism.max(1))
-                .try_collect()
-                .await?;
-            for o in outcomes {
-                match o {
-                    Some(len) => {
-                        report.uploaded_chunks += 1;
-                        report.uploaded_bytes += len;
-                    }
-                    None => report.already_present += 1,
-                }
-            }
-            if started.elapsed() > self.inner.cfg.gc_grace / 2 {
-                return Err(StoreError::PublishTooSlow { id: id.to_string(), grace: self.inner.cfg.gc_grace });
-            }
-            tier.put(&manifest_key(id), self.encode_manifest(&manifest)).await?;
-        }
-        let c = &self.inner.counters;
-        c.uploaded_chunks.fetch_add(report.uploaded_chunks, Ordering::Relaxed);
-        c.uploaded_bytes.fetch_add(report.uploaded_bytes, Ordering::Relaxed);
-        c.upload_skipped.fetch_add(report.already_present, Ordering::Relaxed);
-        self.inner.l1.put_blocking(&published_key(id), b"")?;
-        report.seconds = started.elapsed().as_secs_f64();
-        info!(id, uploaded = report.uploaded_bytes, chunks = report.uploaded_chunks, "snapshot published");
-        Ok(report)
-    }
-
-    /// Makes every chunk of a snapshot local (eager restore, or preparing to run without the network).
-    pub async fn pull(&self, id: &str) -> Result<FetchReport, StoreError> {
-        let started = Instant::now();
-        let manifest = self.manifest(id).await?;
-        let before = self.stats();
-        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
-        futures::stream::iter(ids.clone())
-            .map(|cid| {
-                let this = self.clone();
-                async move { this.chunk(&cid).await.map(|_| ()) }
-            })
-            .buffer_unordered(self.inner.cfg.parallelism.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-        let after = self.stats();
-        Ok(FetchReport {
-            bytes_written: 0,
-            chunks: ids.len() as u64,
-            fetched_chunks: after.remote_fetches - before.remote_fetches,
-            fetched_bytes: after.remote_bytes - before.remote_bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        })
     }
 
     /// Writes an image of a snapshot to `dest` (sparse: zero chunks stay holes).
@@ -1124,187 +723,6 @@ impl Store {
         self.inner.l1.delete_blocking(&published_key(id))?;
         self.inner.l1.delete_blocking(&working_set_key(id))?;
         Ok(())
-    }
-
-    /// Records which chunks of `image` a restore of snapshot `id` touched, in first-touch order (the working set
-    /// that later restores prefetch). Stored next to the manifest in L1 and, best effort, in the remote tiers.
-    pub async fn put_working_set(&self, id: &str, image: &str, chunks: &[u32]) -> Result<(), StoreError> {
-        let manifest = self.manifest(id).await?;
-        let n = manifest
-            .image(image)
-            .ok_or_else(|| StoreError::NoImage { id: id.to_string(), name: image.to_string() })?
-            .chunks
-            .len();
-        if let Some(bad) = chunks.iter().find(|c| **c as usize >= n) {
-            return Err(StoreError::InvalidInput(format!(
-                "working set chunk {bad} is past the {n} chunks of `{image}`"
-            )));
-        }
-        let body = Bytes::from(
-            serde_json::to_vec(&WorkingSet { image: image.to_string(), chunks: chunks.to_vec() }).unwrap_or_default(),
-        );
-        self.inner.l1.put_blocking(&working_set_key(id), &body)?;
-        for tier in &self.inner.remotes {
-            if let Err(e) = tier.put(&working_set_key(id), body.clone()).await {
-                warn!(id, error = %e, "could not store the working set remotely");
-            }
-        }
-        Ok(())
-    }
-
-    /// The recorded working set of a snapshot, if any (L1, then the remote tiers).
-    pub async fn working_set(&self, id: &str) -> Result<Option<WorkingSet>, StoreError> {
-        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
-        let mut bytes = self.inner.l1.get_blocking(&working_set_key(id))?.map(Bytes::from);
-        if bytes.is_none() {
-            for tier in &self.inner.remotes {
-                if let Some(b) = tier.get(&working_set_key(id)).await? {
-                    self.inner.l1.put_blocking(&working_set_key(id), &b)?;
-                    bytes = Some(b);
-                    break;
-                }
-            }
-        }
-        match bytes {
-            None => Ok(None),
-            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::BadManifest {
-                id: id.to_string(),
-                tier: "working set".into(),
-                detail: e.to_string(),
-            }),
-        }
-    }
-
-    /// Re-reads the L1 directory into the cache index (chunks written by other processes, e.g. a VMM serving a
-    /// lazy restore from the same cache).
-    pub fn rescan(&self) -> Result<(), StoreError> {
-        let listed = self.inner.l1.list_blocking("chunks")?;
-        let mut index = lock(&self.inner.index);
-        for o in listed {
-            if !index.entries.contains_key(&o.key) {
-                index.insert(&o.key, o.size);
-            }
-        }
-        drop(index);
-        self.evict();
-        Ok(())
-    }
-
-    /// Drops every chunk from L1 that exists elsewhere too (keeps manifests, pinned chunks and
-    /// the chunks of snapshots that are only here): models a fresh host, or frees a disk.
-    pub fn clear_local_chunks(&self) -> Result<u64, StoreError> {
-        let protected = self.protected();
-        let mut index = lock(&self.inner.index);
-        let keys: Vec<String> = index.entries.keys().cloned().collect();
-        let mut n = 0;
-        for key in keys {
-            if protected.contains(&key) {
-                continue;
-            }
-            self.inner.l1.delete_blocking(&key)?;
-            index.remove(&key);
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Deletes chunks no manifest references: in L1 (unpinned ones) and, with `remote`, in the remote tiers
-    /// (only those older than the GC grace period, so a publish in flight never loses a chunk).
-    pub async fn gc(&self, remote: bool) -> Result<GcReport, StoreError> {
-        let mut report = GcReport::default();
-        let mut referenced = HashSet::new();
-        let local_manifests = self.inner.l1.list_blocking("manifests")?;
-        for o in &local_manifests {
-            let id = o.key.trim_start_matches("manifests/");
-            if let Some(bytes) = self.inner.l1.get_blocking(&o.key)? {
-                let m = self.decode_manifest(id, "local cache", &bytes)?;
-                referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
-            }
-        }
-        report.manifests += local_manifests.len() as u64;
-        let pinned: HashSet<String> = lock(&self.inner.pins).keys().cloned().collect();
-        let local_chunks: Vec<(String, u64)> =
-            lock(&self.inner.index).entries.iter().map(|(k, v)| (k.clone(), v.0)).collect();
-        for (key, size) in local_chunks {
-            report.chunks_seen += 1;
-            if !referenced.contains(&key) && !pinned.contains(&key) {
-                self.l1_remove(&key);
-                report.deleted_chunks += 1;
-                report.deleted_bytes += size;
-            }
-        }
-        if !remote {
-            return Ok(report);
-        }
-        let grace_ms = self.inner.cfg.gc_grace.as_millis() as u64;
-        for tier in &self.inner.remotes {
-            // Chunks are listed before manifests: a chunk uploaded after this listing is not a candidate, and a
-            // manifest published after the manifest listing only reuses chunks younger than the grace period.
-            let chunks = tier.list("chunks").await?;
-            let mut referenced = HashSet::new();
-            let manifests = tier.list("manifests").await?;
-            for o in &manifests {
-                let id = o.key.trim_start_matches("manifests/");
-                let Some(bytes) = tier.get(&o.key).await? else { continue };
-                let m = self.decode_manifest(id, tier.name(), &bytes)?;
-                referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
-            }
-            report.manifests += manifests.len() as u64;
-            let now = now_unix_ms();
-            for o in chunks {
-                report.chunks_seen += 1;
-                if referenced.contains(&o.key) {
-                    continue;
-                }
-                if now.saturating_sub(o.modified_unix_ms) <= grace_ms {
-                    report.kept_young += 1;
-                    continue;
-                }
-                debug!(key = %o.key, "gc: deleting unreferenced chunk");
-                tier.delete(&o.key).await?;
-                report.deleted_chunks += 1;
-                report.deleted_bytes += o.size;
-            }
-        }
-        Ok(report)
-    }
-
-    /// Reads every chunk of a snapshot from one tier (`local` or a remote's name; default: the first remote) and
-    /// checks it against its hash, without filling L1.
-    pub async fn verify(&self, id: &str, local: bool) -> Result<VerifyReport, StoreError> {
-        let manifest = self.manifest(id).await?;
-        let tier: Option<Arc<dyn Tier>> = if local { None } else { self.inner.remotes.first().cloned() };
-        if !local && tier.is_none() {
-            return Err(StoreError::NoRemote);
-        }
-        let tier_name = tier.as_ref().map(|t| t.name().to_string()).unwrap_or_else(|| "local cache".into());
-        let ids: Vec<ChunkId> = manifest.chunk_ids().collect();
-        let problems: Vec<Option<String>> = futures::stream::iter(ids.iter().copied())
-            .map(|cid| {
-                let tier = tier.clone();
-                let this = self.clone();
-                async move {
-                    let key = this.chunk_key(&cid);
-                    let stored = match &tier {
-                        Some(t) => t.get(&key).await?.map(|b| b.to_vec()),
-                        None => this.inner.l1.get_blocking(&key)?,
-                    };
-                    let Some(stored) = stored else { return Ok::<_, StoreError>(Some(format!("{key}: missing"))) };
-                    Ok(chunk::decode(&stored, &cid, this.inner.cfg.secret.as_ref())
-                        .err()
-                        .map(|e| format!("{key}: {e}")))
-                }
-            })
-            .buffer_unordered(self.inner.cfg.parallelism.max(1))
-            .try_collect()
-            .await?;
-        let problems: Vec<String> = problems.into_iter().flatten().collect();
-        Ok(VerifyReport {
-            tier: tier_name,
-            chunks: ids.len() as u64,
-            ok: ids.len() as u64 - problems.len() as u64,
-            problems,
-        })
     }
 }
 

@@ -90,6 +90,10 @@ fn default_cid() -> u64 {
 
 /// Most vCPUs a VM may have (MP table and CPUID topology limits of this VMM).
 pub const MAX_VCPUS: u8 = 8;
+/// Least guest memory (the guest kernel and its initramfs need room).
+pub const MIN_MEM_MIB: u64 = 64;
+/// Most guest memory.
+pub const MAX_MEM_MIB: u64 = 65536;
 /// Most virtio devices (IRQs 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
@@ -97,7 +101,7 @@ pub const MAX_VIRTIO_DEVICES: usize = 19;
 pub enum ConfigError {
     #[error("vcpus must be between 1 and {MAX_VCPUS}, not {0}")]
     Vcpus(u8),
-    #[error("mem_mib must be a multiple of 2 between 64 and 65536, not {0}")]
+    #[error("mem_mib must be a multiple of 2 between {MIN_MEM_MIB} and {MAX_MEM_MIB}, not {0}")]
     Memory(u64),
     #[error("{0} does not exist or is not a regular file")]
     MissingFile(PathBuf),
@@ -134,13 +138,9 @@ impl VmConfig {
         }
     }
 
+    /// Every check: the limits, then that the files exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(self.vcpus));
-        }
-        if self.mem_mib < 64 || self.mem_mib > 65536 || !self.mem_mib.is_multiple_of(2) {
-            return Err(ConfigError::Memory(self.mem_mib));
-        }
+        self.validate_limits()?;
         let files =
             std::iter::once(&self.kernel).chain(self.initramfs.iter()).chain(self.drives.iter().map(|d| &d.path));
         for f in files {
@@ -148,6 +148,13 @@ impl VmConfig {
                 return Err(ConfigError::MissingFile(f.clone()));
             }
         }
+        Ok(())
+    }
+
+    /// The checks that need no file system: what flintd checks at its API edge (a 400 there, not a failed VM).
+    pub fn validate_limits(&self) -> Result<(), ConfigError> {
+        check_vcpus(self.vcpus)?;
+        check_mem_mib(self.mem_mib)?;
         let roots = self.drives.iter().filter(|d| d.root).count();
         if roots > 1 {
             return Err(ConfigError::TwoRoots);
@@ -175,6 +182,22 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// The vCPU count limit, on its own (for requests that carry only a count).
+pub fn check_vcpus(vcpus: u8) -> Result<(), ConfigError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ConfigError::Vcpus(vcpus));
+    }
+    Ok(())
+}
+
+/// The guest memory limit, on its own.
+pub fn check_mem_mib(mem_mib: u64) -> Result<(), ConfigError> {
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2) {
+        return Err(ConfigError::Memory(mem_mib));
+    }
+    Ok(())
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

@@ -1,0 +1,195 @@
+//! A launcher without KVM, for unit tests of the daemon's workflows: each "VMM" is a record in a table with a
+//! control API that keeps run state, writes small snapshot files and reports the configuration it was started with;
+//! its guest agent is the real flint-agent server in host mode on a Unix socket in the VM's directory.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use flint_agent::client::Endpoint;
+use flint_agent::listen::{ListenAddr, Listener};
+use flint_agent::server::{serve_connection, Agent, Settings};
+use flint_vmm_api::config::VmConfig;
+use flint_vmm_api::describe::{BootTimings, RunState, VmDescription};
+use flint_vmm_api::snapshot::{SnapshotReport, SnapshotRequest};
+use flint_vmm_api::spec::Launch;
+use flint_vmm_api::{lock, HostProfile, LaunchSpec};
+
+use crate::launcher::{BoxFut, Launcher, Proc, VmmControl};
+use crate::vm::model::OpError;
+
+/// One agent (and one reaper: it waits for any child) for every fake VM of the test process, on its own runtime.
+fn agent_runtime() -> &'static (tokio::runtime::Runtime, Arc<Agent>) {
+    static RT: OnceLock<(tokio::runtime::Runtime, Arc<Agent>)> = OnceLock::new();
+    RT.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let root = std::env::temp_dir().join(format!("flint-fake-agent-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let agent = Agent::new(Settings { root: root.clone(), hooks_dir: root.join("hooks"), ..Default::default() });
+        rt.spawn(agent.reaper.clone().run());
+        (rt, agent)
+    })
+}
+
+struct FakeVm {
+    dir: PathBuf,
+    start: u64,
+    config: VmConfig,
+    alive: bool,
+    paused: bool,
+    exit: tokio::sync::watch::Sender<bool>,
+    agent_task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Inner {
+    vms: Mutex<HashMap<u32, FakeVm>>,
+    next_pid: AtomicU32,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeLauncher {
+    inner: Arc<Inner>,
+}
+
+impl FakeLauncher {
+    pub fn pid_of(&self, dir: &Path) -> Option<u32> {
+        lock(&self.inner.vms).iter().find(|(_, v)| v.dir == dir && v.alive).map(|(p, _)| *p)
+    }
+
+    pub fn running(&self) -> usize {
+        lock(&self.inner.vms).values().filter(|v| v.alive).count()
+    }
+}
+
+impl Inner {
+    fn kill(&self, pid: u32) {
+        if let Some(v) = lock(&self.vms).get_mut(&pid) {
+            if v.alive {
+                v.alive = false;
+                v.agent_task.abort();
+                let _ = std::fs::remove_file(v.dir.join("agent.sock"));
+                let _ = v.exit.send(true);
+            }
+        }
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError> {
+        let config = match &spec.launch {
+            Launch::Boot(c) => c.clone(),
+            Launch::Restore(r) => {
+                let text = std::fs::read(&r.state_path).map_err(|e| OpError::Internal(e.to_string()))?;
+                serde_json::from_slice(&text).map_err(|e| OpError::Internal(format!("fake state: {e}")))?
+            }
+        };
+        config.validate_limits().map_err(|e| OpError::VmFailed(e.to_string()))?;
+        let pid = 1_000_000 + self.inner.next_pid.fetch_add(1, Ordering::Relaxed);
+        let (rt, agent) = agent_runtime();
+        let sock = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = {
+            let _enter = rt.enter();
+            Listener::bind(&ListenAddr::Unix(sock)).map_err(|e| OpError::Internal(e.to_string()))?
+        };
+        let agent = agent.clone();
+        let agent_task = rt.spawn(async move {
+            while let Ok(s) = listener.accept().await {
+                tokio::spawn(serve_connection(agent.clone(), s));
+            }
+        });
+        let (exit, _) = tokio::sync::watch::channel(false);
+        let vm = FakeVm { dir: dir.to_path_buf(), start: 7, config, alive: true, paused: false, exit, agent_task };
+        lock(&self.inner.vms).insert(pid, vm);
+        Ok(Proc { pid, start: 7 })
+    }
+
+    fn alive(&self, p: Proc) -> bool {
+        lock(&self.inner.vms).get(&p.pid).is_some_and(|v| v.alive && v.start == p.start)
+    }
+
+    fn kill(&self, p: Proc) {
+        self.inner.kill(p.pid);
+    }
+
+    fn exited(&self, p: Proc) -> BoxFut<'static, String> {
+        let rx = lock(&self.inner.vms).get(&p.pid).map(|v| v.exit.subscribe());
+        Box::pin(async move {
+            if let Some(mut rx) = rx {
+                let _ = rx.wait_for(|dead| *dead).await;
+            }
+            "killed".to_string()
+        })
+    }
+
+    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl> {
+        Arc::new(FakeVmm { inner: self.inner.clone(), pid: self.pid_of(dir) })
+    }
+
+    fn agent_endpoint(&self, dir: &Path) -> Endpoint {
+        Endpoint::Unix(dir.join("agent.sock"))
+    }
+}
+
+struct FakeVmm {
+    inner: Arc<Inner>,
+    pid: Option<u32>,
+}
+
+impl FakeVmm {
+    fn with<T>(&self, f: impl FnOnce(&mut FakeVm) -> T) -> Result<T, OpError> {
+        let mut vms = lock(&self.inner.vms);
+        match self.pid.and_then(|p| vms.get_mut(&p)).filter(|v| v.alive) {
+            Some(v) => Ok(f(v)),
+            None => Err(OpError::VmFailed("VMM: connection refused".into())),
+        }
+    }
+}
+
+impl VmmControl for FakeVmm {
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>> {
+        Box::pin(async move {
+            self.with(|v| VmDescription {
+                state: if v.paused { RunState::Paused } else { RunState::Running },
+                exit: None,
+                host_profile: HostProfile::Hardware,
+                config: v.config.clone(),
+                cmdline: String::new(),
+                timings: BootTimings::default(),
+                vcpus: vec![Default::default(); v.config.vcpus as usize],
+                devices: Vec::new(),
+                unhandled_pio: 0,
+                unhandled_mmio: 0,
+                restore: None,
+                uffd: None,
+                rss_kib: None,
+            })
+        })
+    }
+    fn pause(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move { self.with(|v| v.paused = true) })
+    }
+    fn resume(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move { self.with(|v| v.paused = false) })
+    }
+    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move {
+            self.with(|_| ())?;
+            if let Some(p) = self.pid {
+                self.inner.kill(p);
+            }
+            Ok(())
+        })
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
+        Box::pin(async move {
+            let config = self.with(|v| v.config.clone())?;
+            let io = |e: std::io::Error| OpError::Internal(e.to_string());
+            std::fs::write(&req.state_path, serde_json::to_vec(&config).map_err(|e| OpError::Internal(e.to_string()))?)
+                .map_err(io)?;
+            std::fs::write(&req.mem_path, vec![7u8; 8192]).map_err(io)?;
+            Ok(SnapshotReport { vcpus: config.vcpus, mem_mib: config.mem_mib, format_version: 2, ..Default::default() })
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! Workflows over several VMs: templates (SnapStart: boot, init, snapshot, stop) and clones.
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::warn;
+
+use crate::daemon::{valid_id, Daemon};
+use crate::vm::model::*;
+
+impl Daemon {
+    pub async fn clones(self: &Arc<Self>, req: CreateClones) -> Result<Vec<VmRecord>, OpError> {
+        let snapshot = match (&req.template, &req.snapshot) {
+            (Some(t), None) => self.template(t)?.snapshot,
+            (None, Some(s)) => s.clone(),
+            _ => return Err(OpError::BadRequest("give exactly one of `template` and `snapshot`".into())),
+        };
+        if req.count == 0 || req.count > MAX_CLONES_PER_CALL {
+            return Err(OpError::BadRequest(format!("count {} is out of range (1-{MAX_CLONES_PER_CALL})", req.count)));
+        }
+        // Fetch once (the clones then share the L1 chunks), then restore in parallel up to the slot limit.
+        self.store.manifest(&snapshot).await?;
+        let tasks: Vec<_> = (0..req.count)
+            .map(|_| {
+                let this = self.clone();
+                let snapshot = snapshot.clone();
+                let env = req.env.clone();
+                let lazy = req.lazy;
+                tokio::spawn(async move { this.restore(&snapshot, &env, lazy).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(r)) => out.push(r),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(e) => first_err = first_err.or(Some(OpError::Internal(e.to_string()))),
+            }
+        }
+        match first_err {
+            Some(e) if out.is_empty() => Err(e),
+            Some(e) => {
+                warn!(error = %e, ok = out.len(), "some clones failed");
+                Ok(out)
+            }
+            None => Ok(out),
+        }
+    }
+
+    /// SnapStart: boot an image, run the init command once, snapshot, (publish), stop the VM.
+    pub async fn create_template(self: &Arc<Self>, req: CreateTemplate) -> Result<TemplateRecord, OpError> {
+        valid_id("template name", &req.name)?;
+        if self.template(&req.name).is_ok() {
+            return Err(OpError::Conflict(format!("template `{}` already exists", req.name)));
+        }
+        let snapshot = format!("tmpl-{}", req.name);
+        if self.store.manifest(&snapshot).await.is_ok() {
+            return Err(OpError::Conflict(format!("snapshot `{snapshot}` already exists")));
+        }
+        let vm = self
+            .create(CreateVm { image: req.image.clone(), mem_mib: req.mem_mib, vcpus: req.vcpus, ..Default::default() })
+            .await?;
+        let result = async {
+            let boot_ms = vm.ready_ms.unwrap_or(0.0);
+            let t = Instant::now();
+            if !req.init.is_empty() {
+                let agent = self.agent(&vm.id).await?;
+                let out = agent
+                    .exec_output(flint_agent::protocol::ExecRequest {
+                        argv: req.init.clone(),
+                        timeout_ms: Some(self.cfg.agent_timeout_s * 1000),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| OpError::VmFailed(format!("init command: {e}")))?;
+                if out.code != Some(0) {
+                    return Err(OpError::BadRequest(format!(
+                        "init command {:?} failed ({:?}): {}",
+                        req.init,
+                        out.code.map(|c| format!("exit {c}")).or(out.signal.map(|s| format!("signal {s}"))),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+            let init_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let t = Instant::now();
+            self.snapshot(&vm.id, CreateSnapshot { id: snapshot.clone(), publish: req.publish }).await?;
+            let rec = TemplateRecord {
+                name: req.name.clone(),
+                image: vm.image.clone().unwrap_or_default(),
+                init: req.init.clone(),
+                snapshot: snapshot.clone(),
+                created_unix_ms: flint_vmm_api::now_unix_ms(),
+                boot_ms,
+                init_ms,
+                snapshot_ms: t.elapsed().as_secs_f64() * 1000.0,
+            };
+            self.put_template(&rec)?;
+            Ok(rec)
+        }
+        .await;
+        let _ = self.delete(&vm.id).await;
+        result
+    }
+}

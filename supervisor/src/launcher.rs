@@ -1,0 +1,238 @@
+//! How flintd starts, watches and stops VMM processes and reaches their control API: the [`Launcher`] trait, its
+//! real implementation ([`ProcessLauncher`]: `flint-vmm --spec`, its own session, a cleared environment, exit
+//! watched through a pidfd) and, for unit tests of the workflows without KVM, a fake (`fake.rs`).
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::io::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flint_agent::client::Endpoint;
+use flint_vmm_api::describe::VmDescription;
+use flint_vmm_api::snapshot::{SnapshotReport, SnapshotRequest, SnapshotResponse};
+use flint_vmm_api::{lock, paths, LaunchSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::vm::model::OpError;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A VMM process: pid and start time (a pid alone may be reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proc {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// Starts and supervises VMM processes.
+pub trait Launcher: Send + Sync + 'static {
+    /// Starts a VMM for `spec` with its files in `dir`; returns once the process exists.
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError>;
+    /// Whether `p` is still running (same pid, same start time).
+    fn alive(&self, p: Proc) -> bool;
+    /// SIGKILL, if `p` is still the process we started.
+    fn kill(&self, p: Proc);
+    /// Resolves when `p` has exited, with how it ended.
+    fn exited(&self, p: Proc) -> BoxFut<'static, String>;
+    /// The control API of the VMM whose files are in `dir`.
+    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl>;
+    /// Where the guest agent of the VM in `dir` answers.
+    fn agent_endpoint(&self, dir: &Path) -> Endpoint;
+}
+
+/// A VMM's control API, typed by the contract.
+pub trait VmmControl: Send + Sync {
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>>;
+    fn pause(&self) -> BoxFut<'_, Result<(), OpError>>;
+    fn resume(&self) -> BoxFut<'_, Result<(), OpError>>;
+    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>>;
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>>;
+}
+
+/// Start time of a process (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone or a zombie.
+pub fn pid_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let state = after.split_whitespace().next()?;
+    if state == "Z" {
+        return None;
+    }
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The real launcher: one `flint-vmm` process per VM.
+pub struct ProcessLauncher {
+    pub vmm_bin: PathBuf,
+    /// Children this flintd started, reaped by their exit watcher.
+    children: Mutex<HashMap<u32, tokio::process::Child>>,
+}
+
+impl ProcessLauncher {
+    pub fn new(vmm_bin: PathBuf) -> Self {
+        ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// The launch spec file in a VM's directory.
+pub fn spec_path(dir: &Path) -> PathBuf {
+    dir.join("spec.json")
+}
+
+impl Launcher for ProcessLauncher {
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError> {
+        let internal = |what: String| OpError::Internal(what);
+        let text = serde_json::to_vec_pretty(spec).map_err(|e| internal(format!("launch spec: {e}")))?;
+        std::fs::write(spec_path(dir), text)
+            .map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
+        let log_path = dir.join("vmm.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))?;
+        let mut cmd = tokio::process::Command::new(&self.vmm_bin);
+        cmd.arg("--spec")
+            .arg(spec_path(dir))
+            // The VMM faces the guest: it gets nothing of flintd's environment (no store credentials, no tokens).
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| internal(e.to_string()))?)
+            .stderr(log)
+            .kill_on_drop(false);
+        // SAFETY: setsid() is async-signal-safe; it only detaches the child from flintd's session so a signal to
+        // flintd's process group (Ctrl-C, systemd stop of the daemon) does not take the VMs down with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| internal(format!("start {}: {e}", self.vmm_bin.display())))?;
+        let pid = child.id().ok_or_else(|| internal("the VMM exited at once".into()))?;
+        // A child that already died has no start time: it is still ours (a zombie until reaped), so record 0.
+        let start = pid_start_time(pid).unwrap_or(0);
+        lock(&self.children).insert(pid, child);
+        Ok(Proc { pid, start })
+    }
+
+    fn alive(&self, p: Proc) -> bool {
+        pid_start_time(p.pid) == Some(p.start)
+    }
+
+    fn kill(&self, p: Proc) {
+        if let Some(child) = lock(&self.children).get_mut(&p.pid) {
+            let _ = child.start_kill();
+            return;
+        }
+        if self.alive(p) {
+            // SAFETY: kill(2) on a pid whose start time was just checked to be our VMM's.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    fn exited(&self, p: Proc) -> BoxFut<'static, String> {
+        if let Some(mut child) = lock(&self.children).remove(&p.pid) {
+            return Box::pin(async move {
+                match child.wait().await {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                }
+            });
+        }
+        // Not our child (adopted after a flintd restart): watch it through a pidfd, opened only while the pid is
+        // still the process we know.
+        // SAFETY: pidfd_open(2) with a pid and no flags; the result is checked and owned.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid as libc::c_int, 0) } as i32;
+        if fd < 0 || !self.alive(p) {
+            if fd >= 0 {
+                // SAFETY: closing the fd we just opened.
+                unsafe { libc::close(fd) };
+            }
+            return Box::pin(async { "exited (adopted process)".to_string() });
+        }
+        // SAFETY: `fd` is a fresh pidfd nobody else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Box::pin(async move {
+            // SAFETY: the AsyncFd owns `owned` (an OwnedFd), which stays open and the same fd until it is dropped.
+            match unsafe { tokio::io::unix::AsyncFd::register(owned) } {
+                Ok(afd) => {
+                    let _ = afd.readable().await;
+                }
+                Err(_) => {
+                    // No reactor registration possible: fall back to polling.
+                    while pid_start_time(p.pid) == Some(p.start) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            "exited (adopted process)".to_string()
+        })
+    }
+
+    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl> {
+        Arc::new(HttpVmm { sock: dir.join("api.sock") })
+    }
+
+    fn agent_endpoint(&self, dir: &Path) -> Endpoint {
+        Endpoint::Vsock { uds: dir.join("vsock.sock"), port: flint_agent::protocol::DEFAULT_PORT }
+    }
+}
+
+/// The VMM's control API over its Unix socket.
+pub struct HttpVmm {
+    pub sock: PathBuf,
+}
+
+impl HttpVmm {
+    async fn call(
+        &self,
+        (method, path): (&str, &str),
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, OpError> {
+        let (status, out) = crate::http::request(&self.sock, method, path, body.as_deref(), timeout)
+            .await
+            .map_err(|e| OpError::VmFailed(format!("VMM: {e}")))?;
+        if status >= 300 {
+            let msg = serde_json::from_slice::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&out).into_owned());
+            return Err(if status == 409 {
+                OpError::Conflict(format!("VMM: {path}: {msg}"))
+            } else {
+                OpError::VmFailed(format!("VMM: {path}: {msg}"))
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, OpError> {
+    serde_json::from_slice(b).map_err(|e| OpError::VmFailed(format!("VMM: malformed {what} answer: {e}")))
+}
+
+impl VmmControl for HttpVmm {
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>> {
+        Box::pin(async move { decode("describe", &self.call(paths::DESCRIBE, None, Duration::from_secs(5)).await?) })
+    }
+    fn pause(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move { self.call(paths::PAUSE, None, Duration::from_secs(10)).await.map(drop) })
+    }
+    fn resume(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move { self.call(paths::RESUME, None, Duration::from_secs(10)).await.map(drop) })
+    }
+    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>> {
+        Box::pin(async move { self.call(paths::SHUTDOWN, None, Duration::from_secs(5)).await.map(drop) })
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&req).map_err(|e| OpError::Internal(e.to_string()))?;
+            let out = self.call(paths::SNAPSHOT, Some(body), Duration::from_secs(300)).await?;
+            Ok(decode::<SnapshotResponse>("snapshot", &out)?.snapshot)
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! Counters for `/metrics` (Prometheus text format).
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flint_snapshot_store::StoreStats;
+
+use crate::vm::model::{VmRecord, VmStatus};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub boots: AtomicU64,
+    pub boot_ms_sum: AtomicU64,
+    pub restores: AtomicU64,
+    pub restore_ms_sum: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub snapshot_ms_sum: AtomicU64,
+    pub vm_failures: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// The exposition text.
+pub fn render(m: &Metrics, vms: &[VmRecord], s: &StoreStats) -> String {
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    out.push_str("# TYPE flint_vms gauge\n");
+    for st in VmStatus::ALL {
+        out.push_str(&format!(
+            "flint_vms{{status=\"{}\"}} {}\n",
+            st.name(),
+            vms.iter().filter(|v| v.status == st).count()
+        ));
+    }
+    for (name, help, count, sum) in [
+        ("flint_boot", "cold boots", g(&m.boots), g(&m.boot_ms_sum)),
+        ("flint_restore", "restores", g(&m.restores), g(&m.restore_ms_sum)),
+        ("flint_snapshot", "snapshots", g(&m.snapshots), g(&m.snapshot_ms_sum)),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name}_ms {help}: start to ready\n# TYPE {name}_ms summary\n{name}_ms_count {count}\n{name}_ms_sum {sum}\n"
+        ));
+    }
+    for (name, v) in [
+        ("flint_vm_failures_total", g(&m.vm_failures)),
+        ("flint_api_requests_total", g(&m.requests)),
+        ("flint_store_l1_hits_total", s.l1_hits),
+        ("flint_store_l1_misses_total", s.l1_misses),
+        ("flint_store_remote_fetches_total", s.remote_fetches),
+        ("flint_store_remote_bytes_total", s.remote_bytes),
+        ("flint_store_uploaded_bytes_total", s.uploaded_bytes),
+        ("flint_store_corrupt_chunks_total", s.corrupt),
+        ("flint_store_evicted_chunks_total", s.evicted_chunks),
+        ("flint_store_manifest_scans_total", s.manifest_scans),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+    out.push_str(&format!("# TYPE flint_store_l1_bytes gauge\nflint_store_l1_bytes {}\n", s.l1_bytes));
+    out
+}

@@ -1,0 +1,246 @@
+//! VM and template records, the VM status transition table, and the errors every operation returns.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use flint_snapshot_store::StoreError;
+use serde::{Deserialize, Serialize};
+
+/// What a failed operation tells the API caller; mapped to an HTTP status in `api.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    VmFailed(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        let msg = flint_snapshot_store::error_chain(&e);
+        match e {
+            StoreError::InvalidInput(_) => OpError::BadRequest(msg),
+            StoreError::NotFound { .. } | StoreError::NoImage { .. } => OpError::NotFound(msg),
+            StoreError::Unavailable(_) | StoreError::NoRemote => OpError::Unavailable(msg),
+            _ => OpError::Internal(msg),
+        }
+    }
+}
+
+impl From<crate::db::DbError> for OpError {
+    fn from(e: crate::db::DbError) -> Self {
+        OpError::Internal(e.to_string())
+    }
+}
+
+impl From<flint_vmm_api::config::ConfigError> for OpError {
+    fn from(e: flint_vmm_api::config::ConfigError) -> Self {
+        OpError::BadRequest(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Failed,
+    /// flintd restarted and the VMM process was gone.
+    Lost,
+}
+
+impl VmStatus {
+    pub const ALL: [VmStatus; 6] =
+        [VmStatus::Starting, VmStatus::Running, VmStatus::Paused, VmStatus::Stopping, VmStatus::Failed, VmStatus::Lost];
+
+    /// The transition table: every status change goes through it (Cloud Hypervisor's `valid_transition`).
+    pub fn can_become(self, to: VmStatus) -> bool {
+        use VmStatus::*;
+        matches!(
+            (self, to),
+            (Starting, Running | Failed | Stopping | Lost)
+                | (Running, Paused | Stopping | Failed | Lost)
+                | (Paused, Running | Stopping | Failed | Lost)
+                | (Stopping, Failed | Lost)
+                | (Failed, Stopping)
+                | (Lost, Stopping)
+        )
+    }
+
+    /// A VMM process should exist in this status.
+    pub fn has_process(self) -> bool {
+        matches!(self, VmStatus::Starting | VmStatus::Running | VmStatus::Paused | VmStatus::Stopping)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VmStatus::Starting => "starting",
+            VmStatus::Running => "running",
+            VmStatus::Paused => "paused",
+            VmStatus::Stopping => "stopping",
+            VmStatus::Failed => "failed",
+            VmStatus::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub status: VmStatus,
+    pub pid: Option<u32>,
+    /// Process start time (clock ticks since boot, /proc/PID/stat field 22): tells our VMM from a reused pid.
+    pub pid_start: Option<u64>,
+    pub dir: PathBuf,
+    pub image: Option<String>,
+    /// Snapshot (or template's snapshot) the VM was restored from.
+    pub snapshot: Option<String>,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub created_unix_ms: u64,
+    /// VMM start → agent answers.
+    pub ready_ms: Option<f64>,
+    /// For restored VMs: fetching the snapshot's images from the store.
+    pub fetch_ms: Option<f64>,
+    pub error: Option<String>,
+    /// Restored lazily: memory is fetched from the store as the guest touches it.
+    #[serde(default)]
+    pub lazy: bool,
+    /// Environment for the VM's execs, set through the agent once it answers (kept so that a VM still starting
+    /// when flintd restarts gets it too).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl VmRecord {
+    pub fn proc(&self) -> Option<crate::launcher::Proc> {
+        Some(crate::launcher::Proc { pid: self.pid?, start: self.pid_start? })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub image: String,
+    pub init: Vec<String>,
+    pub snapshot: String,
+    pub created_unix_ms: u64,
+    pub boot_ms: f64,
+    pub init_ms: f64,
+    pub snapshot_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub mem_mib: Option<u64>,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ...
+    #[serde(default)]
+    pub drives: Vec<DriveSpec>,
+    /// Environment for the VM's execs (set through the agent once it answers).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub id: String,
+    /// Upload to the remote tier too.
+    #[serde(default)]
+    pub publish: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: String,
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Command run once in the fresh VM before the snapshot (e.g. warm up a runtime).
+    #[serde(default)]
+    pub init: Vec<String>,
+    #[serde(default)]
+    pub publish: bool,
+    #[serde(default)]
+    pub mem_mib: Option<u64>,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClones {
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Environment for the clones' later execs (set by the agent's refresh).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Start before the memory has arrived: pages come from the store (L1, else S3) on first touch, the recorded
+    /// working set is prefetched. Otherwise the memory image is fetched whole first.
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Most clones one request may ask for.
+pub const MAX_CLONES_PER_CALL: u32 = 1000;
+/// Most extra drives a VM may have (the VMM's device limit leaves room for net, vsock and rng).
+pub const MAX_DRIVES: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table() {
+        use VmStatus::*;
+        // Every status can be deleted (directly or through Stopping), and nothing leaves Stopping but an end.
+        for s in VmStatus::ALL {
+            assert!(!s.can_become(s), "{s:?} -> itself is not a transition");
+            if s != Stopping {
+                assert!(s.can_become(Stopping), "{s:?} cannot be deleted");
+            }
+        }
+        assert!(Starting.can_become(Running));
+        assert!(Running.can_become(Paused) && Paused.can_become(Running));
+        assert!(!Paused.can_become(Paused) && !Starting.can_become(Paused));
+        assert!(!Stopping.can_become(Running) && !Stopping.can_become(Paused));
+        assert!(!Failed.can_become(Running) && !Lost.can_become(Running));
+        assert!(!Running.can_become(Starting));
+        let reachable: usize =
+            VmStatus::ALL.iter().map(|a| VmStatus::ALL.iter().filter(|b| a.can_become(**b)).count()).sum();
+        assert_eq!(reachable, 4 + 4 + 4 + 2 + 1 + 1);
+    }
+}
