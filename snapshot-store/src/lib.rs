@@ -18,6 +18,17 @@ pub use store::{
 };
 pub use tier::{ObjectTier, S3Config, Tier, TierError};
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Locks a mutex, taking the data even if a panicking thread poisoned it (counters, indexes, pins: valid at every
+/// point a panic could interrupt).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// An error and its whole `source()` chain on one line (`outer: cause: root cause`).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();

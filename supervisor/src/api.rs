@@ -1,6 +1,5 @@
 //! The flintd HTTP/JSON API over its Unix socket (docs/api/flintd.yaml).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::daemon::Daemon;
-use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, OpError};
+use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, ExecBody, OpError};
 
 /// Every route: (method, path). The OpenAPI test checks docs/api/flintd.yaml against this and the live server.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -147,20 +146,6 @@ async fn pause_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
 
 async fn resume_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
     Ok(json(d.pause(&id, false).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    argv: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    cwd: Option<String>,
-    #[serde(default)]
-    user: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
 }
 
 /// Streams NDJSON: `{"stdout": "..."}` / `{"stderr": "..."}` chunks as they come, then `{"exit": {...}}`.

@@ -7,6 +7,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod describe;
+pub mod device_manager;
 pub mod devices;
 pub mod pager_link;
 pub mod persist;

@@ -12,9 +12,7 @@ use crate::devices::virtio::MmioTransport;
 use crate::snapshot::{cpu, format, memory as snapmem, DeviceState, RestoreError, SnapshotError, SnapshotState};
 use crate::snapshot::{SnapshotKind, SnapshotReport, SnapshotRequest};
 
-fn elapsed_us(t: Instant) -> u64 {
-    t.elapsed().as_micros() as u64
-}
+use crate::builder::elapsed_us;
 
 impl VmmHandle {
     /// Pauses the VM, writes a snapshot (state file + memory file) and resumes it unless asked

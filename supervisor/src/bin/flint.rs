@@ -5,7 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use flint_supervisor::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, DriveSpec, ExecBody};
 use serde_json::{json, Value};
+
+/// A request body from flintd's own request types (the contract the API parses).
+fn typed<T: serde::Serialize>(body: &T) -> Result<Value, String> {
+    serde_json::to_value(body).map_err(|e| e.to_string())
+}
 
 #[derive(Parser)]
 #[command(name = "flint", version, about = "Drive flintd: VMs, exec, files, snapshots, templates, clones")]
@@ -245,21 +251,21 @@ async fn run(cli: Cli) -> Result<i32, String> {
         }),
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create { image, mem_mib, vcpus, id, drives, env } => {
-                let drives: Vec<Value> = drives
+                let drives = drives
                     .iter()
                     .map(|d| match d.strip_suffix(",ro") {
-                        Some(p) => json!({"path": p, "read_only": true}),
-                        None => json!({"path": d}),
+                        Some(p) => DriveSpec { path: p.into(), read_only: true },
+                        None => DriveSpec { path: d.into(), read_only: false },
                     })
                     .collect();
-                let mut envs = serde_json::Map::new();
+                let mut envs = std::collections::BTreeMap::new();
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
-                    envs.insert(k.to_string(), json!(v));
+                    envs.insert(k.to_string(), v.to_string());
                 }
                 eprintln!("booting a VM (waits for its agent)...");
-                let body = json!({"image": image, "mem_mib": mem_mib, "vcpus": vcpus, "id": id, "drives": drives, "env": envs});
-                let v = api.call("POST", "/v1/vms", Some(body)).await?;
+                let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs };
+                let v = api.call("POST", "/v1/vms", Some(typed(&body)?)).await?;
                 out(&v, &|v| print_vms(&json!([v])));
             }
             VmCmd::Ls => out(&api.call("GET", "/v1/vms", None).await?, &print_vms),
@@ -284,7 +290,8 @@ async fn run(cli: Cli) -> Result<i32, String> {
         Cmd::Exec { vm, timeout_ms, cwd, argv } => {
             // Output is printed as the guest produces it (NDJSON lines over a chunked response).
             use std::io::Write;
-            let body = json!({"argv": argv, "timeout_ms": timeout_ms, "cwd": cwd}).to_string();
+            let body = serde_json::to_string(&ExecBody { argv, timeout_ms, cwd, ..Default::default() })
+                .map_err(|e| e.to_string())?;
             let mut pending: Vec<u8> = Vec::new();
             let mut code = 1;
             let mut failure: Option<String> = None;
@@ -370,7 +377,11 @@ async fn run(cli: Cli) -> Result<i32, String> {
         Cmd::Snapshot { cmd } => match cmd {
             SnapCmd::Create { vm, id, push } => {
                 let v = api
-                    .call("POST", &format!("/v1/vms/{}/snapshots", enc(&vm)), Some(json!({"id": id, "publish": push})))
+                    .call(
+                        "POST",
+                        &format!("/v1/vms/{}/snapshots", enc(&vm)),
+                        Some(typed(&CreateSnapshot { id, publish: push })?),
+                    )
                     .await?;
                 out(&v, &pretty);
             }
@@ -404,7 +415,13 @@ async fn run(cli: Cli) -> Result<i32, String> {
                     .call(
                         "POST",
                         "/v1/templates",
-                        Some(json!({"name": name, "image": image, "init": init, "publish": push})),
+                        Some(typed(&CreateTemplate {
+                            name: name.clone(),
+                            image,
+                            init,
+                            publish: push,
+                            ..Default::default()
+                        })?),
                     )
                     .await?;
                 out(&v, &pretty);
@@ -420,7 +437,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 .call(
                     "POST",
                     "/v1/clones",
-                    Some(json!({"template": template, "snapshot": snapshot, "count": count, "lazy": lazy})),
+                    Some(typed(&CreateClones { template, snapshot, count, lazy, ..Default::default() })?),
                 )
                 .await?;
             out(&v, &print_vms);
