@@ -27,7 +27,7 @@ bench: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- snapshot
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- boot
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- store
-	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- lazy
+	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- lazy --runs 3
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -395,7 +395,7 @@ impl Daemon {
                 if let Some(p) = rec.proc() {
                     self.launcher.kill(p);
                 }
-                let _ = slot.commit(&self.db, |r| {
+                let recorded = slot.commit(&self.db, |r| {
                     if r.status.can_become(VmStatus::Failed) {
                         r.status = VmStatus::Failed;
                     }
@@ -403,6 +403,9 @@ impl Daemon {
                         r.error = Some(e.to_string());
                     }
                 });
+                if let Err(db) = recorded {
+                    warn!(vm = %id, error = %db, "could not record a failed start");
+                }
                 Err(e)
             }
         }
@@ -656,7 +659,9 @@ impl Daemon {
         Box::new(move |message: String| {
             let (Some(this), Some(slot)) = (this.upgrade(), slot.upgrade()) else { return };
             warn!(vm = %slot.get().id, %message, "stopping the VM");
-            let _ = slot.commit(&this.db, |r| r.error = Some(message.clone()));
+            if let Err(e) = slot.commit(&this.db, |r| r.error = Some(message.clone())) {
+                warn!(error = %e, "could not record why the page server stopped a VM");
+            }
             this.launcher.kill(p);
         })
     }
@@ -674,7 +679,11 @@ impl Daemon {
             .await;
             if let Err(e) = result {
                 warn!(vm = %slot.get().id, error = %e, "could not serve a re-adopted VM's memory; stopping it");
-                let _ = slot.commit(&this.db, |r| r.error = Some(format!("page server after a flintd restart: {e}")));
+                if let Err(db) =
+                    slot.commit(&this.db, |r| r.error = Some(format!("page server after a flintd restart: {e}")))
+                {
+                    warn!(error = %db, "could not record why a re-adopted VM was stopped");
+                }
                 this.launcher.kill(p);
             }
         });

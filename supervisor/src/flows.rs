@@ -99,7 +99,9 @@ impl Daemon {
             Ok(rec)
         }
         .await;
-        let _ = self.delete(&vm.id).await;
+        if let Err(e) = self.delete(&vm.id).await {
+            warn!(vm = %vm.id, error = %e, "could not delete the template's build VM");
+        }
         result
     }
 }
