@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::daemon::Daemon;
-use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, ExecBody, OpError};
+use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, OpError};
 
 /// Every route: (method, path). The OpenAPI test checks docs/api/flintd.yaml against this and the live server.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -150,22 +150,18 @@ async fn resume_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
 
 /// Streams NDJSON: `{"stdout": "..."}` / `{"stderr": "..."}` chunks as they come, then `{"exit": {...}}`.
 async fn exec(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
-    let req: ExecBody = body(&b)?;
-    if req.argv.is_empty() {
+    // The body is the agent's own exec request (one type for both hops).
+    let er: flint_agent::protocol::ExecRequest = body(&b)?;
+    if er.argv.is_empty() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "argv must not be empty".into()));
+    }
+    if er.stdin {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "stdin streaming is not offered over this API yet".into()));
     }
     let agent = d.agent(&id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
     tokio::spawn(async move {
-        let er = flint_agent::protocol::ExecRequest {
-            argv: req.argv,
-            env: req.env,
-            cwd: req.cwd,
-            user: req.user,
-            timeout_ms: req.timeout_ms,
-            stdin: false,
-        };
         let mut stream = match agent.exec(er).await {
             Ok(s) => s,
             Err(e) => {

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use flint_supervisor::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, DriveSpec, ExecBody};
+use flint_agent::protocol::ExecRequest;
+use flint_supervisor::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, DriveSpec};
 use serde_json::{json, Value};
 
 /// A request body from flintd's own request types (the contract the API parses).
@@ -290,7 +291,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
         Cmd::Exec { vm, timeout_ms, cwd, argv } => {
             // Output is printed as the guest produces it (NDJSON lines over a chunked response).
             use std::io::Write;
-            let body = serde_json::to_string(&ExecBody { argv, timeout_ms, cwd, ..Default::default() })
+            let body = serde_json::to_string(&ExecRequest { argv, timeout_ms, cwd, ..Default::default() })
                 .map_err(|e| e.to_string())?;
             let mut pending: Vec<u8> = Vec::new();
             let mut code = 1;

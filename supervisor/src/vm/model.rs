@@ -210,21 +210,6 @@ pub struct CreateClones {
     pub lazy: bool,
 }
 
-/// `POST /v1/vms/{id}/exec`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecBody {
-    pub argv: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub cwd: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-}
-
 fn one() -> u32 {
     1
 }
