@@ -40,6 +40,6 @@ cargo build -j"$jobs" --workspace --bins
 # The suites that start processes: host-mode agent, S3 store, flintd, and guests on /dev/kvm. Guests are CPU-bound
 # on emulating hosts (their kernel code is emulated): one test at a time, so no test's guests starve another's.
 # --no-fail-fast: every suite reports, exit is still 1.
-cargo test -j"$jobs" --workspace --tests --no-fail-fast -- --test-threads=1 --skip '::tests::'
+cargo test -j"$jobs" --workspace --tests --no-fail-fast -- --test-threads=1 --skip 'tests::'
 
 echo "test: done in $(( $(date +%s) - start )) s" >&2
