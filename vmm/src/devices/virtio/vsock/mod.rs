@@ -37,6 +37,10 @@ const RX_STAGE_MAX: usize = 64 * 1024;
 /// Largest single payload read from the guest.
 const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
 const CONNECT_LINE_MAX: usize = 64;
+/// Most control packets waiting for guest RX buffers. A guest that sends packets but posts no RX buffers would
+/// otherwise grow this queue (one RST per bad packet) without bound: past this the device stops taking TX
+/// descriptors until the guest drains RX. One guest packet queues at most two control packets.
+pub const MAX_RX_CTRL: usize = 512;
 /// First host-side port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -150,6 +154,9 @@ pub struct Vsock {
     /// the guest's reset would kill them.
     awaiting_reset_ack: bool,
     deferred_requests: Vec<Header>,
+    /// Connections dropped where the event loop could not be told (driver reset): their streams stay open
+    /// until their fds are unregistered at the next event, so a new connection cannot reuse a registered fd.
+    retired: Vec<Conn>,
 }
 
 impl Vsock {
@@ -174,6 +181,7 @@ impl Vsock {
             trace: std::env::var_os("FLINT_TRACE_VSOCK").is_some(),
             awaiting_reset_ack: false,
             deferred_requests: Vec::new(),
+            retired: Vec::new(),
         })
     }
 
@@ -198,6 +206,28 @@ impl Vsock {
             buf_alloc,
             fwd_cnt,
         }
+    }
+
+    /// No more guest packets until the guest takes control packets off the RX queue.
+    fn tx_throttled(&self) -> bool {
+        self.rx_ctrl.len() + 2 > MAX_RX_CTRL
+    }
+
+    /// Unregisters the fds of connections dropped without access to the event loop, then closes them.
+    fn bury_retired(&mut self, ops: &mut dyn Watch) {
+        for c in self.retired.drain(..) {
+            if !c.watch.is_empty() {
+                ops.remove(c.stream.as_raw_fd());
+            }
+        }
+    }
+
+    /// Drops every connection (the driver went away, or a restore): fds are unregistered at the next event.
+    fn retire_all(&mut self) {
+        self.retired.extend(self.conns.drain().map(|(_, c)| c));
+        self.by_fd.clear();
+        self.rx_ctrl.clear();
+        self.deferred_requests.clear();
     }
 
     fn queue_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) {
@@ -240,11 +270,12 @@ impl Vsock {
         self.queue_ctrl(key, OP_RST, 0);
     }
 
-    /// Guest → host: drains the TX queue.
+    /// Guest → host: drains the TX queue (while the control queue has room; see [`MAX_RX_CTRL`]).
     fn process_tx(&mut self, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
         let mem = ctx.mem;
         let mut used = false;
-        while let Some(chain) = ctx.queues[TXQ].pop_descriptor_chain(mem) {
+        while !self.tx_throttled() {
+            let Some(chain) = ctx.queues[TXQ].pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match chain.reader(mem) {
@@ -602,6 +633,15 @@ impl Vsock {
         self.by_fd.insert(fd, key);
         self.conns.insert(key, c);
         let h = self.reply(key, OP_REQUEST, 0);
+        let queue_len = if self.awaiting_reset_ack { self.deferred_requests.len() } else { self.rx_ctrl.len() };
+        if queue_len >= MAX_RX_CTRL {
+            // The guest is not taking packets: refuse rather than queue without bound.
+            if let Some(mut c) = self.conns.remove(&key) {
+                let _ = c.stream.write_all(b"ERROR the guest is not receiving\n");
+            }
+            self.by_fd.remove(&fd);
+            return;
+        }
         if self.awaiting_reset_ack {
             self.deferred_requests.push(h);
         } else {
@@ -698,17 +738,21 @@ impl VirtioDevice for Vsock {
     }
     fn reset(&mut self) {
         // The driver went away: every connection is gone with it.
-        self.conns.clear();
-        self.by_fd.clear();
-        self.rx_ctrl.clear();
+        self.retire_all();
     }
     fn queue_notify(&mut self, index: usize, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
+        self.bury_retired(ops);
         match index {
             TXQ => {
                 self.process_tx(ctx, ops);
                 self.process_rx(ctx, ops);
             }
-            RXQ => self.process_rx(ctx, ops),
+            RXQ => {
+                self.process_rx(ctx, ops);
+                // RX buffers freed control-queue room: take the TX packets left waiting.
+                self.process_tx(ctx, ops);
+                self.process_rx(ctx, ops);
+            }
             // The guest re-posted its event buffer: the transport reset is processed.
             EVQ if self.awaiting_reset_ack => {
                 self.awaiting_reset_ack = false;
@@ -724,12 +768,11 @@ impl VirtioDevice for Vsock {
     fn restored(&mut self, _acked: u64, ctx: &mut DeviceCtx) {
         // Connections did not survive the snapshot: tell the guest to drop them all
         // (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue).
-        self.conns.clear();
-        self.by_fd.clear();
-        self.rx_ctrl.clear();
+        self.retire_all();
         self.send_transport_reset(ctx);
     }
     fn device_event(&mut self, data: u32, fd: RawFd, set: EventSet, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
+        self.bury_retired(ops);
         match data {
             EV_LISTENER => self.accept_host(ops),
             EV_STREAM => self.stream_event(fd, set, ops),
@@ -742,6 +785,7 @@ impl VirtioDevice for Vsock {
             "guest_cid": self.cid,
             "uds_path": self.uds_path,
             "connections": self.conns.len(),
+            "control_queued": self.rx_ctrl.len(),
             "counters": self.counters.snapshot(),
         })
     }

@@ -238,3 +238,50 @@ fn foreign_and_malformed_packets_get_reset_not_crash() {
     assert!(ops.iter().all(|o| *o == OP_RST));
     assert!(env.dev.counters.bad_descriptors.load(Ordering::Relaxed) >= 2);
 }
+
+/// A guest that sends packets the device answers with RST but never posts RX buffers: the control queue stays
+/// bounded, the device stops taking TX, and takes it again once the guest drains RX.
+#[test]
+fn a_guest_that_posts_no_rx_buffers_cannot_grow_the_control_queue() {
+    let mut env = Env::new("norx");
+    let h = env.guest_hdr(OP_RW, 5, 6); // no such connection: each one is answered with a RST
+    env.q.write(TX_BUF, &h.to_bytes());
+    env.q.write_desc(TXQ, 0, TX_BUF, HDR_LEN as u32, 0, 0);
+    let mut taken = 0;
+    for _ in 0..10_000 {
+        // The same descriptor, posted again as soon as the device has returned it.
+        env.q.publish(TXQ, 0);
+        let Env { q, dev, watch, .. } = &mut env;
+        q.run(|ctx| dev.queue_notify(TXQ, ctx, watch));
+        let used = env.q.used(TXQ).len();
+        if used == taken {
+            break;
+        }
+        taken = used;
+    }
+    assert!(taken < 10_000, "the device kept taking TX with nowhere to put the answers");
+    assert!(env.dev.rx_ctrl.len() <= MAX_RX_CTRL, "control queue grew to {}", env.dev.rx_ctrl.len());
+    assert!(taken >= MAX_RX_CTRL / 2, "throttled too early: {taken}");
+    // RX buffers drain the queue; the packet left waiting is then taken.
+    env.give_rx_buffers(16);
+    assert_eq!(env.guest_recv().len(), 16);
+    assert_eq!(env.q.used(TXQ).len(), taken + 1, "the waiting TX packet is processed once there is room");
+}
+
+/// A driver reset drops every connection; their fds are unregistered from the event loop (at the next event)
+/// before they are closed, so a later connection reusing the fd number is not confused with them.
+#[test]
+fn a_driver_reset_unregisters_connection_fds() {
+    let mut env = Env::new("resetfd");
+    let listener = UnixListener::bind(env.dir.join("v.sock_5001")).unwrap();
+    env.give_rx_buffers(4);
+    env.guest_send(env.guest_hdr(OP_REQUEST, 1030, 5001), &[]);
+    let (_host, _) = listener.accept().unwrap();
+    let fd = *env.dev.by_fd.keys().next().unwrap();
+    assert!(env.watch.watched.contains_key(&fd), "the connection is watched");
+    env.dev.reset();
+    assert_eq!(env.dev.connections(), 0);
+    let lfd = env.dev.listener.as_raw_fd();
+    env.host_event(lfd, EV_LISTENER, EventSet::IN);
+    assert!(!env.watch.watched.contains_key(&fd), "fd {fd} of a dropped connection is still registered");
+}
