@@ -31,6 +31,15 @@ const HEADER_LEN: usize = 12;
 /// The largest chunk plaintext accepted (a corrupt header cannot make a reader allocate more).
 pub const MAX_CHUNK_SIZE: usize = 64 << 20;
 
+/// Most bytes a stored chunk of `plain` plaintext bytes can take: header, zstd's worst case
+/// (ZSTD_COMPRESSBOUND), the AEAD tag. Reads of chunk objects are capped by it.
+pub const fn max_stored_len(plain: usize) -> u64 {
+    (HEADER_LEN + plain + plain / 256 + (128 << 10) / 2048 + 64 + 16) as u64
+}
+
+/// Most bytes any chunk object may take.
+pub const MAX_CHUNK_OBJECT: u64 = max_stored_len(MAX_CHUNK_SIZE);
+
 /// BLAKE3 hash of a chunk's plaintext.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);

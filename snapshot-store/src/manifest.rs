@@ -14,6 +14,12 @@ use crate::chunk::ChunkId;
 pub const MANIFEST_FORMAT: u32 = 1;
 /// Manifests larger than this are refused (a 64 GiB image at 256 KiB chunks is ~20 MiB of JSON).
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
+/// Most bytes a manifest object may take in a tier (sealing adds a nonce and a tag).
+pub const MAX_MANIFEST_OBJECT: u64 = MAX_MANIFEST_BYTES as u64 + 64;
+/// Most bytes of a working-set object (4 bytes per chunk index of a large guest, and JSON around them).
+pub const MAX_WORKING_SET_OBJECT: u64 = 16 << 20;
+/// Most bytes of a publish marker.
+pub const MAX_MARKER_OBJECT: u64 = 4096;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -36,7 +36,9 @@ pub struct TierError {
 pub trait Tier: Send + Sync + fmt::Debug {
     /// Short name for errors and stats (`local`, `s3://bucket/prefix`).
     fn name(&self) -> &str;
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, TierError>;
+    /// Reads an object of at most `max` bytes: a larger one is an error, found before it is read into memory
+    /// (a tampered bucket must not exhaust the host).
+    async fn get(&self, key: &str, max: u64) -> Result<Option<Bytes>, TierError>;
     /// Stores an object atomically: readers see the old object, no object, or all of the new one.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError>;
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, TierError>;
@@ -46,6 +48,10 @@ pub trait Tier: Send + Sync + fmt::Debug {
 }
 
 use crate::now_unix_ms;
+
+fn too_large(size: u64, max: u64) -> String {
+    format!("object of {size} bytes is larger than the {max} bytes it may have")
+}
 
 /// A directory on local disk. Writes go to `tmp/` and are renamed into place after fsync.
 #[derive(Debug)]
@@ -102,12 +108,24 @@ impl LocalDirTier {
         })
     }
 
-    pub fn get_blocking(&self, key: &str) -> Result<Option<Vec<u8>>, TierError> {
-        match std::fs::read(self.path(key)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err("read", key, e)),
+    /// Blocking get of an object of at most `max` bytes.
+    pub fn get_blocking(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, TierError> {
+        use std::io::Read;
+        let f = match std::fs::File::open(self.path(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err("read", key, e)),
+        };
+        let size = f.metadata().map_err(|e| self.err("read", key, e))?.len();
+        if size > max {
+            return Err(self.err("read", key, too_large(size, max)));
         }
+        let mut out = Vec::with_capacity(size as usize);
+        f.take(max + 1).read_to_end(&mut out).map_err(|e| self.err("read", key, e))?;
+        if out.len() as u64 > max {
+            return Err(self.err("read", key, too_large(out.len() as u64, max)));
+        }
+        Ok(Some(out))
     }
 
     pub fn delete_blocking(&self, key: &str) -> Result<(), TierError> {
@@ -156,8 +174,8 @@ impl Tier for LocalDirTier {
     fn name(&self) -> &str {
         &self.name
     }
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, TierError> {
-        Ok(self.get_blocking(key)?.map(Bytes::from))
+    async fn get(&self, key: &str, max: u64) -> Result<Option<Bytes>, TierError> {
+        Ok(self.get_blocking(key, max)?.map(Bytes::from))
     }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError> {
         self.put_blocking(key, &data)
@@ -355,13 +373,29 @@ impl Tier for ObjectTier {
     fn name(&self) -> &str {
         &self.name
     }
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, TierError> {
+    async fn get(&self, key: &str, max: u64) -> Result<Option<Bytes>, TierError> {
+        use futures::StreamExt;
         let result = match self.store.get(&self.path(key)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("get", key, e)),
         };
-        result.bytes().await.map(Some).map_err(|e| self.err("get", key, e))
+        let oversize =
+            |n: u64| TierError { tier: self.name.clone(), detail: format!("get {key}: {}", too_large(n, max)) };
+        // The declared size first, then what actually arrives (a server may not tell the truth).
+        if result.meta.size > max {
+            return Err(oversize(result.meta.size));
+        }
+        let mut out = Vec::with_capacity(result.meta.size as usize);
+        let mut body = result.into_stream();
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| self.err("get", key, e))?;
+            if (out.len() + part.len()) as u64 > max {
+                return Err(oversize((out.len() + part.len()) as u64));
+            }
+            out.extend_from_slice(&part);
+        }
+        Ok(Some(Bytes::from(out)))
     }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError> {
         self.store.put(&self.path(key), data.into()).await.map(|_| ()).map_err(|e| self.err("put", key, e))
@@ -422,8 +456,11 @@ mod tests {
         std::fs::write(dir.path().join("tmp-leftover"), b"x").unwrap();
         let t = LocalDirTier::open(dir.path()).unwrap();
         t.put("chunks/ab/abc", Bytes::from_static(b"hello")).await.unwrap();
-        assert_eq!(t.get("chunks/ab/abc").await.unwrap().unwrap(), Bytes::from_static(b"hello"));
-        assert!(t.get("chunks/ab/nope").await.unwrap().is_none());
+        assert_eq!(t.get("chunks/ab/abc", 5).await.unwrap().unwrap(), Bytes::from_static(b"hello"));
+        assert!(t.get("chunks/ab/nope", 5).await.unwrap().is_none());
+        // One byte over the cap is refused, with the sizes in the message.
+        let e = t.get("chunks/ab/abc", 4).await.unwrap_err().to_string();
+        assert!(e.contains("5 bytes") && e.contains("4 bytes"), "{e}");
         let listed = t.list("chunks").await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, "chunks/ab/abc");

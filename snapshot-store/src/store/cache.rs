@@ -42,11 +42,12 @@ impl Store {
         if let Ok(local) = self.inner.l1.list_blocking("manifests") {
             for o in local {
                 let id = o.key.trim_start_matches("manifests/");
-                let published = matches!(self.inner.l1.get_blocking(&published_key(id)), Ok(Some(_)));
+                let published =
+                    matches!(self.inner.l1.get_blocking(&published_key(id), MAX_MARKER_OBJECT), Ok(Some(_)));
                 if published && self.has_remote() {
                     continue;
                 }
-                if let Ok(Some(bytes)) = self.inner.l1.get_blocking(&o.key) {
+                if let Ok(Some(bytes)) = self.inner.l1.get_blocking(&o.key, MAX_MANIFEST_OBJECT) {
                     if let Ok(m) = self.decode_manifest(id, "local", &bytes) {
                         keys.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
                     }

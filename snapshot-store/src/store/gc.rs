@@ -10,7 +10,7 @@ impl Store {
         let local_manifests = self.inner.l1.list_blocking("manifests")?;
         for o in &local_manifests {
             let id = o.key.trim_start_matches("manifests/");
-            if let Some(bytes) = self.inner.l1.get_blocking(&o.key)? {
+            if let Some(bytes) = self.inner.l1.get_blocking(&o.key, MAX_MANIFEST_OBJECT)? {
                 let m = self.decode_manifest(id, "local cache", &bytes)?;
                 referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
             }
@@ -39,7 +39,7 @@ impl Store {
             let manifests = tier.list("manifests").await?;
             for o in &manifests {
                 let id = o.key.trim_start_matches("manifests/");
-                let Some(bytes) = tier.get(&o.key).await? else { continue };
+                let Some(bytes) = tier.get(&o.key, MAX_MANIFEST_OBJECT).await? else { continue };
                 let m = self.decode_manifest(id, tier.name(), &bytes)?;
                 referenced.extend(m.chunk_ids().map(|c| self.chunk_key(&c)));
             }
@@ -80,8 +80,8 @@ impl Store {
                 async move {
                     let key = this.chunk_key(&cid);
                     let stored = match &tier {
-                        Some(t) => t.get(&key).await?.map(|b| b.to_vec()),
-                        None => this.inner.l1.get_blocking(&key)?,
+                        Some(t) => t.get(&key, chunk::MAX_CHUNK_OBJECT).await?.map(|b| b.to_vec()),
+                        None => this.inner.l1.get_blocking(&key, chunk::MAX_CHUNK_OBJECT)?,
                     };
                     let Some(stored) = stored else { return Ok::<_, StoreError>(Some(format!("{key}: missing"))) };
                     Ok(chunk::decode(&stored, &cid, this.inner.cfg.secret.as_ref())

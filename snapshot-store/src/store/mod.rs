@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::chunk::{self, ChunkId, DecodeError};
 use crate::manifest::{check_name, ChunkRef, Image, Manifest, MANIFEST_FORMAT, MAX_MANIFEST_BYTES};
+use crate::manifest::{MAX_MANIFEST_OBJECT, MAX_MARKER_OBJECT, MAX_WORKING_SET_OBJECT};
 use crate::tier::{LocalDirTier, ObjectTier, Tier};
 
 mod cache;
@@ -293,7 +294,7 @@ impl Store {
                 return Err(StoreError::InvalidInput(format!("image `{name}` is given twice")));
             }
         }
-        if self.inner.l1.get_blocking(&manifest_key(&draft.id))?.is_some() {
+        if self.inner.l1.get_blocking(&manifest_key(&draft.id), MAX_MANIFEST_OBJECT)?.is_some() {
             return Err(StoreError::InvalidInput(format!(
                 "snapshot `{}` already exists locally (to retry an interrupted upload, publish it)",
                 draft.id
@@ -436,12 +437,12 @@ impl Store {
     /// Reads a manifest: L1 first, then the remote tiers (caching it in L1 as published).
     pub async fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
         check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
-        if let Some(bytes) = self.inner.l1.get_blocking(&manifest_key(id))? {
+        if let Some(bytes) = self.inner.l1.get_blocking(&manifest_key(id), MAX_MANIFEST_OBJECT)? {
             return self.decode_manifest(id, "local cache", &bytes);
         }
         let mut last_err = None;
         for tier in &self.inner.remotes {
-            match tier.get(&manifest_key(id)).await {
+            match tier.get(&manifest_key(id), MAX_MANIFEST_OBJECT).await {
                 Ok(Some(bytes)) => {
                     let m = self.decode_manifest(id, tier.name(), &bytes)?;
                     self.inner.l1.put_blocking(&published_key(id), b"")?;
@@ -499,7 +500,7 @@ impl Store {
         let this = self.clone();
         let (key2, id2) = (key.to_string(), *id);
         let decoded = tokio::task::spawn_blocking(move || {
-            let stored = this.inner.l1.get_blocking(&key2).ok().flatten()?;
+            let stored = this.inner.l1.get_blocking(&key2, chunk::MAX_CHUNK_OBJECT).ok().flatten()?;
             Some(chunk::decode(&stored, &id2, this.inner.cfg.secret.as_ref()))
         })
         .await
@@ -540,7 +541,7 @@ impl Store {
         }
         let mut failure: Option<StoreError> = None;
         for tier in &self.inner.remotes {
-            let stored = match tier.get(key).await {
+            let stored = match tier.get(key, chunk::MAX_CHUNK_OBJECT).await {
                 Ok(Some(b)) => b,
                 Ok(None) => continue,
                 Err(e) => {
@@ -599,8 +600,17 @@ impl Store {
                 let file = file.clone();
                 let written = &written;
                 let cs = image.chunk_size as u64;
+                let want = image.chunk_len(i);
+                let image_name = &image.name;
                 async move {
                     let plain = self.chunk(&c.id).await?;
+                    // A manifest that points a slot at a chunk of another length would write past the slot.
+                    if plain.len() != want {
+                        return Err(StoreError::InvalidInput(format!(
+                            "chunk {i} of image `{image_name}` is {} bytes, the manifest's slot {want}",
+                            plain.len()
+                        )));
+                    }
                     use std::os::unix::fs::FileExt;
                     file.write_all_at(&plain, i as u64 * cs).map_err(io("write image"))?;
                     written.fetch_add(plain.len() as u64, Ordering::Relaxed);
@@ -662,7 +672,7 @@ impl Store {
         let mut out: BTreeMap<String, SnapshotInfo> = BTreeMap::new();
         for o in self.inner.l1.list_blocking("manifests")? {
             let id = o.key.trim_start_matches("manifests/").to_string();
-            let Some(bytes) = self.inner.l1.get_blocking(&o.key)? else { continue };
+            let Some(bytes) = self.inner.l1.get_blocking(&o.key, MAX_MANIFEST_OBJECT)? else { continue };
             match self.decode_manifest(&id, "local cache", &bytes) {
                 Ok(m) => {
                     out.insert(id, self.describe(&m, true, false));
@@ -680,7 +690,7 @@ impl Store {
                 if check_name("id", &id).is_err() {
                     continue;
                 }
-                let Some(bytes) = tier.get(&o.key).await? else { continue };
+                let Some(bytes) = tier.get(&o.key, MAX_MANIFEST_OBJECT).await? else { continue };
                 match self.decode_manifest(&id, tier.name(), &bytes) {
                     Ok(m) => {
                         out.insert(id, self.describe(&m, false, true));
@@ -695,7 +705,7 @@ impl Store {
     /// Deletes a snapshot's manifest locally and, with `remote`, from the remote tiers. Chunks go at the next GC.
     pub async fn delete(&self, id: &str, remote: bool) -> Result<(), StoreError> {
         check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
-        let local = self.inner.l1.get_blocking(&manifest_key(id))?.is_some();
+        let local = self.inner.l1.get_blocking(&manifest_key(id), MAX_MANIFEST_OBJECT)?.is_some();
         let mut found = local;
         if remote {
             for tier in &self.inner.remotes {
@@ -723,6 +733,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain;
 
     fn random(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed | 1;
@@ -746,6 +757,54 @@ mod tests {
             None => vec![],
         };
         Store::with_remotes(cfg, remotes).unwrap()
+    }
+
+    /// A tampered remote tier: objects larger than they may be are refused before they are read (a 1 GiB
+    /// manifest or chunk must not become a 1 GiB allocation), and a manifest that points a slot at a chunk of
+    /// another length cannot make `get_image` write past the slot.
+    #[tokio::test]
+    async fn a_tampered_remote_cannot_exhaust_memory_or_misplace_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote");
+        let writer = store(&dir.path().join("w"), Some(&remote), 1 << 30);
+        let data = random((64 << 10) + 100, 7);
+        let (m, _) = writer
+            .put(SnapshotDraft::new("c").image("memory", ImageSource::Bytes(data.clone().into())), true)
+            .await
+            .unwrap();
+        let huge = |rel: &str| {
+            let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(remote.join(rel)).unwrap();
+            f.set_len(1 << 30).unwrap(); // sparse: costs no disk, would cost 1 GiB of memory to read
+        };
+        std::fs::copy(remote.join("manifests/c"), remote.join("manifests/big")).unwrap();
+        huge("manifests/big");
+        let fresh = store(&dir.path().join("r1"), Some(&remote), 1 << 30);
+        let e = error_chain(&fresh.manifest("big").await.unwrap_err());
+        assert!(e.contains("larger than"), "{e}");
+
+        // A chunk object swollen to 1 GiB.
+        let img = m.image("memory").unwrap();
+        let first = img.chunks[0].unwrap().id;
+        let key = chunk_key_path(&first);
+        let saved = std::fs::read(remote.join(&key)).unwrap();
+        huge(&key);
+        let fresh = store(&dir.path().join("r2"), Some(&remote), 1 << 30);
+        let e = error_chain(&fresh.get_image("c", "memory", &dir.path().join("c.out")).await.unwrap_err());
+        assert!(e.contains("larger than"), "{e}");
+        std::fs::write(remote.join(&key), saved).unwrap();
+
+        // Slot 0 (64 KiB) pointed at the 100-byte last chunk.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(remote.join("manifests/c")).unwrap()).unwrap();
+        let images = v["images"].as_array_mut().unwrap();
+        let chunks = images[0]["chunks"].as_array_mut().unwrap();
+        chunks[0] = chunks[1].clone();
+        std::fs::write(remote.join("manifests/c"), serde_json::to_vec(&v).unwrap()).unwrap();
+        let fresh = store(&dir.path().join("r3"), Some(&remote), 1 << 30);
+        let out = dir.path().join("c2.out");
+        let e = error_chain(&fresh.get_image("c", "memory", &out).await.unwrap_err());
+        assert!(e.contains("the manifest's slot 65536"), "{e}");
+        assert!(!out.exists(), "no image left behind");
     }
 
     // The S3 behaviour is covered by tests/tests/store_s3.rs against a real server; these cover cache policy.

@@ -30,14 +30,14 @@ impl Store {
                                 return Ok(None);
                             }
                         }
-                        let stored = match this.inner.l1.get_blocking(&key)? {
+                        let stored = match this.inner.l1.get_blocking(&key, chunk::MAX_CHUNK_OBJECT)? {
                             Some(b) => Bytes::from(b),
                             None => {
                                 // Evicted from L1 (it was published before): bring it back through the tiers.
                                 this.chunk(&cid).await?;
-                                Bytes::from(this.inner.l1.get_blocking(&key)?.ok_or_else(|| {
-                                    StoreError::ChunkMissing { key: key.clone(), looked_in: this.looked_in() }
-                                })?)
+                                Bytes::from(this.inner.l1.get_blocking(&key, chunk::MAX_CHUNK_OBJECT)?.ok_or_else(
+                                    || StoreError::ChunkMissing { key: key.clone(), looked_in: this.looked_in() },
+                                )?)
                             }
                         };
                         let len = stored.len() as u64;

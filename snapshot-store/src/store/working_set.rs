@@ -31,10 +31,10 @@ impl Store {
     /// The recorded working set of a snapshot, if any (L1, then the remote tiers).
     pub async fn working_set(&self, id: &str) -> Result<Option<WorkingSet>, StoreError> {
         check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
-        let mut bytes = self.inner.l1.get_blocking(&working_set_key(id))?.map(Bytes::from);
+        let mut bytes = self.inner.l1.get_blocking(&working_set_key(id), MAX_WORKING_SET_OBJECT)?.map(Bytes::from);
         if bytes.is_none() {
             for tier in &self.inner.remotes {
-                if let Some(b) = tier.get(&working_set_key(id)).await? {
+                if let Some(b) = tier.get(&working_set_key(id), MAX_WORKING_SET_OBJECT).await? {
                     self.inner.l1.put_blocking(&working_set_key(id), &b)?;
                     bytes = Some(b);
                     break;
