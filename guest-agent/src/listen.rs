@@ -27,6 +27,11 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
+/// Only the host (CID 2) may talk to the agent over vsock.
+pub fn peer_allowed(cid: u32) -> bool {
+    cid == libc::VMADDR_CID_HOST
+}
+
 pub enum Listener {
     Vsock(AsyncFd<OwnedFd>),
     Unix(tokio::net::UnixListener),
@@ -77,18 +82,28 @@ impl Listener {
             Listener::Unix(l) => Ok(l.accept().await?.0),
             Listener::Vsock(afd) => loop {
                 let mut guard = afd.readable().await?;
-                // SAFETY: accept4 with null address pointers is allowed.
+                // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+                let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+                // SAFETY: accept4 writes at most `len` bytes of the peer's address into `peer`.
                 let fd = unsafe {
                     libc::accept4(
                         afd.get_ref().as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
+                        (&mut peer as *mut libc::sockaddr_vm).cast(),
+                        &mut len,
                         libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                     )
                 };
                 if fd >= 0 {
                     // SAFETY: `fd` is a fresh connected stream socket nobody else owns.
                     let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+                    if !peer_allowed(peer.svm_cid) {
+                        // A process in this guest (loopback vsock) or another VM: never served. The agent runs
+                        // as root, so serving a local process would hand it root.
+                        eprintln!("flint-agent: refused a vsock connection from CID {}", peer.svm_cid);
+                        drop(std_stream);
+                        continue;
+                    }
                     return UnixStream::from_std(std_stream);
                 }
                 let e = std::io::Error::last_os_error();
@@ -101,6 +116,17 @@ impl Listener {
                 }
                 return Err(e);
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_host_is_served() {
+        assert!(super::peer_allowed(2));
+        for cid in [0, 1, 3, 4, u32::MAX] {
+            assert!(!super::peer_allowed(cid), "CID {cid}");
         }
     }
 }

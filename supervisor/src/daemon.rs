@@ -89,6 +89,16 @@ impl Daemon {
     /// A lazily restored VM gets its page server back (its VMM reconnects to the new `pager.sock`).
     fn adopt(self: &Arc<Self>) -> Result<(), String> {
         let records: Vec<VmRecord> = self.db.all(VMS).map_err(|e| e.to_string())?;
+        // A VMM no record owns: flintd died between starting it and recording its pid. Nothing can reach it.
+        for (p, dir) in self.launcher.running_under(&self.cfg.data_dir.join("vms")) {
+            if !records.iter().any(|r| r.proc() == Some(p)) {
+                warn!(pid = p.pid, dir = %dir.display(), "stopping a VMM that no record owns");
+                self.launcher.kill(p);
+                if !records.iter().any(|r| r.dir == dir) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
         for rec in records {
             let alive = rec.proc().is_some_and(|p| self.launcher.alive(p));
             let id = rec.id.clone();
@@ -886,6 +896,13 @@ mod tests {
             r.error = Some("boom".into());
         });
         let gone = d.get("gone").unwrap().proc().unwrap();
+        // A VMM started just before a crash, whose pid never reached a record.
+        let orphan_dir = d.cfg.data_dir.join("vms").join("orphan");
+        std::fs::create_dir_all(&orphan_dir).unwrap();
+        let mut config = VmConfig::new(env.cfg.images["default"].join("vmlinux"));
+        config.initramfs = Some(env.cfg.images["default"].join("initramfs.cpio"));
+        let spec = LaunchSpec { api_sock: None, seccomp: true, launch: Launch::Boot(config) };
+        let orphan = l.spawn(&orphan_dir, &spec).unwrap();
         let stopping = d.get("stopping").unwrap().proc().unwrap();
         let failed = d.get("failed").unwrap().proc().unwrap();
         l.kill(failed);
@@ -915,6 +932,8 @@ mod tests {
         assert_eq!(d.get("gone").unwrap().status, VmStatus::Lost);
         assert_eq!(d.get("failed").unwrap().status, VmStatus::Failed);
         assert!(!l.alive(stopping), "the interrupted delete was finished");
+        assert!(!l.alive(orphan), "the VMM no record owned was stopped");
+        assert!(!orphan_dir.exists(), "and its directory removed");
         assert_eq!(d.db_record("stopping").unwrap(), None);
         // The VM that was starting got its env through the agent after the restart.
         let a = d.agent("starting").await.unwrap();

@@ -130,6 +130,14 @@ impl Launcher for FakeLauncher {
     fn agent_endpoint(&self, dir: &Path) -> Endpoint {
         Endpoint::Unix(dir.join("agent.sock"))
     }
+
+    fn running_under(&self, vms_dir: &Path) -> Vec<(Proc, PathBuf)> {
+        lock(&self.inner.vms)
+            .iter()
+            .filter(|(_, v)| v.alive && v.dir.parent() == Some(vms_dir))
+            .map(|(pid, v)| (Proc { pid: *pid, start: v.start }, v.dir.clone()))
+            .collect()
+    }
 }
 
 struct FakeVmm {

@@ -40,6 +40,9 @@ pub trait Launcher: Send + Sync + 'static {
     fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl>;
     /// Where the guest agent of the VM in `dir` answers.
     fn agent_endpoint(&self, dir: &Path) -> Endpoint;
+    /// VMM processes running for VM directories under `vms_dir` (found by their launch spec's path), with the
+    /// directory each runs for: after a crash, the ones no record owns are stopped.
+    fn running_under(&self, vms_dir: &Path) -> Vec<(Proc, PathBuf)>;
 }
 
 /// A VMM's control API, typed by the contract.
@@ -178,6 +181,25 @@ impl Launcher for ProcessLauncher {
 
     fn agent_endpoint(&self, dir: &Path) -> Endpoint {
         Endpoint::Vsock { uds: dir.join("vsock.sock"), port: flint_agent::protocol::DEFAULT_PORT }
+    }
+
+    fn running_under(&self, vms_dir: &Path) -> Vec<(Proc, PathBuf)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            // `flint-vmm --spec <vms_dir>/<id>/spec.json`, as `spawn` starts it.
+            let Some(i) = args.iter().position(|a| *a == b"--spec") else { continue };
+            let Some(spec) = args.get(i + 1).map(|a| PathBuf::from(String::from_utf8_lossy(a).into_owned())) else {
+                continue;
+            };
+            let Some(dir) = spec.parent().filter(|d| d.parent() == Some(vms_dir)) else { continue };
+            if let Some(start) = pid_start_time(pid) {
+                out.push((Proc { pid, start }, dir.to_path_buf()));
+            }
+        }
+        out
     }
 }
 

@@ -555,7 +555,7 @@ impl Vmm {
         // A vCPU that has not left KVM_RUN by now is left to process exit (which reclaims it);
         // joining it could block the shutdown forever.
         let (done, stuck): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.is_finished());
-        vcpu::join_all(&self.control, done);
+        vcpu::join_all(done);
         std::mem::forget(stuck);
         // Remove the vsock socket file so nothing is left behind.
         if let Some(v) = &self.config.vsock {

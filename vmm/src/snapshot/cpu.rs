@@ -104,8 +104,9 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), CpuStateError> {
     fd.set_mp_state(s.mp_state).map_err(kvm("set the MP state"))?;
     fd.set_regs(&s.regs).map_err(kvm("set registers"))?;
     fd.set_sregs(&s.sregs).map_err(kvm("set special registers"))?;
-    // SAFETY: the xsave area is a full `kvm_xsave` read from KVM by `save_vcpu` on a host
-    // with the same XSAVE layout (CPUID was checked before restore).
+    // SAFETY: KVM_SET_XSAVE reads past the 4096-byte legacy `kvm_xsave` only when the process has
+    // enabled dynamic XSTATE features for guests (arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM), e.g. AMX
+    // tiles). flint-vmm never does, so the kernel reads exactly the 4096 bytes `s.xsave` holds.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("set XSAVE state"))?;
     fd.set_xcrs(&s.xcrs).map_err(kvm("set XCRs"))?;
     fd.set_debug_regs(&s.debugregs).map_err(kvm("set debug registers"))?;

@@ -1,7 +1,6 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, signal kicks for pause/stop.
 use crate::vstate::memory::GuestMem;
 use std::cell::Cell;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -96,7 +95,8 @@ impl VcpuControl {
 
     fn kick_all(&self) {
         for t in lock(&self.threads).iter() {
-            // SAFETY: `t` is a live vCPU thread (threads are removed only after join); the
+            // SAFETY: `t` is a running vCPU thread: each thread removes itself from this list, under
+            // this lock, before it returns, so no entry names an ended or joined thread. The
             // signal's handler only sets `immediate_exit` in that thread's kvm_run.
             unsafe { libc::pthread_kill(*t, kick_signal()) };
         }
@@ -239,9 +239,15 @@ pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<Vcp
     let control = ctx.control.clone();
     lock(&control.state).running_threads += 1;
     let handle = std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        // The thread is in the kick list exactly while it runs: it adds itself first and removes itself
+        // before it returns, so a kick never targets a thread that has ended (or been joined).
+        lock(&ctx.control.threads).push(me);
         KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
         run_loop(&mut fd, &ctx);
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        lock(&ctx.control.threads).retain(|t| *t != me);
         let mut s = lock(&ctx.control.state);
         s.running_threads -= 1;
         ctx.control.cv.notify_all();
@@ -249,10 +255,7 @@ pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<Vcp
         fd
     });
     match handle {
-        Ok(h) => {
-            lock(&control.threads).push(h.as_pthread_t());
-            Ok(h)
-        }
+        Ok(h) => Ok(h),
         Err(e) => {
             lock(&control.state).running_threads -= 1;
             Err(e)
@@ -261,10 +264,8 @@ pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<Vcp
 }
 
 /// Joins vCPU threads after [`VcpuControl::stop`], returning their fds.
-pub fn join_all(control: &VcpuControl, handles: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
-    let fds = handles.into_iter().filter_map(|h| h.join().ok()).collect();
-    lock(&control.threads).clear();
-    fds
+pub fn join_all(handles: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
 }
 
 fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) {

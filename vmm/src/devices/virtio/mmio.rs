@@ -42,6 +42,8 @@ pub struct MmioTransport {
     pub activated: bool,
     /// Why the transport marked the device broken, if it did.
     pub broken: Option<String>,
+    /// Status writes that tried to clear a bit without a reset (ignored).
+    pub bad_status_writes: u64,
 }
 
 impl MmioTransport {
@@ -66,6 +68,7 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
             broken: None,
+            bad_status_writes: 0,
         })
     }
 
@@ -92,6 +95,12 @@ impl MmioTransport {
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
+            return;
+        }
+        if v & self.status != self.status {
+            // "The driver MUST NOT clear a device status bit" (virtio 1.1, 2.1.2): only a reset (0) does. Ignored,
+            // so an active device's queues can never be re-pointed by dropping DRIVER_OK.
+            self.bad_status_writes += 1;
             return;
         }
         if v & STATUS_FEATURES_OK != 0
@@ -284,7 +293,8 @@ impl BusDevice for MmioTransport {
             return;
         };
         let v = u32::from_le_bytes(bytes);
-        let configuring = self.status & STATUS_DRIVER_OK == 0;
+        // Queue registers change only while the driver sets the device up, never while it is live.
+        let configuring = self.status & STATUS_DRIVER_OK == 0 && !self.activated;
         match offset {
             0x14 => self.device_features_sel = v,
             0x20 if self.status & STATUS_FEATURES_OK == 0 => {
@@ -434,6 +444,43 @@ pub(crate) mod tests {
         wr(&mut t, 0x70, 0);
         assert!(!t.activated);
         assert_eq!(rd(&mut t, 0x70), 0);
+    }
+
+    /// A live device's queues cannot be re-pointed: clearing DRIVER_OK without a reset is ignored, and queue
+    /// registers are read-only while the device is active.
+    #[test]
+    fn an_active_device_cannot_be_reconfigured_without_a_reset() {
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(Box::new(Dummy), test_memory(), irq).unwrap();
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 8);
+        wr(&mut t, 0x80, 0x1000);
+        wr(&mut t, 0x90, 0x4000);
+        wr(&mut t, 0xa0, 0x8000);
+        wr(&mut t, 0x44, 1);
+        let live = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        wr(&mut t, 0x70, live);
+        assert!(t.activated);
+        // Drop DRIVER_OK without a reset, then point queue 0 elsewhere.
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x70), live, "a status bit was cleared without a reset");
+        assert_eq!(t.bad_status_writes, 1);
+        wr(&mut t, 0x80, 0x9_0000);
+        wr(&mut t, 0x38, 4);
+        wr(&mut t, 0x44, 0);
+        assert_eq!(t.queues[0].desc_table(), 0x1000, "an active queue was re-pointed");
+        assert_eq!(t.queues[0].size(), 8);
+        assert!(t.queues[0].ready());
+        assert!(t.activated);
+        // A reset, and the driver may set it up again.
+        wr(&mut t, 0x70, 0);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x80, 0x2000);
+        assert_eq!(t.queues[0].desc_table(), 0x2000);
     }
 
     #[test]
