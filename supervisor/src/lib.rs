@@ -18,6 +18,15 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+/// Colour in logs only for a person at a terminal: not under systemd (journald sets JOURNAL_STREAM), not into a
+/// file or pipe, not with NO_COLOR.
+pub fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("JOURNAL_STREAM").is_none()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Binds the API socket: a stale socket (nothing answers) is removed; a live one is an error.
 fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
     if let Some(dir) = path.parent() {

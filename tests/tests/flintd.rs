@@ -186,6 +186,31 @@ fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
     assert_eq!(status, 404);
     // Still alive.
     assert!(flint(&socket, &["health"]).status.success());
+    // Logs that go to a file (or journald) carry no terminal colour codes.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(log.contains("flintd ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file: {log}");
+}
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with ExecStart pointing at this build), and starts
+/// flintd without a configuration file: a fresh install has none.
+#[test]
+fn the_systemd_unit_verifies_and_needs_no_config_file() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/flintd.service")).unwrap();
+    let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).expect("ExecStart");
+    assert_eq!(exec, "ExecStart=/usr/local/bin/flintd", "the unit must not require a config file");
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze is not installed; skipping the unit check");
+        return;
+    };
+    assert!(out.status.success());
+    let work = TempDir::new("unit");
+    let path = work.path().join("flintd.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/flintd", &bin_dir().join("flintd").display().to_string()))
+        .unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("flintd.service:"), "systemd-analyze verify: {text}");
 }
 
 fn vm_detail(socket: &Path, id: &str) -> serde_json::Value {

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(flint_supervisor::log_colours())
         .init();
     let args = Args::parse();
     let mut cfg = match flint_supervisor::config::Config::load(args.config.as_deref()) {
