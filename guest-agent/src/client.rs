@@ -47,7 +47,17 @@ impl ClientError {
     }
 }
 
-type Streams = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+/// Frames buffered per stream before the connection's reader waits for the stream's consumer. Waiting stops
+/// reading the connection, so a guest that produces faster than the host consumes is held back by vsock credit
+/// instead of growing the host's memory (one slow consumer holds back the other calls of that connection: they
+/// have deadlines).
+pub const STREAM_QUEUE_FRAMES: usize = 32;
+/// Most bytes `read_file` accepts unless a smaller limit is asked for.
+pub const DEFAULT_MAX_READ_BYTES: u64 = 1 << 30;
+/// Most bytes of stdout and of stderr `exec_output` keeps (the rest is counted, not stored).
+pub const MAX_CAPTURE_BYTES: usize = 1 << 20;
+
+type Streams = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
 
 /// Sets the flag when dropped (the end of a connection task, however it ends).
 struct MarkOnDrop(Arc<std::sync::atomic::AtomicBool>);
@@ -63,8 +73,12 @@ pub struct AgentClient {
     tx: mpsc::Sender<Frame>,
     streams: Streams,
     next_id: AtomicU32,
-    /// Limit for calls that are not streams (health, stat, ...).
+    /// Limit for calls that are not streams (health, stat, ...), for the wait between two frames of a transfer,
+    /// and for the start of an exec.
     pub call_timeout: Duration,
+    /// Limit for a whole file transfer (a guest that trickles a frame just inside `call_timeout` cannot hold a
+    /// transfer open for longer).
+    pub transfer_timeout: Duration,
     /// Set when the connection ended (either direction).
     closed: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -77,6 +91,8 @@ pub struct ExecOutput {
     pub code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
+    /// Bytes of output beyond [`MAX_CAPTURE_BYTES`] per stream that were dropped.
+    pub dropped_bytes: u64,
 }
 
 /// One event of a running exec.
@@ -181,12 +197,15 @@ impl AgentClient {
                 let target = lock(&s2).get(&f.stream).cloned();
                 match target {
                     Some(t) => {
-                        let _ = t.send(f);
+                        // Waits while the stream's consumer is behind (see STREAM_QUEUE_FRAMES); a consumer that
+                        // went away makes this fail at once.
+                        let _ = t.send(f).await;
                     }
                     None if f.stream == 0 => {
-                        // A connection-level error: deliver to everyone waiting.
-                        for t in lock(&s2).values() {
-                            let _ = t.send(f.clone());
+                        // A connection-level error: deliver to everyone waiting (never blocking on one of them).
+                        let targets: Vec<_> = lock(&s2).values().cloned().collect();
+                        for t in targets {
+                            let _ = t.try_send(f.clone());
                         }
                     }
                     None => {}
@@ -194,7 +213,14 @@ impl AgentClient {
             }
             lock(&s2).clear();
         });
-        AgentClient { tx, streams, next_id: AtomicU32::new(1), call_timeout: Duration::from_secs(30), closed }
+        AgentClient {
+            tx,
+            streams,
+            next_id: AtomicU32::new(1),
+            call_timeout: Duration::from_secs(30),
+            transfer_timeout: Duration::from_secs(600),
+            closed,
+        }
     }
 
     /// True once the connection has ended; a new client must be connected.
@@ -202,9 +228,9 @@ impl AgentClient {
         self.closed.load(Ordering::Relaxed)
     }
 
-    fn open(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {
+    fn open(&self) -> (u32, mpsc::Receiver<Frame>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (t, r) = mpsc::unbounded_channel();
+        let (t, r) = mpsc::channel(STREAM_QUEUE_FRAMES);
         lock(&self.streams).insert(id, t);
         (id, r)
     }
@@ -217,7 +243,7 @@ impl AgentClient {
         self.tx.send(f).await.map_err(|_| ClientError::Closed)
     }
 
-    async fn next_json(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Result<Response, ClientError> {
+    async fn next_json(rx: &mut mpsc::Receiver<Frame>) -> Result<Response, ClientError> {
         loop {
             let f = rx.recv().await.ok_or(ClientError::Closed)?;
             if f.kind == kind::JSON {
@@ -231,16 +257,16 @@ impl AgentClient {
         }
     }
 
-    /// One request, one reply.
+    /// One request, one reply; the deadline covers sending too.
     pub async fn call(&self, req: &Request) -> Result<Response, ClientError> {
         let (id, mut rx) = self.open();
-        let r = async {
+        let r = tokio::time::timeout(self.call_timeout, async {
             self.send(Frame::json(id, req)).await?;
-            tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
-                .await
-                .map_err(|_| ClientError::Timeout(self.call_timeout))?
-        }
-        .await;
+            Self::next_json(&mut rx).await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(self.call_timeout))
+        .and_then(|r| r);
         self.close(id);
         r
     }
@@ -255,8 +281,12 @@ impl AgentClient {
     /// Starts a process; events arrive on the returned stream.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream<'_>, ClientError> {
         let (id, mut rx) = self.open();
-        self.send(Frame::json(id, &Request::Exec(req))).await?;
-        match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx)).await {
+        let started = tokio::time::timeout(self.call_timeout, async {
+            self.send(Frame::json(id, &Request::Exec(req))).await?;
+            Self::next_json(&mut rx).await
+        })
+        .await;
+        match started {
             Ok(Ok(Response::Started { pid })) => Ok(ExecStream { client: self, id, rx, pid, done: false }),
             Ok(Ok(other)) => {
                 self.close(id);
@@ -273,14 +303,20 @@ impl AgentClient {
         }
     }
 
-    /// Runs a process to completion and collects its output.
+    /// Runs a process to completion and collects its output (at most [`MAX_CAPTURE_BYTES`] of each stream; the
+    /// rest is counted in `dropped_bytes`).
     pub async fn exec_output(&self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
         let mut s = self.exec(req).await?;
         let mut out = ExecOutput::default();
+        let keep = |buf: &mut Vec<u8>, b: Vec<u8>, dropped: &mut u64| {
+            let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len()).min(b.len());
+            buf.extend_from_slice(&b[..room]);
+            *dropped += (b.len() - room) as u64;
+        };
         while let Some(ev) = s.next().await? {
             match ev {
-                ExecEvent::Stdout(b) => out.stdout.extend(b),
-                ExecEvent::Stderr(b) => out.stderr.extend(b),
+                ExecEvent::Stdout(b) => keep(&mut out.stdout, b, &mut out.dropped_bytes),
+                ExecEvent::Stderr(b) => keep(&mut out.stderr, b, &mut out.dropped_bytes),
                 ExecEvent::Exit { code, signal, timed_out } => {
                     out.code = code;
                     out.signal = signal;
@@ -346,41 +382,49 @@ impl AgentClient {
         self.read_file_limit(path, None).await
     }
 
-    /// Downloads at most `limit` bytes of a file (devices such as /dev/urandom never end).
+    /// Downloads at most `limit` bytes of a file (devices such as /dev/urandom never end); without a limit, at most
+    /// [`DEFAULT_MAX_READ_BYTES`]: a larger file is an error, not a larger allocation. Memory grows with what
+    /// arrives, never with the size the guest reports.
     pub async fn read_file_limit(&self, path: &str, limit: Option<u64>) -> Result<Vec<u8>, ClientError> {
-        let (id, mut rx) = self.open();
-        let r = async {
-            self.send(Frame::json(id, &Request::ReadFile { path: path.into(), limit })).await?;
-            let size = match tokio::time::timeout(self.call_timeout, Self::next_json(&mut rx))
-                .await
-                .map_err(|_| ClientError::Timeout(self.call_timeout))??
-            {
-                Response::File { size, .. } => size,
-                other => return Err(ClientError::Protocol(format!("{other:?}"))),
-            };
-            let mut data = Vec::with_capacity(size.min(1 << 30) as usize);
-            loop {
-                let f = tokio::time::timeout(self.call_timeout, rx.recv())
-                    .await
-                    .map_err(|_| ClientError::Timeout(self.call_timeout))?
-                    .ok_or(ClientError::Closed)?;
-                match f.kind {
-                    kind::DATA => data.extend_from_slice(&f.payload),
-                    kind::EOF => break,
-                    kind::JSON => {
-                        if let Ok(Response::Error { code, message }) = serde_json::from_slice(&f.payload) {
-                            return Err(ClientError::Agent { code, message });
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            Self::next_json(&mut rx).await?;
-            Ok(data)
+        let max = limit.unwrap_or(DEFAULT_MAX_READ_BYTES).min(DEFAULT_MAX_READ_BYTES);
+        let mut f = self.read_file_stream(path, max, limit.is_none()).await?;
+        let mut data = Vec::with_capacity(f.size.min(max).min(1 << 20) as usize);
+        while let Some(chunk) = f.next().await? {
+            data.extend_from_slice(&chunk);
         }
-        .await;
-        self.close(id);
-        r
+        Ok(data)
+    }
+
+    /// Starts a download of at most `max` bytes. With `whole`, a file the guest says is larger than `max`, or that
+    /// turns out to be, is an error ([`ErrorCode::TooLarge`]); without, the first `max` bytes are the answer.
+    pub async fn read_file_stream(&self, path: &str, max: u64, whole: bool) -> Result<FileStream<'_>, ClientError> {
+        let (id, mut rx) = self.open();
+        // Ask for one byte more than allowed: it tells a file that is exactly `max` bytes from a longer one.
+        let ask = if whole { max.saturating_add(1) } else { max };
+        let started = tokio::time::timeout(self.call_timeout, async {
+            self.send(Frame::json(id, &Request::ReadFile { path: path.into(), limit: Some(ask) })).await?;
+            Self::next_json(&mut rx).await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(self.call_timeout))
+        .and_then(|r| r);
+        let size = match started {
+            Ok(Response::File { size, .. }) => size,
+            Ok(other) => {
+                self.close(id);
+                return Err(ClientError::Protocol(format!("{other:?}")));
+            }
+            Err(e) => {
+                self.close(id);
+                return Err(e);
+            }
+        };
+        if whole && size > max {
+            self.close(id);
+            return Err(too_large(path, size, max));
+        }
+        let deadline = tokio::time::Instant::now() + self.transfer_timeout;
+        Ok(FileStream { client: self, id, rx, size, max, whole, got: 0, done: false, deadline, path: path.into() })
     }
 
     pub async fn stat(&self, path: &str) -> Result<StatInfo, ClientError> {
@@ -447,11 +491,87 @@ impl AgentClient {
     }
 }
 
+fn too_large(path: &str, size: u64, max: u64) -> ClientError {
+    ClientError::Agent {
+        code: ErrorCode::TooLarge,
+        message: format!(
+            "{path} is {size} bytes or more, over the {max}-byte limit of this read (ask for less with a limit)"
+        ),
+    }
+}
+
+/// A download in progress.
+pub struct FileStream<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    /// The size the guest reported (a device may report 0): informational, never trusted for allocation.
+    pub size: u64,
+    max: u64,
+    whole: bool,
+    got: u64,
+    done: bool,
+    deadline: tokio::time::Instant,
+    path: String,
+}
+
+impl FileStream<'_> {
+    /// The next chunk; `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        while !self.done {
+            let idle = self.client.call_timeout;
+            let wait = idle.min(self.deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let f = tokio::time::timeout(wait, self.rx.recv())
+                .await
+                .map_err(|_| ClientError::Timeout(wait))?
+                .ok_or(ClientError::Closed)?;
+            match f.kind {
+                kind::DATA => {
+                    self.got += f.payload.len() as u64;
+                    if self.got > self.max {
+                        self.done = true;
+                        if self.whole {
+                            return Err(too_large(&self.path, self.got, self.max));
+                        }
+                        return Err(ClientError::Protocol(format!(
+                            "the agent sent {} bytes of {}, more than the {} asked for",
+                            self.got, self.path, self.max
+                        )));
+                    }
+                    return Ok(Some(f.payload));
+                }
+                kind::EOF => {
+                    self.done = true;
+                    // The final status reply.
+                    let wait = idle.min(self.deadline.saturating_duration_since(tokio::time::Instant::now()));
+                    tokio::time::timeout(wait, AgentClient::next_json(&mut self.rx))
+                        .await
+                        .map_err(|_| ClientError::Timeout(wait))??;
+                }
+                kind::JSON => {
+                    if let Ok(Response::Error { code, message }) = serde_json::from_slice(&f.payload) {
+                        self.done = true;
+                        return Err(ClientError::Agent { code, message });
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for FileStream<'_> {
+    fn drop(&mut self) {
+        self.client.close(self.id);
+    }
+}
+
 /// A running exec.
 pub struct ExecStream<'a> {
     client: &'a AgentClient,
     id: u32,
-    rx: mpsc::UnboundedReceiver<Frame>,
+    rx: mpsc::Receiver<Frame>,
     pub pid: u32,
     done: bool,
 }

@@ -204,10 +204,48 @@ struct FileQuery {
     limit: Option<u64>,
 }
 
+/// Streams a guest file: at most the request's `limit`, never more than the server's `max_file_read_bytes`.
+/// Without a limit, a larger file is a 413 (before any byte is sent, when the guest reports the size; else the
+/// body ends early). Memory is bounded by the stream's queues, whatever the guest sends.
 async fn get_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>) -> R<Response> {
     let agent = d.agent(&id).await?;
-    let data = agent.read_file_limit(&q.path, q.limit).await.map_err(|e| agent_err(&e))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    let server_max = d.cfg.max_file_read_bytes;
+    let (max, whole) = match q.limit {
+        Some(l) => (l.min(server_max), l > server_max),
+        None => (server_max, true),
+    };
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::spawn(async move {
+        let mut f = match agent.read_file_stream(&q.path, max, whole).await {
+            Ok(f) => {
+                let _ = started_tx.send(Ok(()));
+                f
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(agent_err(&e)));
+                return;
+            }
+        };
+        loop {
+            match f.next().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                        return; // the caller went away
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // Mid-body: the only way to say so is to end the body early (the client sees a broken transfer).
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            }
+        }
+    });
+    started_rx.await.map_err(|_| ApiError(StatusCode::BAD_GATEWAY, "agent: the read ended".into()))??;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
 async fn put_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>, b: Bytes) -> R<Response> {
@@ -225,13 +263,10 @@ fn agent_err(e: &flint_agent::client::ClientError) -> ApiError {
     use flint_agent::protocol::ErrorCode;
     let status = match e.code() {
         Some(ErrorCode::NotFound) => StatusCode::NOT_FOUND,
-        Some(
-            ErrorCode::Invalid
-            | ErrorCode::BadPath
-            | ErrorCode::NotADirectory
-            | ErrorCode::IsADirectory
-            | ErrorCode::TooLarge,
-        ) => StatusCode::BAD_REQUEST,
+        Some(ErrorCode::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(ErrorCode::Invalid | ErrorCode::BadPath | ErrorCode::NotADirectory | ErrorCode::IsADirectory) => {
+            StatusCode::BAD_REQUEST
+        }
         Some(_) => StatusCode::CONFLICT,
         None => StatusCode::BAD_GATEWAY,
     };

@@ -24,6 +24,8 @@ pub struct Config {
     pub agent_timeout_s: u64,
     /// Restores run at most this many at once (they are CPU-bound).
     pub max_parallel_restores: usize,
+    /// Most bytes one `GET /v1/vms/{id}/files` returns (a guest file, or device, may be endless).
+    pub max_file_read_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +58,7 @@ impl Default for Config {
             store: StoreSection::default(),
             agent_timeout_s: 300,
             max_parallel_restores: 2,
+            max_file_read_bytes: 1 << 30,
         }
     }
 }

@@ -959,6 +959,62 @@ mod tests {
         assert_eq!(l.running(), 0);
     }
 
+    /// What a guest sends cannot grow flintd: a file download is streamed and capped (a 4 GiB file is a 413
+    /// before any byte moves; an endless device ends at the cap), whatever size the guest reports.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guest_files_are_streamed_and_capped() {
+        let mut env = Env::new("files");
+        env.cfg.max_file_read_bytes = 1 << 20;
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        d.create(vm("f")).await.unwrap();
+        let root = crate::fake::agent_root();
+        let big = root.join("big-4g");
+        std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
+        let zero = root.join("zero-dev");
+        let _ = std::fs::remove_file(&zero);
+        let c = std::ffi::CString::new(zero.to_str().unwrap()).unwrap();
+        // SAFETY: mknod(2) with a valid C path: a character device 1:5 (/dev/zero) in the test's own directory.
+        let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 5)) } == 0;
+        let sock = env.dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let app = crate::api::router(d.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let get = |path: String| {
+            let sock = sock.clone();
+            async move { crate::http::request(&sock, "GET", &path, None, Duration::from_secs(60)).await }
+        };
+        let (status, body) = get("/v1/vms/f/files?path=/big-4g".into()).await.unwrap();
+        assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            String::from_utf8_lossy(&body).contains("over the 1048576-byte limit"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let (status, body) = get("/v1/vms/f/files?path=/big-4g&limit=100".into()).await.unwrap();
+        assert_eq!((status, body.len()), (200, 100));
+        // Through the client too: without a limit, a file over the client's maximum is an error, not an
+        // allocation of the size the guest reports; with one, exactly that much arrives.
+        let a = d.agent("f").await.unwrap();
+        let e = a.read_file_limit("/big-4g", None).await.unwrap_err();
+        assert_eq!(e.code(), Some(flint_agent::protocol::ErrorCode::TooLarge), "{e}");
+        assert_eq!(a.read_file_limit("/big-4g", Some(3 << 20)).await.unwrap().len(), 3 << 20);
+        if made {
+            // A device reports size 0 and never ends: the body stops at the cap, never complete.
+            match get("/v1/vms/f/files?path=/zero-dev".into()).await {
+                Ok((200, body)) => panic!("an endless device came back whole ({} bytes)", body.len()),
+                Ok((status, body)) => assert!(status >= 400, "{status} {}", body.len()),
+                Err(e) => assert!(e.to_string().contains("malformed"), "{e}"),
+            }
+            let (status, body) = get("/v1/vms/f/files?path=/zero-dev&limit=4096".into()).await.unwrap();
+            assert_eq!((status, body.len()), (200, 4096));
+            let _ = std::fs::remove_file(&zero);
+        }
+        let _ = std::fs::remove_file(&big);
+        server.abort();
+        d.stop_all().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clones_carry_the_snapshot_shape_and_limits_are_400s() {
         let env = Env::new("shape");

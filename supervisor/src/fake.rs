@@ -18,12 +18,17 @@ use flint_vmm_api::{lock, HostProfile, LaunchSpec};
 use crate::launcher::{BoxFut, Launcher, Proc, VmmControl};
 use crate::vm::model::OpError;
 
+/// The directory the fake VMs' agent serves as `/`.
+pub fn agent_root() -> PathBuf {
+    std::env::temp_dir().join(format!("flint-fake-agent-{}", std::process::id()))
+}
+
 /// One agent (and one reaper: it waits for any child) for every fake VM of the test process, on its own runtime.
 fn agent_runtime() -> &'static (tokio::runtime::Runtime, Arc<Agent>) {
     static RT: OnceLock<(tokio::runtime::Runtime, Arc<Agent>)> = OnceLock::new();
     RT.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let root = std::env::temp_dir().join(format!("flint-fake-agent-{}", std::process::id()));
+        let root = agent_root();
         std::fs::create_dir_all(&root).unwrap();
         let agent = Agent::new(Settings { root: root.clone(), hooks_dir: root.join("hooks"), ..Default::default() });
         rt.spawn(agent.reaper.clone().run());
