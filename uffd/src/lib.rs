@@ -697,6 +697,11 @@ mod tests {
             assert_eq!(view[page * 4096 + 5], want, "page {page}");
         }
         assert!(lock(&fatal).is_none());
+        // The ioctl wakes the faulting thread before the worker counts what it installed: wait for the count.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stats.zero_pages.load(Ordering::Relaxed) < 16 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(stats.zero_pages.load(Ordering::Relaxed), 16);
         assert!(!lock(&stats.touched).is_empty());
         drop(a); // hang up: the server threads end

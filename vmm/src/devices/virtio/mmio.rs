@@ -446,17 +446,22 @@ pub(crate) mod tests {
         assert_eq!(rd(&mut t, 0x70), 0);
     }
 
+    /// A modern driver's negotiation up to FEATURES_OK, then queue 0 selected with 8 entries.
+    fn features_ok_queue0(t: &mut MmioTransport) {
+        wr(t, 0x24, 1);
+        wr(t, 0x20, 1);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        wr(t, 0x30, 0);
+        wr(t, 0x38, 8);
+    }
+
     /// A live device's queues cannot be re-pointed: clearing DRIVER_OK without a reset is ignored, and queue
     /// registers are read-only while the device is active.
     #[test]
     fn an_active_device_cannot_be_reconfigured_without_a_reset() {
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let mut t = MmioTransport::new(Box::new(Dummy), test_memory(), irq).unwrap();
-        wr(&mut t, 0x24, 1);
-        wr(&mut t, 0x20, 1);
-        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        wr(&mut t, 0x30, 0);
-        wr(&mut t, 0x38, 8);
+        features_ok_queue0(&mut t);
         wr(&mut t, 0x80, 0x1000);
         wr(&mut t, 0x90, 0x4000);
         wr(&mut t, 0xa0, 0x8000);
@@ -495,11 +500,7 @@ pub(crate) mod tests {
     fn rings_outside_memory_break_the_device_not_the_vmm() {
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let mut t = MmioTransport::new(Box::new(Dummy), test_memory(), irq).unwrap();
-        wr(&mut t, 0x24, 1);
-        wr(&mut t, 0x20, 1);
-        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        wr(&mut t, 0x30, 0);
-        wr(&mut t, 0x38, 8);
+        features_ok_queue0(&mut t);
         wr(&mut t, 0x80, 0xfff0_0000); // beyond 1 MiB of memory
         wr(&mut t, 0x44, 1);
         wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
