@@ -200,6 +200,34 @@ fn corrupt_or_foreign_state_files_are_rejected() {
         assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
         assert!(!vm.vsock_uds.exists() && !vm.api_sock.exists(), "{name}: no half-started VM is left");
     }
+    // A restore never opens a host path the snapshot names: without the vsock socket or the console given, the
+    // VMM refuses (the golden snapshot has a vsock device and a console file).
+    for (name, drop_flag) in [("no-vsock", "--vsock-uds"), ("no-console", "--console")] {
+        let vdir = dir.path().join(name);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let mut args: Vec<String> = vec![
+            "--restore-state".into(),
+            g.state.display().to_string(),
+            "--restore-mem".into(),
+            g.mem.display().to_string(),
+            "--api-sock".into(),
+            vdir.join("api.sock").display().to_string(),
+        ];
+        if drop_flag != "--vsock-uds" {
+            args.extend(["--vsock-uds".into(), vdir.join("vsock.sock").display().to_string()]);
+        }
+        if drop_flag != "--console" {
+            args.extend(["--console".into(), vdir.join("console.log").display().to_string()]);
+        }
+        let out = std::process::Command::new(vmm_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains("never opens a host path named in a snapshot") && err.contains(drop_flag),
+            "{name}: {err}"
+        );
+        assert!(!vdir.join("api.sock").exists(), "{name}: nothing started");
+    }
     // A memory file of the wrong size.
     let short = dir.path().join("short.mem");
     std::fs::write(&short, vec![0u8; 4096]).unwrap();

@@ -55,6 +55,9 @@ pub struct SnapshotReport {
     /// The state file's format version.
     #[serde(default)]
     pub format_version: u32,
+    /// Drives the snapshot's VM has (a restore must give each a host file).
+    #[serde(default)]
+    pub drives: u32,
 }
 
 /// The control API's answer to a snapshot request.

@@ -192,11 +192,30 @@ struct Parts {
     local_pager: Option<LocalPager>,
 }
 
-/// The snapshot's configuration with the host-side devices the restore spec gives.
+/// The snapshot's configuration with the host-side devices the restore spec gives. A restore never opens a host
+/// path named inside a snapshot (whoever can write the snapshot would choose what the VMM opens): every device
+/// with a host side must be given one, and the console must be a path given here, stdout or off.
 fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, BuildError> {
     use crate::snapshot::RestoreError;
     let mut config = saved.clone();
     let d = &spec.devices;
+    let missing = |what: &str, flag: &str| {
+        RestoreError::Devices(format!(
+            "the snapshot has {what}: its host side must be given ({flag}); a restore never opens a host path named in a snapshot"
+        ))
+    };
+    if saved.vsock.is_some() && d.vsock_uds.is_none() {
+        return Err(missing("a vsock device", "--vsock-uds / devices.vsock_uds").into());
+    }
+    if saved.net.is_some() && d.net.is_none() {
+        return Err(missing("a network device", "--tap / devices.net").into());
+    }
+    if !saved.drives.is_empty() && d.drive_paths.is_none() {
+        return Err(missing(&format!("{} drive(s)", saved.drives.len()), "--drive / devices.drive_paths").into());
+    }
+    if d.console.is_none() && !matches!(saved.console.as_str(), "stdout" | "off") {
+        return Err(missing("a console file", "--console / devices.console").into());
+    }
     if let Some(u) = &d.vsock_uds {
         match config.vsock.as_mut() {
             Some(v) => v.uds_path = u.clone(),

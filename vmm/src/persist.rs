@@ -31,6 +31,7 @@ impl VmmHandle {
             vcpus: self.config.vcpus,
             mem_mib: self.config.mem_mib,
             format_version: format::FORMAT_VERSION,
+            drives: self.config.drives.len() as u32,
             ..Default::default()
         };
         let was_paused = self.control.is_paused();
