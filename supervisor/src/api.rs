@@ -289,7 +289,7 @@ struct DeleteQuery {
 }
 
 async fn delete_snapshot(State(d): D, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> R<Response> {
-    d.store.delete(&id, q.remote).await.map_err(OpError::from)?;
+    d.delete_snapshot(&id, q.remote).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

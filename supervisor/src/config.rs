@@ -20,8 +20,11 @@ pub struct Config {
     pub images: BTreeMap<String, PathBuf>,
     pub vm: VmDefaults,
     pub store: StoreSection,
-    /// How long a booting or restored VM may take to answer its agent.
+    /// How long a booting VM may take to answer its agent.
     pub agent_timeout_s: u64,
+    /// How long a restored VM may take to answer its agent (and refresh): past it that clone fails and frees
+    /// its restore slot, so one snapshot whose agent never answers cannot hold up every restore.
+    pub restore_agent_timeout_s: u64,
     /// Restores run at most this many at once (they are CPU-bound).
     pub max_parallel_restores: usize,
     /// Most bytes one `GET /v1/vms/{id}/files` returns (a guest file, or device, may be endless).
@@ -57,6 +60,7 @@ impl Default for Config {
             vm: VmDefaults::default(),
             store: StoreSection::default(),
             agent_timeout_s: 300,
+            restore_agent_timeout_s: 60,
             max_parallel_restores: 2,
             max_file_read_bytes: 1 << 30,
         }

@@ -336,7 +336,11 @@ impl Daemon {
     async fn await_ready(&self, slot: &Arc<Slot>) -> Result<(), OpError> {
         let rec = slot.get();
         let id = rec.id.clone();
-        let deadline = Duration::from_secs(self.cfg.agent_timeout_s);
+        let deadline = Duration::from_secs(if rec.snapshot.is_some() {
+            self.cfg.restore_agent_timeout_s
+        } else {
+            self.cfg.agent_timeout_s
+        });
         let started = Instant::now();
         let agent = loop {
             let rec = slot.get();
@@ -550,6 +554,7 @@ impl Daemon {
             }
             draft.metadata.insert("mem_mib".into(), report.mem_mib.to_string());
             draft.metadata.insert("vcpus".into(), report.vcpus.to_string());
+            draft.metadata.insert("drives".into(), report.drives.to_string());
             let (manifest, _) = self.store.put(draft, req.publish).await?;
             Ok::<_, OpError>(manifest)
         }
@@ -575,14 +580,21 @@ impl Daemon {
         lazy: bool,
     ) -> Result<VmRecord, OpError> {
         let manifest = self.store.manifest(snapshot).await?;
+        let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse::<u64>().ok());
+        if let Some(n) = meta("drives").filter(|n| *n > 0) {
+            // Clones would share the source's writable host files (and the snapshot does not hold their content).
+            return Err(OpError::BadRequest(format!(
+                "snapshot `{snapshot}` has {n} drive(s): restoring drives into clones needs a per-clone copy of each, \
+                 which flintd does not make yet"
+            )));
+        }
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
-        let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse().ok());
         let slot = self.reserve(None, "clone", |r| {
             r.snapshot = Some(snapshot.to_string());
             r.image = manifest.metadata.get("image").cloned();
             // From the snapshot's metadata until the VMM says (after the restore) what it is.
             r.mem_mib = meta("mem_mib").unwrap_or(0);
-            r.vcpus = meta("vcpus").unwrap_or(0) as u8;
+            r.vcpus = meta("vcpus").unwrap_or(0).min(u64::from(u8::MAX)) as u8;
             r.lazy = lazy;
             r.env = env.clone();
         })?;
@@ -721,6 +733,26 @@ impl Daemon {
             .into_iter()
             .find(|t| t.name == name)
             .ok_or_else(|| OpError::NotFound(format!("no template `{name}`")))
+    }
+
+    /// Deletes a snapshot unless something still needs it: a template made from it, or a running VM restored
+    /// lazily from it (its next cold page would have nowhere to come from).
+    pub async fn delete_snapshot(&self, id: &str, remote: bool) -> Result<(), OpError> {
+        if let Some(t) = self.templates()?.into_iter().find(|t| t.snapshot == id) {
+            return Err(OpError::Conflict(format!(
+                "snapshot `{id}` is template `{}`'s: delete the template first",
+                t.name
+            )));
+        }
+        if let Some(vm) =
+            self.list().into_iter().find(|r| r.lazy && r.status.has_process() && r.snapshot.as_deref() == Some(id))
+        {
+            return Err(OpError::Conflict(format!(
+                "VM `{}` restores its memory lazily from snapshot `{id}`: delete the VM first",
+                vm.id
+            )));
+        }
+        Ok(self.store.delete(id, remote).await?)
     }
 
     pub fn delete_template(&self, name: &str) -> Result<(), OpError> {
@@ -959,6 +991,31 @@ mod tests {
         assert_eq!(l.running(), 0);
     }
 
+    /// A clone whose agent never answers fails by its own deadline and frees its restore slot: the other clones
+    /// of the same call are restored meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_whose_agent_never_answers_fails_alone() {
+        let mut env = Env::new("stuck");
+        env.cfg.restore_agent_timeout_s = 2;
+        env.cfg.max_parallel_restores = 1;
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        d.create(vm("src")).await.unwrap();
+        d.snapshot("src", CreateSnapshot { id: "s".into(), publish: false }).await.unwrap();
+        l.silence_next_agents(1);
+        let t = Instant::now();
+        let clones =
+            d.clones(CreateClones { snapshot: Some("s".into()), count: 3, ..Default::default() }).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(clones.len(), 2, "the two clones with an agent are restored");
+        assert!(took < Duration::from_secs(10), "one silent agent held the single restore slot for {took:?}");
+        let failed: Vec<VmRecord> = d.list().into_iter().filter(|r| r.status == VmStatus::Failed).collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].error.as_deref().unwrap_or("").contains("did not answer within 2s"), "{failed:?}");
+        assert!(!failed[0].proc().is_some_and(|p| l.alive(p)), "no VMM left for the failed clone");
+        d.stop_all().await;
+    }
+
     /// What a guest sends cannot grow flintd: a file download is streamed and capped (a 4 GiB file is a 413
     /// before any byte moves; an endless device ends at the cap), whatever size the guest reports.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1043,6 +1100,29 @@ mod tests {
         for c in &clones {
             assert_eq!((c.vcpus, c.mem_mib, c.status), (2, 512, VmStatus::Running), "{c:?}");
             assert_eq!(d.db_record(&c.id).unwrap().as_ref(), Some(c));
+        }
+        // A template's snapshot cannot be deleted from under it.
+        let t = d.create_template(CreateTemplate { name: "tp".into(), ..Default::default() }).await.unwrap();
+        match d.delete_snapshot(&t.snapshot, false).await {
+            Err(OpError::Conflict(m)) => assert!(m.contains("template `tp`"), "{m}"),
+            other => panic!("expected a 409: {other:?}"),
+        }
+        d.delete_template("tp").unwrap();
+        d.delete_snapshot(&t.snapshot, false).await.unwrap();
+        // A snapshot of a VM with a drive: clones would share its writable host file, so they are refused.
+        let disk = env.dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        d.create(CreateVm {
+            id: Some("with-drive".into()),
+            drives: vec![DriveSpec { path: disk.clone(), read_only: false }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        d.snapshot("with-drive", CreateSnapshot { id: "drv".into(), publish: false }).await.unwrap();
+        match d.clones(CreateClones { snapshot: Some("drv".into()), count: 1, ..Default::default() }).await {
+            Err(OpError::BadRequest(m)) => assert!(m.contains("1 drive(s)"), "{m}"),
+            other => panic!("expected a 400: {other:?}"),
         }
         d.stop_all().await;
     }

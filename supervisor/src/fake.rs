@@ -50,6 +50,8 @@ struct FakeVm {
 struct Inner {
     vms: Mutex<HashMap<u32, FakeVm>>,
     next_pid: AtomicU32,
+    /// The next this many VMs get no agent (a guest that never answers).
+    silent: AtomicU32,
 }
 
 #[derive(Clone, Default)]
@@ -60,6 +62,11 @@ pub struct FakeLauncher {
 impl FakeLauncher {
     pub fn pid_of(&self, dir: &Path) -> Option<u32> {
         lock(&self.inner.vms).iter().find(|(_, v)| v.dir == dir && v.alive).map(|(p, _)| *p)
+    }
+
+    /// The next `n` VMs started get no agent: their guest never answers.
+    pub fn silence_next_agents(&self, n: u32) {
+        self.inner.silent.store(n, Ordering::Relaxed);
     }
 
     pub fn running(&self) -> usize {
@@ -99,7 +106,14 @@ impl Launcher for FakeLauncher {
             Listener::bind(&ListenAddr::Unix(sock)).map_err(|e| OpError::Internal(e.to_string()))?
         };
         let agent = agent.clone();
+        let silent = self.inner.silent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
         let agent_task = rt.spawn(async move {
+            if silent {
+                // Accepts nothing: connections wait in the backlog and the hello never comes.
+                let _keep = listener;
+                std::future::pending::<()>().await;
+                return;
+            }
             while let Ok(s) = listener.accept().await {
                 tokio::spawn(serve_connection(agent.clone(), s));
             }
@@ -202,7 +216,13 @@ impl VmmControl for FakeVmm {
             std::fs::write(&req.state_path, serde_json::to_vec(&config).map_err(|e| OpError::Internal(e.to_string()))?)
                 .map_err(io)?;
             std::fs::write(&req.mem_path, vec![7u8; 8192]).map_err(io)?;
-            Ok(SnapshotReport { vcpus: config.vcpus, mem_mib: config.mem_mib, format_version: 2, ..Default::default() })
+            Ok(SnapshotReport {
+                vcpus: config.vcpus,
+                mem_mib: config.mem_mib,
+                format_version: 2,
+                drives: config.drives.len() as u32,
+                ..Default::default()
+            })
         })
     }
 }
