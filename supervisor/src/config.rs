@@ -44,10 +44,14 @@ pub struct StoreSection {
     /// L1 byte budget.
     pub local_budget_bytes: u64,
     pub chunk_size: u32,
-    /// File with the 64-hex-digit secret that turns on encryption at rest.
+    /// File with the 64-hex-digit secret that turns on encryption at rest and authenticates manifests (every host
+    /// sharing the bucket needs the same one).
     pub secret_file: Option<PathBuf>,
     /// Remote tier; off unless configured (or FLINT_S3_BUCKET is set).
     pub s3: Option<S3Config>,
+    /// Run an S3 tier without a secret: manifests are then plain JSON that anyone who can write the bucket can
+    /// forge. Only for a bucket nobody else can write (tests, a single host).
+    pub allow_unauthenticated_bucket: bool,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for StoreSection {
             chunk_size: flint_snapshot_store::DEFAULT_CHUNK_SIZE,
             secret_file: None,
             s3: None,
+            allow_unauthenticated_bucket: false,
         }
     }
 }
@@ -107,6 +112,18 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+
+    /// Refuses a configuration flintd must not run with.
+    pub fn check(&self) -> Result<(), String> {
+        if self.store.s3.is_some() && self.store.secret_file.is_none() && !self.store.allow_unauthenticated_bucket {
+            return Err("an S3 tier is configured without a store secret: anyone who can write the bucket could \
+                        publish a snapshot this host would restore. Set store.secret_file (64 hex digits, the same on \
+                        every host of the bucket), or, for a bucket nobody else can write, \
+                        store.allow_unauthenticated_bucket = true"
+                .into());
+        }
+        Ok(())
     }
 
     pub fn vmm_bin(&self) -> PathBuf {
@@ -140,5 +157,17 @@ mod tests {
         let e = toml::from_str::<Config>("sockett = 1").unwrap_err().to_string();
         assert!(e.contains("sockett"), "{e}");
         assert!(Config::load(Some(Path::new("/nonexistent.toml"))).unwrap_err().contains("/nonexistent.toml"));
+    }
+
+    #[test]
+    fn an_s3_tier_needs_a_secret_or_an_explicit_opt_out() {
+        let mut c: Config = toml::from_str("[store.s3]\nbucket = \"b\"\n").unwrap();
+        assert!(c.check().unwrap_err().contains("store.secret_file"));
+        c.store.allow_unauthenticated_bucket = true;
+        assert!(c.check().is_ok());
+        c.store.allow_unauthenticated_bucket = false;
+        c.store.secret_file = Some("/etc/flint/store.secret".into());
+        assert!(c.check().is_ok());
+        assert!(Config::default().check().is_ok(), "no S3 tier: nothing to authenticate");
     }
 }

@@ -60,6 +60,7 @@ impl Daemon {
     }
 
     pub fn open_with(cfg: Config, launcher: Arc<dyn Launcher>) -> Result<Arc<Daemon>, String> {
+        cfg.check()?;
         std::fs::create_dir_all(cfg.data_dir.join("vms"))
             .map_err(|e| format!("create {}: {e}", cfg.data_dir.join("vms").display()))?;
         let db = Db::open(&cfg.data_dir.join("flintd.redb")).map_err(|e| e.to_string())?;

@@ -570,7 +570,13 @@ pub struct Flintd {
 }
 
 impl Flintd {
+    /// flintd on a test bucket only this test writes (`--allow-unauthenticated-bucket`: the tests read manifests
+    /// in the bucket directly).
     pub fn start(data: &Path, socket: &Path, s3: &S3Server, prefix: &str) -> Flintd {
+        Self::start_with(data, socket, s3, prefix, &["--allow-unauthenticated-bucket"])
+    }
+
+    pub fn start_with(data: &Path, socket: &Path, s3: &S3Server, prefix: &str, extra: &[&str]) -> Flintd {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).expect("flintd log");
         let mut cmd = Command::new(bin_dir().join("flintd"));
@@ -580,6 +586,7 @@ impl Flintd {
             .arg(data)
             .arg("--image")
             .arg(format!("default={}", images().dir.display()))
+            .args(extra)
             .envs(s3.env())
             .stdout(log.try_clone().expect("flintd log"))
             .stderr(log);

@@ -192,6 +192,37 @@ fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
     assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file: {log}");
 }
 
+/// flintd will not run an S3 tier whose manifests anyone with write access to the bucket could forge: without a
+/// store secret it refuses to start, saying what to set; with one it starts.
+#[test]
+fn an_s3_tier_without_a_secret_is_refused() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-secret");
+    let out = Command::new(bin_dir().join("flintd"))
+        .arg("--socket")
+        .arg(work.path().join("s.sock"))
+        .arg("--data-dir")
+        .arg(work.path().join("data"))
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "flintd started with an unauthenticated bucket");
+    assert!(err.contains("without a store secret") && err.contains("allow_unauthenticated_bucket"), "{err}");
+    let secret = work.path().join("store.secret");
+    std::fs::write(&secret, "ab".repeat(32)).unwrap();
+    let sock = work.path().join("ok.sock");
+    let d = Flintd::start_with(
+        &work.path().join("data2"),
+        &sock,
+        &s3,
+        "sealed",
+        &["--store-secret-file", secret.to_str().unwrap()],
+    );
+    assert!(flint(&sock, &["health"]).status.success());
+    drop(d);
+}
+
 /// The shipped systemd unit passes `systemd-analyze verify` (with ExecStart pointing at this build), and starts
 /// flintd without a configuration file: a fresh install has none.
 #[test]

@@ -23,6 +23,12 @@ struct Args {
     /// Override the VMM binary.
     #[arg(long)]
     vmm_bin: Option<PathBuf>,
+    /// The store secret file (store.secret_file).
+    #[arg(long)]
+    store_secret_file: Option<PathBuf>,
+    /// Run an S3 tier without a secret (store.allow_unauthenticated_bucket): only for a bucket nobody else can write.
+    #[arg(long)]
+    allow_unauthenticated_bucket: bool,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,12 @@ fn main() -> ExitCode {
     }
     if let Some(v) = args.vmm_bin {
         cfg.vmm_bin = Some(v);
+    }
+    if let Some(f) = args.store_secret_file {
+        cfg.store.secret_file = Some(f);
+    }
+    if args.allow_unauthenticated_bucket {
+        cfg.store.allow_unauthenticated_bucket = true;
     }
     for spec in args.images {
         let Some((name, dir)) = spec.split_once('=') else {

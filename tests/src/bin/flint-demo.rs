@@ -76,13 +76,21 @@ fn run() -> Result<(), String> {
     let data: PathBuf = work.path().join("data");
     let sock = work.path().join("flintd.sock");
     println!("flint demo: images {}, S3 (s3s-fs) at {}", img.dir.display(), s3.endpoint());
+    // The bucket's secret: manifests are sealed (authenticated) and chunks encrypted, as on any host whose bucket
+    // others could write. Every host of a bucket shares it.
+    let secret = work.path().join("store.secret");
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut key).expect("urandom");
+    std::fs::write(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>()).expect("write the secret");
     println!(
-        "$ flintd --socket {} --data-dir {} --image default={}",
+        "$ flintd --socket {} --data-dir {} --image default={} --store-secret-file {}",
         sock.display(),
         data.display(),
-        img.dir.display()
+        img.dir.display(),
+        secret.display()
     );
-    let daemon = Flintd::start(&data, &sock, &s3, "");
+    let secret_arg = secret.display().to_string();
+    let daemon = Flintd::start_with(&data, &sock, &s3, "", &["--store-secret-file", &secret_arg]);
 
     println!(
         "$ flint template create demo --push -- /bin/sh -c 'echo warmed > /tmp/warm'   (boot, init, snapshot, push)"
