@@ -807,6 +807,38 @@ mod tests {
         assert!(!out.exists(), "no image left behind");
     }
 
+    /// With a secret, manifests are authenticated: a plain manifest planted in the bucket (anyone who can write it
+    /// can do that) is refused, and so is a sealed manifest copied under another snapshot's name.
+    #[tokio::test]
+    async fn with_a_secret_forged_or_moved_manifests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote");
+        let sealed_store = |l1: &str| {
+            let mut cfg = StoreConfig::new(&dir.path().join(l1));
+            cfg.chunk_size = 64 << 10;
+            cfg.secret = Some(crate::chunk::Secret([7; 32]));
+            Store::with_remotes(cfg, vec![Arc::new(LocalDirTier::open(&remote).unwrap())]).unwrap()
+        };
+        let host = sealed_store("h1");
+        host.put(SnapshotDraft::new("real").image("memory", ImageSource::Bytes(random(1000, 1).into())), true)
+            .await
+            .unwrap();
+        // An attacker without the secret publishes a plain manifest of their own.
+        let forger = store(&dir.path().join("f"), Some(&remote), 1 << 30);
+        forger
+            .put(SnapshotDraft::new("forged").image("memory", ImageSource::Bytes(random(1000, 2).into())), true)
+            .await
+            .unwrap();
+        let reader = sealed_store("h2");
+        let e = error_chain(&reader.manifest("forged").await.unwrap_err());
+        assert!(e.contains("not sealed"), "{e}");
+        // A genuine sealed manifest under another name.
+        std::fs::copy(remote.join("manifests/real"), remote.join("manifests/moved")).unwrap();
+        let e = error_chain(&reader.manifest("moved").await.unwrap_err());
+        assert!(e.contains("describes snapshot `real`"), "{e}");
+        assert!(reader.manifest("real").await.is_ok());
+    }
+
     // The S3 behaviour is covered by tests/tests/store_s3.rs against a real server; these cover cache policy.
     #[tokio::test]
     async fn eviction_spares_pinned_and_unpublished_snapshots() {
