@@ -4,7 +4,7 @@ CARGO ?= cargo
 JOBS ?= 2
 export FLINT_CACHE ?= $(HOME)/.cache/flint
 
-.PHONY: images build demo test bench fmt clippy
+.PHONY: images build demo test bench fuzz fmt clippy
 
 ## images: build (or find cached) guest kernel + rootfs; prints the directory
 images:
@@ -28,6 +28,10 @@ bench: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- boot
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- store
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- lazy --runs 3
+
+## fuzz: every fuzz target for FUZZ_SECONDS (default 60) each, execs/s per target (nightly + cargo-fuzz)
+fuzz:
+	@bash scripts/fuzz.sh
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -4,6 +4,8 @@
 //! - [`server`]: the service the agent runs, in a guest or on a host Unix socket.
 //! - [`client`]: what `flintd` and tests use to talk to an agent.
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod init;
 pub mod listen;
 pub mod protocol;

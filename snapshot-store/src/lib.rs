@@ -4,6 +4,8 @@
 //! See docs/snapshot-store.md.
 
 pub mod chunk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifest;
 mod reader;
 mod store;

@@ -7,6 +7,8 @@ pub mod db;
 #[cfg(test)]
 mod fake;
 pub mod flows;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod launcher;
 pub mod metrics;

@@ -9,6 +9,8 @@ pub mod builder;
 pub mod describe;
 pub mod device_manager;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pager_link;
 pub mod persist;
 pub mod seccomp;

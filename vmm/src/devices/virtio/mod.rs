@@ -8,8 +8,8 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
-#[cfg(test)]
-pub(crate) mod test_util;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_util;
 pub mod vsock;
 
 use crate::vstate::memory::GuestMem;
@@ -147,14 +147,14 @@ impl Watch for EventOps<'_> {
     }
 }
 
-/// A [`Watch`] that records calls (unit tests).
-#[cfg(test)]
+/// A [`Watch`] that records calls (unit tests, fuzzing).
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Default)]
 pub struct NoWatch {
     pub watched: std::collections::HashMap<RawFd, (u32, EventSet)>,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Watch for NoWatch {
     fn add(&mut self, fd: RawFd, data: u32, set: EventSet) {
         self.watched.insert(fd, (data, set));

@@ -1,5 +1,4 @@
 //! Test helpers: a guest memory with virtqueues laid out in it, driven like a guest driver would.
-#![cfg(test)]
 use crate::vstate::memory::GuestMem;
 use std::sync::atomic::Ordering;
 

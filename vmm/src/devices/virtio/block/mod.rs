@@ -140,7 +140,9 @@ impl Block {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;
-        (end <= self.nsectors).then_some(sector * SECTOR_SIZE)
+        // `then`, not `then_some`: the offset must not be computed for a sector past the disk (found by fuzzing:
+        // a guest-chosen sector near u64::MAX overflowed the multiplication).
+        (end <= self.nsectors).then(|| sector * SECTOR_SIZE)
     }
 
     fn process(&mut self, ctx: &mut DeviceCtx) {
