@@ -30,6 +30,12 @@ fn agent_runtime() -> &'static (tokio::runtime::Runtime, Arc<Agent>) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let root = agent_root();
         std::fs::create_dir_all(&root).unwrap();
+        extern "C" fn remove_root() {
+            let _ = std::fs::remove_dir_all(agent_root());
+        }
+        // SAFETY: atexit(3) with a plain function that only removes this process's own temporary directory;
+        // it runs once, when the test process exits, after every test (and every use of the agent) has ended.
+        unsafe { libc::atexit(remove_root) };
         let agent = Agent::new(Settings { root: root.clone(), hooks_dir: root.join("hooks"), ..Default::default() });
         rt.spawn(agent.reaper.clone().run());
         (rt, agent)

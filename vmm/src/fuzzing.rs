@@ -60,8 +60,13 @@ mod queues {
         });
     }
 
+    /// The disk the block target uses (one per process).
+    pub fn block_disk() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("flint-fuzz-block-{}", std::process::id()))
+    }
+
     pub fn block(data: &[u8]) {
-        let path = std::env::temp_dir().join(format!("flint-fuzz-block-{}", std::process::id()));
+        let path = block_disk();
         if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) != 64 << 10 {
             let _ = std::fs::write(&path, vec![0u8; 64 << 10]);
         }
@@ -135,5 +140,6 @@ mod tests {
                 body(&data);
             }
         }
+        let _ = std::fs::remove_file(super::queues::block_disk());
     }
 }
