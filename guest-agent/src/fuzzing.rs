@@ -1,6 +1,6 @@
 //! Body of the agent-frame fuzz target (fuzz/fuzz_targets/): a byte stream on an agent connection, in either
 //! direction, split into frames and each JSON payload parsed as a request (host → agent) and as a response
-//! (agent → host). Replayed from the committed corpus in `cargo test`.
+//! (agent → host). flint-tests replays the committed corpus in `cargo test`.
 use crate::protocol::{kind, read_frame, Request, Response};
 
 pub fn frames(data: &[u8]) {
@@ -15,23 +15,4 @@ pub fn frames(data: &[u8]) {
             }
         }
     });
-}
-
-/// Every input committed for `target` under fuzz/corpus/.
-pub fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut out: Vec<_> =
-        std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect();
-    out.sort();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fuzz_corpus_replays() {
-        let inputs = super::corpus("agent_frames");
-        assert!(!inputs.is_empty(), "no corpus committed for agent_frames");
-        inputs.iter().for_each(|d| super::frames(d));
-    }
 }

@@ -1,5 +1,5 @@
 //! Bodies of the fuzz targets that reach the store (fuzz/fuzz_targets/): what a bucket can serve. Replayed from
-//! the committed corpora in `cargo test`.
+//! the committed corpora in `cargo test` (flint-tests).
 use crate::chunk::{self, ChunkId, Secret};
 use crate::manifest::Manifest;
 
@@ -21,25 +21,4 @@ pub fn chunk(data: &[u8]) {
     let secret = Secret([9; 32]);
     let _ = chunk::decode(data, &id, None);
     let _ = chunk::decode(data, &id, Some(&secret));
-}
-
-/// Every input committed for `target` under fuzz/corpus/.
-pub fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut out: Vec<_> =
-        std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect();
-    out.sort();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fuzz_corpora_replay() {
-        for (name, body) in [("manifest", super::manifest as fn(&[u8])), ("chunk", super::chunk)] {
-            let inputs = super::corpus(name);
-            assert!(!inputs.is_empty(), "no corpus committed for {name}");
-            inputs.iter().for_each(|d| body(d));
-        }
-    }
 }

@@ -1,6 +1,6 @@
 //! Body of the flintd API fuzz target (fuzz/fuzz_targets/): request bodies as a caller sends them, parsed into
 //! the typed requests and checked with the limits the handlers apply. Replayed from the committed corpus in
-//! `cargo test`.
+//! `cargo test` (flint-tests).
 use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm};
 
 pub fn api_bodies(data: &[u8]) {
@@ -22,23 +22,4 @@ pub fn api_bodies(data: &[u8]) {
     // The same bytes as a whole HTTP request on the socket (flintd and the VMM share the codec).
     let mut r = std::io::Cursor::new(data);
     while let Ok(Some(_)) = flint_vmm_api::http::read_request(&mut r, 1 << 20) {}
-}
-
-/// Every input committed for `target` under fuzz/corpus/.
-pub fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut out: Vec<_> =
-        std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect();
-    out.sort();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fuzz_corpus_replays() {
-        let inputs = super::corpus("flintd_api");
-        assert!(!inputs.is_empty(), "no corpus committed for flintd_api");
-        inputs.iter().for_each(|d| super::api_bodies(d));
-    }
 }

@@ -1,6 +1,6 @@
 //! Bodies of the fuzz targets that reach flint-vmm (fuzz/fuzz_targets/): what a guest, a caller of the control
-//! API or a snapshot file can feed it. The same functions replay the committed corpora in `cargo test`, so CI
-//! guards every case the fuzzer found. None of them may panic, hang or allocate without bound.
+//! API or a snapshot file can feed it. flint-tests replays the committed corpora through them in `cargo test`,
+//! so CI guards every case the fuzzer found. None of them may panic, hang or allocate without bound.
 use std::io::Cursor;
 
 use flint_vmm_api::http;
@@ -18,7 +18,6 @@ pub fn control_api(data: &[u8]) {
     }
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
 mod queues {
     use std::os::unix::io::{FromRawFd, OwnedFd};
 
@@ -102,44 +101,4 @@ mod queues {
     }
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
-pub use queues::{block, net, rng, vsock};
-
-/// Every input committed for `target` under fuzz/corpus/, for replay in tests.
-pub fn corpus(target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut out: Vec<_> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok().map(|d| (e.path(), d)))
-        .collect();
-    out.sort();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    /// The corpora the fuzzer built (and the crashes it found, once fixed) replay on stable.
-    #[test]
-    fn fuzz_corpora_replay() {
-        type Body = fn(&[u8]);
-        let targets: [(&str, Body); 6] = [
-            ("state_file", super::state_file),
-            ("control_api", super::control_api),
-            ("virtq_block", super::block),
-            ("virtq_net", super::net),
-            ("virtq_rng", super::rng),
-            ("virtq_vsock", super::vsock),
-        ];
-        for (name, body) in targets {
-            let inputs = super::corpus(name);
-            assert!(!inputs.is_empty(), "no corpus committed for {name}");
-            for (path, data) in inputs {
-                eprintln!("{name}: {}", path.display());
-                body(&data);
-            }
-        }
-        let _ = std::fs::remove_file(super::queues::block_disk());
-    }
-}
+pub use queues::{block, block_disk, net, rng, vsock};

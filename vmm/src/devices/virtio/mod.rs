@@ -8,7 +8,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
-#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
 pub mod test_util;
 pub mod vsock;
 
@@ -148,13 +148,11 @@ impl Watch for EventOps<'_> {
 }
 
 /// A [`Watch`] that records calls (unit tests, fuzzing).
-#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Default)]
 pub struct NoWatch {
     pub watched: std::collections::HashMap<RawFd, (u32, EventSet)>,
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
 impl Watch for NoWatch {
     fn add(&mut self, fd: RawFd, data: u32, set: EventSet) {
         self.watched.insert(fd, (data, set));
