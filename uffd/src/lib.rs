@@ -186,10 +186,6 @@ impl Userfault {
         &self.0
     }
 
-    pub fn into_fd(self) -> OwnedFd {
-        self.0
-    }
-
     pub fn from_fd(fd: OwnedFd) -> Self {
         Userfault(fd)
     }

@@ -37,10 +37,6 @@ impl Slot {
         lock(&self.rec).0.clone()
     }
 
-    pub fn status(&self) -> VmStatus {
-        lock(&self.rec).0.status
-    }
-
     /// Deletes the record from the database; later commits (a late exit notice) find it gone.
     pub fn remove(&self, db: &Db) -> Result<(), OpError> {
         let mut guard = lock(&self.rec);
