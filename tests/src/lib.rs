@@ -623,7 +623,7 @@ impl Drop for Flintd {
 /// Every fuzz target's corpus (fuzz/corpus/<target>/, committed: seeds, minimized finds, regressions) replayed
 /// through the target's body on stable: `make test` guards every case the fuzzer found (docs/testing.md).
 #[cfg(test)]
-mod fuzz_corpora {
+mod fuzz_corpora_tests {
     type Body = fn(&[u8]);
 
     #[test]
