@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::db::{Db, TEMPLATES, VMS};
+use crate::drives;
 use crate::launcher::{Launcher, Proc, ProcessLauncher};
 use crate::metrics::Metrics;
 use crate::pager;
@@ -225,6 +226,7 @@ impl Daemon {
             error: None,
             lazy: false,
             env: BTreeMap::new(),
+            drives: Vec::new(),
         };
         f(&mut rec);
         let slot = {
@@ -457,6 +459,7 @@ impl Daemon {
             r.mem_mib = mem;
             r.vcpus = vcpus;
             r.env = req.env.clone();
+            r.drives = req.drives.clone();
         })?;
         let _op = slot.op.lock().await;
         let dir = slot.get().dir;
@@ -536,17 +539,38 @@ impl Daemon {
         let started = Instant::now();
         let tmp = rec.dir.join(format!("snap-{}", req.id));
         std::fs::create_dir_all(&tmp).map_err(|e| OpError::Internal(e.to_string()))?;
+        // With drives, the VM stays paused until each drive is copied: the copies match the memory image.
         let request = flint_vmm_api::snapshot::SnapshotRequest {
             state_path: tmp.join("state"),
             mem_path: tmp.join("memory"),
             kind: flint_vmm_api::snapshot::SnapshotKind::Full,
-            resume: true,
+            resume: rec.drives.is_empty(),
         };
         let result = async {
-            let report = self.launcher.vmm(&rec.dir).snapshot(request).await?;
+            let vmm = self.launcher.vmm(&rec.dir);
+            let report = vmm.snapshot(request).await?;
+            if !rec.drives.is_empty() {
+                let copied = self.copy_drives(&rec, &tmp);
+                if rec.status == VmStatus::Running {
+                    vmm.resume().await?;
+                }
+                copied?;
+            }
+            if report.drives as usize != rec.drives.len() {
+                return Err(OpError::Internal(format!(
+                    "the VMM snapshotted {} drive(s), flintd's record has {}",
+                    report.drives,
+                    rec.drives.len()
+                )));
+            }
             let mut draft = SnapshotDraft::new(&req.id)
                 .image("state", ImageSource::File(tmp.join("state")))
                 .image("memory", ImageSource::File(tmp.join("memory")));
+            for i in 0..rec.drives.len() {
+                draft = draft.image(&drives::image_name(i), ImageSource::File(tmp.join(drives::image_name(i))));
+            }
+            let read_only: Vec<bool> = rec.drives.iter().map(|d| d.read_only).collect();
+            draft.metadata.insert("drives_read_only".into(), drives::read_only_list(&read_only));
             draft.parent = rec.snapshot.clone();
             draft.vmm_format = Some(report.format_version);
             draft.metadata.insert("vm".into(), vm.to_string());
@@ -570,6 +594,48 @@ impl Daemon {
         Ok(self.store.describe(&manifest, true, req.publish))
     }
 
+    /// Copies each of a paused VM's drives into `tmp` (as the store images `drive0`, ...).
+    fn copy_drives(&self, rec: &VmRecord, tmp: &Path) -> Result<(), OpError> {
+        for (i, d) in rec.drives.iter().enumerate() {
+            let dst = tmp.join(drives::image_name(i));
+            let reflinked = drives::copy(&d.path, &dst)
+                .map_err(|e| OpError::Internal(format!("copy drive {i} ({}): {e}", d.path.display())))?;
+            info!(vm = %rec.id, drive = i, reflinked, "drive copied for the snapshot");
+        }
+        Ok(())
+    }
+
+    /// The drives a snapshot holds (their read-only flags, in order), checked against its images: a manifest that
+    /// names drives it has no images for is refused before anything starts.
+    fn snapshot_drives(&self, manifest: &flint_snapshot_store::Manifest) -> Result<Vec<bool>, OpError> {
+        let n = match manifest.metadata.get("drives") {
+            None => 0,
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= MAX_DRIVES)
+                .ok_or_else(|| OpError::BadRequest(format!("snapshot `{}`: bad drive count `{n}`", manifest.id)))?,
+        };
+        let flags = drives::parse_read_only_list(manifest.metadata.get("drives_read_only").map_or("", |s| s), n)
+            .map_err(|e| {
+                OpError::BadRequest(format!(
+                    "snapshot `{}` has {n} drive(s) but no usable record of them ({e}): it was made before flintd \
+                     kept drives in snapshots, and cannot be cloned",
+                    manifest.id
+                ))
+            })?;
+        for i in 0..n {
+            if manifest.image(&drives::image_name(i)).is_none() {
+                return Err(OpError::BadRequest(format!(
+                    "snapshot `{}` has {n} drive(s) but no image `{}`",
+                    manifest.id,
+                    drives::image_name(i)
+                )));
+            }
+        }
+        Ok(flags)
+    }
+
     /// Restores one VM from a snapshot, then refreshes the guest's clock, entropy, env and hostname through the
     /// agent. Eager: the images are fetched whole from the store (S3 on a miss) first. Lazy: only the state image;
     /// flintd's page server serves memory from the store on first touch and prefetches the recorded working set;
@@ -582,13 +648,7 @@ impl Daemon {
     ) -> Result<VmRecord, OpError> {
         let manifest = self.store.manifest(snapshot).await?;
         let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse::<u64>().ok());
-        if let Some(n) = meta("drives").filter(|n| *n > 0) {
-            // Clones would share the source's writable host files (and the snapshot does not hold their content).
-            return Err(OpError::BadRequest(format!(
-                "snapshot `{snapshot}` has {n} drive(s): restoring drives into clones needs a per-clone copy of each, \
-                 which flintd does not make yet"
-            )));
-        }
+        let drive_flags = self.snapshot_drives(&manifest)?;
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
         let slot = self.reserve(None, "clone", |r| {
             r.snapshot = Some(snapshot.to_string());
@@ -598,6 +658,11 @@ impl Daemon {
             r.vcpus = meta("vcpus").unwrap_or(0).min(u64::from(u8::MAX)) as u8;
             r.lazy = lazy;
             r.env = env.clone();
+            r.drives = drive_flags
+                .iter()
+                .enumerate()
+                .map(|(i, ro)| DriveSpec { path: drives::clone_path(&r.dir, i), read_only: *ro })
+                .collect();
         })?;
         let _op = slot.op.lock().await;
         let dir = slot.get().dir;
@@ -607,6 +672,10 @@ impl Daemon {
             let t = Instant::now();
             let _pin = self.store.pin(&manifest);
             self.store.get_image(snapshot, "state", &dir.join("state")).await?;
+            // Every drive is this clone's own file, written from the snapshot's copy.
+            for i in 0..drive_flags.len() {
+                self.store.get_image(snapshot, &drives::image_name(i), &drives::clone_path(&dir, i)).await?;
+            }
             let (memory, pager) = if lazy {
                 let prefetch = self.store.working_set(snapshot).await?.map(|w| w.chunks).unwrap_or_default();
                 recorded = !prefetch.is_empty();
@@ -629,7 +698,8 @@ impl Daemon {
                         vsock_uds: Some(dir.join("vsock.sock")),
                         console: Some(dir.join("console.log").display().to_string()),
                         net: None,
-                        drive_paths: None,
+                        drive_paths: (!drive_flags.is_empty())
+                            .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
                     },
                     track_dirty_pages: None,
                     merged_memory: false,
@@ -784,6 +854,7 @@ impl Daemon {
 mod tests {
     use super::*;
     use crate::fake::FakeLauncher;
+    use flint_vmm_api::describe::RunState;
 
     struct Env {
         dir: PathBuf,
@@ -1110,21 +1181,59 @@ mod tests {
         }
         d.delete_template("tp").unwrap();
         d.delete_snapshot(&t.snapshot, false).await.unwrap();
-        // A snapshot of a VM with a drive: clones would share its writable host file, so they are refused.
-        let disk = env.dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-        d.create(CreateVm {
-            id: Some("with-drive".into()),
-            drives: vec![DriveSpec { path: disk.clone(), read_only: false }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        // A snapshot of a VM with drives holds their content; every clone gets its own copy of each.
+        let (disk, ro) = (env.dir.join("disk.img"), env.dir.join("ro.img"));
+        std::fs::write(&disk, b"before".repeat(1000)).unwrap();
+        std::fs::write(&ro, b"read-only").unwrap();
+        let src = d
+            .create(CreateVm {
+                id: Some("with-drive".into()),
+                drives: vec![
+                    DriveSpec { path: disk.clone(), read_only: false },
+                    DriveSpec { path: ro.clone(), read_only: true },
+                ],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(src.drives.len(), 2);
         d.snapshot("with-drive", CreateSnapshot { id: "drv".into(), publish: false }).await.unwrap();
-        match d.clones(CreateClones { snapshot: Some("drv".into()), count: 1, ..Default::default() }).await {
-            Err(OpError::BadRequest(m)) => assert!(m.contains("1 drive(s)"), "{m}"),
-            other => panic!("expected a 400: {other:?}"),
+        assert_eq!(d.get("with-drive").unwrap().status, VmStatus::Running);
+        let vmm = l.vmm(&src.dir);
+        assert_eq!(vmm.describe().await.unwrap().state, RunState::Running, "resumed after the drives were copied");
+        // The source writes on: the snapshot keeps what the drive held when it was taken.
+        std::fs::write(&disk, b"after").unwrap();
+        let clones =
+            d.clones(CreateClones { snapshot: Some("drv".into()), count: 2, ..Default::default() }).await.unwrap();
+        assert_eq!(clones.len(), 2);
+        let mut paths = Vec::new();
+        for c in &clones {
+            assert_eq!(c.drives.len(), 2);
+            assert!(c.drives[0].path.starts_with(&c.dir) && !c.drives[0].read_only && c.drives[1].read_only, "{c:?}");
+            let started = l.vmm(&c.dir).describe().await.unwrap().config.drives;
+            assert_eq!(started.iter().map(|d| &d.path).collect::<Vec<_>>(), vec![&c.drives[0].path, &c.drives[1].path]);
+            assert_eq!(std::fs::read(&c.drives[0].path).unwrap(), b"before".repeat(1000));
+            assert_eq!(std::fs::read(&c.drives[1].path).unwrap(), b"read-only");
+            paths.push(c.drives[0].path.clone());
         }
+        std::fs::write(&paths[0], b"clone 0 was here").unwrap();
+        assert_eq!(std::fs::read(&paths[1]).unwrap(), b"before".repeat(1000), "clones share no drive file");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"after");
+        // A snapshot of a clone holds the clone's own drive.
+        d.snapshot(&clones[0].id, CreateSnapshot { id: "drv2".into(), publish: false }).await.unwrap();
+        let again =
+            d.clones(CreateClones { snapshot: Some("drv2".into()), count: 1, ..Default::default() }).await.unwrap();
+        assert_eq!(std::fs::read(&again[0].drives[0].path).unwrap(), b"clone 0 was here");
+        // A manifest that claims drives it has no images for is refused before anything starts.
+        let running = l.running();
+        let mut m = d.store.manifest("drv").await.unwrap();
+        m.metadata.insert("drives".into(), "3".into());
+        m.metadata.insert("drives_read_only".into(), "0,0,0".into());
+        let forged = d.snapshot_drives(&m).unwrap_err();
+        assert!(forged.to_string().contains("no image `drive2`"), "{forged}");
+        m.metadata.remove("drives_read_only");
+        assert!(d.snapshot_drives(&m).unwrap_err().to_string().contains("cannot be cloned"));
+        assert_eq!(l.running(), running);
         d.stop_all().await;
     }
 }

@@ -99,7 +99,21 @@ impl Launcher for FakeLauncher {
             Launch::Boot(c) => c.clone(),
             Launch::Restore(r) => {
                 let text = std::fs::read(&r.state_path).map_err(|e| OpError::Internal(e.to_string()))?;
-                serde_json::from_slice(&text).map_err(|e| OpError::Internal(format!("fake state: {e}")))?
+                let mut c: VmConfig =
+                    serde_json::from_slice(&text).map_err(|e| OpError::Internal(format!("fake state: {e}")))?;
+                // As flint-vmm: never a host path from the snapshot.
+                let paths = r.devices.drive_paths.clone().unwrap_or_default();
+                if paths.len() != c.drives.len() {
+                    return Err(OpError::VmFailed(format!(
+                        "{} drive paths given, the snapshot has {} drives",
+                        paths.len(),
+                        c.drives.len()
+                    )));
+                }
+                for (d, p) in c.drives.iter_mut().zip(paths) {
+                    d.path = p;
+                }
+                c
             }
         };
         config.validate_limits().map_err(|e| OpError::VmFailed(e.to_string()))?;
@@ -217,7 +231,10 @@ impl VmmControl for FakeVmm {
     }
     fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
         Box::pin(async move {
-            let config = self.with(|v| v.config.clone())?;
+            let config = self.with(|v| {
+                v.paused |= !req.resume;
+                v.config.clone()
+            })?;
             let io = |e: std::io::Error| OpError::Internal(e.to_string());
             std::fs::write(&req.state_path, serde_json::to_vec(&config).map_err(|e| OpError::Internal(e.to_string()))?)
                 .map_err(io)?;

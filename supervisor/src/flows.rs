@@ -58,7 +58,13 @@ impl Daemon {
             return Err(OpError::Conflict(format!("snapshot `{snapshot}` already exists")));
         }
         let vm = self
-            .create(CreateVm { image: req.image.clone(), mem_mib: req.mem_mib, vcpus: req.vcpus, ..Default::default() })
+            .create(CreateVm {
+                image: req.image.clone(),
+                mem_mib: req.mem_mib,
+                vcpus: req.vcpus,
+                drives: req.drives.clone(),
+                ..Default::default()
+            })
             .await?;
         let result = async {
             let boot_ms = vm.ready_ms.unwrap_or(0.0);

@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod drives;
 #[cfg(test)]
 mod fake;
 pub mod flows;

@@ -70,9 +70,15 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     let bad = flint(&socket, &["vm", "create", "--image", "nope"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no image `nope`"), "{bad:?}");
 
-    // Template: boot the default image, run an init command, snapshot, push to S3.
-    let t =
-        flint_json(&socket, &["template", "create", "py", "--push", "--", "/bin/sh", "-c", "echo warm > /tmp/warm"]);
+    // Template: boot the default image with a drive, run an init command (it also writes the drive), snapshot,
+    // push to S3. The drive's content is part of the snapshot.
+    let disk = work.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    let init = "echo warm > /tmp/warm && echo template-disk | dd of=/dev/vda conv=fsync 2>/dev/null";
+    let t = flint_json(
+        &socket,
+        &["template", "create", "py", "--push", "--drive", disk.to_str().unwrap(), "--", "/bin/sh", "-c", init],
+    );
     println!("template: {t}");
     assert_eq!(t["snapshot"], "tmpl-py");
     let snaps = flint_json(&socket, &["snapshot", "ls"]);
@@ -110,6 +116,18 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     let warm = work.path().join("warm");
     assert!(flint(&socket, &["cp", &format!("{}:/tmp/warm", clones[0]), warm.to_str().unwrap()]).status.success());
     assert_eq!(std::fs::read_to_string(&warm).unwrap(), "warm\n");
+    // Each clone has its own copy of the drive (from S3: this host's cache was wiped), holding what the template
+    // wrote; a write in one clone is seen neither by another clone nor by the template's host file.
+    let head = |vm: &str| flint_supervisor_get(&socket, &format!("/v1/vms/{vm}/files?path=/dev/vda&limit=14"));
+    assert_eq!(head(&clones[0]), b"template-disk\n");
+    let write = "echo clone-0-disk | dd of=/dev/vda conv=fsync 2>/dev/null";
+    assert!(flint(&socket, &["exec", &clones[0], "--", "/bin/sh", "-c", write]).status.success());
+    assert_eq!(head(&clones[0]), b"clone-0-disk\n\n");
+    assert_eq!(head(&clones[1]), b"template-disk\n", "clones share no drive");
+    assert_eq!(&std::fs::read(&disk).unwrap()[..14], b"template-disk\n", "the template's file is untouched");
+    let detail = vm_detail(&socket, &clones[1]);
+    let copy = PathBuf::from(detail["drives"][0]["path"].as_str().unwrap());
+    assert!(copy.starts_with(&data) && copy != disk, "{detail}");
 
     // kill -9 flintd: the VMs run on; a new flintd re-adopts them.
     // SAFETY: kill(2) on our own child.

@@ -169,6 +169,10 @@ enum TemplateCmd {
         image: Option<String>,
         #[arg(long)]
         push: bool,
+        /// Block device of the template's VM: PATH[,ro] (repeatable). Its content at snapshot time is part of the
+        /// snapshot; every clone gets its own copy.
+        #[arg(long = "drive")]
+        drives: Vec<String>,
         #[arg(last = true)]
         init: Vec<String>,
     },
@@ -176,6 +180,16 @@ enum TemplateCmd {
     Rm {
         name: String,
     },
+}
+
+/// `PATH[,ro]` arguments as drives.
+fn drive_specs(args: &[String]) -> Vec<DriveSpec> {
+    args.iter()
+        .map(|d| match d.strip_suffix(",ro") {
+            Some(p) => DriveSpec { path: p.into(), read_only: true },
+            None => DriveSpec { path: d.into(), read_only: false },
+        })
+        .collect()
 }
 
 struct Api {
@@ -252,13 +266,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
         }),
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create { image, mem_mib, vcpus, id, drives, env } => {
-                let drives = drives
-                    .iter()
-                    .map(|d| match d.strip_suffix(",ro") {
-                        Some(p) => DriveSpec { path: p.into(), read_only: true },
-                        None => DriveSpec { path: d.into(), read_only: false },
-                    })
-                    .collect();
+                let drives = drive_specs(&drives);
                 let mut envs = std::collections::BTreeMap::new();
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
@@ -410,7 +418,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         },
         Cmd::Template { cmd } => match cmd {
-            TemplateCmd::Create { name, image, push, init } => {
+            TemplateCmd::Create { name, image, push, drives, init } => {
                 eprintln!("creating template {name}: boot, init, snapshot...");
                 let v = api
                     .call(
@@ -421,6 +429,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
                             image,
                             init,
                             publish: push,
+                            drives: drive_specs(&drives),
                             ..Default::default()
                         })?),
                     )

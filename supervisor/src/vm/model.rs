@@ -27,6 +27,7 @@ impl From<StoreError> for OpError {
         let msg = flint_snapshot_store::error_chain(&e);
         match e {
             StoreError::InvalidInput(_) => OpError::BadRequest(msg),
+            StoreError::Exists { .. } | StoreError::Busy(_) => OpError::Conflict(msg),
             StoreError::NotFound { .. } | StoreError::NoImage { .. } => OpError::NotFound(msg),
             StoreError::Unavailable(_) | StoreError::NoRemote => OpError::Unavailable(msg),
             _ => OpError::Internal(msg),
@@ -119,6 +120,10 @@ pub struct VmRecord {
     /// when flintd restarts gets it too).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The VM's drives, in order. A restored VM's drives are its own files (in its directory), written from the
+    /// snapshot's drive images.
+    #[serde(default)]
+    pub drives: Vec<DriveSpec>,
 }
 
 impl VmRecord {
@@ -158,7 +163,7 @@ pub struct CreateVm {
     pub env: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveSpec {
     pub path: PathBuf,
@@ -190,6 +195,10 @@ pub struct CreateTemplate {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub vcpus: Option<u8>,
+    /// Drives of the template's VM: their content at snapshot time is part of the snapshot, and every clone gets
+    /// its own copy.
+    #[serde(default)]
+    pub drives: Vec<DriveSpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
