@@ -41,6 +41,9 @@ pub trait Tier: Send + Sync + fmt::Debug {
     async fn get(&self, key: &str, max: u64) -> Result<Option<Bytes>, TierError>;
     /// Stores an object atomically: readers see the old object, no object, or all of the new one.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError>;
+    /// Stores an object only if no object has the key (S3: `If-None-Match: *`): `Ok(false)` when one exists, which
+    /// is left as it was. Two writers racing for a key: exactly one creates it.
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool, TierError>;
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, TierError>;
     /// Deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), TierError>;
@@ -53,6 +56,9 @@ fn too_large(size: u64, max: u64) -> String {
     format!("object of {size} bytes is larger than the {max} bytes it may have")
 }
 
+/// A file in `tmp/` older than this is a leftover of an interrupted write (no single object takes this long).
+const TMP_LEFTOVER_AGE: Duration = Duration::from_secs(600);
+
 /// A directory on local disk. Writes go to `tmp/` and are renamed into place after fsync.
 #[derive(Debug)]
 pub struct LocalDirTier {
@@ -63,9 +69,14 @@ pub struct LocalDirTier {
 impl LocalDirTier {
     pub fn open(root: &Path) -> std::io::Result<LocalDirTier> {
         std::fs::create_dir_all(root.join("tmp"))?;
-        // Leftovers of writes that were interrupted: never visible under their final name, safe to drop.
+        // Leftovers of writes that were interrupted: never visible under their final name, safe to drop. Only old
+        // ones: another process sharing the directory may be writing the young ones now.
         for entry in std::fs::read_dir(root.join("tmp"))? {
-            let _ = std::fs::remove_file(entry?.path());
+            let entry = entry?;
+            let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a > TMP_LEFTOVER_AGE) {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         Ok(LocalDirTier { root: root.to_path_buf(), name: format!("local {}", root.display()) })
     }
@@ -106,6 +117,43 @@ impl LocalDirTier {
             let _ = std::fs::remove_file(&tmp);
             self.err("write", key, e)
         })
+    }
+
+    /// Blocking create-only put: written to `tmp/`, then hard-linked to its name (link(2) fails if the name
+    /// exists, atomically), so of two writers exactly one creates the object.
+    pub fn put_new_blocking(&self, key: &str, data: &[u8]) -> Result<bool, TierError> {
+        use std::io::Write;
+        let dest = self.path(key);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.err("create directory for", key, e))?;
+        }
+        let mut nonce = [0u8; 8];
+        let _ = getrandom::getrandom(&mut nonce);
+        let tmp = self.root.join("tmp").join(format!("{}.{:016x}", key.replace('/', "_"), u64::from_le_bytes(nonce)));
+        let write = || -> std::io::Result<bool> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            let created = match std::fs::hard_link(&tmp, &dest) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            std::fs::remove_file(&tmp)?;
+            if let Some(dir) = dest.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(created)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.err("write", key, e)
+        })
+    }
+
+    /// Whether an object exists (one stat).
+    pub fn exists(&self, key: &str) -> bool {
+        self.path(key).is_file()
     }
 
     /// Blocking get of an object of at most `max` bytes.
@@ -179,6 +227,9 @@ impl Tier for LocalDirTier {
     }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError> {
         self.put_blocking(key, &data)
+    }
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool, TierError> {
+        self.put_new_blocking(key, &data)
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, TierError> {
         match std::fs::metadata(self.path(key)) {
@@ -399,6 +450,14 @@ impl Tier for ObjectTier {
     }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), TierError> {
         self.store.put(&self.path(key), data.into()).await.map(|_| ()).map_err(|e| self.err("put", key, e))
+    }
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool, TierError> {
+        let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&self.path(key), data.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err("put (if none match)", key, e)),
+        }
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, TierError> {
         match self.store.head(&self.path(key)).await {

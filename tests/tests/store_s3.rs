@@ -343,3 +343,91 @@ fn visit(dir: &Path, f: &mut dyn FnMut(&Path)) {
         }
     }
 }
+
+/// Two hosts, one bucket: an id another host published is refused even for a snapshot kept local, a push never
+/// replaces another host's manifest (S3 `If-None-Match: *`), and that host's snapshot stays whole after GC; a
+/// retried push of our own manifest is fine.
+#[test]
+fn same_id_from_two_hosts_never_replaces_a_published_manifest() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("store-clash");
+    rt().block_on(async {
+        let a = Store::open(store_cfg(&work.path().join("a"), &s3)).unwrap();
+        let b = Store::open(store_cfg(&work.path().join("b"), &s3)).unwrap();
+        let image = |seed: u64| {
+            let mut buf = vec![0u8; 3 * DEFAULT_CHUNK_SIZE as usize];
+            fill_random(&mut buf, seed);
+            ImageSource::Bytes(buf.into())
+        };
+        a.put(SnapshotDraft::new("x").image("memory", image(1)), true).await.unwrap();
+        // Kept local (publish: false) with an id host A published: refused now, not at the later push.
+        match b.put(SnapshotDraft::new("x").image("memory", image(2)), false).await {
+            Err(StoreError::Exists { id, .. }) => assert_eq!(id, "x"),
+            other => panic!("expected an id clash: {:?}", other.map(|r| r.0.id)),
+        }
+        // Both hosts make `y` locally (neither published yet); A pushes first, B's push is refused.
+        b.put(SnapshotDraft::new("y").image("memory", image(3)), false).await.unwrap();
+        a.put(SnapshotDraft::new("y").image("memory", image(4)), false).await.unwrap();
+        a.publish("y").await.unwrap();
+        let e = b.publish("y").await.unwrap_err();
+        assert!(matches!(e, StoreError::Exists { .. }) && error_chain(&e).contains("stays local"), "{e}");
+        a.publish("y").await.expect("a retried push of the same manifest");
+        // The bucket holds A's `y`, whole after a remote GC (B's chunks for `y` are unreferenced: collectable).
+        a.gc(true).await.unwrap();
+        let c = Store::open(store_cfg(&work.path().join("c"), &s3)).unwrap();
+        let dest = work.path().join("y.out");
+        c.get_image("y", "memory", &dest).await.unwrap();
+        let mut want = vec![0u8; 3 * DEFAULT_CHUNK_SIZE as usize];
+        fill_random(&mut want, 4);
+        assert!(std::fs::read(&dest).unwrap() == want, "the bucket's `y` is host A's");
+        assert_eq!(c.verify("y", false).await.unwrap().problems, Vec::<String>::new());
+    });
+}
+
+/// `flint-store gc` (another process) on flintd's cache: it waits for a put in flight instead of deleting its
+/// chunks, and a put after a GC rewrites chunks the GC removed even though the writer's index still lists them.
+#[test]
+fn gc_in_another_process_never_takes_chunks_of_a_snapshot_being_written() {
+    let work = TempDir::new("store-gc-lease");
+    let l1 = work.path().join("l1");
+    let img = work.path().join("img");
+    {
+        let mut buf = vec![0u8; 64 * MIB as usize];
+        fill_random(&mut buf, 99);
+        std::fs::write(&img, &buf).unwrap();
+    }
+    let gc_dir = l1.clone();
+    let gc = move || {
+        let out = Command::new(bin_dir().join("flint-store")).arg("--dir").arg(&gc_dir).arg("gc").output().unwrap();
+        assert!(out.status.success(), "gc: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    rt().block_on(async {
+        let store = Store::open(StoreConfig::new(&l1)).unwrap();
+        // GC races a put of 64 MiB of incompressible data many times; the snapshot is always whole afterwards.
+        for round in 0..3 {
+            let id = format!("s{round}");
+            let put = {
+                let store = store.clone();
+                let img = img.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    store.put(SnapshotDraft::new(&id).image("memory", ImageSource::File(img)), false).await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(30 * round)).await;
+            let report = tokio::task::spawn_blocking(gc.clone()).await.unwrap();
+            put.await.unwrap().unwrap();
+            assert_eq!(
+                store.verify(&id, true).await.unwrap().problems,
+                Vec::<String>::new(),
+                "round {round}: {report}"
+            );
+            // Delete it: its chunks are now unreferenced; a GC (another process) removes them while this
+            // process's index still lists them; the next put of the same data must write them again.
+            store.delete(&id, false).await.unwrap();
+            let report = gc();
+            assert!(report["deleted_chunks"].as_u64().unwrap() > 0, "{report}");
+        }
+    });
+}

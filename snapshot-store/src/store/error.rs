@@ -31,6 +31,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("snapshot `{id}` already exists in {tier}{detail}")]
+    Exists { id: String, tier: String, detail: String },
+    #[error("the store is busy: {0}")]
+    Busy(String),
     #[error("no remote tier is configured (set [store.s3] / FLINT_S3_BUCKET)")]
     NoRemote,
     #[error("publishing `{id}` took longer than half the GC grace period ({grace:?}); retry it")]

@@ -6,6 +6,8 @@ impl Store {
     /// (only those older than the GC grace period, so a publish in flight never loses a chunk).
     pub async fn gc(&self, remote: bool) -> Result<GcReport, StoreError> {
         let mut report = GcReport::default();
+        // No put (of this or another process) is between its first chunk and its manifest while this is held.
+        let lease = self.lease(true, lease::LEASE_WAIT).await?;
         let mut referenced = HashSet::new();
         let local_manifests = self.inner.l1.list_blocking("manifests")?;
         for o in &local_manifests {
@@ -27,6 +29,7 @@ impl Store {
                 report.deleted_bytes += size;
             }
         }
+        drop(lease);
         if !remote {
             return Ok(report);
         }

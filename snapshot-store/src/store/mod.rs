@@ -19,6 +19,7 @@ mod cache;
 mod config;
 mod error;
 mod gc;
+mod lease;
 mod publish;
 mod reports;
 mod working_set;
@@ -300,17 +301,24 @@ impl Store {
                 draft.id
             )));
         }
-        if publish {
-            for tier in &self.inner.remotes {
-                if tier.head(&manifest_key(&draft.id)).await?.is_some() {
-                    return Err(StoreError::InvalidInput(format!(
-                        "snapshot `{}` already exists in {}",
-                        draft.id,
-                        tier.name()
-                    )));
+        // An id another host published is taken even for a snapshot kept local for now: a later push would
+        // collide with it. Unreachable remotes do not stop a local snapshot (its publish is a create-only write,
+        // so it can never replace the other host's manifest).
+        for tier in &self.inner.remotes {
+            match tier.head(&manifest_key(&draft.id)).await {
+                Ok(Some(_)) => {
+                    return Err(StoreError::Exists {
+                        id: draft.id.clone(),
+                        tier: tier.name().to_string(),
+                        detail: String::new(),
+                    })
                 }
+                Ok(None) => {}
+                Err(e) if !publish => warn!(id = %draft.id, error = %e, "could not check the remote tier for the id"),
+                Err(e) => return Err(e.into()),
             }
         }
+        let _lease = self.lease(false, lease::LEASE_WAIT).await?;
         let mut report = PutReport::default();
         let mut images = Vec::new();
         let mut pins = Vec::new();
@@ -329,8 +337,15 @@ impl Store {
             metadata: draft.metadata.clone(),
             images,
         };
-        self.inner.l1.put_blocking(&manifest_key(&manifest.id), &self.encode_manifest(&manifest))?;
+        if !self.inner.l1.put_new_blocking(&manifest_key(&manifest.id), &self.encode_manifest(&manifest))? {
+            return Err(StoreError::Exists {
+                id: manifest.id.clone(),
+                tier: "the local cache".into(),
+                detail: " (written by a concurrent snapshot with the same id)".into(),
+            });
+        }
         drop(pins);
+        drop(_lease);
         report.seconds = started.elapsed().as_secs_f64();
         info!(id = %manifest.id, logical = report.logical_bytes, new_stored = report.new_stored_bytes, "snapshot stored locally");
         if publish {
@@ -395,7 +410,8 @@ impl Store {
                             g.keys.push(key.clone());
                         }
                         let existing = lock(&this.inner.index).entries.get(&key).map(|e| e.0);
-                        if let Some(stored) = existing {
+                        // The index may be stale: another process (`flint-store gc`) may have removed the file.
+                        if let Some(stored) = existing.filter(|_| this.inner.l1.exists(&key)) {
                             return Ok((Some(ChunkRef { id, stored: stored as u32 }), 1, 0));
                         }
                         let stored =

@@ -60,7 +60,20 @@ impl Store {
             if started.elapsed() > self.inner.cfg.gc_grace / 2 {
                 return Err(StoreError::PublishTooSlow { id: id.to_string(), grace: self.inner.cfg.gc_grace });
             }
-            tier.put(&manifest_key(id), self.encode_manifest(&manifest)).await?;
+            // Create-only: a manifest of the same id from another host is never replaced (GC would then delete
+            // the chunks only it referenced). Our own earlier upload (a retried push) is the same manifest.
+            if !tier.put_new(&manifest_key(id), self.encode_manifest(&manifest)).await? {
+                let theirs = tier.get(&manifest_key(id), MAX_MANIFEST_OBJECT).await?;
+                let same = theirs.map(|b| self.decode_manifest(id, tier.name(), &b)).transpose()?;
+                if same.as_ref() != Some(&manifest) {
+                    return Err(StoreError::Exists {
+                        id: id.to_string(),
+                        tier: tier.name().to_string(),
+                        detail: " with other content (another host published that id); this snapshot stays local"
+                            .into(),
+                    });
+                }
+            }
         }
         let c = &self.inner.counters;
         c.uploaded_chunks.fetch_add(report.uploaded_chunks, Ordering::Relaxed);
