@@ -135,6 +135,8 @@ impl Daemon {
                             let result = this.await_ready(&slot).await;
                             let _ = this.finish_start(&slot, started, result, rec.snapshot.is_some());
                         });
+                    } else {
+                        self.reconcile_run_state(slot.clone());
                     }
                 }
                 (VmStatus::Running | VmStatus::Paused | VmStatus::Starting, false) => {
@@ -149,6 +151,29 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// A VMM left paused or running against its record by an operation that flintd did not finish (killed in a
+    /// pause, a resume, or a snapshot that keeps the VM paused while it copies drives): the record, which is
+    /// written only when an operation completes, wins, and the VMM is brought back to it.
+    fn reconcile_run_state(self: &Arc<Self>, slot: Arc<Slot>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _op = slot.op.lock().await;
+            let rec = slot.get();
+            let vmm = this.launcher.vmm(&rec.dir);
+            let Ok(d) = vmm.describe().await else { return };
+            let fix = match (rec.status, d.state) {
+                (VmStatus::Running, flint_vmm_api::describe::RunState::Paused) => Some(vmm.resume().await),
+                (VmStatus::Paused, flint_vmm_api::describe::RunState::Running) => Some(vmm.pause().await),
+                _ => None,
+            };
+            match fix {
+                Some(Ok(())) => info!(vm = %rec.id, status = rec.status.name(), "VMM brought back to its record"),
+                Some(Err(e)) => warn!(vm = %rec.id, error = %e, "could not bring the VMM back to its record"),
+                None => {}
+            }
+        });
     }
 
     fn slot(&self, id: &str) -> Result<Arc<Slot>, OpError> {
@@ -980,12 +1005,16 @@ mod tests {
         let env = Env::new("adopt");
         let l = FakeLauncher::default();
         let d = env.open(&l);
-        for id in ["running", "paused", "starting", "stopping", "gone", "failed"] {
+        for id in ["running", "paused", "starting", "stopping", "gone", "failed", "mid-pause", "mid-resume"] {
             d.create(CreateVm { id: Some(id.into()), env: [("K".into(), "v".into())].into(), ..Default::default() })
                 .await
                 .unwrap();
         }
         d.pause("paused", true).await.unwrap();
+        d.pause("mid-resume", true).await.unwrap();
+        // Killed mid-operation: the VMM changed run state, the record (written when an operation ends) did not.
+        l.vmm(&d.get("mid-pause").unwrap().dir).pause().await.unwrap();
+        l.vmm(&d.get("mid-resume").unwrap().dir).resume().await.unwrap();
         // Rewind or advance records to what a crash mid-operation leaves behind.
         let set = |id: &str, f: &dyn Fn(&mut VmRecord)| {
             let slot = d.slot(id).unwrap();
@@ -1035,6 +1064,15 @@ mod tests {
         assert_eq!(d.get("paused").unwrap().status, VmStatus::Paused);
         assert_eq!(d.get("gone").unwrap().status, VmStatus::Lost);
         assert_eq!(d.get("failed").unwrap().status, VmStatus::Failed);
+        // The record wins: the VMMs are brought back to it.
+        for (id, want) in [("mid-pause", RunState::Running), ("mid-resume", RunState::Paused)] {
+            let vmm = l.vmm(&d.get(id).unwrap().dir);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while vmm.describe().await.unwrap().state != want {
+                assert!(Instant::now() < deadline, "{id}: the VMM was not brought back to its record");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         assert!(!l.alive(stopping), "the interrupted delete was finished");
         assert!(!l.alive(orphan), "the VMM no record owned was stopped");
         assert!(!orphan_dir.exists(), "and its directory removed");

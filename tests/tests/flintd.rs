@@ -26,6 +26,8 @@ fn flint_json(socket: &Path, args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
+    // With --json (and not on a terminal) long calls print no progress.
+    assert!(out.stderr.is_empty(), "flint {args:?} wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
@@ -74,7 +76,12 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     // push to S3. The drive's content is part of the snapshot.
     let disk = work.path().join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
-    let init = "echo warm > /tmp/warm && echo template-disk | dd of=/dev/vda conv=fsync 2>/dev/null";
+    // The init also installs a before-checkpoint and an after-restore hook that log to /tmp/hooks.log.
+    let init = "set -e; echo warm > /tmp/warm; echo template-disk | dd of=/dev/vda conv=fsync 2>/dev/null; \
+        mkdir -p /etc/flint/hooks/before-checkpoint.d /etc/flint/hooks/after-restore.d; \
+        printf '#!/bin/sh\\necho checkpoint >> /tmp/hooks.log\\n' > /etc/flint/hooks/before-checkpoint.d/10-log; \
+        printf '#!/bin/sh\\necho restored $(hostname) >> /tmp/hooks.log\\n' > /etc/flint/hooks/after-restore.d/10-log; \
+        chmod +x /etc/flint/hooks/*/10-log";
     let t = flint_json(
         &socket,
         &["template", "create", "py", "--push", "--drive", disk.to_str().unwrap(), "--", "/bin/sh", "-c", init],
@@ -116,6 +123,12 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     let warm = work.path().join("warm");
     assert!(flint(&socket, &["cp", &format!("{}:/tmp/warm", clones[0]), warm.to_str().unwrap()]).status.success());
     assert_eq!(std::fs::read_to_string(&warm).unwrap(), "warm\n");
+    // The hooks ran inside the guests: before-checkpoint in the template's VM (so its line is in the snapshot),
+    // after-restore in each clone, after the clone got its hostname.
+    for c in &clones[..2] {
+        let log = flint_supervisor_get(&socket, &format!("/v1/vms/{c}/files?path=/tmp/hooks.log"));
+        assert_eq!(String::from_utf8_lossy(&log), format!("checkpoint\nrestored {c}\n"), "hooks in {c}");
+    }
     // Each clone has its own copy of the drive (from S3: this host's cache was wiped), holding what the template
     // wrote; a write in one clone is seen neither by another clone nor by the template's host file.
     let head = |vm: &str| flint_supervisor_get(&socket, &format!("/v1/vms/{vm}/files?path=/dev/vda&limit=14"));
@@ -142,6 +155,12 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     for c in &clones {
         random_bytes(&socket, c, work.path());
     }
+    // On a terminal, a long call shows its progress (phase and elapsed time) and leaves a summary line.
+    let flint_cmd =
+        format!("{} --socket {} snapshot pull tmpl-py", bin_dir().join("flint").display(), socket.display());
+    let tty = Command::new("script").args(["-qec", &flint_cmd, "/dev/null"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success() && shown.contains("downloading snapshot tmpl-py: done in"), "{shown}");
     let mut args = vec!["vm", "rm"];
     args.extend(clones.iter().map(String::as_str));
     assert!(flint(&socket, &args).status.success());

@@ -192,6 +192,83 @@ fn drive_specs(args: &[String]) -> Vec<DriveSpec> {
         .collect()
 }
 
+/// What a long call's progress line shows besides its label: the VMs the call is starting, polled from the API.
+#[derive(Clone, Copy)]
+enum Watch<'a> {
+    Nothing,
+    /// VMs created since the call began (restored from `snapshot`, or booted from an image when `None`).
+    NewVms {
+        snapshot: Option<&'a str>,
+    },
+}
+
+impl Watch<'_> {
+    async fn phase(&self, api: &Api, since_ms: u64) -> Option<String> {
+        let Watch::NewVms { snapshot } = *self else { return None };
+        let vms = api.call("GET", "/v1/vms", None).await.ok()?;
+        let mut counts = std::collections::BTreeMap::<String, u32>::new();
+        for vm in vms.as_array()?.iter().filter(|v| {
+            v["created_unix_ms"].as_u64().is_some_and(|t| t >= since_ms) && v["snapshot"].as_str() == snapshot
+        }) {
+            *counts.entry(vm["status"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+        if snapshot.is_none() {
+            // A template: its build VM boots, runs the init and is snapshotted, then deleted.
+            return Some(match counts.keys().next().map(String::as_str) {
+                None => "starting".into(),
+                Some("starting") => "booting the VM".into(),
+                Some("running") => "running the init command, snapshotting".into(),
+                _ => "storing the snapshot".into(),
+            });
+        }
+        Some(counts.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// Runs a call that may take minutes. On a terminal: a spinner line with the phase and the elapsed time, left as
+/// a summary when done. Quiet with `--json` or when stderr is not a terminal (scripts, logs).
+async fn long_call(
+    api: &Api,
+    json: bool,
+    label: String,
+    watch: Watch<'_>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return api.call(method, path, body).await;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_message(label.clone());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let since_ms = flint_vmm_api::now_unix_ms();
+    let call = api.call(method, path, body);
+    tokio::pin!(call);
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            _ = poll.tick() => {
+                if let Some(phase) = watch.phase(api, since_ms).await {
+                    bar.set_message(format!("{label}: {phase}"));
+                }
+            }
+        }
+    };
+    let secs = bar.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => bar.finish_with_message(format!("{label}: done in {secs:.1} s")),
+        Err(_) => bar.finish_with_message(format!("{label}: failed after {secs:.1} s")),
+    }
+    result
+}
+
 struct Api {
     socket: PathBuf,
 }
@@ -272,9 +349,18 @@ async fn run(cli: Cli) -> Result<i32, String> {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
                     envs.insert(k.to_string(), v.to_string());
                 }
-                eprintln!("booting a VM (waits for its agent)...");
                 let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs };
-                let v = api.call("POST", "/v1/vms", Some(typed(&body)?)).await?;
+                let label = "booting a VM (until its agent answers)".to_string();
+                let v = long_call(
+                    &api,
+                    cli.json,
+                    label,
+                    Watch::NewVms { snapshot: None },
+                    "POST",
+                    "/v1/vms",
+                    Some(typed(&body)?),
+                )
+                .await?;
                 out(&v, &|v| print_vms(&json!([v])));
             }
             VmCmd::Ls => out(&api.call("GET", "/v1/vms", None).await?, &print_vms),
@@ -411,29 +497,29 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 api.call("DELETE", &format!("/v1/snapshots/{}?remote={remote}", enc(&id)), None).await?;
             }
             SnapCmd::Push { id } => {
-                out(&api.call("POST", &format!("/v1/snapshots/{}/push", enc(&id)), None).await?, &pretty)
+                let path = format!("/v1/snapshots/{}/push", enc(&id));
+                let label = format!("uploading snapshot {id}");
+                out(&long_call(&api, cli.json, label, Watch::Nothing, "POST", &path, None).await?, &pretty)
             }
             SnapCmd::Pull { id } => {
-                out(&api.call("POST", &format!("/v1/snapshots/{}/pull", enc(&id)), None).await?, &pretty)
+                let path = format!("/v1/snapshots/{}/pull", enc(&id));
+                let label = format!("downloading snapshot {id}");
+                out(&long_call(&api, cli.json, label, Watch::Nothing, "POST", &path, None).await?, &pretty)
             }
         },
         Cmd::Template { cmd } => match cmd {
             TemplateCmd::Create { name, image, push, drives, init } => {
-                eprintln!("creating template {name}: boot, init, snapshot...");
-                let v = api
-                    .call(
-                        "POST",
-                        "/v1/templates",
-                        Some(typed(&CreateTemplate {
-                            name: name.clone(),
-                            image,
-                            init,
-                            publish: push,
-                            drives: drive_specs(&drives),
-                            ..Default::default()
-                        })?),
-                    )
-                    .await?;
+                let body = typed(&CreateTemplate {
+                    name: name.clone(),
+                    image,
+                    init,
+                    publish: push,
+                    drives: drive_specs(&drives),
+                    ..Default::default()
+                })?;
+                let label = format!("creating template {name}");
+                let watch = Watch::NewVms { snapshot: None };
+                let v = long_call(&api, cli.json, label, watch, "POST", "/v1/templates", Some(body)).await?;
                 out(&v, &pretty);
             }
             TemplateCmd::Ls => out(&api.call("GET", "/v1/templates", None).await?, &pretty),
@@ -442,14 +528,12 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         },
         Cmd::Clone { template, snapshot, count, lazy } => {
-            eprintln!("restoring {count} clone(s){}...", if lazy { " lazily" } else { "" });
-            let v = api
-                .call(
-                    "POST",
-                    "/v1/clones",
-                    Some(typed(&CreateClones { template, snapshot, count, lazy, ..Default::default() })?),
-                )
-                .await?;
+            let label = format!("restoring {count} clone(s){}", if lazy { " lazily" } else { "" });
+            // The clones' records name the snapshot (a template's is tmpl-NAME).
+            let source = snapshot.clone().or_else(|| template.as_ref().map(|t| format!("tmpl-{t}")));
+            let body = typed(&CreateClones { template, snapshot, count, lazy, ..Default::default() })?;
+            let watch = Watch::NewVms { snapshot: source.as_deref() };
+            let v = long_call(&api, cli.json, label, watch, "POST", "/v1/clones", Some(body)).await?;
             out(&v, &print_vms);
         }
         Cmd::Cache { cmd: CacheCmd::Clear } => out(&api.call("DELETE", "/v1/store/cache", None).await?, &pretty),
