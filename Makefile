@@ -4,7 +4,7 @@ CARGO ?= cargo
 JOBS ?= 2
 export FLINT_CACHE ?= $(HOME)/.cache/flint
 
-.PHONY: images build demo test bench fuzz fmt clippy
+.PHONY: images build demo test bench fuzz crash-test fmt clippy
 
 ## images: build (or find cached) guest kernel + rootfs; prints the directory
 images:
@@ -32,6 +32,14 @@ bench: build
 ## fuzz: every fuzz target for FUZZ_SECONDS (default 60) each, execs/s per target (nightly + cargo-fuzz)
 fuzz:
 	@bash scripts/fuzz.sh
+
+## crash-test: the kill -9 harness, CRASH_ROUNDS (default 20) kills per operation (make test runs 2, and 1 template)
+CRASH_ROUNDS ?= 20
+crash-test:
+	@$(CARGO) build -j$(JOBS) --workspace --bins
+	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" \
+	  FLINT_CRASH_ROUNDS=$(CRASH_ROUNDS) FLINT_CRASH_TEMPLATE_ROUNDS=$(CRASH_ROUNDS) \
+	  $(CARGO) test -j$(JOBS) -p flint-tests --test crash -- --nocapture --test-threads=1
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -50,6 +50,7 @@ impl From<OpError> for ApiError {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::VmFailed(_) => StatusCode::BAD_GATEWAY,
+            OpError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

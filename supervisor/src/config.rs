@@ -29,6 +29,27 @@ pub struct Config {
     pub max_parallel_restores: usize,
     /// Most bytes one `GET /v1/vms/{id}/files` returns (a guest file, or device, may be endless).
     pub max_file_read_bytes: u64,
+    /// Group that owns the API socket (mode 0660): its members may drive flintd without root.
+    pub socket_group: Option<String>,
+    pub limits: Limits,
+}
+
+/// Quotas on what API callers may start; exceeding one is a 429 with the quota named, and nothing starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// VMs that are starting, running, paused or stopping (failed and lost ones hold nothing).
+    pub max_vms: usize,
+    /// Sum of those VMs' guest memory, MiB; 0: no limit (guest memory is touched lazily, so hosts overcommit).
+    pub max_total_mem_mib: u64,
+    /// Clones one `POST /v1/clones` may ask for.
+    pub max_clones_per_call: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_vms: 1024, max_total_mem_mib: 0, max_clones_per_call: 1000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +57,8 @@ pub struct Config {
 pub struct VmDefaults {
     pub mem_mib: u64,
     pub vcpus: u8,
+    /// Most bytes a VM's console.log and console.log.1 hold together (the older output is dropped).
+    pub console_limit_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,13 +90,15 @@ impl Default for Config {
             restore_agent_timeout_s: 60,
             max_parallel_restores: 2,
             max_file_read_bytes: 1 << 30,
+            socket_group: None,
+            limits: Limits::default(),
         }
     }
 }
 
 impl Default for VmDefaults {
     fn default() -> Self {
-        VmDefaults { mem_mib: 256, vcpus: 1 }
+        VmDefaults { mem_mib: 256, vcpus: 1, console_limit_bytes: flint_vmm_api::config::DEFAULT_CONSOLE_LIMIT }
     }
 }
 

@@ -2,6 +2,7 @@
 //! state database, snapshots in the store. The workflows that span VMs (templates, clones) are in `flows.rs`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,7 @@ pub struct Daemon {
     pub(crate) db: Db,
     pub store: Store,
     pub launcher: Arc<dyn Launcher>,
-    vms: Mutex<HashMap<String, Arc<Slot>>>,
+    pub(crate) vms: Mutex<HashMap<String, Arc<Slot>>>,
     pub(crate) restore_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
     seq: AtomicU64,
@@ -62,8 +63,12 @@ impl Daemon {
 
     pub fn open_with(cfg: Config, launcher: Arc<dyn Launcher>) -> Result<Arc<Daemon>, String> {
         cfg.check()?;
+        crate::private_umask();
         std::fs::create_dir_all(cfg.data_dir.join("vms"))
             .map_err(|e| format!("create {}: {e}", cfg.data_dir.join("vms").display()))?;
+        // Guest memory, snapshots and drives live here: only flintd's user may enter (even if it existed before).
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("chmod 0700 {}: {e}", cfg.data_dir.display()))?;
         let db = Db::open(&cfg.data_dir.join("flintd.redb")).map_err(|e| e.to_string())?;
         let store = Store::open(store_config(&cfg)?).map_err(|e| format!("snapshot store: {e}"))?;
         let slots = cfg.max_parallel_restores.max(1);
@@ -225,6 +230,30 @@ impl Daemon {
         format!("{prefix}-{:x}{n:x}{:02x}{:02x}{:02x}", now_unix_ms() % 0x10000, r[0], r[1], r[2])
     }
 
+    /// Whether `n` more VMs of `mem_mib` each fit the quotas of `[limits]`, given the VM table.
+    pub(crate) fn check_quota(&self, vms: &HashMap<String, Arc<Slot>>, n: usize, mem_mib: u64) -> Result<(), OpError> {
+        let limits = &self.cfg.limits;
+        let live: Vec<VmRecord> =
+            vms.values().map(|s| s.get()).filter(|r| !matches!(r.status, VmStatus::Failed | VmStatus::Lost)).collect();
+        if live.len() + n > limits.max_vms {
+            return Err(OpError::QuotaExceeded(format!(
+                "quota: {} VM(s) live, {n} more would pass limits.max_vms = {}",
+                live.len(),
+                limits.max_vms
+            )));
+        }
+        let used: u64 = live.iter().map(|r| r.mem_mib).sum();
+        let want = used + n as u64 * mem_mib;
+        if limits.max_total_mem_mib > 0 && want > limits.max_total_mem_mib {
+            return Err(OpError::QuotaExceeded(format!(
+                "quota: {used} MiB of guest memory in use, {n} more VM(s) of {mem_mib} MiB would pass \
+                 limits.max_total_mem_mib = {}",
+                limits.max_total_mem_mib
+            )));
+        }
+        Ok(())
+    }
+
     /// A new VM in `Starting`, persisted, with an empty directory.
     fn reserve(&self, id: Option<String>, prefix: &str, f: impl FnOnce(&mut VmRecord)) -> Result<Arc<Slot>, OpError> {
         let id = match id {
@@ -259,6 +288,7 @@ impl Daemon {
             if vms.contains_key(&id) {
                 return Err(OpError::Conflict(format!("VM `{id}` already exists")));
             }
+            self.check_quota(&vms, 1, rec.mem_mib)?;
             let slot = Slot::new(rec.clone());
             vms.insert(id.clone(), slot.clone());
             slot
@@ -499,6 +529,7 @@ impl Daemon {
             .collect();
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
+        config.console_limit_bytes = self.cfg.vm.console_limit_bytes;
         config.validate_limits()?;
         let spec = LaunchSpec { api_sock: Some(dir.join("api.sock")), seccomp: true, launch: Launch::Boot(config) };
         let started = Instant::now();
@@ -722,6 +753,7 @@ impl Daemon {
                     devices: HostDevices {
                         vsock_uds: Some(dir.join("vsock.sock")),
                         console: Some(dir.join("console.log").display().to_string()),
+                        console_limit_bytes: Some(self.cfg.vm.console_limit_bytes),
                         net: None,
                         drive_paths: (!drive_flags.is_empty())
                             .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
@@ -911,6 +943,46 @@ mod tests {
 
     fn vm(id: &str) -> CreateVm {
         CreateVm { id: Some(id.into()), ..Default::default() }
+    }
+
+    /// The quotas of `[limits]`: exceeding one is a QuotaExceeded (429) naming it, and nothing starts; failed VMs
+    /// hold no quota.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quotas_refuse_before_anything_starts() {
+        let mut env = Env::new("quota");
+        env.cfg.limits = crate::config::Limits { max_vms: 3, max_total_mem_mib: 1024, max_clones_per_call: 2 };
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        let quota = |r: Result<VmRecord, OpError>, what: &str| match r {
+            Err(OpError::QuotaExceeded(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a quota error naming {what}: {other:?}"),
+        };
+        d.create(CreateVm { id: Some("a".into()), mem_mib: Some(512), ..Default::default() }).await.unwrap();
+        quota(d.create(CreateVm { mem_mib: Some(768), ..Default::default() }).await, "max_total_mem_mib");
+        d.snapshot("a", CreateSnapshot { id: "qa".into(), publish: false }).await.unwrap();
+        let clones = |n| d.clones(CreateClones { snapshot: Some("qa".into()), count: n, ..Default::default() });
+        match clones(3).await {
+            Err(OpError::QuotaExceeded(m)) => assert!(m.contains("max_clones_per_call"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Two clones of 512 MiB would pass the memory quota: refused as a whole, none started.
+        match clones(2).await {
+            Err(OpError::QuotaExceeded(m)) => assert!(m.contains("max_total_mem_mib"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((d.list().len(), l.running()), (1, 1));
+        d.create(CreateVm { id: Some("b".into()), mem_mib: Some(256), ..Default::default() }).await.unwrap();
+        d.create(CreateVm { id: Some("c".into()), mem_mib: Some(128), ..Default::default() }).await.unwrap();
+        quota(d.create(CreateVm { mem_mib: Some(64), ..Default::default() }).await, "max_vms");
+        // A failed VM holds nothing.
+        l.kill(d.get("c").unwrap().proc().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.get("c").unwrap().status != VmStatus::Failed {
+            assert!(Instant::now() < deadline, "the exit was not noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        d.create(CreateVm { id: Some("d".into()), mem_mib: Some(64), ..Default::default() }).await.unwrap();
+        d.stop_all().await;
     }
 
     /// After any mix of operations, a VM that still exists is Running or Paused, its VMM is alive, and the

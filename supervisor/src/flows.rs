@@ -14,11 +14,21 @@ impl Daemon {
             (None, Some(s)) => s.clone(),
             _ => return Err(OpError::BadRequest("give exactly one of `template` and `snapshot`".into())),
         };
-        if req.count == 0 || req.count > MAX_CLONES_PER_CALL {
-            return Err(OpError::BadRequest(format!("count {} is out of range (1-{MAX_CLONES_PER_CALL})", req.count)));
+        if req.count == 0 {
+            return Err(OpError::BadRequest("count 0: ask for at least one clone".into()));
+        }
+        let max = self.cfg.limits.max_clones_per_call;
+        if req.count > max {
+            return Err(OpError::QuotaExceeded(format!(
+                "quota: {} clones in one call, limits.max_clones_per_call = {max}",
+                req.count
+            )));
         }
         // Fetch once (the clones then share the L1 chunks), then restore in parallel up to the slot limit.
-        self.store.manifest(&snapshot).await?;
+        let manifest = self.store.manifest(&snapshot).await?;
+        // All or nothing: every clone must fit the quotas before the first starts (each also checks as it starts).
+        let mem = manifest.metadata.get("mem_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
+        self.check_quota(&flint_vmm_api::lock(&self.vms), req.count as usize, mem)?;
         let tasks: Vec<_> = (0..req.count)
             .map(|_| {
                 let this = self.clone();

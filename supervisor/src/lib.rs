@@ -30,8 +30,31 @@ pub fn log_colours() -> bool {
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// Files flintd and its VMMs create (guest memory, snapshots, chunks, drive copies, logs, sockets) are its
+/// user's only: umask 077, inherited by every VMM.
+pub fn private_umask() {
+    // SAFETY: umask(2) only sets the process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// The gid of a group by name.
+fn group_id(name: &str) -> Result<libc::gid_t, String> {
+    let c = std::ffi::CString::new(name).map_err(|_| format!("socket_group `{name}`: not a group name"))?;
+    // SAFETY: `struct group` is plain data (integers and pointers) for which all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes the entry into `grp` and its strings into `buf` (both ours, with their sizes), and
+    // sets `out` to `&grp` or null; nothing outlives this call.
+    let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(format!("socket_group `{name}`: no such group"));
+    }
+    Ok(grp.gr_gid)
+}
+
 /// Binds the API socket: a stale socket (nothing answers) is removed; a live one is an error.
-fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixListener, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -44,6 +67,11 @@ fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
     let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    if let Some(g) = group {
+        let gid = group_id(g)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| format!("chown {} to group {g}: {e}", path.display()))?;
+    }
     Ok(l)
 }
 
@@ -70,8 +98,12 @@ fn sd_notify(state: &str) {
 /// Runs flintd until SIGTERM/SIGINT. VMs keep running across a daemon restart (they are re-adopted).
 pub async fn run(cfg: config::Config) -> Result<(), String> {
     let socket = cfg.socket.clone();
+    let group = cfg.socket_group.clone();
+    if let Some(g) = &group {
+        group_id(g)?; // before anything starts
+    }
     let daemon = daemon::Daemon::open(cfg)?;
-    let listener = bind(&socket)?;
+    let listener = bind(&socket, group.as_deref())?;
     info!(socket = %socket.display(), vms = daemon.list().len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");
     let app = api::router(daemon.clone());

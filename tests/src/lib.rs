@@ -620,6 +620,35 @@ impl Drop for Flintd {
     }
 }
 
+/// Processes whose command line names `dir` (flintd and its VMMs under a test's data directory): pid and command
+/// line.
+pub fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// VMMs started by flintd live in their own sessions (they must survive flintd): kill any left under `0` when the
+/// test ends, pass or fail.
+pub struct KillVmmsUnder(pub PathBuf);
+
+impl Drop for KillVmmsUnder {
+    fn drop(&mut self) {
+        for (pid, _) in processes_naming(&self.0) {
+            // SAFETY: kill(2) on a process whose command line names this test's private directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Every fuzz target's corpus (fuzz/corpus/<target>/, committed: seeds, minimized finds, regressions) replayed
 /// through the target's body on stable: `make test` guards every case the fuzzer found (docs/testing.md).
 #[cfg(test)]

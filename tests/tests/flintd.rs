@@ -2,11 +2,12 @@
 //! snapshot pushed to a real S3 server, local cache wiped, clones pulled from S3 and restored, distinct entropy in
 //! each, kill -9 of flintd, restart, and the clones still listed and answering.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use flint_tests::{bin_dir, Flintd, S3Server, TempDir};
+use flint_tests::{bin_dir, Flintd, KillVmmsUnder, S3Server, TempDir};
 
 fn start_flintd(data: &Path, socket: &Path, s3: &S3Server) -> Flintd {
     Flintd::start(data, socket, s3, "e2e")
@@ -155,6 +156,16 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     for c in &clones {
         random_bytes(&socket, c, work.path());
     }
+    // Every file flintd and the VMMs made (memory and state files, chunks, drive copies, logs, sockets, the
+    // database) is private to flintd's user: no group or other permission bits anywhere under the data dir.
+    let mut open_files = Vec::new();
+    walk(&data, &mut |p: &Path| {
+        let mode = std::fs::symlink_metadata(p).unwrap().mode();
+        if mode & 0o077 != 0 {
+            open_files.push(format!("{:o} {}", mode & 0o7777, p.display()));
+        }
+    });
+    assert!(open_files.is_empty(), "files others can read: {open_files:#?}");
     // On a terminal, a long call shows its progress (phase and elapsed time) and leaves a summary line.
     let flint_cmd =
         format!("{} --socket {} snapshot pull tmpl-py", bin_dir().join("flint").display(), socket.display());
@@ -168,24 +179,6 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     drop(d2);
 }
 
-/// VMMs started by flintd live in their own sessions (they must survive flintd): kill any left under `0` when the
-/// test ends, pass or fail.
-struct KillVmmsUnder(PathBuf);
-
-impl Drop for KillVmmsUnder {
-    fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // SAFETY: kill(2) on a process whose command line names this test's private directory.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 /// Every route of docs/api/flintd.yaml is live (answers something other than "no such route"), and bad input gets
 /// a 4xx JSON error, never a crash. No VM is booted.
 #[test]
@@ -194,7 +187,15 @@ fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
     let work = TempDir::new("flintd-routes");
     let data = work.path().join("data");
     let socket = work.path().join("flintd.sock");
-    let _d = start_flintd(&data, &socket, &s3);
+    // A data directory made open by someone else is closed at start.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _d =
+        Flintd::start_with(&data, &socket, &s3, "e2e", &["--allow-unauthenticated-bucket", "--socket-group", "daemon"]);
+    // The API socket is 0660 and its group is socket_group: operators grant access without root.
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 1), "socket mode and group (daemon is gid 1)");
+    assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for (method, path) in flint_supervisor::api::ROUTES {
         let path = path.replace("{id}", "no-such").replace("{name}", "no-such");
@@ -245,6 +246,19 @@ fn an_s3_tier_without_a_secret_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "flintd started with an unauthenticated bucket");
+    let bad_group = Command::new(bin_dir().join("flintd"))
+        .arg("--socket")
+        .arg(work.path().join("g.sock"))
+        .arg("--data-dir")
+        .arg(work.path().join("data-g"))
+        .args(["--socket-group", "no-such-group-flint"])
+        .output()
+        .unwrap();
+    let gerr = String::from_utf8_lossy(&bad_group.stderr);
+    assert!(
+        !bad_group.status.success() && gerr.contains("socket_group `no-such-group-flint`: no such group"),
+        "{gerr}"
+    );
     assert!(err.contains("without a store secret") && err.contains("allow_unauthenticated_bucket"), "{err}");
     let secret = work.path().join("store.secret");
     std::fs::write(&secret, "ab".repeat(32)).unwrap();
@@ -279,6 +293,18 @@ fn the_systemd_unit_verifies_and_needs_no_config_file() {
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !text.contains("flintd.service:"), "systemd-analyze verify: {text}");
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    f(dir);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(&p, f);
+        } else {
+            f(&p);
+        }
+    }
 }
 
 fn vm_detail(socket: &Path, id: &str) -> serde_json::Value {

@@ -298,3 +298,40 @@ fn describe_difference(got: &[u8], want: &[u8]) -> String {
         .collect();
     format!("{} bytes (want {}); {}", got.len(), want.len(), pages.join("; "))
 }
+
+/// A guest that floods its serial port cannot fill the host disk: 30 s of `cat /dev/urandom > /dev/ttyS0` leave
+/// console.log and console.log.1 within the limit (each at most half), with the newest output kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_its_console_stays_within_the_cap() {
+    let g = golden();
+    let dir = TempDir::new("console-cap");
+    let limit: u64 = 64 * 1024;
+    let mut vm =
+        VmProcess::restore(dir.path(), &g.state, &g.mem, "private", &["--console-limit".into(), limit.to_string()]);
+    let agent = vm.agent(Duration::from_secs(300)).await;
+    let req = flint_agent::protocol::ExecRequest {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "(cat /dev/urandom > /dev/ttyS0) >/dev/null 2>&1 </dev/null &".into(),
+        ],
+        timeout_ms: Some(60_000),
+        ..Default::default()
+    };
+    let out = agent.exec_output(req).await.expect("start the flood");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let console = dir.path().join("console.log");
+    let rotated = dir.path().join("console.log.1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut max_seen = 0;
+    while std::time::Instant::now() < deadline {
+        let total = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(&rotated).map(|m| m.len()).unwrap_or(0);
+        max_seen = max_seen.max(total);
+        assert!(total <= limit, "console files hold {total} bytes, over the {limit}-byte cap");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(rotated.exists(), "the guest wrote less than half the cap in 30 s: nothing was tested");
+    println!("console: at most {max_seen} bytes on disk for a {limit}-byte cap after 30 s of flooding");
+    assert!(agent.health().await.is_ok(), "the guest still answers");
+}

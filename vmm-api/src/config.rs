@@ -31,6 +31,10 @@ pub struct VmConfig {
     /// Where the serial console goes: a file path, "stdout" or "off".
     #[serde(default = "default_console")]
     pub console: String,
+    /// Most bytes a console file and its one rotated predecessor (`<path>.1`) hold together: a guest writing to
+    /// its serial port cannot fill the host disk. Each holds at most half; the older half is dropped.
+    #[serde(default = "default_console_limit")]
+    pub console_limit_bytes: u64,
     /// Force a host profile instead of detecting it.
     #[serde(default)]
     pub host_profile: Option<HostProfile>,
@@ -84,6 +88,13 @@ fn default_true() -> bool {
 fn default_console() -> String {
     "stdout".into()
 }
+/// Default [`VmConfig::console_limit_bytes`]: 16 MiB.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 16 << 20;
+/// Smallest console limit (two 4 KiB halves).
+pub const MIN_CONSOLE_LIMIT: u64 = 8192;
+fn default_console_limit() -> u64 {
+    DEFAULT_CONSOLE_LIMIT
+}
 fn default_cid() -> u64 {
     3
 }
@@ -133,6 +144,7 @@ impl VmConfig {
             vsock: None,
             rng: true,
             console: default_console(),
+            console_limit_bytes: DEFAULT_CONSOLE_LIMIT,
             host_profile: None,
             track_dirty_pages: false,
         }

@@ -59,6 +59,9 @@ pub struct HostDevices {
     /// Serial console: a file path, "stdout" or "off".
     #[serde(default)]
     pub console: Option<String>,
+    /// The console's size limit on this host (default: the snapshot's).
+    #[serde(default)]
+    pub console_limit_bytes: Option<u64>,
     #[serde(default)]
     pub net: Option<NetConfig>,
     /// Replaces the drives' paths, in order (as many as the snapshot has drives).

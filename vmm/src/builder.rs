@@ -230,6 +230,9 @@ fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, Bui
     if let Some(c) = &d.console {
         config.console = c.clone();
     }
+    if let Some(l) = d.console_limit_bytes {
+        config.console_limit_bytes = l;
+    }
     if let Some(n) = &d.net {
         if config.net.is_none() {
             return Err(RestoreError::Devices("a tap was given but the snapshot has no network device".into()).into());

@@ -47,6 +47,53 @@ impl Write for ConsoleOut {
     }
 }
 
+/// The console file, capped: when it would pass half the limit it becomes `<path>.1` (replacing the previous
+/// one) and a new file starts, so the two hold at most `limit` bytes and the newest output is always kept.
+pub(crate) struct RotatingFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    size: u64,
+    half: u64,
+}
+
+impl RotatingFile {
+    pub(crate) fn open(path: &std::path::Path, limit: u64) -> std::io::Result<RotatingFile> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        let half = limit.max(flint_vmm_api::config::MIN_CONSOLE_LIMIT) / 2;
+        let mut f = RotatingFile { path: path.to_path_buf(), file, size, half };
+        if f.size > f.half {
+            f.rotate()?;
+        }
+        Ok(f)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.size + buf.len() as u64 > self.half && self.size > 0 {
+            self.rotate()?;
+        }
+        // A single write larger than a half keeps only what fits (the serial port writes a byte at a time).
+        let n = buf.len().min(self.half as usize);
+        self.file.write_all(&buf[..n])?;
+        self.size += n as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Wakes the event loop when the VM exits.
 struct ExitWatcher(Arc<VmExit>);
 
@@ -87,10 +134,7 @@ pub(crate) fn setup_devices(
         "stdout" => Box::new(std::io::stdout()),
         "off" => Box::new(std::io::sink()),
         path => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            RotatingFile::open(std::path::Path::new(path), config.console_limit_bytes)
                 .map_err(|e| BuildError::Console(path.into(), e))?,
         ),
     };
@@ -159,5 +203,34 @@ pub(crate) fn setup_devices(
 pub(crate) fn finish_devices(d: &mut Devices) {
     for t in &d.transports {
         d.event_manager.add_subscriber(Box::new(MmioSubscriber(t.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_file_rotates_within_its_limit() {
+        let dir = std::env::temp_dir().join(format!("flint-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut f = RotatingFile::open(&path, 16384).unwrap();
+        // A guest writing a byte at a time, far past the limit.
+        for i in 0..100_000u32 {
+            f.write_all(&[b'a' + (i % 26) as u8]).unwrap();
+        }
+        let now = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(dir.join("console.log.1")).unwrap().len();
+        assert!(now <= 8192 && old <= 8192 && now + old > 8192, "{now} + {old}");
+        // The newest output is kept: the last byte written ends the current file.
+        let text = std::fs::read(&path).unwrap();
+        assert_eq!(*text.last().unwrap(), b'a' + (99_999 % 26) as u8);
+        // Reopened (a restored VM appending to an existing file) it stays within the limit too.
+        drop(f);
+        let mut f = RotatingFile::open(&path, 16384).unwrap();
+        f.write_all(&[b'x'; 9000]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() <= 8192);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

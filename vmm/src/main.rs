@@ -18,7 +18,7 @@ const EXIT_SETUP: u8 = 1;
 struct Args {
     /// The launch spec flintd writes (JSON `LaunchSpec`, docs/vmm.md): everything this process is to do. No other
     /// flag may be given with it.
-    #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
     spec: Option<PathBuf>,
     /// JSON VM configuration (fields as in docs/vmm.md); flags below override it.
     #[arg(long)]
@@ -51,6 +51,9 @@ struct Args {
     /// Serial console: a file path, "stdout" or "off".
     #[arg(long)]
     console: Option<String>,
+    /// Most bytes the console file and its rotated predecessor hold together.
+    #[arg(long)]
+    console_limit: Option<u64>,
     /// Disable virtio-rng.
     #[arg(long)]
     no_rng: bool,
@@ -151,6 +154,9 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
     }
     if let Some(con) = &a.console {
         c.console = con.clone();
+    }
+    if let Some(l) = a.console_limit {
+        c.console_limit_bytes = l;
     }
     if a.no_rng {
         c.rng = false;
@@ -291,6 +297,7 @@ fn restore_spec(args: &Args, state: &std::path::Path, mem: &std::path::Path) -> 
         devices: HostDevices {
             vsock_uds: args.vsock_uds.clone(),
             console: args.console.clone(),
+            console_limit_bytes: args.console_limit,
             net: args.tap.as_deref().map(parse_tap).transpose()?,
             drive_paths: if args.drives.is_empty() {
                 None

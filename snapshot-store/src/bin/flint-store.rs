@@ -174,6 +174,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Chunks and manifests hold guest memory: this user's only (as flintd makes them).
+    // SAFETY: umask(2) only sets the file-creation mask.
+    unsafe { libc::umask(0o077) };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

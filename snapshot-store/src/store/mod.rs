@@ -296,10 +296,11 @@ impl Store {
             }
         }
         if self.inner.l1.get_blocking(&manifest_key(&draft.id), MAX_MANIFEST_OBJECT)?.is_some() {
-            return Err(StoreError::InvalidInput(format!(
-                "snapshot `{}` already exists locally (to retry an interrupted upload, publish it)",
-                draft.id
-            )));
+            return Err(StoreError::Exists {
+                id: draft.id.clone(),
+                tier: "the local cache".into(),
+                detail: " (to retry an interrupted upload, publish it)".into(),
+            });
         }
         // An id another host published is taken even for a snapshot kept local for now: a later push would
         // collide with it. Unreachable remotes do not stop a local snapshot (its publish is a create-only write,

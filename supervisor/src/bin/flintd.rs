@@ -29,6 +29,9 @@ struct Args {
     /// Run an S3 tier without a secret (store.allow_unauthenticated_bucket): only for a bucket nobody else can write.
     #[arg(long)]
     allow_unauthenticated_bucket: bool,
+    /// Group owning the API socket (socket_group): its members may use flintd without root.
+    #[arg(long)]
+    socket_group: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,9 @@ fn main() -> ExitCode {
     }
     if let Some(f) = args.store_secret_file {
         cfg.store.secret_file = Some(f);
+    }
+    if let Some(g) = args.socket_group {
+        cfg.socket_group = Some(g);
     }
     if args.allow_unauthenticated_bucket {
         cfg.store.allow_unauthenticated_bucket = true;

@@ -16,6 +16,9 @@ pub enum OpError {
     Conflict(String),
     #[error("{0}")]
     VmFailed(String),
+    /// A quota of flintd's config (`[limits]`) would be exceeded: nothing was started.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -223,8 +226,6 @@ fn one() -> u32 {
     1
 }
 
-/// Most clones one request may ask for.
-pub const MAX_CLONES_PER_CALL: u32 = 1000;
 /// Most extra drives a VM may have (the VMM's device limit leaves room for net, vsock and rng).
 pub const MAX_DRIVES: usize = 8;
 

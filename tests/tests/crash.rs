@@ -1,0 +1,305 @@
+//! The kill -9 harness: for each operation (snapshot + push, clone eager, clone lazy, delete, template create),
+//! start it through the CLI, kill -9 flintd (even rounds) or the VMMs it involves (odd rounds) at a random point
+//! of its measured duration, restart flintd, and check the invariants:
+//! - no `flint-vmm` that no record owns, and every running or paused record's VMM alive (and its agent answering);
+//! - every failed or lost record's VMM gone;
+//! - every snapshot in S3 verifies there, every snapshot only in the local cache verifies there (no chunk a
+//!   manifest references is missing or corrupt).
+//!
+//! `FLINT_CRASH_ROUNDS` kill rounds per operation (default 2, as CI runs it; `make crash-test` runs 20) and
+//! `FLINT_CRASH_TEMPLATE_ROUNDS` for template create, which boots a VM each round (default 1). The cheap
+//! operations start from the golden snapshot imported into flintd's store, so only template create boots.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flint_snapshot_store::{ImageSource, S3Config, SnapshotDraft, Store, StoreConfig};
+use flint_tests::{bin_dir, golden, processes_naming, Flintd, KillVmmsUnder, S3Server, TempDir};
+use serde_json::Value;
+
+const PREFIX: &str = "crash";
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// xorshift seeded from the clock (printed, so a failing run can be replayed with FLINT_CRASH_SEED).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, d: Duration) -> Duration {
+        Duration::from_micros(self.next() % (d.as_micros() as u64).max(1))
+    }
+}
+
+struct Harness {
+    s3: S3Server,
+    data: PathBuf,
+    socket: PathBuf,
+    flintd: Option<Flintd>,
+}
+
+impl Harness {
+    fn start(&mut self) {
+        self.flintd = Some(Flintd::start(&self.data, &self.socket, &self.s3, PREFIX));
+    }
+
+    fn kill_flintd(&mut self) {
+        if let Some(mut d) = self.flintd.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(d.child.id() as i32, libc::SIGKILL) };
+            let _ = d.child.wait();
+        }
+    }
+
+    fn flint(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("flint"));
+        c.arg("--socket").arg(&self.socket).arg("--json").args(args);
+        c
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.flint(args).output().unwrap();
+        assert!(out.status.success(), "flint {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn vms(&self) -> Vec<Value> {
+        self.json(&["vm", "ls"]).as_array().cloned().unwrap_or_default()
+    }
+
+    fn store(&self) -> Store {
+        let mut cfg = StoreConfig::new(&self.data.join("store"));
+        let mut s3 = S3Config::new(&self.s3.bucket);
+        s3.endpoint = Some(self.s3.endpoint());
+        s3.prefix = PREFIX.into();
+        cfg.s3 = Some(s3);
+        for (k, v) in self.s3.env() {
+            std::env::set_var(k, v);
+        }
+        Store::open(cfg).unwrap()
+    }
+
+    /// flint-vmm processes of this flintd: pid and VM directory.
+    fn vmm_processes(&self) -> Vec<(i32, String)> {
+        processes_naming(&self.data.join("vms"))
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("flint-vmm"))
+            .map(|(pid, cmd)| {
+                let dir = cmd.split(' ').find(|a| a.ends_with("spec.json")).unwrap_or("").to_string();
+                (pid, dir)
+            })
+            .collect()
+    }
+
+    /// Waits until no record is starting or stopping (flintd finishes those after a restart).
+    fn settle(&self) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let vms = self.vms();
+            if vms.iter().all(|v| v["status"] != "starting" && v["status"] != "stopping") {
+                return vms;
+            }
+            assert!(Instant::now() < deadline, "records never settled: {vms:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn check_invariants(&self, what: &str) {
+        let vms = self.settle();
+        // Let exit watchers notice VMMs killed a moment ago, then read records and processes.
+        std::thread::sleep(Duration::from_millis(300));
+        let vms = if vms.is_empty() { vms } else { self.settle() };
+        let procs = self.vmm_processes();
+        for (pid, spec) in &procs {
+            let owner = vms.iter().find(|v| v["pid"].as_i64() == Some(i64::from(*pid)));
+            let owner =
+                owner.unwrap_or_else(|| panic!("{what}: flint-vmm {pid} ({spec}) is owned by no record: {vms:?}"));
+            assert!(
+                owner["status"] == "running" || owner["status"] == "paused",
+                "{what}: flint-vmm {pid} runs for a {} record: {owner}",
+                owner["status"]
+            );
+        }
+        for v in &vms {
+            let id = v["id"].as_str().unwrap();
+            let alive = v["pid"].as_i64().is_some_and(|p| procs.iter().any(|(q, _)| i64::from(*q) == p));
+            match v["status"].as_str().unwrap() {
+                "running" => {
+                    assert!(alive, "{what}: running record {id} has no VMM: {v}");
+                    let out = self.flint(&["exec", id, "--", "/bin/true"]).output().unwrap();
+                    assert!(out.status.success(), "{what}: running VM {id} does not answer: {:?}", out);
+                }
+                "paused" => assert!(alive, "{what}: paused record {id} has no VMM: {v}"),
+                "failed" | "lost" => assert!(!alive, "{what}: {} record {id} still has a VMM: {v}", v["status"]),
+                other => panic!("{what}: record {id} is {other} after settling"),
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = self.store();
+            for s in store.list().await.unwrap() {
+                let remote = s.remote;
+                let report =
+                    store.verify(&s.id, !remote).await.unwrap_or_else(|e| panic!("{what}: verify {}: {e}", s.id));
+                assert!(
+                    report.problems.is_empty(),
+                    "{what}: snapshot {} ({}) does not verify: {:?}",
+                    s.id,
+                    report.tier,
+                    report.problems
+                );
+            }
+        });
+    }
+
+    /// Deletes every VM but `keep`.
+    fn clean(&self, keep: &[&str]) {
+        let ids: Vec<String> = self
+            .vms()
+            .iter()
+            .filter_map(|v| v["id"].as_str().map(String::from))
+            .filter(|id| !keep.contains(&id.as_str()))
+            .collect();
+        if !ids.is_empty() {
+            let mut args = vec!["vm", "rm"];
+            args.extend(ids.iter().map(String::as_str));
+            self.json(&args);
+        }
+    }
+
+    fn running_clone(&self, id: &str) -> String {
+        if let Some(v) = self.vms().iter().find(|v| v["id"] == id && v["status"] == "running") {
+            return v["id"].as_str().unwrap().to_string();
+        }
+        self.clean(&[]);
+        let v = self.json(&["clone", "--snapshot", "base"]);
+        v[0]["id"].as_str().unwrap().to_string()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    SnapshotPush,
+    CloneEager,
+    CloneLazy,
+    Delete,
+    TemplateCreate,
+}
+
+#[test]
+fn kill_9_at_random_points_keeps_every_invariant() {
+    let rounds = env_count("FLINT_CRASH_ROUNDS", 2);
+    let template_rounds = env_count("FLINT_CRASH_TEMPLATE_ROUNDS", 1);
+    let seed = std::env::var("FLINT_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    println!("crash harness: {rounds} kill rounds per operation, {template_rounds} for template create, seed {seed}");
+    let mut rng = Rng(seed);
+    let work = TempDir::new("crash");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let mut h =
+        Harness { s3: S3Server::start(), data: data.clone(), socket: work.path().join("flintd.sock"), flintd: None };
+
+    // The golden snapshot as flintd's snapshot `base`, local and in S3.
+    let g = golden();
+    std::fs::create_dir_all(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut draft = SnapshotDraft::new("base")
+            .image("state", ImageSource::File(g.state.clone()))
+            .image("memory", ImageSource::File(g.mem.clone()));
+        for k in ["vcpus", "mem_mib"] {
+            draft.metadata.insert(k.into(), g.report[k].to_string());
+        }
+        draft.metadata.insert("drives".into(), "0".into());
+        draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
+        h.store().put(draft, true).await.unwrap();
+    });
+    h.start();
+    h.check_invariants("start");
+
+    let mut summary = Vec::new();
+    for op in [Op::SnapshotPush, Op::CloneEager, Op::CloneLazy, Op::Delete, Op::TemplateCreate] {
+        let kills = if op == Op::TemplateCreate { template_rounds } else { rounds };
+        // Round 0 runs uncut and measures the span the kills are drawn from (template create: a cold boot).
+        let mut span = Duration::from_secs(if op == Op::TemplateCreate { 60 } else { 2 });
+        let first = if op == Op::TemplateCreate { 1 } else { 0 };
+        for round in first..=kills {
+            let what = format!("{op:?} round {round}");
+            if h.flintd.is_none() {
+                h.start();
+            }
+            let src = match op {
+                Op::SnapshotPush | Op::Delete => Some(h.running_clone("")),
+                _ => {
+                    h.clean(&[]);
+                    None
+                }
+            };
+            let before: Vec<i32> = h.vmm_processes().into_iter().map(|p| p.0).collect();
+            let tag = format!("{}{round}", rng.next() % 100_000);
+            let args: Vec<String> = match op {
+                Op::SnapshotPush => {
+                    vec!["snapshot".into(), "create".into(), src.clone().unwrap(), format!("s{tag}"), "--push".into()]
+                }
+                Op::CloneEager => ["clone", "--snapshot", "base", "-n", "2"].map(String::from).to_vec(),
+                Op::CloneLazy => ["clone", "--snapshot", "base", "-n", "2", "--lazy"].map(String::from).to_vec(),
+                Op::Delete => vec!["vm".into(), "rm".into(), src.clone().unwrap()],
+                Op::TemplateCreate => {
+                    ["template", "create", &format!("t{tag}"), "--push", "--", "/bin/true"].map(String::from).to_vec()
+                }
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let started = Instant::now();
+            let mut child: Child = h.flint(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let victim = if round == 0 {
+                let st = child.wait().unwrap();
+                assert!(st.success(), "{what}: the uncut operation failed");
+                span = started.elapsed();
+                "none (measures the span)".to_string()
+            } else {
+                let at = rng.below(span);
+                while started.elapsed() < at && child.try_wait().unwrap().is_none() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let t = started.elapsed();
+                if round % 2 == 1 {
+                    h.kill_flintd();
+                    format!("flintd at {t:?}")
+                } else {
+                    // The VMMs the operation started, else the one it works on.
+                    let mut victims: Vec<i32> =
+                        h.vmm_processes().into_iter().map(|p| p.0).filter(|p| !before.contains(p)).collect();
+                    if victims.is_empty() {
+                        victims = before.clone();
+                    }
+                    for p in &victims {
+                        // SAFETY: kill(2) on a flint-vmm of this test's flintd.
+                        unsafe { libc::kill(*p, libc::SIGKILL) };
+                    }
+                    format!("{} VMM(s) at {t:?}", victims.len())
+                }
+            };
+            let _ = child.wait();
+            if h.flintd.is_none() {
+                h.start();
+            }
+            h.check_invariants(&what);
+            println!("{what}: killed {victim} of {span:?}: invariants hold");
+            summary.push(what);
+        }
+        h.clean(&[]);
+    }
+    println!("{} rounds passed", summary.len());
+    h.clean(&[]);
+    h.kill_flintd();
+}
