@@ -32,6 +32,44 @@ pub struct Config {
     /// Group that owns the API socket (mode 0660): its members may drive flintd without root.
     pub socket_group: Option<String>,
     pub limits: Limits,
+    pub jail: JailConfig,
+}
+
+/// The jail every VMM runs in (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// Off only for debugging (`flintd --no-jail`): VMMs then run as flintd's user, unconfined.
+    pub enabled: bool,
+    /// Each VM runs as its own uid and gid from `[uid_base, uid_base + uid_count)`, never root.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// The cgroup under each hierarchy that holds one cgroup per VM.
+    pub cgroup: String,
+    /// The VMM's memory beyond guest memory (its own heap, device queues, page tables): the cgroup's limit is
+    /// guest memory plus this.
+    pub vmm_overhead_mib: u64,
+    /// CPU weight of each VM (1-10000; 100 is an ordinary process's share).
+    pub cpu_weight: u32,
+    /// Tasks (threads) each VMM may have: its pids limit and RLIMIT_NPROC.
+    pub pids_max: u64,
+    /// Open files each VMM may have.
+    pub nofile: u64,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            enabled: true,
+            uid_base: 900_000,
+            uid_count: 65_536,
+            cgroup: "flint".into(),
+            vmm_overhead_mib: 256,
+            cpu_weight: 100,
+            pids_max: 128,
+            nofile: 4096,
+        }
+    }
 }
 
 /// Quotas on what API callers may start; exceeding one is a 429 with the quota named, and nothing starts.
@@ -92,6 +130,7 @@ impl Default for Config {
             max_file_read_bytes: 1 << 30,
             socket_group: None,
             limits: Limits::default(),
+            jail: JailConfig::default(),
         }
     }
 }

@@ -57,7 +57,7 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
 impl Daemon {
     /// Opens the state and the store, then re-adopts the VMs of the previous run. Must run inside a tokio runtime.
     pub fn open(cfg: Config) -> Result<Arc<Daemon>, String> {
-        let launcher = Arc::new(ProcessLauncher::new(cfg.vmm_bin()));
+        let launcher = Arc::new(ProcessLauncher::new(cfg.vmm_bin(), cfg.jail.enabled.then(|| cfg.jail.clone())));
         Self::open_with(cfg, launcher)
     }
 
@@ -254,6 +254,19 @@ impl Daemon {
         Ok(())
     }
 
+    /// The lowest uid of the jail's range that no VM record holds (failed and lost ones included: their files
+    /// are still that uid's).
+    fn free_uid(&self, vms: &HashMap<String, Arc<Slot>>) -> Result<u32, OpError> {
+        let used: std::collections::HashSet<u32> = vms.values().filter_map(|s| s.get().uid).collect();
+        let j = &self.cfg.jail;
+        (j.uid_base..j.uid_base.saturating_add(j.uid_count)).find(|u| !used.contains(u)).ok_or_else(|| {
+            OpError::QuotaExceeded(format!(
+                "every uid of the jail's range ({} from {}) is in use",
+                j.uid_count, j.uid_base
+            ))
+        })
+    }
+
     /// A new VM in `Starting`, persisted, with an empty directory.
     fn reserve(&self, id: Option<String>, prefix: &str, f: impl FnOnce(&mut VmRecord)) -> Result<Arc<Slot>, OpError> {
         let id = match id {
@@ -281,6 +294,7 @@ impl Daemon {
             lazy: false,
             env: BTreeMap::new(),
             drives: Vec::new(),
+            uid: None,
         };
         f(&mut rec);
         let slot = {
@@ -289,6 +303,9 @@ impl Daemon {
                 return Err(OpError::Conflict(format!("VM `{id}` already exists")));
             }
             self.check_quota(&vms, 1, rec.mem_mib)?;
+            if self.cfg.jail.enabled {
+                rec.uid = Some(self.free_uid(&vms)?);
+            }
             let slot = Slot::new(rec.clone());
             vms.insert(id.clone(), slot.clone());
             slot
@@ -310,7 +327,8 @@ impl Daemon {
     /// Starts the VMM for `spec`, records its process and watches it.
     fn spawn(self: &Arc<Self>, slot: &Arc<Slot>, spec: &LaunchSpec) -> Result<Proc, OpError> {
         let rec = slot.get();
-        let p = self.launcher.spawn(&rec.dir, spec)?;
+        let jail = rec.uid.map(|uid| crate::launcher::Confinement { uid, gid: uid, mem_mib: rec.mem_mib });
+        let p = self.launcher.spawn(&rec.dir, spec, jail)?;
         if let Err(e) = slot.commit(&self.db, |r| {
             r.pid = Some(p.pid);
             r.pid_start = Some(p.start);
@@ -531,7 +549,12 @@ impl Daemon {
         config.console = dir.join("console.log").display().to_string();
         config.console_limit_bytes = self.cfg.vm.console_limit_bytes;
         config.validate_limits()?;
-        let spec = LaunchSpec { api_sock: Some(dir.join("api.sock")), seccomp: true, launch: Launch::Boot(config) };
+        let spec = LaunchSpec {
+            api_sock: Some(dir.join("api.sock")),
+            seccomp: true,
+            jail: None,
+            launch: Launch::Boot(config),
+        };
         let started = Instant::now();
         let result = async {
             self.spawn(&slot, &spec)?;
@@ -559,6 +582,7 @@ impl Daemon {
             self.launcher.kill(p);
         }
         *lock(&slot.pager) = None;
+        self.launcher.release(&rec.dir);
         slot.remove(&self.db)?;
         lock(&self.vms).remove(id);
         let _ = std::fs::remove_dir_all(&rec.dir);
@@ -595,6 +619,8 @@ impl Daemon {
         let started = Instant::now();
         let tmp = rec.dir.join(format!("snap-{}", req.id));
         std::fs::create_dir_all(&tmp).map_err(|e| OpError::Internal(e.to_string()))?;
+        // A jailed VMM writes the snapshot as its own uid, into its own directory.
+        crate::jail::give_to_dir_owner(&rec.dir, &tmp).map_err(OpError::Internal)?;
         // With drives, the VM stays paused until each drive is copied: the copies match the memory image.
         let request = flint_vmm_api::snapshot::SnapshotRequest {
             state_path: tmp.join("state"),
@@ -747,6 +773,7 @@ impl Daemon {
             let spec = LaunchSpec {
                 api_sock: Some(dir.join("api.sock")),
                 seccomp: true,
+                jail: None,
                 launch: Launch::Restore(RestoreSpec {
                     state_path: dir.join("state"),
                     memory,
@@ -1106,8 +1133,8 @@ mod tests {
         std::fs::create_dir_all(&orphan_dir).unwrap();
         let mut config = VmConfig::new(env.cfg.images["default"].join("vmlinux"));
         config.initramfs = Some(env.cfg.images["default"].join("initramfs.cpio"));
-        let spec = LaunchSpec { api_sock: None, seccomp: true, launch: Launch::Boot(config) };
-        let orphan = l.spawn(&orphan_dir, &spec).unwrap();
+        let spec = LaunchSpec { api_sock: None, seccomp: true, jail: None, launch: Launch::Boot(config) };
+        let orphan = l.spawn(&orphan_dir, &spec, None).unwrap();
         let stopping = d.get("stopping").unwrap().proc().unwrap();
         let failed = d.get("failed").unwrap().proc().unwrap();
         l.kill(failed);

@@ -94,7 +94,12 @@ impl Inner {
 }
 
 impl Launcher for FakeLauncher {
-    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError> {
+    fn spawn(
+        &self,
+        dir: &Path,
+        spec: &LaunchSpec,
+        _jail: Option<crate::launcher::Confinement>,
+    ) -> Result<Proc, OpError> {
         let config = match &spec.launch {
             Launch::Boot(c) => c.clone(),
             Launch::Restore(r) => {

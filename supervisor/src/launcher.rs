@@ -15,6 +15,9 @@ use flint_vmm_api::snapshot::{SnapshotReport, SnapshotRequest, SnapshotResponse}
 use flint_vmm_api::{lock, paths, LaunchSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Hierarchy;
+use crate::config::JailConfig;
+pub use crate::jail::Confinement;
 use crate::vm::model::OpError;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -28,8 +31,10 @@ pub struct Proc {
 
 /// Starts and supervises VMM processes.
 pub trait Launcher: Send + Sync + 'static {
-    /// Starts a VMM for `spec` with its files in `dir`; returns once the process exists.
-    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError>;
+    /// Starts a VMM for `spec` with its files in `dir`, jailed as `jail` says; returns once the process exists.
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, OpError>;
+    /// Frees what a VM's jail holds on the host (its cgroup) once its VMM is gone.
+    fn release(&self, _dir: &Path) {}
     /// Whether `p` is still running (same pid, same start time).
     fn alive(&self, p: Proc) -> bool;
     /// SIGKILL, if `p` is still the process we started.
@@ -68,14 +73,65 @@ pub fn pid_start_time(pid: u32) -> Option<u64> {
 /// The real launcher: one `flint-vmm` process per VM.
 pub struct ProcessLauncher {
     pub vmm_bin: PathBuf,
-    /// Children this flintd started, reaped by their exit watcher.
+    /// Children this flintd started unjailed, reaped by their exit watcher.
     children: Mutex<HashMap<u32, tokio::process::Child>>,
+    /// Pidfds of jailed children (cloned into their namespaces), reaped by their exit watcher.
+    jailed: Arc<Mutex<HashMap<u32, Arc<OwnedFd>>>>,
+    /// The jail's configuration and this host's cgroups, or why VMs cannot be jailed here.
+    jail: Result<(JailConfig, Hierarchy), String>,
 }
 
 impl ProcessLauncher {
-    pub fn new(vmm_bin: PathBuf) -> Self {
-        ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()) }
+    /// With `jail`, every VMM is jailed; flintd must then run as root on a host with cgroups, or VMs refuse to
+    /// start and say what is missing.
+    pub fn new(vmm_bin: PathBuf, jail: Option<JailConfig>) -> Self {
+        let jail = match jail {
+            None => Err("the jail is off".into()),
+            // SAFETY: geteuid(2) has no preconditions.
+            Some(_) if unsafe { libc::geteuid() } != 0 => Err(
+                "the jail needs root (to make namespaces, device nodes and cgroups, and to change uid): run flintd \
+                 as root, or set jail.enabled = false / --no-jail (debugging only: VMMs then run unconfined)"
+                    .to_string(),
+            ),
+            Some(cfg) => Hierarchy::detect(Path::new("/sys/fs/cgroup"))
+                .map(|h| (cfg, h))
+                .map_err(|e| format!("the jail needs cgroups: {e}")),
+        };
+        ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()), jailed: Arc::default(), jail }
     }
+
+    fn spawn_jailed(&self, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, OpError> {
+        let (cfg, hierarchy) = self.jail.as_ref().map_err(|e| OpError::Unavailable(e.clone()))?;
+        let internal = |what: String| OpError::Internal(what);
+        let (jspec, passed) = crate::jail::jail_spec(dir, spec, &c, cfg).map_err(OpError::BadRequest)?;
+        let text = serde_json::to_vec_pretty(&jspec).map_err(|e| internal(format!("launch spec: {e}")))?;
+        std::fs::write(spec_path(dir), text)
+            .map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
+        let log_path = dir.join("vmm.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let limits = crate::cgroup::Limits {
+            memory_bytes: (c.mem_mib.max(1) + cfg.vmm_overhead_mib) << 20,
+            cpu_weight: cfg.cpu_weight,
+            pids: cfg.pids_max,
+        };
+        let cgroup = hierarchy.create(&cfg.cgroup, &name, limits).map_err(internal)?;
+        crate::jail::chown_tree(dir, c.uid, c.gid).map_err(internal)?;
+        let (pid, pidfd) =
+            crate::jail::spawn(&self.vmm_bin, &spec_path(dir), &log, &passed, Some(&cgroup)).map_err(internal)?;
+        let start = pid_start_time(pid).unwrap_or(0);
+        lock(&self.jailed).insert(pid, Arc::new(pidfd));
+        Ok(Proc { pid, start })
+    }
+}
+
+/// Whether the VMM of `dir` was started jailed (its spec says so): its paths are then relative to `dir`.
+fn jailed_dir(dir: &Path) -> bool {
+    std::fs::read(spec_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LaunchSpec>(&b).ok())
+        .is_some_and(|s| s.jail.is_some())
 }
 
 /// The launch spec file in a VM's directory.
@@ -84,7 +140,10 @@ pub fn spec_path(dir: &Path) -> PathBuf {
 }
 
 impl Launcher for ProcessLauncher {
-    fn spawn(&self, dir: &Path, spec: &LaunchSpec) -> Result<Proc, OpError> {
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, OpError> {
+        if let Some(c) = jail {
+            return self.spawn_jailed(dir, spec, c);
+        }
         let internal = |what: String| OpError::Internal(what);
         let text = serde_json::to_vec_pretty(spec).map_err(|e| internal(format!("launch spec: {e}")))?;
         std::fs::write(spec_path(dir), text)
@@ -125,7 +184,27 @@ impl Launcher for ProcessLauncher {
         pid_start_time(p.pid) == Some(p.start)
     }
 
+    fn release(&self, dir: &Path) {
+        if let (Ok((cfg, h)), Some(name)) = (&self.jail, dir.file_name()) {
+            let name = name.to_string_lossy();
+            let dirs: Vec<PathBuf> = match h {
+                Hierarchy::V2 { root } => vec![root.join(&cfg.cgroup).join(&*name)],
+                Hierarchy::V1 { memory, cpu, pids } => {
+                    [memory, cpu, pids].iter().map(|b| b.join(&cfg.cgroup).join(&*name)).collect()
+                }
+            };
+            crate::cgroup::VmCgroup { memory_dir: dirs[0].clone(), dirs }.remove();
+        }
+    }
+
     fn kill(&self, p: Proc) {
+        if lock(&self.jailed).contains_key(&p.pid) {
+            if self.alive(p) {
+                // SAFETY: kill(2) on our own child (its pidfd keeps it from being reaped and its pid reused).
+                unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            }
+            return;
+        }
         if let Some(child) = lock(&self.children).get_mut(&p.pid) {
             let _ = child.start_kill();
             return;
@@ -137,6 +216,24 @@ impl Launcher for ProcessLauncher {
     }
 
     fn exited(&self, p: Proc) -> BoxFut<'static, String> {
+        if let Some(pidfd) = lock(&self.jailed).get(&p.pid).cloned() {
+            let jailed = self.jailed.clone();
+            return Box::pin(async move {
+                // A pidfd becomes readable when its process exits; then reap it (it is our child).
+                let dup = pidfd.try_clone();
+                if let Ok(fd) = dup {
+                    // SAFETY: the AsyncFd owns `fd`, a duplicate of the pidfd, open until it is dropped.
+                    if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+                        let _ = afd.readable().await;
+                    }
+                }
+                let how = tokio::task::spawn_blocking(move || crate::jail::reap(&pidfd))
+                    .await
+                    .unwrap_or_else(|e| format!("wait failed: {e}"));
+                lock(&jailed).remove(&p.pid);
+                how
+            });
+        }
         if let Some(mut child) = lock(&self.children).remove(&p.pid) {
             return Box::pin(async move {
                 match child.wait().await {
@@ -176,7 +273,7 @@ impl Launcher for ProcessLauncher {
     }
 
     fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl> {
-        Arc::new(HttpVmm { sock: dir.join("api.sock") })
+        Arc::new(HttpVmm { sock: dir.join("api.sock"), jail_root: jailed_dir(dir).then(|| dir.to_path_buf()) })
     }
 
     fn agent_endpoint(&self, dir: &Path) -> Endpoint {
@@ -206,6 +303,8 @@ impl Launcher for ProcessLauncher {
 /// The VMM's control API over its Unix socket.
 pub struct HttpVmm {
     pub sock: PathBuf,
+    /// A jailed VMM's directory: the paths it is sent are relative to it.
+    pub jail_root: Option<PathBuf>,
 }
 
 impl HttpVmm {
@@ -252,6 +351,15 @@ impl VmmControl for HttpVmm {
     }
     fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
         Box::pin(async move {
+            let mut req = req;
+            if let Some(root) = &self.jail_root {
+                for p in [&mut req.state_path, &mut req.mem_path] {
+                    let rel = p.strip_prefix(root).map_err(|_| {
+                        OpError::Internal(format!("{} is outside the jailed VM's directory", p.display()))
+                    })?;
+                    *p = Path::new("/").join(rel);
+                }
+            }
             let body = serde_json::to_vec(&req).map_err(|e| OpError::Internal(e.to_string()))?;
             let out = self.call(paths::SNAPSHOT, Some(body), Duration::from_secs(300)).await?;
             Ok(decode::<SnapshotResponse>("snapshot", &out)?.snapshot)

@@ -1,6 +1,7 @@
 //! flintd, the host supervisor daemon, and the flint CLI. See docs/operations.md and docs/api/flintd.yaml.
 
 pub mod api;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod db;
@@ -11,6 +12,7 @@ pub mod flows;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod jail;
 pub mod launcher;
 pub mod metrics;
 pub mod pager;

@@ -620,6 +620,54 @@ impl Drop for Flintd {
     }
 }
 
+/// What the jail promises, read from /proc: process `pid` runs as a uid that is not root, with no_new_privs, pid 1
+/// of its own pid namespace and in its own mount, network, IPC and UTS namespaces, with its VM directory `dir` as
+/// `/` (its /dev holding kvm), `Seccomp: 2` on every thread, and in a cgroup with a memory limit.
+pub fn assert_jailed(pid: u64, dir: &Path) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+    };
+    assert!(field("Uid:").split_whitespace().all(|u| u != "0"), "VMM {pid} runs as root: {}", field("Uid:"));
+    assert!(field("Gid:").split_whitespace().all(|g| g != "0"), "VMM {pid} has gid 0");
+    assert_eq!(field("NoNewPrivs:"), "1", "VMM {pid}");
+    let nspid: Vec<String> = field("NSpid:").split_whitespace().map(String::from).collect();
+    assert!(nspid.len() == 2 && nspid[1] == "1", "VMM {pid} is not pid 1 of its own pid namespace: {nspid:?}");
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "VMM {pid} shares the {ns} namespace");
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(
+        root.join("spec.json").is_file() && dir.join("spec.json").is_file(),
+        "VMM {pid}: / is not {}",
+        dir.display()
+    );
+    assert!(!root.join("etc").exists() && !root.join("usr").exists(), "VMM {pid} sees the host's tree");
+    assert!(root.join("dev/kvm").exists(), "VMM {pid} has no /dev/kvm");
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        assert!(s.lines().any(|l| l == "Seccomp:\t2"), "VMM {pid} thread {:?} has no seccomp filter", t.file_name());
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let limit = cgroups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            std::fs::read_to_string(Path::new("/sys/fs/cgroup/memory").join(path).join("memory.limit_in_bytes")).ok()
+        } else if controllers.is_empty() {
+            std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(path).join("memory.max")).ok()
+        } else {
+            None
+        }
+    });
+    let limit = limit.unwrap_or_else(|| panic!("VMM {pid} has no memory cgroup: {cgroups}"));
+    let bytes: u64 = limit.trim().parse().unwrap_or(u64::MAX);
+    assert!(bytes < 1 << 40, "VMM {pid}: memory limit {limit:?}");
+}
+
 /// Processes whose command line names `dir` (flintd and its VMMs under a test's data directory): pid and command
 /// line.
 pub fn processes_naming(dir: &Path) -> Vec<(i32, String)> {

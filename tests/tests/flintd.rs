@@ -139,6 +139,9 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     assert_eq!(head(&clones[0]), b"clone-0-disk\n\n");
     assert_eq!(head(&clones[1]), b"template-disk\n", "clones share no drive");
     assert_eq!(&std::fs::read(&disk).unwrap()[..14], b"template-disk\n", "the template's file is untouched");
+    for c in &clones {
+        flint_tests::assert_jailed(vm_detail(&socket, c)["pid"].as_u64().unwrap(), &data.join("vms").join(c));
+    }
     let detail = vm_detail(&socket, &clones[1]);
     let copy = PathBuf::from(detail["drives"][0]["path"].as_str().unwrap());
     assert!(copy.starts_with(&data) && copy != disk, "{detail}");
@@ -336,6 +339,7 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     // A 2-vCPU VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
     let src = flint_json(&socket, &["vm", "create", "--id", "src", "--vcpus", "2", "--env", "FLINT_TEST=forty-two"]);
     assert_eq!(src["vcpus"], 2, "{src}");
+    flint_tests::assert_jailed(src["pid"].as_u64().unwrap(), &data.join("vms/src"));
     // exec through the CLI: streamed output, the command's exit status, the VM's env.
     let out = flint(&socket, &["exec", "src", "--", "/bin/sh", "-c", "echo out-$FLINT_TEST; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
@@ -375,6 +379,7 @@ fn lazy_clones_from_s3_working_set_and_outage() {
         assert_eq!(d["vmm"]["vcpus"].as_array().map(|a| a.len()), Some(2));
         // The VMM holds no store credentials: flintd has them in its environment, the VMM's is cleared.
         let pid = d["pid"].as_u64().unwrap();
+        flint_tests::assert_jailed(pid, &data.join("vms").join(&id));
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let environ = String::from_utf8_lossy(&environ);
         assert!(!environ.contains("AWS_ACCESS_KEY_ID") && !environ.contains("AWS_SECRET_ACCESS_KEY"), "{environ}");
@@ -432,4 +437,56 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     let vms = flint_json(&socket, &["vm", "ls"]);
     let failed = vms.as_array().unwrap().iter().find(|v| v["status"] == "failed").expect("the failed clone is listed");
     assert!(failed["pid"].is_null(), "no VMM left for the failed clone: {failed}");
+}
+
+/// A VMM taken over by its guest reaches nothing: `jail-probe` (tests/src/bin), started by flintd's launcher with
+/// the same jail, cgroup and inherited fds as flint-vmm and confined by the same code, tries to open /etc/shadow
+/// and another VM's memory, connect to flintd, execve, ptrace and signal flintd, open an AF_INET socket, mount,
+/// clone a user namespace and become root: each attempt fails or kills it.
+#[test]
+fn a_compromised_vmm_reaches_nothing() {
+    use flint_supervisor::launcher::{Confinement, Launcher, ProcessLauncher};
+    let work = TempDir::new("jail-probe");
+    let vms = work.path().join("vms");
+    let (dir, other) = (vms.join("probe"), vms.join("other"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("memory"), b"another tenant's memory").unwrap();
+    let socket = work.path().join("flintd.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let targets = serde_json::json!({
+        "flintd_socket": socket,
+        "flintd_pid": std::process::id(),
+        "other_memory": other.join("memory"),
+    });
+    std::fs::write(dir.join("probe-targets.json"), targets.to_string()).unwrap();
+    let img = flint_tests::images();
+    let mut config = flint_vmm_api::config::VmConfig::new(img.vmlinux.clone());
+    config.initramfs = Some(img.initramfs.clone());
+    config.console = dir.join("console.log").display().to_string();
+    let spec = flint_vmm_api::LaunchSpec {
+        api_sock: Some(dir.join("api.sock")),
+        seccomp: true,
+        jail: None,
+        launch: flint_vmm_api::spec::Launch::Boot(config),
+    };
+    let launcher = ProcessLauncher::new(bin_dir().join("jail-probe"), Some(Default::default()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let how = rt.block_on(async {
+        let p = launcher.spawn(&dir, &spec, Some(Confinement { uid: 965_432, gid: 965_432, mem_mib: 256 })).unwrap();
+        let how = tokio::time::timeout(Duration::from_secs(60), launcher.exited(p)).await.expect("the probe ended");
+        launcher.release(&dir);
+        how
+    });
+    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
+    println!("probe: {how}\n{log}");
+    assert!(log.contains("UID 965432 PID 1") && log.contains("DONE"), "{log}");
+    let attempts: Vec<&str> = log.lines().filter(|l| l.starts_with("ATTEMPT ")).collect();
+    assert_eq!(attempts.len(), 10, "{log}");
+    for a in attempts {
+        assert!(a.contains(" blocked ("), "{a}");
+    }
+    for (name, how) in [("execve", "signal 31"), ("ptrace-flintd", "signal 31"), ("socket-af-inet", "signal 31")] {
+        assert!(log.contains(&format!("ATTEMPT {name} blocked (killed by {how})")), "{name}: {log}");
+    }
 }

@@ -157,9 +157,12 @@ impl Userfault {
     /// Creates a userfaultfd for kernel and user faults, after the API handshake.
     pub fn create() -> Result<Self, UffdError> {
         // SAFETY: plain syscall; the result is checked and owned.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) } as i32;
+        let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) } as i32;
         if fd < 0 {
-            return Err(UffdError::Create(std::io::Error::last_os_error()));
+            let sys_err = std::io::Error::last_os_error();
+            // Unprivileged (a jailed VMM, vm.unprivileged_userfaultfd = 0): the /dev/userfaultfd node its jail
+            // holds grants userfaultfds that see kernel faults too (Linux 6.1+).
+            fd = Self::from_device().map_err(|_| UffdError::Create(sys_err))?;
         }
         // SAFETY: `fd` is a fresh userfaultfd nobody else owns.
         let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -169,6 +172,18 @@ impl Userfault {
             return Err(UffdError::Ioctl("API handshake", std::io::Error::last_os_error()));
         }
         Ok(Userfault(uffd))
+    }
+
+    /// A userfaultfd from `/dev/userfaultfd` (USERFAULTFD_IOC_NEW).
+    fn from_device() -> std::io::Result<i32> {
+        const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd")?;
+        // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags by value and returns a new fd (or -1).
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
     }
 
     /// Registers `[host, host + len)` of this process's memory for MISSING faults.

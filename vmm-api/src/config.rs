@@ -156,7 +156,8 @@ impl VmConfig {
         let files =
             std::iter::once(&self.kernel).chain(self.initramfs.iter()).chain(self.drives.iter().map(|d| &d.path));
         for f in files {
-            if !f.is_file() {
+            let is_file = crate::spec::open_host_file(f, false).and_then(|h| h.metadata()).is_ok_and(|m| m.is_file());
+            if !is_file {
                 return Err(ConfigError::MissingFile(f.clone()));
             }
         }

@@ -27,7 +27,7 @@ pub struct PagerRange {
 #[serde(deny_unknown_fields)]
 pub struct PagerHello {
     pub protocol: u32,
-    /// The VMM's pid (checked against the socket peer's credentials).
+    /// The VMM's pid as it sees it (1 when jailed); flintd checks the socket peer's credentials instead.
     pub pid: u32,
     pub ranges: Vec<PagerRange>,
     /// Total bytes of the memory image (the sum of the ranges).

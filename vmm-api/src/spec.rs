@@ -18,7 +18,75 @@ pub struct LaunchSpec {
     /// Install the seccomp filter before the first vCPU runs (off only for debugging).
     #[serde(default = "yes")]
     pub seccomp: bool,
+    /// Confine this process before doing anything else (flintd's jailed launcher); every path of the spec is
+    /// then relative to the jail's root, and host files outside it are inherited fds (`/dev/fd/N`).
+    #[serde(default)]
+    pub jail: Option<JailSpec>,
     pub launch: Launch,
+}
+
+/// How a VMM confines itself. flintd's launcher starts it as pid 1 of new pid, mount, IPC, UTS and network
+/// namespaces, already in its cgroups, with only the fds it needs; the VMM then, single-threaded and before it
+/// reads anything a guest or a snapshot controls: makes `root` its `/` (pivot_root, the host's tree detached),
+/// with a private /dev holding only `devices` and a /proc of its own pid namespace; sets `rlimits`; drops to
+/// `uid`/`gid` with no supplementary groups and no capabilities; sets no_new_privs and non-dumpable; closes every
+/// fd but stdio and `keep_fds`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JailSpec {
+    /// The VM's directory on the host: becomes `/`.
+    pub root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Device nodes made in the jail's `/dev` (owned by `uid`, mode 0600).
+    #[serde(default)]
+    pub devices: Vec<JailDevice>,
+    pub rlimits: JailRlimits,
+    /// Inherited fds that stay open (host files the spec names as `/dev/fd/N`).
+    #[serde(default)]
+    pub keep_fds: Vec<i32>,
+}
+
+/// A character device node in the jail's `/dev`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JailDevice {
+    /// Path under `/dev` (`kvm`, `net/tun`, `userfaultfd`).
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JailRlimits {
+    /// Open files.
+    pub nofile: u64,
+    /// Tasks of the VM's uid (every thread counts).
+    pub nproc: u64,
+    /// Largest file the VMM may write (snapshots of guest memory, console).
+    pub fsize: u64,
+}
+
+/// The fd behind a spec path of the form `/dev/fd/N`: a host file a jailed VMM inherits instead of opening.
+pub fn inherited_fd(path: &std::path::Path) -> Option<i32> {
+    path.to_str()?.strip_prefix("/dev/fd/")?.parse().ok().filter(|fd| *fd > 2)
+}
+
+/// Opens a host file the spec names: an inherited fd (`/dev/fd/N`, duplicated, so the file can be opened more
+/// than once) or a path.
+pub fn open_host_file(path: &std::path::Path, write: bool) -> std::io::Result<std::fs::File> {
+    if let Some(fd) = inherited_fd(path) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; on success the new fd is ours alone.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh fd nobody else owns.
+        return Ok(unsafe { std::fs::File::from_raw_fd(dup) });
+    }
+    std::fs::OpenOptions::new().read(true).write(write).open(path)
 }
 
 fn yes() -> bool {
@@ -102,6 +170,7 @@ mod tests {
         let spec = LaunchSpec {
             api_sock: Some("/vm/api.sock".into()),
             seccomp: true,
+            jail: None,
             launch: Launch::Restore(RestoreSpec {
                 state_path: "/vm/state".into(),
                 memory: MemorySource::Pager { socket: "/vm/pager.sock".into() },

@@ -2,7 +2,7 @@
 use crate::vstate::memory::GuestMem;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -595,24 +595,29 @@ impl Vmm {
     }
 }
 
-fn load_kernel(mem: &GuestMem, path: &PathBuf) -> Result<(u64, u64), BuildError> {
-    let mut f = File::open(path).map_err(|e| BuildError::KernelRead(path.clone(), e))?;
+fn load_kernel(mem: &GuestMem, path: &Path) -> Result<(u64, u64), BuildError> {
+    let mut f: File =
+        flint_vmm_api::spec::open_host_file(path, false).map_err(|e| BuildError::KernelRead(path.to_path_buf(), e))?;
     let mut magic = [0u8; 4];
-    f.read_exact(&mut magic).map_err(|e| BuildError::KernelRead(path.clone(), e))?;
+    f.read_exact(&mut magic).map_err(|e| BuildError::KernelRead(path.to_path_buf(), e))?;
     if &magic != b"\x7fELF" {
-        return Err(BuildError::KernelNotElf(path.clone()));
+        return Err(BuildError::KernelNotElf(path.to_path_buf()));
     }
-    f.seek(SeekFrom::Start(0)).map_err(|e| BuildError::KernelRead(path.clone(), e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| BuildError::KernelRead(path.to_path_buf(), e))?;
     let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
-        .map_err(|e| BuildError::KernelLoad(path.clone(), e))?;
+        .map_err(|e| BuildError::KernelLoad(path.to_path_buf(), e))?;
     Ok((r.kernel_load.0, r.kernel_end))
 }
 
-fn load_initramfs(mem: &GuestMem, path: &PathBuf, kernel_end: u64) -> Result<InitrdRegion, BuildError> {
-    let data = std::fs::read(path).map_err(|e| BuildError::Initramfs(path.clone(), e))?;
+fn load_initramfs(mem: &GuestMem, path: &Path, kernel_end: u64) -> Result<InitrdRegion, BuildError> {
+    let mut data = Vec::new();
+    flint_vmm_api::spec::open_host_file(path, false)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut data))
+        .map_err(|e| BuildError::Initramfs(path.to_path_buf(), e))?;
     let size = data.len() as u64;
-    let addr = arch::initrd_load_addr(mem, size, kernel_end).ok_or(BuildError::InitramfsTooBig(path.clone(), size))?;
+    let addr =
+        arch::initrd_load_addr(mem, size, kernel_end).ok_or(BuildError::InitramfsTooBig(path.to_path_buf(), size))?;
     mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| BuildError::Initramfs(path.clone(), std::io::Error::other(e.to_string())))?;
+        .map_err(|e| BuildError::Initramfs(path.to_path_buf(), std::io::Error::other(e.to_string())))?;
     Ok(InitrdRegion { addr, size })
 }

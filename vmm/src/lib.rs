@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod jail;
 pub mod pager_link;
 pub mod persist;
 pub mod seccomp;

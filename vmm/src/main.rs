@@ -200,7 +200,7 @@ fn launch_spec(args: &Args) -> Result<LaunchSpec, String> {
         (Some(state), Some(mem)) => Launch::Restore(restore_spec(args, state, mem)?),
         _ => Launch::Boot(build_config(args)?),
     };
-    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, launch })
+    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, jail: None, launch })
 }
 
 fn main() -> ExitCode {
@@ -218,13 +218,24 @@ fn main() -> ExitCode {
             }
         };
     }
-    let spec = match launch_spec(&args) {
+    let mut spec = match launch_spec(&args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("flint-vmm: {e}");
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    if let Some(jail) = &spec.jail {
+        // The host profile is read from /sys, which the jail does not have.
+        if let Launch::Boot(c) = &mut spec.launch {
+            c.host_profile.get_or_insert_with(HostProfile::detect);
+        }
+        if let Err(e) = flint_vmm::jail::enter(jail) {
+            eprintln!("flint-vmm: {}", error_chain(&e));
+            return ExitCode::from(EXIT_SETUP);
+        }
+        eprintln!("flint-vmm: jailed in {} as uid {}", jail.root.display(), jail.uid);
+    }
     let built = match spec.launch {
         Launch::Restore(r) => Vmm::restore(r, process_start).map_err(|e| error_chain(&e)),
         Launch::Boot(config) => {

@@ -32,6 +32,9 @@ struct Args {
     /// Group owning the API socket (socket_group): its members may use flintd without root.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Run VMMs unjailed (jail.enabled = false): for debugging only, never on a host with tenants.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,9 @@ fn main() -> ExitCode {
     }
     if let Some(f) = args.store_secret_file {
         cfg.store.secret_file = Some(f);
+    }
+    if args.no_jail {
+        cfg.jail.enabled = false;
     }
     if let Some(g) = args.socket_group {
         cfg.socket_group = Some(g);

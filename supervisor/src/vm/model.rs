@@ -127,6 +127,9 @@ pub struct VmRecord {
     /// snapshot's drive images.
     #[serde(default)]
     pub drives: Vec<DriveSpec>,
+    /// The uid (and gid) the VM's jailed VMM runs as; none when the jail is off.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 impl VmRecord {

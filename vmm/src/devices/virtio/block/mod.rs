@@ -43,10 +43,8 @@ pub struct Block {
 
 impl Block {
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
+        // A path, or a host file flintd's jailed launcher passed as an inherited fd (`/dev/fd/N`).
+        let file = flint_vmm_api::spec::open_host_file(path, !read_only)
             .map_err(|e| BlockError::Open(path.to_path_buf(), e))?;
         let len = file.metadata().map_err(|e| BlockError::Open(path.to_path_buf(), e))?.len();
         if len % SECTOR_SIZE != 0 {

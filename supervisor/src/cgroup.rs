@@ -1,0 +1,155 @@
+//! A cgroup per VM: memory limit (guest memory plus the VMM's allowance), CPU weight, pids limit. cgroup v2 (the
+//! unified hierarchy mounted at /sys/fs/cgroup with the memory controller) or v1 (memory, cpu and pids
+//! hierarchies), detected at start. The VMM is moved in by its launcher before it executes anything.
+use std::path::{Path, PathBuf};
+
+/// The cgroup hierarchies of this host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hierarchy {
+    /// Unified: one directory per cgroup, controllers enabled through `cgroup.subtree_control`.
+    V2 { root: PathBuf },
+    /// One hierarchy per controller.
+    V1 { memory: PathBuf, cpu: PathBuf, pids: PathBuf },
+}
+
+/// Limits of one VM's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    /// 1-10000, 100 is the default share (v1: cpu.shares = weight * 1024 / 100).
+    pub cpu_weight: u32,
+    pub pids: u64,
+}
+
+/// One VM's cgroup: a directory per hierarchy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmCgroup {
+    pub dirs: Vec<PathBuf>,
+    /// Where the memory limit is (the file tests and operators read).
+    pub memory_dir: PathBuf,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("write {value:?} to {}: {e}", path.display()))
+}
+
+impl Hierarchy {
+    /// What this host has, under `fs` (normally /sys/fs/cgroup).
+    pub fn detect(fs: &Path) -> Result<Hierarchy, String> {
+        if let Ok(c) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
+            if c.split_whitespace().any(|w| w == "memory") {
+                return Ok(Hierarchy::V2 { root: fs.to_path_buf() });
+            }
+        }
+        let cpu = ["cpu", "cpu,cpuacct"].iter().map(|d| fs.join(d)).find(|p| p.join("cpu.shares").exists());
+        match (fs.join("memory"), cpu, fs.join("pids")) {
+            // The root of the pids hierarchy has no pids.max (only its children do).
+            (m, Some(c), p) if m.join("memory.limit_in_bytes").exists() && p.join("cgroup.procs").exists() => {
+                Ok(Hierarchy::V1 { memory: m, cpu: c, pids: p })
+            }
+            _ => Err(format!(
+                "no usable cgroup hierarchy under {} (need cgroup v2 with the memory controller, or v1 memory, cpu \
+                 and pids)",
+                fs.display()
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hierarchy::V2 { .. } => "v2",
+            Hierarchy::V1 { .. } => "v1",
+        }
+    }
+
+    /// Creates (or reuses) `<parent>/<vm>` with `limits`.
+    pub fn create(&self, parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, String> {
+        match self {
+            Hierarchy::V2 { root } => {
+                let p = root.join(parent);
+                std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+                // Controllers reach a child only if every ancestor enables them (the root and `parent` hold no
+                // processes of ours, as v2 requires of a cgroup that delegates controllers).
+                for dir in [root.as_path(), p.as_path()] {
+                    let _ = write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids");
+                }
+                let d = p.join(vm);
+                std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+                write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let _ = write(&d.join("memory.swap.max"), "0");
+                write(&d.join("cpu.weight"), &limits.cpu_weight.clamp(1, 10000).to_string())?;
+                write(&d.join("pids.max"), &limits.pids.to_string())?;
+                Ok(VmCgroup { dirs: vec![d.clone()], memory_dir: d })
+            }
+            Hierarchy::V1 { memory, cpu, pids } => {
+                let mk = |base: &Path| -> Result<PathBuf, String> {
+                    let d = base.join(parent).join(vm);
+                    std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+                    Ok(d)
+                };
+                let (m, c, p) = (mk(memory)?, mk(cpu)?, mk(pids)?);
+                write(&m.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+                let _ = write(&m.join("memory.swappiness"), "0");
+                let shares = (u64::from(limits.cpu_weight.clamp(1, 10000)) * 1024 / 100).max(2);
+                write(&c.join("cpu.shares"), &shares.to_string())?;
+                write(&p.join("pids.max"), &limits.pids.to_string())?;
+                Ok(VmCgroup { dirs: vec![m.clone(), c, p], memory_dir: m })
+            }
+        }
+    }
+}
+
+impl VmCgroup {
+    /// Moves process `pid` into every hierarchy of this cgroup.
+    pub fn join(&self, pid: u32) -> Result<(), String> {
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup once its processes are gone (best effort: a cgroup still in use stays).
+    pub fn remove(&self) {
+        for d in &self.dirs {
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v2_v1_or_says_what_is_missing() {
+        let fs = std::env::temp_dir().join(format!("flint-cgfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&fs);
+        std::fs::create_dir_all(&fs).unwrap();
+        assert!(Hierarchy::detect(&fs).unwrap_err().contains("no usable cgroup hierarchy"));
+        // v1 (this development host's layout: cpu,cpuacct may be the cpu directory).
+        for (d, f) in [("memory", "memory.limit_in_bytes"), ("cpu,cpuacct", "cpu.shares"), ("pids", "cgroup.procs")] {
+            std::fs::create_dir_all(fs.join(d)).unwrap();
+            std::fs::write(fs.join(d).join(f), "").unwrap();
+        }
+        let v1 = Hierarchy::detect(&fs).unwrap();
+        assert_eq!(v1, Hierarchy::V1 { memory: fs.join("memory"), cpu: fs.join("cpu,cpuacct"), pids: fs.join("pids") });
+        let cg = v1.create("flint", "vm-1", Limits { memory_bytes: 300 << 20, cpu_weight: 50, pids: 64 }).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(cg.memory_dir.join("memory.limit_in_bytes")), (300u64 << 20).to_string());
+        assert_eq!(read(fs.join("cpu,cpuacct/flint/vm-1/cpu.shares")), "512");
+        assert_eq!(read(fs.join("pids/flint/vm-1/pids.max")), "64");
+        // v2 wins when the unified hierarchy has the memory controller.
+        std::fs::write(fs.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let v2 = Hierarchy::detect(&fs).unwrap();
+        let cg = v2.create("flint", "vm-2", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32 }).unwrap();
+        assert_eq!(read(cg.memory_dir.join("memory.max")), (1u64 << 30).to_string());
+        assert_eq!(read(fs.join("flint/vm-2/cpu.weight")), "100");
+        assert_eq!(read(fs.join("flint/cgroup.subtree_control")), "+memory +cpu +pids");
+        std::fs::remove_dir_all(&fs).unwrap();
+    }
+}

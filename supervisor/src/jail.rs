@@ -1,0 +1,327 @@
+//! The jail flintd starts every VMM in (docs/security.md): a uid and gid of its own (never root), new pid, mount,
+//! IPC, UTS and network namespaces, its own cgroup, its VM directory as `/`, only the fds it needs. flintd
+//! rewrites the launch spec so every path is relative to the VM directory and host files outside it (kernel,
+//! initramfs, drives the caller named) are inherited fds; clones the process straight into its namespaces (so the
+//! VMM is flintd's direct child and pid 1 of its own pid namespace), moves it into its cgroup before it runs, and
+//! execs `flint-vmm`, which pivots into its directory and drops its privileges before reading anything else
+//! (`flint_vmm::jail`).
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use flint_vmm_api::spec::{JailDevice, JailRlimits, JailSpec, Launch, LaunchSpec, MemorySource};
+
+use crate::cgroup::VmCgroup;
+
+/// Who a jailed VMM is and what it may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Confinement {
+    pub uid: u32,
+    pub gid: u32,
+    /// Guest memory, MiB (the cgroup allows this plus the VMM allowance; 0: unknown).
+    pub mem_mib: u64,
+}
+
+/// The first fd a jailed VMM inherits host files on.
+const FIRST_PASSED_FD: RawFd = 3;
+
+/// The path a jailed VMM sees for `p`: relative to its directory, which becomes `/`.
+fn inside(dir: &Path, p: &Path) -> Option<PathBuf> {
+    p.strip_prefix(dir).ok().map(|rel| Path::new("/").join(rel))
+}
+
+/// A character device of the host, as a node for the jail's /dev.
+fn host_device(path: &str, name: &str) -> Option<JailDevice> {
+    let m = std::fs::metadata(path).ok()?;
+    let rdev = m.rdev();
+    Some(JailDevice { name: name.into(), major: libc::major(rdev), minor: libc::minor(rdev) })
+}
+
+/// The spec rewritten for the jail, with the host files it inherits (in fd order from 3).
+pub fn jail_spec(
+    dir: &Path,
+    spec: &LaunchSpec,
+    c: &Confinement,
+    cfg: &crate::config::JailConfig,
+) -> Result<(LaunchSpec, Vec<OwnedFd>), String> {
+    let mut out = spec.clone();
+    let mut passed: Vec<OwnedFd> = Vec::new();
+    let map = |p: &mut PathBuf, write: bool, passed: &mut Vec<OwnedFd>| -> Result<(), String> {
+        if let Some(rel) = inside(dir, p) {
+            *p = rel;
+            return Ok(());
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&*p)
+            .map_err(|e| format!("open {} for the jailed VMM: {e}", p.display()))?;
+        *p = PathBuf::from(format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd));
+        passed.push(OwnedFd::from(f));
+        Ok(())
+    };
+    let must_be_inside = |p: &mut PathBuf| -> Result<(), String> {
+        *p =
+            inside(dir, p).ok_or_else(|| format!("{} is outside the VM's directory {}", p.display(), dir.display()))?;
+        Ok(())
+    };
+    let mut devices = vec![host_device("/dev/kvm", "kvm").ok_or("this host has no /dev/kvm")?];
+    if let Some(a) = out.api_sock.as_mut() {
+        must_be_inside(a)?;
+    }
+    let console_inside = |c: &mut String| -> Result<(), String> {
+        if !matches!(c.as_str(), "stdout" | "off") {
+            let mut p = PathBuf::from(&*c);
+            must_be_inside(&mut p)?;
+            *c = p.display().to_string();
+        }
+        Ok(())
+    };
+    let mut uffd = false;
+    let net;
+    match &mut out.launch {
+        Launch::Boot(config) => {
+            map(&mut config.kernel, false, &mut passed)?;
+            if let Some(i) = config.initramfs.as_mut() {
+                map(i, false, &mut passed)?;
+            }
+            for d in config.drives.iter_mut() {
+                map(&mut d.path, !d.read_only, &mut passed)?;
+            }
+            if let Some(v) = config.vsock.as_mut() {
+                must_be_inside(&mut v.uds_path)?;
+            }
+            console_inside(&mut config.console)?;
+            net = config.net.is_some();
+        }
+        Launch::Restore(r) => {
+            must_be_inside(&mut r.state_path)?;
+            match &mut r.memory {
+                MemorySource::Private { path } => must_be_inside(path)?,
+                MemorySource::Uffd { path } => {
+                    must_be_inside(path)?;
+                    uffd = true;
+                }
+                MemorySource::Pager { socket } => {
+                    must_be_inside(socket)?;
+                    uffd = true;
+                }
+            }
+            if let Some(v) = r.devices.vsock_uds.as_mut() {
+                must_be_inside(v)?;
+            }
+            if let Some(c) = r.devices.console.as_mut() {
+                console_inside(c)?;
+            }
+            for p in r.devices.drive_paths.iter_mut().flatten() {
+                map(p, true, &mut passed)?;
+            }
+            net = r.devices.net.is_some();
+        }
+    }
+    if net {
+        return Err("a network device in a jailed VMM is not supported yet (its network namespace is empty)".into());
+    }
+    if uffd {
+        // Absent on kernels before 6.1; the VMM then needs vm.unprivileged_userfaultfd = 1.
+        devices.extend(host_device("/dev/userfaultfd", "userfaultfd"));
+    }
+    let mem_bytes = if c.mem_mib > 0 { c.mem_mib << 20 } else { 64 << 30 };
+    out.jail = Some(JailSpec {
+        root: dir.to_path_buf(),
+        uid: c.uid,
+        gid: c.gid,
+        devices,
+        rlimits: JailRlimits {
+            nofile: cfg.nofile,
+            nproc: cfg.pids_max,
+            // A snapshot writes the memory image whole; nothing else it writes comes near.
+            fsize: mem_bytes + (256 << 20),
+        },
+        keep_fds: (0..passed.len() as RawFd).map(|i| FIRST_PASSED_FD + i).collect(),
+    });
+    Ok((out, passed))
+}
+
+/// Gives the VM's directory and everything in it to the jail's uid (it is `/` for the VMM).
+pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    for e in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?.flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            chown_tree(&p, uid, gid)?;
+        } else {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives `path` (made by flintd inside a VM's directory) to the directory's owner: the jailed VMM's uid, or
+/// flintd's own user when the jail is off (then a no-op).
+pub fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), String> {
+    let m = std::fs::metadata(dir).map_err(|e| format!("stat {}: {e}", dir.display()))?;
+    let me = std::fs::metadata(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
+    if (m.uid(), m.gid()) != (me.uid(), me.gid()) {
+        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid()))
+            .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Everything the child needs, prepared before the clone: the child only makes async-signal-safe system calls.
+struct ChildArgs {
+    sync_read: RawFd,
+    sync_write: RawFd,
+    devnull: RawFd,
+    log: RawFd,
+    passed: Vec<(RawFd, RawFd)>,
+    exe: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the parent's ChildArgs, which this child has a private copy of (no CLONE_VM); every
+    // call below is an async-signal-safe system call on fds and strings prepared by the parent, and the child
+    // either execs or exits without returning into Rust code that could allocate or take a lock.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        libc::close(a.sync_write);
+        // Wait until the parent has moved this process into its cgroup (EOF on the pipe).
+        let mut b = 0u8;
+        loop {
+            let n = libc::read(a.sync_read, (&mut b as *mut u8).cast(), 1);
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                break;
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::setsid() < 0 || libc::dup2(a.devnull, 0) < 0 || libc::dup2(a.log, 1) < 0 || libc::dup2(a.log, 2) < 0 {
+            libc::_exit(126);
+        }
+        for &(src, dst) in &a.passed {
+            if libc::dup2(src, dst) < 0 {
+                libc::_exit(126);
+            }
+        }
+        libc::execve(a.exe.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+        libc::_exit(127)
+    }
+}
+
+/// Starts `vmm_bin --spec <dir>/spec.json` in new pid, mount, IPC, UTS and network namespaces, in `cgroup`, with
+/// stdout/stderr to `log` and `passed` as fds 3, 4, ...; returns its pid and a pidfd.
+pub fn spawn(
+    vmm_bin: &Path,
+    spec_path: &Path,
+    log: &std::fs::File,
+    passed: &[OwnedFd],
+    cgroup: Option<&VmCgroup>,
+) -> Result<(u32, OwnedFd), String> {
+    let exe = CString::new(vmm_bin.as_os_str().as_bytes()).map_err(|_| "VMM path has a NUL byte".to_string())?;
+    let args = [
+        CString::new("flint-vmm").expect("literal"),
+        CString::new("--spec").expect("literal"),
+        CString::new(spec_path.as_os_str().as_bytes()).map_err(|_| "spec path has a NUL byte".to_string())?,
+    ];
+    let env = [CString::new("PATH=/usr/sbin:/usr/bin:/sbin:/bin").expect("literal")];
+    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    // Sources moved out of the way of the targets (3, 4, ...), close-on-exec (dup2 clears it on the target).
+    let mut high = Vec::new();
+    for f in passed {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we own onto a number >= 1024; the result is owned below.
+        let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1024) };
+        if fd < 0 {
+            return Err(format!("dup: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        high.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let mut pipe = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh fds from pipe2, owned from here on.
+    let (sync_read, sync_write) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let child = ChildArgs {
+        sync_read: sync_read.as_raw_fd(),
+        sync_write: sync_write.as_raw_fd(),
+        devnull: devnull.as_raw_fd(),
+        log: log.as_raw_fd(),
+        passed: high.iter().enumerate().map(|(i, f)| (f.as_raw_fd(), FIRST_PASSED_FD + i as RawFd)).collect(),
+        exe,
+        argv,
+        envp,
+    };
+    let mut stack = vec![0u8; 256 * 1024];
+    // SAFETY: the stack is 256 KiB we own and outlive the clone (the child has its own copy of it: no CLONE_VM);
+    // x86-64 stacks grow down, so the child starts at its (16-byte aligned) end; `child` outlives the call.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET
+                | libc::SIGCHLD,
+            &child as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(format!("clone into new namespaces: {}", std::io::Error::last_os_error()));
+    }
+    drop(sync_read);
+    // SAFETY: pidfd_open(2) on our own child, which cannot be reaped by anyone else before we wait for it.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    let joined = cgroup.map(|cg| cg.join(pid as u32)).unwrap_or(Ok(()));
+    if let Err(e) = joined {
+        // SAFETY: kill(2) of the child we just cloned; it has not run anything but its wait yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut st = 0;
+        // SAFETY: reaps that child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        return Err(format!("move the VMM into its cgroup: {e}"));
+    }
+    drop(sync_write); // the child goes on
+    if pidfd < 0 {
+        return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh pidfd nobody else owns.
+    Ok((pid as u32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+/// How a reaped child ended, in the words `std::process::ExitStatus` uses.
+pub fn describe_status(code: i32, status: i32) -> String {
+    match code {
+        libc::CLD_EXITED => format!("exit status: {status}"),
+        libc::CLD_KILLED | libc::CLD_DUMPED => format!("signal: {status}"),
+        _ => format!("ended ({code}, {status})"),
+    }
+}
+
+/// Waits (blocking) for the child behind `pidfd` and reaps it.
+pub fn reap(pidfd: &OwnedFd) -> String {
+    // SAFETY: siginfo_t is plain data; waitid fills it for our own child behind the pidfd.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        const P_PIDFD: libc::idtype_t = 3;
+        if libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) != 0 {
+            return format!("wait failed: {}", std::io::Error::last_os_error());
+        }
+        describe_status(info.si_code, info.si_status())
+    }
+}
