@@ -99,7 +99,44 @@ impl Hierarchy {
     }
 }
 
+/// One reading of a cgroup's memory: its limit, what it uses that cannot be reclaimed without swap (everything but
+/// file cache: anonymous memory, page tables, kernel memory) and how many charges have failed at the limit so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryReading {
+    pub limit: u64,
+    pub anon: u64,
+    pub failed_charges: u64,
+}
+
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 impl VmCgroup {
+    /// Reads the memory controller's files (v2: memory.max, memory.stat `anon`, memory.events `max`; v1:
+    /// memory.limit_in_bytes, memory.stat `rss`, memory.failcnt).
+    pub fn memory(&self) -> Option<MemoryReading> {
+        let d = &self.memory_dir;
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).ok();
+        if let Some(max) = read("memory.max") {
+            let stat = read("memory.stat")?;
+            let events = read("memory.events")?;
+            let current: u64 = read("memory.current")?.trim().parse().ok()?;
+            return Some(MemoryReading {
+                limit: max.trim().parse().unwrap_or(u64::MAX),
+                anon: current.saturating_sub(stat_value(&stat, "file").unwrap_or(0)),
+                failed_charges: stat_value(&events, "max")?,
+            });
+        }
+        let stat = read("memory.stat")?;
+        let usage: u64 = read("memory.usage_in_bytes")?.trim().parse().ok()?;
+        Some(MemoryReading {
+            limit: read("memory.limit_in_bytes")?.trim().parse().ok()?,
+            anon: usage.saturating_sub(stat_value(&stat, "cache").unwrap_or(0)),
+            failed_charges: read("memory.failcnt")?.trim().parse().ok()?,
+        })
+    }
+
     /// Moves process `pid` into every hierarchy of this cgroup.
     pub fn join(&self, pid: u32) -> Result<(), String> {
         for d in &self.dirs {
@@ -150,6 +187,12 @@ mod tests {
         assert_eq!(read(cg.memory_dir.join("memory.max")), (1u64 << 30).to_string());
         assert_eq!(read(fs.join("flint/vm-2/cpu.weight")), "100");
         assert_eq!(read(fs.join("flint/cgroup.subtree_control")), "+memory +cpu +pids");
+        // Readings: v2 from memory.max / memory.stat anon / memory.events max.
+        std::fs::write(cg.memory_dir.join("memory.stat"), "anon 1048576\nfile 4096\n").unwrap();
+        std::fs::write(cg.memory_dir.join("memory.current"), "1052672\n").unwrap();
+        std::fs::write(cg.memory_dir.join("memory.events"), "low 0\nhigh 0\nmax 7\noom 0\n").unwrap();
+        let m = cg.memory().unwrap();
+        assert_eq!((m.limit, m.anon, m.failed_charges), (1 << 30, 1 << 20, 7));
         std::fs::remove_dir_all(&fs).unwrap();
     }
 }

@@ -122,7 +122,51 @@ impl ProcessLauncher {
             crate::jail::spawn(&self.vmm_bin, &spec_path(dir), &log, &passed, Some(&cgroup)).map_err(internal)?;
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.jailed).insert(pid, Arc::new(pidfd));
-        Ok(Proc { pid, start })
+        let p = Proc { pid, start };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(watch_memory(cgroup, p, log_path));
+        }
+        Ok(p)
+    }
+}
+
+/// Stops a jailed VMM that is out of memory: its anonymous memory (guest pages it touched, its own heap) fills its
+/// cgroup's limit and charges keep failing. The kernel's OOM killer does not act on faults KVM takes for a guest
+/// (they are not user faults): depending on the host the VMM's KVM_RUN fails or its vCPUs retry forever. Page
+/// cache at the limit is reclaimed, not counted: a VM doing disk I/O at its limit is left alone.
+async fn watch_memory(cgroup: crate::cgroup::VmCgroup, p: Proc, log: PathBuf) {
+    const STRIKES: u32 = 4;
+    let mut last = cgroup.memory().map(|m| m.failed_charges).unwrap_or(0);
+    let mut strikes = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pid_start_time(p.pid) != Some(p.start) {
+            return;
+        }
+        let Some(m) = cgroup.memory() else { return };
+        let full = m.anon.saturating_add(8 << 20) >= m.limit;
+        strikes = if m.failed_charges > last && full { strikes + 1 } else { 0 };
+        last = m.failed_charges;
+        if strikes >= STRIKES {
+            let msg = format!(
+                "flintd: stopped: the VMM reached its memory limit ({} MiB, {} MiB anonymous, {} failed charges; \
+                 cgroup {})\n",
+                m.limit >> 20,
+                m.anon >> 20,
+                m.failed_charges,
+                cgroup.memory_dir.display()
+            );
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
+                use std::io::Write;
+                let _ = f.write_all(msg.as_bytes());
+            }
+            tracing::warn!(pid = p.pid, limit = m.limit, anon = m.anon, "VMM out of memory: stopping it");
+            if pid_start_time(p.pid) == Some(p.start) {
+                // SAFETY: kill(2) on our own child, whose start time was just checked.
+                unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            }
+            return;
+        }
     }
 }
 

@@ -620,6 +620,39 @@ impl Drop for Flintd {
     }
 }
 
+/// The store flintd uses under `data` with `s3` under `prefix` (no secret: flintd started with
+/// `--allow-unauthenticated-bucket`), for tests that read or seed it directly.
+pub fn flintd_store(data: &Path, s3: &S3Server, prefix: &str) -> flint_snapshot_store::Store {
+    let mut cfg = flint_snapshot_store::StoreConfig::new(&data.join("store"));
+    let mut s3c = flint_snapshot_store::S3Config::new(&s3.bucket);
+    s3c.endpoint = Some(s3.endpoint());
+    s3c.prefix = prefix.into();
+    cfg.s3 = Some(s3c);
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    flint_snapshot_store::Store::open(cfg).unwrap()
+}
+
+/// Puts the golden snapshot into flintd's store as snapshot `id` (and publishes it), so a test restores clones
+/// through flintd without a cold boot. `mem_mib` is what its metadata says (what flintd sizes the VM's cgroup by).
+pub fn import_golden(data: &Path, s3: &S3Server, prefix: &str, id: &str, mem_mib: Option<u64>) {
+    let g = golden();
+    std::fs::create_dir_all(data).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut draft = flint_snapshot_store::SnapshotDraft::new(id)
+            .image("state", flint_snapshot_store::ImageSource::File(g.state.clone()))
+            .image("memory", flint_snapshot_store::ImageSource::File(g.mem.clone()));
+        draft.metadata.insert("vcpus".into(), g.report["vcpus"].to_string());
+        let mem = mem_mib.map(|m| m.to_string()).unwrap_or_else(|| g.report["mem_mib"].to_string());
+        draft.metadata.insert("mem_mib".into(), mem);
+        draft.metadata.insert("drives".into(), "0".into());
+        draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
+        flintd_store(data, s3, prefix).put(draft, true).await.unwrap();
+    });
+}
+
 /// What the jail promises, read from /proc: process `pid` runs as a uid that is not root, with no_new_privs, pid 1
 /// of its own pid namespace and in its own mount, network, IPC and UTS namespaces, with its VM directory `dir` as
 /// `/` (its /dev holding kvm), `Seccomp: 2` on every thread, and in a cgroup with a memory limit.
@@ -693,6 +726,25 @@ impl Drop for KillVmmsUnder {
         for (pid, _) in processes_naming(&self.0) {
             // SAFETY: kill(2) on a process whose command line names this test's private directory.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // The jail's cgroups of those VMs (flintd removes a VM's cgroup when it deletes the VM).
+        let ids: Vec<std::ffi::OsString> =
+            std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        let bases = ["memory/flint", "cpu/flint", "cpu,cpuacct/flint", "pids/flint", "flint"];
+        for _ in 0..100 {
+            let mut left = false;
+            for id in &ids {
+                for b in bases {
+                    let d = Path::new("/sys/fs/cgroup").join(b).join(id);
+                    if d.exists() && std::fs::remove_dir(&d).is_err() {
+                        left = true;
+                    }
+                }
+            }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flint_snapshot_store::{ImageSource, S3Config, SnapshotDraft, Store, StoreConfig};
-use flint_tests::{bin_dir, golden, processes_naming, Flintd, KillVmmsUnder, S3Server, TempDir};
+use flint_snapshot_store::Store;
+use flint_tests::{bin_dir, processes_naming, Flintd, KillVmmsUnder, S3Server, TempDir};
 use serde_json::Value;
 
 const PREFIX: &str = "crash";
@@ -76,15 +76,7 @@ impl Harness {
     }
 
     fn store(&self) -> Store {
-        let mut cfg = StoreConfig::new(&self.data.join("store"));
-        let mut s3 = S3Config::new(&self.s3.bucket);
-        s3.endpoint = Some(self.s3.endpoint());
-        s3.prefix = PREFIX.into();
-        cfg.s3 = Some(s3);
-        for (k, v) in self.s3.env() {
-            std::env::set_var(k, v);
-        }
-        Store::open(cfg).unwrap()
+        flint_tests::flintd_store(&self.data, &self.s3, PREFIX)
     }
 
     /// flint-vmm processes of this flintd: pid and VM directory.
@@ -210,20 +202,7 @@ fn kill_9_at_random_points_keeps_every_invariant() {
         Harness { s3: S3Server::start(), data: data.clone(), socket: work.path().join("flintd.sock"), flintd: None };
 
     // The golden snapshot as flintd's snapshot `base`, local and in S3.
-    let g = golden();
-    std::fs::create_dir_all(&data).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut draft = SnapshotDraft::new("base")
-            .image("state", ImageSource::File(g.state.clone()))
-            .image("memory", ImageSource::File(g.mem.clone()));
-        for k in ["vcpus", "mem_mib"] {
-            draft.metadata.insert(k.into(), g.report[k].to_string());
-        }
-        draft.metadata.insert("drives".into(), "0".into());
-        draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
-        h.store().put(draft, true).await.unwrap();
-    });
+    flint_tests::import_golden(&data, &h.s3, PREFIX, "base", None);
     h.start();
     h.check_invariants("start");
 

@@ -490,3 +490,75 @@ fn a_compromised_vmm_reaches_nothing() {
         assert!(log.contains(&format!("ATTEMPT {name} blocked (killed by {how})")), "{name}: {log}");
     }
 }
+
+/// A VMM pushed past its cgroup's memory limit is killed by the kernel; flintd marks only that VM failed and the
+/// other VM keeps answering. The victim is a clone of a snapshot whose metadata sizes its cgroup at 30 MiB (with
+/// no VMM allowance) while its guest has 256 MiB; the guest then fills 40 MB of its RAM (slowly
+/// on emulating hosts: the guest kernel zeroing pages is emulated).
+#[test]
+fn a_vmm_past_its_memory_limit_is_killed_alone() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-oom");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, "[jail]\nvmm_overhead_mib = 0\n").unwrap();
+    flint_tests::import_golden(&data, &s3, "oom", "small", Some(30));
+    flint_tests::import_golden(&data, &s3, "oom", "full", None);
+    let _d = Flintd::start_with(
+        &data,
+        &socket,
+        &s3,
+        "oom",
+        &["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap()],
+    );
+    let victim = flint_json(&socket, &["clone", "--snapshot", "small"])[0]["id"].as_str().unwrap().to_string();
+    let bystander = flint_json(&socket, &["clone", "--snapshot", "full"])[0]["id"].as_str().unwrap().to_string();
+    let fill = flint(
+        &socket,
+        &[
+            "exec",
+            &victim,
+            "--timeout-ms",
+            "180000",
+            "--",
+            "/bin/dd",
+            "if=/dev/zero",
+            "of=/tmp/fill",
+            "bs=1M",
+            "count=40",
+        ],
+    );
+    println!("fill: {:?} {}", fill.status, String::from_utf8_lossy(&fill.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let d = vm_detail(&socket, &victim);
+        if d["status"] == "failed" {
+            break d;
+        }
+        if Instant::now() > deadline {
+            let cg = std::path::Path::new("/sys/fs/cgroup/memory/flint").join(&victim);
+            let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap_or_default();
+            panic!(
+                "the VMM past its limit was not stopped: usage {} failcnt {} stat {}\n{d}",
+                read("memory.usage_in_bytes"),
+                read("memory.failcnt"),
+                read("memory.stat")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("victim: {}", failed["error"]);
+    // Stopped for its memory limit: by flintd's watchdog (guest faults taken by KVM do not wake the kernel's OOM
+    // killer), or by the kernel's OOM killer (counted in the cgroup).
+    let error = failed["error"].as_str().unwrap_or("");
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/flint/{victim}/memory.oom_control"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/flint/{victim}/memory.events")))
+        .unwrap_or_default();
+    let kills: u64 = events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(error.contains("reached its memory limit") || kills >= 1, "not stopped for its memory limit: {failed}");
+    let out = flint(&socket, &["exec", &bystander, "--", "/bin/true"]);
+    assert!(out.status.success(), "the other VM stopped answering: {out:?}");
+    assert_eq!(vm_detail(&socket, &bystander)["status"], "running");
+}

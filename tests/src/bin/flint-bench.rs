@@ -359,6 +359,105 @@ fn lazy_bench(runs: usize) {
     drop(daemon);
 }
 
+/// The jail's cost, side by side in one run: a flintd with the jail and one with `--no-jail`, each restoring
+/// clones of the golden snapshot (eager) and booting one VM; flintd's ready time and the VMM's own timings.
+fn jail_bench(runs: usize) {
+    let s3 = flint_tests::S3Server::start();
+    let work = TempDir::new("bench-jail");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut daemons = Vec::new();
+    for (label, extra) in [("jailed", vec![]), ("no jail", vec!["--no-jail"])] {
+        let data = work.path().join(label.replace(' ', "-"));
+        let sock = work.path().join(format!("{}.sock", label.replace(' ', "-")));
+        let prefix = label.replace(' ', "-");
+        flint_tests::import_golden(&data, &s3, &prefix, "base", None);
+        let mut args = vec!["--allow-unauthenticated-bucket"];
+        args.extend(extra);
+        let d = flint_tests::Flintd::start_with(&data, &sock, &s3, &prefix, &args);
+        daemons.push((label, sock, d));
+    }
+    let call = |sock: &std::path::Path, method: &str, path: &str, body: Option<serde_json::Value>| {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+            .expect("flintd");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert!(status < 300, "{method} {path}: {status} {v}");
+        v
+    };
+    println!(
+        "flint-bench jail: {runs} eager restore(s) of the golden snapshot and 1 cold boot, with and without the jail"
+    );
+    println!();
+    println!(
+        "{:<6} {:<8} {:>10} {:>22} {:>14} {:>12}",
+        "run", "jail", "ready ms", "VMM start->1st run ms", "restore ms", "memory ms"
+    );
+    let mut ready: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut vmm: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    for run in 0..runs {
+        for (i, (label, sock, _)) in daemons.iter().enumerate() {
+            let c = call(sock, "POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base", "count": 1})));
+            let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+            let d = call(sock, "GET", &format!("/v1/vms/{id}"), None);
+            let t = &d["vmm"]["timings"];
+            let r = &d["vmm"]["restore"];
+            let total_restore: u64 =
+                ["read_state_us", "kvm_setup_us", "memory_us", "devices_us", "vm_state_us", "vcpu_state_us"]
+                    .iter()
+                    .map(|k| r[*k].as_u64().unwrap_or(0))
+                    .sum();
+            let first_run = ms(t["process_to_first_run_us"].as_u64().unwrap_or(0));
+            let ready_ms = d["ready_ms"].as_f64().unwrap_or(0.0);
+            ready[i].push(ready_ms);
+            vmm[i].push(first_run);
+            println!(
+                "{:<6} {:<8} {:>10.1} {:>22.2} {:>14.2} {:>12.2}",
+                run + 1,
+                label,
+                ready_ms,
+                first_run,
+                ms(total_restore),
+                ms(r["memory_us"].as_u64().unwrap_or(0))
+            );
+            call(sock, "DELETE", &format!("/v1/vms/{id}"), None);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!();
+    println!("median of {runs}: ready ms jailed {:.1} / no jail {:.1} (ratio {:.2}); VMM start->first run jailed {:.2} / no jail {:.2} ms",
+        median(&ready[0]), median(&ready[1]), median(&ready[0]) / median(&ready[1]).max(0.001), median(&vmm[0]), median(&vmm[1]));
+    println!();
+    println!("cold boot (VMM-side):");
+    for (label, sock, _) in &daemons {
+        let v = call(sock, "POST", "/v1/vms", Some(serde_json::json!({})));
+        let id = v["id"].as_str().unwrap_or("?").to_string();
+        let d = call(sock, "GET", &format!("/v1/vms/{id}"), None);
+        let t = &d["vmm"]["timings"];
+        println!(
+            "  {:<8} VMM process start -> first guest instruction {:>8.2} ms (KVM {:.2}, memory {:.2}, kernel load {:.2}, devices {:.2}); ready {:.0} ms",
+            label,
+            ms(t["process_to_first_run_us"].as_u64().unwrap_or(0)),
+            ms(t["kvm_setup_us"].as_u64().unwrap_or(0)),
+            ms(t["memory_us"].as_u64().unwrap_or(0)),
+            ms(t["kernel_load_us"].as_u64().unwrap_or(0)),
+            ms(t["devices_us"].as_u64().unwrap_or(0)),
+            d["ready_ms"].as_f64().unwrap_or(0.0)
+        );
+        call(sock, "DELETE", &format!("/v1/vms/{id}"), None);
+    }
+    println!();
+    println!(
+        "ready ms: flintd's call start -> the clone's agent answers (includes fetching the images, the jail's setup in"
+    );
+    println!("flintd (cgroup, chown, clone into namespaces) and in the VMM (pivot_root, /dev, uid drop)).");
+    drop(daemons);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -378,8 +477,12 @@ async fn main() {
         let _ = std::thread::spawn(move || lazy_bench(runs)).join();
         return;
     }
+    if mode == "jail" {
+        let _ = std::thread::spawn(move || jail_bench(runs)).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
