@@ -543,7 +543,12 @@ impl Daemon {
         config.drives = req
             .drives
             .iter()
-            .map(|d| flint_vmm_api::config::DriveConfig { path: d.path.clone(), read_only: d.read_only, root: false })
+            .map(|d| flint_vmm_api::config::DriveConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                root: false,
+                rate_limiter: d.rate_limiter.clone(),
+            })
             .collect();
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
@@ -743,7 +748,7 @@ impl Daemon {
             r.drives = drive_flags
                 .iter()
                 .enumerate()
-                .map(|(i, ro)| DriveSpec { path: drives::clone_path(&r.dir, i), read_only: *ro })
+                .map(|(i, ro)| DriveSpec { path: drives::clone_path(&r.dir, i), read_only: *ro, rate_limiter: None })
                 .collect();
         })?;
         let _op = slot.op.lock().await;
@@ -1326,8 +1331,8 @@ mod tests {
             .create(CreateVm {
                 id: Some("with-drive".into()),
                 drives: vec![
-                    DriveSpec { path: disk.clone(), read_only: false },
-                    DriveSpec { path: ro.clone(), read_only: true },
+                    DriveSpec { path: disk.clone(), read_only: false, rate_limiter: None },
+                    DriveSpec { path: ro.clone(), read_only: true, rate_limiter: None },
                 ],
                 ..Default::default()
             })

@@ -77,6 +77,11 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     // push to S3. The drive's content is part of the snapshot.
     let disk = work.path().join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    // A second drive limited to 128 KiB/s (clones keep the limit: it is in the snapshot). Guest block I/O on an
+    // emulating host is slow even unlimited, so the limit is set well below 1 MiB/s.
+    let slow = work.path().join("slow.img");
+    std::fs::write(&slow, vec![0x5a; 4 << 20]).unwrap();
+    let slow_arg = format!("{},bw=131072", slow.display());
     // The init also installs a before-checkpoint and an after-restore hook that log to /tmp/hooks.log.
     let init = "set -e; echo warm > /tmp/warm; echo template-disk | dd of=/dev/vda conv=fsync 2>/dev/null; \
         mkdir -p /etc/flint/hooks/before-checkpoint.d /etc/flint/hooks/after-restore.d; \
@@ -85,7 +90,20 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
         chmod +x /etc/flint/hooks/*/10-log";
     let t = flint_json(
         &socket,
-        &["template", "create", "py", "--push", "--drive", disk.to_str().unwrap(), "--", "/bin/sh", "-c", init],
+        &[
+            "template",
+            "create",
+            "py",
+            "--push",
+            "--drive",
+            disk.to_str().unwrap(),
+            "--drive",
+            &slow_arg,
+            "--",
+            "/bin/sh",
+            "-c",
+            init,
+        ],
     );
     println!("template: {t}");
     assert_eq!(t["snapshot"], "tmpl-py");
@@ -142,6 +160,25 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     for c in &clones {
         flint_tests::assert_jailed(vm_detail(&socket, c)["pid"].as_u64().unwrap(), &data.join("vms").join(c));
     }
+    // The rate limiter: reading 1 MiB of the limited drive runs at <= 1.1 x 128 KiB/s, the unlimited one several
+    // times faster (ratio only: emulated guests are slow).
+    let rate = |dev: &str| -> f64 {
+        // Timed inside the guest (/proc/uptime, 10 ms ticks), less a zero-length dd: starting a process costs about
+        // a second on this host and is not I/O.
+        let dd = |count: u32| format!("dd if={dev} of=/dev/null bs=64k count={count} 2>/dev/null");
+        let up = "$(cat /proc/uptime)";
+        let script = format!("a={up}; {}; b={up}; {}; c={up}; echo $a $b $c", dd(0), dd(16));
+        let out = flint(&socket, &["exec", &clones[2], "--", "/bin/sh", "-c", &script]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let f: Vec<f64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        assert!(f.len() == 6, "dd {dev}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        let io = ((f[4] - f[2]) - (f[2] - f[0])).max(0.05);
+        1024.0 / io
+    };
+    let (limited, free) = (rate("/dev/vdb"), rate("/dev/vda"));
+    println!("dd in a clone: limited drive {limited:.1} KiB/s, unlimited {free:.1} KiB/s");
+    assert!(limited <= 1.1 * 128.0, "the 128 KiB/s drive read at {limited:.1} KiB/s");
+    assert!(free >= 2.0 * limited, "unlimited {free:.1} KiB/s is not several times the limited {limited:.1}");
     let detail = vm_detail(&socket, &clones[1]);
     let copy = PathBuf::from(detail["drives"][0]["path"].as_str().unwrap());
     assert!(copy.starts_with(&data) && copy != disk, "{detail}");

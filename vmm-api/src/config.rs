@@ -52,6 +52,48 @@ pub struct DriveConfig {
     /// Boot from this drive (root=/dev/vdX).
     #[serde(default)]
     pub root: bool,
+    /// Limits on the guest's I/O to this drive (none: unlimited).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Firecracker's rate limiter: a token bucket for bytes and one for operations; a request waits until both have
+/// its tokens.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketConfig>,
+    #[serde(default)]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// `size` tokens, refilled from empty to full in `refill_time_ms` (so `size / refill_time` per second), plus a
+/// one-time burst spent first and never refilled.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub one_time_burst: u64,
+    pub refill_time_ms: u64,
+}
+
+impl RateLimiterConfig {
+    /// A bucket that cannot work is a configuration error, not a silent "unlimited".
+    pub fn check(&self) -> Result<(), String> {
+        for (what, b) in [("bandwidth", &self.bandwidth), ("ops", &self.ops)] {
+            if let Some(b) = b {
+                if b.size == 0 || b.refill_time_ms == 0 {
+                    return Err(format!("rate limiter {what}: size and refill_time_ms must be positive"));
+                }
+                if b.refill_time_ms > 3_600_000 {
+                    return Err(format!("rate limiter {what}: refill_time_ms is over an hour"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -128,6 +170,26 @@ pub enum ConfigError {
     Cid(u64),
     #[error("cmdline_extra may not contain newlines or NUL bytes")]
     Cmdline,
+    #[error("{0}")]
+    RateLimiter(String),
+}
+
+/// Parses the short form of a drive's limits used by the CLIs: `bw=BYTES_PER_SECOND` and `iops=N` per second, each
+/// a bucket of a quarter second's worth refilled every 250 ms (bursts stay short). Returns false for an option
+/// that is not a limit.
+pub fn parse_limit_option(opt: &str, limiter: &mut Option<RateLimiterConfig>) -> Result<bool, String> {
+    let Some((k, v)) = opt.split_once('=') else { return Ok(false) };
+    let bucket = |v: &str| -> Result<TokenBucketConfig, String> {
+        let per_s: u64 =
+            v.parse().ok().filter(|n| *n >= 4).ok_or_else(|| format!("`{opt}`: expected a number >= 4"))?;
+        Ok(TokenBucketConfig { size: per_s / 4, one_time_burst: 0, refill_time_ms: 250 })
+    };
+    match k {
+        "bw" => limiter.get_or_insert_with(Default::default).bandwidth = Some(bucket(v)?),
+        "iops" => limiter.get_or_insert_with(Default::default).ops = Some(bucket(v)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 impl VmConfig {
@@ -168,6 +230,11 @@ impl VmConfig {
     pub fn validate_limits(&self) -> Result<(), ConfigError> {
         check_vcpus(self.vcpus)?;
         check_mem_mib(self.mem_mib)?;
+        for d in &self.drives {
+            if let Some(l) = &d.rate_limiter {
+                l.check().map_err(|e| ConfigError::RateLimiter(format!("drive {}: {e}", d.path.display())))?;
+            }
+        }
         let roots = self.drives.iter().filter(|d| d.root).count();
         if roots > 1 {
             return Err(ConfigError::TwoRoots);

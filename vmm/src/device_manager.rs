@@ -154,7 +154,9 @@ pub(crate) fn setup_devices(
     let mut root_dev = None;
     for (i, d) in config.drives.iter().enumerate() {
         let letter = (b'a' + i as u8) as char;
-        virtio.push(Box::new(block::Block::open(&d.path, d.read_only, &format!("flint-vd{letter}"))?));
+        let dev = block::Block::open(&d.path, d.read_only, &format!("flint-vd{letter}"))?
+            .with_limiter(d.rate_limiter.as_ref())?;
+        virtio.push(Box::new(dev));
         if d.root {
             root_dev = Some((format!("/dev/vd{letter}"), d.read_only));
         }

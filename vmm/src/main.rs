@@ -94,13 +94,14 @@ struct Args {
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let mut parts = s.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or("--drive needs a path")?;
-    let mut d = DriveConfig { path: path.into(), read_only: false, root: false };
+    let mut d = DriveConfig { path: path.into(), read_only: false, root: false, rate_limiter: None };
     for opt in parts {
         match opt {
             "ro" => d.read_only = true,
             "rw" => d.read_only = false,
             "root" => d.root = true,
-            o => return Err(format!("unknown --drive option {o:?} (use ro, rw, root)")),
+            o if flint_vmm::config::parse_limit_option(o, &mut d.rate_limiter)? => {}
+            o => return Err(format!("unknown --drive option {o:?} (use ro, rw, root, bw=BYTES_PER_S, iops=N)")),
         }
     }
     Ok(d)

@@ -112,7 +112,7 @@ enum VmCmd {
         vcpus: Option<u8>,
         #[arg(long)]
         id: Option<String>,
-        /// Extra block device: PATH[,ro] (repeatable).
+        /// Extra block device: PATH[,ro][,bw=BYTES_PER_S][,iops=N] (repeatable; bw and iops limit the guest's I/O, kept in snapshots).
         #[arg(long = "drive")]
         drives: Vec<String>,
         /// Environment for execs: KEY=VALUE (repeatable).
@@ -169,7 +169,7 @@ enum TemplateCmd {
         image: Option<String>,
         #[arg(long)]
         push: bool,
-        /// Block device of the template's VM: PATH[,ro] (repeatable). Its content at snapshot time is part of the
+        /// Block device of the template's VM: PATH[,ro][,bw=BYTES_PER_S][,iops=N] (repeatable). Its content at snapshot time is part of the
         /// snapshot; every clone gets its own copy.
         #[arg(long = "drive")]
         drives: Vec<String>,
@@ -182,12 +182,21 @@ enum TemplateCmd {
     },
 }
 
-/// `PATH[,ro]` arguments as drives.
-fn drive_specs(args: &[String]) -> Vec<DriveSpec> {
+/// `PATH[,ro][,bw=BYTES_PER_S][,iops=N]` arguments as drives.
+fn drive_specs(args: &[String]) -> Result<Vec<DriveSpec>, String> {
     args.iter()
-        .map(|d| match d.strip_suffix(",ro") {
-            Some(p) => DriveSpec { path: p.into(), read_only: true },
-            None => DriveSpec { path: d.into(), read_only: false },
+        .map(|d| {
+            let mut parts = d.split(',');
+            let path = parts.next().filter(|p| !p.is_empty()).ok_or("--drive needs a path")?;
+            let mut spec = DriveSpec { path: path.into(), read_only: false, rate_limiter: None };
+            for opt in parts {
+                match opt {
+                    "ro" => spec.read_only = true,
+                    o if flint_vmm_api::config::parse_limit_option(o, &mut spec.rate_limiter)? => {}
+                    o => return Err(format!("--drive {d}: unknown option `{o}` (ro, bw=BYTES_PER_S, iops=N)")),
+                }
+            }
+            Ok(spec)
         })
         .collect()
 }
@@ -343,7 +352,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
         }),
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create { image, mem_mib, vcpus, id, drives, env } => {
-                let drives = drive_specs(&drives);
+                let drives = drive_specs(&drives)?;
                 let mut envs = std::collections::BTreeMap::new();
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
@@ -514,7 +523,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
                     image,
                     init,
                     publish: push,
-                    drives: drive_specs(&drives),
+                    drives: drive_specs(&drives)?,
                     ..Default::default()
                 })?;
                 let label = format!("creating template {name}");

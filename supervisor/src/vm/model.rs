@@ -175,6 +175,10 @@ pub struct DriveSpec {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Limits on the guest's I/O to the drive (bytes and operations per refill time); kept in its snapshots, so
+    /// clones have the same limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<flint_vmm_api::config::RateLimiterConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
