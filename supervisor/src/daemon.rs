@@ -126,6 +126,7 @@ impl Daemon {
                     let rec = slot.get();
                     if let Some(p) = rec.proc() {
                         self.watch(&id, p);
+                        self.launcher.readopt(p, &rec.dir);
                     }
                     if rec.lazy {
                         if let Some(snapshot) = rec.snapshot.clone() {

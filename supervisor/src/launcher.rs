@@ -35,6 +35,9 @@ pub trait Launcher: Send + Sync + 'static {
     fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, OpError>;
     /// Frees what a VM's jail holds on the host (its cgroup) once its VMM is gone.
     fn release(&self, _dir: &Path) {}
+    /// Watches a VMM this flintd did not start (re-adopted after a restart) as `spawn` watches its own: its
+    /// memory against its cgroup's limit.
+    fn readopt(&self, _p: Proc, _dir: &Path) {}
     /// Whether `p` is still running (same pid, same start time).
     fn alive(&self, p: Proc) -> bool;
     /// SIGKILL, if `p` is still the process we started.
@@ -170,6 +173,21 @@ async fn watch_memory(cgroup: crate::cgroup::VmCgroup, p: Proc, log: PathBuf) {
     }
 }
 
+impl ProcessLauncher {
+    /// The cgroup a jailed VM in `dir` has (or had).
+    fn cgroup_of(&self, dir: &Path) -> Option<crate::cgroup::VmCgroup> {
+        let (cfg, h) = self.jail.as_ref().ok()?;
+        let name = dir.file_name()?.to_string_lossy().into_owned();
+        let dirs: Vec<PathBuf> = match h {
+            Hierarchy::V2 { root } => vec![root.join(&cfg.cgroup).join(&name)],
+            Hierarchy::V1 { memory, cpu, pids } => {
+                [memory, cpu, pids].iter().map(|b| b.join(&cfg.cgroup).join(&name)).collect()
+            }
+        };
+        Some(crate::cgroup::VmCgroup { memory_dir: dirs[0].clone(), dirs })
+    }
+}
+
 /// Whether the VMM of `dir` was started jailed (its spec says so): its paths are then relative to `dir`.
 fn jailed_dir(dir: &Path) -> bool {
     std::fs::read(spec_path(dir))
@@ -229,15 +247,16 @@ impl Launcher for ProcessLauncher {
     }
 
     fn release(&self, dir: &Path) {
-        if let (Ok((cfg, h)), Some(name)) = (&self.jail, dir.file_name()) {
-            let name = name.to_string_lossy();
-            let dirs: Vec<PathBuf> = match h {
-                Hierarchy::V2 { root } => vec![root.join(&cfg.cgroup).join(&*name)],
-                Hierarchy::V1 { memory, cpu, pids } => {
-                    [memory, cpu, pids].iter().map(|b| b.join(&cfg.cgroup).join(&*name)).collect()
-                }
-            };
-            crate::cgroup::VmCgroup { memory_dir: dirs[0].clone(), dirs }.remove();
+        if let Some(cg) = self.cgroup_of(dir) {
+            cg.remove();
+        }
+    }
+
+    fn readopt(&self, p: Proc, dir: &Path) {
+        if let (Some(cg), true) = (self.cgroup_of(dir), jailed_dir(dir)) {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(watch_memory(cg, p, dir.join("vmm.log")));
+            }
         }
     }
 

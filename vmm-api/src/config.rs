@@ -107,6 +107,12 @@ pub struct NetConfig {
     /// Guest MAC address (aa:bb:cc:dd:ee:ff); derived from the tap name when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Limits on frames the guest receives.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on frames the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -249,6 +255,11 @@ impl VmConfig {
         if n > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices);
         }
+        if let Some(n) = &self.net {
+            for l in [&n.rx_rate_limiter, &n.tx_rate_limiter].into_iter().flatten() {
+                l.check().map_err(|e| ConfigError::RateLimiter(format!("net: {e}")))?;
+            }
+        }
         if let Some(mac) = self.net.as_ref().and_then(|n| n.mac.as_ref()) {
             parse_mac(mac).ok_or_else(|| ConfigError::Mac(mac.clone()))?;
         }
@@ -325,7 +336,13 @@ mod tests {
         c.kernel = "/nonexistent/vmlinux".into();
         assert_eq!(c.validate(), Err(ConfigError::MissingFile("/nonexistent/vmlinux".into())));
         c.kernel = kernel();
-        c.net = Some(NetConfig { tap: "tap0".into(), netns: None, mac: Some("zz:00".into()) });
+        c.net = Some(NetConfig {
+            tap: "tap0".into(),
+            netns: None,
+            mac: Some("zz:00".into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        });
         assert_eq!(c.validate(), Err(ConfigError::Mac("zz:00".into())));
     }
 

@@ -164,7 +164,10 @@ pub(crate) fn setup_devices(
     if let Some(n) = &config.net {
         let tap = net::tap::open_tap(&n.tap, n.netns.as_deref())?;
         let mac = n.mac.as_deref().and_then(parse_mac).unwrap_or_else(|| mac_from_name(&n.tap));
-        virtio.push(Box::new(net::Net::new(tap, &n.tap, mac)));
+        let dev = net::Net::new(tap, &n.tap, mac)
+            .with_limiters(n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref())
+            .map_err(|e| BuildError::DeviceIo(format!("net rate limiter: {e}")))?;
+        virtio.push(Box::new(dev));
     }
     if let Some(v) = &config.vsock {
         virtio.push(Box::new(vsock::Vsock::new(v.guest_cid, &v.uds_path)?));

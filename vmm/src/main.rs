@@ -110,12 +110,24 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
 fn parse_tap(s: &str) -> Result<NetConfig, String> {
     let mut parts = s.split(',');
     let tap = parts.next().filter(|p| !p.is_empty()).ok_or("--tap needs a name")?;
-    let mut n = NetConfig { tap: tap.into(), netns: None, mac: None };
+    let mut n = NetConfig { tap: tap.into(), netns: None, mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
     for opt in parts {
         match opt.split_once('=') {
             Some(("netns", v)) => n.netns = Some(v.into()),
             Some(("mac", v)) => n.mac = Some(v.into()),
-            _ => return Err(format!("unknown --tap option {opt:?} (use netns=PATH, mac=MAC)")),
+            // rx_bw= / tx_bw= / rx_iops= / tx_iops=: the guest's receive and send limits.
+            Some((k, v)) if k.starts_with("rx_") || k.starts_with("tx_") => {
+                let (dir, limit) = k.split_at(3);
+                let target = if dir == "rx_" { &mut n.rx_rate_limiter } else { &mut n.tx_rate_limiter };
+                if !flint_vmm::config::parse_limit_option(&format!("{limit}={v}"), target)? {
+                    return Err(format!("unknown --tap option {opt:?}"));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown --tap option {opt:?} (use netns=PATH, mac=MAC, rx_bw=, tx_bw=, rx_iops=, tx_iops=)"
+                ))
+            }
         }
     }
     Ok(n)

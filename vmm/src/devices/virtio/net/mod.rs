@@ -8,7 +8,10 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use event_manager::EventSet;
-use virtio_queue::QueueT;
+use flint_vmm_api::config::RateLimiterConfig;
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use crate::devices::rate_limiter::{RateLimiter, RateLimiterState};
 
 use super::{DeviceCounters, DeviceCtx, VirtioDevice, Watch, DEVICE_EVENT_BASE, TYPE_NET};
 
@@ -17,6 +20,8 @@ const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EV_TAP: u32 = DEVICE_EVENT_BASE;
+const EV_RX_LIMIT: u32 = DEVICE_EVENT_BASE + 1;
+const EV_TX_LIMIT: u32 = DEVICE_EVENT_BASE + 2;
 const MAX_FRAME: usize = 65562;
 
 pub struct Net {
@@ -28,6 +33,8 @@ pub struct Net {
     tap_watched: bool,
     pub counters: DeviceCounters,
     pub dropped_rx: u64,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 impl Net {
@@ -40,13 +47,36 @@ impl Net {
             tap_watched: true,
             counters: DeviceCounters::default(),
             dropped_rx: 0,
+            rx_limiter: None,
+            tx_limiter: None,
         }
     }
 
+    /// Limits what the guest receives (`rx`) and sends (`tx`).
+    pub fn with_limiters(
+        mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> std::io::Result<Self> {
+        self.rx_limiter = rx.map(RateLimiter::new).transpose()?;
+        self.tx_limiter = tx.map(RateLimiter::new).transpose()?;
+        Ok(self)
+    }
+
     fn process_tx(&mut self, ctx: &mut DeviceCtx) {
+        if self.tx_limiter.as_ref().is_some_and(|l| l.blocked()) {
+            return; // its timer wakes the device
+        }
         let mem = ctx.mem;
         let mut used = false;
         while let Some(chain) = ctx.queues[TXQ].pop_descriptor_chain(mem) {
+            if let Some(l) = self.tx_limiter.as_mut() {
+                let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                if !l.consume(bytes.saturating_sub(NET_HDR_LEN as u64)) {
+                    ctx.queues[TXQ].go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match chain.reader(mem) {
@@ -88,6 +118,10 @@ impl Net {
         let mem = ctx.mem;
         let mut used = false;
         loop {
+            if self.rx_limiter.as_ref().is_some_and(|l| l.blocked()) {
+                self.unwatch_tap(ops);
+                break;
+            }
             let frame = match self.pending_rx.take() {
                 Some(f) => f,
                 None => {
@@ -102,14 +136,19 @@ impl Net {
                     }
                 }
             };
+            if let Some(l) = self.rx_limiter.as_mut() {
+                if !l.consume(frame.len().saturating_sub(NET_HDR_LEN) as u64) {
+                    // Over the limit: keep the frame, stop reading the tap until the limiter's timer fires.
+                    self.pending_rx = Some(frame);
+                    self.unwatch_tap(ops);
+                    break;
+                }
+            }
             let Some(chain) = ctx.queues[RXQ].pop_descriptor_chain(mem) else {
                 // No guest buffer: keep the frame and stop watching the tap until the guest
-                // gives us buffers (RX queue notification).
+                // gives us buffers (RX queue notification). Its tokens are taken already.
                 self.pending_rx = Some(frame);
-                if self.tap_watched {
-                    ops.remove(self.tap.as_raw_fd());
-                    self.tap_watched = false;
-                }
+                self.unwatch_tap(ops);
                 break;
             };
             let head = chain.head_index();
@@ -133,6 +172,27 @@ impl Net {
             ctx.irq.signal_used();
         }
     }
+
+    fn unwatch_tap(&mut self, ops: &mut dyn Watch) {
+        if self.tap_watched {
+            ops.remove(self.tap.as_raw_fd());
+            self.tap_watched = false;
+        }
+    }
+
+    fn watch_tap(&mut self, ops: &mut dyn Watch) {
+        if !self.tap_watched {
+            ops.add(self.tap.as_raw_fd(), EV_TAP, EventSet::IN);
+            self.tap_watched = true;
+        }
+    }
+}
+
+/// Version 1 of the net device's model state: the limiters' budgets.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NetModel {
+    rx: Option<RateLimiterState>,
+    tx: Option<RateLimiterState>,
 }
 
 impl VirtioDevice for Net {
@@ -155,9 +215,8 @@ impl VirtioDevice for Net {
         match index {
             TXQ => self.process_tx(ctx),
             RXQ => {
-                if !self.tap_watched {
-                    ops.add(self.tap.as_raw_fd(), EV_TAP, EventSet::IN);
-                    self.tap_watched = true;
+                if !self.rx_limiter.as_ref().is_some_and(|l| l.blocked()) {
+                    self.watch_tap(ops);
                 }
                 self.process_rx(ctx, ops);
             }
@@ -165,9 +224,34 @@ impl VirtioDevice for Net {
         }
     }
     fn initial_fds(&self) -> Vec<(RawFd, EventSet, u32)> {
-        vec![(self.tap.as_raw_fd(), EventSet::IN, EV_TAP)]
+        let mut fds = vec![(self.tap.as_raw_fd(), EventSet::IN, EV_TAP)];
+        fds.extend(self.rx_limiter.iter().map(|l| (l.fd(), EventSet::IN, EV_RX_LIMIT)));
+        fds.extend(self.tx_limiter.iter().map(|l| (l.fd(), EventSet::IN, EV_TX_LIMIT)));
+        fds
     }
-    fn device_event(&mut self, _data: u32, _fd: RawFd, _set: EventSet, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
+    fn device_event(&mut self, data: u32, _fd: RawFd, _set: EventSet, ctx: &mut DeviceCtx, ops: &mut dyn Watch) {
+        match data {
+            EV_RX_LIMIT => {
+                if let Some(l) = self.rx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                if ctx.active {
+                    self.watch_tap(ops);
+                    self.process_rx(ctx, ops);
+                }
+                return;
+            }
+            EV_TX_LIMIT => {
+                if let Some(l) = self.tx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                if ctx.active {
+                    self.process_tx(ctx);
+                }
+                return;
+            }
+            _ => {}
+        }
         if !ctx.active {
             // Frames before the driver is up are dropped (a real NIC would do the same).
             let mut buf = vec![0u8; MAX_FRAME];
@@ -184,6 +268,110 @@ impl VirtioDevice for Net {
             "mac": self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
             "dropped_rx": self.dropped_rx,
             "counters": self.counters.snapshot(),
+            "rx_rate_limiter": self.rx_limiter.as_ref().map(|l| l.describe()),
+            "tx_rate_limiter": self.tx_limiter.as_ref().map(|l| l.describe()),
         })
+    }
+    fn save_model(&self) -> crate::snapshot::ModelState {
+        if self.rx_limiter.is_none() && self.tx_limiter.is_none() {
+            return crate::snapshot::ModelState::default();
+        }
+        let m =
+            NetModel { rx: self.rx_limiter.as_ref().map(|l| l.save()), tx: self.tx_limiter.as_ref().map(|l| l.save()) };
+        crate::snapshot::ModelState { version: 1, data: serde_json::to_vec(&m).unwrap_or_default() }
+    }
+    fn restore_model(&mut self, state: &crate::snapshot::ModelState) -> Result<(), String> {
+        if state.data.is_empty() {
+            return Ok(());
+        }
+        if state.version != 1 {
+            return Err(format!("unknown net device state version {}", state.version));
+        }
+        let m: NetModel = serde_json::from_slice(&state.data).map_err(|e| format!("net rate limiter state: {e}"))?;
+        for (l, s) in [(&mut self.rx_limiter, m.rx), (&mut self.tx_limiter, m.tx)] {
+            if let (Some(l), Some(s)) = (l.as_mut(), s) {
+                l.restore(&s);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_util::QueueEnv;
+    use flint_vmm_api::config::TokenBucketConfig;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+    impl Watch for Recorder {
+        fn add(&mut self, _: RawFd, data: u32, _: EventSet) {
+            self.0.push(format!("add {data}"));
+        }
+        fn modify(&mut self, _: RawFd, _: u32, _: EventSet) {}
+        fn remove(&mut self, _: RawFd) {
+            self.0.push("remove".into());
+        }
+    }
+
+    fn wait_readable(fd: RawFd) {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one pollfd we own, for at most a second.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1, "the limiter's timer fires");
+    }
+
+    #[test]
+    fn rate_limited_send_and_receive_wait_for_their_timers() {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair(2) fills two fds we then own.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh fds owned by nobody else.
+        let (tap, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut peer = File::from(peer);
+        // 1000 bytes per 100 ms each way.
+        let cfg = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig { size: 1000, one_time_burst: 0, refill_time_ms: 100 }),
+            ops: None,
+        };
+        let mut dev = Net::new(File::from(tap), "t", [6, 0, 0, 0, 0, 1]).with_limiters(Some(&cfg), Some(&cfg)).unwrap();
+        let fds = dev.initial_fds();
+        assert_eq!(fds.len(), 3, "tap and two timers");
+        let (rx_timer, tx_timer) = (fds[1].0, fds[2].0);
+        let mut env = QueueEnv::new(&[256, 256]);
+        let mut ops = Recorder::default();
+        // Send: two frames of 12 + 800 bytes; the second waits for the refill.
+        for at in [0x10000u64, 0x20000] {
+            env.write(at, &[7u8; 812]);
+            env.add_chain(TXQ, &[(at, 812, false)]);
+        }
+        env.run(|ctx| dev.queue_notify(TXQ, ctx, &mut ops));
+        assert_eq!(env.used(TXQ).len(), 1);
+        wait_readable(tx_timer);
+        env.run(|ctx| dev.device_event(EV_TX_LIMIT, tx_timer, EventSet::IN, ctx, &mut ops));
+        assert_eq!(env.used(TXQ).len(), 2);
+        let mut buf = [0u8; 2048];
+        assert_eq!((peer.read(&mut buf).unwrap(), peer.read(&mut buf).unwrap()), (812, 812));
+        // Receive: two frames arrive; the guest has buffers; the second waits (the tap unwatched meanwhile).
+        for at in [0x30000u64, 0x40000] {
+            env.add_chain(RXQ, &[(at, 2048, true)]);
+        }
+        peer.write_all(&[1u8; 812]).unwrap();
+        peer.write_all(&[2u8; 812]).unwrap();
+        env.run(|ctx| dev.device_event(EV_TAP, 0, EventSet::IN, ctx, &mut ops));
+        assert_eq!(env.used(RXQ).len(), 1);
+        assert!(ops.0.contains(&"remove".to_string()), "{:?}", ops.0);
+        wait_readable(rx_timer);
+        env.run(|ctx| dev.device_event(EV_RX_LIMIT, rx_timer, EventSet::IN, ctx, &mut ops));
+        assert_eq!(env.used(RXQ), vec![(0, 812), (1, 812)]);
+        assert_eq!(env.read(0x40000, 4), vec![2u8; 4]);
+        assert!(ops.0.contains(&format!("add {EV_TAP}")), "the tap is watched again: {:?}", ops.0);
+        // Budgets go into the snapshot's model state and come back.
+        let state = dev.save_model();
+        assert_eq!(state.version, 1);
+        dev.restore_model(&state).unwrap();
     }
 }
