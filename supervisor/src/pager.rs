@@ -191,6 +191,7 @@ pub fn accept_and_serve(
         stats: stats.clone(),
         on_fatal,
         hangup: Some(conn.try_clone().map_err(|e| OpError::Internal(e.to_string()))?),
+        thread_start: None,
     };
     flint_uffd::serve(Userfault::from_fd(fd), cfg).map_err(|e| refuse(&conn, flint_vmm_api::error_chain(&e)))?;
     conn.set_read_timeout(None).map_err(|e| OpError::Internal(e.to_string()))?;

@@ -242,6 +242,8 @@ pub struct ServeConfig {
     pub on_fatal: OnFatal,
     /// The serving ends when this socket's peer hangs up (the VMM exited); None: when the uffd does.
     pub hangup: Option<UnixStream>,
+    /// Run first on every serving thread (the VMM installs its seccomp filter for the kind there).
+    pub thread_start: Option<fn()>,
 }
 
 /// Serves faults on `uffd`: the fault thread plus `workers` fetch threads. A fault queues the unit around it
@@ -288,17 +290,26 @@ pub fn serve(uffd: Userfault, cfg: ServeConfig) -> Result<(), UffdError> {
             }
         }
     }
+    let start = cfg.thread_start;
     for i in 0..cfg.workers.max(1) {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name(format!("uffd-fetch{i}"))
-            .spawn(move || worker(sh))
+            .spawn(move || {
+                if let Some(f) = start {
+                    f();
+                }
+                worker(sh)
+            })
             .map_err(UffdError::Thread)?;
     }
     let hangup = cfg.hangup;
     std::thread::Builder::new()
         .name("uffd".into())
         .spawn(move || {
+            if let Some(f) = start {
+                f();
+            }
             if let Err(e) = handler(&shared, hangup.as_ref().map(|s| s.as_raw_fd())) {
                 // Faults can no longer be answered: as fatal as a unit that cannot be read.
                 if !shared.stats.failed.swap(true, Ordering::AcqRel) {
@@ -697,6 +708,7 @@ mod tests {
                 stats: stats.clone(),
                 on_fatal: Box::new(move |m| *lock(&f2) = Some(m)),
                 hangup: Some(b),
+                thread_start: None,
             },
         )
         .unwrap();

@@ -113,6 +113,8 @@ pub fn serve(path: &Path, vm: VmmHandle) -> Result<(), ApiServerError> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Before the first request; connection threads inherit it.
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Api);
             for stream in listener.incoming().flatten() {
                 // Bounded: at most MAX_CONNECTIONS threads; past that a connection is answered 503 and closed.
                 if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {

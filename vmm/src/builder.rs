@@ -415,6 +415,7 @@ impl Vmm {
                     stats: pager.stats.clone(),
                     on_fatal,
                     hangup: None,
+                    thread_start: Some(crate::seccomp::enter_pager),
                 };
                 flint_uffd::serve(uffd, cfg).map_err(RestoreError::from)?;
                 local_pager = Some(pager);

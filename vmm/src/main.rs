@@ -238,6 +238,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    // Every thread installs its own kind's allow-list (vmm/src/seccomp.rs); compiled here, before any starts.
+    if let Err(e) = flint_vmm::seccomp::prepare(spec.seccomp) {
+        eprintln!("flint-vmm: {}", error_chain(&e));
+        return ExitCode::from(EXIT_SETUP);
+    }
     if let Some(jail) = &spec.jail {
         // The host profile is read from /sys, which the jail does not have.
         if let Launch::Boot(c) = &mut spec.launch {
@@ -276,18 +281,25 @@ fn main() -> ExitCode {
         unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
     }
     eprintln!("flint-vmm: host profile {}, cmdline: {}", profile.name(), vmm.cmdline);
+    if let Err(e) = vmm.start(process_start) {
+        eprintln!("flint-vmm: {}", error_chain(&e));
+        return ExitCode::from(EXIT_SETUP);
+    }
+    // The vCPUs run (each under its own list); this thread becomes the device event loop.
     if spec.seccomp {
-        match flint_vmm::seccomp::install() {
-            Ok(n) => eprintln!("flint-vmm: seccomp filter installed ({n} system calls denied)"),
+        match flint_vmm::seccomp::enter(flint_vmm::seccomp::ThreadKind::EventLoop) {
+            Ok(()) => eprintln!(
+                "flint-vmm: seccomp allow-lists installed (event loop {} calls, vCPU {}, API {}, pager {})",
+                flint_vmm::seccomp::allowed_count(flint_vmm::seccomp::ThreadKind::EventLoop),
+                flint_vmm::seccomp::allowed_count(flint_vmm::seccomp::ThreadKind::Vcpu),
+                flint_vmm::seccomp::allowed_count(flint_vmm::seccomp::ThreadKind::Api),
+                flint_vmm::seccomp::allowed_count(flint_vmm::seccomp::ThreadKind::Pager),
+            ),
             Err(e) => {
                 eprintln!("flint-vmm: {}", error_chain(&e));
                 return ExitCode::from(EXIT_SETUP);
             }
         }
-    }
-    if let Err(e) = vmm.start(process_start) {
-        eprintln!("flint-vmm: {}", error_chain(&e));
-        return ExitCode::from(EXIT_SETUP);
     }
     let reason = vmm.run(&STOP);
     if let Some(p) = &spec.api_sock {

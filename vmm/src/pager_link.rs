@@ -27,7 +27,10 @@ pub fn hand_over(
     let socket = socket.to_path_buf();
     std::thread::Builder::new()
         .name("pager-link".into())
-        .spawn(move || keep(socket, conn, hello, uffd))
+        .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Pager);
+            keep(socket, conn, hello, uffd)
+        })
         .map_err(err)?;
     Ok(())
 }

@@ -21,6 +21,7 @@ fn attempt(name: &str, f: &dyn Fn() -> bool) {
     // SAFETY: the probe is single-threaded; the child runs one attempt and leaves with _exit.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
+        flint_vmm::seccomp::enter_or_exit(flint_vmm::seccomp::ThreadKind::Vcpu);
         let allowed = f();
         // SAFETY: leaving the forked child.
         unsafe { libc::_exit(i32::from(allowed)) };
@@ -50,7 +51,8 @@ fn main() {
         println!("JAIL FAILED {e}");
         std::process::exit(2);
     }
-    flint_vmm::seccomp::install().expect("seccomp");
+    // The vCPU threads' allow-list, installed in each attempt's child (the probe forks, which the list forbids).
+    flint_vmm::seccomp::prepare(true).expect("seccomp");
     // SAFETY: getuid(2)/getpid(2) have no preconditions.
     println!("UID {} PID {}", unsafe { libc::getuid() }, unsafe { libc::getpid() });
     let socket = targets.flintd_socket.clone();

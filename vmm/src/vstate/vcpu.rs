@@ -239,6 +239,8 @@ pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<Vcp
     let control = ctx.control.clone();
     lock(&control.state).running_threads += 1;
     let handle = std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || {
+        // Before the first KVM_RUN: from here on the guest drives what this thread does.
+        crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         // The thread is in the kick list exactly while it runs: it adds itself first and removes itself
