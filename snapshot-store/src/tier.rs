@@ -95,33 +95,19 @@ impl LocalDirTier {
 
     /// Blocking put, used from `spawn_blocking` and by the async trait method.
     pub fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), TierError> {
-        use std::io::Write;
-        let dest = self.path(key);
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.err("create directory for", key, e))?;
-        }
-        let mut nonce = [0u8; 8];
-        let _ = getrandom::getrandom(&mut nonce);
-        let tmp = self.root.join("tmp").join(format!("{}.{:016x}", key.replace('/', "_"), u64::from_le_bytes(nonce)));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &dest)?;
-            if let Some(dir) = dest.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.err("write", key, e)
-        })
+        self.write_object(key, data, false).map(drop)
     }
 
     /// Blocking create-only put: written to `tmp/`, then hard-linked to its name (link(2) fails if the name
     /// exists, atomically), so of two writers exactly one creates the object.
     pub fn put_new_blocking(&self, key: &str, data: &[u8]) -> Result<bool, TierError> {
+        self.write_object(key, data, true)
+    }
+
+    /// Writes `data` to a file in `tmp/`, fsyncs it, then gives it its name: renamed over any old object, or (with
+    /// `create_only`) hard-linked, which fails if the name exists (then `Ok(false)`, the old object untouched).
+    /// The directory is synced after, so the object survives a crash once this returns.
+    fn write_object(&self, key: &str, data: &[u8], create_only: bool) -> Result<bool, TierError> {
         use std::io::Write;
         let dest = self.path(key);
         if let Some(dir) = dest.parent() {
@@ -134,12 +120,18 @@ impl LocalDirTier {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            let created = match std::fs::hard_link(&tmp, &dest) {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-                Err(e) => return Err(e),
+            let created = if create_only {
+                let linked = match std::fs::hard_link(&tmp, &dest) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(e),
+                };
+                std::fs::remove_file(&tmp)?;
+                linked
+            } else {
+                std::fs::rename(&tmp, &dest)?;
+                true
             };
-            std::fs::remove_file(&tmp)?;
             if let Some(dir) = dest.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
             }

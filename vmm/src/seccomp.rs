@@ -74,51 +74,47 @@ const BASE: &[(&str, libc::c_long)] = &[
     ("clone3", libc::SYS_clone3), // answered ENOSYS by the second filter
 ];
 
-/// What a vCPU adds: KVM ioctls, and what the exits it serves inline do (block I/O, the console file and its
-/// rotation, vsock/net queue work on sockets and taps, rate-limiter timers, epoll changes for device fds).
-const VCPU: &[(&str, libc::c_long)] = &[
-    ("ioctl", libc::SYS_ioctl),
-    ("pread64", libc::SYS_pread64),
-    ("pwrite64", libc::SYS_pwrite64),
-    ("preadv", libc::SYS_preadv),
-    ("pwritev", libc::SYS_pwritev),
-    ("fsync", libc::SYS_fsync),
-    ("fdatasync", libc::SYS_fdatasync),
-    ("openat", libc::SYS_openat), // console rotation reopens its file
-    ("rename", libc::SYS_rename), // console rotation
-    ("epoll_ctl", libc::SYS_epoll_ctl),
-    ("timerfd_settime", libc::SYS_timerfd_settime),
+/// AF_UNIX socket traffic (vsock host sockets, the API, the page server) once a socket exists.
+const SOCKET_IO: &[(&str, libc::c_long)] = &[
     ("sendto", libc::SYS_sendto),
     ("recvfrom", libc::SYS_recvfrom),
-    ("sendmsg", libc::SYS_sendmsg),
+    ("sendmsg", libc::SYS_sendmsg), // fd passing to the page server
     ("recvmsg", libc::SYS_recvmsg),
     ("shutdown", libc::SYS_shutdown),
-    ("connect", libc::SYS_connect), // a guest's vsock connection to a host port
     ("setsockopt", libc::SYS_setsockopt),
     ("getsockopt", libc::SYS_getsockopt),
 ];
 
-/// What the event loop adds: waiting on and changing its epoll set, host vsock connections, device I/O.
-const EVENT_LOOP: &[(&str, libc::c_long)] = &[
-    ("epoll_wait", libc::SYS_epoll_wait),
-    ("epoll_pwait", libc::SYS_epoll_pwait),
-    ("epoll_ctl", libc::SYS_epoll_ctl),
-    ("ioctl", libc::SYS_ioctl),     // irqfd-less interrupts, tap, FIONBIO
-    ("accept4", libc::SYS_accept4), // host connections to the vsock socket
-    ("connect", libc::SYS_connect),
-    ("sendto", libc::SYS_sendto),
-    ("recvfrom", libc::SYS_recvfrom),
-    ("sendmsg", libc::SYS_sendmsg),
-    ("recvmsg", libc::SYS_recvmsg),
-    ("shutdown", libc::SYS_shutdown),
-    ("setsockopt", libc::SYS_setsockopt),
-    ("getsockopt", libc::SYS_getsockopt),
+/// Positioned file I/O and syncs (drives, memory and state files).
+const FILE_IO: &[(&str, libc::c_long)] = &[
     ("pread64", libc::SYS_pread64),
     ("pwrite64", libc::SYS_pwrite64),
     ("preadv", libc::SYS_preadv),
     ("pwritev", libc::SYS_pwritev),
     ("fsync", libc::SYS_fsync),
     ("fdatasync", libc::SYS_fdatasync),
+];
+
+/// What a vCPU adds to the base, socket and file I/O: KVM ioctls, and what the exits it serves inline do (the
+/// console file and its rotation, rate-limiter timers, epoll changes for device fds, a guest's vsock connection).
+const VCPU: &[(&str, libc::c_long)] = &[
+    ("ioctl", libc::SYS_ioctl),
+    ("openat", libc::SYS_openat), // console rotation reopens its file
+    ("rename", libc::SYS_rename), // console rotation
+    ("epoll_ctl", libc::SYS_epoll_ctl),
+    ("timerfd_settime", libc::SYS_timerfd_settime),
+    ("connect", libc::SYS_connect), // a guest's vsock connection to a host port
+];
+
+/// What the event loop adds to the base, socket and file I/O: waiting on and changing its epoll set, host vsock
+/// connections, device I/O, stopping vCPUs at exit.
+const EVENT_LOOP: &[(&str, libc::c_long)] = &[
+    ("epoll_wait", libc::SYS_epoll_wait),
+    ("epoll_pwait", libc::SYS_epoll_pwait),
+    ("epoll_ctl", libc::SYS_epoll_ctl),
+    ("ioctl", libc::SYS_ioctl),     // tap, FIONBIO
+    ("accept4", libc::SYS_accept4), // host connections to the vsock socket
+    ("connect", libc::SYS_connect),
     ("openat", libc::SYS_openat),
     ("rename", libc::SYS_rename),
     ("unlink", libc::SYS_unlink), // the API socket at exit
@@ -128,27 +124,16 @@ const EVENT_LOOP: &[(&str, libc::c_long)] = &[
     ("tgkill", libc::SYS_tgkill), // stopping vCPUs at exit
 ];
 
-/// What the API adds: serving connections, pausing (kicking vCPUs), describing, and writing snapshots (state and
-/// memory files: create, size, write, sync, rename into place).
+/// What the API adds to the base, socket and file I/O: serving connections, pausing (kicking vCPUs), describing,
+/// and writing snapshots (state and memory files: create, size, write, sync, rename into place).
 const API: &[(&str, libc::c_long)] = &[
     ("accept4", libc::SYS_accept4),
-    ("sendto", libc::SYS_sendto),
-    ("recvfrom", libc::SYS_recvfrom),
-    ("shutdown", libc::SYS_shutdown),
-    ("setsockopt", libc::SYS_setsockopt),
-    ("getsockopt", libc::SYS_getsockopt),
     ("poll", libc::SYS_poll),
     ("ioctl", libc::SYS_ioctl),   // KVM state and dirty log of a paused VM
     ("tgkill", libc::SYS_tgkill), // kicking vCPUs out of KVM_RUN
     ("openat", libc::SYS_openat),
     ("ftruncate", libc::SYS_ftruncate),
     ("fallocate", libc::SYS_fallocate),
-    ("pread64", libc::SYS_pread64),
-    ("pwrite64", libc::SYS_pwrite64),
-    ("preadv", libc::SYS_preadv),
-    ("pwritev", libc::SYS_pwritev),
-    ("fsync", libc::SYS_fsync),
-    ("fdatasync", libc::SYS_fdatasync),
     ("rename", libc::SYS_rename),
     ("renameat", libc::SYS_renameat),
     ("unlink", libc::SYS_unlink),
@@ -158,22 +143,13 @@ const API: &[(&str, libc::c_long)] = &[
     ("epoll_ctl", libc::SYS_epoll_ctl),
 ];
 
-/// What the userfaultfd handler, its workers and the pager link add: reading fault messages and installing pages
-/// (UFFDIO_* ioctls), reading the memory file, and the page server's socket (fd passing, reconnects).
+/// What the userfaultfd handler, its workers and the pager link add to the base, socket and file I/O: reading
+/// fault messages and installing pages (UFFDIO_* ioctls), and reconnecting to the page server.
 const PAGER: &[(&str, libc::c_long)] = &[
     ("ioctl", libc::SYS_ioctl),
     ("poll", libc::SYS_poll),
     ("ppoll", libc::SYS_ppoll),
-    ("pread64", libc::SYS_pread64),
-    ("preadv", libc::SYS_preadv),
     ("connect", libc::SYS_connect),
-    ("sendmsg", libc::SYS_sendmsg),
-    ("recvmsg", libc::SYS_recvmsg),
-    ("sendto", libc::SYS_sendto),
-    ("recvfrom", libc::SYS_recvfrom),
-    ("shutdown", libc::SYS_shutdown),
-    ("setsockopt", libc::SYS_setsockopt),
-    ("getsockopt", libc::SYS_getsockopt),
     ("tgkill", libc::SYS_tgkill),
 ];
 
@@ -185,7 +161,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<(&'static str, libc::c_long)> {
         ThreadKind::Api => API,
         ThreadKind::Pager => PAGER,
     };
-    let mut v: Vec<_> = BASE.iter().chain(extra).copied().collect();
+    let mut v: Vec<_> = BASE.iter().chain(SOCKET_IO).chain(FILE_IO).chain(extra).copied().collect();
     v.sort_by_key(|c| c.1);
     v.dedup_by_key(|c| c.1);
     v
