@@ -659,6 +659,13 @@ impl Daemon {
             }
             let read_only: Vec<bool> = rec.drives.iter().map(|d| d.read_only).collect();
             draft.metadata.insert("drives_read_only".into(), drives::read_only_list(&read_only));
+            // The limits are in the VMM's state (clones get them); recorded here so clones' records show them.
+            let limits: Vec<_> = rec.drives.iter().map(|d| d.rate_limiter.clone()).collect();
+            if limits.iter().any(Option::is_some) {
+                draft
+                    .metadata
+                    .insert("drives_rate_limiters".into(), serde_json::to_string(&limits).unwrap_or_default());
+            }
             draft.parent = rec.snapshot.clone();
             draft.vmm_format = Some(report.format_version);
             draft.metadata.insert("vm".into(), vm.to_string());
@@ -737,6 +744,12 @@ impl Daemon {
         let manifest = self.store.manifest(snapshot).await?;
         let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse::<u64>().ok());
         let drive_flags = self.snapshot_drives(&manifest)?;
+        // Informational (the VMM applies the limits from its state): an unreadable list shows no limits.
+        let drive_limits: Vec<Option<flint_vmm_api::config::RateLimiterConfig>> = manifest
+            .metadata
+            .get("drives_rate_limiters")
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
         let slot = self.reserve(None, "clone", |r| {
             r.snapshot = Some(snapshot.to_string());
@@ -749,7 +762,11 @@ impl Daemon {
             r.drives = drive_flags
                 .iter()
                 .enumerate()
-                .map(|(i, ro)| DriveSpec { path: drives::clone_path(&r.dir, i), read_only: *ro, rate_limiter: None })
+                .map(|(i, ro)| DriveSpec {
+                    path: drives::clone_path(&r.dir, i),
+                    read_only: *ro,
+                    rate_limiter: drive_limits.get(i).cloned().flatten(),
+                })
                 .collect();
         })?;
         let _op = slot.op.lock().await;
@@ -1326,13 +1343,21 @@ mod tests {
         d.delete_snapshot(&t.snapshot, false).await.unwrap();
         // A snapshot of a VM with drives holds their content; every clone gets its own copy of each.
         let (disk, ro) = (env.dir.join("disk.img"), env.dir.join("ro.img"));
+        let limit = flint_vmm_api::config::RateLimiterConfig {
+            bandwidth: Some(flint_vmm_api::config::TokenBucketConfig {
+                size: 4096,
+                one_time_burst: 0,
+                refill_time_ms: 250,
+            }),
+            ops: None,
+        };
         std::fs::write(&disk, b"before".repeat(1000)).unwrap();
         std::fs::write(&ro, b"read-only").unwrap();
         let src = d
             .create(CreateVm {
                 id: Some("with-drive".into()),
                 drives: vec![
-                    DriveSpec { path: disk.clone(), read_only: false, rate_limiter: None },
+                    DriveSpec { path: disk.clone(), read_only: false, rate_limiter: Some(limit.clone()) },
                     DriveSpec { path: ro.clone(), read_only: true, rate_limiter: None },
                 ],
                 ..Default::default()
@@ -1353,6 +1378,7 @@ mod tests {
         for c in &clones {
             assert_eq!(c.drives.len(), 2);
             assert!(c.drives[0].path.starts_with(&c.dir) && !c.drives[0].read_only && c.drives[1].read_only, "{c:?}");
+            assert_eq!((c.drives[0].rate_limiter.as_ref(), c.drives[1].rate_limiter.as_ref()), (Some(&limit), None));
             let started = l.vmm(&c.dir).describe().await.unwrap().config.drives;
             assert_eq!(started.iter().map(|d| &d.path).collect::<Vec<_>>(), vec![&c.drives[0].path, &c.drives[1].path]);
             assert_eq!(std::fs::read(&c.drives[0].path).unwrap(), b"before".repeat(1000));

@@ -555,6 +555,10 @@ async fn run(cli: Cli) -> Result<i32, String> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and closed early ends the program quietly, as for any Unix tool (Rust ignores
+    // SIGPIPE, so a print would fail and panic instead).
+    // SAFETY: signal(2) restoring the default action, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
