@@ -62,40 +62,51 @@ impl Hierarchy {
         }
     }
 
+    /// Where `<parent>/<vm>` is (existing or not): one directory (v2), or the memory, cpu and pids ones (v1).
+    pub fn vm_cgroup(&self, parent: &str, vm: &str) -> VmCgroup {
+        let dirs: Vec<PathBuf> = match self {
+            Hierarchy::V2 { root } => vec![root.join(parent).join(vm)],
+            Hierarchy::V1 { memory, cpu, pids } => {
+                [memory, cpu, pids].iter().map(|b| b.join(parent).join(vm)).collect()
+            }
+        };
+        VmCgroup { memory_dir: dirs[0].clone(), dirs }
+    }
+
     /// Creates (or reuses) `<parent>/<vm>` with `limits`.
     pub fn create(&self, parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, String> {
-        match self {
-            Hierarchy::V2 { root } => {
-                let p = root.join(parent);
-                std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
-                // Controllers reach a child only if every ancestor enables them (the root and `parent` hold no
-                // processes of ours, as v2 requires of a cgroup that delegates controllers).
-                for dir in [root.as_path(), p.as_path()] {
-                    let _ = write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids");
-                }
-                let d = p.join(vm);
-                std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
-                write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
-                let _ = write(&d.join("memory.swap.max"), "0");
-                write(&d.join("cpu.weight"), &limits.cpu_weight.clamp(1, 10000).to_string())?;
-                write(&d.join("pids.max"), &limits.pids.to_string())?;
-                Ok(VmCgroup { dirs: vec![d.clone()], memory_dir: d })
-            }
-            Hierarchy::V1 { memory, cpu, pids } => {
-                let mk = |base: &Path| -> Result<PathBuf, String> {
-                    let d = base.join(parent).join(vm);
-                    std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
-                    Ok(d)
-                };
-                let (m, c, p) = (mk(memory)?, mk(cpu)?, mk(pids)?);
-                write(&m.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
-                let _ = write(&m.join("memory.swappiness"), "0");
-                let shares = (u64::from(limits.cpu_weight.clamp(1, 10000)) * 1024 / 100).max(2);
-                write(&c.join("cpu.shares"), &shares.to_string())?;
-                write(&p.join("pids.max"), &limits.pids.to_string())?;
-                Ok(VmCgroup { dirs: vec![m.clone(), c, p], memory_dir: m })
+        let cg = self.vm_cgroup(parent, vm);
+        if let Hierarchy::V2 { root } = self {
+            let p = root.join(parent);
+            std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+            // Controllers reach a child only if every ancestor enables them (the root and `parent` hold no
+            // processes of ours, as v2 requires of a cgroup that delegates controllers).
+            for dir in [root.as_path(), p.as_path()] {
+                let _ = write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids");
             }
         }
+        for d in &cg.dirs {
+            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        let weight = limits.cpu_weight.clamp(1, 10000);
+        match self {
+            Hierarchy::V2 { .. } => {
+                let d = &cg.dirs[0];
+                write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let _ = write(&d.join("memory.swap.max"), "0");
+                write(&d.join("cpu.weight"), &weight.to_string())?;
+                write(&d.join("pids.max"), &limits.pids.to_string())?;
+            }
+            Hierarchy::V1 { .. } => {
+                let (m, c, p) = (&cg.dirs[0], &cg.dirs[1], &cg.dirs[2]);
+                write(&m.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+                let _ = write(&m.join("memory.swappiness"), "0");
+                let shares = (u64::from(weight) * 1024 / 100).max(2);
+                write(&c.join("cpu.shares"), &shares.to_string())?;
+                write(&p.join("pids.max"), &limits.pids.to_string())?;
+            }
+        }
+        Ok(cg)
     }
 }
 

@@ -107,12 +107,8 @@ impl ProcessLauncher {
         let (cfg, hierarchy) = self.jail.as_ref().map_err(|e| OpError::Unavailable(e.clone()))?;
         let internal = |what: String| OpError::Internal(what);
         let (jspec, passed) = crate::jail::jail_spec(dir, spec, &c, cfg).map_err(OpError::BadRequest)?;
-        let text = serde_json::to_vec_pretty(&jspec).map_err(|e| internal(format!("launch spec: {e}")))?;
-        std::fs::write(spec_path(dir), text)
-            .map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
+        let log = write_launch_files(dir, &jspec)?;
         let log_path = dir.join("vmm.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))?;
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let limits = crate::cgroup::Limits {
             memory_bytes: (c.mem_mib.max(1) + cfg.vmm_overhead_mib) << 20,
@@ -177,15 +173,17 @@ impl ProcessLauncher {
     /// The cgroup a jailed VM in `dir` has (or had).
     fn cgroup_of(&self, dir: &Path) -> Option<crate::cgroup::VmCgroup> {
         let (cfg, h) = self.jail.as_ref().ok()?;
-        let name = dir.file_name()?.to_string_lossy().into_owned();
-        let dirs: Vec<PathBuf> = match h {
-            Hierarchy::V2 { root } => vec![root.join(&cfg.cgroup).join(&name)],
-            Hierarchy::V1 { memory, cpu, pids } => {
-                [memory, cpu, pids].iter().map(|b| b.join(&cfg.cgroup).join(&name)).collect()
-            }
-        };
-        Some(crate::cgroup::VmCgroup { memory_dir: dirs[0].clone(), dirs })
+        Some(h.vm_cgroup(&cfg.cgroup, &dir.file_name()?.to_string_lossy()))
     }
+}
+
+/// Writes `<dir>/spec.json` and creates `<dir>/vmm.log` (the VMM's stdout and stderr), returning the log.
+fn write_launch_files(dir: &Path, spec: &LaunchSpec) -> Result<std::fs::File, OpError> {
+    let internal = |what: String| OpError::Internal(what);
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| internal(format!("launch spec: {e}")))?;
+    std::fs::write(spec_path(dir), text).map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
+    let log_path = dir.join("vmm.log");
+    std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))
 }
 
 /// Whether the VMM of `dir` was started jailed (its spec says so): its paths are then relative to `dir`.
@@ -207,12 +205,7 @@ impl Launcher for ProcessLauncher {
             return self.spawn_jailed(dir, spec, c);
         }
         let internal = |what: String| OpError::Internal(what);
-        let text = serde_json::to_vec_pretty(spec).map_err(|e| internal(format!("launch spec: {e}")))?;
-        std::fs::write(spec_path(dir), text)
-            .map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
-        let log_path = dir.join("vmm.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))?;
+        let log = write_launch_files(dir, spec)?;
         let mut cmd = tokio::process::Command::new(&self.vmm_bin);
         cmd.arg("--spec")
             .arg(spec_path(dir))
