@@ -16,7 +16,8 @@ pub use manifest::{ChunkRef, Image, Manifest};
 pub use reader::ImageReader;
 pub use store::{
     FetchReport, GcReport, ImageSource, PinGuard, PublishReport, PutReport, ReadCounters, SnapshotDraft, SnapshotInfo,
-    Store, StoreConfig, StoreError, StoreStats, VerifyReport, WorkingSet, DEFAULT_CHUNK_SIZE,
+    Store, StoreConfig, StoreError, StoreStats, VerifyReport, Versioned, WorkingSet, DEFAULT_CHUNK_SIZE,
+    MAX_COORD_OBJECT,
 };
 pub use tier::{ObjectTier, S3Config, Tier, TierError};
 

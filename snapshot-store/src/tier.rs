@@ -48,6 +48,18 @@ pub trait Tier: Send + Sync + fmt::Debug {
     /// Deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), TierError>;
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, TierError>;
+    /// Reads an object and its version (the S3 ETag) for a later [`Tier::put_if`].
+    async fn get_versioned(&self, key: &str, max: u64) -> Result<Option<(Bytes, String)>, TierError> {
+        let _ = (key, max);
+        Err(TierError { tier: self.name().to_string(), detail: "conditional writes are not supported".into() })
+    }
+    /// Compare-and-swap: writes only if the object is still at `version` (S3 `If-Match`), or, with `None`, if
+    /// there is none (`If-None-Match: *`). `Ok(Some(new version))` when written, `Ok(None)` when the condition
+    /// failed (someone else wrote first); nothing is changed then.
+    async fn put_if(&self, key: &str, data: Bytes, version: Option<&str>) -> Result<Option<String>, TierError> {
+        let _ = (key, data, version);
+        Err(TierError { tier: self.name().to_string(), detail: "conditional writes are not supported".into() })
+    }
 }
 
 use crate::now_unix_ms;
@@ -449,6 +461,50 @@ impl Tier for ObjectTier {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.err("put (if none match)", key, e)),
+        }
+    }
+    async fn get_versioned(&self, key: &str, max: u64) -> Result<Option<(Bytes, String)>, TierError> {
+        let result = match self.store.get(&self.path(key)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("get", key, e)),
+        };
+        if result.meta.size > max {
+            return Err(TierError {
+                tier: self.name.clone(),
+                detail: format!("get {key}: {}", too_large(result.meta.size, max)),
+            });
+        }
+        let version = result.meta.e_tag.clone().ok_or_else(|| TierError {
+            tier: self.name.clone(),
+            detail: format!("get {key}: the server sent no ETag (conditional writes need one)"),
+        })?;
+        let bytes = result.bytes().await.map_err(|e| self.err("get", key, e))?;
+        if bytes.len() as u64 > max {
+            return Err(TierError {
+                tier: self.name.clone(),
+                detail: format!("get {key}: {}", too_large(bytes.len() as u64, max)),
+            });
+        }
+        Ok(Some((bytes, version)))
+    }
+    async fn put_if(&self, key: &str, data: Bytes, version: Option<&str>) -> Result<Option<String>, TierError> {
+        let mode = match version {
+            None => object_store::PutMode::Create,
+            Some(v) => {
+                object_store::PutMode::Update(object_store::UpdateVersion { e_tag: Some(v.to_string()), version: None })
+            }
+        };
+        let opts = object_store::PutOptions { mode, ..Default::default() };
+        match self.store.put_opts(&self.path(key), data.into(), opts).await {
+            Ok(r) => r.e_tag.map(Some).ok_or_else(|| TierError {
+                tier: self.name.clone(),
+                detail: format!("put {key}: the server sent no ETag (conditional writes need one)"),
+            }),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
+            // An If-Match on a missing object: S3 answers 404 or 412, both "the condition failed".
+            Err(object_store::Error::NotFound { .. }) if version.is_some() => Ok(None),
+            Err(e) => Err(self.err("put (conditional)", key, e)),
         }
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, TierError> {

@@ -431,3 +431,37 @@ fn gc_in_another_process_never_takes_chunks_of_a_snapshot_being_written() {
         }
     });
 }
+
+/// The coordination objects hosts agree through (session leases): the bucket honours conditional writes (the
+/// probe), a second create of one object fails and leaves the first, a write naming a stale version changes
+/// nothing, and a remote GC leaves coordination objects alone. (Sequential on purpose: s3s-fs checks the
+/// condition and then writes, so two *concurrent* creates can both succeed there; AWS S3 decides them
+/// atomically. docs/sessions.md says what that means for a bucket on such a server.)
+#[test]
+fn conditional_writes_give_one_winner_and_stale_versions_change_nothing() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("store-coord");
+    rt().block_on(async {
+        let a = Store::open(store_cfg(&work.path().join("a"), &s3)).unwrap();
+        let b = Store::open(store_cfg(&work.path().join("b"), &s3)).unwrap();
+        a.probe_conditional_writes("a").await.expect("s3s-fs honours If-None-Match and If-Match");
+        let (va, vb) = ("a".to_string(), "b".to_string());
+        for round in 0..3 {
+            let name = format!("race-{round}");
+            let (first, second) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            assert!(first.coord_put("test", &name, &va, None).await.unwrap().is_some());
+            assert!(second.coord_put("test", &name, &vb, None).await.unwrap().is_none(), "a second create fails");
+            assert_eq!(second.coord_get::<String>("test", &name).await.unwrap().unwrap().value, "a");
+        }
+        let v1 = a.coord_get::<String>("test", "race-0").await.unwrap().unwrap();
+        let v2 = b.coord_put("test", "race-0", &"b2".to_string(), Some(&v1.version)).await.unwrap();
+        assert!(v2.is_some(), "a write naming the current version succeeds");
+        let stale = a.coord_put("test", "race-0", &"a2".to_string(), Some(&v1.version)).await.unwrap();
+        assert!(stale.is_none(), "a write naming a replaced version fails");
+        assert_eq!(a.coord_get::<String>("test", "race-0").await.unwrap().unwrap().value, "b2");
+        a.gc(true).await.unwrap();
+        assert!(a.coord_get::<String>("test", "race-1").await.unwrap().is_some(), "GC keeps coordination objects");
+        a.coord_delete("test", "race-1").await.unwrap();
+        assert!(a.coord_get::<String>("test", "race-1").await.unwrap().is_none());
+    });
+}

@@ -17,6 +17,7 @@ use crate::tier::{LocalDirTier, ObjectTier, Tier};
 
 mod cache;
 mod config;
+mod coord;
 mod error;
 mod gc;
 mod lease;
@@ -25,6 +26,7 @@ mod reports;
 mod working_set;
 
 pub use config::{StoreConfig, DEFAULT_CHUNK_SIZE};
+pub use coord::{Versioned, MAX_COORD_OBJECT};
 use error::io;
 pub use error::StoreError;
 pub use reports::*;
@@ -124,6 +126,45 @@ impl Protected {
 /// A scan is kept only if both directories were last changed at least this long before it
 /// started, so a change within the same file-system timestamp tick cannot go unnoticed.
 const SCAN_SETTLE: Duration = Duration::from_secs(2);
+
+/// What storing one chunk of an image did.
+enum ChunkOutcome {
+    /// All zero: not stored.
+    Zero,
+    /// Written to L1 (the plaintext length).
+    New(ChunkRef, u64),
+    /// Already in L1.
+    Known(ChunkRef),
+    /// A layered image's chunk the diff does not touch: the base's entry, as it is.
+    Base(Option<ChunkRef>),
+}
+
+/// The data extents (`[start, end)`) of a sparse file, by SEEK_DATA / SEEK_HOLE.
+fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while (pos as u64) < size {
+        // SAFETY: lseek on an fd this function borrows for its whole duration; it only moves the file offset.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.push((start as u64, (end as u64).min(size)));
+        pos = end;
+    }
+    Ok(out)
+}
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -362,20 +403,24 @@ impl Store {
         source: &ImageSource,
         report: &mut PutReport,
     ) -> Result<(Image, PinGuard), StoreError> {
+        if let ImageSource::Layered { base, diff } = source {
+            return self.put_layered_image(name, base, diff, report).await;
+        }
         let size = match source {
             ImageSource::Bytes(b) => b.len() as u64,
             ImageSource::File(p) => std::fs::metadata(p).map_err(io(format!("image `{name}`: {}", p.display())))?.len(),
+            ImageSource::Layered { .. } => unreachable!("handled above"),
         };
         let file = match source {
             ImageSource::File(p) => {
                 Some(Arc::new(std::fs::File::open(p).map_err(io(format!("image `{name}`: {}", p.display())))?))
             }
-            ImageSource::Bytes(_) => None,
+            _ => None,
         };
         let cs = self.inner.cfg.chunk_size as u64;
         let n = size.div_ceil(cs) as usize;
         let guard = Arc::new(Mutex::new(self.pin_keys(Vec::new())));
-        let results: Vec<(Option<ChunkRef>, u8, u64)> = futures::stream::iter(0..n)
+        let results: Vec<ChunkOutcome> = futures::stream::iter(0..n)
             .map(|i| {
                 let this = self.clone();
                 let file = file.clone();
@@ -383,7 +428,7 @@ impl Store {
                 let guard = guard.clone();
                 let name = name.to_string();
                 async move {
-                    tokio::task::spawn_blocking(move || -> Result<(Option<ChunkRef>, u8, u64), StoreError> {
+                    tokio::task::spawn_blocking(move || -> Result<ChunkOutcome, StoreError> {
                         let off = i as u64 * cs;
                         let len = (size - off).min(cs) as usize;
                         let owned;
@@ -398,27 +443,7 @@ impl Store {
                             }
                             _ => unreachable!("file sources are opened above"),
                         };
-                        if chunk::is_zero(data) {
-                            return Ok((None, 0, 0));
-                        }
-                        let id = ChunkId::of(data);
-                        let key = this.chunk_key(&id);
-                        // Pin before checking/writing so a concurrent eviction cannot drop it under us.
-                        {
-                            let mut g = lock(&guard);
-                            let mut pins = lock(&this.inner.pins);
-                            *pins.entry(key.clone()).or_insert(0) += 1;
-                            g.keys.push(key.clone());
-                        }
-                        let existing = lock(&this.inner.index).entries.get(&key).map(|e| e.0);
-                        // The index may be stale: another process (`flint-store gc`) may have removed the file.
-                        if let Some(stored) = existing.filter(|_| this.inner.l1.exists(&key)) {
-                            return Ok((Some(ChunkRef { id, stored: stored as u32 }), 1, 0));
-                        }
-                        let stored =
-                            chunk::encode(data, &id, this.inner.cfg.zstd_level, this.inner.cfg.secret.as_ref());
-                        this.l1_put(&key, &stored)?;
-                        Ok((Some(ChunkRef { id, stored: stored.len() as u32 }), 2, data.len() as u64))
+                        this.store_chunk(data, &guard)
                     })
                     .await
                     .map_err(|e| StoreError::InvalidInput(format!("chunk task failed: {e}")))?
@@ -427,19 +452,69 @@ impl Store {
             .buffered(self.inner.cfg.parallelism.max(1))
             .try_collect()
             .await?;
-        let mut chunks = Vec::with_capacity(n);
+        Ok(self.finish_image(name, size, cs, results, &guard, report))
+    }
+
+    /// Stores one chunk's plaintext in L1 (unless it is all zero, or L1 has it already), pinned by `guard`.
+    fn store_chunk(&self, data: &[u8], guard: &Mutex<PinGuard>) -> Result<ChunkOutcome, StoreError> {
+        if chunk::is_zero(data) {
+            return Ok(ChunkOutcome::Zero);
+        }
+        let id = ChunkId::of(data);
+        let key = self.chunk_key(&id);
+        // Pin before checking/writing so a concurrent eviction cannot drop it under us.
+        self.pin_into(guard, &key);
+        let existing = lock(&self.inner.index).entries.get(&key).map(|e| e.0);
+        // The index may be stale: another process (`flint-store gc`) may have removed the file.
+        if let Some(stored) = existing.filter(|_| self.inner.l1.exists(&key)) {
+            return Ok(ChunkOutcome::Known(ChunkRef { id, stored: stored as u32 }));
+        }
+        let stored = chunk::encode(data, &id, self.inner.cfg.zstd_level, self.inner.cfg.secret.as_ref());
+        self.l1_put(&key, &stored)?;
+        Ok(ChunkOutcome::New(ChunkRef { id, stored: stored.len() as u32 }, data.len() as u64))
+    }
+
+    fn pin_into(&self, guard: &Mutex<PinGuard>, key: &str) {
+        let mut g = lock(guard);
+        let mut pins = lock(&self.inner.pins);
+        *pins.entry(key.to_string()).or_insert(0) += 1;
+        g.keys.push(key.to_string());
+    }
+
+    /// Counts what a put of one image did and makes its manifest entry.
+    fn finish_image(
+        &self,
+        name: &str,
+        size: u64,
+        cs: u64,
+        results: Vec<ChunkOutcome>,
+        guard: &Mutex<PinGuard>,
+        report: &mut PutReport,
+    ) -> (Image, PinGuard) {
+        let mut chunks = Vec::with_capacity(results.len());
         let mut seen_new = HashSet::new();
-        for (c, kind, plain) in results {
+        for outcome in results {
             report.chunks += 1;
-            match (kind, c) {
-                (0, _) => report.zero_chunks += 1,
-                (2, Some(c)) if seen_new.insert(c.id) => {
+            let c = match outcome {
+                ChunkOutcome::Zero => {
+                    report.zero_chunks += 1;
+                    None
+                }
+                ChunkOutcome::New(c, plain) if seen_new.insert(c.id) => {
                     report.new_chunks += 1;
                     report.new_stored_bytes += c.stored as u64;
                     report.new_plain_bytes += plain;
+                    Some(c)
                 }
-                _ => report.deduplicated_chunks += 1,
-            }
+                ChunkOutcome::New(c, _) | ChunkOutcome::Known(c) => {
+                    report.deduplicated_chunks += 1;
+                    Some(c)
+                }
+                ChunkOutcome::Base(c) => {
+                    report.base_chunks += 1;
+                    c
+                }
+            };
             chunks.push(c);
         }
         let ctr = &self.inner.counters;
@@ -447,8 +522,78 @@ impl Store {
         ctr.chunks_written.fetch_add(report.new_chunks, Ordering::Relaxed);
         ctr.chunks_deduplicated.fetch_add(report.deduplicated_chunks, Ordering::Relaxed);
         report.logical_bytes += size;
-        let guard = std::mem::replace(&mut *lock(&guard), self.pin_keys(Vec::new()));
-        Ok((Image { name: name.to_string(), size, chunk_size: cs as u32, chunks }, guard))
+        let guard = std::mem::replace(&mut *lock(guard), self.pin_keys(Vec::new()));
+        (Image { name: name.to_string(), size, chunk_size: cs as u32, chunks }, guard)
+    }
+
+    /// An image made of another snapshot's image with a sparse diff file on top (its data extents replace the
+    /// base's bytes; its holes keep them). Only the chunks a diff extent touches are read, merged and stored;
+    /// every other chunk is the base's own entry, so the cost follows the bytes the diff holds, not the size.
+    async fn put_layered_image(
+        &self,
+        name: &str,
+        base: &(String, String),
+        diff: &Path,
+        report: &mut PutReport,
+    ) -> Result<(Image, PinGuard), StoreError> {
+        let (base_id, base_image) = base;
+        let manifest = self.manifest(base_id).await?;
+        let bimg = manifest
+            .image(base_image)
+            .ok_or_else(|| StoreError::NoImage { id: base_id.clone(), name: base_image.clone() })?
+            .clone();
+        let file = std::fs::File::open(diff).map_err(io(format!("image `{name}`: {}", diff.display())))?;
+        let size = file.metadata().map_err(io(format!("image `{name}`: {}", diff.display())))?.len();
+        if size != bimg.size {
+            return Err(StoreError::InvalidInput(format!(
+                "image `{name}`: the diff {} is {size} bytes, its base `{base_id}`/{base_image} is {}",
+                diff.display(),
+                bimg.size
+            )));
+        }
+        let extents =
+            data_extents(&file, size).map_err(io(format!("image `{name}`: extents of {}", diff.display())))?;
+        let cs = bimg.chunk_size as u64;
+        let file = Arc::new(file);
+        let guard = Arc::new(Mutex::new(self.pin_keys(Vec::new())));
+        let results: Vec<ChunkOutcome> = futures::stream::iter(0..bimg.chunks.len())
+            .map(|i| {
+                let (this, file, guard) = (self.clone(), file.clone(), guard.clone());
+                let base_ref = bimg.chunks[i];
+                let (off, len) = (i as u64 * cs, bimg.chunk_len(i) as u64);
+                let touched: Vec<(u64, u64)> = extents
+                    .iter()
+                    .filter(|(s, e)| *s < off + len && *e > off)
+                    .map(|(s, e)| ((*s).max(off) - off, (*e).min(off + len) - off))
+                    .collect();
+                let name = name.to_string();
+                async move {
+                    if touched.is_empty() {
+                        if let Some(c) = &base_ref {
+                            this.pin_into(&guard, &this.chunk_key(&c.id));
+                        }
+                        return Ok(ChunkOutcome::Base(base_ref));
+                    }
+                    let mut data = match &base_ref {
+                        Some(c) => this.chunk(&c.id).await?,
+                        None => vec![0u8; len as usize],
+                    };
+                    tokio::task::spawn_blocking(move || -> Result<ChunkOutcome, StoreError> {
+                        use std::os::unix::fs::FileExt;
+                        for (s, e) in touched {
+                            file.read_exact_at(&mut data[s as usize..e as usize], off + s)
+                                .map_err(io(format!("read image `{name}`")))?;
+                        }
+                        this.store_chunk(&data, &guard)
+                    })
+                    .await
+                    .map_err(|e| StoreError::InvalidInput(format!("chunk task failed: {e}")))?
+                }
+            })
+            .buffered(self.inner.cfg.parallelism.max(1))
+            .try_collect()
+            .await?;
+        Ok(self.finish_image(name, size, cs, results, &guard, report))
     }
 
     /// Reads a manifest: L1 first, then the remote tiers (caching it in L1 as published).
@@ -774,6 +919,56 @@ mod tests {
             None => vec![],
         };
         Store::with_remotes(cfg, remotes).unwrap()
+    }
+
+    /// A layered image (a diff snapshot's sparse memory file on its base) equals the base with the diff's data
+    /// extents written over it; only the chunks a diff extent touches are read and stored, the rest are the
+    /// base's entries (zero chunks included); a diff of the wrong size is refused.
+    #[tokio::test]
+    async fn layered_images_store_only_the_chunks_a_diff_touches() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), None, u64::MAX);
+        let cs = 64 << 10;
+        let mut base = random(16 * cs, 5);
+        base[3 * cs..5 * cs].fill(0); // two zero chunks in the base
+        s.put(SnapshotDraft::new("base").image("memory", ImageSource::Bytes(base.clone().into())), false).await.unwrap();
+        // Dirty: one page in chunk 1, a run over the chunk 6/7 boundary, a zero page in zero chunk 3 (a written
+        // zero page is data in a diff: "now zero", which a hole could not say).
+        let diff_path = dir.path().join("diff");
+        let f = std::fs::File::create(&diff_path).unwrap();
+        f.set_len(base.len() as u64).unwrap();
+        let mut want = base.clone();
+        for (off, data) in [(cs + 4096, random(4096, 9)), (7 * cs - 8192, random(16384, 11)), (3 * cs, vec![0; 4096])] {
+            f.write_all_at(&data, off as u64).unwrap();
+            want[off..off + data.len()].copy_from_slice(&data);
+        }
+        drop(f);
+        let draft = SnapshotDraft::new("layered").image(
+            "memory",
+            ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path.clone() },
+        );
+        let (m, report) = s.put(draft, false).await.unwrap();
+        assert_eq!(report.new_chunks, 3, "chunks 1, 6 and 7 changed: {report:?}");
+        assert_eq!(report.zero_chunks, 1, "chunk 3 stays zero: {report:?}");
+        assert_eq!(report.base_chunks, 12, "{report:?}");
+        let out = dir.path().join("out");
+        s.get_image("layered", "memory", &out).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == want, "the layered image is the base with the diff on top");
+        let bm = s.manifest("base").await.unwrap();
+        let (b, l) = (bm.image("memory").unwrap(), m.image("memory").unwrap());
+        for i in [0, 2, 4, 5, 8, 15] {
+            assert_eq!(b.chunks[i], l.chunks[i], "chunk {i} is the base's entry");
+        }
+        // A diff that does not match the base's size is refused; nothing is stored under the id.
+        std::fs::File::options().write(true).open(&diff_path).unwrap().set_len(cs as u64).unwrap();
+        let draft = SnapshotDraft::new("short").image(
+            "memory",
+            ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path },
+        );
+        let e = s.put(draft, false).await.unwrap_err();
+        assert!(e.to_string().contains("its base `base`/memory is"), "{e}");
+        assert!(s.manifest("short").await.is_err());
     }
 
     /// A tampered remote tier: objects larger than they may be are refused before they are read (a 1 GiB

@@ -58,6 +58,9 @@ pub struct PutReport {
     pub new_chunks: u64,
     pub new_stored_bytes: u64,
     pub new_plain_bytes: u64,
+    /// A layered image's chunks taken from its base unread (the diff does not touch them).
+    #[serde(default)]
+    pub base_chunks: u64,
     pub seconds: f64,
 }
 
@@ -108,6 +111,13 @@ pub struct WorkingSet {
 pub enum ImageSource {
     File(PathBuf),
     Bytes(Bytes),
+    /// Snapshot `base.0`'s image `base.1` with the data extents of the sparse file `diff` written over it (a diff
+    /// snapshot's memory file on its base: holes are "unchanged"). Stored as a whole image: a restore of it needs
+    /// nothing of the base but the chunks they share.
+    Layered {
+        base: (String, String),
+        diff: PathBuf,
+    },
 }
 
 /// A snapshot to put into the store.
