@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::daemon::Daemon;
+use crate::session::{CreateSession, ForkSession};
 use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, OpError};
 
 /// Every route: (method, path). The OpenAPI test checks docs/api/flintd.yaml against this and the live server.
@@ -37,6 +38,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/templates"),
     ("delete", "/v1/templates/{name}"),
     ("post", "/v1/clones"),
+    ("get", "/v1/sessions"),
+    ("post", "/v1/sessions"),
+    ("get", "/v1/sessions/{id}"),
+    ("delete", "/v1/sessions/{id}"),
+    ("post", "/v1/sessions/{id}/hibernate"),
+    ("post", "/v1/sessions/{id}/wake"),
+    ("post", "/v1/sessions/{id}/fork"),
     ("delete", "/v1/store/cache"),
     ("get", "/metrics"),
 ];
@@ -95,6 +103,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/templates", get(list_templates).post(create_template))
         .route("/v1/templates/{name}", axum::routing::delete(delete_template))
         .route("/v1/clones", post(clones))
+        .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route("/v1/sessions/{id}/hibernate", post(hibernate_session))
+        .route("/v1/sessions/{id}/wake", post(wake_session))
+        .route("/v1/sessions/{id}/fork", post(fork_session))
         .route("/v1/store/cache", axum::routing::delete(clear_cache))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route (see docs/api/flintd.yaml)".into()) })
@@ -108,9 +121,14 @@ async fn count_requests(State(d): D, req: axum::extract::Request, next: axum::mi
 }
 
 async fn health(State(d): D) -> Response {
-    json(
-        serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "vms": d.list().len(), "s3": d.store.has_remote()}),
-    )
+    json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "vms": d.list().len(),
+        "sessions": d.sessions.records().len(),
+        "s3": d.store.has_remote(),
+        "host": d.sessions.host,
+    }))
 }
 
 async fn images(State(d): D) -> Response {
@@ -137,6 +155,9 @@ async fn get_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
 }
 
 async fn delete_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
+    if let Some(s) = d.get(&id)?.session {
+        return Err(OpError::Conflict(format!("VM `{id}` runs session `{s}`: delete or hibernate the session")).into());
+    }
     d.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -159,10 +180,12 @@ async fn exec(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
     if er.stdin {
         return Err(ApiError(StatusCode::BAD_REQUEST, "stdin streaming is not offered over this API yet".into()));
     }
-    let agent = d.agent(&id).await?;
+    // A session id wakes the session; its activity lasts as long as the exec's stream (not idle meanwhile).
+    let (agent, activity) = d.call_agent(&id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
     tokio::spawn(async move {
+        let _activity = activity;
         let mut stream = match agent.exec(er).await {
             Ok(s) => s,
             Err(e) => {
@@ -209,7 +232,7 @@ struct FileQuery {
 /// Without a limit, a larger file is a 413 (before any byte is sent, when the guest reports the size; else the
 /// body ends early). Memory is bounded by the stream's queues, whatever the guest sends.
 async fn get_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>) -> R<Response> {
-    let agent = d.agent(&id).await?;
+    let (agent, activity) = d.call_agent(&id).await?;
     let server_max = d.cfg.max_file_read_bytes;
     let (max, whole) = match q.limit {
         Some(l) => (l.min(server_max), l > server_max),
@@ -218,6 +241,7 @@ async fn get_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     tokio::spawn(async move {
+        let _activity = activity;
         let mut f = match agent.read_file_stream(&q.path, max, whole).await {
             Ok(f) => {
                 let _ = started_tx.send(Ok(()));
@@ -255,7 +279,7 @@ async fn put_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery
             .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("mode `{m}` is not octal (e.g. 644)")))?,
         None => 0o644,
     };
-    let agent = d.agent(&id).await?;
+    let (agent, _activity) = d.call_agent(&id).await?;
     let n = agent.write_file(&q.path, mode, &b).await.map_err(|e| agent_err(&e))?;
     Ok(json(serde_json::json!({"path": q.path, "bytes": n})))
 }
@@ -321,6 +345,50 @@ async fn clones(State(d): D, b: Bytes) -> R<Response> {
     Ok((StatusCode::CREATED, Json(d.clones(req).await?)).into_response())
 }
 
+/// `GET /v1/sessions?metadata.KEY=VALUE...`: sessions whose metadata has every pair.
+async fn list_sessions(State(d): D, Query(q): Query<std::collections::BTreeMap<String, String>>) -> R<Response> {
+    let mut filter = std::collections::BTreeMap::new();
+    for (k, v) in q {
+        match k.strip_prefix("metadata.") {
+            Some(key) if !key.is_empty() => filter.insert(key.to_string(), v),
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter `{k}` (metadata.KEY=VALUE)"),
+                ))
+            }
+        };
+    }
+    Ok(json(d.list_sessions(&filter)))
+}
+
+async fn create_session(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateSession = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.create_session(req).await?)).into_response())
+}
+
+async fn get_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.get_session(&id).await?))
+}
+
+async fn delete_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    d.delete_session(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn hibernate_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.hibernate_session(&id).await?))
+}
+
+async fn wake_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.wake_session(&id).await?))
+}
+
+async fn fork_session(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let req: ForkSession = body(&b)?;
+    Ok((StatusCode::CREATED, Json(d.fork_session(&id, req).await?)).into_response())
+}
+
 /// Drops every unpinned chunk from the local cache (manifests stay): the next restore fetches from S3.
 async fn clear_cache(State(d): D) -> R<Response> {
     let n = d.store.clear_local_chunks().map_err(OpError::from)?;
@@ -328,7 +396,8 @@ async fn clear_cache(State(d): D) -> R<Response> {
 }
 
 async fn metrics(State(d): D) -> Response {
-    let out = crate::metrics::render(&d.metrics, &d.list(), &d.store.stats());
+    let mut out = crate::metrics::render(&d.metrics, &d.list(), &d.store.stats());
+    crate::metrics::render_sessions(&d.sessions, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

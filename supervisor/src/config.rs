@@ -33,6 +33,45 @@ pub struct Config {
     pub socket_group: Option<String>,
     pub limits: Limits,
     pub jail: JailConfig,
+    pub sessions: SessionsConfig,
+}
+
+/// Sessions: sandboxes that hibernate to the store when idle and wake on the next call (docs/sessions.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// A session's idle timeout when its request names none.
+    pub idle_timeout_s: u64,
+    /// Wake lazily (memory from the store on first touch, working set prefetched) rather than fetching the
+    /// memory image whole first.
+    pub lazy_wake: bool,
+    /// Hosts sharing the bucket may wake each other's sessions: hibernations are published to S3 and a lease
+    /// object in the bucket (conditional writes) says which host runs a session. Needs an S3 tier that honours
+    /// conditional writes (flintd probes it).
+    pub cross_host: bool,
+    /// How long a host's claim on a running session lasts without renewal (renewed every third of it): a host
+    /// that dies loses its sessions after this.
+    pub lease_s: u64,
+    /// This host's name in leases; default: the hostname and a random suffix kept in `<data_dir>/host-id`.
+    pub host_id: Option<String>,
+    /// How often idle timeouts, lifetimes and leases are checked.
+    pub tick_ms: u64,
+    /// Sessions this host keeps (hibernated ones included).
+    pub max_sessions: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            idle_timeout_s: 300,
+            lazy_wake: true,
+            cross_host: true,
+            lease_s: 30,
+            host_id: None,
+            tick_ms: 500,
+            max_sessions: 10_000,
+        }
+    }
 }
 
 /// The jail every VMM runs in (docs/security.md).
@@ -131,6 +170,7 @@ impl Default for Config {
             socket_group: None,
             limits: Limits::default(),
             jail: JailConfig::default(),
+            sessions: SessionsConfig::default(),
         }
     }
 }
@@ -180,6 +220,12 @@ impl Config {
 
     /// Refuses a configuration flintd must not run with.
     pub fn check(&self) -> Result<(), String> {
+        if self.sessions.lease_s < 3 || self.sessions.tick_ms == 0 || self.sessions.tick_ms > 60_000 {
+            return Err("sessions: lease_s must be at least 3 and tick_ms within 1..=60000".into());
+        }
+        if let Some(h) = &self.sessions.host_id {
+            flint_snapshot_store::manifest::check_name("sessions.host_id", h)?;
+        }
         if self.store.s3.is_some() && self.store.secret_file.is_none() && !self.store.allow_unauthenticated_bucket {
             return Err("an S3 tier is configured without a store secret: anyone who can write the bucket could \
                         publish a snapshot this host would restore. Set store.secret_file (64 hex digits, the same on \

@@ -34,6 +34,7 @@ pub struct Daemon {
     pub(crate) vms: Mutex<HashMap<String, Arc<Slot>>>,
     pub(crate) restore_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
+    pub sessions: crate::session::Sessions,
     seq: AtomicU64,
 }
 
@@ -54,6 +55,32 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
     Ok(scfg)
 }
 
+/// Manifest metadata of a snapshot whose memory image was stored layered on its base (its state file says
+/// "diff"; the VMM restores it as merged memory).
+pub(crate) const MEMORY_LAYERED: &str = "memory_layered";
+
+/// How a restore goes beyond the snapshot itself.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOpts {
+    /// Environment for the VM's execs (set by the agent's refresh).
+    pub env: BTreeMap<String, String>,
+    /// Memory from the store on first touch (working set prefetched) instead of fetched whole first.
+    pub lazy: bool,
+    /// The session the VM runs: its guest is named after it and logs dirty pages for the next hibernation.
+    pub session: Option<String>,
+}
+
+/// How a snapshot is taken.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SnapshotHow {
+    pub publish: bool,
+    /// A diff against this snapshot (the one the VM's dirty log started from), stored layered on it.
+    pub diff_on: Option<String>,
+    /// Leave the VM paused (it is about to stop).
+    pub keep_paused: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
 impl Daemon {
     /// Opens the state and the store, then re-adopts the VMs of the previous run. Must run inside a tokio runtime.
     pub fn open(cfg: Config) -> Result<Arc<Daemon>, String> {
@@ -72,6 +99,7 @@ impl Daemon {
         let db = Db::open(&cfg.data_dir.join("flintd.redb")).map_err(|e| e.to_string())?;
         let store = Store::open(store_config(&cfg)?).map_err(|e| format!("snapshot store: {e}"))?;
         let slots = cfg.max_parallel_restores.max(1);
+        let sessions = crate::session::Sessions::new(crate::session::host_id(&cfg)?);
         let d = Arc::new(Daemon {
             cfg,
             db,
@@ -80,9 +108,11 @@ impl Daemon {
             vms: Mutex::new(HashMap::new()),
             restore_slots: tokio::sync::Semaphore::new(slots),
             metrics: Metrics::default(),
+            sessions,
             seq: AtomicU64::new(0),
         });
         d.adopt()?;
+        d.adopt_sessions()?;
         Ok(d)
     }
 
@@ -224,7 +254,7 @@ impl Daemon {
         out
     }
 
-    fn new_id(&self, prefix: &str) -> String {
+    pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut r = [0u8; 3];
         let _ = getrandom::getrandom(&mut r);
@@ -296,6 +326,7 @@ impl Daemon {
             env: BTreeMap::new(),
             drives: Vec::new(),
             uid: None,
+            session: None,
         };
         f(&mut rec);
         let slot = {
@@ -437,9 +468,11 @@ impl Daemon {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
+        // A session's guest is named after the session (it keeps the name across wakes); a clone after itself.
+        let hostname = rec.session.clone().unwrap_or_else(|| id.clone());
         if rec.snapshot.is_some() {
             agent
-                .refresh(rec.env.clone(), Some(id.clone()))
+                .refresh(rec.env.clone(), Some(hostname))
                 .await
                 .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?;
         } else if !rec.env.is_empty() {
@@ -616,6 +649,19 @@ impl Daemon {
 
     /// Snapshots a running VM into the store: before-checkpoint hook, VMM snapshot (the VM resumes), put.
     pub async fn snapshot(&self, vm: &str, req: CreateSnapshot) -> Result<SnapshotInfo, OpError> {
+        let how = SnapshotHow { publish: req.publish, ..Default::default() };
+        Ok(self.snapshot_with(vm, &req.id, &how).await?.0)
+    }
+
+    /// A snapshot as `how` says: full, or a diff on the snapshot the VM was restored from (or last snapshotted
+    /// into), stored as a whole image whose untouched chunks are the base's; the VM resumes or stays paused.
+    pub(crate) async fn snapshot_with(
+        &self,
+        vm: &str,
+        id: &str,
+        how: &SnapshotHow,
+    ) -> Result<(SnapshotInfo, flint_snapshot_store::PutReport), OpError> {
+        let req = CreateSnapshot { id: id.to_string(), publish: how.publish };
         valid_id("snapshot id", &req.id)?;
         let slot = self.slot(vm)?;
         let _op = slot.op.lock().await;
@@ -631,15 +677,19 @@ impl Daemon {
         let request = flint_vmm_api::snapshot::SnapshotRequest {
             state_path: tmp.join("state"),
             mem_path: tmp.join("memory"),
-            kind: flint_vmm_api::snapshot::SnapshotKind::Full,
-            resume: rec.drives.is_empty(),
+            kind: if how.diff_on.is_some() {
+                flint_vmm_api::snapshot::SnapshotKind::Diff
+            } else {
+                flint_vmm_api::snapshot::SnapshotKind::Full
+            },
+            resume: rec.drives.is_empty() && !how.keep_paused,
         };
         let result = async {
             let vmm = self.launcher.vmm(&rec.dir);
             let report = vmm.snapshot(request).await?;
             if !rec.drives.is_empty() {
                 let copied = self.copy_drives(&rec, &tmp);
-                if rec.status == VmStatus::Running {
+                if rec.status == VmStatus::Running && !how.keep_paused {
                     vmm.resume().await?;
                 }
                 copied?;
@@ -651,9 +701,18 @@ impl Daemon {
                     rec.drives.len()
                 )));
             }
+            let memory = match &how.diff_on {
+                Some(base) => ImageSource::Layered { base: (base.clone(), "memory".into()), diff: tmp.join("memory") },
+                None => ImageSource::File(tmp.join("memory")),
+            };
             let mut draft = SnapshotDraft::new(&req.id)
                 .image("state", ImageSource::File(tmp.join("state")))
-                .image("memory", ImageSource::File(tmp.join("memory")));
+                .image("memory", memory);
+            if how.diff_on.is_some() {
+                // The state file says its memory is a diff; the stored image is whole (layered on the base).
+                draft.metadata.insert(MEMORY_LAYERED.into(), "true".into());
+            }
+            draft.metadata.extend(how.metadata.clone());
             for i in 0..rec.drives.len() {
                 draft = draft.image(&drives::image_name(i), ImageSource::File(tmp.join(drives::image_name(i))));
             }
@@ -666,7 +725,7 @@ impl Daemon {
                     .metadata
                     .insert("drives_rate_limiters".into(), serde_json::to_string(&limits).unwrap_or_default());
             }
-            draft.parent = rec.snapshot.clone();
+            draft.parent = how.diff_on.clone().or(rec.snapshot.clone());
             draft.vmm_format = Some(report.format_version);
             draft.metadata.insert("vm".into(), vm.to_string());
             if let Some(i) = &rec.image {
@@ -675,18 +734,18 @@ impl Daemon {
             draft.metadata.insert("mem_mib".into(), report.mem_mib.to_string());
             draft.metadata.insert("vcpus".into(), report.vcpus.to_string());
             draft.metadata.insert("drives".into(), report.drives.to_string());
-            let (manifest, _) = self.store.put(draft, req.publish).await?;
-            Ok::<_, OpError>(manifest)
+            let (manifest, put) = self.store.put(draft, req.publish).await?;
+            Ok::<_, OpError>((manifest, put))
         }
         .await;
         let _ = std::fs::remove_dir_all(&tmp);
-        let manifest = result?;
+        let (manifest, put) = result?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.snapshot_ms_sum.fetch_add(ms as u64, Ordering::Relaxed);
         info!(vm, snapshot = %req.id, ms, "snapshot stored");
         // From the manifest just written: no listing of every snapshot in S3 to describe one.
-        Ok(self.store.describe(&manifest, true, req.publish))
+        Ok((self.store.describe(&manifest, true, req.publish), put))
     }
 
     /// Copies each of a paused VM's drives into `tmp` (as the store images `drive0`, ...).
@@ -735,13 +794,10 @@ impl Daemon {
     /// agent. Eager: the images are fetched whole from the store (S3 on a miss) first. Lazy: only the state image;
     /// flintd's page server serves memory from the store on first touch and prefetches the recorded working set;
     /// the first lazy restore of a snapshot records that working set.
-    pub async fn restore(
-        self: &Arc<Self>,
-        snapshot: &str,
-        env: &BTreeMap<String, String>,
-        lazy: bool,
-    ) -> Result<VmRecord, OpError> {
+    pub async fn restore(self: &Arc<Self>, snapshot: &str, opts: &RestoreOpts) -> Result<VmRecord, OpError> {
+        let (env, lazy) = (&opts.env, opts.lazy);
         let manifest = self.store.manifest(snapshot).await?;
+        let merged_memory = manifest.metadata.get(MEMORY_LAYERED).is_some_and(|v| v == "true");
         let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse::<u64>().ok());
         let drive_flags = self.snapshot_drives(&manifest)?;
         // Informational (the VMM applies the limits from its state): an unreadable list shows no limits.
@@ -751,8 +807,10 @@ impl Daemon {
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
-        let slot = self.reserve(None, "clone", |r| {
+        let prefix = opts.session.as_deref().unwrap_or("clone");
+        let slot = self.reserve(None, prefix, |r| {
             r.snapshot = Some(snapshot.to_string());
+            r.session = opts.session.clone();
             r.image = manifest.metadata.get("image").cloned();
             // From the snapshot's metadata until the VMM says (after the restore) what it is.
             r.mem_mib = meta("mem_mib").unwrap_or(0);
@@ -808,8 +866,9 @@ impl Daemon {
                         drive_paths: (!drive_flags.is_empty())
                             .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
                     },
-                    track_dirty_pages: None,
-                    merged_memory: false,
+                    // A session's next hibernation is a diff against this snapshot: log dirty pages from now.
+                    track_dirty_pages: opts.session.is_some().then_some(true),
+                    merged_memory,
                 }),
             };
             let p = self.spawn(&slot, &spec)?;
@@ -920,6 +979,14 @@ impl Daemon {
             return Err(OpError::Conflict(format!(
                 "snapshot `{id}` is template `{}`'s: delete the template first",
                 t.name
+            )));
+        }
+        if let Some(s) =
+            self.sessions.records().into_iter().find(|s| s.base == id || s.stale_bases.iter().any(|b| b == id))
+        {
+            return Err(OpError::Conflict(format!(
+                "snapshot `{id}` is session `{}`'s (a wake restores it): delete the session first",
+                s.id
             )));
         }
         if let Some(vm) =

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 pub const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 pub const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
+pub const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 #[derive(Debug, thiserror::Error)]
 #[error("state database: {0}")]
@@ -27,6 +28,7 @@ impl Db {
         let w = db.begin_write().map_err(e)?;
         w.open_table(VMS).map_err(e)?;
         w.open_table(TEMPLATES).map_err(e)?;
+        w.open_table(SESSIONS).map_err(e)?;
         w.commit().map_err(e)?;
         Ok(Db { db })
     }

@@ -33,9 +33,8 @@ impl Daemon {
             .map(|_| {
                 let this = self.clone();
                 let snapshot = snapshot.clone();
-                let env = req.env.clone();
-                let lazy = req.lazy;
-                tokio::spawn(async move { this.restore(&snapshot, &env, lazy).await })
+                let opts = crate::daemon::RestoreOpts { env: req.env.clone(), lazy: req.lazy, session: None };
+                tokio::spawn(async move { this.restore(&snapshot, &opts).await })
             })
             .collect();
         let mut out = Vec::new();

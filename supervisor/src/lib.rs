@@ -16,6 +16,7 @@ pub mod jail;
 pub mod launcher;
 pub mod metrics;
 pub mod pager;
+pub mod session;
 pub mod vm;
 
 use std::os::unix::fs::PermissionsExt;

@@ -55,3 +55,25 @@ pub fn render(m: &Metrics, vms: &[VmRecord], s: &StoreStats) -> String {
     out.push_str(&format!("# TYPE flint_store_l1_bytes gauge\nflint_store_l1_bytes {}\n", s.l1_bytes));
     out
 }
+
+/// Sessions by state, hibernate and wake counts and latency histograms, bytes stored by hibernations.
+pub fn render_sessions(s: &crate::session::Sessions, out: &mut String) {
+    use crate::session::SessionState;
+    let records = s.records();
+    out.push_str("# TYPE flint_sessions gauge\n");
+    for st in SessionState::ALL {
+        let n = records.iter().filter(|r| r.state == st).count();
+        out.push_str(&format!("flint_sessions{{state=\"{}\"}} {n}\n", st.name()));
+    }
+    let m = &s.metrics;
+    m.hibernate_ms.render("flint_session_hibernate_ms", "session hibernations: start to stored", out);
+    m.wake_ms.render("flint_session_wake_ms", "session wakes: start to agent refreshed", out);
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, v) in [
+        ("flint_session_hibernate_stored_bytes_total", g(&m.hibernate_stored_bytes)),
+        ("flint_session_idle_hibernations_total", g(&m.idle_hibernations)),
+        ("flint_session_expired_total", g(&m.expired)),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+}

@@ -596,6 +596,11 @@ impl Store {
         Ok(self.finish_image(name, size, cs, results, &guard, report))
     }
 
+    /// Whether the local cache holds snapshot `id`'s manifest (it was stored here, or fetched).
+    pub fn has_local_manifest(&self, id: &str) -> bool {
+        check_name("snapshot id", id).is_ok() && self.inner.l1.exists(&manifest_key(id))
+    }
+
     /// Reads a manifest: L1 first, then the remote tiers (caching it in L1 as published).
     pub async fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
         check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
@@ -932,7 +937,9 @@ mod tests {
         let cs = 64 << 10;
         let mut base = random(16 * cs, 5);
         base[3 * cs..5 * cs].fill(0); // two zero chunks in the base
-        s.put(SnapshotDraft::new("base").image("memory", ImageSource::Bytes(base.clone().into())), false).await.unwrap();
+        s.put(SnapshotDraft::new("base").image("memory", ImageSource::Bytes(base.clone().into())), false)
+            .await
+            .unwrap();
         // Dirty: one page in chunk 1, a run over the chunk 6/7 boundary, a zero page in zero chunk 3 (a written
         // zero page is data in a diff: "now zero", which a hole could not say).
         let diff_path = dir.path().join("diff");
@@ -944,10 +951,8 @@ mod tests {
             want[off..off + data.len()].copy_from_slice(&data);
         }
         drop(f);
-        let draft = SnapshotDraft::new("layered").image(
-            "memory",
-            ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path.clone() },
-        );
+        let draft = SnapshotDraft::new("layered")
+            .image("memory", ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path.clone() });
         let (m, report) = s.put(draft, false).await.unwrap();
         assert_eq!(report.new_chunks, 3, "chunks 1, 6 and 7 changed: {report:?}");
         assert_eq!(report.zero_chunks, 1, "chunk 3 stays zero: {report:?}");
@@ -962,10 +967,8 @@ mod tests {
         }
         // A diff that does not match the base's size is refused; nothing is stored under the id.
         std::fs::File::options().write(true).open(&diff_path).unwrap().set_len(cs as u64).unwrap();
-        let draft = SnapshotDraft::new("short").image(
-            "memory",
-            ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path },
-        );
+        let draft = SnapshotDraft::new("short")
+            .image("memory", ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path });
         let e = s.put(draft, false).await.unwrap_err();
         assert!(e.to_string().contains("its base `base`/memory is"), "{e}");
         assert!(s.manifest("short").await.is_err());

@@ -130,6 +130,9 @@ pub struct VmRecord {
     /// The uid (and gid) the VM's jailed VMM runs as; none when the jail is off.
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The session this VM runs (it is started and stopped by the session's wakes and hibernations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl VmRecord {
