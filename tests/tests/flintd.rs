@@ -599,3 +599,178 @@ fn a_vmm_past_its_memory_limit_is_killed_alone() {
     assert!(out.status.success(), "the other VM stopped answering: {out:?}");
     assert_eq!(vm_detail(&socket, &bystander)["status"], "running");
 }
+
+/// Runs `sh -c script` in a VM or session through the CLI; its stdout, trimmed.
+fn sh(socket: &Path, id: &str, script: &str) -> String {
+    let out = flint(socket, &["exec", id, "--", "/bin/sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "exec in {id}: {script}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn session(socket: &Path, id: &str) -> serde_json::Value {
+    flint_json(socket, &["session", "get", id])
+}
+
+fn wait_state(socket: &Path, id: &str, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = session(socket, id);
+        if s["state"] == state {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "session {id} not {state} within {within:?}: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sessions end to end on real guests (restored from the golden snapshot, no cold boot): five hibernate/wake
+/// cycles with the guest's memory kept (a counter in its tmpfs, the pre-stop command's log) and each hibernation
+/// storing far less than the guest's memory; an idle timeout hibernates a session and the next exec wakes it; a
+/// flintd restart keeps running and hibernated sessions; a second flintd on the same bucket wakes a session the
+/// first hibernated, the first then gets 409 naming it, and takes the session back once the second is killed
+/// and its lease lapses; fork gives refreshed children; deleting leaves no VM and no lease object.
+#[test]
+fn sessions_hibernate_wake_and_move_between_hosts() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-sessions");
+    let (data_a, data_b) = (work.path().join("a"), work.path().join("b"));
+    let _reap_a = KillVmmsUnder(data_a.clone());
+    let _reap_b = KillVmmsUnder(data_b.clone());
+    let (sock_a, sock_b) = (work.path().join("a.sock"), work.path().join("b.sock"));
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, "[sessions]\nlease_s = 4\ntick_ms = 200\n").unwrap();
+    let args = ["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap()];
+    flint_tests::import_golden(&data_a, &s3, "ses", "gold", None);
+    let mut a = Some(Flintd::start_with(&data_a, &sock_a, &s3, "ses", &args));
+    let mem_bytes = 256u64 << 20;
+
+    let s = flint_json(
+        &sock_a,
+        &[
+            "session",
+            "create",
+            "--snapshot",
+            "gold",
+            "--id",
+            "s1",
+            "--idle-timeout",
+            "3600",
+            "--meta",
+            "user=ada",
+            "--pre-stop",
+            "echo pre-stop >> /tmp/pre-stop.log",
+        ],
+    );
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(sh(&sock_a, "s1", "hostname; echo 0 > /tmp/count"), "s1", "the guest is named after the session");
+    let listed = flint_json(&sock_a, &["session", "ls", "--meta", "user=ada"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert!(flint_json(&sock_a, &["session", "ls", "--meta", "user=bob"]).as_array().unwrap().is_empty());
+    let vm = s["vm"].as_str().unwrap().to_string();
+    let out = flint(&sock_a, &["vm", "rm", &vm]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("runs session `s1`"));
+
+    for cycle in 1..=5u64 {
+        let t = Instant::now();
+        let h = flint_json(&sock_a, &["session", "hibernate", "s1"]);
+        println!(
+            "hibernate {cycle}: {:.0} ms, stored {} bytes",
+            t.elapsed().as_secs_f64() * 1e3,
+            h["last_hibernate_stored_bytes"]
+        );
+        assert_eq!(h["state"], "hibernated", "{h}");
+        assert_eq!(h["base"], format!("s1.h{cycle}"));
+        assert!(h["vm"].is_null());
+        let stored = h["last_hibernate_stored_bytes"].as_u64().unwrap();
+        assert!(stored < mem_bytes / 4, "hibernation {cycle} stored {stored} bytes of a {mem_bytes}-byte guest");
+        let vms = flint_json(&sock_a, &["vm", "ls"]);
+        assert!(vms.as_array().unwrap().iter().all(|v| v["session"] != "s1"), "a hibernated session has no VM: {vms}");
+        // The next exec wakes it, with everything the guest had in memory.
+        let t = Instant::now();
+        let got = sh(
+            &sock_a,
+            "s1",
+            "echo $(( $(cat /tmp/count) + 1 )) > /tmp/count; cat /tmp/count; wc -l < /tmp/pre-stop.log",
+        );
+        println!("exec waking s1: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(got, format!("{cycle}\n{cycle}"), "cycle {cycle}: counter and pre-stop log");
+        let w = session(&sock_a, "s1");
+        assert_eq!(
+            (w["state"].as_str(), w["wakes"].as_u64(), w["hibernations"].as_u64()),
+            (Some("running"), Some(cycle), Some(cycle))
+        );
+    }
+
+    // Idle: no call for 2 s → hibernated by flintd; an exec wakes it.
+    flint_json(&sock_a, &["session", "create", "--snapshot", "gold", "--id", "idle", "--idle-timeout", "2"]);
+    let h = wait_state(&sock_a, "idle", "hibernated", Duration::from_secs(60));
+    assert_eq!(h["hibernations"], 1);
+    assert_eq!(sh(&sock_a, "idle", "hostname"), "idle");
+    let metrics = String::from_utf8_lossy(&flint(&sock_a, &["metrics"]).stdout).into_owned();
+    assert!(metrics.contains("flint_session_idle_hibernations_total 1"), "{metrics}");
+    assert!(metrics.contains("flint_session_hibernate_ms_count 6"), "{metrics}");
+
+    // A restart: the running session is re-adopted (same VM), the other keeps its state.
+    let (vm_before, idle_before) = (session(&sock_a, "s1")["vm"].clone(), session(&sock_a, "idle")["state"].clone());
+    drop(a.take());
+    let a = Flintd::start_with(&data_a, &sock_a, &s3, "ses", &args);
+    let s = session(&sock_a, "s1");
+    assert_eq!((&s["state"], &s["vm"]), (&serde_json::json!("running"), &vm_before), "{s}");
+    assert_eq!(session(&sock_a, "idle")["state"], idle_before);
+    // Longer than the lease: the restarted host took its running sessions' leases back and renews them.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(sh(&sock_a, "s1", "cat /tmp/count"), "5");
+
+    // Host B wakes what host A hibernated; A is refused while B holds it.
+    flint_json(&sock_a, &["session", "hibernate", "s1"]);
+    let mut b = Some(Flintd::start_with(&data_b, &sock_b, &s3, "ses", &args));
+    assert_eq!(sh(&sock_b, "s1", "echo 6 > /tmp/count; cat /tmp/count; hostname"), "6\ns1");
+    let host_b = flint_json(&sock_b, &["health"])["host"].as_str().unwrap().to_string();
+    let out = flint(&sock_a, &["exec", "s1", "--", "/bin/true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("HTTP 409") && err.contains(&host_b), "{err}");
+    // B hibernates it: A wakes it with B's changes.
+    flint_json(&sock_b, &["session", "hibernate", "s1"]);
+    assert_eq!(sh(&sock_a, "s1", "cat /tmp/count"), "6");
+    // B takes it again after A hibernates; B dies with it: A is refused until B's lease lapses, then wakes the
+    // last hibernation (what B did since is lost with B).
+    flint_json(&sock_a, &["session", "hibernate", "s1"]);
+    assert_eq!(sh(&sock_b, "s1", "echo 7 > /tmp/count; cat /tmp/count"), "7");
+    let mut dead = b.take().unwrap();
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    drop(KillVmmsUnder(data_b.clone()));
+    let out = flint(&sock_a, &["exec", "s1", "--", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 409"), "B's lease is still current");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(sh(&sock_a, "s1", "cat /tmp/count"), "6", "taken over from the last hibernation");
+
+    // Fork: two children with the parent's memory, each refreshed.
+    let kids = flint_json(&sock_a, &["session", "fork", "s1", "-n", "2"]);
+    let kids: Vec<String> = kids.as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kids.len(), 2);
+    let mut seen = Vec::new();
+    for k in &kids {
+        let got = sh(&sock_a, k, "cat /tmp/count; hostname; cat /proc/sys/kernel/random/uuid");
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(&lines[..2], &["6", k.as_str()], "{got}");
+        seen.push(lines[2].to_string());
+    }
+    assert_ne!(seen[0], seen[1], "forks have their own entropy");
+    assert_eq!(sh(&sock_a, "s1", "cat /tmp/count"), "6", "the parent runs on");
+
+    let mut rm = vec!["session", "rm", "s1", "idle"];
+    rm.extend(kids.iter().map(String::as_str));
+    flint_json(&sock_a, &rm);
+    assert!(flint_json(&sock_a, &["session", "ls"]).as_array().unwrap().is_empty());
+    assert!(flint_json(&sock_a, &["vm", "ls"]).as_array().unwrap().is_empty(), "no VM is left");
+    let leases = s3.object_path("ses/coord/sessions");
+    let left: Vec<_> = std::fs::read_dir(&leases).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "lease objects left in the bucket: {left:?}");
+    drop(a);
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flint_agent::protocol::ExecRequest;
+use flint_supervisor::session::{CreateSession, ForkSession, OnIdle, PreStop};
 use flint_supervisor::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, DriveSpec};
 use serde_json::{json, Value};
 
@@ -41,7 +42,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
-    /// Run a command in a VM: flint exec VM -- CMD ARGS...
+    /// Run a command in a VM or session (a hibernated session wakes): flint exec ID -- CMD ARGS...
     Exec {
         vm: String,
         #[arg(long)]
@@ -80,6 +81,12 @@ enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
+    /// Sessions: sandboxes that hibernate to the store when idle and wake on the next call. `flint exec` and
+    /// `flint cp` take a session id too.
+    Session {
+        #[command(subcommand)]
+        cmd: SessionCmd,
+    },
     /// The local snapshot cache.
     Cache {
         #[command(subcommand)]
@@ -87,6 +94,95 @@ enum Cmd {
     },
     /// Prometheus metrics.
     Metrics,
+}
+
+#[derive(Subcommand)]
+enum SessionCmd {
+    /// flint session create TEMPLATE [--id ID] [--idle-timeout S] [--ttl S] [--pre-stop CMD]
+    Create {
+        /// Template to start from (or --snapshot).
+        template: Option<String>,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+        /// Seconds without a call or a running exec before it hibernates (or stops, with --on-idle stop).
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Seconds of awake time (wall time with --ttl-counts-hibernated) after which the session ends.
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        ttl_counts_hibernated: bool,
+        /// Seconds after creation after which the session ends, asleep or not.
+        #[arg(long)]
+        max_lifetime: Option<u64>,
+        #[arg(long, value_parser = ["hibernate", "stop"], default_value = "hibernate")]
+        on_idle: String,
+        /// Command run in the guest (through sh -c) before every hibernation.
+        #[arg(long)]
+        pre_stop: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        pre_stop_timeout_ms: u64,
+        /// Environment for execs: KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Metadata: KEY=VALUE (repeatable); `session ls --meta KEY=VALUE` filters on it.
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+    },
+    Ls {
+        /// Only sessions whose metadata has KEY=VALUE (repeatable).
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+    },
+    Get {
+        id: String,
+    },
+    /// Hibernate now (a diff snapshot into the store; the VM stops).
+    Hibernate {
+        id: String,
+    },
+    /// Wake from the last hibernation (any exec or cp wakes it too).
+    Wake {
+        id: String,
+    },
+    /// New sessions from this one as it is now.
+    Fork {
+        id: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u32,
+    },
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// `KEY=VALUE` arguments as a map.
+fn pairs(flag: &str, args: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    args.iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("{flag} `{kv}`: expected KEY=VALUE"))?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn print_sessions(v: &Value) {
+    println!("{:<24} {:<11} {:<26} {:>5} {:>5} {:>10} ERROR", "ID", "STATE", "VM", "HIB", "WAKES", "WAKE ms");
+    for s in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<11} {:<26} {:>5} {:>5} {:>10} {}",
+            s["id"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            s["vm"].as_str().unwrap_or("-"),
+            s["hibernations"],
+            s["wakes"],
+            s["last_wake_ms"].as_f64().map(|m| format!("{m:.0}")).unwrap_or("-".into()),
+            s["error"].as_str().unwrap_or("")
+        );
+    }
 }
 
 #[derive(Subcommand)]
@@ -545,6 +641,85 @@ async fn run(cli: Cli) -> Result<i32, String> {
             let v = long_call(&api, cli.json, label, watch, "POST", "/v1/clones", Some(body)).await?;
             out(&v, &print_vms);
         }
+        Cmd::Session { cmd } => match cmd {
+            SessionCmd::Create {
+                template,
+                snapshot,
+                id,
+                idle_timeout,
+                ttl,
+                ttl_counts_hibernated,
+                max_lifetime,
+                on_idle,
+                pre_stop,
+                pre_stop_timeout_ms,
+                env,
+                meta,
+            } => {
+                let body = CreateSession {
+                    template,
+                    snapshot,
+                    id,
+                    idle_timeout_s: idle_timeout,
+                    ttl_s: ttl,
+                    max_lifetime_s: max_lifetime,
+                    ttl_counts_hibernated,
+                    env: pairs("--env", &env)?,
+                    metadata: pairs("--meta", &meta)?,
+                    on_idle: if on_idle == "stop" { OnIdle::Stop } else { OnIdle::Hibernate },
+                    pre_stop: pre_stop
+                        .map(|c| PreStop { argv: vec!["sh".into(), "-c".into(), c], timeout_ms: pre_stop_timeout_ms }),
+                };
+                let label = "starting a session".to_string();
+                let v = long_call(&api, cli.json, label, Watch::Nothing, "POST", "/v1/sessions", Some(typed(&body)?))
+                    .await?;
+                out(&v, &|v| print_sessions(&json!([v])));
+            }
+            SessionCmd::Ls { meta } => {
+                let q: Vec<String> =
+                    pairs("--meta", &meta)?.iter().map(|(k, v)| format!("metadata.{}={}", enc(k), enc(v))).collect();
+                let path =
+                    if q.is_empty() { "/v1/sessions".to_string() } else { format!("/v1/sessions?{}", q.join("&")) };
+                out(&api.call("GET", &path, None).await?, &print_sessions)
+            }
+            SessionCmd::Get { id } => {
+                out(&api.call("GET", &format!("/v1/sessions/{}", enc(&id)), None).await?, &pretty)
+            }
+            SessionCmd::Hibernate { id } => {
+                let path = format!("/v1/sessions/{}/hibernate", enc(&id));
+                let v =
+                    long_call(&api, cli.json, format!("hibernating {id}"), Watch::Nothing, "POST", &path, None).await?;
+                out(&v, &|v| print_sessions(&json!([v])));
+            }
+            SessionCmd::Wake { id } => {
+                let path = format!("/v1/sessions/{}/wake", enc(&id));
+                let v = long_call(&api, cli.json, format!("waking {id}"), Watch::Nothing, "POST", &path, None).await?;
+                out(&v, &|v| print_sessions(&json!([v])));
+            }
+            SessionCmd::Fork { id, count } => {
+                let path = format!("/v1/sessions/{}/fork", enc(&id));
+                let body = typed(&ForkSession { count, ..Default::default() })?;
+                let v = long_call(
+                    &api,
+                    cli.json,
+                    format!("forking {id} ×{count}"),
+                    Watch::Nothing,
+                    "POST",
+                    &path,
+                    Some(body),
+                )
+                .await?;
+                out(&v, &print_sessions);
+            }
+            SessionCmd::Rm { ids } => {
+                for id in ids {
+                    api.call("DELETE", &format!("/v1/sessions/{}", enc(&id)), None).await?;
+                    if !cli.json {
+                        println!("deleted {id}");
+                    }
+                }
+            }
+        },
         Cmd::Cache { cmd: CacheCmd::Clear } => out(&api.call("DELETE", "/v1/store/cache", None).await?, &pretty),
         Cmd::Metrics => {
             let raw = api.raw("GET", "/metrics", None).await?;

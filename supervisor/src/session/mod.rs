@@ -295,6 +295,30 @@ impl Daemon {
                 info!(session = %rec.id, from = rec.state.name(), to = to.name(), "session re-adopted");
             }
         }
+        // Running sessions' leases: taken back (a lease lapsed while flintd was down may have gone to another
+        // host: then this host stops running the session).
+        let running: Vec<Arc<SessionSlot>> = lock(&self.sessions.map)
+            .values()
+            .filter(|s| matches!(s.get().state, SessionState::Running | SessionState::Hibernating))
+            .cloned()
+            .collect();
+        if !running.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if !this.coordinated().await.unwrap_or(false) {
+                    return;
+                }
+                for slot in running {
+                    let _op = slot.op.lock().await;
+                    if slot.get().state != SessionState::Running {
+                        continue;
+                    }
+                    if let Err(e) = this.acquire_lease(&slot).await {
+                        this.fence(&slot, &e.to_string()).await;
+                    }
+                }
+            });
+        }
         let this = Arc::downgrade(self);
         let tick = Duration::from_millis(self.cfg.sessions.tick_ms);
         tokio::spawn(async move {
@@ -1039,15 +1063,8 @@ impl Daemon {
                     }
                     TickAction::Renew => match this.write_lease(&slot, true).await {
                         Err(OpError::Conflict(e)) => {
-                            // Another host took the session (this host's lease lapsed): stop running it here.
-                            warn!(session = %id, error = %e, "lost the session's lease; stopping its VM");
-                            this.remove_session_vms(&id).await;
-                            slot.commit(&this.db, |r| {
-                                r.state = SessionState::Failed;
-                                r.vm = None;
-                                r.error = Some(format!("lost its lease to another host: {e}"));
-                            })
-                            .map(|_| ())
+                            this.fence(&slot, &e).await;
+                            Ok(())
                         }
                         other => other,
                     },
@@ -1056,6 +1073,26 @@ impl Daemon {
                     warn!(session = %id, error = %e, "session upkeep failed");
                 }
             });
+        }
+    }
+
+    /// Another host took the session (this host's lease lapsed): stop running it here, so two hosts never run
+    /// it at once. The caller holds `op`.
+    async fn fence(self: &Arc<Self>, slot: &Arc<SessionSlot>, why: &str) {
+        let id = slot.get().id;
+        warn!(session = %id, error = why, "lost the session's lease; stopping its VM");
+        self.remove_session_vms(&id).await;
+        *lock(&slot.lease) = None;
+        let r = slot.commit(&self.db, |r| {
+            r.state = SessionState::Failed;
+            r.vm = None;
+            r.error = Some(format!("lost its lease to another host: {why}"));
+            if let Some(s) = r.awake_since_unix_ms.take() {
+                r.awake_ms += now_unix_ms().saturating_sub(s);
+            }
+        });
+        if let Err(e) = r {
+            warn!(session = %id, error = %e, "could not record a lost lease");
         }
     }
 
