@@ -617,6 +617,11 @@ impl ExecStream<'_> {
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.client.send(Frame::json(self.id, &Request::Signal { signal })).await
     }
+
+    /// New terminal size for an exec with a tty.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.client.send(Frame::json(self.id, &Request::Resize { rows, cols })).await
+    }
 }
 
 impl Drop for ExecStream<'_> {

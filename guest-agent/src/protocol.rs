@@ -108,6 +108,12 @@ pub enum Request {
     Signal {
         signal: i32,
     },
+    /// Set the terminal size of a running exec with a tty (same stream as the exec); its process group gets
+    /// SIGWINCH.
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     WriteFile {
         path: String,
         #[serde(default = "default_mode")]
@@ -172,6 +178,17 @@ pub struct ExecRequest {
     /// The host will stream stdin (STDIN frames, then EOF); otherwise stdin is /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (stdin, stdout and stderr are its slave; the output is one stream,
+    /// STDOUT; the process leads a new session with the terminal as its controlling tty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -30,7 +30,7 @@ pub struct Spawned {
     pub exit: oneshot::Receiver<ExitStatus>,
 }
 
-fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+pub(crate) fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: fcntl on an fd we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.

@@ -1,6 +1,6 @@
 //! The agent service: accepts connections and runs requests, many at once per connection.
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -227,6 +227,7 @@ async fn handle(
         Request::Health => Response::Health(health(&agent)),
         Request::Exec(e) => return exec(agent, id, e, inbound, tx).await,
         Request::Signal { .. } => error(ErrorCode::Invalid, "signal names no running exec on this stream"),
+        Request::Resize { .. } => error(ErrorCode::Invalid, "resize names no running exec on this stream"),
         Request::WriteFile { path, mode, append } => write_file(&agent, &path, mode, append, inbound).await,
         Request::ReadFile { path, limit } => return read_file(&agent, id, &path, limit, tx).await,
         Request::Stat { path } => match agent.resolve(&path) {
@@ -561,19 +562,74 @@ async fn exec(
         std::os::unix::process::CommandExt::gid(&mut cmd, gid);
         cmd.env("HOME", home);
     }
-    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // Own process group, so a kill or timeout reaches the whole pipeline.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = match agent.reaper.spawn(&mut cmd) {
+    let mut tty = None;
+    if let Some(size) = req.tty {
+        let t = match Pty::open(size) {
+            Ok(t) => t,
+            Err(e) => return Some(io_error("open a pseudo-terminal", &e)),
+        };
+        let slave = |t: &Pty| t.slave.try_clone().map(Stdio::from);
+        match (slave(&t), slave(&t), slave(&t)) {
+            (Ok(i), Ok(o), Ok(e)) => {
+                cmd.stdin(i).stdout(o).stderr(e);
+            }
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Some(io_error("pseudo-terminal", &e)),
+        }
+        cmd.env("TERM", req.env.get("TERM").map_or("xterm-256color", String::as_str));
+        // SAFETY: between fork and exec only async-signal-safe calls: setsid(2) makes the child lead a new session
+        // (and process group, which a kill or timeout reaches whole) and ioctl(TIOCSCTTY) on fd 0, the slave,
+        // makes it the session's controlling terminal.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        tty = Some(t);
+    } else {
+        cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Own process group, so a kill or timeout reaches the whole pipeline.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    }
+    let spawned = agent.reaper.spawn(&mut cmd);
+    // The command holds copies of a tty's slave: dropped now, so the master reads EOF once the child's are closed.
+    drop(cmd);
+    let child = match spawned {
         Ok(c) => c,
         Err(e) => return Some(io_error(&format!("cannot run {program}"), &e)),
     };
     let pid = child.pid;
     let _ = tx.send(Frame::json(id, &Response::Started { pid })).await;
-    let mut stdin = child.stdin;
-    let out = pump(child.stdout, kind::STDOUT, id, tx.clone());
-    let err = pump(child.stderr, kind::STDERR, id, tx.clone());
+    let (mut stdin, out, err, master) = match tty {
+        Some(t) => {
+            let master = t.master;
+            // The master in non-blocking mode under tokio's reactor (a pty supports epoll like a pipe).
+            let async_fd = |m: &std::fs::File| -> Option<std::os::fd::OwnedFd> {
+                let fd: std::os::fd::OwnedFd = m.try_clone().ok()?.into();
+                crate::reaper::nonblocking(&fd).ok()?;
+                Some(fd)
+            };
+            let reader =
+                async_fd(&master).and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd).ok());
+            let writer =
+                async_fd(&master).and_then(|fd| tokio::net::unix::pipe::Sender::from_owned_fd_unchecked(fd).ok());
+            (
+                writer.map(StdinSink::Tty),
+                pump(reader, kind::STDOUT, id, tx.clone()),
+                pump(None::<tokio::fs::File>, kind::STDERR, id, tx.clone()),
+                Some(master),
+            )
+        }
+        None => (
+            child.stdin.map(StdinSink::Pipe),
+            pump(child.stdout, kind::STDOUT, id, tx.clone()),
+            pump(child.stderr, kind::STDERR, id, tx.clone()),
+            None,
+        ),
+    };
     let mut exit = child.exit;
     let deadline = req.timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     let mut timed_out = false;
@@ -598,8 +654,19 @@ async fn exec(
                         }
                     }
                 }
-                Some(Inbound::Data(kind::EOF, _)) => stdin = None,
+                // On a tty, end of input is the terminal's EOF character (^D), as a person would type it.
+                Some(Inbound::Data(kind::EOF, _)) => match stdin.as_mut() {
+                    Some(StdinSink::Tty(t)) => {
+                        let _ = t.write_all(&[4]).await;
+                    }
+                    _ => stdin = None,
+                },
                 Some(Inbound::Json(Request::Signal { signal })) => kill(signal),
+                Some(Inbound::Json(Request::Resize { rows, cols })) => {
+                    if let Some(m) = &master {
+                        set_winsize(m, TtySize { rows, cols });
+                    }
+                }
                 Some(_) => {}
                 // The connection went away: nobody can see the output any more.
                 None => kill(libc::SIGKILL),
@@ -624,6 +691,64 @@ async fn exec(
         }
         Err(e) => io_error("wait", &e),
     })
+}
+
+/// Where an exec's input goes: its stdin pipe, or its terminal's master.
+enum StdinSink {
+    Pipe(tokio::net::unix::pipe::Sender),
+    Tty(tokio::net::unix::pipe::Sender),
+}
+
+impl StdinSink {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            StdinSink::Pipe(p) | StdinSink::Tty(p) => p.write_all(data).await,
+        }
+    }
+}
+
+/// A pseudo-terminal pair (posix_openpt, so no libutil in the static agent).
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+}
+
+impl Pty {
+    fn open(size: TtySize) -> std::io::Result<Pty> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt returns a new fd (or -1); nothing else is touched.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd this function owns from here.
+        let master = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: grantpt/unlockpt act on the master fd we own; ptsname_r writes a NUL-terminated name into `name`
+        // (its length given).
+        let ok = unsafe {
+            libc::grantpt(fd) == 0 && libc::unlockpt(fd) == 0 && libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) == 0
+        };
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated path.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&path)?;
+        set_winsize(&master, size);
+        Ok(Pty { master, slave })
+    }
+}
+
+fn set_winsize(master: &std::fs::File, size: TtySize) {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads a `winsize` from the pointer, which is valid for the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
 fn pump<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>, kind: u8, id: u32, tx: Tx) -> tokio::task::JoinHandle<()> {

@@ -148,6 +148,43 @@ async fn stdin_streams_to_the_process() {
     assert_eq!(String::from_utf8_lossy(&out).trim(), "300000");
 }
 
+/// A terminal session: the process has a tty of the requested size as stdin/stdout/stderr and controlling
+/// terminal, typed input reaches it, a resize is seen, ^D (EOF) and `exit` end it with its status.
+#[tokio::test]
+async fn a_tty_exec_is_a_terminal_that_resizes() {
+    let a = Agent::start("tty", &[]);
+    let c = a.client().await;
+    let req = ExecRequest {
+        argv: vec!["/bin/sh".into()],
+        stdin: true,
+        tty: Some(flint_agent::protocol::TtySize { rows: 30, cols: 100 }),
+        ..Default::default()
+    };
+    let mut s = c.exec(req).await.unwrap();
+    let mut out = String::new();
+    async fn until(s: &mut flint_agent::client::ExecStream<'_>, out: &mut String, want: &str) -> Option<ExecEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !out.contains(want) {
+            match tokio::time::timeout_at(deadline, s.next()).await {
+                Ok(Ok(Some(ExecEvent::Stdout(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Ok(Some(ev @ ExecEvent::Exit { .. }))) => return Some(ev),
+                other => panic!("waiting for {want:?}: {other:?}; output so far: {out:?}"),
+            }
+        }
+        None
+    }
+    s.write_stdin(b"test -t 0 && test -t 2 && echo IS-A-$((6*7))-TTY; stty size; tty\n").await.unwrap();
+    until(&mut s, &mut out, "IS-A-42-TTY").await;
+    until(&mut s, &mut out, "30 100").await;
+    until(&mut s, &mut out, "/dev/pts/").await;
+    s.resize(40, 120).await.unwrap();
+    s.write_stdin(b"stty size | tr ' ' x\n").await.unwrap();
+    until(&mut s, &mut out, "40x120").await;
+    s.write_stdin(b"exit 3\n").await.unwrap();
+    let exit = until(&mut s, &mut out, "\u{0}never").await;
+    assert!(matches!(exit, Some(ExecEvent::Exit { code: Some(3), .. })), "{exit:?} {out:?}");
+}
+
 #[tokio::test]
 async fn kill_and_timeout() {
     let a = Agent::start("kill", &[]);

@@ -170,15 +170,62 @@ async fn resume_vm(State(d): D, Path(id): Path<String>) -> R<Response> {
     Ok(json(d.pause(&id, false).await?))
 }
 
-/// Streams NDJSON: `{"stdout": "..."}` / `{"stderr": "..."}` chunks as they come, then `{"exit": {...}}`.
-async fn exec(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+/// The `Upgrade` token of an interactive exec (docs/api/flintd.yaml): after `101 Switching Protocols` the
+/// connection carries agent-protocol frames both ways.
+pub const EXEC_UPGRADE: &str = "flint-exec";
+
+/// Most bytes of an exec request body.
+const MAX_EXEC_BODY: usize = 1 << 20;
+
+/// Streams NDJSON: `{"stdout": "..."}` / `{"stderr": "..."}` chunks as they come, then `{"exit": {...}}`. With
+/// `Upgrade: flint-exec`, an interactive exec instead (stdin, signals, a tty with resize) over the upgraded
+/// connection.
+async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) -> R<Response> {
+    let (mut parts, raw) = req.into_parts();
+    let upgrade = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(EXEC_UPGRADE));
+    let b = axum::body::to_bytes(raw, MAX_EXEC_BODY)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("request body (at most {MAX_EXEC_BODY} bytes): {e}")))?;
     // The body is the agent's own exec request (one type for both hops).
-    let er: flint_agent::protocol::ExecRequest = body(&b)?;
+    let mut er: flint_agent::protocol::ExecRequest = body(&b)?;
     if er.argv.is_empty() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "argv must not be empty".into()));
     }
-    if er.stdin {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "stdin streaming is not offered over this API yet".into()));
+    if let Some(t) = er.tty {
+        if t.rows == 0 || t.cols == 0 {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "tty rows and cols must be at least 1".into()));
+        }
+    }
+    if upgrade {
+        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>().ok_or_else(|| {
+            ApiError(StatusCode::BAD_REQUEST, "this connection cannot be upgraded (HTTP/1.1 only)".into())
+        })?;
+        // A terminal is interactive by nature: its input is the caller's.
+        er.stdin |= er.tty.is_some();
+        let (agent, activity) = d.call_agent(&id).await?;
+        tokio::spawn(async move {
+            let _activity = activity; // the session is not idle while the exec runs
+            match on_upgrade.await {
+                Ok(up) => interactive_exec(agent, er, hyper_util::rt::TokioIo::new(up)).await,
+                Err(e) => tracing::warn!(error = %e, "interactive exec: the upgrade failed"),
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, EXEC_UPGRADE)
+            .body(Body::empty())
+            .unwrap_or_default());
+    }
+    if er.stdin || er.tty.is_some() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("stdin and tty need an interactive exec: send `Connection: Upgrade` and `Upgrade: {EXEC_UPGRADE}`"),
+        ));
     }
     // A session id wakes the session; its activity lasts as long as the exec's stream (not idle meanwhile).
     let (agent, activity) = d.call_agent(&id).await?;
@@ -226,6 +273,93 @@ struct FileQuery {
     /// Read at most this many bytes (devices such as /dev/urandom never end).
     #[serde(default)]
     limit: Option<u64>,
+}
+
+/// An interactive exec over an upgraded connection: the caller sends STDIN and EOF frames and JSON `signal` /
+/// `resize` requests; flintd sends STDOUT and STDERR frames, then one JSON `exit` (or `error`). The caller
+/// hanging up sends the process SIGHUP, as a terminal's hangup would.
+async fn interactive_exec<S>(
+    agent: Arc<flint_agent::client::AgentClient>,
+    er: flint_agent::protocol::ExecRequest,
+    io: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use flint_agent::client::ExecEvent;
+    use flint_agent::protocol::{kind, read_frame, write_frame, ErrorCode, Frame, Request, Response};
+    use tokio::io::AsyncWriteExt;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut stream = match agent.exec(er).await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = Response::Error { code: e.code().unwrap_or(ErrorCode::Io), message: format!("agent: {e}") };
+            let _ = write_frame(&mut wr, &Frame::json(0, &msg)).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    // Frames from the caller, read by their own task (a frame read is not cancel-safe).
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Frame>(16);
+    let reader = tokio::spawn(async move {
+        while let Ok(f) = read_frame(&mut rd).await {
+            if in_tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut caller_open = true;
+    loop {
+        tokio::select! {
+            ev = stream.next() => {
+                let (frame, last) = match ev {
+                    Ok(Some(ExecEvent::Stdout(b))) => (Frame::data(kind::STDOUT, 0, b), false),
+                    Ok(Some(ExecEvent::Stderr(b))) => (Frame::data(kind::STDERR, 0, b), false),
+                    Ok(Some(ExecEvent::Exit { code, signal, timed_out })) => {
+                        (Frame::json(0, &Response::Exit { code, signal, timed_out }), true)
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let code = e.code().unwrap_or(ErrorCode::Io);
+                        (Frame::json(0, &Response::Error { code, message: format!("agent: {e}") }), true)
+                    }
+                };
+                let sent = async {
+                    write_frame(&mut wr, &frame).await?;
+                    wr.flush().await
+                }
+                .await;
+                if last {
+                    break;
+                }
+                if sent.is_err() && caller_open {
+                    caller_open = false;
+                    let _ = stream.signal(libc::SIGHUP).await;
+                }
+            }
+            f = in_rx.recv(), if caller_open => {
+                let r = match f {
+                    Some(f) if f.kind == kind::STDIN => stream.write_stdin(&f.payload).await,
+                    Some(f) if f.kind == kind::EOF => stream.close_stdin().await,
+                    Some(f) if f.kind == kind::JSON => match serde_json::from_slice::<Request>(&f.payload) {
+                        Ok(Request::Signal { signal }) => stream.signal(signal).await,
+                        Ok(Request::Resize { rows, cols }) if rows > 0 && cols > 0 => stream.resize(rows, cols).await,
+                        _ => Ok(()), // anything else has no meaning here
+                    },
+                    Some(_) => Ok(()),
+                    None => {
+                        // The caller hung up.
+                        caller_open = false;
+                        stream.signal(libc::SIGHUP).await
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    reader.abort();
+    let _ = wr.shutdown().await;
 }
 
 /// Streams a guest file: at most the request's `limit`, never more than the server's `max_file_read_bytes`.
@@ -300,6 +434,14 @@ fn agent_err(e: &flint_agent::client::ClientError) -> ApiError {
 
 async fn snapshot_vm(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
     let req: CreateSnapshot = body(&b)?;
+    // A snapshot restarts the VM's dirty-page log: the session's next hibernation (a diff on its base) would miss
+    // what was dirtied before it.
+    if let Some(s) = d.get(&id)?.session {
+        return Err(OpError::Conflict(format!(
+            "VM `{id}` runs session `{s}`: snapshot it with POST /v1/sessions/{s}/fork or /hibernate"
+        ))
+        .into());
+    }
     Ok((StatusCode::CREATED, Json(d.snapshot(&id, req).await?)).into_response())
 }
 

@@ -95,3 +95,71 @@ pub async fn request_stream(
         data.extend_from_slice(&tmp[..n]);
     }
 }
+
+/// The answer to an upgrade request.
+pub enum Upgrade {
+    /// `101 Switching Protocols`: the connection now speaks the new protocol; `early` holds bytes of it that
+    /// arrived with the response head.
+    Switched { stream: UnixStream, early: Vec<u8> },
+    /// Any other answer: its status and body (an API error).
+    Refused { status: u16, body: Vec<u8> },
+}
+
+/// Sends a POST asking to switch the connection to `protocol` (`Connection: Upgrade`), e.g. an interactive exec.
+pub async fn upgrade(sock: &Path, path: &str, body: &[u8], protocol: &str) -> Result<Upgrade, HttpError> {
+    let name = sock.display().to_string();
+    let io = |e| HttpError::Io(name.clone(), e);
+    let malformed = || HttpError::Malformed(name.clone());
+    let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let _ = s.write_all(&request).await;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let (status, chunked, start) = loop {
+        let n = s.read(&mut tmp).await.map_err(io)?;
+        if n == 0 {
+            return Err(malformed());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(head) = split_head(&buf).map_err(|_| malformed())? {
+            break head;
+        }
+    };
+    let rest = buf.split_off(start);
+    if status == 101 {
+        return Ok(Upgrade::Switched { stream: s, early: rest });
+    }
+    // An error: its body is bounded by Content-Length (or chunked); the connection may stay open.
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
+    let mut body = Vec::new();
+    let mut data = rest;
+    let mut dechunker = Dechunker::default();
+    loop {
+        if chunked {
+            if dechunker.feed(&data, |c| body.extend_from_slice(c)).map_err(|_| malformed())? {
+                break;
+            }
+        } else {
+            body.extend_from_slice(&data);
+            if length.is_some_and(|l: usize| body.len() >= l) {
+                break;
+            }
+        }
+        if body.len() as u64 > MAX_RESPONSE_BYTES {
+            return Err(malformed());
+        }
+        let n = s.read(&mut tmp).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        data = tmp[..n].to_vec();
+    }
+    Ok(Upgrade::Refused { status, body })
+}

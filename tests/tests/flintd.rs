@@ -715,6 +715,60 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
     assert!(metrics.contains("flint_session_idle_hibernations_total 1"), "{metrics}");
     assert!(metrics.contains("flint_session_hibernate_ms_count 6"), "{metrics}");
 
+    // A running exec is activity: a 6 s command in a session with a 2 s idle timeout does not see it hibernate.
+    flint_json(&sock_a, &["session", "create", "--snapshot", "gold", "--id", "busy", "--idle-timeout", "2"]);
+    assert_eq!(sh(&sock_a, "busy", "sleep 6; echo done"), "done");
+    let b = session(&sock_a, "busy");
+    assert_eq!((b["state"].as_str(), b["hibernations"].as_u64()), (Some("running"), Some(0)), "{b}");
+
+    // Interactive exec: stdin streamed from a pipe; ^C forwarded as SIGINT; a terminal (through script(1)) of
+    // the default size that takes typed commands.
+    let mut child = Command::new(bin_dir().join("flint"))
+        .args(["--socket", sock_a.to_str().unwrap(), "exec", "-i", "busy", "--", "/bin/sh", "-c", "wc -c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![b'x'; 100_000]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    let mut child = Command::new(bin_dir().join("flint"))
+        .args(["--socket", sock_a.to_str().unwrap(), "exec", "-i", "busy", "--", "/bin/sleep", "60"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGINT reached the guest's sleep (128 + 2)");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let flint_cmd =
+        format!("{} --socket {} exec -it busy -- /bin/sh", bin_dir().join("flint").display(), sock_a.display());
+    let mut child = Command::new("script")
+        .args(["-qec", &flint_cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo tty=$(tty) size=$(stty size) sum=$((40+2)); exit 7\n").unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tty=/dev/pts/") && text.contains("size=24 80") && text.contains("sum=42"), "{text}");
+    assert_eq!(out.status.code(), Some(7), "the shell's exit status: {text}");
+    flint_json(&sock_a, &["session", "rm", "busy"]);
+
     // A restart: the running session is re-adopted (same VM), the other keeps its state.
     let (vm_before, idle_before) = (session(&sock_a, "s1")["vm"].clone(), session(&sock_a, "idle")["state"].clone());
     drop(a.take());

@@ -926,6 +926,63 @@ mod tests {
         Store::with_remotes(cfg, remotes).unwrap()
     }
 
+    /// A tier that accepts conditional-write headers and ignores them (some S3-compatible servers do): the probe
+    /// says so, naming the header.
+    #[tokio::test]
+    async fn the_probe_finds_a_bucket_that_ignores_conditional_writes() {
+        #[derive(Debug)]
+        struct Ignoring(LocalDirTier, bool);
+        #[async_trait::async_trait]
+        impl Tier for Ignoring {
+            fn name(&self) -> &str {
+                "ignoring"
+            }
+            async fn get(&self, key: &str, max: u64) -> Result<Option<Bytes>, crate::tier::TierError> {
+                self.0.get(key, max).await
+            }
+            async fn put(&self, key: &str, data: Bytes) -> Result<(), crate::tier::TierError> {
+                self.0.put(key, data).await
+            }
+            async fn put_new(&self, key: &str, data: Bytes) -> Result<bool, crate::tier::TierError> {
+                self.0.put_new(key, data).await
+            }
+            async fn head(&self, key: &str) -> Result<Option<crate::tier::ObjectInfo>, crate::tier::TierError> {
+                self.0.head(key).await
+            }
+            async fn delete(&self, key: &str) -> Result<(), crate::tier::TierError> {
+                self.0.delete(key).await
+            }
+            async fn list(&self, prefix: &str) -> Result<Vec<crate::tier::ObjectInfo>, crate::tier::TierError> {
+                self.0.list(prefix).await
+            }
+            async fn put_if(
+                &self,
+                key: &str,
+                data: Bytes,
+                version: Option<&str>,
+            ) -> Result<Option<String>, crate::tier::TierError> {
+                // Honours If-None-Match (when asked to) but never If-Match.
+                if version.is_none() && self.1 && self.0.exists(key) {
+                    return Ok(None);
+                }
+                self.0.put(key, data).await?;
+                Ok(Some("\"v\"".into()))
+            }
+        }
+        for (honours_create, want) in [(false, "ignores If-None-Match"), (true, "ignores If-Match")] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = StoreConfig::new(&dir.path().join("l1"));
+            cfg.chunk_size = 64 << 10;
+            let tier = Ignoring(LocalDirTier::open(&dir.path().join("r")).unwrap(), honours_create);
+            let s = Store::with_remotes(cfg, vec![Arc::new(tier)]).unwrap();
+            let e = s.probe_conditional_writes("h").await.unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let e = store(dir.path(), None, u64::MAX).probe_conditional_writes("h").await.unwrap_err();
+        assert!(e.contains("no remote tier"), "{e}");
+    }
+
     /// A layered image (a diff snapshot's sparse memory file on its base) equals the base with the diff's data
     /// extents written over it; only the chunks a diff extent touches are read and stored, the rest are the
     /// base's entries (zero chunks included); a diff of the wrong size is refused.

@@ -280,6 +280,8 @@ impl Daemon {
                 // Straight to the true state: a restart is not a transition of the table.
                 let mut next = rec.clone();
                 next.state = to;
+                // An undone hibernation may have restarted the VM's dirty log: its next snapshot is full.
+                next.full_next |= rec.state == SessionState::Hibernating;
                 next.pending_base = None;
                 if to != SessionState::Running {
                     next.vm = None;
@@ -384,7 +386,15 @@ impl Daemon {
                 return Ok(r);
             }
         }
-        Err(OpError::NotFound(format!("no session `{id}`")))
+        Err(OpError::NotFound(format!("no session `{id}`{}", self.not_here_why().await)))
+    }
+
+    /// For a session this host does not know: why the bucket was not asked.
+    async fn not_here_why(&self) -> String {
+        match self.coord_refusal().await {
+            Some(e) => format!(" on this host (sessions do not move between hosts on this bucket: {e})"),
+            None => String::new(),
+        }
     }
 
     pub async fn create_session(self: &Arc<Self>, req: CreateSession) -> Result<SessionRecord, OpError> {
@@ -462,6 +472,7 @@ impl Daemon {
             last_hibernate_stored_bytes: None,
             generation: 0,
             pending_base: None,
+            full_next: false,
             stale_bases: Vec::new(),
             forked_from,
             error: None,
@@ -634,7 +645,7 @@ impl Daemon {
             return Ok((self.agent(id).await?, None));
         }
         let Some(slot) = self.session_for_call(id).await? else {
-            return Err(OpError::NotFound(format!("no VM or session `{id}`")));
+            return Err(OpError::NotFound(format!("no VM or session `{id}`{}", self.not_here_why().await)));
         };
         let activity = Activity::new(&slot);
         let vm = self.ensure_awake(&slot).await?;
@@ -662,7 +673,9 @@ impl Daemon {
     }
 
     pub async fn wake_session(self: &Arc<Self>, id: &str) -> Result<SessionRecord, OpError> {
-        let slot = self.session_for_call(id).await?.ok_or_else(|| OpError::NotFound(format!("no session `{id}`")))?;
+        let Some(slot) = self.session_for_call(id).await? else {
+            return Err(OpError::NotFound(format!("no session `{id}`{}", self.not_here_why().await)));
+        };
         let _op = slot.op.lock().await;
         match slot.get().state {
             SessionState::Running => Ok(slot.get()),
@@ -755,7 +768,7 @@ impl Daemon {
             }
             let how = SnapshotHow {
                 publish: self.coordinated().await.unwrap_or(false),
-                diff_on: Some(rec.base.clone()),
+                diff_on: (!rec.full_next).then(|| rec.base.clone()),
                 keep_paused: true,
                 metadata: BTreeMap::from([("session".to_string(), id.clone())]),
             };
@@ -769,6 +782,7 @@ impl Daemon {
                     let _ = slot.commit(&self.db, |r| {
                         r.state = SessionState::Running;
                         r.pending_base = None;
+                        r.full_next = true;
                         r.error = Some(format!("hibernate: {e}"));
                     });
                     slot.touch(); // a full idle period before the next attempt
@@ -798,6 +812,7 @@ impl Daemon {
             r.base_owned = true;
             r.vm = None;
             r.pending_base = None;
+            r.full_next = false;
             r.hibernations += 1;
             r.generation += 1;
             r.last_hibernate_ms = Some(ms);
@@ -943,15 +958,19 @@ impl Daemon {
                     let snap = format!("{id}.h{}", rec.generation + 1);
                     let how = SnapshotHow {
                         publish: self.coordinated().await.unwrap_or(false),
-                        diff_on: Some(rec.base.clone()),
+                        diff_on: (!rec.full_next).then(|| rec.base.clone()),
                         keep_paused: false,
                         metadata: BTreeMap::from([("session".to_string(), id.to_string())]),
                     };
-                    self.snapshot_with(vm, &snap, &how).await?;
+                    if let Err(e) = self.snapshot_with(vm, &snap, &how).await {
+                        let _ = slot.commit(&self.db, |r| r.full_next = true);
+                        return Err(e);
+                    }
                     // The VM's dirty log restarted at this snapshot: it is the session's base from now on.
                     slot.commit(&self.db, |r| {
                         r.base = snap.clone();
                         r.base_owned = true;
+                        r.full_next = false;
                         r.generation += 1;
                     })?;
                     self.release_bases(&slot, Some((&rec.base, rec.base_owned))).await;
@@ -1165,6 +1184,37 @@ mod tests {
             .await
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A hibernation that fails after the VMM restarted its dirty log (here: the base vanished from the store, so
+    /// the layered put fails) leaves the session running, and its next snapshot is full (a diff could miss pages
+    /// dirtied before the failed one); after that, diffs again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_hibernation_makes_the_next_snapshot_full() {
+        let env = Env::new("full");
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
+        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
+        d.delete("src").await.unwrap();
+        let req = CreateSession { snapshot: Some("base".into()), id: Some("s".into()), ..Default::default() };
+        d.create_session(req).await.unwrap();
+        d.store.delete("base", false).await.unwrap();
+        let e = d.hibernate_session("s").await.unwrap_err();
+        assert!(e.to_string().contains("base"), "{e}");
+        let r = d.get_session("s").await.unwrap();
+        assert_eq!((r.state, r.full_next), (SessionState::Running, true), "{r:?}");
+        assert!(r.error.unwrap().starts_with("hibernate:"));
+        assert_eq!(echo(&d, "s").await, "hi\n", "still running, still answering");
+        let h = d.hibernate_session("s").await.unwrap();
+        let m = d.store.manifest(&h.base).await.unwrap();
+        assert!(!m.metadata.contains_key(crate::daemon::MEMORY_LAYERED), "a full snapshot: {:?}", m.metadata);
+        assert!(!h.full_next);
+        echo(&d, "s").await;
+        let h = d.hibernate_session("s").await.unwrap();
+        let m = d.store.manifest(&h.base).await.unwrap();
+        assert_eq!(m.metadata.get(crate::daemon::MEMORY_LAYERED).map(String::as_str), Some("true"));
+        d.delete_session("s").await.unwrap();
     }
 
     /// A session's life on one host, with the fake VMM: bad requests are 400/404 before anything starts; five

@@ -118,6 +118,10 @@ pub struct SessionRecord {
     pub generation: u64,
     /// A hibernation in progress: the snapshot it is writing (a restart finishes or abandons it).
     pub pending_base: Option<String>,
+    /// The next snapshot of the session must be full, not a diff: a snapshot that failed after the VMM read (and
+    /// so restarted) its dirty-page log leaves no log that covers everything since the base.
+    #[serde(default)]
+    pub full_next: bool,
     /// Earlier bases of this session still in use when they were replaced (a lazily restored VM reads its
     /// memory from one); released once nothing uses them.
     #[serde(default)]
@@ -261,6 +265,7 @@ mod tests {
             last_hibernate_stored_bytes: None,
             generation: 1,
             pending_base: None,
+            full_next: false,
             stale_bases: Vec::new(),
             forked_from: None,
             error: None,

@@ -458,6 +458,129 @@ fn jail_bench(runs: usize) {
     drop(daemons);
 }
 
+/// Sessions, side by side in one run on one flintd: for a guest that dirtied N MiB since its base, a session's
+/// hibernation (a diff, stored layered on the base) against a full snapshot of a plain clone that dirtied the
+/// same (what hibernating without diffs would cost): time, bytes the VMM wrote, new bytes in the store. Then
+/// wakes (lazy, from the hibernation) against eager restores of the base.
+fn sessions_bench(runs: usize) {
+    let s3 = flint_tests::S3Server::start();
+    let work = TempDir::new("bench-sessions");
+    let data = work.path().join("data");
+    let sock = work.path().join("flintd.sock");
+    flint_tests::import_golden(&data, &s3, "bench", "base", None);
+    let _d = flint_tests::Flintd::start_with(&data, &sock, &s3, "bench", &["--allow-unauthenticated-bucket"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+            .expect("flintd");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert!(status < 300, "{method} {path}: {status} {v}");
+        v
+    };
+    let exec = |id: &str, script: &str| {
+        let t = Instant::now();
+        let body = serde_json::json!({"argv": ["/bin/sh", "-c", script], "timeout_ms": 600_000});
+        let out = call("POST", &format!("/v1/vms/{id}/exec"), Some(body));
+        assert!(out.to_string().contains("\"code\":0"), "{script}: {out}");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let dirty = |id: &str, mib: u64| {
+        if mib > 0 {
+            // Incompressible, distinct pages (a counter in each 16-byte line would compress).
+            exec(id, &format!("dd if=/dev/urandom of=/tmp/dirty bs=1M count={mib} 2>/dev/null"));
+        } else {
+            exec(id, "true");
+        }
+    };
+    // Bytes in the local cache (new chunks of a put land there first).
+    let stored_before = || {
+        let m = String::from_utf8_lossy(
+            &rt.block_on(flint_supervisor::http::request(&sock, "GET", "/metrics", None, Duration::from_secs(30)))
+                .expect("metrics")
+                .1,
+        )
+        .into_owned();
+        m.lines()
+            .find_map(|l| l.strip_prefix("flint_store_l1_bytes "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!("flint-bench sessions: {runs} run(s) per size; 256 MiB guest restored from the golden snapshot");
+    println!();
+    println!("{:<5} {:>9} {:<26} {:>10} {:>14}", "run", "dirty MiB", "snapshot", "ms", "new stored MB");
+    let mut wakes = Vec::new();
+    let mut eager = Vec::new();
+    for run in 0..runs {
+        for mib in [0u64, 1, 8, 32] {
+            let sid = format!("b{run}-{mib}");
+            call(
+                "POST",
+                "/v1/sessions",
+                Some(serde_json::json!({"snapshot": "base", "id": sid, "idle_timeout_s": 3600})),
+            );
+            dirty(&sid, mib);
+            let t = Instant::now();
+            let h = call("POST", &format!("/v1/sessions/{sid}/hibernate"), None);
+            let hib_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let hib_new = h["last_hibernate_stored_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "{:<5} {:>9} {:<26} {:>10.0} {:>14.2}",
+                run + 1,
+                mib,
+                "session hibernate (diff)",
+                hib_ms,
+                hib_new as f64 / 1e6
+            );
+            // The same dirtying in a plain clone, then a full snapshot (what a hibernation without diffs costs).
+            let c = call("POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base"})));
+            let cid = c[0]["id"].as_str().unwrap_or("?").to_string();
+            dirty(&cid, mib);
+            let before = stored_before();
+            let t = Instant::now();
+            let snap = format!("full-{run}-{mib}");
+            call("POST", &format!("/v1/vms/{cid}/snapshots"), Some(serde_json::json!({"id": snap})));
+            let full_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let full_new = stored_before().saturating_sub(before);
+            println!(
+                "{:<5} {:>9} {:<26} {:>10.0} {:>14.2}",
+                run + 1,
+                mib,
+                "full snapshot (clone)",
+                full_ms,
+                full_new as f64 / 1e6
+            );
+            call("DELETE", &format!("/v1/vms/{cid}"), None);
+            call("DELETE", &format!("/v1/snapshots/{snap}"), None);
+            // Wake (lazy, from the hibernation) vs an eager restore of the base.
+            let t = Instant::now();
+            let w = call("POST", &format!("/v1/sessions/{sid}/wake"), None);
+            wakes.push((t.elapsed().as_secs_f64() * 1000.0, w["last_wake_ms"].as_f64().unwrap_or(0.0)));
+            let c = call("POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base"})));
+            eager.push(c[0]["ready_ms"].as_f64().unwrap_or(0.0));
+            call("DELETE", &format!("/v1/vms/{}", c[0]["id"].as_str().unwrap_or("?")), None);
+            call("DELETE", &format!("/v1/sessions/{sid}"), None);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!();
+    println!(
+        "wake (lazy, from the hibernation): median {:.0} ms API call, {:.0} ms flintd-side; eager restore of the base: median {:.0} ms ({} of each)",
+        median(wakes.iter().map(|w| w.0).collect()),
+        median(wakes.iter().map(|w| w.1).collect()),
+        median(eager.clone()),
+        eager.len()
+    );
+    println!("hibernate ms: API call (before-checkpoint hook, pause, diff, layered put, VMM stop); full snapshot ms: API call");
+    println!(
+        "(hook, full memory write, put of every chunk). New stored MB: chunks the store did not have (compressed)."
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -481,8 +604,12 @@ async fn main() {
         let _ = std::thread::spawn(move || jail_bench(runs)).join();
         return;
     }
+    if mode == "sessions" {
+        let _ = std::thread::spawn(move || sessions_bench(runs)).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
