@@ -1,10 +1,14 @@
-//! The kill -9 harness: for each operation (snapshot + push, clone eager, clone lazy, delete, template create),
+//! The kill -9 harness: for each operation (snapshot + push, clone eager, clone lazy, delete, session hibernate,
+//! session wake, template create),
 //! start it through the CLI, kill -9 flintd (even rounds) or the VMMs it involves (odd rounds) at a random point
 //! of its measured duration, restart flintd, and check the invariants:
 //! - no `flint-vmm` that no record owns, and every running or paused record's VMM alive (and its agent answering);
 //! - every failed or lost record's VMM gone;
 //! - every snapshot in S3 verifies there, every snapshot only in the local cache verifies there (no chunk a
-//!   manifest references is missing or corrupt).
+//!   manifest references is missing or corrupt);
+//! - the session settles running, hibernated or failed; only its current VM runs; and its guest memory holds the
+//!   last marker written before the operation when flintd was killed (nothing lost), or one written earlier
+//!   when its VMM was (what ran since its last hibernation goes with the VMM).
 //!
 //! `FLINT_CRASH_ROUNDS` kill rounds per operation (default 2, as CI runs it; `make crash-test` runs 20) and
 //! `FLINT_CRASH_TEMPLATE_ROUNDS` for template create, which boots a VM each round (default 1). The cheap
@@ -157,6 +161,7 @@ impl Harness {
         let ids: Vec<String> = self
             .vms()
             .iter()
+            .filter(|v| v["session"].is_null())
             .filter_map(|v| v["id"].as_str().map(String::from))
             .filter(|id| !keep.contains(&id.as_str()))
             .collect();
@@ -177,12 +182,80 @@ impl Harness {
     }
 }
 
+const SESSION: &str = "cs";
+
+impl Harness {
+    fn session(&self) -> Option<Value> {
+        let out = self.flint(&["session", "get", SESSION]).output().unwrap();
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    fn sh(&self, script: &str) -> String {
+        let out = self.flint(&["exec", SESSION, "--", "/bin/sh", "-c", script]).output().unwrap();
+        assert!(out.status.success(), "exec in the session: {script}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut text = String::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                text.push_str(v["stdout"].as_str().unwrap_or(""));
+            }
+        }
+        text.trim().to_string()
+    }
+
+    /// The session running (created, woken or restarted as needed), with `mark` written into its memory.
+    fn session_running(&self, mark: &str) {
+        match self.session() {
+            Some(s) if s["state"] == "failed" => {
+                self.json(&["session", "wake", SESSION]);
+            }
+            Some(_) => {}
+            None => {
+                self.json(&["session", "create", "--snapshot", "base", "--id", SESSION, "--idle-timeout", "3600"]);
+            }
+        }
+        self.sh(&format!("echo {mark} > /tmp/mark"));
+    }
+
+    /// The session's state settles; only its current VM runs; its memory holds `mark` (nothing lost), or, when
+    /// `lossy` (its VMM was killed), one of the marks written before.
+    fn check_session(&self, what: &str, marks: &[String], lossy: bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let s = loop {
+            let s = self.session().unwrap_or_else(|| panic!("{what}: the session is gone"));
+            if ["running", "hibernated", "failed"].contains(&s["state"].as_str().unwrap_or("")) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{what}: the session never settled: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let vms = self.settle();
+        for v in vms.iter().filter(|v| v["session"] == SESSION && (v["status"] == "running" || v["status"] == "paused"))
+        {
+            assert_eq!(v["id"], s["vm"], "{what}: a VM the session does not run is {}: {v}\n{s}", v["status"]);
+            assert_eq!(s["state"], "running", "{what}: a {} session has a live VM: {v}", s["state"]);
+        }
+        if s["state"] == "failed" {
+            assert!(lossy, "{what}: flintd was killed and the session failed: {s}");
+            self.json(&["session", "wake", SESSION]);
+        }
+        let got = self.sh("cat /tmp/mark");
+        let want = marks.last().unwrap();
+        if lossy {
+            assert!(marks.contains(&got), "{what}: the session's memory holds `{got}`, not one of {marks:?}");
+        } else {
+            assert_eq!(&got, want, "{what}: the session lost what it had ({s})");
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Op {
     SnapshotPush,
     CloneEager,
     CloneLazy,
     Delete,
+    Hibernate,
+    Wake,
     TemplateCreate,
 }
 
@@ -207,7 +280,9 @@ fn kill_9_at_random_points_keeps_every_invariant() {
     h.check_invariants("start");
 
     let mut summary = Vec::new();
-    for op in [Op::SnapshotPush, Op::CloneEager, Op::CloneLazy, Op::Delete, Op::TemplateCreate] {
+    let mut marks: Vec<String> = Vec::new();
+    for op in [Op::SnapshotPush, Op::CloneEager, Op::CloneLazy, Op::Delete, Op::Hibernate, Op::Wake, Op::TemplateCreate]
+    {
         let kills = if op == Op::TemplateCreate { template_rounds } else { rounds };
         // Round 0 runs uncut and measures the span the kills are drawn from (template create: a cold boot).
         let mut span = Duration::from_secs(if op == Op::TemplateCreate { 60 } else { 2 });
@@ -217,15 +292,25 @@ fn kill_9_at_random_points_keeps_every_invariant() {
             if h.flintd.is_none() {
                 h.start();
             }
+            let tag = format!("{}{round}", rng.next() % 100_000);
             let src = match op {
                 Op::SnapshotPush | Op::Delete => Some(h.running_clone("")),
+                Op::Hibernate | Op::Wake => {
+                    h.clean(&[]);
+                    let mark = format!("m{tag}");
+                    h.session_running(&mark);
+                    marks.push(mark);
+                    if op == Op::Wake {
+                        h.json(&["session", "hibernate", SESSION]);
+                    }
+                    None
+                }
                 _ => {
                     h.clean(&[]);
                     None
                 }
             };
             let before: Vec<i32> = h.vmm_processes().into_iter().map(|p| p.0).collect();
-            let tag = format!("{}{round}", rng.next() % 100_000);
             let args: Vec<String> = match op {
                 Op::SnapshotPush => {
                     vec!["snapshot".into(), "create".into(), src.clone().unwrap(), format!("s{tag}"), "--push".into()]
@@ -233,6 +318,8 @@ fn kill_9_at_random_points_keeps_every_invariant() {
                 Op::CloneEager => ["clone", "--snapshot", "base", "-n", "2"].map(String::from).to_vec(),
                 Op::CloneLazy => ["clone", "--snapshot", "base", "-n", "2", "--lazy"].map(String::from).to_vec(),
                 Op::Delete => vec!["vm".into(), "rm".into(), src.clone().unwrap()],
+                Op::Hibernate => vec!["session".into(), "hibernate".into(), SESSION.into()],
+                Op::Wake => vec!["session".into(), "wake".into(), SESSION.into()],
                 Op::TemplateCreate => {
                     ["template", "create", &format!("t{tag}"), "--push", "--", "/bin/true"].map(String::from).to_vec()
                 }
@@ -273,8 +360,15 @@ fn kill_9_at_random_points_keeps_every_invariant() {
                 h.start();
             }
             h.check_invariants(&what);
+            if matches!(op, Op::Hibernate | Op::Wake) {
+                // Odd rounds kill flintd (nothing may be lost), even ones the VMMs.
+                h.check_session(&what, &marks, round != 0 && round % 2 == 0);
+            }
             println!("{what}: killed {victim} of {span:?}: invariants hold");
             summary.push(what);
+        }
+        if op == Op::Wake {
+            h.json(&["session", "rm", SESSION]);
         }
         h.clean(&[]);
     }

@@ -297,6 +297,29 @@ impl Daemon {
                 info!(session = %rec.id, from = rec.state.name(), to = to.name(), "session re-adopted");
             }
         }
+        // VMs a session does not run (a wake or create interrupted after its VM started, before the session
+        // recorded it): nothing can reach them; stopped.
+        let orphans: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|v| {
+                v.session.as_deref().is_some_and(|sid| {
+                    self.sessions.slot(sid).is_none_or(|s| s.get().vm.as_deref() != Some(v.id.as_str()))
+                })
+            })
+            .map(|v| v.id)
+            .collect();
+        if !orphans.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                for vm in orphans {
+                    warn!(vm = %vm, "stopping a VM no session runs (left by an interrupted wake)");
+                    if let Err(e) = this.delete(&vm).await {
+                        warn!(vm = %vm, error = %e, "could not stop an orphaned session VM");
+                    }
+                }
+            });
+        }
         // Running sessions' leases: taken back (a lease lapsed while flintd was down may have gone to another
         // host: then this host stops running the session).
         let running: Vec<Arc<SessionSlot>> = lock(&self.sessions.map)
@@ -641,8 +664,10 @@ impl Daemon {
     /// The agent of the VM a call names: a VM id, or a session id (woken first if it sleeps; the returned
     /// [`Activity`] keeps it awake until dropped).
     pub async fn call_agent(self: &Arc<Self>, id: &str) -> Result<(Arc<AgentClient>, Option<Activity>), OpError> {
-        if self.get(id).is_ok() {
-            return Ok((self.agent(id).await?, None));
+        if let Ok(vm) = self.get(id) {
+            // A session's VM named directly is still that session's activity.
+            let activity = vm.session.as_deref().and_then(|s| self.sessions.slot(s)).map(|s| Activity::new(&s));
+            return Ok((self.agent(id).await?, activity));
         }
         let Some(slot) = self.session_for_call(id).await? else {
             return Err(OpError::NotFound(format!("no VM or session `{id}`{}", self.not_here_why().await)));
@@ -822,6 +847,13 @@ impl Daemon {
                 r.awake_ms += now_unix_ms().saturating_sub(s);
             }
         })?;
+        // The pages a wake touches first change little between hibernations: the base's recorded working set is
+        // the new snapshot's too (same layout), so the next wake prefetches it.
+        if let Ok(Some(ws)) = self.store.working_set(&rec.base).await {
+            if let Err(e) = self.store.put_working_set(&snap, &ws.image, &ws.chunks).await {
+                warn!(session = %rec.id, error = %e, "could not carry the working set over to the new base");
+            }
+        }
         if lock(&slot.lease).is_some() {
             if let Err(e) = self.write_lease(slot, false).await {
                 warn!(session = %rec.id, error = %e, "could not release the session's lease after hibernating");
@@ -1184,6 +1216,48 @@ mod tests {
             .await
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Concurrent calls to a hibernated session share one wake; a session past its ttl (awake time) is deleted by
+    /// the upkeep loop, VM and all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_share_one_wake_and_ttl_ends_a_session() {
+        let env = Env::new("wake1");
+        let l = FakeLauncher::default();
+        let d = env.open(&l);
+        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
+        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
+        d.delete("src").await.unwrap();
+        let req = CreateSession { snapshot: Some("base".into()), id: Some("s".into()), ..Default::default() };
+        d.create_session(req).await.unwrap();
+        d.hibernate_session("s").await.unwrap();
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let d = d.clone();
+                tokio::spawn(async move { echo(&d, "s").await })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap(), "hi\n");
+        }
+        let r = d.get_session("s").await.unwrap();
+        assert_eq!((r.state, r.wakes), (SessionState::Running, 1), "six calls, one wake");
+        assert_eq!(session_vms(&d, "s"), 1);
+
+        let req = CreateSession {
+            snapshot: Some("base".into()),
+            id: Some("short".into()),
+            ttl_s: Some(1),
+            ..Default::default()
+        };
+        d.create_session(req).await.unwrap();
+        let t = Instant::now();
+        while d.get_session("short").await.is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(10), "not ended after its ttl");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(session_vms(&d, "short"), 0, "its VM went with it");
+        d.delete_session("s").await.unwrap();
     }
 
     /// A hibernation that fails after the VMM restarted its dirty log (here: the base vanished from the store, so

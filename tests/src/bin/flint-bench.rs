@@ -513,7 +513,7 @@ fn sessions_bench(runs: usize) {
     let mut wakes = Vec::new();
     let mut eager = Vec::new();
     for run in 0..runs {
-        for mib in [0u64, 1, 8, 32] {
+        for mib in [0u64, 1, 4] {
             let sid = format!("b{run}-{mib}");
             call(
                 "POST",
