@@ -35,6 +35,8 @@ pub struct Daemon {
     pub(crate) restore_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
     pub sessions: crate::session::Sessions,
+    /// One writer per shared memory file being made (see [`Daemon::shared_memory`]).
+    shared_writes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seq: AtomicU64,
 }
 
@@ -109,8 +111,15 @@ impl Daemon {
             restore_slots: tokio::sync::Semaphore::new(slots),
             metrics: Metrics::default(),
             sessions,
+            shared_writes: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
         });
+        // Shared memory files a restart interrupted while they were written.
+        for e in std::fs::read_dir(d.cfg.data_dir.join("shared")).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().contains(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         d.adopt()?;
         d.adopt_sessions()?;
         Ok(d)
@@ -846,8 +855,9 @@ impl Daemon {
                 let listener = pager::bind(&dir)?;
                 (MemorySource::Pager { socket: pager::socket_path(&dir) }, Some((listener, source, prefetch)))
             } else {
-                self.store.get_image(snapshot, "memory", &dir.join("memory")).await?;
-                (MemorySource::Private { path: dir.join("memory") }, None)
+                // One memory file per snapshot, mapped copy-on-write by every eager clone: they share its page
+                // cache (a clone's own pages are only those it writes).
+                (MemorySource::Private { path: self.shared_memory(&manifest).await? }, None)
             };
             let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
             slot.commit(&self.db, |r| r.fetch_ms = Some(fetch_ms))?;
@@ -867,7 +877,8 @@ impl Daemon {
                             .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
                     },
                     // A session's next hibernation is a diff against this snapshot: log dirty pages from now.
-                    track_dirty_pages: opts.session.is_some().then_some(true),
+                    // Other clones never take diffs: no log (KVM then need not write-protect pages for it).
+                    track_dirty_pages: Some(opts.session.is_some()),
                     merged_memory,
                 }),
             };
@@ -888,6 +899,52 @@ impl Daemon {
             }
         }
         Ok(rec)
+    }
+
+    /// Where a snapshot's shared memory file lives: named by a hash of the memory image's manifest entry (its
+    /// chunk list), so a file can never stand for other content, even if a snapshot id is reused.
+    pub(crate) fn shared_memory_path(&self, manifest: &flint_snapshot_store::Manifest) -> Option<PathBuf> {
+        let image = manifest.image("memory")?;
+        let key = flint_snapshot_store::ChunkId::of(&serde_json::to_vec(image).ok()?).to_hex();
+        Some(self.cfg.data_dir.join("shared").join(format!("{}.memory", &key[..32])))
+    }
+
+    /// The snapshot's memory image as one file every eager clone maps MAP_PRIVATE (their page cache is shared;
+    /// each clone's writes are its own copy-on-write pages). Written once from the store (temp file, then
+    /// renamed: a file clones map is never written again); later clones find it. Deleting it while clones run is
+    /// safe: their mappings hold the inode.
+    async fn shared_memory(&self, manifest: &flint_snapshot_store::Manifest) -> Result<PathBuf, OpError> {
+        let path = self
+            .shared_memory_path(manifest)
+            .ok_or_else(|| OpError::BadRequest(format!("snapshot `{}` has no memory image", manifest.id)))?;
+        let size = manifest.image("memory").map(|i| i.size).unwrap_or(0);
+        let is_ready = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() == size);
+        if is_ready(&path) {
+            return Ok(path);
+        }
+        let gate = lock(&self.shared_writes).entry(path.display().to_string()).or_default().clone();
+        let _turn = gate.lock().await;
+        if !is_ready(&path) {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(dir).map_err(|e| OpError::Internal(format!("create {}: {e}", dir.display())))?;
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let fetched = self.store.get_image(&manifest.id, "memory", &tmp).await;
+            if let Err(e) = fetched {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+            std::fs::rename(&tmp, &path).map_err(|e| OpError::Internal(format!("rename {}: {e}", path.display())))?;
+            info!(snapshot = %manifest.id, path = %path.display(), "shared memory file written");
+        }
+        lock(&self.shared_writes).remove(&path.display().to_string());
+        Ok(path)
+    }
+
+    /// Removes a snapshot's shared memory file (running clones keep their mappings).
+    pub(crate) fn drop_shared_memory(&self, manifest: &flint_snapshot_store::Manifest) {
+        if let Some(p) = self.shared_memory_path(manifest) {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Serves a lazily restored VM's memory: waits for its VMM's userfaultfd, then serves faults from the store.
@@ -996,6 +1053,9 @@ impl Daemon {
                 "VM `{}` restores its memory lazily from snapshot `{id}`: delete the VM first",
                 vm.id
             )));
+        }
+        if let Ok(m) = self.store.manifest(id).await {
+            self.drop_shared_memory(&m);
         }
         Ok(self.store.delete(id, remote).await?)
     }

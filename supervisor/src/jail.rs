@@ -99,7 +99,9 @@ pub fn jail_spec(
         Launch::Restore(r) => {
             must_be_inside(&mut r.state_path)?;
             match &mut r.memory {
-                MemorySource::Private { path } => must_be_inside(path)?,
+                // The shared memory file of the snapshot (outside the VM's directory): read-only is enough for a
+                // private (copy-on-write) mapping.
+                MemorySource::Private { path } => map(path, false, &mut passed)?,
                 MemorySource::Uffd { path } => {
                     must_be_inside(path)?;
                     uffd = true;

@@ -828,3 +828,92 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
     assert!(left.is_empty(), "lease objects left in the bucket: {left:?}");
     drop(a);
 }
+
+/// One mapping's page accounting from /proc/PID/smaps, in KiB.
+#[derive(Debug, Default)]
+struct Smaps {
+    inode: String,
+    rss: u64,
+    pss: u64,
+    shared: u64,
+    private: u64,
+}
+
+/// The mapping of a file under `dir` in process `pid`.
+fn file_mapping(pid: i64, dir: &Path) -> Option<Smaps> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let needle = dir.display().to_string();
+    let mut out: Option<Smaps> = None;
+    let mut in_it = false;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+            in_it = fields.get(5).is_some_and(|p| p.starts_with(&needle));
+            if in_it {
+                out = Some(Smaps { inode: format!("{} {}", fields[3], fields[4]), ..Default::default() });
+            }
+            continue;
+        }
+        let (Some(m), true) = (out.as_mut(), in_it) else { continue };
+        let kb = fields.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match fields.first().copied() {
+            Some("Rss:") => m.rss += kb,
+            Some("Pss:") => m.pss += kb,
+            Some("Shared_Clean:") | Some("Shared_Dirty:") => m.shared += kb,
+            Some("Private_Clean:") | Some("Private_Dirty:") => m.private += kb,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Eager clones of one snapshot map one memory file copy-on-write (no copy per clone): they all map the same
+/// inode, each shares pages with the others, and their memory's total PSS is at most the file's pages in the page
+/// cache plus each clone's own (private) pages. Deleting the snapshot removes the file; the clones run on.
+#[test]
+fn eager_clones_share_one_memory_file() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-shared");
+    let data = work.path().join("data");
+    let _reap = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    flint_tests::import_golden(&data, &s3, "shared", "gold", None);
+    let _d = Flintd::start(&data, &socket, &s3, "shared");
+    let clones = flint_json(&socket, &["clone", "--snapshot", "gold", "-n", "4"]);
+    let ids: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    for id in &ids {
+        assert_eq!(sh(&socket, id, "echo $((6*7)) > /tmp/x; cat /tmp/x"), "42");
+        assert!(!data.join("vms").join(id).join("memory").exists(), "{id} has its own copy of the memory image");
+    }
+    let shared_dir = data.join("shared");
+    let files: Vec<PathBuf> =
+        std::fs::read_dir(&shared_dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+    assert_eq!(files.len(), 1, "one memory file for the snapshot: {files:?}");
+    let maps: Vec<Smaps> = ids
+        .iter()
+        .map(|id| {
+            let pid = vm_detail(&socket, id)["pid"].as_i64().unwrap();
+            file_mapping(pid, &shared_dir).unwrap_or_else(|| panic!("{id}: no mapping of {}", shared_dir.display()))
+        })
+        .collect();
+    println!("{maps:#?}");
+    assert!(maps.iter().all(|m| m.inode == maps[0].inode), "every clone maps the same file");
+    assert!(maps.iter().all(|m| m.shared > 0), "each clone shares pages with the others");
+    let cached_kb = {
+        let out = Command::new("fincore").args(["-b", "-n", "-o", "RES"]).arg(&files[0]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap() / 1024
+    };
+    let pss: u64 = maps.iter().map(|m| m.pss).sum();
+    let rss: u64 = maps.iter().map(|m| m.rss).sum();
+    let private: u64 = maps.iter().map(|m| m.private).sum();
+    println!(
+        "4 clones: memory PSS {pss} KiB, RSS {rss} KiB, private {private} KiB, file in page cache {cached_kb} KiB"
+    );
+    assert!(pss <= cached_kb + private, "PSS {pss} KiB > shared file pages {cached_kb} + private {private} KiB");
+    assert!(pss < rss, "no page is shared: PSS {pss} = RSS {rss}");
+    flint_json(&socket, &["snapshot", "rm", "gold"]);
+    assert!(!files[0].exists(), "the snapshot's memory file went with it");
+    for id in &ids {
+        assert_eq!(sh(&socket, id, "cat /tmp/x"), "42", "{id} runs on after its file was deleted");
+    }
+}

@@ -178,7 +178,8 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, MemFileError> {
 /// Maps the memory file privately at the given layout.
 pub fn map_private(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMem, MemFileError> {
     let p = path.display().to_string();
-    let f = File::open(path).map_err(|e| MemFileError::Read(p.clone(), e))?;
+    // A jailed VMM gets the (shared) memory file as an inherited fd.
+    let f = flint_vmm_api::spec::open_host_file(path, false).map_err(|e| MemFileError::Read(p.clone(), e))?;
     let want: u64 = layout.iter().map(|r| r.1).sum();
     let have = f.metadata().map_err(|e| MemFileError::Read(p.clone(), e))?.len();
     if have != want {
