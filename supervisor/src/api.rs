@@ -37,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/templates"),
     ("post", "/v1/templates"),
     ("delete", "/v1/templates/{name}"),
+    ("post", "/v1/templates/{name}/pool"),
     ("post", "/v1/clones"),
     ("get", "/v1/sessions"),
     ("post", "/v1/sessions"),
@@ -102,6 +103,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/snapshots/{id}/pull", post(pull_snapshot))
         .route("/v1/templates", get(list_templates).post(create_template))
         .route("/v1/templates/{name}", axum::routing::delete(delete_template))
+        .route("/v1/templates/{name}/pool", post(set_pool))
         .route("/v1/clones", post(clones))
         .route("/v1/sessions", get(list_sessions).post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
@@ -477,8 +479,19 @@ async fn create_template(State(d): D, b: Bytes) -> R<Response> {
     Ok((StatusCode::CREATED, Json(d.create_template(req).await?)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSize {
+    size: u32,
+}
+
+async fn set_pool(State(d): D, Path(name): Path<String>, b: Bytes) -> R<Response> {
+    let req: PoolSize = body(&b)?;
+    Ok(json(d.set_pool_size(&name, req.size).await?))
+}
+
 async fn delete_template(State(d): D, Path(name): Path<String>) -> R<Response> {
-    d.delete_template(&name)?;
+    d.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -540,6 +553,7 @@ async fn clear_cache(State(d): D) -> R<Response> {
 async fn metrics(State(d): D) -> Response {
     let mut out = crate::metrics::render(&d.metrics, &d.list(), &d.store.stats());
     crate::metrics::render_sessions(&d.sessions, &mut out);
+    crate::metrics::render_pools(&d.pools, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

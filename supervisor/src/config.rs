@@ -34,6 +34,21 @@ pub struct Config {
     pub limits: Limits,
     pub jail: JailConfig,
     pub sessions: SessionsConfig,
+    pub pools: PoolsConfig,
+}
+
+/// Warm pools (docs/performance.md): per template, clones restored ahead of demand and kept paused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolsConfig {
+    /// Pooled VMs over all templates (each is a paused VM: its memory stays allocated).
+    pub max_total: usize,
+}
+
+impl Default for PoolsConfig {
+    fn default() -> Self {
+        PoolsConfig { max_total: 16 }
+    }
 }
 
 /// Sessions: sandboxes that hibernate to the store when idle and wake on the next call (docs/sessions.md).
@@ -171,6 +186,7 @@ impl Default for Config {
             limits: Limits::default(),
             jail: JailConfig::default(),
             sessions: SessionsConfig::default(),
+            pools: PoolsConfig::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct Daemon {
     pub(crate) restore_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
     pub sessions: crate::session::Sessions,
+    pub pools: crate::pool::Pools,
     /// One writer per shared memory file being made (see [`Daemon::shared_memory`]).
     shared_writes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seq: AtomicU64,
@@ -70,6 +71,10 @@ pub struct RestoreOpts {
     pub lazy: bool,
     /// The session the VM runs: its guest is named after it and logs dirty pages for the next hibernation.
     pub session: Option<String>,
+    /// Log dirty pages (without a session: a pooled VM that may become one).
+    pub track_dirty: bool,
+    /// The template whose warm pool the VM is for.
+    pub pool: Option<String>,
 }
 
 /// How a snapshot is taken.
@@ -111,6 +116,7 @@ impl Daemon {
             restore_slots: tokio::sync::Semaphore::new(slots),
             metrics: Metrics::default(),
             sessions,
+            pools: Default::default(),
             shared_writes: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
         });
@@ -122,6 +128,7 @@ impl Daemon {
         }
         d.adopt()?;
         d.adopt_sessions()?;
+        d.adopt_pools();
         Ok(d)
     }
 
@@ -336,6 +343,7 @@ impl Daemon {
             drives: Vec::new(),
             uid: None,
             session: None,
+            pool: None,
         };
         f(&mut rec);
         let slot = {
@@ -816,10 +824,11 @@ impl Daemon {
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
-        let prefix = opts.session.as_deref().unwrap_or("clone");
+        let prefix = opts.session.as_deref().unwrap_or(if opts.pool.is_some() { "pool" } else { "clone" });
         let slot = self.reserve(None, prefix, |r| {
             r.snapshot = Some(snapshot.to_string());
             r.session = opts.session.clone();
+            r.pool = opts.pool.clone();
             r.image = manifest.metadata.get("image").cloned();
             // From the snapshot's metadata until the VMM says (after the restore) what it is.
             r.mem_mib = meta("mem_mib").unwrap_or(0);
@@ -878,7 +887,7 @@ impl Daemon {
                     },
                     // A session's next hibernation is a diff against this snapshot: log dirty pages from now.
                     // Other clones never take diffs: no log (KVM then need not write-protect pages for it).
-                    track_dirty_pages: Some(opts.session.is_some()),
+                    track_dirty_pages: Some(opts.session.is_some() || opts.track_dirty),
                     merged_memory,
                 }),
             };
@@ -1060,9 +1069,17 @@ impl Daemon {
         Ok(self.store.delete(id, remote).await?)
     }
 
-    pub fn delete_template(&self, name: &str) -> Result<(), OpError> {
+    /// Forgets a template (its snapshot stays) and deletes its warm pool's VMs.
+    pub async fn delete_template(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
         self.template(name)?;
-        Ok(self.db.delete(TEMPLATES, name)?)
+        self.db.delete(TEMPLATES, name)?;
+        self.drain_pool(name, 0).await;
+        Ok(())
+    }
+
+    /// Changes a VM's record (not its status) through its slot.
+    pub(crate) fn commit_vm(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Result<VmRecord, OpError> {
+        self.slot(id)?.commit(&self.db, f)
     }
 
     pub(crate) fn put_template(&self, rec: &TemplateRecord) -> Result<(), OpError> {
@@ -1466,7 +1483,7 @@ mod tests {
             Err(OpError::Conflict(m)) => assert!(m.contains("template `tp`"), "{m}"),
             other => panic!("expected a 409: {other:?}"),
         }
-        d.delete_template("tp").unwrap();
+        d.delete_template("tp").await.unwrap();
         d.delete_snapshot(&t.snapshot, false).await.unwrap();
         // A snapshot of a VM with drives holds their content; every clone gets its own copy of each.
         let (disk, ro) = (env.dir.join("disk.img"), env.dir.join("ro.img"));

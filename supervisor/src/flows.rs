@@ -33,8 +33,17 @@ impl Daemon {
             .map(|_| {
                 let this = self.clone();
                 let snapshot = snapshot.clone();
-                let opts = crate::daemon::RestoreOpts { env: req.env.clone(), lazy: req.lazy, session: None };
-                tokio::spawn(async move { this.restore(&snapshot, &opts).await })
+                let opts = crate::daemon::RestoreOpts { env: req.env.clone(), lazy: req.lazy, ..Default::default() };
+                let template = req.template.clone();
+                tokio::spawn(async move {
+                    // A warm pool's VM first (resume + refresh), else a restore.
+                    if let Some(t) = &template {
+                        if let Some(vm) = this.take_pooled(t, &opts.env, None).await {
+                            return Ok(vm);
+                        }
+                    }
+                    this.restore(&snapshot, &opts).await
+                })
             })
             .collect();
         let mut out = Vec::new();
@@ -59,6 +68,12 @@ impl Daemon {
     /// SnapStart: boot an image, run the init command once, snapshot, (publish), stop the VM.
     pub async fn create_template(self: &Arc<Self>, req: CreateTemplate) -> Result<TemplateRecord, OpError> {
         valid_id("template name", &req.name)?;
+        if req.pool_size as usize > self.cfg.pools.max_total {
+            return Err(OpError::QuotaExceeded(format!(
+                "quota: pool size {} is over pools.max_total = {}",
+                req.pool_size, self.cfg.pools.max_total
+            )));
+        }
         if self.template(&req.name).is_ok() {
             return Err(OpError::Conflict(format!("template `{}` already exists", req.name)));
         }
@@ -109,6 +124,7 @@ impl Daemon {
                 boot_ms,
                 init_ms,
                 snapshot_ms: t.elapsed().as_secs_f64() * 1000.0,
+                pool_size: req.pool_size,
             };
             self.put_template(&rec)?;
             Ok(rec)
@@ -116,6 +132,11 @@ impl Daemon {
         .await;
         if let Err(e) = self.delete(&vm.id).await {
             warn!(vm = %vm.id, error = %e, "could not delete the template's build VM");
+        }
+        if let Ok(t) = &result {
+            if t.pool_size > 0 {
+                self.refill_pool(&t.name);
+            }
         }
         result
     }

@@ -16,6 +16,7 @@ pub mod jail;
 pub mod launcher;
 pub mod metrics;
 pub mod pager;
+pub mod pool;
 pub mod session;
 pub mod vm;
 

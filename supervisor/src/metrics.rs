@@ -77,3 +77,19 @@ pub fn render_sessions(s: &crate::session::Sessions, out: &mut String) {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
 }
+
+/// Warm pools: ready VMs per template, hand-outs that found one (hits) or not (misses), and discarded VMs.
+pub fn render_pools(p: &crate::pool::Pools, out: &mut String) {
+    out.push_str("# TYPE flint_pool_ready gauge\n");
+    for (t, n) in p.sizes() {
+        out.push_str(&format!("flint_pool_ready{{template=\"{t}\"}} {n}\n"));
+    }
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, v) in [
+        ("flint_pool_hits_total", g(&p.hits)),
+        ("flint_pool_misses_total", g(&p.misses)),
+        ("flint_pool_discarded_total", g(&p.discarded)),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+}

@@ -212,7 +212,46 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     let tty = Command::new("script").args(["-qec", &flint_cmd, "/dev/null"]).output().unwrap();
     let shown = String::from_utf8_lossy(&tty.stdout);
     assert!(tty.status.success() && shown.contains("downloading snapshot tmpl-py: done in"), "{shown}");
-    let mut args = vec!["vm", "rm"];
+    // A warm pool of 2: paused VMs of the template; a clone and a session each take one (resumed and refreshed:
+    // named after the clone / the session), the pool refills; size 0 empties it.
+    let pooled_ids = |n: usize| -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let vms = flint_json(&socket, &["vm", "ls"]);
+            let ids: Vec<String> = vms
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["pool"] == "py" && v["status"] == "paused")
+                .map(|v| v["id"].as_str().unwrap().to_string())
+                .collect();
+            if ids.len() == n {
+                return ids;
+            }
+            assert!(Instant::now() < deadline, "the pool never held {n}: {vms}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(flint_json(&socket, &["template", "pool", "py", "2"])["pool_size"], 2);
+    let pool = pooled_ids(2);
+    let t = Instant::now();
+    let c = flint_json(&socket, &["clone", "py"]);
+    println!("pool hand-out: {:?} for the API call", t.elapsed());
+    let handed = c[0]["id"].as_str().unwrap().to_string();
+    assert!(pool.contains(&handed), "the clone came from the pool: {c}");
+    assert!(c[0]["pool"].is_null() && c[0]["status"] == "running", "{c}");
+    let hostname = flint_supervisor_get(&socket, &format!("/v1/vms/{handed}/files?path=/proc/sys/kernel/hostname"));
+    assert_eq!(String::from_utf8_lossy(&hostname).trim(), handed);
+    let s = flint_json(&socket, &["session", "create", "py", "--id", "pooled"]);
+    assert!(pool.contains(&s["vm"].as_str().unwrap().to_string()), "the session's VM came from the pool: {s}");
+    assert_eq!(sh(&socket, "pooled", "hostname"), "pooled");
+    let metrics = String::from_utf8(flint(&socket, &["metrics"]).stdout).unwrap();
+    assert!(metrics.contains("flint_pool_hits_total 2"), "{metrics}");
+    pooled_ids(2);
+    flint_json(&socket, &["template", "pool", "py", "0"]);
+    pooled_ids(0);
+    flint_json(&socket, &["session", "rm", "pooled"]);
+    let mut args = vec!["vm", "rm", handed.as_str()];
     args.extend(clones.iter().map(String::as_str));
     assert!(flint(&socket, &args).status.success());
     assert!(flint_json(&socket, &["vm", "ls"]).as_array().unwrap().is_empty());

@@ -275,12 +275,20 @@ enum TemplateCmd {
         /// snapshot; every clone gets its own copy.
         #[arg(long = "drive")]
         drives: Vec<String>,
+        /// Keep this many clones restored and paused (the warm pool): clones and sessions of the template take one.
+        #[arg(long, default_value_t = 0)]
+        pool: u32,
         #[arg(last = true)]
         init: Vec<String>,
     },
     Ls,
     Rm {
         name: String,
+    },
+    /// Set the template's warm pool size (0: none).
+    Pool {
+        name: String,
+        size: u32,
     },
 }
 
@@ -623,13 +631,14 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         },
         Cmd::Template { cmd } => match cmd {
-            TemplateCmd::Create { name, image, push, drives, init } => {
+            TemplateCmd::Create { name, image, push, drives, pool, init } => {
                 let body = typed(&CreateTemplate {
                     name: name.clone(),
                     image,
                     init,
                     publish: push,
                     drives: drive_specs(&drives)?,
+                    pool_size: pool,
                     ..Default::default()
                 })?;
                 let label = format!("creating template {name}");
@@ -640,6 +649,10 @@ async fn run(cli: Cli) -> Result<i32, String> {
             TemplateCmd::Ls => out(&api.call("GET", "/v1/templates", None).await?, &pretty),
             TemplateCmd::Rm { name } => {
                 api.call("DELETE", &format!("/v1/templates/{}", enc(&name)), None).await?;
+            }
+            TemplateCmd::Pool { name, size } => {
+                let path = format!("/v1/templates/{}/pool", enc(&name));
+                out(&api.call("POST", &path, Some(json!({ "size": size }))).await?, &pretty)
             }
         },
         Cmd::Clone { template, snapshot, count, lazy } => {

@@ -532,8 +532,20 @@ impl Daemon {
                     None => return Err(OpError::Conflict(format!("session `{id}` already exists in the bucket"))),
                 }
             }
-            let opts = RestoreOpts { env: req.env.clone(), lazy: false, session: Some(id.clone()) };
-            let vm = self.restore(&snapshot, &opts).await?;
+            // A warm pool's VM when the session starts from its template's snapshot, else a restore.
+            let pooled = match &req.template {
+                Some(t) if self.template(t).is_ok_and(|t| t.snapshot == snapshot) => {
+                    self.take_pooled(t, &req.env, Some(&id)).await
+                }
+                _ => None,
+            };
+            let vm = match pooled {
+                Some(vm) => vm,
+                None => {
+                    let opts = RestoreOpts { env: req.env.clone(), session: Some(id.clone()), ..Default::default() };
+                    self.restore(&snapshot, &opts).await?
+                }
+            };
             slot.commit(&self.db, |r| {
                 r.state = SessionState::Running;
                 r.vm = Some(vm.id.clone());
@@ -728,8 +740,12 @@ impl Daemon {
                 r.state = SessionState::Waking;
                 r.error = None;
             })?;
-            let opts =
-                RestoreOpts { env: rec.env.clone(), lazy: self.cfg.sessions.lazy_wake, session: Some(id.clone()) };
+            let opts = RestoreOpts {
+                env: rec.env.clone(),
+                lazy: self.cfg.sessions.lazy_wake,
+                session: Some(id.clone()),
+                ..Default::default()
+            };
             match self.restore(&rec.base, &opts).await {
                 Ok(vm) => {
                     let ms = ms_since(started);

@@ -133,6 +133,9 @@ pub struct VmRecord {
     /// The session this VM runs (it is started and stopped by the session's wakes and hibernations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The template whose warm pool holds this VM (paused, not yet handed out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl VmRecord {
@@ -151,6 +154,9 @@ pub struct TemplateRecord {
     pub boot_ms: f64,
     pub init_ms: f64,
     pub snapshot_ms: f64,
+    /// Clones kept restored and paused for this template (its warm pool).
+    #[serde(default)]
+    pub pool_size: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -212,6 +218,9 @@ pub struct CreateTemplate {
     /// its own copy.
     #[serde(default)]
     pub drives: Vec<DriveSpec>,
+    /// Clones to keep restored and paused for the template (its warm pool); 0: none.
+    #[serde(default)]
+    pub pool_size: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

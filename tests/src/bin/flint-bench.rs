@@ -581,6 +581,186 @@ fn sessions_bench(runs: usize) {
     );
 }
 
+/// Clone rate, warm-pool hand-outs and density, on one flintd with the golden snapshot imported:
+/// - N restores in one call (N = 1, 4, 8): restores per second (and per core), VMM-side (process start → first
+///   guest instruction) and ready (call start → agent refreshed) p50 / p99;
+/// - a template (one cold boot) with a warm pool of 4: hand-out (API call) and hand-out → first exec answered,
+///   against a restore (pool empty) and its first exec;
+/// - density: `--density N` (default 20) idle clones running at once: RSS and PSS per VMM, host memory per
+///   clone (MemAvailable before/after), the shared memory file counted once.
+fn clones_bench(density: usize) {
+    let s3 = flint_tests::S3Server::start();
+    let work = TempDir::new("bench-clones");
+    let data = work.path().join("data");
+    let sock = work.path().join("flintd.sock");
+    flint_tests::import_golden(&data, &s3, "bench", "base", None);
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, format!("[limits]\nmax_vms = {}\n", density + 64)).expect("config");
+    let _d = flint_tests::Flintd::start_with(
+        &data,
+        &sock,
+        &s3,
+        "bench",
+        &["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap_or_default()],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+            .expect("flintd");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert!(status < 300, "{method} {path}: {status} {v}");
+        v
+    };
+    let pct = |v: &[f64], p: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!(
+        "flint-bench clones: golden snapshot (256 MiB guest), eager restores sharing one memory file, {cores} cores"
+    );
+    println!();
+    println!(
+        "{:>3} {:>10} {:>12} {:>16} {:>16} {:>14} {:>14}",
+        "N", "wall ms", "restores/s", "restores/s/core", "VMM-side p50 ms", "VMM p99 ms", "ready p50/p99"
+    );
+    for n in [1usize, 4, 8] {
+        let t = Instant::now();
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base", "count": n})));
+        let wall = t.elapsed().as_secs_f64();
+        let ids: Vec<String> =
+            c.as_array().into_iter().flatten().filter_map(|v| v["id"].as_str().map(String::from)).collect();
+        let mut vmm = Vec::new();
+        let mut ready = Vec::new();
+        for id in &ids {
+            let d = call("GET", &format!("/v1/vms/{id}"), None);
+            vmm.push(ms(d["vmm"]["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0)));
+            ready.push(d["ready_ms"].as_f64().unwrap_or(0.0));
+        }
+        println!(
+            "{:>3} {:>10.0} {:>12.2} {:>16.2} {:>16.2} {:>14.2} {:>7.0}/{:<6.0}",
+            n,
+            wall * 1000.0,
+            ids.len() as f64 / wall,
+            ids.len() as f64 / wall / cores,
+            pct(&vmm, 0.5),
+            pct(&vmm, 0.99),
+            pct(&ready, 0.5),
+            pct(&ready, 0.99)
+        );
+        for id in &ids {
+            call("DELETE", &format!("/v1/vms/{id}"), None);
+        }
+    }
+
+    println!();
+    println!("warm pool (template `bt`, one cold boot, pool of 4):");
+    let t = Instant::now();
+    call("POST", "/v1/templates", Some(serde_json::json!({"name": "bt", "init": ["/bin/true"], "pool_size": 4})));
+    println!("  template created in {:.1} s; waiting for the pool", t.elapsed().as_secs_f64());
+    let pooled = || {
+        call("GET", "/v1/vms", None)
+            .as_array()
+            .map(|a| a.iter().filter(|v| v["pool"] == "bt" && v["status"] == "paused").count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while pooled() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let exec_true = |id: &str| {
+        let t = Instant::now();
+        call("POST", &format!("/v1/vms/{id}/exec"), Some(serde_json::json!({"argv": ["/bin/true"]})));
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let mut rows = Vec::new();
+    for i in 0..4 {
+        let t = Instant::now();
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "bt"})));
+        let api = t.elapsed().as_secs_f64() * 1000.0;
+        let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+        let first = exec_true(&id);
+        rows.push((format!("hand-out {}", i + 1), api, first, id));
+    }
+    call("POST", "/v1/templates/bt/pool", Some(serde_json::json!({"size": 0})));
+    let t = Instant::now();
+    let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "bt"})));
+    let api = t.elapsed().as_secs_f64() * 1000.0;
+    let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+    let first = exec_true(&id);
+    rows.push(("restore (no pool)".into(), api, first, id));
+    println!("  {:<20} {:>12} {:>22}", "", "API call ms", "then exec /bin/true ms");
+    for (label, api, first, id) in &rows {
+        println!("  {label:<20} {api:>12.1} {first:>22.1}");
+        call("DELETE", &format!("/v1/vms/{id}"), None);
+    }
+
+    println!();
+    println!("density: {density} idle clones of the golden snapshot");
+    let avail = || {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("MemAvailable:")
+                        .map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0))
+                })
+            })
+            .unwrap_or(0)
+    };
+    let before = avail();
+    let mut ids = Vec::new();
+    while ids.len() < density {
+        let n = (density - ids.len()).min(8);
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base", "count": n})));
+        ids.extend(c.as_array().into_iter().flatten().filter_map(|v| v["id"].as_str().map(String::from)));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let after = avail();
+    let mut rss = Vec::new();
+    let mut pss = Vec::new();
+    for id in &ids {
+        let d = call("GET", &format!("/v1/vms/{id}"), None);
+        let pid = d["pid"].as_u64().unwrap_or(0);
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let field = |name: &str| {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        rss.push(field("Rss:") / 1024.0);
+        pss.push(field("Pss:") / 1024.0);
+    }
+    let shared_file_mib = std::fs::read_dir(data.join("shared"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) as f64 * 512.0 / (1 << 20) as f64)
+        .sum::<f64>();
+    println!(
+        "  per VMM: RSS p50 {:.1} MiB, PSS p50 {:.1} MiB (p99 {:.1}); all VMMs' PSS {:.0} MiB",
+        pct(&rss, 0.5),
+        pct(&pss, 0.5),
+        pct(&pss, 0.99),
+        pss.iter().sum::<f64>()
+    );
+    println!(
+        "  host memory per clone (MemAvailable drop / N): {:.1} MiB; the shared memory file holds {:.1} MiB (counted once)",
+        before.saturating_sub(after) as f64 / 1024.0 / ids.len().max(1) as f64,
+        shared_file_mib
+    );
+    for id in &ids {
+        call("DELETE", &format!("/v1/vms/{id}"), None);
+    }
+    call("DELETE", "/v1/templates/bt", None);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -604,12 +784,22 @@ async fn main() {
         let _ = std::thread::spawn(move || jail_bench(runs)).join();
         return;
     }
+    if mode == "clones" {
+        let density: usize = args
+            .iter()
+            .position(|a| a == "--density")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let _ = std::thread::spawn(move || clones_bench(density)).join();
+        return;
+    }
     if mode == "sessions" {
         let _ = std::thread::spawn(move || sessions_bench(runs)).join();
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
