@@ -283,6 +283,9 @@ impl Vmm {
         let mem = memory::create_anonymous(config.mem_mib)?;
         vm::register_memory(&vm, &mem, dirty_flag(&config))?;
         timings.memory_us = elapsed_us(t);
+        let t = Instant::now();
+        vm::create_irqchip(&vm)?;
+        timings.kvm_setup_us += elapsed_us(t);
 
         let t = Instant::now();
         let (entry, kernel_end) = load_kernel(&mem, &config.kernel)?;
@@ -429,6 +432,9 @@ impl Vmm {
         };
         vm::register_memory(&vm, &mem, dirty_flag(&config))?;
         rt.memory_us = elapsed_us(t);
+        let t = Instant::now();
+        vm::create_irqchip(&vm)?;
+        rt.kvm_setup_us += elapsed_us(t);
 
         let t = Instant::now();
         let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Runtime(e.to_string()))?);

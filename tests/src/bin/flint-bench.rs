@@ -761,6 +761,122 @@ fn clones_bench(density: usize) {
     call("DELETE", "/v1/templates/bt", None);
 }
 
+/// VMM-side restore (process start → first guest instruction), side by side in one run: this build's flint-vmm
+/// against a baseline binary (`FLINT_VMM_BASELINE`, e.g. the previous release), alternating, `runs` restores
+/// each, of the golden snapshot (256 MiB) and of a 2 GiB snapshot made here (one cold boot). Unjailed (the
+/// jail's own cost is `flint-bench jail`); private (mmap) memory.
+async fn restore_floor_bench(runs: usize) {
+    let current = bin_dir().join("flint-vmm");
+    let baseline = std::env::var_os("FLINT_VMM_BASELINE").map(std::path::PathBuf::from);
+    let g = golden();
+    let work = TempDir::new("bench-floor");
+    // A 2 GiB snapshot: boot, wait for the agent, snapshot.
+    let big = work.path().join("big");
+    std::fs::create_dir_all(&big).expect("dir");
+    let img = images();
+    let args: Vec<String> = [
+        "--kernel",
+        img.vmlinux.to_str().unwrap_or_default(),
+        "--initramfs",
+        img.initramfs.to_str().unwrap_or_default(),
+        "--mem",
+        "2048",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = VmProcess::spawn(&big, &args);
+    drop(vm.agent(Duration::from_secs(600)).await);
+    let req = serde_json::json!({"state_path": big.join("vm.state"), "mem_path": big.join("vm.mem")});
+    api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&req)).expect("2 GiB snapshot");
+    let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+    let _ = vm.wait(Duration::from_secs(30));
+    let one = |bin: &std::path::Path, state: &std::path::Path, mem: &std::path::Path| -> serde_json::Value {
+        let dir = TempDir::new("floor-run");
+        let spec = serde_json::json!({
+            "api_sock": dir.path().join("api.sock"),
+            "seccomp": true,
+            "launch": {"restore": {
+                "state_path": state,
+                "memory": {"mode": "private", "path": mem},
+                "devices": {"vsock_uds": dir.path().join("v.sock"), "console": "off"},
+                "track_dirty_pages": false,
+            }},
+        });
+        std::fs::write(dir.path().join("spec.json"), spec.to_string()).expect("spec");
+        let mut child = std::process::Command::new(bin)
+            .arg("--spec")
+            .arg(dir.path().join("spec.json"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("flint-vmm");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let d = loop {
+            if let Ok((200, d)) = api_call(&dir.path().join("api.sock"), "GET", "/vm", None) {
+                if d["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0) > 0 {
+                    break d;
+                }
+            }
+            assert!(Instant::now() < deadline, "restore did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        d
+    };
+    let mut bins: Vec<(&str, std::path::PathBuf)> = Vec::new();
+    if let Some(b) = &baseline {
+        bins.push(("baseline", b.clone()));
+    }
+    bins.push(("this build", current.clone()));
+    println!("flint-bench restore-floor: {runs} restore(s) per binary and size, alternating; VMM process start → first guest instruction");
+    if let Some(b) = &baseline {
+        println!("baseline: {}", b.display());
+    }
+    println!("this build: {}", current.display());
+    println!();
+    println!(
+        "{:<8} {:<11} {:>8} {:>8} {:>8}   {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "guest", "binary", "p50 ms", "p90 ms", "max ms", "state", "KVM", "memory", "devices", "vCPUs"
+    );
+    for (label, state, mem) in
+        [("256 MiB", g.state.clone(), g.mem.clone()), ("2 GiB", big.join("vm.state"), big.join("vm.mem"))]
+    {
+        let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); bins.len()];
+        for _ in 0..runs {
+            for (i, (_, b)) in bins.iter().enumerate() {
+                results[i].push(one(b, &state, &mem));
+            }
+        }
+        for (i, (name, _)) in bins.iter().enumerate() {
+            let mut total: Vec<f64> =
+                results[i].iter().map(|d| ms(d["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0))).collect();
+            total.sort_by(|a, b| a.total_cmp(b));
+            let med = |k: &str| {
+                let mut v: Vec<f64> = results[i].iter().map(|d| ms(d["restore"][k].as_u64().unwrap_or(0))).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            println!(
+                "{:<8} {:<11} {:>8.2} {:>8.2} {:>8.2}   {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                label,
+                name,
+                total[total.len() / 2],
+                total[(total.len() * 9 / 10).min(total.len() - 1)],
+                total[total.len() - 1],
+                med("read_state_us"),
+                med("kvm_setup_us"),
+                med("memory_us"),
+                med("devices_us"),
+                med("vcpu_state_us")
+            );
+        }
+    }
+    println!();
+    println!("breakdown: medians in ms (state file read, KVM VM + irqchip, memory mapped and registered, devices, vCPU state).");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -784,6 +900,10 @@ async fn main() {
         let _ = std::thread::spawn(move || jail_bench(runs)).join();
         return;
     }
+    if mode == "restore-floor" {
+        restore_floor_bench(runs.max(5)).await;
+        return;
+    }
     if mode == "clones" {
         let density: usize = args
             .iter()
@@ -799,7 +919,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

@@ -47,10 +47,18 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create the VM", e))?;
     vm.set_tss_address(TSS_ADDRESS).map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    Ok(vm)
+}
+
+/// Creates the in-kernel irqchip and PIT. Call it after [`register_memory`]: once a VM has an irqchip, every
+/// memory-slot change waits for a grace period of the VM's interrupt-routing SRCU, which cost 4-11 ms per slot on
+/// an emulating host against 0.1-0.2 ms before it (measured with the same 256 MiB slot): the largest single step
+/// of a restore, for nothing.
+pub fn create_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_irq_chip().map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(|e| VmError::Kvm("create the PIT", e))?;
-    Ok(vm)
+    Ok(())
 }
 
 /// Registers every region of `mem` as a KVM memory slot.
