@@ -473,6 +473,72 @@ pub struct S3Server {
     pub port: u16,
     pub bucket: String,
     child: Option<Child>,
+    /// Clients are told to go through this endpoint instead (a [`LatencyProxy`]).
+    via: Option<String>,
+}
+
+/// A TCP proxy on loopback that holds back the first bytes of every answer by `latency`: each request/response
+/// exchange then takes at least that long, like a remote object store (S3's first-byte latency is tens of ms).
+pub struct LatencyProxy {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LatencyProxy {
+    pub fn start(upstream: u16, latency: Duration) -> LatencyProxy {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let l = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let port = l.local_addr().expect("proxy port").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                // Set when the client sent something the server has not answered yet.
+                let asked = Arc::new(AtomicBool::new(false));
+                let pump = move |mut from: TcpStream, mut to: TcpStream, asked: Arc<AtomicBool>, answer: bool| {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if answer {
+                            if asked.swap(false, Ordering::Relaxed) {
+                                std::thread::sleep(latency);
+                            }
+                        } else {
+                            asked.store(true, Ordering::Relaxed);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                };
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                let a2 = asked.clone();
+                std::thread::spawn(move || pump(client, server, asked, false));
+                std::thread::spawn(move || pump(s2, c2, a2, true));
+            }
+        });
+        LatencyProxy { port, stop }
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
 
 pub const S3_ACCESS_KEY: &str = "flint-test";
@@ -504,13 +570,18 @@ impl S3Server {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port");
             l.local_addr().expect("port").port()
         };
-        let mut s = S3Server { dir, port, bucket, child: None };
+        let mut s = S3Server { dir, port, bucket, child: None, via: None };
         s.resume();
         s
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.via.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// From now on clients (`env`, `endpoint`) go through `proxy`.
+    pub fn route_through(&mut self, proxy: &LatencyProxy) {
+        self.via = Some(format!("http://127.0.0.1:{}", proxy.port));
     }
 
     /// Where the server keeps an object (for tests that damage one).

@@ -115,6 +115,12 @@ pub struct VmRecord {
     pub ready_ms: Option<f64>,
     /// For restored VMs: fetching the snapshot's images from the store.
     pub fetch_ms: Option<f64>,
+    /// VMM started → its agent connected (the guest answering over vsock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_ms: Option<f64>,
+    /// The agent's refresh (clock, entropy, env, hostname, after-restore hooks) or, after a boot, setting the env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_ms: Option<f64>,
     pub error: Option<String>,
     /// Restored lazily: memory is fetched from the store as the guest touches it.
     #[serde(default)]

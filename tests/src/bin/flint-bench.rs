@@ -257,8 +257,13 @@ async fn store_bench() {
 
 /// Restores through flintd from S3 with an empty local cache, side by side in one run: eager (whole memory image
 /// first), lazy (pages on first touch; records the working set), lazy + prefetch of that working set.
-fn lazy_bench(runs: usize) {
-    let s3 = flint_tests::S3Server::start();
+fn lazy_bench(runs: usize, latency_ms: u64) {
+    let mut s3 = flint_tests::S3Server::start();
+    let _proxy = (latency_ms > 0).then(|| {
+        let p = flint_tests::LatencyProxy::start(s3.port, Duration::from_millis(latency_ms));
+        s3.route_through(&p);
+        p
+    });
     let work = TempDir::new("bench-lazy");
     let data = work.path().join("data");
     let sock = work.path().join("flintd.sock");
@@ -283,8 +288,9 @@ fn lazy_bench(runs: usize) {
             .unwrap_or(0)
     };
     println!(
-        "flint-bench lazy: template from {} (cold boot), pushed to S3 (s3s-fs on loopback)",
-        images().dir.display()
+        "flint-bench lazy: template from {} (cold boot), pushed to S3 (s3s-fs on loopback{})",
+        images().dir.display(),
+        if latency_ms > 0 { format!(", {latency_ms} ms added to every request by a proxy") } else { String::new() }
     );
     let t = call(
         "POST",
@@ -624,8 +630,15 @@ fn clones_bench(density: usize) {
     );
     println!();
     println!(
-        "{:>3} {:>10} {:>12} {:>16} {:>16} {:>14} {:>14}",
-        "N", "wall ms", "restores/s", "restores/s/core", "VMM-side p50 ms", "VMM p99 ms", "ready p50/p99"
+        "{:>3} {:>10} {:>12} {:>16} {:>16} {:>14} {:>14} {:>18}",
+        "N",
+        "wall ms",
+        "restores/s",
+        "restores/s/core",
+        "VMM-side p50 ms",
+        "VMM p99 ms",
+        "ready p50/p99",
+        "agent/refresh p50"
     );
     for n in [1usize, 4, 8] {
         let t = Instant::now();
@@ -635,13 +648,17 @@ fn clones_bench(density: usize) {
             c.as_array().into_iter().flatten().filter_map(|v| v["id"].as_str().map(String::from)).collect();
         let mut vmm = Vec::new();
         let mut ready = Vec::new();
+        let mut agent = Vec::new();
+        let mut refresh = Vec::new();
         for id in &ids {
             let d = call("GET", &format!("/v1/vms/{id}"), None);
             vmm.push(ms(d["vmm"]["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0)));
             ready.push(d["ready_ms"].as_f64().unwrap_or(0.0));
+            agent.push(d["agent_ms"].as_f64().unwrap_or(0.0));
+            refresh.push(d["refresh_ms"].as_f64().unwrap_or(0.0));
         }
         println!(
-            "{:>3} {:>10.0} {:>12.2} {:>16.2} {:>16.2} {:>14.2} {:>7.0}/{:<6.0}",
+            "{:>3} {:>10.0} {:>12.2} {:>16.2} {:>16.2} {:>14.2} {:>7.0}/{:<6.0} {:>8.0}/{:<8.0}",
             n,
             wall * 1000.0,
             ids.len() as f64 / wall,
@@ -649,7 +666,9 @@ fn clones_bench(density: usize) {
             pct(&vmm, 0.5),
             pct(&vmm, 0.99),
             pct(&ready, 0.5),
-            pct(&ready, 0.99)
+            pct(&ready, 0.99),
+            pct(&agent, 0.5),
+            pct(&refresh, 0.5)
         );
         for id in &ids {
             call("DELETE", &format!("/v1/vms/{id}"), None);
@@ -893,7 +912,13 @@ async fn main() {
     }
     if mode == "lazy" {
         // Its own thread: it drives flintd with blocking calls on a runtime of its own.
-        let _ = std::thread::spawn(move || lazy_bench(runs)).join();
+        let latency: u64 = args
+            .iter()
+            .position(|a| a == "--latency-ms")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let _ = std::thread::spawn(move || lazy_bench(runs, latency)).join();
         return;
     }
     if mode == "jail" {
@@ -919,7 +944,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
