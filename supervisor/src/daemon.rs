@@ -1120,33 +1120,7 @@ mod tests {
     use crate::fake::FakeLauncher;
     use flint_vmm_api::describe::RunState;
 
-    struct Env {
-        dir: PathBuf,
-        cfg: Config,
-    }
-
-    impl Env {
-        fn new(tag: &str) -> Env {
-            let dir = std::env::temp_dir().join(format!("flintd-unit-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let img = dir.join("image");
-            std::fs::create_dir_all(&img).unwrap();
-            std::fs::write(img.join("vmlinux"), b"x").unwrap();
-            std::fs::write(img.join("initramfs.cpio"), b"x").unwrap();
-            let mut cfg = Config { data_dir: dir.join("data"), agent_timeout_s: 10, ..Config::default() };
-            cfg.images.insert("default".into(), img);
-            Env { dir, cfg }
-        }
-        fn open(&self, l: &FakeLauncher) -> Arc<Daemon> {
-            Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
-        }
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+    use crate::fake::TestEnv as Env;
 
     fn vm(id: &str) -> CreateVm {
         CreateVm { id: Some(id.into()), ..Default::default() }

@@ -254,3 +254,33 @@ impl VmmControl for FakeVmm {
         })
     }
 }
+
+/// A data directory and configuration for a daemon on the fake launcher (one fake image), removed on drop.
+pub struct TestEnv {
+    pub dir: PathBuf,
+    pub cfg: crate::config::Config,
+}
+
+impl TestEnv {
+    pub fn new(tag: &str) -> TestEnv {
+        let dir = std::env::temp_dir().join(format!("flintd-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let img = dir.join("image");
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(img.join("vmlinux"), b"x").unwrap();
+        std::fs::write(img.join("initramfs.cpio"), b"x").unwrap();
+        let mut cfg = crate::config::Config { data_dir: dir.join("data"), agent_timeout_s: 10, ..Default::default() };
+        cfg.images.insert("default".into(), img);
+        TestEnv { dir, cfg }
+    }
+
+    pub fn open(&self, l: &FakeLauncher) -> Arc<crate::daemon::Daemon> {
+        crate::daemon::Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

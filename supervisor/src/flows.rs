@@ -7,6 +7,30 @@ use tracing::warn;
 use crate::daemon::{valid_id, Daemon};
 use crate::vm::model::*;
 
+/// The results of tasks that each start something: all that started; an error only if none did (the first).
+pub(crate) async fn gather<T>(
+    tasks: Vec<tokio::task::JoinHandle<Result<T, OpError>>>,
+    what: &str,
+) -> Result<Vec<T>, OpError> {
+    let mut out = Vec::new();
+    let mut first_err = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(r)) => out.push(r),
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(e) => first_err = first_err.or(Some(OpError::Internal(e.to_string()))),
+        }
+    }
+    match first_err {
+        Some(e) if out.is_empty() => Err(e),
+        Some(e) => {
+            warn!(error = %e, ok = out.len(), "some {what} failed");
+            Ok(out)
+        }
+        None => Ok(out),
+    }
+}
+
 impl Daemon {
     pub async fn clones(self: &Arc<Self>, req: CreateClones) -> Result<Vec<VmRecord>, OpError> {
         let snapshot = match (&req.template, &req.snapshot) {
@@ -46,23 +70,7 @@ impl Daemon {
                 })
             })
             .collect();
-        let mut out = Vec::new();
-        let mut first_err = None;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(r)) => out.push(r),
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(OpError::Internal(e.to_string()))),
-            }
-        }
-        match first_err {
-            Some(e) if out.is_empty() => Err(e),
-            Some(e) => {
-                warn!(error = %e, ok = out.len(), "some clones failed");
-                Ok(out)
-            }
-            None => Ok(out),
-        }
+        gather(tasks, "clones").await
     }
 
     /// SnapStart: boot an image, run the init command once, snapshot, (publish), stop the VM.

@@ -67,16 +67,7 @@ pub async fn request_stream(
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16384];
     let malformed = || HttpError::Malformed(name.clone());
-    let (status, chunked, start) = loop {
-        let n = s.read(&mut tmp).await.map_err(io)?;
-        if n == 0 {
-            return Err(malformed());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(head) = split_head(&buf).map_err(|_| malformed())? {
-            break head;
-        }
-    };
+    let (status, chunked, start) = read_head(&mut s, &mut buf, &name).await?;
     let mut dechunker = Dechunker::default();
     let mut data = buf.split_off(start);
     loop {
@@ -93,6 +84,21 @@ pub async fn request_stream(
         }
         data.clear();
         data.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// Reads until a whole response head is in `buf`: (status, chunked body?, offset of the body in `buf`).
+async fn read_head(s: &mut UnixStream, buf: &mut Vec<u8>, name: &str) -> Result<(u16, bool, usize), HttpError> {
+    let mut tmp = [0u8; 16384];
+    loop {
+        let n = s.read(&mut tmp).await.map_err(|e| HttpError::Io(name.to_string(), e))?;
+        if n == 0 {
+            return Err(HttpError::Malformed(name.to_string()));
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(head) = split_head(buf).map_err(|_| HttpError::Malformed(name.to_string()))? {
+            return Ok(head);
+        }
     }
 }
 
@@ -121,16 +127,7 @@ pub async fn upgrade(sock: &Path, path: &str, body: &[u8], protocol: &str) -> Re
     let _ = s.write_all(&request).await;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16384];
-    let (status, chunked, start) = loop {
-        let n = s.read(&mut tmp).await.map_err(io)?;
-        if n == 0 {
-            return Err(malformed());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(head) = split_head(&buf).map_err(|_| malformed())? {
-            break head;
-        }
-    };
+    let (status, chunked, start) = read_head(&mut s, &mut buf, &name).await?;
     let rest = buf.split_off(start);
     if status == 101 {
         return Ok(Upgrade::Switched { stream: s, early: rest });

@@ -213,37 +213,10 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::fake::FakeLauncher;
     use crate::vm::model::{CreateClones, CreateTemplate};
 
-    struct Env {
-        dir: std::path::PathBuf,
-        cfg: Config,
-    }
-
-    impl Env {
-        fn new(tag: &str) -> Env {
-            let dir = std::env::temp_dir().join(format!("flintd-pool-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let img = dir.join("image");
-            std::fs::create_dir_all(&img).unwrap();
-            std::fs::write(img.join("vmlinux"), b"x").unwrap();
-            std::fs::write(img.join("initramfs.cpio"), b"x").unwrap();
-            let mut cfg = Config { data_dir: dir.join("data"), agent_timeout_s: 10, ..Config::default() };
-            cfg.images.insert("default".into(), img);
-            Env { dir, cfg }
-        }
-        fn open(&self, l: &FakeLauncher) -> Arc<Daemon> {
-            Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
-        }
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+    use crate::fake::TestEnv as Env;
 
     async fn ready(d: &Daemon, t: &str, n: usize) {
         let start = Instant::now();
@@ -259,7 +232,7 @@ mod tests {
     /// empty it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pools_fill_hand_out_once_and_survive_a_restart() {
-        let env = Env::new("life");
+        let env = Env::new("pool-life");
         let l = FakeLauncher::default();
         let d = env.open(&l);
         let t = d.create_template(CreateTemplate { name: "tp".into(), pool_size: 2, ..Default::default() }).await;

@@ -1050,23 +1050,7 @@ impl Daemon {
             let (this, point, from) = (self.clone(), point.clone(), id.to_string());
             tokio::spawn(async move { this.create_session_from(child, point, true, Some(from)).await })
         });
-        let mut out = Vec::new();
-        let mut first_err = None;
-        for t in children.collect::<Vec<_>>() {
-            match t.await {
-                Ok(Ok(r)) => out.push(r),
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(OpError::Internal(e.to_string()))),
-            }
-        }
-        match first_err {
-            Some(e) if out.is_empty() => Err(e),
-            Some(e) => {
-                warn!(session = id, error = %e, ok = out.len(), "some forks failed");
-                Ok(out)
-            }
-            None => Ok(out),
-        }
+        crate::flows::gather(children.collect(), "forks").await
     }
 
     /// Idle timeouts, lifetimes, lost VMs and lease renewals; each action runs in its own task and skips a
@@ -1187,38 +1171,26 @@ enum TickAction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::fake::FakeLauncher;
     use crate::vm::model::{CreateSnapshot, CreateVm};
 
-    struct Env {
-        dir: std::path::PathBuf,
-        cfg: Config,
+    use crate::fake::TestEnv;
+
+    /// Upkeep every 100 ms, eager wakes (the fake VMM has no page server).
+    fn env(tag: &str) -> TestEnv {
+        let mut e = TestEnv::new(&format!("session-{tag}"));
+        e.cfg.sessions.tick_ms = 100;
+        e.cfg.sessions.lazy_wake = false;
+        e
     }
 
-    impl Env {
-        fn new(tag: &str) -> Env {
-            let dir = std::env::temp_dir().join(format!("flintd-session-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let img = dir.join("image");
-            std::fs::create_dir_all(&img).unwrap();
-            std::fs::write(img.join("vmlinux"), b"x").unwrap();
-            std::fs::write(img.join("initramfs.cpio"), b"x").unwrap();
-            let mut cfg = Config { data_dir: dir.join("data"), agent_timeout_s: 10, ..Config::default() };
-            cfg.images.insert("default".into(), img);
-            cfg.sessions.tick_ms = 100;
-            cfg.sessions.lazy_wake = false;
-            Env { dir, cfg }
-        }
-        fn open(&self, l: &FakeLauncher) -> Arc<Daemon> {
-            Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
-        }
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+    /// A daemon on the fake launcher with snapshot `base` of a stopped VM.
+    async fn with_base(e: &TestEnv, l: &FakeLauncher) -> Arc<Daemon> {
+        let d = e.open(l);
+        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
+        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
+        d.delete("src").await.unwrap();
+        d
     }
 
     fn session_vms(d: &Daemon, id: &str) -> usize {
@@ -1241,12 +1213,9 @@ mod tests {
     /// the upkeep loop, VM and all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_calls_share_one_wake_and_ttl_ends_a_session() {
-        let env = Env::new("wake1");
+        let env = env("wake1");
         let l = FakeLauncher::default();
-        let d = env.open(&l);
-        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
-        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
-        d.delete("src").await.unwrap();
+        let d = with_base(&env, &l).await;
         let req = CreateSession { snapshot: Some("base".into()), id: Some("s".into()), ..Default::default() };
         d.create_session(req).await.unwrap();
         d.hibernate_session("s").await.unwrap();
@@ -1284,12 +1253,9 @@ mod tests {
     /// dirtied before the failed one); after that, diffs again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_hibernation_makes_the_next_snapshot_full() {
-        let env = Env::new("full");
+        let env = env("full");
         let l = FakeLauncher::default();
-        let d = env.open(&l);
-        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
-        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
-        d.delete("src").await.unwrap();
+        let d = with_base(&env, &l).await;
         let req = CreateSession { snapshot: Some("base".into()), id: Some("s".into()), ..Default::default() };
         d.create_session(req).await.unwrap();
         d.store.delete("base", false).await.unwrap();
@@ -1316,12 +1282,9 @@ mod tests {
     /// records survive a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sessions_hibernate_wake_fork_and_end() {
-        let env = Env::new("life");
+        let env = env("life");
         let l = FakeLauncher::default();
-        let d = env.open(&l);
-        d.create(CreateVm { id: Some("src".into()), ..Default::default() }).await.unwrap();
-        d.snapshot("src", CreateSnapshot { id: "base".into(), publish: false }).await.unwrap();
-        d.delete("src").await.unwrap();
+        let d = with_base(&env, &l).await;
         for (req, want) in [
             (CreateSession::default(), "exactly one of `template` and `snapshot`"),
             (
