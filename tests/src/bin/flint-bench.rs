@@ -6,6 +6,23 @@ use std::time::{Duration, Instant};
 
 use flint_tests::*;
 
+/// One call to flintd's API; a non-2xx answer is a panic (a benchmark has no use for a failed step).
+fn flintd_call(
+    rt: &tokio::runtime::Runtime,
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let body = body.map(|b| b.to_string().into_bytes());
+    let (status, out) = rt
+        .block_on(flint_supervisor::http::request(sock, method, path, body.as_deref(), Duration::from_secs(3600)))
+        .expect("flintd");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    assert!(status < 300, "{method} {path}: {status} {v}");
+    v
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -269,15 +286,7 @@ fn lazy_bench(runs: usize, latency_ms: u64) {
     let sock = work.path().join("flintd.sock");
     let daemon = flint_tests::Flintd::start(&data, &sock, &s3, "");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let call = |method: &str, path: &str, body: Option<serde_json::Value>| -> serde_json::Value {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let (status, out) = rt
-            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
-            .expect("flintd");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert!(status < 300, "{method} {path}: {status} {v}");
-        v
-    };
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
     let metric = |name: &str| -> u64 {
         let (_, out) = rt
             .block_on(flint_supervisor::http::request(&sock, "GET", "/metrics", None, Duration::from_secs(10)))
@@ -383,13 +392,7 @@ fn jail_bench(runs: usize) {
         daemons.push((label, sock, d));
     }
     let call = |sock: &std::path::Path, method: &str, path: &str, body: Option<serde_json::Value>| {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let (status, out) = rt
-            .block_on(flint_supervisor::http::request(sock, method, path, body.as_deref(), Duration::from_secs(3600)))
-            .expect("flintd");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert!(status < 300, "{method} {path}: {status} {v}");
-        v
+        flintd_call(&rt, sock, method, path, body)
     };
     println!(
         "flint-bench jail: {runs} eager restore(s) of the golden snapshot and 1 cold boot, with and without the jail"
@@ -476,15 +479,7 @@ fn sessions_bench(runs: usize) {
     flint_tests::import_golden(&data, &s3, "bench", "base", None);
     let _d = flint_tests::Flintd::start_with(&data, &sock, &s3, "bench", &["--allow-unauthenticated-bucket"]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let (status, out) = rt
-            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
-            .expect("flintd");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert!(status < 300, "{method} {path}: {status} {v}");
-        v
-    };
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
     let exec = |id: &str, script: &str| {
         let t = Instant::now();
         let body = serde_json::json!({"argv": ["/bin/sh", "-c", script], "timeout_ms": 600_000});
@@ -610,15 +605,7 @@ fn clones_bench(density: usize) {
         &["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap_or_default()],
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let (status, out) = rt
-            .block_on(flint_supervisor::http::request(&sock, method, path, body.as_deref(), Duration::from_secs(3600)))
-            .expect("flintd");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert!(status < 300, "{method} {path}: {status} {v}");
-        v
-    };
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
     let pct = |v: &[f64], p: f64| {
         let mut v = v.to_vec();
         v.sort_by(|a, b| a.total_cmp(b));
