@@ -158,6 +158,9 @@ pub struct VmDefaults {
 pub struct StoreSection {
     /// L1 byte budget.
     pub local_budget_bytes: u64,
+    /// Chunks a lazily restored VM's page server fetches at once (demand faults first, then the working set):
+    /// with a remote store each fetch waits a round trip, so more in flight hides the latency.
+    pub lazy_fetch_workers: usize,
     pub chunk_size: u32,
     /// File with the 64-hex-digit secret that turns on encryption at rest and authenticates manifests (every host
     /// sharing the bucket needs the same one).
@@ -201,6 +204,7 @@ impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             local_budget_bytes: 20 << 30,
+            lazy_fetch_workers: 16,
             chunk_size: flint_snapshot_store::DEFAULT_CHUNK_SIZE,
             secret_file: None,
             s3: None,

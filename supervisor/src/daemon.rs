@@ -981,8 +981,9 @@ impl Daemon {
     ) -> Result<(), OpError> {
         let on_fatal = self.pager_fatal(slot, p);
         let wait = Duration::from_secs(60);
+        let workers = self.cfg.store.lazy_fetch_workers.max(1);
         let served = tokio::task::spawn_blocking(move || {
-            pager::accept_and_serve(listener, p.pid, source, prefetch, wait, on_fatal)
+            pager::accept_and_serve(listener, p.pid, source, prefetch, workers, wait, on_fatal)
         })
         .await
         .map_err(|e| OpError::Internal(e.to_string()))??;

@@ -17,7 +17,6 @@ use flint_vmm_api::pager::{PagerHello, MAX_HELLO_BYTES, PAGER_PROTOCOL};
 use crate::vm::model::OpError;
 
 /// Fetch threads per VM.
-const WORKERS: usize = 4;
 /// A chunk that does not arrive within this stops the VM.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -125,6 +124,7 @@ pub fn accept_and_serve(
     pid: u32,
     source: Arc<StoreSource>,
     prefetch: Vec<u32>,
+    workers: usize,
     wait: Duration,
     on_fatal: flint_uffd::OnFatal,
 ) -> Result<Served, OpError> {
@@ -186,7 +186,7 @@ pub fn accept_and_serve(
     let cfg = ServeConfig {
         ranges: hello.ranges,
         source: source.clone(),
-        workers: WORKERS,
+        workers,
         prefetch,
         stats: stats.clone(),
         on_fatal,

@@ -274,7 +274,7 @@ async fn store_bench() {
 
 /// Restores through flintd from S3 with an empty local cache, side by side in one run: eager (whole memory image
 /// first), lazy (pages on first touch; records the working set), lazy + prefetch of that working set.
-fn lazy_bench(runs: usize, latency_ms: u64) {
+fn lazy_bench(runs: usize, latency_ms: u64, workers: Option<usize>) {
     let mut s3 = flint_tests::S3Server::start();
     let _proxy = (latency_ms > 0).then(|| {
         let p = flint_tests::LatencyProxy::start(s3.port, Duration::from_millis(latency_ms));
@@ -284,7 +284,16 @@ fn lazy_bench(runs: usize, latency_ms: u64) {
     let work = TempDir::new("bench-lazy");
     let data = work.path().join("data");
     let sock = work.path().join("flintd.sock");
-    let daemon = flint_tests::Flintd::start(&data, &sock, &s3, "");
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, workers.map(|w| format!("[store]\nlazy_fetch_workers = {w}\n")).unwrap_or_default())
+        .expect("config");
+    let daemon = flint_tests::Flintd::start_with(
+        &data,
+        &sock,
+        &s3,
+        "",
+        &["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap_or_default()],
+    );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
     let metric = |name: &str| -> u64 {
@@ -301,6 +310,9 @@ fn lazy_bench(runs: usize, latency_ms: u64) {
         images().dir.display(),
         if latency_ms > 0 { format!(", {latency_ms} ms added to every request by a proxy") } else { String::new() }
     );
+    if let Some(w) = workers {
+        println!("page server: {w} fetch workers");
+    }
     let t = call(
         "POST",
         "/v1/templates",
@@ -905,7 +917,9 @@ async fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let _ = std::thread::spawn(move || lazy_bench(runs, latency)).join();
+        let workers: Option<usize> =
+            args.iter().position(|a| a == "--workers").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
+        let _ = std::thread::spawn(move || lazy_bench(runs, latency, workers)).join();
         return;
     }
     if mode == "jail" {
@@ -931,7 +945,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
