@@ -422,7 +422,7 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out-forty-two\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"), "{out:?}");
     let out = flint(&socket, &["exec", "nope", "--", "/bin/true"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM `nope`"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM or session `nope`"), "{out:?}");
     let blob: Vec<u8> = {
         let mut x = 0x2545_f491_4f6c_dd1du64;
         (0..192 * 1024)

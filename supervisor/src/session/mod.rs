@@ -730,11 +730,19 @@ impl Daemon {
             self.remove_session_vms(&id).await; // a failed VM of an earlier run
             if self.coordinated().await? {
                 let theirs = self.acquire_lease(slot).await?;
-                let from = slot.get().state;
-                // The bucket's record is the newest (another host may have run and hibernated it since).
-                slot.commit(&self.db, |r| {
-                    *r = SessionRecord { state: from, vm: None, host: Some(self.sessions.host.clone()), ..theirs };
-                })?;
+                let mine = slot.get();
+                // The newer record wins: the bucket's when another host ran and hibernated the session since; this
+                // host's when its own last hibernation was stored but a crash kept it from reaching the bucket.
+                if theirs.generation >= mine.generation {
+                    slot.commit(&self.db, |r| {
+                        *r = SessionRecord {
+                            state: mine.state,
+                            vm: None,
+                            host: Some(self.sessions.host.clone()),
+                            ..theirs
+                        };
+                    })?;
+                }
             }
             let rec = slot.commit(&self.db, |r| {
                 r.state = SessionState::Waking;
@@ -870,12 +878,14 @@ impl Daemon {
                 warn!(session = %rec.id, error = %e, "could not carry the working set over to the new base");
             }
         }
-        if lock(&slot.lease).is_some() {
-            if let Err(e) = self.write_lease(slot, false).await {
-                warn!(session = %rec.id, error = %e, "could not release the session's lease after hibernating");
-            }
+        // The bucket's record must name the new base before the old one can go: another host (or this one after a
+        // restart) wakes from it.
+        let bucket_ok = self.publish_base(slot, false).await;
+        if bucket_ok {
+            self.release_bases(slot, Some((&rec.base, rec.base_owned))).await;
+        } else {
+            self.keep_base(slot, &rec.base, rec.base_owned);
         }
-        self.release_bases(slot, Some((&rec.base, rec.base_owned))).await;
         let m = &self.sessions.metrics;
         m.hibernate_ms.observe(ms);
         m.hibernate_stored_bytes.fetch_add(stored.unwrap_or(0), Ordering::Relaxed);
@@ -901,6 +911,36 @@ impl Daemon {
             }
             Ok(Err(e)) => warn!(vm, error = %e, "pre-stop command failed; hibernating anyway"),
             Err(_) => warn!(vm, "pre-stop command did not end; hibernating anyway"),
+        }
+    }
+
+    /// Writes the session's record (its new base) to its lease object in the bucket when hosts share one, taking
+    /// the lease first if this host does not hold it (after a restart); `holding`: this host keeps running it.
+    /// False if the bucket could not be told (the old base must then stay: the bucket's record still names it).
+    async fn publish_base(&self, slot: &SessionSlot, holding: bool) -> bool {
+        if !self.coordinated().await.unwrap_or(false) {
+            return true;
+        }
+        let id = slot.get().id;
+        if lock(&slot.lease).is_none() {
+            if let Err(e) = self.acquire_lease(slot).await {
+                warn!(session = %id, error = %e, "could not take the session's lease to record its new base");
+                return false;
+            }
+        }
+        match self.write_lease(slot, holding).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(session = %id, error = %e, "could not record the session's new base in the bucket");
+                false
+            }
+        }
+    }
+
+    /// Keeps a replaced base for later release (the bucket's record may still name it).
+    fn keep_base(&self, slot: &SessionSlot, snap: &str, owned: bool) {
+        if owned {
+            let _ = slot.commit(&self.db, |r| r.stale_bases.push(snap.to_string()));
         }
     }
 
@@ -1024,7 +1064,11 @@ impl Daemon {
                         r.full_next = false;
                         r.generation += 1;
                     })?;
-                    self.release_bases(&slot, Some((&rec.base, rec.base_owned))).await;
+                    if self.publish_base(&slot, true).await {
+                        self.release_bases(&slot, Some((&rec.base, rec.base_owned))).await;
+                    } else {
+                        self.keep_base(&slot, &rec.base, rec.base_owned);
+                    }
                     snap
                 }
                 (s, _) => return Err(OpError::Conflict(format!("session `{id}` is {}", s.name()))),
