@@ -962,11 +962,12 @@ impl Daemon {
         Ok(path)
     }
 
-    /// Removes a snapshot's shared memory file (running clones keep their mappings).
-    pub(crate) fn drop_shared_memory(&self, manifest: &flint_snapshot_store::Manifest) {
-        if let Some(p) = self.shared_memory_path(manifest) {
+    /// Deletes a snapshot from the store and its shared memory file (running clones keep their mappings).
+    pub(crate) async fn delete_stored_snapshot(&self, id: &str, remote: bool) -> Result<(), OpError> {
+        if let Some(p) = self.store.manifest(id).await.ok().and_then(|m| self.shared_memory_path(&m)) {
             let _ = std::fs::remove_file(p);
         }
+        Ok(self.store.delete(id, remote).await?)
     }
 
     /// Serves a lazily restored VM's memory: waits for its VMM's userfaultfd, then serves faults from the store.
@@ -1077,10 +1078,7 @@ impl Daemon {
                 vm.id
             )));
         }
-        if let Ok(m) = self.store.manifest(id).await {
-            self.drop_shared_memory(&m);
-        }
-        Ok(self.store.delete(id, remote).await?)
+        self.delete_stored_snapshot(id, remote).await
     }
 
     /// Forgets a template (its snapshot stays) and deletes its warm pool's VMs.

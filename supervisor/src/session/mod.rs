@@ -974,10 +974,7 @@ impl Daemon {
             if vms.iter().any(|v| v.lazy && v.status.has_process() && v.snapshot.as_deref() == s) {
                 kept.push(snap);
             } else if !sessions.iter().any(|r| r.base == snap || r.pending_base.as_deref() == s) {
-                if let Ok(m) = self.store.manifest(&snap).await {
-                    self.drop_shared_memory(&m);
-                }
-                if let Err(e) = self.store.delete(&snap, self.store.has_remote()).await {
+                if let Err(e) = self.delete_stored_snapshot(&snap, self.store.has_remote()).await {
                     warn!(snapshot = %snap, error = %e, "could not release a session snapshot");
                 }
             }
