@@ -11,6 +11,7 @@ jobs=${JOBS:-2}
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v nft >/dev/null || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test: installing ${need[*]}" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2

@@ -475,6 +475,16 @@ impl AgentClient {
         env: std::collections::BTreeMap<String, String>,
         hostname: Option<String>,
     ) -> Result<Response, ClientError> {
+        self.refresh_with(env, hostname, None).await
+    }
+
+    /// `refresh`, also (re)addressing the guest's network card.
+    pub async fn refresh_with(
+        &self,
+        env: std::collections::BTreeMap<String, String>,
+        hostname: Option<String>,
+        network: Option<crate::protocol::GuestNetwork>,
+    ) -> Result<Response, ClientError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -486,6 +496,7 @@ impl AgentClient {
             entropy_hex: Some(hex_encode(&entropy)),
             env,
             hostname,
+            network,
         }))
         .await
     }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod fuzzing;
 pub mod init;
 pub mod listen;
+pub mod net;
 pub mod protocol;
 pub mod reaper;
 pub mod server;

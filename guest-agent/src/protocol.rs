@@ -205,6 +205,26 @@ pub struct RefreshRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The guest's network: set after a boot with one and after every restore (a clone's own address and MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// An address for the guest's network card, as flintd allocated it (docs/networking.md).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNetwork {
+    /// The card (`eth0`).
+    pub interface: String,
+    /// aa:bb:cc:dd:ee:ff.
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    /// The default route.
+    pub gateway: std::net::Ipv4Addr,
+    /// Name servers written to /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 /// Agent → host control messages.

@@ -802,6 +802,17 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
             return io_error("set the hostname", &std::io::Error::last_os_error());
         }
     }
+    if let Some(n) = &r.network {
+        // Checked in host mode too; applied only as the guest's init (a host agent's network is not its own).
+        if let Err(e) = crate::net::validate(n) {
+            return error(ErrorCode::Invalid, format!("network: {e}"));
+        }
+        if agent.settings.is_init {
+            if let Err(e) = crate::net::configure(n) {
+                return error(ErrorCode::Io, format!("configure the network: {e}"));
+            }
+        }
+    }
     match run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("after-restore.d")).await {
         Ok(hooks_run) => Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run },
         Err(m) => error(ErrorCode::Io, m),

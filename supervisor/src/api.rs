@@ -30,6 +30,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/vms/{id}/files"),
     ("put", "/v1/vms/{id}/files"),
     ("post", "/v1/vms/{id}/snapshots"),
+    ("get", "/v1/vms/{id}/network"),
+    ("put", "/v1/vms/{id}/network/egress"),
+    ("put", "/v1/vms/{id}/ports/{port}"),
+    ("delete", "/v1/vms/{id}/ports/{port}"),
     ("get", "/v1/snapshots"),
     ("delete", "/v1/snapshots/{id}"),
     ("post", "/v1/snapshots/{id}/push"),
@@ -97,6 +101,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/exec", post(exec))
         .route("/v1/vms/{id}/files", get(get_file).put(put_file))
         .route("/v1/vms/{id}/snapshots", post(snapshot_vm))
+        .route("/v1/vms/{id}/network", get(get_network))
+        .route("/v1/vms/{id}/network/egress", axum::routing::put(set_egress))
+        .route("/v1/vms/{id}/ports/{port}", axum::routing::put(expose_port).delete(hide_port))
         .route("/v1/snapshots", get(list_snapshots))
         .route("/v1/snapshots/{id}", axum::routing::delete(delete_snapshot))
         .route("/v1/snapshots/{id}/push", post(push_snapshot))
@@ -493,6 +500,31 @@ async fn set_pool(State(d): D, Path(name): Path<String>, b: Bytes) -> R<Response
 async fn delete_template(State(d): D, Path(name): Path<String>) -> R<Response> {
     d.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_network(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.network(&id)?))
+}
+
+/// Replaces the egress policy of a VM or session (its running VM's at once).
+async fn set_egress(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let policy: crate::net::EgressPolicy = body(&b)?;
+    Ok(json(
+        d.change_network(&id, move |n| {
+            n.egress = policy;
+            Ok(())
+        })
+        .await?,
+    ))
+}
+
+async fn expose_port(State(d): D, Path((id, port)): Path<(String, u16)>, b: Bytes) -> R<Response> {
+    let e: crate::net::ExposedPort = body(&b)?;
+    Ok(json(d.change_network(&id, move |n| crate::net::ops::set_port(n, port, Some(e))).await?))
+}
+
+async fn hide_port(State(d): D, Path((id, port)): Path<(String, u16)>) -> R<Response> {
+    Ok(json(d.change_network(&id, move |n| crate::net::ops::set_port(n, port, None)).await?))
 }
 
 async fn clones(State(d): D, b: Bytes) -> R<Response> {

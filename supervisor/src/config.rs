@@ -35,6 +35,7 @@ pub struct Config {
     pub jail: JailConfig,
     pub sessions: SessionsConfig,
     pub pools: PoolsConfig,
+    pub network: crate::net::NetworkConfig,
 }
 
 /// Warm pools (docs/performance.md): per template, clones restored ahead of demand and kept paused.
@@ -190,6 +191,7 @@ impl Default for Config {
             jail: JailConfig::default(),
             sessions: SessionsConfig::default(),
             pools: PoolsConfig::default(),
+            network: crate::net::NetworkConfig::default(),
         }
     }
 }

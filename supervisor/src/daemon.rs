@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flint_agent::client::AgentClient;
 use flint_snapshot_store::{ImageSource, SnapshotDraft, SnapshotInfo, Store, StoreConfig};
-use flint_vmm_api::config::{check_mem_mib, check_vcpus, VmConfig, VsockConfig};
+use flint_vmm_api::config::{check_mem_mib, check_vcpus, NetConfig, VmConfig, VsockConfig};
 use flint_vmm_api::spec::{HostDevices, Launch, LaunchSpec, MemorySource, RestoreSpec};
 use flint_vmm_api::{lock, now_unix_ms};
 use tracing::{info, warn};
@@ -36,6 +36,7 @@ pub struct Daemon {
     pub metrics: Metrics,
     pub sessions: crate::session::Sessions,
     pub pools: crate::pool::Pools,
+    pub net: Arc<crate::net::Networks>,
     /// One writer per shared memory file being made (see [`Daemon::shared_memory`]).
     shared_writes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seq: AtomicU64,
@@ -75,6 +76,8 @@ pub struct RestoreOpts {
     pub track_dirty: bool,
     /// The template whose warm pool the VM is for.
     pub pool: Option<String>,
+    /// A network of its own.
+    pub network: Option<crate::net::NetworkRequest>,
 }
 
 /// How a snapshot is taken.
@@ -107,7 +110,9 @@ impl Daemon {
         let store = Store::open(store_config(&cfg)?).map_err(|e| format!("snapshot store: {e}"))?;
         let slots = cfg.max_parallel_restores.max(1);
         let sessions = crate::session::Sessions::new(crate::session::host_id(&cfg)?);
+        let net = Arc::new(crate::net::Networks::new(cfg.network.clone(), &cfg.data_dir));
         let d = Arc::new(Daemon {
+            net,
             cfg,
             db,
             store,
@@ -202,7 +207,29 @@ impl Daemon {
                 (VmStatus::Failed | VmStatus::Lost, _) => {}
             }
         }
+        self.adopt_networks();
         Ok(())
+    }
+
+    /// After a restart: running VMs get their DNS proxy back and their policy re-applied; namespaces no record
+    /// owns are removed.
+    fn adopt_networks(self: &Arc<Self>) {
+        let records: Vec<VmRecord> = lock(&self.vms).values().map(|s| s.get()).collect();
+        let keep: std::collections::HashSet<String> =
+            records.iter().filter(|r| r.network.is_some()).map(|r| r.id.clone()).collect();
+        self.net.remove_orphans(&keep);
+        for r in records {
+            let (Some(n), VmStatus::Running | VmStatus::Paused | VmStatus::Starting) = (&r.network, r.status) else {
+                continue;
+            };
+            let rules = n.request.check(usize::MAX).unwrap_or_default();
+            let redone =
+                self.net.set_policy(&r.id, n, rules.clone()).and_then(|_| self.net.start_proxy(&r.id, n, rules));
+            match redone {
+                Ok(()) => info!(vm = %r.id, "network re-adopted"),
+                Err(e) => warn!(vm = %r.id, error = %e, "could not re-adopt the VM's network"),
+            }
+        }
     }
 
     /// A VMM left paused or running against its record by an operation that flintd did not finish (killed in a
@@ -228,7 +255,7 @@ impl Daemon {
         });
     }
 
-    fn slot(&self, id: &str) -> Result<Arc<Slot>, OpError> {
+    pub(crate) fn slot(&self, id: &str) -> Result<Arc<Slot>, OpError> {
         lock(&self.vms).get(id).cloned().ok_or_else(|| OpError::NotFound(format!("no VM `{id}`")))
     }
 
@@ -315,7 +342,13 @@ impl Daemon {
     }
 
     /// A new VM in `Starting`, persisted, with an empty directory.
-    fn reserve(&self, id: Option<String>, prefix: &str, f: impl FnOnce(&mut VmRecord)) -> Result<Arc<Slot>, OpError> {
+    fn reserve(
+        &self,
+        id: Option<String>,
+        prefix: &str,
+        network: Option<&crate::net::NetworkRequest>,
+        f: impl FnOnce(&mut VmRecord),
+    ) -> Result<Arc<Slot>, OpError> {
         let id = match id {
             Some(id) => {
                 valid_id("VM id", &id)?;
@@ -346,6 +379,7 @@ impl Daemon {
             pool: None,
             agent_ms: None,
             refresh_ms: None,
+            network: None,
         };
         f(&mut rec);
         let slot = {
@@ -356,6 +390,14 @@ impl Daemon {
             self.check_quota(&vms, 1, rec.mem_mib)?;
             if self.cfg.jail.enabled {
                 rec.uid = Some(self.free_uid(&vms)?);
+            }
+            if let Some(req) = network {
+                let used = vms.values().filter_map(|s| s.get().network.map(|n| n.index)).collect();
+                let block = self.net.allocate(&used).map_err(OpError::QuotaExceeded)?;
+                let mut nonce = [0u8; 1];
+                let _ = getrandom::getrandom(&mut nonce);
+                rec.network =
+                    Some(crate::net::VmNet { index: block.index, mac: block.mac(nonce[0]), request: req.clone() });
             }
             let slot = Slot::new(rec.clone());
             vms.insert(id.clone(), slot.clone());
@@ -497,16 +539,17 @@ impl Daemon {
         let t = Instant::now();
         // A session's guest is named after the session (it keeps the name across wakes); a clone after itself.
         let hostname = rec.session.clone().unwrap_or_else(|| id.clone());
+        let network = rec.network.as_ref().map(|n| self.net.guest(n)).transpose().map_err(OpError::Internal)?;
         if rec.snapshot.is_some() {
             agent
-                .refresh(rec.env.clone(), Some(hostname))
+                .refresh_with(rec.env.clone(), Some(hostname), network)
                 .await
                 .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?;
-        } else if !rec.env.is_empty() {
+        } else if !rec.env.is_empty() || network.is_some() {
             agent
-                .refresh(rec.env.clone(), Some(id.clone()))
+                .refresh_with(rec.env.clone(), Some(id.clone()), network)
                 .await
-                .map_err(|e| OpError::VmFailed(format!("set env: {e}")))?;
+                .map_err(|e| OpError::VmFailed(format!("set env and network: {e}")))?;
         }
         let refresh_ms = t.elapsed().as_secs_f64() * 1000.0;
         *slot.agent.lock().await = Some(agent);
@@ -565,6 +608,34 @@ impl Daemon {
         }
     }
 
+    /// A network request checked against this host's limits: a 400 before anything starts.
+    pub(crate) fn check_network(&self, n: Option<&crate::net::NetworkRequest>) -> Result<(), OpError> {
+        if let Some(n) = n {
+            n.check(self.cfg.network.max_rules).map_err(|e| OpError::BadRequest(format!("network: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the network of a VM whose record has one (namespace, tap, policy, DNS proxy): the card the VMM
+    /// attaches to. None: the VM has no network.
+    async fn start_network(&self, slot: &Arc<Slot>) -> Result<Option<NetConfig>, OpError> {
+        let rec = slot.get();
+        let Some(n) = rec.network.clone() else { return Ok(None) };
+        let rules = n.request.check(usize::MAX).map_err(OpError::BadRequest)?;
+        let (net, id, n2, r2) = (self.net.clone(), rec.id.clone(), n.clone(), rules.clone());
+        let ns = tokio::task::spawn_blocking(move || net.setup(&id, &n2, r2))
+            .await
+            .map_err(|e| OpError::Internal(e.to_string()))?
+            .map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
+        self.net.start_proxy(&rec.id, &n, rules).map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
+        Ok(Some(NetConfig {
+            tap: crate::net::TAP.into(),
+            netns: Some(ns),
+            mac: Some(n.mac.clone()),
+            ..NetConfig::detached()
+        }))
+    }
+
     /// Boots a VM from an image and waits until its agent answers.
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<VmRecord, OpError> {
         let images = self.images();
@@ -591,7 +662,8 @@ impl Daemon {
         if req.drives.len() > MAX_DRIVES {
             return Err(OpError::BadRequest(format!("{} drives: at most {MAX_DRIVES}", req.drives.len())));
         }
-        let slot = self.reserve(req.id, "vm", |r| {
+        self.check_network(req.network.as_ref())?;
+        let slot = self.reserve(req.id, "vm", req.network.as_ref(), |r| {
             r.image = Some(image.clone());
             r.mem_mib = mem;
             r.vcpus = vcpus;
@@ -618,14 +690,16 @@ impl Daemon {
         config.console = dir.join("console.log").display().to_string();
         config.console_limit_bytes = self.cfg.vm.console_limit_bytes;
         config.validate_limits()?;
-        let spec = LaunchSpec {
-            api_sock: Some(dir.join("api.sock")),
-            seccomp: true,
-            jail: None,
-            launch: Launch::Boot(config),
-        };
         let started = Instant::now();
         let result = async {
+            // Every VM gets a network card, detached without a network: its snapshots' clones may be given one.
+            config.net = Some(self.start_network(&slot).await?.unwrap_or_else(NetConfig::detached));
+            let spec = LaunchSpec {
+                api_sock: Some(dir.join("api.sock")),
+                seccomp: true,
+                jail: None,
+                launch: Launch::Boot(config),
+            };
             self.spawn(&slot, &spec)?;
             self.await_ready(&slot).await
         }
@@ -652,6 +726,10 @@ impl Daemon {
         }
         *lock(&slot.pager) = None;
         self.launcher.release(&rec.dir);
+        if let Some(n) = rec.network.clone() {
+            let (net, vm) = (self.net.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || net.teardown(&vm, &n)).await;
+        }
         slot.remove(&self.db)?;
         lock(&self.vms).remove(id);
         let _ = std::fs::remove_dir_all(&rec.dir);
@@ -836,9 +914,10 @@ impl Daemon {
             .get("drives_rate_limiters")
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
+        self.check_network(opts.network.as_ref())?;
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
         let prefix = opts.session.as_deref().unwrap_or(if opts.pool.is_some() { "pool" } else { "clone" });
-        let slot = self.reserve(None, prefix, |r| {
+        let slot = self.reserve(None, prefix, opts.network.as_ref(), |r| {
             r.snapshot = Some(snapshot.to_string());
             r.session = opts.session.clone();
             r.pool = opts.pool.clone();
@@ -883,6 +962,7 @@ impl Daemon {
             };
             let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
             slot.commit(&self.db, |r| r.fetch_ms = Some(fetch_ms))?;
+            let net = self.start_network(&slot).await?;
             let spec = LaunchSpec {
                 api_sock: Some(dir.join("api.sock")),
                 seccomp: true,
@@ -894,7 +974,7 @@ impl Daemon {
                         vsock_uds: Some(dir.join("vsock.sock")),
                         console: Some(dir.join("console.log").display().to_string()),
                         console_limit_bytes: Some(self.cfg.vm.console_limit_bytes),
-                        net: None,
+                        net,
                         drive_paths: (!drive_flags.is_empty())
                             .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
                     },

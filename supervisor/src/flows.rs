@@ -57,11 +57,17 @@ impl Daemon {
             .map(|_| {
                 let this = self.clone();
                 let snapshot = snapshot.clone();
-                let opts = crate::daemon::RestoreOpts { env: req.env.clone(), lazy: req.lazy, ..Default::default() };
+                let opts = crate::daemon::RestoreOpts {
+                    env: req.env.clone(),
+                    lazy: req.lazy,
+                    network: req.network.clone(),
+                    ..Default::default()
+                };
                 let template = req.template.clone();
                 tokio::spawn(async move {
-                    // A warm pool's VM first (resume + refresh), else a restore.
-                    if let Some(t) = &template {
+                    // A warm pool's VM first (resume + refresh), else a restore. Pooled VMs have no network: a
+                    // clone that asks for one is restored.
+                    if let (Some(t), None) = (&template, &opts.network) {
                         if let Some(vm) = this.take_pooled(t, &opts.env, None).await {
                             return Ok(vm);
                         }

@@ -80,7 +80,16 @@ pub fn jail_spec(
         Ok(())
     };
     let mut uffd = false;
-    let net;
+    // A tap lives in the VM's network namespace, which the jailed VMM cannot enter (its own is empty): flintd
+    // attaches to it and hands the VMM the fd.
+    let hand_over_tap = |n: &mut Option<flint_vmm_api::config::NetConfig>, passed: &mut Vec<OwnedFd>| {
+        let Some(n) = n.as_mut().filter(|n| !n.is_detached() && n.inherited_fd().is_none()) else { return Ok(()) };
+        let ns = n.netns.take().ok_or("a jailed VMM's tap must be in a network namespace flintd made")?;
+        let fd = crate::net::open_tap(&ns, &n.tap)?;
+        n.tap = format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd);
+        passed.push(fd);
+        Ok::<(), String>(())
+    };
     match &mut out.launch {
         Launch::Boot(config) => {
             map(&mut config.kernel, false, &mut passed)?;
@@ -94,7 +103,7 @@ pub fn jail_spec(
                 must_be_inside(&mut v.uds_path)?;
             }
             console_inside(&mut config.console)?;
-            net = config.net.is_some();
+            hand_over_tap(&mut config.net, &mut passed)?;
         }
         Launch::Restore(r) => {
             must_be_inside(&mut r.state_path)?;
@@ -120,11 +129,8 @@ pub fn jail_spec(
             for p in r.devices.drive_paths.iter_mut().flatten() {
                 map(p, true, &mut passed)?;
             }
-            net = r.devices.net.is_some();
+            hand_over_tap(&mut r.devices.net, &mut passed)?;
         }
-    }
-    if net {
-        return Err("a network device in a jailed VMM is not supported yet (its network namespace is empty)".into());
     }
     if uffd {
         // Absent on kernels before 6.1; the VMM then needs vm.unprivileged_userfaultfd = 1.

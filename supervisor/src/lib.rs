@@ -15,6 +15,7 @@ pub mod http;
 pub mod jail;
 pub mod launcher;
 pub mod metrics;
+pub mod net;
 pub mod pager;
 pub mod pool;
 pub mod session;
@@ -108,6 +109,15 @@ pub async fn run(cfg: config::Config) -> Result<(), String> {
     }
     let daemon = daemon::Daemon::open(cfg)?;
     let listener = bind(&socket, group.as_deref())?;
+    let front = match daemon.cfg.network.front_end {
+        Some(addr) => {
+            let l = net::front::bind(addr).await?;
+            let routes = Arc::new(net::ops::DaemonRoutes(Arc::downgrade(&daemon)));
+            info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports");
+            Some(tokio::spawn(net::front::serve(l, daemon.cfg.network.domain.clone(), routes)))
+        }
+        None => None,
+    };
     info!(socket = %socket.display(), vms = daemon.list().len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");
     let app = api::router(daemon.clone());
@@ -124,6 +134,9 @@ pub async fn run(cfg: config::Config) -> Result<(), String> {
         sd_notify("STOPPING=1");
     };
     let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    if let Some(f) = front {
+        f.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     drop(Arc::clone(&daemon));
     r.map_err(|e| format!("API server: {e}"))

@@ -93,6 +93,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // FLINT_KEEP_FAILED=1: a failing test's directory (logs, consoles) stays for a post-mortem.
+        if std::thread::panicking() && std::env::var_os("FLINT_KEEP_FAILED").is_some() {
+            eprintln!("kept {} (FLINT_KEEP_FAILED)", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -383,7 +388,8 @@ async fn make_golden(dir: &Path) -> Golden {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).expect("golden dir");
     let work = TempDir::new("golden");
-    let mut vm = VmProcess::boot(work.path(), &["--track-dirty-pages".into()]);
+    // A detached network card, as flintd boots every VM: clones of the golden snapshot may be given a network.
+    let mut vm = VmProcess::boot(work.path(), &["--track-dirty-pages".into(), "--tap".into(), "none".into()]);
     let agent = vm.agent(Duration::from_secs(300)).await;
     let boot_ms = vm.started.elapsed().as_secs_f64() * 1000.0;
     let req = flint_agent::protocol::ExecRequest {
@@ -648,6 +654,18 @@ impl Flintd {
     }
 
     pub fn start_with(data: &Path, socket: &Path, s3: &S3Server, prefix: &str, extra: &[&str]) -> Flintd {
+        Self::start_full(data, socket, Some((s3, prefix)), extra, None)
+    }
+
+    /// flintd with the S3 tier `s3` (under a prefix) or none, in network namespace `netns` (a path such as
+    /// /run/netns/NAME) or the test's own.
+    pub fn start_full(
+        data: &Path,
+        socket: &Path,
+        s3: Option<(&S3Server, &str)>,
+        extra: &[&str],
+        netns: Option<&Path>,
+    ) -> Flintd {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).expect("flintd log");
         let mut cmd = Command::new(bin_dir().join("flintd"));
@@ -658,13 +676,29 @@ impl Flintd {
             .arg("--image")
             .arg(format!("default={}", images().dir.display()))
             .args(extra)
-            .envs(s3.env())
             .stdout(log.try_clone().expect("flintd log"))
             .stderr(log);
-        if !prefix.is_empty() {
-            cmd.env("FLINT_S3_PREFIX", prefix);
+        if let Some((s3, prefix)) = s3 {
+            cmd.envs(s3.env());
+            if !prefix.is_empty() {
+                cmd.env("FLINT_S3_PREFIX", prefix);
+            }
         }
         die_with_parent(&mut cmd);
+        if let Some(ns) = netns {
+            let f = std::fs::File::open(ns).expect("open the network namespace");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            std::mem::forget(f); // open until the child has started (the test process ends soon anyway)
+                                 // SAFETY: setns(2) is async-signal-safe and changes only the child, between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("start flintd (cargo build --workspace --bins)");
         let deadline = Instant::now() + Duration::from_secs(30);
         while UnixStream::connect(socket).is_err() {
@@ -705,23 +739,87 @@ pub fn flintd_store(data: &Path, s3: &S3Server, prefix: &str) -> flint_snapshot_
     flint_snapshot_store::Store::open(cfg).unwrap()
 }
 
+/// A network namespace the test makes (`ip netns add`), deleted on drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(tag: &str) -> TestNetns {
+        let name = format!("flint-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        let ns = TestNetns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME args...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it makes stay in it, also when used from elsewhere).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).expect("open the network namespace");
+        std::thread::spawn(move || {
+            // SAFETY: setns(2) on a namespace fd we hold; it changes only this thread.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("a thread in the namespace panicked")
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Puts the golden snapshot into flintd's local store only (flintd without an S3 tier) as snapshot `id`.
+pub fn import_golden_local(data: &Path, id: &str) {
+    let g = golden();
+    std::fs::create_dir_all(data).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let draft = golden_draft(g, id, None);
+    rt.block_on(async {
+        let cfg = flint_snapshot_store::StoreConfig::new(&data.join("store"));
+        flint_snapshot_store::Store::open(cfg).unwrap().put(draft, false).await.unwrap();
+    });
+}
+
 /// Puts the golden snapshot into flintd's store as snapshot `id` (and publishes it), so a test restores clones
 /// through flintd without a cold boot. `mem_mib` is what its metadata says (what flintd sizes the VM's cgroup by).
 pub fn import_golden(data: &Path, s3: &S3Server, prefix: &str, id: &str, mem_mib: Option<u64>) {
     let g = golden();
     std::fs::create_dir_all(data).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let draft = golden_draft(g, id, mem_mib);
     rt.block_on(async {
-        let mut draft = flint_snapshot_store::SnapshotDraft::new(id)
-            .image("state", flint_snapshot_store::ImageSource::File(g.state.clone()))
-            .image("memory", flint_snapshot_store::ImageSource::File(g.mem.clone()));
-        draft.metadata.insert("vcpus".into(), g.report["vcpus"].to_string());
-        let mem = mem_mib.map(|m| m.to_string()).unwrap_or_else(|| g.report["mem_mib"].to_string());
-        draft.metadata.insert("mem_mib".into(), mem);
-        draft.metadata.insert("drives".into(), "0".into());
-        draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
         flintd_store(data, s3, prefix).put(draft, true).await.unwrap();
     });
+}
+
+/// The golden snapshot as a store draft named `id`, with the metadata flintd reads (`mem_mib` overridable).
+fn golden_draft(g: &Golden, id: &str, mem_mib: Option<u64>) -> flint_snapshot_store::SnapshotDraft {
+    let mut draft = flint_snapshot_store::SnapshotDraft::new(id)
+        .image("state", flint_snapshot_store::ImageSource::File(g.state.clone()))
+        .image("memory", flint_snapshot_store::ImageSource::File(g.mem.clone()));
+    draft.metadata.insert("vcpus".into(), g.report["vcpus"].to_string());
+    let mem = mem_mib.map(|m| m.to_string()).unwrap_or_else(|| g.report["mem_mib"].to_string());
+    draft.metadata.insert("mem_mib".into(), mem);
+    draft.metadata.insert("drives".into(), "0".into());
+    draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
+    draft
 }
 
 /// What the jail promises, read from /proc: process `pid` runs as a uid that is not root, with no_new_privs, pid 1
@@ -797,6 +895,13 @@ impl Drop for KillVmmsUnder {
         for (pid, _) in processes_naming(&self.0) {
             // SAFETY: kill(2) on a process whose command line names this test's private directory.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Network namespaces flintd made for them (bind mounts under <data>/netns).
+        for e in std::fs::read_dir(self.0.join("netns")).into_iter().flatten().flatten() {
+            if let Ok(c) = std::ffi::CString::new(e.path().as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2(2) with a NUL-terminated path; failure (not mounted) is fine.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
         }
         // The jail's cgroups of those VMs (flintd removes a VM's cgroup when it deletes the VM).
         let ids: Vec<std::ffi::OsString> =

@@ -960,3 +960,355 @@ fn eager_clones_share_one_memory_file() {
         assert_eq!(sh(&socket, id, "cat /tmp/x"), "42", "{id} runs on after its file was deleted");
     }
 }
+
+/// The internet for the networking test: a namespace with HTTP servers on several addresses and a DNS server.
+struct World {
+    ns: flint_tests::TestNetns,
+}
+
+const WORLD_DNS: &str = "203.0.113.53";
+
+impl World {
+    /// `world` ⟷ `host` by a veth pair: host 203.0.113.2/24 (default route to the world), world 203.0.113.1 plus
+    /// .10, .11, .12, .53 and 169.254.169.254 (a metadata service the host itself can reach).
+    fn new(host: &flint_tests::TestNetns) -> World {
+        let ns = flint_tests::TestNetns::new("world");
+        let veth = format!("fw{}", std::process::id() % 100_000);
+        host.ip(&["link", "add", "up0", "type", "veth", "peer", "name", &veth]);
+        host.ip(&["link", "set", &veth, "netns", &ns.name]);
+        host.ip(&["addr", "add", "203.0.113.2/24", "dev", "up0"]);
+        host.ip(&["link", "set", "up0", "up"]);
+        host.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        for a in ["203.0.113.1/24", "203.0.113.10/32", "203.0.113.11/32", "203.0.113.12/32", "203.0.113.53/32"] {
+            ns.ip(&["addr", "add", a, "dev", &veth]);
+        }
+        ns.ip(&["addr", "add", "169.254.169.254/32", "dev", &veth]);
+        ns.ip(&["link", "set", &veth, "up"]);
+        host.ip(&["route", "add", "169.254.169.254/32", "via", "203.0.113.1"]);
+        let w = World { ns };
+        for (ip, body) in [
+            ("203.0.113.10", "world-10"),
+            ("203.0.113.11", "world-11"),
+            ("203.0.113.12", "world-12"),
+            ("169.254.169.254", "metadata"),
+        ] {
+            let l = w.ns.enter(move || std::net::TcpListener::bind((ip, 80)).unwrap());
+            std::thread::spawn(move || serve_http(l, body));
+        }
+        let dns = w.ns.enter(|| std::net::UdpSocket::bind((WORLD_DNS, 53)).unwrap());
+        std::thread::spawn(move || {
+            use flint_supervisor::net::dns;
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = dns.recv_from(&mut buf) {
+                let Some(q) = dns::parse_query(&buf[..n]) else { continue };
+                let addrs: Vec<std::net::Ipv4Addr> = match (q.name.as_str(), q.qtype) {
+                    ("allowed.test", 1) => vec!["203.0.113.10".parse().unwrap()],
+                    ("denied.test", 1) => vec!["203.0.113.11".parse().unwrap()],
+                    _ => vec![],
+                };
+                let _ = dns.send_to(&dns::answer(&buf[..n], &addrs, 60), from);
+            }
+        });
+        w
+    }
+}
+
+/// Answers every request on `l` with `body` and closes.
+fn serve_http(l: std::net::TcpListener, body: &'static str) {
+    use std::io::{Read, Write};
+    for mut c in l.incoming().flatten() {
+        let mut buf = [0u8; 2048];
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = c.read(&mut buf);
+        let _ = write!(c, "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    }
+}
+
+/// The guest's HTTP GET of `url` (`http://IP[:PORT]/PATH`) with busybox nc: the body, or `FAILED`. A fetch that
+/// should work may wait 30 s (a restored guest's first TCP connection costs seconds of emulated kernel time here);
+/// one that should fail waits 5 s (a dropped SYN is never answered). Debian's static busybox wget crashes in
+/// glibc's getaddrinfo (even for an address), hence nc.
+fn guest_fetch(socket: &Path, id: &str, url: &str) -> String {
+    guest_get(socket, id, url, 30)
+}
+
+fn guest_blocked(socket: &Path, id: &str, url: &str) -> bool {
+    let got = guest_get(socket, id, url, 5);
+    assert_eq!(got, "FAILED", "{id} reached {url}");
+    true
+}
+
+fn guest_get(socket: &Path, id: &str, url: &str, wait_s: u32) -> String {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (ip, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
+    sh(socket, id, &format!("ip={ip}; {}", fetch_script(port, path, wait_s)))
+}
+
+/// `$ip` fetched: prints the body or FAILED.
+fn fetch_script(port: &str, path: &str, wait_s: u32) -> String {
+    format!(
+        "out=$(printf 'GET /{path} HTTP/1.0\\r\\n\\r\\n' | nc -w {wait_s} $ip {port} 2>/dev/null | tr -d '\\r' | sed '1,/^$/d'); \
+         [ -n \"$out\" ] && echo \"$out\" || echo FAILED"
+    )
+}
+
+/// What the guest gets from `http://<name>/`, the name resolved through the guest's DNS (the VM's proxy) by
+/// busybox nslookup, or `FAILED`.
+fn guest_fetch_name(socket: &Path, id: &str, name: &str) -> String {
+    sh(
+        socket,
+        id,
+        &format!(
+            "ip=$(nslookup {name} 2>/dev/null | sed -n 's/^Address: \\([0-9.]*\\)$/\\1/p' | head -n 1); \
+             if [ -z \"$ip\" ]; then echo FAILED; else {}; fi",
+            fetch_script("80", "", 30)
+        ),
+    )
+}
+
+/// An HTTP/1.1 request from inside namespace `ns` to `addr` with `headers`; (status, head, body chunks with the
+/// time each arrived).
+fn front_request(
+    ns: &flint_tests::TestNetns,
+    addr: &'static str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String, Vec<(Duration, String)>) {
+    use std::io::{Read, Write};
+    let req = format!(
+        "GET {path} HTTP/1.1\r\n{}connection: close\r\n\r\n",
+        headers.iter().map(|h| format!("{h}\r\n")).collect::<String>()
+    );
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let start = Instant::now();
+        let mut all = Vec::new();
+        let mut chunks = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    all.extend_from_slice(&buf[..n]);
+                    chunks.push((start.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let (head, _) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, head.to_string(), chunks)
+    })
+}
+
+fn body_of(chunks: &[(Duration, String)]) -> String {
+    let all: String = chunks.iter().map(|(_, c)| c.as_str()).collect();
+    all.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// Per-VM networks on real guests (restored from the golden snapshot) with flintd in a network namespace the test
+/// makes, whose uplink leads to a "world" namespace (HTTP servers, a DNS server): egress by IP and by name under
+/// a default-deny policy, denied targets failing both ways, a policy change at run time; two clones with their own
+/// addresses and MACs reaching the world at once; no way from a guest to the host's addresses, 169.254.169.254 or
+/// another VM; a guest's busybox httpd through the front end by Host, by headers and by cookie, with a token,
+/// a streamed (server-sent events) response arriving as it is written; a hibernated session woken by a request;
+/// the network re-adopted after kill -9 of flintd; bad policies refused with nothing changed; nothing left after
+/// the VMs are deleted.
+#[test]
+fn networks_egress_policy_isolation_and_exposed_ports() {
+    let host = flint_tests::TestNetns::new("nethost");
+    let world = World::new(&host);
+    let work = TempDir::new("flintd-net");
+    let data = work.path().join("data");
+    let _reap = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    let config = work.path().join("flintd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\npool = \"10.77.0.0/24\"\nupstream_dns = \"{WORLD_DNS}:53\"\nfront_end = \"127.0.0.1:18480\"\n\
+             max_rules = 8\n[sessions]\ntick_ms = 200\n"
+        ),
+    )
+    .unwrap();
+    flint_tests::import_golden_local(&data, "gold");
+    let args = ["--config", config.to_str().unwrap()];
+    let mut d = Some(Flintd::start_full(&data, &socket, None, &args, Some(&host.path())));
+    // A service on the host's own addresses (what a guest must never reach), reachable from the host itself.
+    let host_svc = host.enter(|| std::net::TcpListener::bind(("0.0.0.0", 7777)).unwrap());
+    std::thread::spawn(move || serve_http(host_svc, "host-service"));
+
+    // Bad policies: 400, and nothing made.
+    for (body, want) in [
+        (r#"{"snapshot":"gold","network":{"egress":{"allow":["10.0.0.1/8"]}}}"#, "host bits"),
+        (r#"{"snapshot":"gold","network":{"egress":{"alow":[]}}}"#, "unknown field"),
+        (
+            r#"{"snapshot":"gold","network":{"egress":{"deny":["a.com","b.com","c.com","d.com","e.com","f.com","g.com","h.com","i.com"]}}}"#,
+            "at most 8",
+        ),
+        (r#"{"snapshot":"gold","network":{"egress":{"allow":["::1"]}}}"#, "IPv6"),
+        (r#"{"snapshot":"gold","network":{"ports":{"0":{}}}}"#, "port 0"),
+    ] {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(
+                &socket,
+                "POST",
+                "/v1/clones",
+                Some(body.as_bytes()),
+                Duration::from_secs(30),
+            ))
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(status, 400, "{body}: {out}");
+        assert!(out.contains(want), "{body}: {out}");
+    }
+    assert_eq!(flint_json(&socket, &["vm", "ls"]).as_array().map(|a| a.len()), Some(0), "a bad request made no VM");
+    assert_eq!(std::fs::read_dir(data.join("netns")).map(|d| d.count()).unwrap_or(0), 0);
+
+    // Two clones under a default-deny policy.
+    let clones = flint_json(
+        &socket,
+        &[
+            "clone",
+            "--snapshot",
+            "gold",
+            "-n",
+            "2",
+            "--default-deny",
+            "--allow",
+            "allowed.test",
+            "--allow",
+            "203.0.113.12",
+            "--deny",
+            "denied.test",
+            "--expose",
+            "8080",
+        ],
+    );
+    let ids: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let na = flint_json(&socket, &["net", "show", &a]);
+    let nb = flint_json(&socket, &["net", "show", &b]);
+    println!("{na}\n{nb}");
+    assert_ne!(na["address"], nb["address"]);
+    assert_ne!(na["mac"], nb["mac"]);
+    for (id, n) in [(&a, &na), (&b, &nb)] {
+        let inside = sh(&socket, id, "cat /sys/class/net/eth0/address; ip -4 addr show dev eth0");
+        assert!(inside.contains(n["mac"].as_str().unwrap()), "{id}: {inside}");
+        assert!(inside.contains(&format!("{}/30", n["address"].as_str().unwrap())), "{id}: {inside}");
+    }
+    // Both reach the world at once, by name and by IP.
+    let both: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|id| {
+            let socket = socket.clone();
+            std::thread::spawn(move || guest_fetch_name(&socket, &id, "allowed.test"))
+        })
+        .collect();
+    for t in both {
+        assert_eq!(t.join().unwrap(), "world-10");
+    }
+    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.12/"), "world-12");
+    // Denied both ways: by name (the DNS proxy refuses it) and by IP (not allowed; the default denies).
+    assert_eq!(guest_fetch_name(&socket, &a, "denied.test"), "FAILED");
+    assert!(guest_blocked(&socket, &a, "http://203.0.113.11/"));
+    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.10/"), "world-10", "the name's answer opened its address");
+    // Never: the host's addresses (uplink and the VM's own host end), the metadata address, another VM, a DNS
+    // server other than the proxy.
+    let host_end = {
+        let g: std::net::Ipv4Addr = na["address"].as_str().unwrap().parse().unwrap();
+        std::net::Ipv4Addr::from(u32::from(g) + 3)
+    };
+    assert_eq!(front_request(&host, "203.0.113.2:7777", "/", &[]).0, 200, "the host service answers the host");
+    assert_eq!(front_request(&host, "169.254.169.254:80", "/", &[]).0, 200, "the metadata service answers the host");
+    // Open everything the policy can: what stays closed is closed by flintd's own rules.
+    flint_json(&socket, &["net", "policy", &a]);
+    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.11/"), "world-11", "default allow now");
+    sh(&socket, &b, "mkdir -p /www/cgi-bin && echo guest-page > /www/index.html && printf '#!/bin/sh\\necho \"Content-Type: text/event-stream\"\\necho\\nfor i in 1 2 3; do echo \"data: $i\"; echo; sleep 1; done\\n' > /www/cgi-bin/events && chmod +x /www/cgi-bin/events && httpd -p 8080 -h /www && echo started");
+    let nb_addr = nb["address"].as_str().unwrap().to_string();
+    for url in [
+        "http://203.0.113.2:7777/".to_string(),
+        format!("http://{host_end}:7777/"),
+        "http://127.0.0.1:7777/".into(),
+        "http://169.254.169.254/".into(),
+        format!("http://{nb_addr}:8080/"),
+    ] {
+        assert!(guest_blocked(&socket, &a, &url));
+    }
+    assert!(sh(
+        &socket,
+        &a,
+        &format!("nslookup allowed.test {WORLD_DNS} >/dev/null 2>&1 && echo RESOLVED || echo FAILED")
+    )
+    .ends_with("FAILED"));
+
+    // The front end: by Host, by headers, by cookie; a token; a streamed response.
+    let fe = "127.0.0.1:18480";
+    let (st, head, chunks) = front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost:18480")]);
+    assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"), "{head}");
+    assert!(head.contains(&format!("set-cookie: flint-route={b}.8080")), "{head}");
+    let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("flint-session: {b}"), "flint-port: 8080"]);
+    assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
+    let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("Cookie: flint-route={b}.8080")]);
+    assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
+    let (st, head, _) = front_request(&host, fe, "/", &[]);
+    assert_eq!(st, 400, "{head}");
+    let (st, _, _) = front_request(&host, fe, "/", &["Host: 8081-nosuch.flint.localhost"]);
+    assert_eq!(st, 404);
+    let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("Host: 9090-{b}.flint.localhost")]);
+    assert_eq!(st, 404, "an unexposed port: {}", body_of(&chunks));
+    flint_json(&socket, &["port", "expose", &b, "8080", "--token", "s3cret-token"]);
+    let (st, _, _) = front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost")]);
+    assert_eq!(st, 401);
+    let (st, _, chunks) =
+        front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost"), "flint-token: s3cret-token"]);
+    assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
+    let (st, _, chunks) = front_request(
+        &host,
+        fe,
+        "/cgi-bin/events?flint_token=s3cret-token",
+        &[&format!("Host: 8080-{b}.flint.localhost")],
+    );
+    assert_eq!(st, 200);
+    let first = chunks.iter().find(|(_, c)| c.contains("data: 1")).map(|(t, _)| *t).expect("first event");
+    let last = chunks.iter().find(|(_, c)| c.contains("data: 3")).map(|(t, _)| *t).expect("last event");
+    println!("events: first at {first:?}, last at {last:?}");
+    assert!(last >= first + Duration::from_millis(1500), "the events came in one piece: {chunks:?}");
+
+    // A session with a network: hibernated, a request through the front end wakes it (a new address).
+    flint_json(&socket, &["session", "create", "--snapshot", "gold", "--id", "web", "--expose", "8080"]);
+    sh(&socket, "web", "mkdir -p /www && echo session-page > /www/index.html && httpd -p 8080 -h /www");
+    let before = flint_json(&socket, &["net", "show", "web"]);
+    flint_json(&socket, &["session", "hibernate", "web"]);
+    let (st, head, chunks) = front_request(&host, fe, "/", &["Host: 8080-web.flint.localhost"]);
+    assert_eq!((st, body_of(&chunks).trim()), (200, "session-page"), "{head}");
+    assert_eq!(session(&socket, "web")["state"], "running");
+    let after = flint_json(&socket, &["net", "show", "web"]);
+    assert_ne!(before["vm"], after["vm"]);
+    assert_eq!(guest_fetch_name(&socket, "web", "allowed.test"), "world-10", "the woken guest's network works");
+
+    // kill -9 of flintd: the network is re-adopted (DNS proxy back, policy re-applied).
+    let mut old = d.take().unwrap();
+    old.child.kill().unwrap();
+    let _ = old.child.wait();
+    drop(old);
+    d = Some(Flintd::start_full(&data, &socket, None, &args, Some(&host.path())));
+    flint_json(&socket, &["net", "policy", &a, "--default-deny", "--allow", "allowed.test"]);
+    assert_eq!(guest_fetch_name(&socket, &a, "allowed.test"), "world-10");
+    assert!(guest_blocked(&socket, &a, "http://203.0.113.12/"), "the changed policy closed it");
+
+    // Everything goes with the VMs.
+    flint(&socket, &["session", "rm", "web"]);
+    flint(&socket, &["vm", "rm", &a, &b]);
+    assert_eq!(flint_json(&socket, &["vm", "ls"]).as_array().map(|a| a.len()), Some(0));
+    let left: Vec<_> = std::fs::read_dir(data.join("netns")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    let links = host.ip(&["-o", "link"]);
+    assert!(!links.contains("flv"), "veth ends left: {links}");
+    drop(d);
+    drop(world);
+}

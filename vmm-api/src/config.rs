@@ -99,7 +99,11 @@ impl RateLimiterConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// Name of an existing tap device.
+    /// Name of an existing tap device, or `/dev/fd/N`: an inherited fd of a tap its parent attached (how flintd
+    /// hands a jailed VMM, whose own network namespace is empty, its tap; the jail's convention for every host
+    /// file). Empty: a card with no host side ("detached"): frames the guest sends are dropped and none arrive.
+    /// flintd boots every VM with a card, detached unless the VM has a network, so its snapshots' clones may be
+    /// given one.
     pub tap: String,
     /// Network namespace holding the tap (a path such as /var/run/netns/NAME).
     #[serde(default)]
@@ -113,6 +117,27 @@ pub struct NetConfig {
     /// Limits on frames the guest sends.
     #[serde(default)]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// A card with no host side (see `tap`).
+    pub fn detached() -> Self {
+        NetConfig { tap: String::new(), netns: None, mac: None, rx_rate_limiter: None, tx_rate_limiter: None }
+    }
+    pub fn is_detached(&self) -> bool {
+        self.tap.is_empty()
+    }
+
+    /// The inherited fd `tap` names (`/dev/fd/N`), if it names one.
+    pub fn inherited_fd(&self) -> Option<Result<i32, String>> {
+        let n = self.tap.strip_prefix("/dev/fd/")?;
+        Some(
+            n.parse::<i32>()
+                .ok()
+                .filter(|fd| *fd >= 3)
+                .ok_or_else(|| format!("tap {:?}: not an inherited fd", self.tap)),
+        )
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -336,13 +361,7 @@ mod tests {
         c.kernel = "/nonexistent/vmlinux".into();
         assert_eq!(c.validate(), Err(ConfigError::MissingFile("/nonexistent/vmlinux".into())));
         c.kernel = kernel();
-        c.net = Some(NetConfig {
-            tap: "tap0".into(),
-            netns: None,
-            mac: Some("zz:00".into()),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-        });
+        c.net = Some(NetConfig { tap: "tap0".into(), mac: Some("zz:00".into()), ..NetConfig::detached() });
         assert_eq!(c.validate(), Err(ConfigError::Mac("zz:00".into())));
     }
 

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::{self as arch, cpuid, regs, InitrdRegion};
-use crate::config::VmConfig;
+use crate::config::{NetConfig, VmConfig};
 use crate::device_manager::{finish_devices, setup_devices, Devices};
 use crate::devices::bus::lock;
 use crate::devices::legacy::SerialDevice;
@@ -207,9 +207,6 @@ fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, Bui
     if saved.vsock.is_some() && d.vsock_uds.is_none() {
         return Err(missing("a vsock device", "--vsock-uds / devices.vsock_uds").into());
     }
-    if saved.net.is_some() && d.net.is_none() {
-        return Err(missing("a network device", "--tap / devices.net").into());
-    }
     if !saved.drives.is_empty() && d.drive_paths.is_none() {
         return Err(missing(&format!("{} drive(s)", saved.drives.len()), "--drive / devices.drive_paths").into());
     }
@@ -233,11 +230,23 @@ fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, Bui
     if let Some(l) = d.console_limit_bytes {
         config.console_limit_bytes = l;
     }
-    if let Some(n) = &d.net {
-        if config.net.is_none() {
-            return Err(RestoreError::Devices("a tap was given but the snapshot has no network device".into()).into());
+    match (&d.net, config.net.as_mut()) {
+        (Some(_), None) => {
+            return Err(RestoreError::Devices(
+                "a tap was given but the snapshot has no network card (boot its template with one: flintd gives \
+                 every VM a card)"
+                    .into(),
+            )
+            .into())
         }
-        config.net = Some(n.clone());
+        (Some(n), Some(c)) => {
+            // The snapshot's MAC unless the restore names one (a clone's own: flintd re-addresses the guest).
+            let mac = n.mac.clone().or_else(|| c.mac.clone());
+            *c = NetConfig { mac, ..n.clone() };
+        }
+        // No host side given: the card stays, detached (a restore never opens a tap named in a snapshot).
+        (None, Some(c)) => *c = NetConfig { mac: c.mac.clone(), ..NetConfig::detached() },
+        (None, None) => {}
     }
     if let Some(paths) = &d.drive_paths {
         if paths.len() != config.drives.len() {

@@ -162,9 +162,16 @@ pub(crate) fn setup_devices(
         }
     }
     if let Some(n) = &config.net {
-        let tap = net::tap::open_tap(&n.tap, n.netns.as_deref())?;
         let mac = n.mac.as_deref().and_then(parse_mac).unwrap_or_else(|| mac_from_name(&n.tap));
-        let dev = net::Net::new(tap, &n.tap, mac)
+        let dev = if let Some(fd) = n.inherited_fd() {
+            let fd = fd.map_err(BuildError::DeviceIo)?;
+            net::Net::new(net::tap::adopt_tap(fd, &n.tap)?, &n.tap, mac)
+        } else if n.is_detached() {
+            net::Net::detached(mac)?
+        } else {
+            net::Net::new(net::tap::open_tap(&n.tap, n.netns.as_deref())?, &n.tap, mac)
+        };
+        let dev = dev
             .with_limiters(n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref())
             .map_err(|e| BuildError::DeviceIo(format!("net rate limiter: {e}")))?;
         virtio.push(Box::new(dev));

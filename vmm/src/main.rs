@@ -40,7 +40,8 @@ struct Args {
     /// Block device: PATH[,ro][,root]; repeat for several drives.
     #[arg(long = "drive")]
     drives: Vec<String>,
-    /// Tap device: NAME[,netns=PATH][,mac=MAC].
+    /// Tap device: NAME[,netns=PATH][,mac=MAC]; `none`: a network card with no host side (detached), which a
+    /// restore of its snapshots may attach to a tap.
     #[arg(long)]
     tap: Option<String>,
     /// Host-side vsock Unix socket.
@@ -110,7 +111,8 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
 fn parse_tap(s: &str) -> Result<NetConfig, String> {
     let mut parts = s.split(',');
     let tap = parts.next().filter(|p| !p.is_empty()).ok_or("--tap needs a name")?;
-    let mut n = NetConfig { tap: tap.into(), netns: None, mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
+    let tap = if tap == "none" { "" } else { tap };
+    let mut n = NetConfig { tap: tap.into(), ..NetConfig::detached() };
     for opt in parts {
         match opt.split_once('=') {
             Some(("netns", v)) => n.netns = Some(v.into()),

@@ -86,6 +86,8 @@ enum Cmd {
         /// Start before memory arrives (pages fetched on first touch, working set prefetched).
         #[arg(long)]
         lazy: bool,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Sessions: sandboxes that hibernate to the store when idle and wake on the next call. `flint exec` and
     /// `flint cp` take a session id too.
@@ -100,8 +102,103 @@ enum Cmd {
     },
     /// Prometheus metrics.
     Metrics,
+    /// A VM's or session's network: flint net show ID, flint net policy ID [--default deny] [--allow X]... [--deny X]...
+    Net {
+        #[command(subcommand)]
+        cmd: NetCmd,
+    },
+    /// Exposed ports (reached through flintd's front end): flint port ls|expose|rm ID ...
+    Port {
+        #[command(subcommand)]
+        cmd: PortCmd,
+    },
 }
 
+/// A network for a new VM, clone or session.
+#[derive(clap::Args, Clone, Default)]
+struct NetArgs {
+    /// Give it a network of its own (implied by the options below).
+    #[arg(long)]
+    net: bool,
+    /// Egress allowed to a CIDR or domain (repeatable); with --default-deny only these are reached.
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    /// Egress denied to a CIDR or domain (repeatable; wins over --allow).
+    #[arg(long = "deny")]
+    deny: Vec<String>,
+    /// Deny what no rule names (default: allow).
+    #[arg(long)]
+    default_deny: bool,
+    /// Expose a guest port through the front end: PORT[:TOKEN] (repeatable).
+    #[arg(long = "expose")]
+    expose: Vec<String>,
+}
+
+impl NetArgs {
+    fn request(&self) -> Result<Option<Value>, String> {
+        if !self.net && self.allow.is_empty() && self.deny.is_empty() && !self.default_deny && self.expose.is_empty() {
+            return Ok(None);
+        }
+        let mut ports = serde_json::Map::new();
+        for e in &self.expose {
+            let (p, token) = match e.split_once(':') {
+                Some((p, t)) => (p, Some(t)),
+                None => (e.as_str(), None),
+            };
+            p.parse::<u16>().map_err(|_| format!("--expose {e:?}: expected PORT[:TOKEN]"))?;
+            ports.insert(p.to_string(), json!({ "token": token }));
+        }
+        Ok(Some(json!({
+            "egress": { "default": if self.default_deny { "deny" } else { "allow" }, "allow": self.allow, "deny": self.deny },
+            "ports": ports,
+        })))
+    }
+}
+
+/// Adds `network` to a request body.
+fn with_network(mut body: Value, net: &NetArgs) -> Result<Value, String> {
+    if let Some(n) = net.request()? {
+        body["network"] = n;
+    }
+    Ok(body)
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Address, MAC, egress policy and exposed ports.
+    Show { id: String },
+    /// Replace the egress policy (applies to the running VM at once).
+    Policy {
+        id: String,
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        #[arg(long = "deny")]
+        deny: Vec<String>,
+        #[arg(long)]
+        default_deny: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    Ls {
+        id: String,
+    },
+    /// Expose guest port PORT of ID, optionally behind an access token.
+    Expose {
+        id: String,
+        port: u16,
+        #[arg(long)]
+        token: Option<String>,
+    },
+    Rm {
+        id: String,
+        port: u16,
+    },
+}
+
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum SessionCmd {
     /// flint session create TEMPLATE [--id ID] [--idle-timeout S] [--ttl S] [--pre-stop CMD]
@@ -136,6 +233,8 @@ enum SessionCmd {
         /// Metadata: KEY=VALUE (repeatable); `session ls --meta KEY=VALUE` filters on it.
         #[arg(long = "meta")]
         meta: Vec<String>,
+        #[command(flatten)]
+        net: NetArgs,
     },
     Ls {
         /// Only sessions whose metadata has KEY=VALUE (repeatable).
@@ -220,6 +319,8 @@ enum VmCmd {
         /// Environment for execs: KEY=VALUE (repeatable).
         #[arg(long = "env")]
         env: Vec<String>,
+        #[command(flatten)]
+        net: NetArgs,
     },
     Ls,
     Get {
@@ -461,14 +562,14 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         }),
         Cmd::Vm { cmd } => match cmd {
-            VmCmd::Create { image, mem_mib, vcpus, id, drives, env } => {
+            VmCmd::Create { image, mem_mib, vcpus, id, drives, env, net } => {
                 let drives = drive_specs(&drives)?;
                 let mut envs = std::collections::BTreeMap::new();
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
                     envs.insert(k.to_string(), v.to_string());
                 }
-                let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs };
+                let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs, network: None };
                 let label = "booting a VM (until its agent answers)".to_string();
                 let v = long_call(
                     &api,
@@ -477,7 +578,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
                     Watch::NewVms { snapshot: None },
                     "POST",
                     "/v1/vms",
-                    Some(typed(&body)?),
+                    Some(with_network(typed(&body)?, &net)?),
                 )
                 .await?;
                 out(&v, &|v| print_vms(&json!([v])));
@@ -655,11 +756,12 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 out(&api.call("POST", &path, Some(json!({ "size": size }))).await?, &pretty)
             }
         },
-        Cmd::Clone { template, snapshot, count, lazy } => {
+        Cmd::Clone { template, snapshot, count, lazy, net } => {
             let label = format!("restoring {count} clone(s){}", if lazy { " lazily" } else { "" });
             // The clones' records name the snapshot (a template's is tmpl-NAME).
             let source = snapshot.clone().or_else(|| template.as_ref().map(|t| format!("tmpl-{t}")));
-            let body = typed(&CreateClones { template, snapshot, count, lazy, ..Default::default() })?;
+            let body =
+                with_network(typed(&CreateClones { template, snapshot, count, lazy, ..Default::default() })?, &net)?;
             let watch = Watch::NewVms { snapshot: source.as_deref() };
             let v = long_call(&api, cli.json, label, watch, "POST", "/v1/clones", Some(body)).await?;
             out(&v, &print_vms);
@@ -678,6 +780,7 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 pre_stop_timeout_ms,
                 env,
                 meta,
+                net,
             } => {
                 let body = CreateSession {
                     template,
@@ -692,10 +795,11 @@ async fn run(cli: Cli) -> Result<i32, String> {
                     on_idle: if on_idle == "stop" { OnIdle::Stop } else { OnIdle::Hibernate },
                     pre_stop: pre_stop
                         .map(|c| PreStop { argv: vec!["sh".into(), "-c".into(), c], timeout_ms: pre_stop_timeout_ms }),
+                    network: None,
                 };
                 let label = "starting a session".to_string();
-                let v = long_call(&api, cli.json, label, Watch::Nothing, "POST", "/v1/sessions", Some(typed(&body)?))
-                    .await?;
+                let body = with_network(typed(&body)?, &net)?;
+                let v = long_call(&api, cli.json, label, Watch::Nothing, "POST", "/v1/sessions", Some(body)).await?;
                 out(&v, &|v| print_sessions(&json!([v])));
             }
             SessionCmd::Ls { meta } => {
@@ -743,6 +847,34 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 }
             }
         },
+        Cmd::Net { cmd: NetCmd::Show { id } } => {
+            out(&api.call("GET", &format!("/v1/vms/{}/network", enc(&id)), None).await?, &pretty)
+        }
+        Cmd::Net { cmd: NetCmd::Policy { id, allow, deny, default_deny } } => {
+            let body = json!({ "default": if default_deny { "deny" } else { "allow" }, "allow": allow, "deny": deny });
+            out(&api.call("PUT", &format!("/v1/vms/{}/network/egress", enc(&id)), Some(body)).await?, &pretty)
+        }
+        Cmd::Port { cmd } => {
+            let (method, id, port, body) = match cmd {
+                PortCmd::Ls { id } => ("GET", id, None, None),
+                PortCmd::Expose { id, port, token } => ("PUT", id, Some(port), Some(json!({ "token": token }))),
+                PortCmd::Rm { id, port } => ("DELETE", id, Some(port), None),
+            };
+            let path = match port {
+                Some(p) => format!("/v1/vms/{}/ports/{p}", enc(&id)),
+                None => format!("/v1/vms/{}/network", enc(&id)),
+            };
+            out(&api.call(method, &path, body).await?, &|v| {
+                for p in v["ports"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<6} {:<6} {}",
+                        p["port"],
+                        if p["token"] == true { "token" } else { "open" },
+                        p["url"].as_str().unwrap_or("(front end off)")
+                    );
+                }
+            })
+        }
         Cmd::Cache { cmd: CacheCmd::Clear } => out(&api.call("DELETE", "/v1/store/cache", None).await?, &pretty),
         Cmd::Metrics => {
             let raw = api.raw("GET", "/metrics", None).await?;

@@ -59,7 +59,7 @@ impl SessionSlot {
     }
 
     /// Persists a changed copy of the record, then makes it the record; a state change must be in the table.
-    fn commit(&self, db: &Db, f: impl FnOnce(&mut SessionRecord)) -> Result<SessionRecord, OpError> {
+    pub(crate) fn commit(&self, db: &Db, f: impl FnOnce(&mut SessionRecord)) -> Result<SessionRecord, OpError> {
         let mut g = lock(&self.rec);
         let (rec, removed) = &mut *g;
         if *removed {
@@ -188,7 +188,7 @@ impl Sessions {
         v
     }
 
-    fn slot(&self, id: &str) -> Option<Arc<SessionSlot>> {
+    pub(crate) fn slot(&self, id: &str) -> Option<Arc<SessionSlot>> {
         lock(&self.map).get(id).cloned()
     }
 }
@@ -462,6 +462,7 @@ impl Daemon {
                 ));
             }
         }
+        self.check_network(req.network.as_ref())?;
         if self.get(&id).is_ok() {
             return Err(OpError::Conflict(format!("`{id}` is a VM id: calls could not tell them apart")));
         }
@@ -498,6 +499,7 @@ impl Daemon {
             full_next: false,
             stale_bases: Vec::new(),
             forked_from,
+            network: req.network.clone(),
             error: None,
             host: coordinated.then(|| self.sessions.host.clone()),
         };
@@ -534,7 +536,7 @@ impl Daemon {
             }
             // A warm pool's VM when the session starts from its template's snapshot, else a restore.
             let pooled = match &req.template {
-                Some(t) if self.template(t).is_ok_and(|t| t.snapshot == snapshot) => {
+                Some(t) if req.network.is_none() && self.template(t).is_ok_and(|t| t.snapshot == snapshot) => {
                     self.take_pooled(t, &req.env, Some(&id)).await
                 }
                 _ => None,
@@ -542,7 +544,12 @@ impl Daemon {
             let vm = match pooled {
                 Some(vm) => vm,
                 None => {
-                    let opts = RestoreOpts { env: req.env.clone(), session: Some(id.clone()), ..Default::default() };
+                    let opts = RestoreOpts {
+                        env: req.env.clone(),
+                        session: Some(id.clone()),
+                        network: req.network.clone(),
+                        ..Default::default()
+                    };
                     self.restore(&snapshot, &opts).await?
                 }
             };
@@ -676,17 +683,24 @@ impl Daemon {
     /// The agent of the VM a call names: a VM id, or a session id (woken first if it sleeps; the returned
     /// [`Activity`] keeps it awake until dropped).
     pub async fn call_agent(self: &Arc<Self>, id: &str) -> Result<(Arc<AgentClient>, Option<Activity>), OpError> {
+        let (vm, activity) = self.awake_vm(id).await?;
+        Ok((self.agent(&vm).await?, activity))
+    }
+
+    /// The VM a call names: a VM id, or a session id (woken first if it sleeps; the returned [`Activity`] keeps
+    /// it awake until dropped).
+    pub async fn awake_vm(self: &Arc<Self>, id: &str) -> Result<(String, Option<Activity>), OpError> {
         if let Ok(vm) = self.get(id) {
             // A session's VM named directly is still that session's activity.
             let activity = vm.session.as_deref().and_then(|s| self.sessions.slot(s)).map(|s| Activity::new(&s));
-            return Ok((self.agent(id).await?, activity));
+            return Ok((id.to_string(), activity));
         }
         let Some(slot) = self.session_for_call(id).await? else {
             return Err(OpError::NotFound(format!("no VM or session `{id}`{}", self.not_here_why().await)));
         };
         let activity = Activity::new(&slot);
         let vm = self.ensure_awake(&slot).await?;
-        Ok((self.agent(&vm).await?, Some(activity)))
+        Ok((vm, Some(activity)))
     }
 
     /// The VM of a running session, waking it first if it sleeps (concurrent calls wait for the one wake).
@@ -752,6 +766,7 @@ impl Daemon {
                 env: rec.env.clone(),
                 lazy: self.cfg.sessions.lazy_wake,
                 session: Some(id.clone()),
+                network: rec.network.clone(),
                 ..Default::default()
             };
             match self.restore(&rec.base, &opts).await {
@@ -1084,6 +1099,7 @@ impl Daemon {
                 max_lifetime_s: parent.max_lifetime_s,
                 ttl_counts_hibernated: parent.ttl_counts_hibernated,
                 env: parent.env.clone(),
+                network: parent.network.clone(),
                 metadata,
                 on_idle: parent.on_idle,
                 pre_stop: parent.pre_stop.clone(),

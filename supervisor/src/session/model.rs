@@ -130,6 +130,9 @@ pub struct SessionRecord {
     pub error: Option<String>,
     /// The host (flintd) holding the session's lease in the bucket, when hosts share one.
     pub host: Option<String>,
+    /// The network every VM of the session gets (egress policy, exposed ports): rebuilt at each wake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::net::NetworkRequest>,
 }
 
 impl SessionRecord {
@@ -185,6 +188,9 @@ pub struct CreateSession {
     pub on_idle: OnIdle,
     #[serde(default)]
     pub pre_stop: Option<PreStop>,
+    /// A network of its own (kept across hibernations; a new address at each wake).
+    #[serde(default)]
+    pub network: Option<crate::net::NetworkRequest>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -270,6 +276,7 @@ mod tests {
             forked_from: None,
             error: None,
             host: None,
+            network: None,
         };
         // 50 s after creation, 4 s awake: hibernated time does not count.
         assert_eq!(r.expired(50_000), None);

@@ -142,6 +142,9 @@ pub struct VmRecord {
     /// The template whose warm pool holds this VM (paused, not yet handed out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The VM's network (docs/networking.md); none: no network (its card is detached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::net::VmNet>,
 }
 
 impl VmRecord {
@@ -182,6 +185,9 @@ pub struct CreateVm {
     /// Environment for the VM's execs (set through the agent once it answers).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A network of its own (egress policy, exposed ports); none: no network.
+    #[serde(default)]
+    pub network: Option<crate::net::NetworkRequest>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -245,6 +251,9 @@ pub struct CreateClones {
     /// working set is prefetched. Otherwise the memory image is fetched whole first.
     #[serde(default)]
     pub lazy: bool,
+    /// A network of its own for each clone (its own address and MAC).
+    #[serde(default)]
+    pub network: Option<crate::net::NetworkRequest>,
 }
 
 fn one() -> u32 {

@@ -35,9 +35,19 @@ pub struct Net {
     pub dropped_rx: u64,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
+    /// A detached card's other socket end, kept open (never read) so sends do not fail.
+    _detached_peer: Option<File>,
 }
 
 impl Net {
+    /// A card with no host side (see `tap::detached`).
+    pub fn detached(mac: [u8; 6]) -> Result<Self, tap::TapError> {
+        let (a, b) = tap::detached()?;
+        let mut n = Net::new(a, "", mac);
+        n._detached_peer = Some(b);
+        Ok(n)
+    }
+
     pub fn new(tap: File, tap_name: &str, mac: [u8; 6]) -> Self {
         Net {
             tap,
@@ -49,6 +59,7 @@ impl Net {
             dropped_rx: 0,
             rx_limiter: None,
             tx_limiter: None,
+            _detached_peer: None,
         }
     }
 
@@ -265,6 +276,7 @@ impl VirtioDevice for Net {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "tap": self.tap_name,
+            "detached": self._detached_peer.is_some(),
             "mac": self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
             "dropped_rx": self.dropped_rx,
             "counters": self.counters.snapshot(),

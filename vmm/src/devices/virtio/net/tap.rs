@@ -1,4 +1,5 @@
-//! Opening a tap device by name, optionally inside another network namespace.
+//! Opening a tap device by name, optionally inside another network namespace; adopting one a parent attached
+//! (flintd hands a jailed VMM its tap as an inherited fd); a detached backend for a card with no host side.
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -26,6 +28,10 @@ pub enum TapError {
     Netns(PathBuf, #[source] std::io::Error),
     #[error("the tap-opening thread failed")]
     Thread,
+    #[error("fd {0} is not an attached tap with a virtio-net header (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)")]
+    NotATap(i32),
+    #[error("cannot make the detached network backend")]
+    Detached(#[source] std::io::Error),
 }
 
 #[repr(C)]
@@ -62,6 +68,57 @@ pub fn open_tap(name: &str, netns: Option<&Path>) -> Result<File, TapError> {
     }
 }
 
+/// Takes over fd `fd`, a tap its parent attached (TUNSETIFF done): checks it is one, then configures it as
+/// `open_tap` does.
+pub fn adopt_tap(fd: i32, name: &str) -> Result<File, TapError> {
+    if fd < 3 {
+        return Err(TapError::NotATap(fd));
+    }
+    // SAFETY: F_GETFD only asks whether `fd` is open; nothing is read or written.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(TapError::NotATap(fd));
+    }
+    // SAFETY: the launch spec names `fd` as this process's tap, inherited from its parent and owned by nobody else
+    // here: this is the only place that takes it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    // SAFETY: TUNGETIFF writes an ifreq, which `req` is laid out as (40 bytes); it fails on anything but a tun/tap.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF as _, &mut req) } < 0
+        || req.flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) != IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    {
+        return Err(TapError::NotATap(fd));
+    }
+    // SAFETY: F_GETFL/F_SETFL on the fd we own; the event loop needs it non-blocking and no child may inherit it.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(TapError::Configure(name.into(), std::io::Error::last_os_error()));
+        }
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    configure(file, name)
+}
+
+/// The backend of a card with no host side: one end of a datagram socket pair whose other end is kept but never
+/// read (frames the guest sends are dropped once its buffer is full; nothing ever arrives).
+pub fn detached() -> Result<(File, File), TapError> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair(2) writes two fds into the array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(TapError::Detached(std::io::Error::last_os_error()));
+    }
+    // SAFETY: two fresh fds nobody else owns.
+    Ok(unsafe { (File::from(OwnedFd::from_raw_fd(fds[0])), File::from(OwnedFd::from_raw_fd(fds[1]))) })
+}
+
 fn open_here(name: &str) -> Result<File, TapError> {
     // TUNSETIFF would silently create a missing device: refuse instead, the caller owns taps.
     let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.into()))?;
@@ -83,6 +140,11 @@ fn open_here(name: &str) -> Result<File, TapError> {
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
         return Err(TapError::SetIff(name.into(), std::io::Error::last_os_error()));
     }
+    configure(file, name)
+}
+
+/// A 12-byte virtio-net header on every frame, no offloads.
+fn configure(file: File, name: &str) -> Result<File, TapError> {
     let hdr: libc::c_int = super::NET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr) } < 0 {
