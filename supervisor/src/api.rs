@@ -586,6 +586,7 @@ async fn metrics(State(d): D) -> Response {
     let mut out = crate::metrics::render(&d.metrics, &d.list(), &d.store.stats());
     crate::metrics::render_sessions(&d.sessions, &mut out);
     crate::metrics::render_pools(&d.pools, &mut out);
+    crate::metrics::render_networks(&d.net, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

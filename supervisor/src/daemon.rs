@@ -218,6 +218,11 @@ impl Daemon {
         let keep: std::collections::HashSet<String> =
             records.iter().filter(|r| r.network.is_some()).map(|r| r.id.clone()).collect();
         self.net.remove_orphans(&keep);
+        if !keep.is_empty() {
+            if let Err(e) = self.net.ensure_host() {
+                warn!(error = %e, "could not set up the host side of VM networks");
+            }
+        }
         for r in records {
             let (Some(n), VmStatus::Running | VmStatus::Paused | VmStatus::Starting) = (&r.network, r.status) else {
                 continue;

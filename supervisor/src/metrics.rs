@@ -93,3 +93,17 @@ pub fn render_pools(p: &crate::pool::Pools, out: &mut String) {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
 }
+
+pub fn render_networks(n: &crate::net::Networks, out: &mut String) {
+    out.push_str(&format!("# TYPE flint_networks gauge\nflint_networks {}\n", n.running()));
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let c = &n.counters;
+    for (name, v) in [
+        ("flint_dns_answered_total", g(&c.dns_answered)),
+        ("flint_dns_refused_total", g(&c.dns_refused)),
+        ("flint_front_requests_total", g(&c.front_routed)),
+        ("flint_front_refused_total", g(&c.front_refused)),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+}

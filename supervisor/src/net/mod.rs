@@ -96,9 +96,19 @@ struct Running {
     proxy: tokio::task::JoinHandle<()>,
 }
 
+/// What the DNS proxies and the front end did (for /metrics).
+#[derive(Default)]
+pub struct Counters {
+    pub dns_answered: std::sync::atomic::AtomicU64,
+    pub dns_refused: std::sync::atomic::AtomicU64,
+    pub front_routed: std::sync::atomic::AtomicU64,
+    pub front_refused: std::sync::atomic::AtomicU64,
+}
+
 /// This host's VM networks.
 pub struct Networks {
     pub cfg: NetworkConfig,
+    pub counters: Counters,
     /// Network namespaces are bind mounts on files here (they outlive a flintd restart).
     dir: PathBuf,
     host_ready: Mutex<bool>,
@@ -239,7 +249,13 @@ impl Networks {
             dir: data_dir.join("netns"),
             host_ready: Mutex::new(false),
             running: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
         }
+    }
+
+    /// VMs whose network (DNS proxy) runs.
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
     }
 
     pub fn block(&self, index: u32) -> Result<Block, String> {
@@ -285,7 +301,7 @@ impl Networks {
 
     /// flintd's own namespace: forwarding on, NAT of the pool to the uplink, VMs kept off the host's addresses
     /// and off each other (table `ip flint`, replaced whole).
-    fn ensure_host(&self) -> Result<(), String> {
+    pub fn ensure_host(&self) -> Result<(), String> {
         let mut ready = lock(&self.host_ready);
         if *ready {
             return Ok(());
@@ -521,6 +537,11 @@ async fn dns_proxy(
         let q = buf[..n].to_vec();
         let Some(question) = dns::parse_query(&q) else { continue };
         let decision = lock(&rules).dns(&question.name);
+        let counter = match decision {
+            policy::DnsDecision::Refuse => &nets.counters.dns_refused,
+            _ => &nets.counters.dns_answered,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug!(vm = %vm, name = %question.name, ?decision, "DNS query");
         let Ok(permit) = inflight.clone().try_acquire_owned() else { continue };
         let (sock, nets, vm) = (sock.clone(), nets.clone(), vm.clone());

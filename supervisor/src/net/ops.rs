@@ -153,7 +153,11 @@ impl super::front::Resolve for DaemonRoutes {
     ) -> crate::launcher::BoxFut<'_, Result<super::front::Target, super::front::Refusal>> {
         Box::pin(async move {
             let d = self.0.upgrade().ok_or((503, "flintd is stopping".to_string()))?;
-            d.route_port(&id, port).await.map_err(|e| {
+            let routed = d.route_port(&id, port).await;
+            let c = &d.net.counters;
+            let counter = if routed.is_ok() { &c.front_routed } else { &c.front_refused };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            routed.map_err(|e| {
                 let status = match &e {
                     OpError::BadRequest(_) => 400,
                     OpError::NotFound(_) => 404,
