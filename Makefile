@@ -31,6 +31,7 @@ bench: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- jail --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- sessions --runs 1
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- clones --density 20
+	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- net --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- restore-floor --runs 11
 
 ## fuzz: every fuzz target for FUZZ_SECONDS (default 60) each, execs/s per target (nightly + cargo-fuzz)

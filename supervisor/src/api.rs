@@ -86,8 +86,37 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
 }
 
+/// A JSON answer. Access tokens of exposed ports in records (`"token": "<secret>"`) are shown as `"(set)"`: a
+/// listing is not a way to read another caller's token.
 fn json<T: serde::Serialize>(v: T) -> Response {
-    Json(v).into_response()
+    fn redact(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k == "token" && x.is_string() {
+                        *x = serde_json::Value::String("(set)".into());
+                    } else {
+                        redact(x);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    match serde_json::to_value(v) {
+        Ok(mut v) => {
+            redact(&mut v);
+            Json(v).into_response()
+        }
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn created<T: serde::Serialize>(v: T) -> Response {
+    let mut r = json(v);
+    *r.status_mut() = StatusCode::CREATED;
+    r
 }
 
 pub fn router(d: Arc<Daemon>) -> Router {
@@ -150,7 +179,7 @@ async fn list_vms(State(d): D) -> Response {
 
 async fn create_vm(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateVm = body(&b)?;
-    Ok((StatusCode::CREATED, Json(d.create(req).await?)).into_response())
+    Ok(created(d.create(req).await?))
 }
 
 /// The record, plus `vmm`: the VMM's own description (timings, restore breakdown, fault counters) while it runs.
@@ -451,7 +480,7 @@ async fn snapshot_vm(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Respons
         ))
         .into());
     }
-    Ok((StatusCode::CREATED, Json(d.snapshot(&id, req).await?)).into_response())
+    Ok(created(d.snapshot(&id, req).await?))
 }
 
 async fn list_snapshots(State(d): D) -> R<Response> {
@@ -483,7 +512,7 @@ async fn list_templates(State(d): D) -> R<Response> {
 
 async fn create_template(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateTemplate = body(&b)?;
-    Ok((StatusCode::CREATED, Json(d.create_template(req).await?)).into_response())
+    Ok(created(d.create_template(req).await?))
 }
 
 #[derive(Deserialize)]
@@ -529,7 +558,7 @@ async fn hide_port(State(d): D, Path((id, port)): Path<(String, u16)>) -> R<Resp
 
 async fn clones(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateClones = body(&b)?;
-    Ok((StatusCode::CREATED, Json(d.clones(req).await?)).into_response())
+    Ok(created(d.clones(req).await?))
 }
 
 /// `GET /v1/sessions?metadata.KEY=VALUE...`: sessions whose metadata has every pair.
@@ -551,7 +580,7 @@ async fn list_sessions(State(d): D, Query(q): Query<std::collections::BTreeMap<S
 
 async fn create_session(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateSession = body(&b)?;
-    Ok((StatusCode::CREATED, Json(d.create_session(req).await?)).into_response())
+    Ok(created(d.create_session(req).await?))
 }
 
 async fn get_session(State(d): D, Path(id): Path<String>) -> R<Response> {
@@ -573,7 +602,7 @@ async fn wake_session(State(d): D, Path(id): Path<String>) -> R<Response> {
 
 async fn fork_session(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
     let req: ForkSession = body(&b)?;
-    Ok((StatusCode::CREATED, Json(d.fork_session(&id, req).await?)).into_response())
+    Ok(created(d.fork_session(&id, req).await?))
 }
 
 /// Drops every unpinned chunk from the local cache (manifests stay): the next restore fetches from S3.

@@ -384,6 +384,7 @@ impl Daemon {
             pool: None,
             agent_ms: None,
             refresh_ms: None,
+            net_ms: None,
             network: None,
         };
         f(&mut rec);
@@ -627,12 +628,15 @@ impl Daemon {
         let rec = slot.get();
         let Some(n) = rec.network.clone() else { return Ok(None) };
         let rules = n.request.check(usize::MAX).map_err(OpError::BadRequest)?;
+        let t = Instant::now();
         let (net, id, n2, r2) = (self.net.clone(), rec.id.clone(), n.clone(), rules.clone());
         let ns = tokio::task::spawn_blocking(move || net.setup(&id, &n2, r2))
             .await
             .map_err(|e| OpError::Internal(e.to_string()))?
             .map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
         self.net.start_proxy(&rec.id, &n, rules).map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
+        let net_ms = t.elapsed().as_secs_f64() * 1000.0;
+        slot.commit(&self.db, |r| r.net_ms = Some(net_ms))?;
         Ok(Some(NetConfig {
             tap: crate::net::TAP.into(),
             netns: Some(ns),

@@ -277,7 +277,7 @@ fn every_documented_route_is_served_and_bad_input_is_a_4xx() {
     assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for (method, path) in flint_supervisor::api::ROUTES {
-        let path = path.replace("{id}", "no-such").replace("{name}", "no-such");
+        let path = path.replace("{id}", "no-such").replace("{name}", "no-such").replace("{port}", "8080");
         let path = if path.ends_with("/files") { format!("{path}?path=/etc/hostname") } else { path };
         let body: &[u8] = b"{\"bogus\": 1}";
         let (status, out) = rt
@@ -1262,6 +1262,9 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("Host: 9090-{b}.flint.localhost")]);
     assert_eq!(st, 404, "an unexposed port: {}", body_of(&chunks));
     flint_json(&socket, &["port", "expose", &b, "8080", "--token", "s3cret-token"]);
+    let listed =
+        flint_json(&socket, &["vm", "get", &b]).to_string() + &flint_json(&socket, &["net", "show", &b]).to_string();
+    assert!(!listed.contains("s3cret-token"), "a record shows the token: {listed}");
     let (st, _, _) = front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost")]);
     assert_eq!(st, 401);
     let (st, _, chunks) =

@@ -121,6 +121,9 @@ pub struct VmRecord {
     /// The agent's refresh (clock, entropy, env, hostname, after-restore hooks) or, after a boot, setting the env.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_ms: Option<f64>,
+    /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_ms: Option<f64>,
     pub error: Option<String>,
     /// Restored lazily: memory is fetched from the store as the guest touches it.
     #[serde(default)]

@@ -895,6 +895,140 @@ async fn restore_floor_bench(runs: usize) {
     println!("breakdown: medians in ms (state file read, KVM VM + irqchip, memory mapped and registered, devices, vCPU state).");
 }
 
+/// `flint-bench net [--runs N]`: VM create (restore) time with and without a network, side by side; requests per
+/// second and latency to a guest's busybox httpd through flintd's front end vs. straight to the guest's address,
+/// with 1 and 16 concurrent clients. flintd runs in a network namespace of its own (nothing touches the host's).
+fn net_bench(runs: usize) {
+    use std::io::{Read, Write};
+    let host = flint_tests::TestNetns::new("bench-net");
+    let work = TempDir::new("bench-net");
+    let data = work.path().join("data");
+    let _reap = flint_tests::KillVmmsUnder(data.clone());
+    let sock = work.path().join("flintd.sock");
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, "[network]\npool = \"10.78.0.0/24\"\nfront_end = \"127.0.0.1:18481\"\n").expect("config");
+    flint_tests::import_golden_local(&data, "base");
+    let args = ["--config", config.to_str().unwrap_or_default()];
+    let _d = flint_tests::Flintd::start_full(&data, &sock, None, &args, Some(&host.path()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
+    let p50 = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!("flint-bench net: golden snapshot (256 MiB guest), eager restores, {runs} run(s) each, alternating");
+    let (mut plain, mut netted, mut net_ms, mut plain_api, mut net_api) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut plain_refresh, mut net_refresh) = (vec![], vec![]);
+    for _ in 0..runs {
+        for with in [false, true] {
+            let mut body = serde_json::json!({"snapshot": "base", "count": 1});
+            if with {
+                body["network"] = serde_json::json!({});
+            }
+            let t = Instant::now();
+            let c = call("POST", "/v1/clones", Some(body));
+            let api = t.elapsed().as_secs_f64() * 1000.0;
+            let vm = &c[0];
+            let id = vm["id"].as_str().unwrap_or_default().to_string();
+            let ready = vm["ready_ms"].as_f64().unwrap_or(0.0);
+            let refresh = vm["refresh_ms"].as_f64().unwrap_or(0.0);
+            if with {
+                netted.push(ready);
+                net_api.push(api);
+                net_ms.push(vm["net_ms"].as_f64().unwrap_or(0.0));
+                net_refresh.push(refresh);
+            } else {
+                plain.push(ready);
+                plain_api.push(api);
+                plain_refresh.push(refresh);
+            }
+            call("DELETE", &format!("/v1/vms/{id}"), None);
+        }
+    }
+    println!();
+    println!("{:<34} {:>12} {:>12} {:>12}", "restore → agent ready (p50)", "ready ms", "API call ms", "refresh ms");
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>12.1}",
+        "without a network",
+        p50(&plain),
+        p50(&plain_api),
+        p50(&plain_refresh)
+    );
+    println!("{:<34} {:>12.1} {:>12.1} {:>12.1}", "with a network", p50(&netted), p50(&net_api), p50(&net_refresh));
+    println!(
+        "{:<34} {:>12.1}   (namespace, tap, veth, addresses, nftables, DNS proxy; x{:.2} ready time)",
+        "  building the network (flintd)",
+        p50(&net_ms),
+        p50(&netted) / p50(&plain).max(0.001)
+    );
+
+    // A guest web server: busybox httpd (one fork per connection in the guest).
+    let c = call(
+        "POST",
+        "/v1/clones",
+        Some(serde_json::json!({"snapshot": "base", "count": 1, "network": {"ports": {"8080": {}}}})),
+    );
+    let id = c[0]["id"].as_str().unwrap_or_default().to_string();
+    let n = call("GET", &format!("/v1/vms/{id}/network"), None);
+    let guest = format!("{}:8080", n["address"].as_str().unwrap_or_default());
+    let script = "mkdir -p /www && echo hello > /www/index.html && httpd -p 8080 -h /www";
+    call(
+        "POST",
+        &format!("/v1/vms/{id}/exec"),
+        Some(serde_json::json!({"argv": ["/bin/sh", "-c", script], "timeout_ms": 60000})),
+    );
+    let one = move |addr: String, host_hdr: Option<String>| -> f64 {
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        let h = host_hdr.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        let _ = write!(s, "GET / HTTP/1.0\r\n{h}\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            out.starts_with(b"HTTP/1.") && out.windows(5).any(|w| w == b"hello"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    println!();
+    println!("requests to the guest's httpd (HTTP/1.0, a connection each), from flintd's namespace:");
+    println!("{:<26} {:>8} {:>10} {:>12} {:>12}", "path", "clients", "requests", "requests/s", "p50 ms");
+    let fe_host = format!("8080-{id}.flint.localhost");
+    let mut rates = std::collections::BTreeMap::new();
+    for clients in [1usize, 16] {
+        for (name, addr, hdr) in [
+            ("direct to the guest", guest.clone(), None),
+            ("through the front end", "127.0.0.1:18481".to_string(), Some(fe_host.clone())),
+        ] {
+            let per = if clients == 1 { 8 } else { 2 };
+            let (addr2, hdr2) = (addr.clone(), hdr.clone());
+            let (lat, wall) = host.enter(move || {
+                let t = Instant::now();
+                let threads: Vec<_> = (0..clients)
+                    .map(|_| {
+                        let (a, h) = (addr2.clone(), hdr2.clone());
+                        std::thread::spawn(move || (0..per).map(|_| one(a.clone(), h.clone())).collect::<Vec<f64>>())
+                    })
+                    .collect();
+                let lat: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+                (lat, t.elapsed().as_secs_f64())
+            });
+            let rate = lat.len() as f64 / wall;
+            rates.insert((clients, name), (rate, p50(&lat)));
+            println!("{:<26} {:>8} {:>10} {:>12.2} {:>12.1}", name, clients, lat.len(), rate, p50(&lat));
+        }
+        let (d, f) = (rates[&(clients, "direct to the guest")], rates[&(clients, "through the front end")]);
+        println!(
+            "  front end vs direct, {clients} client(s): {:+.1} ms p50 latency, x{:.2} requests/s",
+            f.1 - d.1,
+            f.0 / d.0.max(0.0001)
+        );
+    }
+    call("DELETE", &format!("/v1/vms/{id}"), None);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -944,8 +1078,12 @@ async fn main() {
         let _ = std::thread::spawn(move || sessions_bench(runs)).join();
         return;
     }
+    if mode == "net" {
+        let _ = std::thread::spawn(move || net_bench(runs.max(3))).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench net [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
