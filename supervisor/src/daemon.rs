@@ -134,6 +134,7 @@ impl Daemon {
         d.adopt()?;
         d.adopt_sessions()?;
         d.adopt_pools();
+        d.sync_tcp();
         Ok(d)
     }
 
@@ -615,11 +616,16 @@ impl Daemon {
     }
 
     /// A network request checked against this host's limits: a 400 before anything starts.
-    pub(crate) fn check_network(&self, n: Option<&crate::net::NetworkRequest>) -> Result<(), OpError> {
+    /// `owner`: the session the request is for (its own forwards are no conflict).
+    pub(crate) fn check_network(
+        &self,
+        owner: Option<&str>,
+        n: Option<&crate::net::NetworkRequest>,
+    ) -> Result<(), OpError> {
         if let Some(n) = n {
             n.check(self.cfg.network.max_rules).map_err(|e| OpError::BadRequest(format!("network: {e}")))?;
         }
-        Ok(())
+        self.check_tcp(owner, n)
     }
 
     /// Builds the network of a VM whose record has one (namespace, tap, policy, DNS proxy): the card the VMM
@@ -671,7 +677,7 @@ impl Daemon {
         if req.drives.len() > MAX_DRIVES {
             return Err(OpError::BadRequest(format!("{} drives: at most {MAX_DRIVES}", req.drives.len())));
         }
-        self.check_network(req.network.as_ref())?;
+        self.check_network(None, req.network.as_ref())?;
         let slot = self.reserve(req.id, "vm", req.network.as_ref(), |r| {
             r.image = Some(image.clone());
             r.mem_mib = mem;
@@ -713,7 +719,9 @@ impl Daemon {
             self.await_ready(&slot).await
         }
         .await;
-        self.finish_start(&slot, started, result, false)
+        let rec = self.finish_start(&slot, started, result, false);
+        self.sync_tcp();
+        rec
     }
 
     /// Stops a VM (VMM shutdown, then SIGKILL) and forgets it.
@@ -742,6 +750,7 @@ impl Daemon {
         slot.remove(&self.db)?;
         lock(&self.vms).remove(id);
         let _ = std::fs::remove_dir_all(&rec.dir);
+        self.sync_tcp();
         info!(vm = %id, "VM deleted");
         Ok(())
     }
@@ -923,7 +932,7 @@ impl Daemon {
             .get("drives_rate_limiters")
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
-        self.check_network(opts.network.as_ref())?;
+        self.check_network(opts.session.as_deref(), opts.network.as_ref())?;
         let _slot = self.restore_slots.acquire().await.map_err(|e| OpError::Internal(e.to_string()))?;
         let prefix = opts.session.as_deref().unwrap_or(if opts.pool.is_some() { "pool" } else { "clone" });
         let slot = self.reserve(None, prefix, opts.network.as_ref(), |r| {
@@ -1000,7 +1009,9 @@ impl Daemon {
             self.await_ready(&slot).await
         }
         .await;
-        let rec = self.finish_start(&slot, started, result, true)?;
+        let rec = self.finish_start(&slot, started, result, true);
+        self.sync_tcp();
+        let rec = rec?;
         if lazy {
             if !recorded {
                 self.record_working_set(&slot, snapshot).await;

@@ -183,6 +183,8 @@ pub fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), String> {
 struct ChildArgs {
     sync_read: RawFd,
     sync_write: RawFd,
+    /// Every fd the child keeps (sorted): it closes all others first thing (see `spawn`).
+    keep: Vec<RawFd>,
     devnull: RawFd,
     log: RawFd,
     passed: Vec<(RawFd, RawFd)>,
@@ -198,6 +200,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         let a = &*(arg as *const ChildArgs);
         libc::close(a.sync_write);
+        // Drop every fd inherited from flintd but ours: another spawn's sync pipe among them would keep that
+        // child waiting for an EOF only our exec would give (each waiting on the other: a deadlock).
+        let mut from: libc::c_uint = 0;
+        for &fd in &a.keep {
+            if fd as libc::c_uint > from {
+                libc::syscall(libc::SYS_close_range, from, fd as libc::c_uint - 1, 0);
+            }
+            from = fd as libc::c_uint + 1;
+        }
+        libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0);
         // Wait until the parent has moved this process into its cgroup (EOF on the pipe).
         let mut b = 0u8;
         loop {
@@ -251,6 +263,10 @@ pub fn spawn(
         // SAFETY: a fresh fd nobody else owns.
         high.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
+    // One spawn at a time from pipe to cgroup join: no child is cloned while another's sync pipe is open (the
+    // child closes what it inherits, but only once it runs).
+    static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SPAWNING.lock().unwrap_or_else(|p| p.into_inner());
     let mut pipe = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -262,9 +278,14 @@ pub fn spawn(
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
+    let mut keep: Vec<RawFd> = vec![0, 1, 2, sync_read.as_raw_fd(), devnull.as_raw_fd(), log.as_raw_fd()];
+    keep.extend(high.iter().map(|f| f.as_raw_fd()));
+    keep.sort_unstable();
+    keep.dedup();
     let child = ChildArgs {
         sync_read: sync_read.as_raw_fd(),
         sync_write: sync_write.as_raw_fd(),
+        keep,
         devnull: devnull.as_raw_fd(),
         log: log.as_raw_fd(),
         passed: high.iter().enumerate().map(|(i, f)| (f.as_raw_fd(), FIRST_PASSED_FD + i as RawFd)).collect(),

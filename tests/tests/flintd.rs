@@ -1006,7 +1006,7 @@ impl World {
                     ("denied.test", 1) => vec!["203.0.113.11".parse().unwrap()],
                     _ => vec![],
                 };
-                let _ = dns.send_to(&dns::answer(&buf[..n], &addrs, 60), from);
+                let _ = dns.send_to(&dns::answer(&buf[..n], &addrs, 600), from);
             }
         });
         w
@@ -1025,11 +1025,11 @@ fn serve_http(l: std::net::TcpListener, body: &'static str) {
 }
 
 /// The guest's HTTP GET of `url` (`http://IP[:PORT]/PATH`) with busybox nc: the body, or `FAILED`. A fetch that
-/// should work may wait 30 s (a restored guest's first TCP connection costs seconds of emulated kernel time here);
+/// should work may wait 90 s (a restored guest's first TCP connection costs 10 s and more of emulated kernel time here);
 /// one that should fail waits 5 s (a dropped SYN is never answered). Debian's static busybox wget crashes in
 /// glibc's getaddrinfo (even for an address), hence nc.
 fn guest_fetch(socket: &Path, id: &str, url: &str) -> String {
-    guest_get(socket, id, url, 30)
+    guest_get(socket, id, url, 90)
 }
 
 fn guest_blocked(socket: &Path, id: &str, url: &str) -> bool {
@@ -1062,7 +1062,7 @@ fn guest_fetch_name(socket: &Path, id: &str, name: &str) -> String {
         &format!(
             "ip=$(nslookup {name} 2>/dev/null | sed -n 's/^Address: \\([0-9.]*\\)$/\\1/p' | head -n 1); \
              if [ -z \"$ip\" ]; then echo FAILED; else {}; fi",
-            fetch_script("80", "", 30)
+            fetch_script("80", "", 90)
         ),
     )
 }
@@ -1104,6 +1104,19 @@ fn front_request(
     })
 }
 
+/// An HTTP/1.0 GET over a plain TCP forward (from inside `ns`): the body.
+fn raw_tcp_get(ns: &flint_tests::TestNetns, addr: &'static str) -> String {
+    use std::io::{Read, Write};
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).unwrap_or(out)
+    })
+}
+
 fn body_of(chunks: &[(Duration, String)]) -> String {
     let all: String = chunks.iter().map(|(_, c)| c.as_str()).collect();
     all.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
@@ -1130,7 +1143,7 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
         &config,
         format!(
             "[network]\npool = \"10.77.0.0/24\"\nupstream_dns = \"{WORLD_DNS}:53\"\nfront_end = \"127.0.0.1:18480\"\n\
-             max_rules = 8\n[sessions]\ntick_ms = 200\n"
+             tcp_ports = [18490, 18499]\nmax_rules = 8\n[sessions]\ntick_ms = 200\n"
         ),
     )
     .unwrap();
@@ -1282,6 +1295,14 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     println!("events: first at {first:?}, last at {last:?}");
     assert!(last >= first + Duration::from_millis(1500), "the events came in one piece: {chunks:?}");
 
+    // Plain TCP forwarding: a front-end port of its own; one port forwards to one VM or session.
+    flint_json(&socket, &["port", "expose", &b, "8080", "--tcp", "18490"]);
+    assert_eq!(raw_tcp_get(&host, "127.0.0.1:18490"), "guest-page");
+    let taken = flint(&socket, &["port", "expose", &a, "8080", "--tcp", "18490"]);
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("already forwards"), "{taken:?}");
+    let outside = flint(&socket, &["port", "expose", &a, "8080", "--tcp", "18000"]);
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("outside network.tcp_ports"), "{outside:?}");
+
     // A session with a network: hibernated, a request through the front end wakes it (a new address).
     flint_json(&socket, &["session", "create", "--snapshot", "gold", "--id", "web", "--expose", "8080"]);
     sh(&socket, "web", "mkdir -p /www && echo session-page > /www/index.html && httpd -p 8080 -h /www");
@@ -1303,6 +1324,7 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     flint_json(&socket, &["net", "policy", &a, "--default-deny", "--allow", "allowed.test"]);
     assert_eq!(guest_fetch_name(&socket, &a, "allowed.test"), "world-10");
     assert!(guest_blocked(&socket, &a, "http://203.0.113.12/"), "the changed policy closed it");
+    assert_eq!(raw_tcp_get(&host, "127.0.0.1:18490"), "guest-page", "the TCP forward is back after the restart");
 
     // Everything goes with the VMs.
     flint(&socket, &["session", "rm", "web"]);

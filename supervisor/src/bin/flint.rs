@@ -184,12 +184,15 @@ enum PortCmd {
     Ls {
         id: String,
     },
-    /// Expose guest port PORT of ID, optionally behind an access token.
+    /// Expose guest port PORT of ID through the HTTP front end, optionally behind an access token, or also as
+    /// plain TCP on front-end port --tcp (within network.tcp_ports).
     Expose {
         id: String,
         port: u16,
         #[arg(long)]
         token: Option<String>,
+        #[arg(long)]
+        tcp: Option<u16>,
     },
     Rm {
         id: String,
@@ -857,7 +860,9 @@ async fn run(cli: Cli) -> Result<i32, String> {
         Cmd::Port { cmd } => {
             let (method, id, port, body) = match cmd {
                 PortCmd::Ls { id } => ("GET", id, None, None),
-                PortCmd::Expose { id, port, token } => ("PUT", id, Some(port), Some(json!({ "token": token }))),
+                PortCmd::Expose { id, port, token, tcp } => {
+                    ("PUT", id, Some(port), Some(json!({ "token": token, "tcp_listen": tcp })))
+                }
                 PortCmd::Rm { id, port } => ("DELETE", id, Some(port), None),
             };
             let path = match port {
@@ -867,10 +872,11 @@ async fn run(cli: Cli) -> Result<i32, String> {
             out(&api.call(method, &path, body).await?, &|v| {
                 for p in v["ports"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<6} {:<6} {}",
+                        "{:<6} {:<6} {} {}",
                         p["port"],
                         if p["token"] == true { "token" } else { "open" },
-                        p["url"].as_str().unwrap_or("(front end off)")
+                        p["url"].as_str().unwrap_or("(front end off)"),
+                        p["tcp"].as_str().map(|t| format!("tcp {t}")).unwrap_or_default()
                     );
                 }
             })

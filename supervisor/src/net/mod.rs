@@ -41,6 +41,9 @@ pub struct NetworkConfig {
     pub front_end: Option<SocketAddr>,
     /// Exposed ports are reached as `<port>-<id>.<domain>` in the Host header.
     pub domain: String,
+    /// Host ports (first, last) an exposed port may forward plain TCP on (`tcp_listen`), at the front end's
+    /// address. None: no plain TCP forwarding.
+    pub tcp_ports: Option<[u16; 2]>,
     /// Rules per list (allow, deny) of an egress policy.
     pub max_rules: usize,
     /// Destinations no policy can open, besides the built-in ones (loopback, link-local incl. 169.254.169.254,
@@ -55,6 +58,7 @@ impl Default for NetworkConfig {
             upstream_dns: None,
             front_end: None,
             domain: "flint.localhost".into(),
+            tcp_ports: None,
             max_rules: 256,
             deny_always: Vec::new(),
         }
@@ -90,6 +94,13 @@ const MAX_DNS_OPEN_S: u32 = 3600;
 /// Addresses the DNS proxy opened for a VM: address → (the name it answered, until when).
 type Learned = HashMap<Ipv4Addr, (String, Instant)>;
 
+/// A plain TCP forwarder: front-end port → (VM or session id, guest port) while it runs.
+pub(crate) struct TcpForward {
+    pub id: String,
+    pub port: u16,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
 struct Running {
     rules: Arc<Mutex<Rules>>,
     learned: Arc<Mutex<Learned>>,
@@ -109,6 +120,7 @@ pub struct Counters {
 pub struct Networks {
     pub cfg: NetworkConfig,
     pub counters: Counters,
+    pub(crate) tcp: Mutex<HashMap<u16, TcpForward>>,
     /// Network namespaces are bind mounts on files here (they outlive a flintd restart).
     dir: PathBuf,
     host_ready: Mutex<bool>,
@@ -250,6 +262,7 @@ impl Networks {
             host_ready: Mutex::new(false),
             running: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            tcp: Mutex::new(HashMap::new()),
         }
     }
 

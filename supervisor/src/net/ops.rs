@@ -28,6 +28,8 @@ pub struct PortView {
     /// The Host-routed URL, when the front end is on.
     pub url: Option<String>,
     pub token: bool,
+    /// The front-end address forwarding plain TCP to it, if any.
+    pub tcp: Option<String>,
 }
 
 impl Daemon {
@@ -51,6 +53,10 @@ impl Daemon {
                         .front_end
                         .map(|fe| format!("http://{p}-{id}.{}:{}", self.cfg.network.domain, fe.port())),
                     token: e.token.is_some(),
+                    tcp: e
+                        .tcp_listen
+                        .zip(self.cfg.network.front_end)
+                        .map(|(l, fe)| SocketAddr::new(fe.ip(), l).to_string()),
                 })
                 .collect(),
         }
@@ -95,6 +101,7 @@ impl Daemon {
         let mut next = current.clone();
         f(&mut next)?;
         let rules = next.check(self.cfg.network.max_rules).map_err(|e| OpError::BadRequest(format!("network: {e}")))?;
+        self.check_tcp(Some(id), Some(&next))?;
         if let Some(s) = &session {
             s.commit(&self.db, |r| r.network = Some(next.clone()))?;
         }
@@ -115,6 +122,7 @@ impl Daemon {
                 self.commit_vm(&vm, |r| r.network = Some(n))?;
             }
         }
+        self.sync_tcp();
         self.network(id)
     }
 
@@ -182,4 +190,123 @@ pub fn set_port(n: &mut NetworkRequest, port: u16, exposed: Option<ExposedPort>)
         }
     }
     Ok(())
+}
+
+impl Daemon {
+    /// The plain TCP forwards the records ask for: front-end port → (id, guest port). Running VMs that are not a
+    /// session's (a session's forward is the session's, asleep or awake), and every session with a network.
+    fn tcp_wanted(&self) -> std::collections::BTreeMap<u16, (String, u16)> {
+        let mut want = std::collections::BTreeMap::new();
+        let mut add = |id: &str, req: &NetworkRequest| {
+            for (p, e) in &req.ports {
+                if let Some(l) = e.tcp_listen {
+                    want.entry(l).or_insert_with(|| (id.to_string(), *p));
+                }
+            }
+        };
+        let vms: Vec<_> = flint_vmm_api::lock(&self.vms).values().map(|s| s.get()).collect();
+        for v in vms {
+            if let (Some(n), None, VmStatus::Running | VmStatus::Paused | VmStatus::Starting) =
+                (&v.network, &v.session, v.status)
+            {
+                add(&v.id, &n.request);
+            }
+        }
+        let sessions: Vec<_> = flint_vmm_api::lock(&self.sessions.map).values().map(|s| s.get()).collect();
+        for s in sessions {
+            if let Some(n) = &s.network {
+                add(&s.id, n);
+            }
+        }
+        want
+    }
+
+    /// A request's plain TCP ports: within `network.tcp_ports`, and not another VM's or session's.
+    pub(crate) fn check_tcp(&self, id: Option<&str>, req: Option<&NetworkRequest>) -> Result<(), OpError> {
+        let Some(req) = req else { return Ok(()) };
+        let wanted = self.tcp_wanted();
+        for (p, e) in &req.ports {
+            let Some(l) = e.tcp_listen else { continue };
+            match (self.cfg.network.front_end, self.cfg.network.tcp_ports) {
+                (Some(_), Some([lo, hi])) if (lo..=hi).contains(&l) => {}
+                (Some(_), Some([lo, hi])) => {
+                    return Err(OpError::BadRequest(format!(
+                        "port {p}: tcp_listen {l} is outside network.tcp_ports {lo}-{hi}"
+                    )))
+                }
+                _ => {
+                    return Err(OpError::BadRequest(
+                        "plain TCP forwarding is off on this host (network.front_end and network.tcp_ports)".into(),
+                    ))
+                }
+            }
+            if let Some((other, _)) = wanted.get(&l).filter(|(o, _)| Some(o.as_str()) != id) {
+                return Err(OpError::Conflict(format!("front-end port {l} already forwards to `{other}`")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts and stops plain TCP forwarders to match the records (after anything that changes them).
+    pub(crate) fn sync_tcp(self: &Arc<Self>) {
+        let Some(fe) = self.cfg.network.front_end else { return };
+        let want = self.tcp_wanted();
+        let mut have = flint_vmm_api::lock(&self.net.tcp);
+        have.retain(|l, f| {
+            let keep = want.get(l).is_some_and(|(id, p)| *id == f.id && *p == f.port);
+            if !keep {
+                f.task.abort();
+            }
+            keep
+        });
+        for (l, (id, port)) in want {
+            if have.contains_key(&l) {
+                continue;
+            }
+            let addr = SocketAddr::new(fe.ip(), l);
+            let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(%addr, id = %id, port, error = %e, "cannot listen for plain TCP forwarding");
+                    continue;
+                }
+            };
+            let task = tokio::spawn(forward_tcp(listener, Arc::downgrade(self), id.clone(), port));
+            have.insert(l, crate::net::TcpForward { id, port, task });
+        }
+    }
+}
+
+/// Accepts on `listener` and pipes each connection to guest port `port` of `id` (a session is woken first).
+async fn forward_tcp(listener: tokio::net::TcpListener, d: std::sync::Weak<Daemon>, id: String, port: u16) {
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (d, id) = (d.clone(), id.clone());
+        tokio::spawn(async move {
+            let Some(d) = d.upgrade() else { return };
+            let target = match d.route_port(&id, port).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(id = %id, port, error = %e, "plain TCP forward refused");
+                    d.net.counters.front_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            };
+            d.net.counters.front_routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(d);
+            let _guard = target.guard;
+            let connect = tokio::net::TcpStream::connect(target.addr);
+            if let Ok(Ok(mut guest)) = tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+                let _ = client.set_nodelay(true);
+                let _ = guest.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+            }
+        });
+    }
 }

@@ -227,6 +227,10 @@ pub struct ExposedPort {
     /// sets after one carried it). None: open to anyone who can reach the front end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Also forward plain TCP: connections to this port of the front end's address reach the guest port (any
+    /// protocol; no token can guard it). Within `network.tcp_ports`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_listen: Option<u16>,
 }
 
 /// A network request for a VM or session.
@@ -255,6 +259,11 @@ impl NetworkRequest {
 pub fn check_port(port: u16, e: &ExposedPort) -> Result<(), String> {
     if port == 0 {
         return Err("port 0 cannot be exposed".into());
+    }
+    if e.tcp_listen.is_some() && e.token.is_some() {
+        return Err(format!(
+            "port {port}: a token cannot guard plain TCP forwarding (tcp_listen); use the HTTP front end for a token"
+        ));
     }
     if let Some(t) = &e.token {
         if t.len() < 8 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') {
@@ -392,6 +401,8 @@ mod tests {
         assert!(Block::new(pool, 31).is_some() && Block::new(pool, 32).is_none());
         assert_ne!(a.mac(1), a.mac(2));
         assert_eq!(a.mac(1), "06:01:0a:c8:00:02");
-        assert!(crate::net::policy::check_port(80, &ExposedPort { token: Some("short".into()) }).is_err());
+        assert!(check_port(80, &ExposedPort { token: Some("short".into()), tcp_listen: None }).is_err());
+        let both = ExposedPort { token: Some("long-enough".into()), tcp_listen: Some(20000) };
+        assert!(check_port(80, &both).unwrap_err().contains("plain TCP"));
     }
 }

@@ -164,7 +164,7 @@ enum Coord {
 
 /// The session table and what sessions share.
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<SessionSlot>>>,
+    pub(crate) map: Mutex<HashMap<String, Arc<SessionSlot>>>,
     /// This host's name in leases.
     pub host: String,
     coord: tokio::sync::Mutex<Coord>,
@@ -462,7 +462,7 @@ impl Daemon {
                 ));
             }
         }
-        self.check_network(req.network.as_ref())?;
+        self.check_network(None, req.network.as_ref())?;
         if self.get(&id).is_ok() {
             return Err(OpError::Conflict(format!("`{id}` is a VM id: calls could not tell them apart")));
         }
@@ -1037,6 +1037,7 @@ impl Daemon {
                 warn!(session = %rec.id, error = %e, "could not delete the session's lease object");
             }
         }
+        self.sync_tcp();
         info!(session = %rec.id, why, "session ended");
         Ok(())
     }
@@ -1099,7 +1100,11 @@ impl Daemon {
                 max_lifetime_s: parent.max_lifetime_s,
                 ttl_counts_hibernated: parent.ttl_counts_hibernated,
                 env: parent.env.clone(),
-                network: parent.network.clone(),
+                // A front-end TCP port forwards to one session: the parent keeps its own.
+                network: parent.network.clone().map(|mut n| {
+                    n.ports.values_mut().for_each(|e| e.tcp_listen = None);
+                    n
+                }),
                 metadata,
                 on_idle: parent.on_idle,
                 pre_stop: parent.pre_stop.clone(),
