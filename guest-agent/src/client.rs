@@ -93,6 +93,8 @@ pub struct ExecOutput {
     pub timed_out: bool,
     /// Bytes of output beyond [`MAX_CAPTURE_BYTES`] per stream that were dropped.
     pub dropped_bytes: u64,
+    /// The agent's own time for the exec, µs.
+    pub guest_us: Option<u64>,
 }
 
 /// One event of a running exec.
@@ -100,7 +102,13 @@ pub struct ExecOutput {
 pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
+    /// `guest_us`: the agent's own time for the exec (see [`Response::Exit`]).
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        guest_us: Option<u64>,
+    },
 }
 
 async fn dial(ep: &Endpoint) -> Result<UnixStream, ClientError> {
@@ -317,10 +325,11 @@ impl AgentClient {
             match ev {
                 ExecEvent::Stdout(b) => keep(&mut out.stdout, b, &mut out.dropped_bytes),
                 ExecEvent::Stderr(b) => keep(&mut out.stderr, b, &mut out.dropped_bytes),
-                ExecEvent::Exit { code, signal, timed_out } => {
+                ExecEvent::Exit { code, signal, timed_out, guest_us } => {
                     out.code = code;
                     out.signal = signal;
                     out.timed_out = timed_out;
+                    out.guest_us = guest_us;
                 }
             }
         }
@@ -600,9 +609,9 @@ impl ExecStream<'_> {
             kind::JSON => match serde_json::from_slice::<Response>(&f.payload)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
-                Response::Exit { code, signal, timed_out } => {
+                Response::Exit { code, signal, timed_out, guest_us } => {
                     self.done = true;
-                    ExecEvent::Exit { code, signal, timed_out }
+                    ExecEvent::Exit { code, signal, timed_out, guest_us }
                 }
                 Response::Error { code, message } => {
                     self.done = true;

@@ -243,6 +243,10 @@ pub enum Response {
         code: Option<i32>,
         signal: Option<i32>,
         timed_out: bool,
+        /// Time inside the agent from the request's arrival to this answer (µs): what the guest spent; the rest of
+        /// a caller's wait is the host's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest_us: Option<u64>,
     },
     Ok {
         #[serde(default)]
@@ -260,6 +264,12 @@ pub enum Response {
         clock_step_ns: Option<i64>,
         entropy_bytes: usize,
         hooks_run: usize,
+        /// Time inside the agent for the whole refresh (µs), and per step (clock, entropy, hostname, network,
+        /// hooks): the guest's side of a restore after its agent answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest_us: Option<u64>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        steps_us: BTreeMap<String, u64>,
     },
     Error {
         code: ErrorCode,

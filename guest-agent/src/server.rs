@@ -527,6 +527,7 @@ async fn exec(
     mut inbound: mpsc::Receiver<Inbound>,
     tx: &Tx,
 ) -> Option<Response> {
+    let started = std::time::Instant::now();
     let Some(program) = req.argv.first() else {
         return Some(error(ErrorCode::Invalid, "argv is empty"));
     };
@@ -687,7 +688,8 @@ async fn exec(
     Some(match status {
         Ok(st) => {
             use std::os::unix::process::ExitStatusExt;
-            Response::Exit { code: st.code(), signal: st.signal(), timed_out }
+            let guest_us = Some(started.elapsed().as_micros() as u64);
+            Response::Exit { code: st.code(), signal: st.signal(), timed_out, guest_us }
         }
         Err(e) => io_error("wait", &e),
     })
@@ -769,6 +771,13 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>, kind: u8, id: u32, 
 }
 
 async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
+    let started = std::time::Instant::now();
+    let mut steps_us = BTreeMap::new();
+    let mut lap = std::time::Instant::now();
+    let mut step = |name: &str, steps: &mut BTreeMap<String, u64>| {
+        steps.insert(name.to_string(), lap.elapsed().as_micros() as u64);
+        lap = std::time::Instant::now();
+    };
     let mut clock_step_ns = None;
     if let Some(ns) = r.wall_clock_ns {
         let before = std::time::SystemTime::now()
@@ -785,6 +794,7 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
         }
         clock_step_ns = Some((ns as i128 - before) as i64);
     }
+    step("clock", &mut steps_us);
     let mut entropy_bytes = 0;
     if let Some(hex) = &r.entropy_hex {
         let Some(bytes) = hex_decode(hex) else {
@@ -795,6 +805,7 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
         }
         entropy_bytes = bytes.len();
     }
+    step("entropy", &mut steps_us);
     *lock(&agent.refresh_env) = r.env;
     if let Some(h) = &r.hostname {
         // SAFETY: pointer and length describe `h`'s bytes.
@@ -802,6 +813,7 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
             return io_error("set the hostname", &std::io::Error::last_os_error());
         }
     }
+    step("env_hostname", &mut steps_us);
     if let Some(n) = &r.network {
         // Checked in host mode too; applied only as the guest's init (a host agent's network is not its own).
         if let Err(e) = crate::net::validate(n) {
@@ -813,8 +825,14 @@ async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
             }
         }
     }
-    match run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("after-restore.d")).await {
-        Ok(hooks_run) => Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run },
+    if r.network.is_some() {
+        step("network", &mut steps_us);
+    }
+    let hooks = run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("after-restore.d")).await;
+    step("hooks", &mut steps_us);
+    let guest_us = Some(started.elapsed().as_micros() as u64);
+    match hooks {
+        Ok(hooks_run) => Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run, guest_us, steps_us },
         Err(m) => error(ErrorCode::Io, m),
     }
 }

@@ -277,15 +277,20 @@ async fn refresh_and_hooks() {
     let mut env = std::collections::BTreeMap::new();
     env.insert("FLINT_CLONE_ID".into(), "clone-7".into());
     match c.refresh(env, None).await.unwrap() {
-        Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run } => {
+        Response::Refreshed { clock_step_ns, entropy_bytes, hooks_run, guest_us, steps_us } => {
             assert!(clock_step_ns.unwrap().abs() < 1_000_000_000);
             assert_eq!((entropy_bytes, hooks_run), (64, 1));
+            // The agent accounts for its time, step by step.
+            let steps: Vec<&str> = steps_us.keys().map(String::as_str).collect();
+            assert_eq!(steps, ["clock", "entropy", "env_hostname", "hooks"]);
+            assert!(guest_us.unwrap() >= steps_us.values().sum::<u64>());
         }
         other => panic!("{other:?}"),
     }
     assert!(marker.exists());
     let out = c.exec_output(sh("echo $FLINT_CLONE_ID")).await.unwrap();
     assert_eq!(out.stdout, b"clone-7\n");
+    assert!(out.guest_us.is_some_and(|us| us > 0), "the exit says how long the agent took");
     c.before_checkpoint().await.unwrap();
     // A host-mode agent refuses to shut the host down.
     assert_eq!(c.shutdown().await.unwrap_err().code(), Some(ErrorCode::Invalid));

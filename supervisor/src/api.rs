@@ -290,8 +290,9 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
             let v = match ev {
                 flint_agent::client::ExecEvent::Stdout(b) => serde_json::json!({"stdout": String::from_utf8_lossy(&b)}),
                 flint_agent::client::ExecEvent::Stderr(b) => serde_json::json!({"stderr": String::from_utf8_lossy(&b)}),
-                flint_agent::client::ExecEvent::Exit { code, signal, timed_out } => {
-                    serde_json::json!({"exit": {"code": code, "signal": signal, "timed_out": timed_out}})
+                flint_agent::client::ExecEvent::Exit { code, signal, timed_out, guest_us } => {
+                    let guest_ms = guest_us.map(|us| us as f64 / 1000.0);
+                    serde_json::json!({"exit": {"code": code, "signal": signal, "timed_out": timed_out, "guest_ms": guest_ms}})
                 }
             };
             if tx.send(line(v)).await.is_err() {
@@ -352,8 +353,8 @@ async fn interactive_exec<S>(
                 let (frame, last) = match ev {
                     Ok(Some(ExecEvent::Stdout(b))) => (Frame::data(kind::STDOUT, 0, b), false),
                     Ok(Some(ExecEvent::Stderr(b))) => (Frame::data(kind::STDERR, 0, b), false),
-                    Ok(Some(ExecEvent::Exit { code, signal, timed_out })) => {
-                        (Frame::json(0, &Response::Exit { code, signal, timed_out }), true)
+                    Ok(Some(ExecEvent::Exit { code, signal, timed_out, guest_us })) => {
+                        (Frame::json(0, &Response::Exit { code, signal, timed_out, guest_us }), true)
                     }
                     Ok(None) => break,
                     Err(e) => {

@@ -63,6 +63,14 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
 /// "diff"; the VMM restores it as merged memory).
 pub(crate) const MEMORY_LAYERED: &str = "memory_layered";
 
+/// The guest's own time for a refresh, from the agent's answer.
+pub(crate) fn refresh_guest_ms(answer: Option<&flint_agent::protocol::Response>) -> Option<f64> {
+    match answer {
+        Some(flint_agent::protocol::Response::Refreshed { guest_us: Some(us), .. }) => Some(*us as f64 / 1000.0),
+        _ => None,
+    }
+}
+
 /// How a restore goes beyond the snapshot itself.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOpts {
@@ -386,6 +394,7 @@ impl Daemon {
             agent_ms: None,
             refresh_ms: None,
             net_ms: None,
+            refresh_guest_ms: None,
             network: None,
         };
         f(&mut rec);
@@ -547,17 +556,24 @@ impl Daemon {
         // A session's guest is named after the session (it keeps the name across wakes); a clone after itself.
         let hostname = rec.session.clone().unwrap_or_else(|| id.clone());
         let network = rec.network.as_ref().map(|n| self.net.guest(n)).transpose().map_err(OpError::Internal)?;
-        if rec.snapshot.is_some() {
-            agent
-                .refresh_with(rec.env.clone(), Some(hostname), network)
-                .await
-                .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?;
+        let answer = if rec.snapshot.is_some() {
+            Some(
+                agent
+                    .refresh_with(rec.env.clone(), Some(hostname), network)
+                    .await
+                    .map_err(|e| OpError::VmFailed(format!("refresh: {e}")))?,
+            )
         } else if !rec.env.is_empty() || network.is_some() {
-            agent
-                .refresh_with(rec.env.clone(), Some(id.clone()), network)
-                .await
-                .map_err(|e| OpError::VmFailed(format!("set env and network: {e}")))?;
-        }
+            Some(
+                agent
+                    .refresh_with(rec.env.clone(), Some(id.clone()), network)
+                    .await
+                    .map_err(|e| OpError::VmFailed(format!("set env and network: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let refresh_guest_ms = refresh_guest_ms(answer.as_ref());
         let refresh_ms = t.elapsed().as_secs_f64() * 1000.0;
         *slot.agent.lock().await = Some(agent);
         let d = self.launcher.vmm(&rec.dir).describe().await?;
@@ -566,6 +582,7 @@ impl Daemon {
             r.mem_mib = d.config.mem_mib;
             r.agent_ms = Some(agent_ms);
             r.refresh_ms = Some(refresh_ms);
+            r.refresh_guest_ms = refresh_guest_ms;
         })?;
         Ok(())
     }

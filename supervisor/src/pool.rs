@@ -103,20 +103,26 @@ impl Daemon {
         if rec.status != VmStatus::Paused {
             return Err(OpError::Conflict(format!("pooled VM `{id}` is {}", rec.status.name())));
         }
+        let t = std::time::Instant::now();
         self.pause(id, false).await?;
         let agent = self.agent(id).await?;
         let hostname = session.map(String::from).unwrap_or_else(|| id.to_string());
-        tokio::time::timeout(
+        let answer = tokio::time::timeout(
             Duration::from_secs(self.cfg.restore_agent_timeout_s),
             agent.refresh(env.clone(), Some(hostname)),
         )
         .await
         .map_err(|_| OpError::VmFailed(format!("VM `{id}`: the refresh did not answer")))?
         .map_err(|e| OpError::VmFailed(format!("VM `{id}`: refresh: {e}")))?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
         self.commit_vm(id, |r| {
             r.pool = None;
             r.env = env.clone();
             r.session = session.map(String::from);
+            // A hand-out is resume + refresh: what the caller waited for.
+            r.ready_ms = Some(ms);
+            r.refresh_ms = Some(ms);
+            r.refresh_guest_ms = crate::daemon::refresh_guest_ms(Some(&answer));
         })
     }
 

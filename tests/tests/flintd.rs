@@ -1238,6 +1238,10 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     };
     assert_eq!(front_request(&host, "203.0.113.2:7777", "/", &[]).0, 200, "the host service answers the host");
     assert_eq!(front_request(&host, "169.254.169.254:80", "/", &[]).0, 200, "the metadata service answers the host");
+    // A bad change is refused whole: the policy stays as it was.
+    let bad = flint(&socket, &["net", "policy", &a, "--allow", "198.51.100.0/24", "--allow", "10.0.0.1/8"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("host bits"), "{bad:?}");
+    assert_eq!(flint_json(&socket, &["net", "show", &a])["egress"], na["egress"]);
     // Open everything the policy can: what stays closed is closed by flintd's own rules.
     flint_json(&socket, &["net", "policy", &a]);
     assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.11/"), "world-11", "default allow now");

@@ -1031,7 +1031,7 @@ async fn interactive_exec(socket: &std::path::Path, id: &str, mut req: ExecReque
                 let _ = e.write_all(&f.payload).and_then(|_| e.flush());
             }
             kind::JSON => match serde_json::from_slice::<Response>(&f.payload) {
-                Ok(Response::Exit { code, signal, timed_out }) => {
+                Ok(Response::Exit { code, signal, timed_out, .. }) => {
                     if timed_out {
                         eprintln!("flint: the command timed out");
                     }

@@ -121,6 +121,10 @@ pub struct VmRecord {
     /// The agent's refresh (clock, entropy, env, hostname, after-restore hooks) or, after a boot, setting the env.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_ms: Option<f64>,
+    /// Of `refresh_ms`, the time the guest's agent spent on it (what it reports): the rest is flintd's and the
+    /// vsock's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_guest_ms: Option<f64>,
     /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_ms: Option<f64>,

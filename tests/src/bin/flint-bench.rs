@@ -601,7 +601,8 @@ fn sessions_bench(runs: usize) {
 ///   against a restore (pool empty) and its first exec;
 /// - density: `--density N` (default 20) idle clones running at once: RSS and PSS per VMM, host memory per
 ///   clone (MemAvailable before/after), the shared memory file counted once.
-fn clones_bench(density: usize) {
+fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64> {
+    let mut fig = std::collections::BTreeMap::new();
     let s3 = flint_tests::S3Server::start();
     let work = TempDir::new("bench-clones");
     let data = work.path().join("data");
@@ -669,6 +670,13 @@ fn clones_bench(density: usize) {
             pct(&agent, 0.5),
             pct(&refresh, 0.5)
         );
+        if n == 8 {
+            fig.insert("rate_per_core", ids.len() as f64 / wall / cores);
+            fig.insert("vmm_p50_ms", pct(&vmm, 0.5));
+            fig.insert("vmm_p99_ms", pct(&vmm, 0.99));
+            fig.insert("ready_p50_ms", pct(&ready, 0.5));
+            fig.insert("ready_p99_ms", pct(&ready, 0.99));
+        }
         for id in &ids {
             call("DELETE", &format!("/v1/vms/{id}"), None);
         }
@@ -689,26 +697,57 @@ fn clones_bench(density: usize) {
     while pooled() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
+    // (wall ms, the agent's own ms) of an exec of /bin/true: the exec answer's last line is {"exit": {...}}.
     let exec_true = |id: &str| {
         let t = Instant::now();
-        call("POST", &format!("/v1/vms/{id}/exec"), Some(serde_json::json!({"argv": ["/bin/true"]})));
-        t.elapsed().as_secs_f64() * 1000.0
+        let body = serde_json::json!({"argv": ["/bin/true"]}).to_string().into_bytes();
+        let (status, out) = rt
+            .block_on(flint_supervisor::http::request(
+                &sock,
+                "POST",
+                &format!("/v1/vms/{id}/exec"),
+                Some(&body),
+                Duration::from_secs(600),
+            ))
+            .expect("exec");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out));
+        let wall = t.elapsed().as_secs_f64() * 1000.0;
+        let exit = String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v.get("exit").is_some())
+            .unwrap_or_default();
+        (wall, exit["exit"]["guest_ms"].as_f64().unwrap_or(0.0))
     };
     let mut rows = Vec::new();
+    let mut flintd_side = Vec::new();
+    let mut handout_total = Vec::new();
     for i in 0..4 {
         let t = Instant::now();
         let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "bt"})));
         let api = t.elapsed().as_secs_f64() * 1000.0;
         let id = c[0]["id"].as_str().unwrap_or("?").to_string();
-        let first = exec_true(&id);
+        let (first, first_guest) = exec_true(&id);
+        // flintd's side: both calls' wall time minus what the guest's agent reports it spent (refresh, exec).
+        let refresh_guest = c[0]["refresh_guest_ms"].as_f64().unwrap_or(0.0);
+        flintd_side.push(api - refresh_guest + first - first_guest);
+        handout_total.push(api + first);
         rows.push((format!("hand-out {}", i + 1), api, first, id));
     }
+    fig.insert("handout_exec_total_ms", pct(&handout_total, 0.5));
+    fig.insert("handout_exec_flintd_ms", pct(&flintd_side, 0.5));
+    println!(
+        "  hand-out → first exec answered: {:.1} ms p50 in all, of which flintd's side (minus the agent's own \
+         time for the refresh and the exec) {:.1} ms p50",
+        pct(&handout_total, 0.5),
+        pct(&flintd_side, 0.5)
+    );
     call("POST", "/v1/templates/bt/pool", Some(serde_json::json!({"size": 0})));
     let t = Instant::now();
     let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "bt"})));
     let api = t.elapsed().as_secs_f64() * 1000.0;
     let id = c[0]["id"].as_str().unwrap_or("?").to_string();
-    let first = exec_true(&id);
+    let (first, _) = exec_true(&id);
     rows.push(("restore (no pool)".into(), api, first, id));
     println!("  {:<20} {:>12} {:>22}", "", "API call ms", "then exec /bin/true ms");
     for (label, api, first, id) in &rows {
@@ -768,22 +807,27 @@ fn clones_bench(density: usize) {
         pct(&pss, 0.99),
         pss.iter().sum::<f64>()
     );
+    let per_clone = before.saturating_sub(after) as f64 / 1024.0 / ids.len().max(1) as f64;
     println!(
-        "  host memory per clone (MemAvailable drop / N): {:.1} MiB; the shared memory file holds {:.1} MiB (counted once)",
-        before.saturating_sub(after) as f64 / 1024.0 / ids.len().max(1) as f64,
-        shared_file_mib
+        "  host memory per clone (MemAvailable drop / N): {per_clone:.1} MiB; the shared memory file holds {shared_file_mib:.1} MiB (counted once)"
     );
+    fig.insert("pss_p50_mib", pct(&pss, 0.5));
+    fig.insert("rss_p50_mib", pct(&rss, 0.5));
+    fig.insert("host_mib_per_clone", per_clone);
+    fig.insert("density_n", ids.len() as f64);
     for id in &ids {
         call("DELETE", &format!("/v1/vms/{id}"), None);
     }
     call("DELETE", "/v1/templates/bt", None);
+    fig
 }
 
 /// VMM-side restore (process start → first guest instruction), side by side in one run: this build's flint-vmm
 /// against a baseline binary (`FLINT_VMM_BASELINE`, e.g. the previous release), alternating, `runs` restores
 /// each, of the golden snapshot (256 MiB) and of a 2 GiB snapshot made here (one cold boot). Unjailed (the
 /// jail's own cost is `flint-bench jail`); private (mmap) memory.
-async fn restore_floor_bench(runs: usize) {
+async fn restore_floor_bench(runs: usize) -> Vec<(String, String, f64)> {
+    let mut fig = Vec::new();
     let current = bin_dir().join("flint-vmm");
     let baseline = std::env::var_os("FLINT_VMM_BASELINE").map(std::path::PathBuf::from);
     let g = golden();
@@ -876,6 +920,7 @@ async fn restore_floor_bench(runs: usize) {
                 v.sort_by(|a, b| a.total_cmp(b));
                 v[v.len() / 2]
             };
+            fig.push((label.to_string(), name.to_string(), total[total.len() / 2]));
             println!(
                 "{:<8} {:<11} {:>8.2} {:>8.2} {:>8.2}   {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
                 label,
@@ -893,6 +938,71 @@ async fn restore_floor_bench(runs: usize) {
     }
     println!();
     println!("breakdown: medians in ms (state file read, KVM VM + irqchip, memory mapped and registered, devices, vCPU state).");
+    fig
+}
+
+/// `flint-bench floor`: #18's figures from one run on one host, in one table: VMM-side restore (this build and
+/// `FLINT_VMM_BASELINE` side by side), clone rate, warm-pool hand-out → first exec (in all and flintd's side),
+/// density.
+async fn floor_bench(runs: usize) {
+    let restore = restore_floor_bench(runs).await;
+    println!();
+    let clones = std::thread::spawn(|| clones_bench(20)).join().unwrap_or_default();
+    let f = |k: &str| clones.get(k).copied().unwrap_or(f64::NAN);
+    let r = |size: &str, bin: &str| {
+        restore.iter().find(|(s, b, _)| s == size && b == bin).map(|x| format!("{:.2}", x.2)).unwrap_or("-".into())
+    };
+    println!();
+    println!(
+        "=== one run, one host ({} cores) ===",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("{:<58} {:>10} {:>12} {:>12}", "figure", "target", "baseline", "this build");
+    println!(
+        "{:<58} {:>10} {:>12} {:>12}",
+        "VMM-side restore p50, 256 MiB (ms)",
+        "≤ 3",
+        r("256 MiB", "baseline"),
+        r("256 MiB", "this build")
+    );
+    println!(
+        "{:<58} {:>10} {:>12} {:>12}",
+        "VMM-side restore p50, 2 GiB (ms)",
+        "≤ 4",
+        r("2 GiB", "baseline"),
+        r("2 GiB", "this build")
+    );
+    println!(
+        "{:<58} {:>10} {:>12} {:>12.2}",
+        "clone rate, 8 in parallel (restores/s/core)",
+        "",
+        "",
+        f("rate_per_core")
+    );
+    println!(
+        "{:<58} {:>10} {:>12} {:>12.0}",
+        "restore → agent ready p50 / p99 (ms), 8 in parallel",
+        "",
+        "",
+        f("ready_p50_ms")
+    );
+    println!("{:<58} {:>10} {:>12} {:>12.0}", "", "", "", f("ready_p99_ms"));
+    println!(
+        "{:<58} {:>10} {:>12} {:>12.1}",
+        "warm-pool hand-out → first exec answered, flintd-side (ms)",
+        "≤ 50",
+        "",
+        f("handout_exec_flintd_ms")
+    );
+    println!("{:<58} {:>10} {:>12} {:>12.0}", "  … in all, guest included (ms)", "", "", f("handout_exec_total_ms"));
+    println!("{:<58} {:>10} {:>12} {:>12.1}", "density: PSS per idle clone's VMM p50 (MiB)", "", "", f("pss_p50_mib"));
+    println!(
+        "{:<58} {:>10} {:>12} {:>12.1}",
+        "density: host memory per idle clone (MiB)",
+        "",
+        "",
+        f("host_mib_per_clone")
+    );
 }
 
 /// `flint-bench net [--runs N]`: VM create (restore) time with and without a network, side by side; requests per
@@ -1064,6 +1174,10 @@ async fn main() {
         restore_floor_bench(runs.max(5)).await;
         return;
     }
+    if mode == "floor" {
+        floor_bench(runs.max(5)).await;
+        return;
+    }
     if mode == "clones" {
         let density: usize = args
             .iter()
@@ -1071,7 +1185,7 @@ async fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(20);
-        let _ = std::thread::spawn(move || clones_bench(density)).join();
+        let _ = std::thread::spawn(move || drop(clones_bench(density))).join();
         return;
     }
     if mode == "sessions" {
@@ -1083,7 +1197,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench net [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
