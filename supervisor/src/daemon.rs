@@ -395,6 +395,7 @@ impl Daemon {
             refresh_ms: None,
             net_ms: None,
             refresh_guest_ms: None,
+            refresh_steps_us: BTreeMap::new(),
             network: None,
         };
         f(&mut rec);
@@ -574,6 +575,10 @@ impl Daemon {
             None
         };
         let refresh_guest_ms = refresh_guest_ms(answer.as_ref());
+        let steps = match &answer {
+            Some(flint_agent::protocol::Response::Refreshed { steps_us, .. }) => steps_us.clone(),
+            _ => BTreeMap::new(),
+        };
         let refresh_ms = t.elapsed().as_secs_f64() * 1000.0;
         *slot.agent.lock().await = Some(agent);
         let d = self.launcher.vmm(&rec.dir).describe().await?;
@@ -583,6 +588,7 @@ impl Daemon {
             r.agent_ms = Some(agent_ms);
             r.refresh_ms = Some(refresh_ms);
             r.refresh_guest_ms = refresh_guest_ms;
+            r.refresh_steps_us = steps;
         })?;
         Ok(())
     }

@@ -125,6 +125,9 @@ pub struct VmRecord {
     /// vsock's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_guest_ms: Option<f64>,
+    /// The agent's time per refresh step (clock, entropy, env_hostname, network, hooks), µs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refresh_steps_us: BTreeMap<String, u64>,
     /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_ms: Option<f64>,
