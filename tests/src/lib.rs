@@ -678,10 +678,25 @@ impl Flintd {
             .args(extra)
             .stdout(log.try_clone().expect("flintd log"))
             .stderr(log);
-        if let Some((s3, prefix)) = s3 {
-            cmd.envs(s3.env());
-            if !prefix.is_empty() {
-                cmd.env("FLINT_S3_PREFIX", prefix);
+        match s3 {
+            Some((s3, prefix)) => {
+                cmd.envs(s3.env());
+                if !prefix.is_empty() {
+                    cmd.env("FLINT_S3_PREFIX", prefix);
+                }
+            }
+            // No S3 tier, whatever an earlier test of this process left in its environment (`flintd_store` sets
+            // the S3 variables for the store it opens).
+            None => {
+                for k in [
+                    "FLINT_S3_BUCKET",
+                    "FLINT_S3_ENDPOINT",
+                    "FLINT_S3_PREFIX",
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                ] {
+                    cmd.env_remove(k);
+                }
             }
         }
         die_with_parent(&mut cmd);
@@ -700,17 +715,24 @@ impl Flintd {
             }
         }
         let child = cmd.spawn().expect("start flintd (cargo build --workspace --bins)");
+        let mut f = Flintd { child, socket: socket.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while UnixStream::connect(socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "flintd did not listen on {} (see {}.log)",
-                socket.display(),
-                data.display()
-            );
+            let exited = f.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "flintd did not listen on {} ({}); the end of {}.log:\n{}",
+                    socket.display(),
+                    exited.map(|s| s.to_string()).unwrap_or_else(|| "still running after 30 s".into()),
+                    data.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Flintd { child, socket: socket.to_path_buf() }
+        f
     }
 }
 
