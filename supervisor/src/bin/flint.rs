@@ -115,11 +115,9 @@ enum Cmd {
 }
 
 /// A network for a new VM, clone or session.
+/// An egress policy (docs/networking.md).
 #[derive(clap::Args, Clone, Default)]
-struct NetArgs {
-    /// Give it a network of its own (implied by the options below).
-    #[arg(long)]
-    net: bool,
+struct PolicyArgs {
     /// Egress allowed to a CIDR or domain (repeatable); with --default-deny only these are reached.
     #[arg(long = "allow")]
     allow: Vec<String>,
@@ -129,6 +127,24 @@ struct NetArgs {
     /// Deny what no rule names (default: allow).
     #[arg(long)]
     default_deny: bool,
+}
+
+impl PolicyArgs {
+    fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty() && !self.default_deny
+    }
+    fn json(&self) -> Value {
+        json!({ "default": if self.default_deny { "deny" } else { "allow" }, "allow": self.allow, "deny": self.deny })
+    }
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct NetArgs {
+    /// Give it a network of its own (implied by the options below).
+    #[arg(long)]
+    net: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Expose a guest port through the front end: PORT[:TOKEN] (repeatable).
     #[arg(long = "expose")]
     expose: Vec<String>,
@@ -136,7 +152,7 @@ struct NetArgs {
 
 impl NetArgs {
     fn request(&self) -> Result<Option<Value>, String> {
-        if !self.net && self.allow.is_empty() && self.deny.is_empty() && !self.default_deny && self.expose.is_empty() {
+        if !self.net && self.policy.is_empty() && self.expose.is_empty() {
             return Ok(None);
         }
         let mut ports = serde_json::Map::new();
@@ -148,10 +164,7 @@ impl NetArgs {
             p.parse::<u16>().map_err(|_| format!("--expose {e:?}: expected PORT[:TOKEN]"))?;
             ports.insert(p.to_string(), json!({ "token": token }));
         }
-        Ok(Some(json!({
-            "egress": { "default": if self.default_deny { "deny" } else { "allow" }, "allow": self.allow, "deny": self.deny },
-            "ports": ports,
-        })))
+        Ok(Some(json!({ "egress": self.policy.json(), "ports": ports })))
     }
 }
 
@@ -170,12 +183,8 @@ enum NetCmd {
     /// Replace the egress policy (applies to the running VM at once).
     Policy {
         id: String,
-        #[arg(long = "allow")]
-        allow: Vec<String>,
-        #[arg(long = "deny")]
-        deny: Vec<String>,
-        #[arg(long)]
-        default_deny: bool,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
 }
 
@@ -853,9 +862,9 @@ async fn run(cli: Cli) -> Result<i32, String> {
         Cmd::Net { cmd: NetCmd::Show { id } } => {
             out(&api.call("GET", &format!("/v1/vms/{}/network", enc(&id)), None).await?, &pretty)
         }
-        Cmd::Net { cmd: NetCmd::Policy { id, allow, deny, default_deny } } => {
-            let body = json!({ "default": if default_deny { "deny" } else { "allow" }, "allow": allow, "deny": deny });
-            out(&api.call("PUT", &format!("/v1/vms/{}/network/egress", enc(&id)), Some(body)).await?, &pretty)
+        Cmd::Net { cmd: NetCmd::Policy { id, policy } } => {
+            let path = format!("/v1/vms/{}/network/egress", enc(&id));
+            out(&api.call("PUT", &path, Some(policy.json())).await?, &pretty)
         }
         Cmd::Port { cmd } => {
             let (method, id, port, body) = match cmd {
