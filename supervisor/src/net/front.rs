@@ -152,15 +152,25 @@ fn reply(status: u16, msg: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Connections the front end holds at once; past it a new one is closed at once (each holds a task and two sockets,
+/// and a routed one may last as long as its client wants).
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// Serves the front end on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, domain: String, resolver: Arc<dyn Resolve>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((conn, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "front end: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
         let (domain, resolver) = (domain.clone(), resolver.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(conn, &domain, resolver).await {
                 debug!(%peer, error = %e, "front end connection");
             }

@@ -510,8 +510,14 @@ impl Networks {
             learned.retain(|_, (_, until)| *until > now);
             for (ip, ttl) in ips {
                 let secs = (*ttl).clamp(MIN_DNS_OPEN_S, MAX_DNS_OPEN_S);
-                learned.insert(*ip, (name.to_string(), now + Duration::from_secs(u64::from(secs))));
-                elems.push((*ip, secs));
+                let until = now + Duration::from_secs(u64::from(secs));
+                // Still open for more than half the new time: no nft run (a guest repeating a query must not
+                // make flintd fork a process per answer).
+                let fresh = learned.get(ip).is_some_and(|(n, u)| n == name && *u > now + (until - now) / 2);
+                if !fresh {
+                    learned.insert(*ip, (name.to_string(), until));
+                    elems.push((*ip, secs));
+                }
             }
         }
         if elems.is_empty() {
