@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# `make images`: builds the guest kernel and root filesystem into a cache outside the clone,
-# keyed by a hash of their inputs, and prints the directory. A no-op when cached.
+# Builds guest images into a cache outside the clone, keyed by a hash of their inputs, and prints
+# where they are. A no-op when cached. Every image is described by `images/<name>/image.toml`
+# (docs/images.md).
+#
+#   build.sh            the `default` image; prints its directory (FLINT_IMAGES)
+#   build.sh NAME       image NAME; prints its directory
+#   build.sh --all      every image (`make images`); prints NAME=DIR lines
 #
 #   ${FLINT_CACHE:-~/.cache/flint}/kernel/<kernel inputs hash>/{vmlinux,config,System.map}
-#   ${FLINT_CACHE:-~/.cache/flint}/images/<all inputs hash>/{vmlinux,config,initramfs.cpio,rootfs.ext4,inputs}
+#   ${FLINT_CACHE:-~/.cache/flint}/images/<all inputs hash>/{vmlinux,initramfs.cpio,boot.cpio,rootfs.ext4,inputs}
+#   ${FLINT_CACHE:-~/.cache/flint}/images/<name>-<inputs hash>/{vmlinux,initramfs.cpio,rootfs.ext4,image.json,inputs}
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${FLINT_CACHE:-$HOME/.cache/flint}
 cd "$repo"
+want=${1:-default}
+if [ "$want" = --all ]; then
+  for t in images/*/image.toml; do
+    n=$(basename "$(dirname "$t")")
+    echo "$n=$(bash "$0" "$n")"
+  done
+  exit 0
+fi
+[ -f "images/$want/image.toml" ] || { echo "images: no image \`$want\` (no images/$want/image.toml)" >&2; exit 1; }
 
 need_pkgs=(linux-source-6.1 busybox-static e2fsprogs cpio flex bison bc libelf-dev libssl-dev xz-utils file make gcc)
 pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
@@ -19,7 +34,7 @@ kernel_inputs() {
 }
 rootfs_inputs() {
   find guest-agent -type f \( -name '*.rs' -o -name Cargo.toml \) | LC_ALL=C sort | xargs sha256sum
-  sha256sum Cargo.toml Cargo.lock images/rootfs/build.sh
+  sha256sum Cargo.toml Cargo.lock images/rootfs/build.sh images/default/image.toml
   echo "busybox-static $(pkg_version busybox-static)"
   echo "e2fsprogs $(pkg_version e2fsprogs)"
   rustc --version
@@ -39,6 +54,11 @@ fi
 khash=$(kernel_inputs | sha256sum | cut -c1-16)
 ihash=$( { echo "kernel $khash"; rootfs_inputs; } | sha256sum | cut -c1-16)
 dir="$cache/images/$ihash"
+if [ "$want" != default ]; then
+  # Another image: the default image's kernel and agent, plus its own userland (images/image.py).
+  base=$(bash "$0" default)
+  exec python3 images/image.py "$want" "$base" "$cache/images"
+fi
 if [ -f "$dir/.complete" ]; then
   echo "$dir"
   exit 0

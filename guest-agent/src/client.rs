@@ -336,6 +336,35 @@ impl AgentClient {
         Ok(out)
     }
 
+    /// Starts code in one of the image's runners (`python`); the stream gives its output, then its outcome.
+    pub async fn run_code_stream(&self, req: RunRequest) -> Result<RunStream<'_>, ClientError> {
+        let (id, rx) = self.open();
+        if let Err(e) = self.send(Frame::json(id, &Request::Run(req))).await {
+            self.close(id);
+            return Err(e);
+        }
+        Ok(RunStream { client: self, id, rx, done: false })
+    }
+
+    /// Runs code to its end and collects its output (at most [`MAX_CAPTURE_BYTES`] of each stream).
+    pub async fn run_code(&self, req: RunRequest) -> Result<RunOutput, ClientError> {
+        let mut s = self.run_code_stream(req).await?;
+        let mut out = RunOutput::default();
+        let keep = |buf: &mut Vec<u8>, b: Vec<u8>, dropped: &mut u64| {
+            let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len()).min(b.len());
+            buf.extend_from_slice(&b[..room]);
+            *dropped += (b.len() - room) as u64;
+        };
+        while let Some(ev) = s.next().await? {
+            match ev {
+                RunEvent::Stdout(b) => keep(&mut out.stdout, b, &mut out.dropped_bytes),
+                RunEvent::Stderr(b) => keep(&mut out.stderr, b, &mut out.dropped_bytes),
+                RunEvent::Done(d) => out.done = Some(d),
+            }
+        }
+        Ok(out)
+    }
+
     /// Shorthand: runs `argv` with no stdin.
     pub async fn run(&self, argv: &[&str]) -> Result<ExecOutput, ClientError> {
         self.exec_output(ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }).await
@@ -469,8 +498,23 @@ impl AgentClient {
         self.ok(Request::Rename { from: from.into(), to: to.into() }).await
     }
 
+    /// Before-checkpoint hooks, after the image's runners are warm: a runner still starting (an interpreter in a
+    /// slow guest) may take minutes, so this call waits up to [`BEFORE_CHECKPOINT_TIMEOUT`].
     pub async fn before_checkpoint(&self) -> Result<(), ClientError> {
-        self.ok(Request::BeforeCheckpoint).await
+        let (id, mut rx) = self.open();
+        let t = BEFORE_CHECKPOINT_TIMEOUT.max(self.call_timeout);
+        let r = tokio::time::timeout(t, async {
+            self.send(Frame::json(id, &Request::BeforeCheckpoint)).await?;
+            Self::next_json(&mut rx).await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(t))
+        .and_then(|r| r);
+        self.close(id);
+        match r? {
+            Response::Ok { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
     }
 
     pub async fn shutdown(&self) -> Result<(), ClientError> {
@@ -587,6 +631,9 @@ impl Drop for FileStream<'_> {
     }
 }
 
+/// Longest wait for a before-checkpoint (runners starting, then hooks).
+pub const BEFORE_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A running exec.
 pub struct ExecStream<'a> {
     client: &'a AgentClient,
@@ -641,6 +688,72 @@ impl ExecStream<'_> {
     /// New terminal size for an exec with a tty.
     pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
         self.client.send(Frame::json(self.id, &Request::Resize { rows, cols })).await
+    }
+}
+
+/// How a run ended (the agent's `ran` answer).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RunDone {
+    pub status: RunStatus,
+    pub value: Option<String>,
+    pub error: Option<RunError>,
+    pub restarted: bool,
+    pub guest_us: Option<u64>,
+}
+
+pub enum RunEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Done(RunDone),
+}
+
+/// A run's collected output and outcome.
+#[derive(Clone, Debug, Default)]
+pub struct RunOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub dropped_bytes: u64,
+    pub done: Option<RunDone>,
+}
+
+/// A run in progress.
+pub struct RunStream<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    done: bool,
+}
+
+impl RunStream<'_> {
+    /// The next output chunk or the outcome; `None` after the outcome.
+    pub async fn next(&mut self) -> Result<Option<RunEvent>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let f = self.rx.recv().await.ok_or(ClientError::Closed)?;
+        Ok(Some(match f.kind {
+            kind::STDOUT => RunEvent::Stdout(f.payload),
+            kind::STDERR => RunEvent::Stderr(f.payload),
+            kind::JSON => {
+                self.done = true;
+                match serde_json::from_slice::<Response>(&f.payload)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+                {
+                    Response::Ran { status, value, error, restarted, guest_us } => {
+                        RunEvent::Done(RunDone { status, value, error, restarted, guest_us })
+                    }
+                    Response::Error { code, message } => return Err(ClientError::Agent { code, message }),
+                    other => return Err(ClientError::Protocol(format!("{other:?}"))),
+                }
+            }
+            k => return Err(ClientError::Protocol(format!("frame kind {k:#x} on a run stream"))),
+        }))
+    }
+}
+
+impl Drop for RunStream<'_> {
+    fn drop(&mut self) {
+        self.client.close(self.id);
     }
 }
 

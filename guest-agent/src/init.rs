@@ -70,3 +70,84 @@ pub fn init_system() {
     // SAFETY: pointer and length describe `host`.
     unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) };
 }
+
+/// The value of `name=` on the kernel command line.
+fn cmdline_param(cmdline: &str, name: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=').map(str::to_string))
+}
+
+/// A virtio block device name as the command line gives it (`vda`), checked: it becomes a path.
+fn block_device(name: &str) -> Result<String, String> {
+    let ok = name.len() == 3 && name.starts_with("vd") && name.as_bytes()[2].is_ascii_lowercase();
+    if ok {
+        Ok(format!("/dev/{name}"))
+    } else {
+        Err(format!("`{name}` is not a virtio block device name (vda, vdb, ...)"))
+    }
+}
+
+/// Disk-rooted images (docs/images.md): with `flint.root=vdX` on the kernel command line, the agent (PID 1 in a
+/// tiny initramfs) mounts that drive read-only as the lower layer, the VM's own writable disk (`flint.overlay=vdY`,
+/// ext4; a tmpfs without one) as the upper layer, joins them with overlayfs and makes the result `/`. Returns
+/// whether it switched. On an error the agent stays in the initramfs and says why on the console.
+pub fn enter_disk_root() -> Result<bool, String> {
+    mount("proc", "/proc", "proc", 0, "").map_err(|e| format!("mount /proc: {e}"))?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // SAFETY: umount2 of the mount made just above, by a NUL-terminated literal path.
+    unsafe { libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH) };
+    let Some(root) = cmdline_param(&cmdline, "flint.root") else {
+        return Ok(false);
+    };
+    let lower_dev = block_device(&root)?;
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755").map_err(|e| format!("mount /dev: {e}"))?;
+    mount(&lower_dev, "/mnt/lower", "ext4", libc::MS_RDONLY, "")
+        .map_err(|e| format!("mount the image's root {lower_dev} read-only: {e}"))?;
+    match cmdline_param(&cmdline, "flint.overlay") {
+        Some(dev) => {
+            let dev = block_device(&dev)?;
+            // noinit_itable: the disk was made with lazy inode tables; zeroing them would fill the sparse host file.
+            mount(&dev, "/mnt/rw", "ext4", libc::MS_NOATIME, "noinit_itable")
+                .map_err(|e| format!("mount the VM's disk {dev}: {e}"))?
+        }
+        None => mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755").map_err(|e| format!("mount a tmpfs: {e}"))?,
+    }
+    for d in ["/mnt/rw/upper", "/mnt/rw/work"] {
+        std::fs::create_dir_all(d).map_err(|e| format!("create {d}: {e}"))?;
+    }
+    mount("overlay", "/mnt/root", "overlay", 0, "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
+        .map_err(|e| format!("mount the overlay: {e}"))?;
+    mount("/dev", "/mnt/root/dev", "", libc::MS_MOVE, "").map_err(|e| format!("move /dev: {e}"))?;
+    std::env::set_current_dir("/mnt/root").map_err(|e| format!("chdir: {e}"))?;
+    // SAFETY: the switch_root sequence on NUL-terminated literal paths: move the new root over `/`, then chroot
+    // into it; the initramfs stays underneath (it holds only this binary).
+    let r = unsafe {
+        if libc::mount(c".".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) != 0 {
+            -1
+        } else {
+            libc::chroot(c".".as_ptr())
+        }
+    };
+    if r != 0 {
+        return Err(format!("switch to the new root: {}", std::io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_parameters_and_devices() {
+        let c = "console=ttyS0 flint.root=vda flint.overlay=vdb quiet";
+        assert_eq!(cmdline_param(c, "flint.root").as_deref(), Some("vda"));
+        assert_eq!(cmdline_param(c, "flint.overlay").as_deref(), Some("vdb"));
+        assert_eq!(cmdline_param(c, "flint.rootx"), None);
+        assert_eq!(cmdline_param("flint.root", "flint.root"), None);
+        assert_eq!(block_device("vdb").unwrap(), "/dev/vdb");
+        for bad in ["sda", "vd", "vdB", "vda1", "../x", "vd/"] {
+            assert!(block_device(bad).is_err(), "{bad}");
+        }
+    }
+}

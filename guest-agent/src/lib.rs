@@ -11,6 +11,7 @@ pub mod listen;
 pub mod net;
 pub mod protocol;
 pub mod reaper;
+pub mod runner;
 pub mod server;
 pub mod vsock_cat;
 

@@ -60,6 +60,11 @@ fn main() -> ExitCode {
         }
     };
     if pid1 {
+        match flint_agent::init::enter_disk_root() {
+            Ok(true) => eprintln!("flint-agent: root is the image's disk under the VM's overlay"),
+            Ok(false) => {}
+            Err(e) => eprintln!("flint-agent: cannot enter the image's root, staying in the initramfs: {e}"),
+        }
         flint_agent::init::init_system();
         args.settings.is_init = true;
     }
@@ -91,6 +96,15 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> std::io::Result<()> {
     let agent = Agent::new(args.settings);
     tokio::spawn(agent.reaper.clone().run());
+    if !agent.runners.names().is_empty() {
+        // Warm from boot: a template's snapshot then holds started interpreters.
+        let a = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = a.warm_runners().await {
+                eprintln!("flint-agent: {e}");
+            }
+        });
+    }
     let listener = Listener::bind(&args.listen)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {:?}: {e}", args.listen)))?;
     eprintln!("flint-agent {} ready on {:?}", env!("CARGO_PKG_VERSION"), args.listen);

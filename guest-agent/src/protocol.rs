@@ -148,6 +148,9 @@ pub enum Request {
         to: String,
     },
     Refresh(RefreshRequest),
+    /// Run code in one of the image's warm runners (a long-lived interpreter; state kept between runs). The
+    /// code's stdout and stderr stream as STDOUT/STDERR frames, then `ran`.
+    Run(RunRequest),
     BeforeCheckpoint,
     Shutdown {
         #[serde(default)]
@@ -182,6 +185,40 @@ pub struct ExecRequest {
     /// STDOUT; the process leads a new session with the terminal as its controlling tty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+}
+
+/// Most bytes of code one run takes.
+pub const MAX_RUN_CODE: usize = 256 * 1024;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The runner's name in the image (`python`).
+    pub language: String,
+    pub code: String,
+    /// Past this, the run is interrupted (the runner survives, its state too) and its status is `timeout`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// The code ran to its end.
+    Ok,
+    /// It raised: `error` says what.
+    Error,
+    /// It ran past its timeout and was interrupted.
+    Timeout,
+}
+
+/// An exception a run raised.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunError {
+    pub name: String,
+    pub message: String,
+    pub traceback: String,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -270,6 +307,21 @@ pub enum Response {
         guest_us: Option<u64>,
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         steps_us: BTreeMap<String, u64>,
+    },
+    /// The end of a run.
+    Ran {
+        status: RunStatus,
+        /// `repr()` of the value of the code's last line, if it is an expression with a value.
+        #[serde(default)]
+        value: Option<String>,
+        #[serde(default)]
+        error: Option<RunError>,
+        /// The runner did not survive (it ignored the interrupt, or died): a new one starts, and the old one's
+        /// state is gone.
+        #[serde(default)]
+        restarted: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest_us: Option<u64>,
     },
     Error {
         code: ErrorCode,

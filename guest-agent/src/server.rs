@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::lock;
 use crate::protocol::*;
 use crate::reaper::Reaper;
+use crate::runner::{ImageConfig, Runners};
 
 /// Service settings.
 #[derive(Clone, Debug)]
@@ -45,16 +46,47 @@ pub struct Agent {
     /// Environment set by the last refresh, applied to every exec.
     refresh_env: Mutex<BTreeMap<String, String>>,
     pub reaper: Arc<Reaper>,
+    /// The image's own settings (`/etc/flint/image.json`; empty for the default image).
+    image: ImageConfig,
+    pub runners: Runners,
 }
 
 impl Agent {
     pub fn new(settings: Settings) -> Arc<Self> {
+        let image = ImageConfig::load(&settings.root).unwrap_or_else(|e| {
+            eprintln!("flint-agent: ignoring the image's settings: {e}");
+            ImageConfig::default()
+        });
+        let runners = Runners::new(image.runners.clone());
         Arc::new(Agent {
             settings,
             started: Instant::now(),
             refresh_env: Mutex::new(BTreeMap::new()),
             reaper: Reaper::new(),
+            image,
+            runners,
         })
+    }
+
+    /// The environment every process the agent starts gets: a base PATH and HOME, the inherited variables, the
+    /// image's, then the last refresh's.
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        env.insert("HOME".into(), "/root".into());
+        for k in INHERITED_ENV {
+            if let Ok(v) = std::env::var(k) {
+                env.insert(k.into(), v);
+            }
+        }
+        env.extend(self.image.env.clone());
+        env.extend(lock(&self.refresh_env).clone());
+        env.into_iter().collect()
+    }
+
+    /// Starts the image's runners and waits until they are ready.
+    pub async fn warm_runners(&self) -> Result<(), String> {
+        self.runners.warm(&self.reaper, &self.base_env()).await
     }
 
     fn resolve(&self, path: &str) -> Result<PathBuf, (ErrorCode, String)> {
@@ -259,7 +291,25 @@ async fn handle(
             (Err((c, m)), _) | (_, Err((c, m))) => error(c, m),
         },
         Request::Refresh(r) => refresh(&agent, r).await,
+        Request::Run(r) => {
+            if r.code.len() > MAX_RUN_CODE {
+                return Some(error(
+                    ErrorCode::TooLarge,
+                    format!("code of {} bytes: at most {MAX_RUN_CODE}", r.code.len()),
+                ));
+            }
+            let env = agent.base_env();
+            match agent.runners.run(&agent.reaper, &env, &r, id, tx).await {
+                Ok(resp) => resp,
+                Err(m) if m.starts_with("no runner") => error(ErrorCode::NotFound, m),
+                Err(m) => error(ErrorCode::Io, m),
+            }
+        }
         Request::BeforeCheckpoint => {
+            // The snapshot must hold warm runners: start any that is not running and wait until it is ready.
+            if let Err(m) = agent.warm_runners().await {
+                return Some(error(ErrorCode::Io, m));
+            }
             // SAFETY: sync(2) has no preconditions.
             unsafe { libc::sync() };
             match run_hooks(&agent.reaper, &agent.settings.hooks_dir.join("before-checkpoint.d")).await {
@@ -534,16 +584,7 @@ async fn exec(
     let mut cmd = std::process::Command::new(program);
     cmd.args(&req.argv[1..]);
     cmd.env_clear();
-    cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    cmd.env("HOME", "/root");
-    for k in INHERITED_ENV {
-        if let Some(v) = std::env::var_os(k) {
-            cmd.env(k, v);
-        }
-    }
-    for (k, v) in lock(&agent.refresh_env).iter() {
-        cmd.env(k, v);
-    }
+    cmd.envs(agent.base_env());
     cmd.envs(&req.env);
     if let Some(cwd) = &req.cwd {
         match agent.resolve(cwd) {
@@ -553,7 +594,10 @@ async fn exec(
             Err((c, m)) => return Some(error(c, m)),
         }
     } else {
-        cmd.current_dir(&agent.settings.root);
+        match agent.image.workdir.as_deref().map(|w| agent.resolve(w)) {
+            Some(Ok(p)) if p.is_dir() => cmd.current_dir(p),
+            _ => cmd.current_dir(&agent.settings.root),
+        };
     }
     if let Some(user) = &req.user {
         let Some((uid, gid, home)) = lookup_user(&agent.settings.root, user) else {
@@ -773,6 +817,8 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>, kind: u8, id: u32, 
 async fn refresh(agent: &Agent, r: RefreshRequest) -> Response {
     let started = std::time::Instant::now();
     let mut steps_us = BTreeMap::new();
+    // A refresh follows a restore: every runner's next run reseeds its interpreter's PRNG.
+    agent.runners.refreshed();
     let mut lap = std::time::Instant::now();
     let mut step = |name: &str, steps: &mut BTreeMap<String, u64>| {
         steps.insert(name.to_string(), lap.elapsed().as_micros() as u64);

@@ -15,9 +15,15 @@ struct Agent {
 
 impl Agent {
     fn start(tag: &str, extra: &[&str]) -> Agent {
+        Self::start_prepared(tag, extra, |_| ())
+    }
+
+    /// Starts the agent after `prepare` has filled its root.
+    fn start_prepared(tag: &str, extra: &[&str], prepare: impl FnOnce(&Path)) -> Agent {
         let dir = std::env::temp_dir().join(format!("flint-agent-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("root")).unwrap();
+        prepare(&dir.join("root"));
         let sock = dir.join("agent.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_flint-agent"))
             .arg("--listen")
@@ -327,4 +333,81 @@ async fn bad_versions_and_malformed_frames_do_not_hurt_the_agent() {
     assert!(Path::new(&a.sock).exists());
     let e = AgentClient::connect(&Endpoint::Unix(a.dir.join("nope.sock")), Duration::from_secs(1)).await.err().unwrap();
     assert!(matches!(e, ClientError::Connect(..)), "{e}");
+}
+
+/// The Python image's runner (images/python/runner.py) under the host's python3: state between runs, values,
+/// tracebacks, timeouts that keep the runner, a runner that ignores the interrupt is replaced.
+#[tokio::test]
+async fn python_runner_keeps_state_and_survives_timeouts() {
+    use flint_agent::protocol::{RunRequest, RunStatus};
+    if Command::new("python3").arg("-c").arg("pass").status().map(|s| !s.success()).unwrap_or(true) {
+        panic!("python3 is needed on the host for this test (Debian package python3)");
+    }
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/python/runner.py");
+    let a = Agent::start_prepared("runner", &[], |root| {
+        std::fs::create_dir_all(root.join("etc/flint")).unwrap();
+        let cfg = serde_json::json!({
+            "name": "test",
+            "env": {"FLINT_IMAGE_VAR": "from-image"},
+            "runners": {"python": {"argv": ["python3", "-u", runner.canonicalize().unwrap()]}}
+        });
+        std::fs::write(root.join("etc/flint/image.json"), cfg.to_string()).unwrap();
+    });
+    let c = a.client().await;
+    let run =
+        |code: &str, timeout_ms: Option<u64>| RunRequest { language: "python".into(), code: code.into(), timeout_ms };
+    let o = c.run_code(run("print(6*7)", None)).await.unwrap();
+    let d = o.done.clone().unwrap();
+    assert_eq!((String::from_utf8_lossy(&o.stdout).as_ref(), d.status, d.value), ("42\n", RunStatus::Ok, None));
+    let d = c
+        .run_code(run("import json, sqlite3, hashlib, ssl, os\nx = 1\nos.environ['FLINT_IMAGE_VAR']", None))
+        .await
+        .unwrap()
+        .done
+        .unwrap();
+    assert_eq!((d.status, d.value.as_deref()), (RunStatus::Ok, Some("'from-image'")), "{d:?}");
+    let d = c.run_code(run("x + 1", None)).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("2"));
+    // An exception: a traceback of the cell's frames only, and the runner lives on.
+    let o = c.run_code(run("def f():\n    return 1/0\nf()", None)).await.unwrap();
+    let d = o.done.unwrap();
+    let e = d.error.clone().unwrap();
+    assert_eq!((d.status, e.name.as_str()), (RunStatus::Error, "ZeroDivisionError"), "{d:?}");
+    assert!(
+        e.traceback.contains("<cell>") && e.traceback.contains("in f") && !e.traceback.contains("runner.py"),
+        "{}",
+        e.traceback
+    );
+    let d = c.run_code(run("exit(3)", None)).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.error.unwrap().name.as_str()), (RunStatus::Error, "SystemExit"));
+    let d = c.run_code(run("1 +", None)).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.error.unwrap().name.as_str()), (RunStatus::Error, "SyntaxError"));
+    // Output streams while the code runs, stderr apart.
+    let o = c
+        .run_code(run("import sys\nfor i in range(3000): print('y' * 99)\nprint('oops', file=sys.stderr)", None))
+        .await
+        .unwrap();
+    assert_eq!((o.stdout.len(), String::from_utf8_lossy(&o.stderr).as_ref()), (300_000, "oops\n"));
+    // A timeout interrupts the code, not the runner: the state is still there.
+    let t = Instant::now();
+    let d = c.run_code(run("while True: pass", Some(500))).await.unwrap().done.unwrap();
+    assert_eq!(
+        (d.status, d.restarted, d.error.unwrap().name.as_str()),
+        (RunStatus::Timeout, false, "KeyboardInterrupt")
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let d = c.run_code(run("x", Some(5000))).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("1"));
+    // Code that ignores the interrupt costs the runner: killed, replaced, and the answer says the state is gone.
+    let code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)";
+    let d = c.run_code(run(code, Some(300))).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.restarted), (RunStatus::Timeout, true), "{d:?}");
+    let d = c.run_code(run("'x' in globals()", None)).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.value.as_deref()), (RunStatus::Ok, Some("False")));
+    // No such runner: a clear error.
+    let err = c.run_code(RunRequest { language: "ruby".into(), code: "1".into(), timeout_ms: None }).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Agent { code: ErrorCode::NotFound, message } if message.contains("it has: python")),
+        "{err}"
+    );
 }

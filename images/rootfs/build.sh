@@ -2,6 +2,8 @@
 # Builds the Flint guest root filesystem from busybox-static and a static flint-agent:
 #   OUT_DIR/initramfs.cpio  uncompressed newc initramfs; /init is flint-agent (PID 1)
 #   OUT_DIR/rootfs.ext4     the same tree as an ext4 image (boot with root=/dev/vda; /sbin/init)
+#   OUT_DIR/boot.cpio       only the agent as /init: the initramfs of disk-rooted images (docs/images.md),
+#                           which mounts their read-only root and the VM's writable overlay, then enters it
 # Usage: images/rootfs/build.sh OUT_DIR AGENT_BINARY
 set -euo pipefail
 out=${1:?usage: build.sh OUT_DIR AGENT_BINARY}
@@ -47,6 +49,15 @@ mkdir -p "$out"
 find . | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible > "$out/initramfs.cpio.tmp"
 mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
 rm -f "$out/rootfs.ext4.tmp"
+boot=$(mktemp -d "${TMPDIR:-/tmp}/flint-boot.XXXXXX")
+( cd "$boot"
+  mkdir -p dev proc sys mnt
+  install -m 0755 "$agent" init
+  mknod -m 600 dev/console c 5 1
+  mknod -m 666 dev/null c 1 3
+  find . -exec touch -h -d @0 {} +
+  find . | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible > "$out/boot.cpio" )
+rm -rf "$boot"
 E2FSPROGS_FAKE_TIME=0 mkfs.ext4 -q -F -L flintroot -U 6c696e74-0000-4000-8000-000000000001 -E root_owner=0:0,hash_seed=6c696e74-0000-4000-8000-000000000002 \
   -d "$stage" "$out/rootfs.ext4.tmp" 64M >&2
 mv "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"

@@ -265,7 +265,11 @@ fn restored_config(saved: &VmConfig, spec: &RestoreSpec) -> Result<VmConfig, Bui
         config.track_dirty_pages = track;
     }
     for drive in &config.drives {
-        if !drive.path.is_file() {
+        // An inherited fd (`/dev/fd/N`: a jailed VMM's file from outside its directory) is checked through the fd.
+        let is_file = flint_vmm_api::spec::open_host_file(&drive.path, false)
+            .and_then(|f| f.metadata())
+            .is_ok_and(|m| m.is_file());
+        if !is_file {
             return Err(crate::config::ConfigError::MissingFile(drive.path.clone()).into());
         }
     }
