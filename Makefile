@@ -6,9 +6,9 @@ export FLINT_CACHE ?= $(HOME)/.cache/flint
 
 .PHONY: images build demo test bench fuzz crash-test fmt clippy
 
-## images: build (or find cached) guest kernel + rootfs; prints the directory
+## images: build (or find cached) every guest image (images/<name>/image.toml); prints NAME=DIR lines
 images:
-	@bash images/build.sh
+	@bash images/build.sh --all
 
 ## build: release binaries (flint-vmm, flintd, flint)
 build:
@@ -32,6 +32,7 @@ bench: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- sessions --runs 1
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- clones --density 20
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- net --runs 5
+	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_PYTHON_IMAGE="$$(bash images/build.sh python)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- python --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- restore-floor --runs 11
 
 ## fuzz: every fuzz target for FUZZ_SECONDS (default 60) each, execs/s per target (nightly + cargo-fuzz)

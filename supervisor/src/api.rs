@@ -20,6 +20,7 @@ use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm, O
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/health"),
     ("get", "/v1/images"),
+    ("post", "/v1/images"),
     ("get", "/v1/vms"),
     ("post", "/v1/vms"),
     ("get", "/v1/vms/{id}"),
@@ -27,6 +28,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{id}/pause"),
     ("post", "/v1/vms/{id}/resume"),
     ("post", "/v1/vms/{id}/exec"),
+    ("post", "/v1/vms/{id}/run"),
     ("get", "/v1/vms/{id}/files"),
     ("put", "/v1/vms/{id}/files"),
     ("post", "/v1/vms/{id}/snapshots"),
@@ -122,12 +124,13 @@ fn created<T: serde::Serialize>(v: T) -> Response {
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
-        .route("/v1/images", get(images))
+        .route("/v1/images", get(images).post(import_image))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/pause", post(pause_vm))
         .route("/v1/vms/{id}/resume", post(resume_vm))
         .route("/v1/vms/{id}/exec", post(exec))
+        .route("/v1/vms/{id}/run", post(run_code))
         .route("/v1/vms/{id}/files", get(get_file).put(put_file))
         .route("/v1/vms/{id}/snapshots", post(snapshot_vm))
         .route("/v1/vms/{id}/network", get(get_network))
@@ -170,7 +173,92 @@ async fn health(State(d): D) -> Response {
 }
 
 async fn images(State(d): D) -> Response {
-    json(d.images().into_iter().map(|(k, v)| serde_json::json!({"name": k, "dir": v})).collect::<Vec<_>>())
+    json(
+        d.images()
+            .into_iter()
+            .map(|(k, v)| match crate::image::Image::load(&k, &v) {
+                Ok(img) => {
+                    let (root, disk_mib) = match &img.root {
+                        crate::image::Root::Initramfs => ("initramfs", None),
+                        crate::image::Root::Disk { disk_mib, .. } => ("disk", Some(*disk_mib)),
+                    };
+                    serde_json::json!({"name": k, "dir": v, "root": root, "disk_mib": disk_mib, "runners": img.runners})
+                }
+                Err(e) => serde_json::json!({"name": k, "dir": v, "error": e}),
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+async fn import_image(State(d): D, b: Bytes) -> R<Response> {
+    let req: crate::vm::model::ImportImage = body(&b)?;
+    Ok(created(d.import_image(req).await?))
+}
+
+/// `POST /v1/vms/{id}/run`: code for one of the image's warm runners.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    #[serde(default = "python")]
+    language: String,
+    code: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+fn python() -> String {
+    "python".into()
+}
+
+/// Streams NDJSON like an exec: `{"stdout": ...}` / `{"stderr": ...}` as the code prints, then
+/// `{"result": {"status", "value", "error", "restarted", "guest_ms"}}` (or `{"error": ...}`).
+async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let rb: RunBody = body(&b)?;
+    if rb.code.len() > flint_agent::protocol::MAX_RUN_CODE {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("code of {} bytes: at most {}", rb.code.len(), flint_agent::protocol::MAX_RUN_CODE),
+        ));
+    }
+    if rb.timeout_ms == Some(0) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "timeout_ms must be at least 1".into()));
+    }
+    let (agent, activity) = d.call_agent(&id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
+    tokio::spawn(async move {
+        let _activity = activity; // the session is not idle while the code runs
+        let req = flint_agent::protocol::RunRequest { language: rb.language, code: rb.code, timeout_ms: rb.timeout_ms };
+        let mut stream = match agent.run_code_stream(req).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
+                return;
+            }
+        };
+        loop {
+            let v = match stream.next().await {
+                Ok(Some(flint_agent::client::RunEvent::Stdout(b))) => {
+                    serde_json::json!({"stdout": String::from_utf8_lossy(&b)})
+                }
+                Ok(Some(flint_agent::client::RunEvent::Stderr(b))) => {
+                    serde_json::json!({"stderr": String::from_utf8_lossy(&b)})
+                }
+                Ok(Some(flint_agent::client::RunEvent::Done(r))) => serde_json::json!({"result": {
+                    "status": r.status, "value": r.value, "error": r.error, "restarted": r.restarted,
+                    "guest_ms": r.guest_us.map(|us| us as f64 / 1000.0),
+                }}),
+                Ok(None) => break,
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            };
+            let end = v.get("stdout").is_none() && v.get("stderr").is_none();
+            if tx.send(line(v)).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
 async fn list_vms(State(d): D) -> Response {

@@ -137,11 +137,13 @@ pub struct Limits {
     pub max_total_mem_mib: u64,
     /// Clones one `POST /v1/clones` may ask for.
     pub max_clones_per_call: u32,
+    /// Largest writable disk (storage quota) of a disk-rooted image's VM, MiB; 0: no limit.
+    pub max_disk_mib: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_vms: 1024, max_total_mem_mib: 0, max_clones_per_call: 1000 }
+        Limits { max_vms: 1024, max_total_mem_mib: 0, max_clones_per_call: 1000, max_disk_mib: 16384 }
     }
 }
 

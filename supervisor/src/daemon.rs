@@ -59,6 +59,9 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
     Ok(scfg)
 }
 
+/// Manifest metadata: for each drive, the disk-rooted image whose root it is (`name@sha256`) or null (stored).
+const DRIVES_IMAGE: &str = "drives_image";
+
 /// Manifest metadata of a snapshot whose memory image was stored layered on its base (its state file says
 /// "diff"; the VMM restores it as merged memory).
 pub(crate) const MEMORY_LAYERED: &str = "memory_layered";
@@ -304,11 +307,141 @@ impl Daemon {
         if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("images")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue; // an import in progress
+                }
                 out.entry(name).or_insert_with(|| e.path());
             }
         }
         out.retain(|_, dir| dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file());
         out
+    }
+
+    /// The named image, loaded (its kind of root, runners), or a 400 that lists the known ones.
+    pub fn image(&self, name: &str) -> Result<crate::image::Image, OpError> {
+        let images = self.images();
+        let dir = images.get(name).ok_or_else(|| {
+            OpError::BadRequest(format!(
+                "no image `{name}` (known: {})",
+                images.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        crate::image::Image::load(name, dir).map_err(OpError::BadRequest)
+    }
+
+    /// `POST /v1/images`: imports an OCI image layout (directory or tar) or a `docker save` archive as the
+    /// disk-rooted image `name` under `<data_dir>/images/` (docs/images.md). The kernel and the agent's initramfs
+    /// are the default image's. Appears whole or not at all.
+    pub async fn import_image(&self, req: ImportImage) -> Result<serde_json::Value, OpError> {
+        valid_id("image name", &req.name)?;
+        if self.images().contains_key(&req.name) {
+            return Err(OpError::Conflict(format!("image `{}` already exists", req.name)));
+        }
+        if !req.oci.is_absolute() {
+            return Err(OpError::BadRequest(format!("oci: `{}` must be an absolute path", req.oci.display())));
+        }
+        let disk_mib = req.disk_mib.unwrap_or(256);
+        let max = self.cfg.limits.max_disk_mib;
+        if disk_mib < crate::image::MIN_DISK_MIB || (max > 0 && disk_mib > max) {
+            return Err(OpError::BadRequest(format!(
+                "disk_mib {disk_mib}: between {} and limits.max_disk_mib = {max}",
+                crate::image::MIN_DISK_MIB
+            )));
+        }
+        let base = self.image("default")?;
+        let boot = base.dir.join("boot.cpio");
+        if !boot.is_file() {
+            return Err(OpError::Internal(format!(
+                "the default image ({}) has no boot.cpio (the agent-only initramfs of disk images): rebuild it with images/build.sh",
+                base.dir.display()
+            )));
+        }
+        let images_dir = self.cfg.data_dir.join("images");
+        let final_dir = images_dir.join(&req.name);
+        let work = images_dir.join(format!(".import-{}-{}", req.name, self.new_id("x")));
+        let name = req.name.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking({
+            let work = work.clone();
+            move || -> Result<serde_json::Value, OpError> {
+                std::fs::create_dir_all(&work).map_err(|e| OpError::Internal(format!("create {}: {e}", work.display())))?;
+                let tree = work.join("tree");
+                let imported = crate::oci::import_tree(&req.oci, &tree, &work, crate::oci::Bounds::default())
+                    .map_err(|e| OpError::BadRequest(format!("import {}: {e}", req.oci.display())))?;
+                // What the agent reads at boot, and the directories it mounts on.
+                let guest = serde_json::json!({"name": name, "env": imported.env, "workdir": imported.workdir, "runners": {}});
+                for d in ["etc/flint/hooks/after-restore.d", "etc/flint/hooks/before-checkpoint.d", "dev", "proc", "sys", "run", "root"] {
+                    std::fs::create_dir_all(tree.join(d)).map_err(|e| OpError::Internal(e.to_string()))?;
+                }
+                let tmp = tree.join("tmp");
+                std::fs::create_dir_all(&tmp).map_err(|e| OpError::Internal(e.to_string()))?;
+                let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
+                std::fs::write(tree.join("etc/flint/image.json"), guest.to_string()).map_err(|e| OpError::Internal(e.to_string()))?;
+                let out = work.join("image");
+                std::fs::create_dir(&out).map_err(|e| OpError::Internal(e.to_string()))?;
+                crate::image::make_rootfs(&tree, &out.join("rootfs.ext4")).map_err(OpError::Internal)?;
+                let _ = std::fs::remove_dir_all(&tree);
+                let sha = crate::image::sha256_file(&out.join("rootfs.ext4")).map_err(OpError::Internal)?;
+                let manifest = crate::image::ImageJson {
+                    name: name.clone(),
+                    description: format!("imported from {}", req.oci.display()),
+                    root: "disk".into(),
+                    disk_mib,
+                    rootfs_sha256: sha,
+                    runners: Vec::new(),
+                    env: imported.env.clone(),
+                    workdir: imported.workdir.clone(),
+                    source: serde_json::json!({
+                        "oci": imported.source, "layers": imported.layers, "files": imported.files,
+                        "bytes": imported.bytes, "command": imported.command, "skipped_devices": imported.skipped_devices,
+                    }),
+                };
+                let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OpError::Internal(e.to_string()))?;
+                std::fs::write(out.join("image.json"), json).map_err(|e| OpError::Internal(e.to_string()))?;
+                std::fs::copy(&boot, out.join("initramfs.cpio")).map_err(|e| OpError::Internal(e.to_string()))?;
+                std::fs::copy(base.dir.join("vmlinux"), out.join("vmlinux")).map_err(|e| OpError::Internal(e.to_string()))?;
+                std::fs::rename(&out, &final_dir).map_err(|e| {
+                    OpError::Conflict(format!("image `{name}` appeared meanwhile, or cannot be placed: {e}"))
+                })?;
+                Ok(serde_json::json!({
+                    "name": name, "dir": final_dir, "root": "disk", "disk_mib": disk_mib, "env": imported.env,
+                    "workdir": imported.workdir, "layers": imported.layers, "files": imported.files, "bytes": imported.bytes,
+                    "source": imported.source,
+                }))
+            }
+        })
+        .await
+        .map_err(|e| OpError::Internal(e.to_string()))
+        .and_then(|r| r);
+        let _ = std::fs::remove_dir_all(&work);
+        let mut v = result?;
+        v["ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
+        info!(image = %req.name, ms = v["ms"].as_f64().unwrap_or(0.0), "OCI image imported");
+        Ok(v)
+    }
+
+    /// This host's disk-rooted image whose root is `reference` (`name@sha256`, from a snapshot): matched by
+    /// digest, so a renamed image still serves and a rebuilt one with other bytes never does.
+    fn image_root_for(&self, snapshot: &str, reference: &str) -> Result<PathBuf, OpError> {
+        let (name, sha) = crate::image::parse_ref(reference)
+            .ok_or_else(|| OpError::BadRequest(format!("snapshot `{snapshot}`: bad image reference `{reference}`")))?;
+        let mut seen = Vec::new();
+        for (n, dir) in self.images() {
+            if let Ok(img) = crate::image::Image::load(&n, &dir) {
+                if let crate::image::Root::Disk { rootfs, sha256, .. } = img.root {
+                    if sha256.eq_ignore_ascii_case(sha) {
+                        return Ok(rootfs);
+                    }
+                    seen.push(format!("{n}@{}", &sha256[..12]));
+                }
+            }
+        }
+        Err(OpError::Conflict(format!(
+            "snapshot `{snapshot}` needs image `{name}` with root sha256 {}…, which this host does not have (it has: {}); \
+             install that image (images/build.sh {name}, or the same OCI import) to restore it",
+            &sha[..12],
+            if seen.is_empty() { "no disk images".to_string() } else { seen.join(", ") }
+        )))
     }
 
     pub(crate) fn new_id(&self, prefix: &str) -> String {
@@ -378,6 +511,7 @@ impl Daemon {
             pid_start: None,
             dir: dir.clone(),
             image: None,
+            disk_mib: None,
             snapshot: None,
             mem_mib: 0,
             vcpus: 0,
@@ -676,20 +810,18 @@ impl Daemon {
 
     /// Boots a VM from an image and waits until its agent answers.
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<VmRecord, OpError> {
-        let images = self.images();
         let image = req.image.clone().unwrap_or_else(|| "default".into());
-        let dir_img = images.get(&image).cloned().ok_or_else(|| {
-            OpError::BadRequest(format!(
-                "no image `{image}` (known: {})",
-                images.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })?;
+        let img = self.image(&image)?;
+        let dir_img = img.dir.clone();
         let mem = req.mem_mib.unwrap_or(self.cfg.vm.mem_mib);
         let vcpus = req.vcpus.unwrap_or(self.cfg.vm.vcpus);
         // The VMM's own limits, checked here: a 400, not a failed VM.
         check_mem_mib(mem)?;
         check_vcpus(vcpus)?;
         for d in &req.drives {
+            if d.image.is_some() {
+                return Err(OpError::BadRequest("a drive's `image` is flintd's to set, not a caller's".into()));
+            }
             if !d.path.is_absolute() || !d.path.is_file() {
                 return Err(OpError::BadRequest(format!(
                     "drive {} is not an existing file (absolute path)",
@@ -697,24 +829,58 @@ impl Daemon {
                 )));
             }
         }
-        if req.drives.len() > MAX_DRIVES {
-            return Err(OpError::BadRequest(format!("{} drives: at most {MAX_DRIVES}", req.drives.len())));
+        // A disk-rooted image: its read-only root (vda) and the VM's own writable disk (vdb) come first.
+        let disk = match &img.root {
+            crate::image::Root::Disk { rootfs, disk_mib, .. } => {
+                let mib = req.disk_mib.unwrap_or(*disk_mib);
+                let max = self.cfg.limits.max_disk_mib;
+                if mib < crate::image::MIN_DISK_MIB || (max > 0 && mib > max) {
+                    return Err(OpError::BadRequest(format!(
+                        "disk_mib {mib}: between {} and limits.max_disk_mib = {max}",
+                        crate::image::MIN_DISK_MIB
+                    )));
+                }
+                Some((rootfs.clone(), mib))
+            }
+            crate::image::Root::Initramfs if req.disk_mib.is_some() => {
+                return Err(OpError::BadRequest(format!(
+                    "image `{image}` runs from its initramfs and has no disk: disk_mib needs a disk-rooted image"
+                )))
+            }
+            crate::image::Root::Initramfs => None,
+        };
+        let own = if disk.is_some() { 2 } else { 0 };
+        if req.drives.len() + own > MAX_DRIVES {
+            return Err(OpError::BadRequest(format!("{} drives: at most {}", req.drives.len(), MAX_DRIVES - own)));
         }
         self.check_network(None, req.network.as_ref())?;
+        let root_ref = img.root_ref();
         let slot = self.reserve(req.id, "vm", req.network.as_ref(), |r| {
             r.image = Some(image.clone());
             r.mem_mib = mem;
             r.vcpus = vcpus;
             r.env = req.env.clone();
-            r.drives = req.drives.clone();
+            r.drives = Vec::new();
+            if let Some((rootfs, mib)) = &disk {
+                r.disk_mib = Some(*mib);
+                r.drives.push(DriveSpec {
+                    path: rootfs.clone(),
+                    read_only: true,
+                    image: root_ref.clone(),
+                    ..Default::default()
+                });
+                r.drives.push(DriveSpec { path: drives::clone_path(&r.dir, 1), ..Default::default() });
+            }
+            r.drives.extend(req.drives.iter().cloned());
         })?;
         let _op = slot.op.lock().await;
-        let dir = slot.get().dir;
+        let rec = slot.get();
+        let dir = rec.dir.clone();
         let mut config = VmConfig::new(dir_img.join("vmlinux"));
         config.initramfs = Some(dir_img.join("initramfs.cpio"));
         config.mem_mib = mem;
         config.vcpus = vcpus;
-        config.drives = req
+        config.drives = rec
             .drives
             .iter()
             .map(|d| flint_vmm_api::config::DriveConfig {
@@ -724,6 +890,17 @@ impl Daemon {
                 rate_limiter: d.rate_limiter.clone(),
             })
             .collect();
+        if let Some((_, mib)) = &disk {
+            config.cmdline_extra = crate::image::DISK_ROOT_CMDLINE.into();
+            let (path, mib) = (drives::clone_path(&dir, 1), *mib);
+            let made = tokio::task::spawn_blocking(move || crate::image::make_disk(&path, mib)).await;
+            if let Err(e) = made.map_err(|e| e.to_string()).and_then(|r| r) {
+                let _ = self.finish_start(&slot, Instant::now(), Err(OpError::Internal(e.clone())), false);
+                return Err(OpError::Internal(e));
+            }
+            // A jailed VMM opens the disk as its own uid.
+            crate::jail::give_to_dir_owner(&dir, &drives::clone_path(&dir, 1)).map_err(OpError::Internal)?;
+        }
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
         config.console_limit_bytes = self.cfg.vm.console_limit_bytes;
@@ -862,8 +1039,15 @@ impl Daemon {
                 draft.metadata.insert(MEMORY_LAYERED.into(), "true".into());
             }
             draft.metadata.extend(how.metadata.clone());
-            for i in 0..rec.drives.len() {
+            for (i, _) in rec.drives.iter().enumerate().filter(|(_, d)| d.image.is_none()) {
                 draft = draft.image(&drives::image_name(i), ImageSource::File(tmp.join(drives::image_name(i))));
+            }
+            let image_drives: Vec<Option<String>> = rec.drives.iter().map(|d| d.image.clone()).collect();
+            if image_drives.iter().any(Option::is_some) {
+                draft.metadata.insert(DRIVES_IMAGE.into(), serde_json::to_string(&image_drives).unwrap_or_default());
+            }
+            if let Some(mib) = rec.disk_mib {
+                draft.metadata.insert("disk_mib".into(), mib.to_string());
             }
             let read_only: Vec<bool> = rec.drives.iter().map(|d| d.read_only).collect();
             draft.metadata.insert("drives_read_only".into(), drives::read_only_list(&read_only));
@@ -899,7 +1083,8 @@ impl Daemon {
 
     /// Copies each of a paused VM's drives into `tmp` (as the store images `drive0`, ...).
     fn copy_drives(&self, rec: &VmRecord, tmp: &Path) -> Result<(), OpError> {
-        for (i, d) in rec.drives.iter().enumerate() {
+        // An image's root is named by the snapshot, not copied.
+        for (i, d) in rec.drives.iter().enumerate().filter(|(_, d)| d.image.is_none()) {
             let dst = tmp.join(drives::image_name(i));
             let reflinked = drives::copy(&d.path, &dst)
                 .map_err(|e| OpError::Internal(format!("copy drive {i} ({}): {e}", d.path.display())))?;
@@ -910,7 +1095,10 @@ impl Daemon {
 
     /// The drives a snapshot holds (their read-only flags, in order), checked against its images: a manifest that
     /// names drives it has no images for is refused before anything starts.
-    fn snapshot_drives(&self, manifest: &flint_snapshot_store::Manifest) -> Result<Vec<bool>, OpError> {
+    fn snapshot_drives(
+        &self,
+        manifest: &flint_snapshot_store::Manifest,
+    ) -> Result<(Vec<bool>, Vec<Option<String>>), OpError> {
         let n = match manifest.metadata.get("drives") {
             None => 0,
             Some(n) => n
@@ -927,7 +1115,24 @@ impl Daemon {
                     manifest.id
                 ))
             })?;
+        let images: Vec<Option<String>> = match manifest.metadata.get(DRIVES_IMAGE) {
+            None => vec![None; n],
+            Some(j) => {
+                serde_json::from_str::<Vec<Option<String>>>(j).ok().filter(|v| v.len() == n).ok_or_else(|| {
+                    OpError::BadRequest(format!("snapshot `{}`: bad `{DRIVES_IMAGE}` record", manifest.id))
+                })?
+            }
+        };
         for i in 0..n {
+            if let Some(r) = &images[i] {
+                if crate::image::parse_ref(r).is_none() || !flags[i] {
+                    return Err(OpError::BadRequest(format!(
+                        "snapshot `{}`: drive {i} names image `{r}`, which must be `name@sha256` and read-only",
+                        manifest.id
+                    )));
+                }
+                continue;
+            }
             if manifest.image(&drives::image_name(i)).is_none() {
                 return Err(OpError::BadRequest(format!(
                     "snapshot `{}` has {n} drive(s) but no image `{}`",
@@ -936,7 +1141,7 @@ impl Daemon {
                 )));
             }
         }
-        Ok(flags)
+        Ok((flags, images))
     }
 
     /// Restores one VM from a snapshot, then refreshes the guest's clock, entropy, env and hostname through the
@@ -948,7 +1153,13 @@ impl Daemon {
         let manifest = self.store.manifest(snapshot).await?;
         let merged_memory = manifest.metadata.get(MEMORY_LAYERED).is_some_and(|v| v == "true");
         let meta = |k: &str| manifest.metadata.get(k).and_then(|m| m.parse::<u64>().ok());
-        let drive_flags = self.snapshot_drives(&manifest)?;
+        let (drive_flags, drive_images) = self.snapshot_drives(&manifest)?;
+        // An image's root comes from this host's image with the recorded digest (never a path from the snapshot).
+        let image_roots: Vec<Option<PathBuf>> = drive_images
+            .iter()
+            .map(|r| r.as_deref().map(|r| self.image_root_for(&manifest.id, r)).transpose())
+            .collect::<Result<_, _>>()?;
+        let drive_path = |dir: &Path, i: usize| image_roots[i].clone().unwrap_or_else(|| drives::clone_path(dir, i));
         // Informational (the VMM applies the limits from its state): an unreadable list shows no limits.
         let drive_limits: Vec<Option<flint_vmm_api::config::RateLimiterConfig>> = manifest
             .metadata
@@ -972,11 +1183,13 @@ impl Daemon {
                 .iter()
                 .enumerate()
                 .map(|(i, ro)| DriveSpec {
-                    path: drives::clone_path(&r.dir, i),
+                    path: drive_path(&r.dir, i),
                     read_only: *ro,
                     rate_limiter: drive_limits.get(i).cloned().flatten(),
+                    image: drive_images[i].clone(),
                 })
                 .collect();
+            r.disk_mib = meta("disk_mib");
         })?;
         let _op = slot.op.lock().await;
         let dir = slot.get().dir;
@@ -986,8 +1199,8 @@ impl Daemon {
             let t = Instant::now();
             let _pin = self.store.pin(&manifest);
             self.store.get_image(snapshot, "state", &dir.join("state")).await?;
-            // Every drive is this clone's own file, written from the snapshot's copy.
-            for i in 0..drive_flags.len() {
+            // Every drive but an image's root is this clone's own file, written from the snapshot's copy.
+            for i in (0..drive_flags.len()).filter(|i| image_roots[*i].is_none()) {
                 self.store.get_image(snapshot, &drives::image_name(i), &drives::clone_path(&dir, i)).await?;
             }
             let (memory, pager) = if lazy {
@@ -1017,7 +1230,7 @@ impl Daemon {
                         console_limit_bytes: Some(self.cfg.vm.console_limit_bytes),
                         net,
                         drive_paths: (!drive_flags.is_empty())
-                            .then(|| (0..drive_flags.len()).map(|i| drives::clone_path(&dir, i)).collect()),
+                            .then(|| (0..drive_flags.len()).map(|i| drive_path(&dir, i)).collect()),
                     },
                     // A session's next hibernation is a diff against this snapshot: log dirty pages from now.
                     // Other clones never take diffs: no log (KVM then need not write-protect pages for it).
@@ -1253,7 +1466,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn quotas_refuse_before_anything_starts() {
         let mut env = Env::new("quota");
-        env.cfg.limits = crate::config::Limits { max_vms: 3, max_total_mem_mib: 1024, max_clones_per_call: 2 };
+        env.cfg.limits =
+            crate::config::Limits { max_vms: 3, max_total_mem_mib: 1024, max_clones_per_call: 2, max_disk_mib: 0 };
         let l = FakeLauncher::default();
         let d = env.open(&l);
         let quota = |r: Result<VmRecord, OpError>, what: &str| match r {
@@ -1610,8 +1824,8 @@ mod tests {
             .create(CreateVm {
                 id: Some("with-drive".into()),
                 drives: vec![
-                    DriveSpec { path: disk.clone(), read_only: false, rate_limiter: Some(limit.clone()) },
-                    DriveSpec { path: ro.clone(), read_only: true, rate_limiter: None },
+                    DriveSpec { path: disk.clone(), read_only: false, rate_limiter: Some(limit.clone()), image: None },
+                    DriveSpec { path: ro.clone(), read_only: true, rate_limiter: None, image: None },
                 ],
                 ..Default::default()
             })

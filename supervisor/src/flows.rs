@@ -101,6 +101,7 @@ impl Daemon {
                 mem_mib: req.mem_mib,
                 vcpus: req.vcpus,
                 drives: req.drives.clone(),
+                disk_mib: req.disk_mib,
                 ..Default::default()
             })
             .await?;

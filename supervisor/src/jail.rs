@@ -126,8 +126,10 @@ pub fn jail_spec(
             if let Some(c) = r.devices.console.as_mut() {
                 console_inside(c)?;
             }
+            // A restored VM's own drives are inside its directory; one outside is an image's shared root, which
+            // the VMM gets read-only.
             for p in r.devices.drive_paths.iter_mut().flatten() {
-                map(p, true, &mut passed)?;
+                map(p, false, &mut passed)?;
             }
             hand_over_tap(&mut r.devices.net, &mut passed)?;
         }

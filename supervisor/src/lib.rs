@@ -12,10 +12,12 @@ pub mod flows;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod image;
 pub mod jail;
 pub mod launcher;
 pub mod metrics;
 pub mod net;
+pub mod oci;
 pub mod pager;
 pub mod pool;
 pub mod session;

@@ -52,6 +52,25 @@ pub fn images() -> &'static Images {
     })
 }
 
+/// A disk-rooted image built by `images/build.sh NAME` (the Python image): `$FLINT_<NAME>_IMAGE`, or what the
+/// build prints (building it when needed; cached outside the clone).
+pub fn named_image(name: &str) -> PathBuf {
+    let var = format!("FLINT_{}_IMAGE", name.to_ascii_uppercase());
+    if let Some(d) = std::env::var_os(&var) {
+        return PathBuf::from(d);
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("images/build.sh"))
+        .arg(name)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run images/build.sh");
+    assert!(out.status.success(), "images/build.sh {name} failed");
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(dir.join("rootfs.ext4").is_file(), "{}/rootfs.ext4 is missing", dir.display());
+    dir
+}
+
 /// Directory holding the workspace's binaries: `$FLINT_BIN_DIR`, else the directory of the
 /// running test's target profile (target/<profile>/).
 pub fn bin_dir() -> PathBuf {

@@ -58,6 +58,17 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Run code in the VM's warm runner (state kept between runs, like a notebook): flint run ID 'print(6*7)'.
+    /// The value of the last line is printed; an exception prints its traceback and exits 1, a timeout exits 124.
+    Run {
+        vm: String,
+        /// The code; `-` reads it from stdin.
+        code: String,
+        #[arg(long, default_value = "python")]
+        language: String,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
     /// Copy a file into or out of a VM: flint cp LOCAL VM:/path, or flint cp VM:/path LOCAL.
     Cp {
         src: String,
@@ -311,6 +322,16 @@ enum CacheCmd {
 #[derive(Subcommand)]
 enum ImageCmd {
     Ls,
+    /// Import an OCI image layout (directory or tar) or a `docker save` archive as a disk-rooted image:
+    /// flint image import NAME --oci PATH. No registry access; the kernel and agent are the default image's.
+    Import {
+        name: String,
+        #[arg(long)]
+        oci: std::path::PathBuf,
+        /// The writable disk of the image's VMs (their storage quota), MiB.
+        #[arg(long)]
+        disk_mib: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -325,6 +346,9 @@ enum VmCmd {
         vcpus: Option<u8>,
         #[arg(long)]
         id: Option<String>,
+        /// A disk-rooted image's writable disk (the VM's storage quota), MiB; default: the image's.
+        #[arg(long)]
+        disk_mib: Option<u64>,
         /// Extra block device: PATH[,ro][,bw=BYTES_PER_S][,iops=N] (repeatable; bw and iops limit the guest's I/O, kept in snapshots).
         #[arg(long = "drive")]
         drives: Vec<String>,
@@ -384,6 +408,9 @@ enum TemplateCmd {
         image: Option<String>,
         #[arg(long)]
         push: bool,
+        /// A disk-rooted image's writable disk (every clone's and session's storage quota), MiB.
+        #[arg(long)]
+        disk_mib: Option<u64>,
         /// Block device of the template's VM: PATH[,ro][,bw=BYTES_PER_S][,iops=N] (repeatable). Its content at snapshot time is part of the
         /// snapshot; every clone gets its own copy.
         #[arg(long = "drive")]
@@ -405,13 +432,91 @@ enum TemplateCmd {
     },
 }
 
+/// `flint run`: prints the code's output as it comes, then its value or traceback; the exit code says how it ended
+/// (0 ok, 1 an exception, 124 a timeout).
+async fn run_code(socket: &std::path::Path, vm: &str, body: &str, as_json: bool) -> Result<i32, String> {
+    use std::io::Write;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut code = 1;
+    let mut failure: Option<String> = None;
+    let mut error_body = Vec::new();
+    let status = flint_supervisor::http::request_stream(
+        socket,
+        "POST",
+        &format!("/v1/vms/{}/run", enc(vm)),
+        Some(body.as_bytes()),
+        |data| {
+            pending.extend_from_slice(data);
+            while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                    error_body.extend_from_slice(&line);
+                    continue;
+                };
+                if as_json {
+                    println!("{v}");
+                }
+                if let Some(s) = v["stdout"].as_str() {
+                    if !as_json {
+                        print!("{s}");
+                        let _ = std::io::stdout().flush();
+                    }
+                } else if let Some(s) = v["stderr"].as_str() {
+                    if !as_json {
+                        eprint!("{s}");
+                    }
+                } else if let Some(r) = v.get("result") {
+                    code = match r["status"].as_str() {
+                        Some("ok") => 0,
+                        Some("timeout") => 124,
+                        _ => 1,
+                    };
+                    if !as_json {
+                        if let Some(val) = r["value"].as_str() {
+                            println!("{val}");
+                        }
+                        if let Some(tb) = r["error"]["traceback"].as_str().filter(|t| !t.is_empty()) {
+                            eprint!("{tb}");
+                        } else if let Some(m) = r["error"]["message"].as_str() {
+                            eprintln!("{}: {m}", r["error"]["name"].as_str().unwrap_or("error"));
+                        }
+                        if code == 124 {
+                            eprintln!("flint: the code ran past its timeout and was interrupted");
+                        }
+                    }
+                } else if let Some(e) = v["error"].as_str() {
+                    failure = Some(e.to_string());
+                }
+            }
+            if pending.len() > 1 << 20 {
+                error_body.append(&mut pending);
+            }
+        },
+    )
+    .await
+    .map_err(|e| format!("{e} (is flintd running? set FLINT_SOCKET or --socket)"))?;
+    error_body.extend_from_slice(&pending);
+    if status >= 300 {
+        let msg = serde_json::from_slice::<Value>(&error_body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .or(failure)
+            .unwrap_or_else(|| String::from_utf8_lossy(&error_body).into_owned());
+        return Err(format!("{msg} (HTTP {status})"));
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(code),
+    }
+}
+
 /// `PATH[,ro][,bw=BYTES_PER_S][,iops=N]` arguments as drives.
 fn drive_specs(args: &[String]) -> Result<Vec<DriveSpec>, String> {
     args.iter()
         .map(|d| {
             let mut parts = d.split(',');
             let path = parts.next().filter(|p| !p.is_empty()).ok_or("--drive needs a path")?;
-            let mut spec = DriveSpec { path: path.into(), read_only: false, rate_limiter: None };
+            let mut spec = DriveSpec { path: path.into(), ..Default::default() };
             for opt in parts {
                 match opt {
                     "ro" => spec.read_only = true,
@@ -573,15 +678,21 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 println!("{:<16} {}", i["name"].as_str().unwrap_or("?"), i["dir"].as_str().unwrap_or("?"));
             }
         }),
+        Cmd::Image { cmd: ImageCmd::Import { name, oci, disk_mib } } => {
+            let oci = std::path::absolute(&oci).map_err(|e| format!("--oci {}: {e}", oci.display()))?;
+            let body = json!({"name": name, "oci": oci, "disk_mib": disk_mib});
+            let label = format!("importing image {name}");
+            out(&long_call(&api, cli.json, label, Watch::Nothing, "POST", "/v1/images", Some(body)).await?, &pretty)
+        }
         Cmd::Vm { cmd } => match cmd {
-            VmCmd::Create { image, mem_mib, vcpus, id, drives, env, net } => {
+            VmCmd::Create { image, mem_mib, vcpus, id, disk_mib, drives, env, net } => {
                 let drives = drive_specs(&drives)?;
                 let mut envs = std::collections::BTreeMap::new();
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env `{kv}`: expected KEY=VALUE"))?;
                     envs.insert(k.to_string(), v.to_string());
                 }
-                let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs, network: None };
+                let body = CreateVm { id, image, mem_mib, vcpus, drives, env: envs, network: None, disk_mib };
                 let label = "booting a VM (until its agent answers)".to_string();
                 let v = long_call(
                     &api,
@@ -685,6 +796,17 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
             return Ok(code);
         }
+        Cmd::Run { vm, code, language, timeout_ms } => {
+            let code = if code == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| format!("read stdin: {e}"))?;
+                s
+            } else {
+                code
+            };
+            let body = json!({"language": language, "code": code, "timeout_ms": timeout_ms}).to_string();
+            return run_code(&cli.socket, &vm, &body, cli.json).await;
+        }
         Cmd::Cp { src, dst, mode } => match (src.split_once(":/"), dst.split_once(":/")) {
             (None, Some((vm, path))) => {
                 let data = std::fs::read(&src).map_err(|e| format!("read {src}: {e}"))?;
@@ -744,10 +866,11 @@ async fn run(cli: Cli) -> Result<i32, String> {
             }
         },
         Cmd::Template { cmd } => match cmd {
-            TemplateCmd::Create { name, image, push, drives, pool, init } => {
+            TemplateCmd::Create { name, image, push, disk_mib, drives, pool, init } => {
                 let body = typed(&CreateTemplate {
                     name: name.clone(),
                     image,
+                    disk_mib,
                     init,
                     publish: push,
                     drives: drive_specs(&drives)?,

@@ -106,6 +106,9 @@ pub struct VmRecord {
     pub pid_start: Option<u64>,
     pub dir: PathBuf,
     pub image: Option<String>,
+    /// A disk-rooted image's VM: the size of its own writable disk (its storage quota), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
     /// Snapshot (or template's snapshot) the VM was restored from.
     pub snapshot: Option<String>,
     pub mem_mib: u64,
@@ -189,7 +192,8 @@ pub struct CreateVm {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub vcpus: Option<u8>,
-    /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ...
+    /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ... (after a disk-rooted image's root
+    /// and disk: /dev/vdc, ...).
     #[serde(default)]
     pub drives: Vec<DriveSpec>,
     /// Environment for the VM's execs (set through the agent once it answers).
@@ -198,6 +202,9 @@ pub struct CreateVm {
     /// A network of its own (egress policy, exposed ports); none: no network.
     #[serde(default)]
     pub network: Option<crate::net::NetworkRequest>,
+    /// A disk-rooted image's VM: the size of its writable disk (storage quota), MiB; default: the image's.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -210,6 +217,21 @@ pub struct DriveSpec {
     /// clones have the same limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<flint_vmm_api::config::RateLimiterConfig>,
+    /// Set by flintd, never by a caller: this drive is a disk-rooted image's read-only root (`name@sha256`),
+    /// shared by every VM of the image and named, not stored, by snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// `POST /v1/images`: an OCI image layout (directory or tar) or a `docker save` archive, by host path.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    pub name: String,
+    pub oci: PathBuf,
+    /// The writable disk of the image's VMs, MiB (default 256).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -236,6 +258,9 @@ pub struct CreateTemplate {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub vcpus: Option<u8>,
+    /// A disk-rooted image's template: its writable disk's size (every clone's and session's quota), MiB.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
     /// Drives of the template's VM: their content at snapshot time is part of the snapshot, and every clone gets
     /// its own copy.
     #[serde(default)]

@@ -1140,6 +1140,143 @@ fn net_bench(runs: usize) {
     call("DELETE", &format!("/v1/vms/{id}"), None);
 }
 
+/// `POST /v1/vms/{id}/run`: the final `result` line of the NDJSON answer, and the wall time of the call.
+fn run_python(rt: &tokio::runtime::Runtime, sock: &std::path::Path, id: &str, code: &str) -> (serde_json::Value, f64) {
+    let body = serde_json::json!({"code": code}).to_string();
+    let t = Instant::now();
+    let (status, out) = rt
+        .block_on(flint_supervisor::http::request(
+            sock,
+            "POST",
+            &format!("/v1/vms/{id}/run"),
+            Some(body.as_bytes()),
+            Duration::from_secs(600),
+        ))
+        .expect("flintd");
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let text = String::from_utf8_lossy(&out);
+    assert!(status < 300, "run in {id}: {status} {text}");
+    let result = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("result").cloned())
+        .unwrap_or_else(|| panic!("run in {id}: no result in {text}"));
+    assert_eq!(result["status"], "ok", "run in {id}: {text}");
+    (result, ms)
+}
+
+/// The Python image (#17): a cold boot → first `print` answered vs. a clone of the warm template → first `print`
+/// answered, side by side in one run; the per-session cost of the writable disk (what a hibernation stores after
+/// 1 MiB written to the disk vs. to tmpfs, and the disk file's host bytes).
+fn python_bench(runs: usize) {
+    let image = flint_tests::named_image("python");
+    let work = TempDir::new("bench-python");
+    let data = work.path().join("data");
+    let _reap = flint_tests::KillVmmsUnder(data.clone());
+    let sock = work.path().join("flintd.sock");
+    let image_arg = format!("python={}", image.display());
+    let _d = flint_tests::Flintd::start_full(&data, &sock, None, &["--image", &image_arg], None);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
+    let p50 = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!("flint-bench python: image {} (256 MiB guests, 64 MiB disks)", image.display());
+
+    // Cold: boot the image, then the first print (which waits for the runner to start).
+    let t = Instant::now();
+    let vm = call("POST", "/v1/vms", Some(serde_json::json!({"image": "python", "disk_mib": 64})));
+    let cold_boot = t.elapsed().as_secs_f64() * 1000.0;
+    let id = vm["id"].as_str().unwrap_or_default().to_string();
+    let (_, cold_print) = run_python(&rt, &sock, &id, "print(6*7)");
+    let cold_total = t.elapsed().as_secs_f64() * 1000.0;
+    let (_, cold_second) = run_python(&rt, &sock, &id, "print(6*7)");
+    call("DELETE", &format!("/v1/vms/{id}"), None);
+
+    // Warm: the template (boot, runner warm, snapshot), then clones.
+    let t = Instant::now();
+    let tmpl =
+        call("POST", "/v1/templates", Some(serde_json::json!({"name": "py", "image": "python", "disk_mib": 64})));
+    let tmpl_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let (mut clone_ready, mut clone_print, mut clone_total, mut clone_guest) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "py", "count": 1})));
+        let ready = t.elapsed().as_secs_f64() * 1000.0;
+        let id = c[0]["id"].as_str().unwrap_or_default().to_string();
+        let (r, print) = run_python(&rt, &sock, &id, "print(6*7)");
+        clone_total.push(t.elapsed().as_secs_f64() * 1000.0);
+        clone_ready.push(ready);
+        clone_print.push(print);
+        clone_guest.push(r["guest_ms"].as_f64().unwrap_or(0.0));
+        call("DELETE", &format!("/v1/vms/{id}"), None);
+    }
+    println!();
+    println!("{:<44} {:>12} {:>14} {:>12}", "first print(6*7) answered", "start ms", "first run ms", "total ms");
+    println!("{:<44} {:>12.1} {:>14.1} {:>12.1}", "cold boot of the image", cold_boot, cold_print, cold_total);
+    println!(
+        "{:<44} {:>12.1} {:>14.1} {:>12.1}   (p50 of {runs}; x{:.0} faster)",
+        "clone of the warm template",
+        p50(&clone_ready),
+        p50(&clone_print),
+        p50(&clone_total),
+        cold_total / p50(&clone_total).max(0.001)
+    );
+    println!(
+        "  a warm runner's run: {:.1} ms in the guest (p50), {:.1} ms for a second run in the cold VM; template {:.1} s \
+         (boot {:.1} s, snapshot with the runner warm {:.1} s)",
+        p50(&clone_guest),
+        cold_second,
+        tmpl_ms / 1000.0,
+        tmpl["boot_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        tmpl["snapshot_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+
+    // Per-session disk overhead: a hibernation after 1 MiB written to tmpfs (memory) vs. to the disk.
+    let s = call("POST", "/v1/sessions", Some(serde_json::json!({"template": "py", "id": "s1"})));
+    let sid = s["id"].as_str().unwrap_or("s1").to_string();
+    let exec = |script: &str| {
+        let body = serde_json::json!({"argv": ["/bin/sh", "-c", script]}).to_string();
+        rt.block_on(flint_supervisor::http::request(
+            &sock,
+            "POST",
+            &format!("/v1/vms/{sid}/exec"),
+            Some(body.as_bytes()),
+            Duration::from_secs(600),
+        ))
+        .expect("exec");
+    };
+    let hibernate = || {
+        let h = call("POST", &format!("/v1/sessions/{sid}/hibernate"), None);
+        let stored = h["last_hibernate_stored_bytes"].as_u64().unwrap_or(0);
+        call("POST", &format!("/v1/sessions/{sid}/wake"), None);
+        stored
+    };
+    let idle = hibernate();
+    exec("head -c 1048576 /dev/urandom > /tmp/blob && sync");
+    let tmpfs = hibernate();
+    exec("rm -f /tmp/blob; head -c 1048576 /dev/urandom > /root/blob && sync");
+    let disk = hibernate();
+    let vm = call("GET", &format!("/v1/sessions/{sid}"), None);
+    let vm_id = vm["vm"].as_str().unwrap_or_default().to_string();
+    let disk_file = data.join("vms").join(&vm_id).join("drive1.img");
+    let host_bytes = flint_supervisor::image::allocated_bytes(&disk_file);
+    call("DELETE", &format!("/v1/sessions/{sid}"), None);
+    let mb = |b: u64| b as f64 / 1e6;
+    println!();
+    println!("{:<52} {:>14}", "session hibernation (diff) after …", "new stored MB");
+    println!("{:<52} {:>14.2}", "nothing written", mb(idle));
+    println!("{:<52} {:>14.2}", "1 MiB of random bytes written to /tmp (memory)", mb(tmpfs));
+    println!("{:<52} {:>14.2}", "1 MiB of random bytes written to /root (its disk)", mb(disk));
+    println!(
+        "  the session's 64 MiB disk holds {:.2} MB on the host after it (sparse; the image's {} MiB root is shared)",
+        mb(host_bytes),
+        std::fs::metadata(image.join("rootfs.ext4")).map(|m| m.len() >> 20).unwrap_or(0)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -1197,8 +1334,12 @@ async fn main() {
         let _ = std::thread::spawn(move || net_bench(runs.max(3))).join();
         return;
     }
+    if mode == "python" {
+        let _ = std::thread::spawn(move || python_bench(runs.max(3))).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

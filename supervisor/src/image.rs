@@ -1,0 +1,208 @@
+//! Guest images as flintd sees them (docs/images.md): a directory with `vmlinux` and `initramfs.cpio`, and for a
+//! disk-rooted image also `rootfs.ext4` (read-only, shared by every VM of the image) and `image.json`. A VM of a
+//! disk-rooted image gets its own writable disk (`disk.img`, sparse, ext4; its size is the VM's storage quota),
+//! which the agent lays over the read-only root with overlayfs.
+//!
+//! Snapshots never store an image's root: they name it (`name@sha256`), and a restore finds this host's image
+//! with that digest (never a host path from the snapshot).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest and largest per-VM disk flintd makes.
+pub const MIN_DISK_MIB: u64 = 16;
+
+/// How an image's guest finds its root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// Everything in the initramfs (the default image).
+    Initramfs,
+    /// A read-only ext4 root under an overlay on the VM's own disk.
+    Disk { rootfs: PathBuf, sha256: String, disk_mib: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub name: String,
+    pub dir: PathBuf,
+    pub root: Root,
+    /// Runner names (`python`) the image's agent keeps warm.
+    pub runners: Vec<String>,
+}
+
+/// `image.json`, as images/image.py and the OCI import write it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct ImageJson {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub root: String,
+    #[serde(default)]
+    pub disk_mib: u64,
+    #[serde(default)]
+    pub rootfs_sha256: String,
+    #[serde(default)]
+    pub runners: Vec<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Where it came from (an OCI layout's manifest digest, Debian package versions).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub source: serde_json::Value,
+}
+
+impl Image {
+    /// The image in `dir`, or why it is not one.
+    pub fn load(name: &str, dir: &Path) -> Result<Image, String> {
+        for f in ["vmlinux", "initramfs.cpio"] {
+            if !dir.join(f).is_file() {
+                return Err(format!("image `{name}`: {} has no {f}", dir.display()));
+            }
+        }
+        let json = dir.join("image.json");
+        if !json.exists() {
+            return Ok(Image { name: name.into(), dir: dir.into(), root: Root::Initramfs, runners: Vec::new() });
+        }
+        let j: ImageJson = std::fs::read(&json)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| format!("image `{name}`: {}: {e}", json.display()))?;
+        let root = match j.root.as_str() {
+            "initramfs" => Root::Initramfs,
+            "disk" => {
+                let rootfs = dir.join("rootfs.ext4");
+                if !rootfs.is_file() {
+                    return Err(format!("image `{name}`: a disk root but no {}", rootfs.display()));
+                }
+                if j.rootfs_sha256.len() != 64 || !j.rootfs_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!("image `{name}`: image.json has no rootfs_sha256"));
+                }
+                Root::Disk { rootfs, sha256: j.rootfs_sha256.clone(), disk_mib: j.disk_mib.max(MIN_DISK_MIB) }
+            }
+            other => return Err(format!("image `{name}`: unknown root kind `{other}` (initramfs or disk)")),
+        };
+        Ok(Image { name: name.into(), dir: dir.into(), root, runners: j.runners })
+    }
+
+    /// What a snapshot records for the image's root drive.
+    pub fn root_ref(&self) -> Option<String> {
+        match &self.root {
+            Root::Disk { sha256, .. } => Some(format!("{}@{sha256}", self.name)),
+            Root::Initramfs => None,
+        }
+    }
+}
+
+/// Splits `name@sha256`.
+pub fn parse_ref(r: &str) -> Option<(&str, &str)> {
+    let (name, sha) = r.split_once('@')?;
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then_some((name, sha))
+}
+
+/// The kernel command line that makes the agent enter a disk root: the image's root is `vda`, the VM's disk `vdb`.
+pub const DISK_ROOT_CMDLINE: &str = "flint.root=vda flint.overlay=vdb";
+
+/// Makes a VM's writable disk: a sparse file of `mib` MiB with an empty ext4 (no reserved blocks, lazily
+/// initialised inode tables and journal, so the file holds only metadata until the guest writes). The guest can
+/// never make the file larger: the block device has this size, and a full filesystem is ENOSPC in the guest.
+pub fn make_disk(path: &Path, mib: u64) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("create {}: {e}", path.display()))?;
+    f.set_len(mib << 20).map_err(|e| format!("size {}: {e}", path.display()))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-L", "flintdisk", "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("run mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(format!("mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+/// Makes a read-only root filesystem image of `tree` (ext4, no journal, no reserved blocks) at `out`, sized to fit.
+pub fn make_rootfs(tree: &Path, out: &Path) -> Result<(), String> {
+    let du = std::process::Command::new("du").arg("-sb").arg(tree).output().map_err(|e| format!("run du: {e}"))?;
+    let used: u64 =
+        String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mib = used * 13 / 10 / (1 << 20) + 32;
+    let out_cmd = std::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "flintroot",
+            "-m",
+            "0",
+            "-i",
+            "8192",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+        ])
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{mib}M"))
+        .output()
+        .map_err(|e| format!("run mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+    if !out_cmd.status.success() {
+        return Err(format!("mkfs.ext4 -d {}: {}", tree.display(), String::from_utf8_lossy(&out_cmd.stderr).trim()));
+    }
+    Ok(())
+}
+
+/// The sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| format!("read {}: {e}", path.display()))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Bytes a file holds on the host (its allocated blocks, not its size).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_load_or_say_why_not() {
+        let dir = std::env::temp_dir().join(format!("flint-image-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Image::load("x", &dir).unwrap_err().contains("no vmlinux"));
+        std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.join("initramfs.cpio"), b"i").unwrap();
+        assert_eq!(Image::load("x", &dir).unwrap().root, Root::Initramfs);
+        let sha = "ab".repeat(32);
+        std::fs::write(
+            dir.join("image.json"),
+            format!(r#"{{"name":"x","root":"disk","disk_mib":64,"rootfs_sha256":"{sha}"}}"#),
+        )
+        .unwrap();
+        assert!(Image::load("x", &dir).unwrap_err().contains("no "), "no rootfs.ext4");
+        std::fs::write(dir.join("rootfs.ext4"), b"r").unwrap();
+        let img = Image::load("x", &dir).unwrap();
+        assert_eq!(img.root_ref().unwrap(), format!("x@{sha}"));
+        assert_eq!(parse_ref(&img.root_ref().unwrap()), Some(("x", sha.as_str())));
+        assert_eq!(parse_ref("x@123"), None);
+        std::fs::write(dir.join("image.json"), r#"{"name":"x","root":"floppy"}"#).unwrap();
+        assert!(Image::load("x", &dir).unwrap_err().contains("unknown root kind `floppy`"));
+        // make_disk runs mkfs.ext4: checked end to end (tests/tests/flintd.rs), not here, where the in-process
+        // agent of other tests reaps every child.
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
