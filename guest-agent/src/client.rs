@@ -486,6 +486,15 @@ impl AgentClient {
         }
     }
 
+    /// Mounts block device `device` (`vdc`) at `path` in the guest (a dynamic mount).
+    pub async fn mount(&self, device: &str, path: &str, read_only: bool) -> Result<(), ClientError> {
+        self.ok(Request::Mount { device: device.into(), path: path.into(), read_only }).await
+    }
+
+    pub async fn unmount(&self, path: &str) -> Result<(), ClientError> {
+        self.ok(Request::Unmount { path: path.into() }).await
+    }
+
     pub async fn mkdir(&self, path: &str) -> Result<(), ClientError> {
         self.ok(Request::Mkdir { path: path.into(), mode: 0o755 }).await
     }

@@ -2,7 +2,7 @@
 //! bring up loopback, set the hostname.
 use std::ffi::CString;
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
+pub(crate) fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).map_err(|_| std::io::Error::other("NUL in mount argument"));
     let (src, tgt, fs, d) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
@@ -77,7 +77,7 @@ fn cmdline_param(cmdline: &str, name: &str) -> Option<String> {
 }
 
 /// A virtio block device name as the command line gives it (`vda`), checked: it becomes a path.
-fn block_device(name: &str) -> Result<String, String> {
+pub fn block_device(name: &str) -> Result<String, String> {
     let ok = name.len() == 3 && name.starts_with("vd") && name.as_bytes()[2].is_ascii_lowercase();
     if ok {
         Ok(format!("/dev/{name}"))
@@ -132,6 +132,47 @@ pub fn enter_disk_root() -> Result<bool, String> {
     }
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(true)
+}
+
+/// A dynamic mount (docs/images.md): drops `device`'s cached blocks (the host rewrote its backing file while it was
+/// not mounted), then mounts its ext4 at `path`.
+pub fn mount_volume(device: &str, path: &str, read_only: bool) -> Result<(), String> {
+    let dev = block_device(device)?;
+    let f = std::fs::File::open(&dev).map_err(|e| format!("open {dev}: {e}"))?;
+    // BLKFLSBUF = _IO(0x12, 97): write back and drop the device's buffer cache.
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is an open block device for the call.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), BLKFLSBUF as _, 0) } != 0 {
+        return Err(format!("flush {dev}: {}", std::io::Error::last_os_error()));
+    }
+    drop(f);
+    std::fs::create_dir_all(path).map_err(|e| format!("create the mount point {path}: {e}"))?;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 };
+    let data = if read_only { "noload" } else { "noinit_itable" };
+    if std::path::Path::new("/proc/self/mounts").exists() {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(path)) {
+            return Err(format!("something is already mounted at {path}"));
+        }
+    }
+    mount(&dev, path, "ext4", flags, data).map_err(|e| format!("mount {dev} at {path}: {e}"))
+}
+
+/// Unmounts `path` (lazily if busy, so a process holding a file there cannot keep the volume attached).
+pub fn unmount_volume(path: &str) -> Result<(), String> {
+    let c = CString::new(path).map_err(|_| "NUL in path".to_string())?;
+    // SAFETY: umount2 on a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        // SAFETY: as above, detaching instead.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(format!("unmount {path}: {e}"))
 }
 
 #[cfg(test)]

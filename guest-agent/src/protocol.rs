@@ -151,6 +151,19 @@ pub enum Request {
     /// Run code in one of the image's warm runners (a long-lived interpreter; state kept between runs). The
     /// code's stdout and stderr stream as STDOUT/STDERR frames, then `ran`.
     Run(RunRequest),
+    /// Mount a block device's ext4 filesystem at `path` (made if missing), after dropping the device's cached
+    /// blocks: the host has just written the device's backing file (a dynamic mount, docs/images.md).
+    Mount {
+        /// A virtio block device name (`vdc`).
+        device: String,
+        path: String,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Unmount what is mounted at `path`.
+    Unmount {
+        path: String,
+    },
     BeforeCheckpoint,
     Shutdown {
         #[serde(default)]

@@ -305,6 +305,38 @@ async fn handle(
                 Err(m) => error(ErrorCode::Io, m),
             }
         }
+        Request::Mount { device, path, read_only } => {
+            if !agent.settings.is_init {
+                return Some(error(
+                    ErrorCode::Invalid,
+                    "this agent does not run as the guest's init; it mounts nothing",
+                ));
+            }
+            match agent.resolve(&path) {
+                Err((c, m)) => error(c, m),
+                Ok(p) => match crate::init::mount_volume(&device, &p.to_string_lossy(), read_only) {
+                    Ok(()) => Response::Ok { bytes: None },
+                    Err(m) if m.contains("not a virtio block device") => error(ErrorCode::Invalid, m),
+                    Err(m) if m.contains("already mounted") => error(ErrorCode::Busy, m),
+                    Err(m) => error(ErrorCode::Io, m),
+                },
+            }
+        }
+        Request::Unmount { path } => {
+            if !agent.settings.is_init {
+                return Some(error(
+                    ErrorCode::Invalid,
+                    "this agent does not run as the guest's init; it mounts nothing",
+                ));
+            }
+            match agent.resolve(&path) {
+                Err((c, m)) => error(c, m),
+                Ok(p) => match crate::init::unmount_volume(&p.to_string_lossy()) {
+                    Ok(()) => Response::Ok { bytes: None },
+                    Err(m) => error(ErrorCode::Io, m),
+                },
+            }
+        }
         Request::BeforeCheckpoint => {
             // The snapshot must hold warm runners: start any that is not running and wait until it is ready.
             if let Err(m) = agent.warm_runners().await {

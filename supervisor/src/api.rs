@@ -29,6 +29,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{id}/resume"),
     ("post", "/v1/vms/{id}/exec"),
     ("post", "/v1/vms/{id}/run"),
+    ("post", "/v1/vms/{id}/mounts"),
+    ("delete", "/v1/vms/{id}/mounts"),
     ("get", "/v1/vms/{id}/files"),
     ("put", "/v1/vms/{id}/files"),
     ("post", "/v1/vms/{id}/snapshots"),
@@ -131,6 +133,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/resume", post(resume_vm))
         .route("/v1/vms/{id}/exec", post(exec))
         .route("/v1/vms/{id}/run", post(run_code))
+        .route("/v1/vms/{id}/mounts", post(mount).delete(unmount))
         .route("/v1/vms/{id}/files", get(get_file).put(put_file))
         .route("/v1/vms/{id}/snapshots", post(snapshot_vm))
         .route("/v1/vms/{id}/network", get(get_network))
@@ -188,6 +191,27 @@ async fn images(State(d): D) -> Response {
             })
             .collect::<Vec<_>>(),
     )
+}
+
+/// `POST /v1/vms/{id}/mounts`: a host directory into a running VM or session (woken first).
+async fn mount(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let m: crate::vm::model::VolumeMount = body(&b)?;
+    let (vm, _activity) = d.awake_vm(&id).await?;
+    Ok(created(d.mount(&vm, m).await?))
+}
+
+#[derive(Deserialize)]
+struct MountQuery {
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// `DELETE /v1/vms/{id}/mounts?path=/mnt/x`.
+async fn unmount(State(d): D, Path(id): Path<String>, Query(q): Query<MountQuery>) -> R<Response> {
+    let path =
+        q.path.ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "give the mount's guest path: ?path=/mnt/x".into()))?;
+    let (vm, _activity) = d.awake_vm(&id).await?;
+    Ok(json(d.unmount(&vm, &path).await?))
 }
 
 async fn import_image(State(d): D, b: Bytes) -> R<Response> {

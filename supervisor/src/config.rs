@@ -154,6 +154,9 @@ pub struct VmDefaults {
     pub vcpus: u8,
     /// Most bytes a VM's console.log and console.log.1 hold together (the older output is dropped).
     pub console_limit_bytes: u64,
+    /// Size of a disk image's VM's mount slot (a sparse drive dynamic mounts fill), MiB: the largest directory
+    /// one mount can carry.
+    pub mount_slot_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,7 +203,12 @@ impl Default for Config {
 
 impl Default for VmDefaults {
     fn default() -> Self {
-        VmDefaults { mem_mib: 256, vcpus: 1, console_limit_bytes: flint_vmm_api::config::DEFAULT_CONSOLE_LIMIT }
+        VmDefaults {
+            mem_mib: 256,
+            vcpus: 1,
+            console_limit_bytes: flint_vmm_api::config::DEFAULT_CONSOLE_LIMIT,
+            mount_slot_mib: 1024,
+        }
     }
 }
 

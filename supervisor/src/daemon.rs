@@ -42,6 +42,22 @@ pub struct Daemon {
     seq: AtomicU64,
 }
 
+/// A mount point in the guest: absolute, normalised, not `/` nor under the kernel's own filesystems.
+fn mount_path(p: &str) -> Result<String, OpError> {
+    let bad = |why: &str| OpError::BadRequest(format!("mount path `{p}`: {why}"));
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(bad("must be absolute"));
+    }
+    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    if parts.contains(&"..") {
+        return Err(bad("may not contain `..`"));
+    }
+    if parts.is_empty() || matches!(parts[0], "proc" | "sys" | "dev" | "run") {
+        return Err(bad("not `/`, /proc, /sys, /dev or /run"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
 pub(crate) fn valid_id(what: &str, id: &str) -> Result<(), OpError> {
     flint_snapshot_store::manifest::check_name(what, id).map_err(OpError::BadRequest)
 }
@@ -58,6 +74,9 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
     }
     Ok(scfg)
 }
+
+/// The drive index of a disk image's VM's mount slot (`vdc`, after the image's root and the VM's disk).
+const MOUNT_SLOT: usize = 2;
 
 /// Manifest metadata: for each drive, the disk-rooted image whose root it is (`name@sha256`) or null (stored).
 const DRIVES_IMAGE: &str = "drives_image";
@@ -329,6 +348,57 @@ impl Daemon {
         crate::image::Image::load(name, dir).map_err(OpError::BadRequest)
     }
 
+    /// A dynamic mount (docs/images.md): a copy of host directory `source` as an ext4 filesystem written into the
+    /// VM's mount slot, then mounted by the agent at `path` (read-only or read-write). The slot is a drive, so the
+    /// mount's content is in the VM's snapshots: clones, hibernated sessions and forks keep it.
+    pub async fn mount(&self, vm: &str, m: VolumeMount) -> Result<VmRecord, OpError> {
+        let slot = self.slot(vm)?;
+        let _op = slot.op.lock().await;
+        let rec = slot.get();
+        let index = rec.mount_slot.ok_or_else(|| {
+            OpError::BadRequest(format!(
+                "VM `{vm}` has no mount slot: dynamic mounts need a disk-rooted image's VM (made by this flintd)"
+            ))
+        })?;
+        if let Some(used) = rec.mounts.first() {
+            return Err(OpError::Conflict(format!("VM `{vm}`'s mount slot holds {}: unmount it first", used.path)));
+        }
+        let path = mount_path(&m.path)?;
+        if !m.source.is_absolute() || !m.source.is_dir() {
+            return Err(OpError::BadRequest(format!(
+                "source {} is not an existing directory (absolute path)",
+                m.source.display()
+            )));
+        }
+        let file = drives::clone_path(&rec.dir, index);
+        let (source, slot_file) = (m.source.clone(), file.clone());
+        let written = tokio::task::spawn_blocking(move || crate::image::fill_slot(&slot_file, &source)).await;
+        written.map_err(|e| OpError::Internal(e.to_string()))?.map_err(OpError::BadRequest)?;
+        let agent = self.agent(vm).await?;
+        let device = format!("vd{}", (b'a' + index as u8) as char);
+        if let Err(e) = agent.mount(&device, &path, m.read_only).await {
+            let _ = crate::image::empty_slot(&file);
+            return Err(OpError::VmFailed(format!("mount {} at {path} in VM `{vm}`: {e}", m.source.display())));
+        }
+        info!(vm, source = %m.source.display(), path, read_only = m.read_only, "directory mounted");
+        slot.commit(&self.db, |r| r.mounts = vec![VolumeMount { path, ..m }])
+    }
+
+    /// Unmounts a dynamic mount and empties the slot.
+    pub async fn unmount(&self, vm: &str, path: &str) -> Result<VmRecord, OpError> {
+        let slot = self.slot(vm)?;
+        let _op = slot.op.lock().await;
+        let rec = slot.get();
+        let path = mount_path(path)?;
+        let Some(index) = rec.mount_slot.filter(|_| rec.mounts.iter().any(|m| m.path == path)) else {
+            return Err(OpError::NotFound(format!("VM `{vm}` has nothing mounted at {path}")));
+        };
+        self.agent(vm).await?.unmount(&path).await.map_err(|e| OpError::VmFailed(format!("unmount {path}: {e}")))?;
+        let _ = crate::image::empty_slot(&drives::clone_path(&rec.dir, index));
+        info!(vm, path, "directory unmounted");
+        slot.commit(&self.db, |r| r.mounts.retain(|m| m.path != path))
+    }
+
     /// `POST /v1/images`: imports an OCI image layout (directory or tar) or a `docker save` archive as the
     /// disk-rooted image `name` under `<data_dir>/images/` (docs/images.md). The kernel and the agent's initramfs
     /// are the default image's. Appears whole or not at all.
@@ -512,6 +582,8 @@ impl Daemon {
             dir: dir.clone(),
             image: None,
             disk_mib: None,
+            mount_slot: None,
+            mounts: Vec::new(),
             snapshot: None,
             mem_mib: 0,
             vcpus: 0,
@@ -849,7 +921,7 @@ impl Daemon {
             }
             crate::image::Root::Initramfs => None,
         };
-        let own = if disk.is_some() { 2 } else { 0 };
+        let own = if disk.is_some() { 3 } else { 0 };
         if req.drives.len() + own > MAX_DRIVES {
             return Err(OpError::BadRequest(format!("{} drives: at most {}", req.drives.len(), MAX_DRIVES - own)));
         }
@@ -870,6 +942,8 @@ impl Daemon {
                     ..Default::default()
                 });
                 r.drives.push(DriveSpec { path: drives::clone_path(&r.dir, 1), ..Default::default() });
+                r.drives.push(DriveSpec { path: drives::clone_path(&r.dir, MOUNT_SLOT), ..Default::default() });
+                r.mount_slot = Some(MOUNT_SLOT);
             }
             r.drives.extend(req.drives.iter().cloned());
         })?;
@@ -898,8 +972,14 @@ impl Daemon {
                 let _ = self.finish_start(&slot, Instant::now(), Err(OpError::Internal(e.clone())), false);
                 return Err(OpError::Internal(e));
             }
-            // A jailed VMM opens the disk as its own uid.
+            // The mount slot: sparse, empty until a dynamic mount writes it.
+            let slot_file = drives::clone_path(&dir, MOUNT_SLOT);
+            std::fs::File::create(&slot_file)
+                .and_then(|f| f.set_len(self.cfg.vm.mount_slot_mib << 20))
+                .map_err(|e| OpError::Internal(format!("create {}: {e}", slot_file.display())))?;
+            // A jailed VMM opens the disk and the slot as its own uid.
             crate::jail::give_to_dir_owner(&dir, &drives::clone_path(&dir, 1)).map_err(OpError::Internal)?;
+            crate::jail::give_to_dir_owner(&dir, &slot_file).map_err(OpError::Internal)?;
         }
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
@@ -1049,6 +1129,12 @@ impl Daemon {
             if let Some(mib) = rec.disk_mib {
                 draft.metadata.insert("disk_mib".into(), mib.to_string());
             }
+            if let Some(slot) = rec.mount_slot {
+                draft.metadata.insert("mount_slot".into(), slot.to_string());
+                if !rec.mounts.is_empty() {
+                    draft.metadata.insert("mounts".into(), serde_json::to_string(&rec.mounts).unwrap_or_default());
+                }
+            }
             let read_only: Vec<bool> = rec.drives.iter().map(|d| d.read_only).collect();
             draft.metadata.insert("drives_read_only".into(), drives::read_only_list(&read_only));
             // The limits are in the VMM's state (clones get them); recorded here so clones' records show them.
@@ -1190,6 +1276,9 @@ impl Daemon {
                 })
                 .collect();
             r.disk_mib = meta("disk_mib");
+            // Informational: what the guest had mounted through its slot (still mounted in the clone).
+            r.mount_slot = meta("mount_slot").map(|m| m as usize).filter(|m| *m < drive_flags.len());
+            r.mounts = manifest.metadata.get("mounts").and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
         })?;
         let _op = slot.op.lock().await;
         let dir = slot.get().dir;

@@ -168,6 +168,53 @@ pub fn sha256_file(path: &Path) -> Result<String, String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Writes a copy of directory `source` into a VM's mount slot `slot` as an ext4 filesystem the size of the slot
+/// (the slot emptied first). The guest must not have the slot mounted.
+pub fn fill_slot(slot: &Path, source: &Path) -> Result<(), String> {
+    let size = std::fs::metadata(slot).map_err(|e| format!("{}: {e}", slot.display()))?.len();
+    let du = std::process::Command::new("du").arg("-sb").arg(source).output().map_err(|e| format!("run du: {e}"))?;
+    let used: u64 =
+        String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    if used > size / 10 * 8 {
+        return Err(format!(
+            "{} holds {} MiB: more than the mount slot ({} MiB, vm.mount_slot_mib) can carry",
+            source.display(),
+            used >> 20,
+            size >> 20
+        ));
+    }
+    empty_slot(slot)?;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-L", "flintmount", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+        .arg(source)
+        .arg(slot)
+        .output()
+        .map_err(|e| format!("run mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "copy {} into the mount slot: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Returns a mount slot to zeros (holes: it costs nothing on the host or in snapshots).
+pub fn empty_slot(slot: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open(slot).map_err(|e| format!("{}: {e}", slot.display()))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    // SAFETY: fallocate on an fd we own; PUNCH_HOLE|KEEP_SIZE frees the range and keeps the size.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len as libc::off_t)
+    };
+    if r != 0 {
+        return Err(format!("empty {}: {}", slot.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Bytes a file holds on the host (its allocated blocks, not its size).
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -69,6 +69,11 @@ enum Cmd {
         #[arg(long)]
         timeout_ms: Option<u64>,
     },
+    /// Mount a copy of a host directory into a running VM or session: flint mount ID HOSTDIR:GUESTPATH[:ro]
+    /// (disk-rooted images; one mount at a time; kept in snapshots).
+    Mount { vm: String, spec: String },
+    /// Unmount a directory mounted with flint mount: flint umount ID GUESTPATH.
+    Umount { vm: String, path: String },
     /// Copy a file into or out of a VM: flint cp LOCAL VM:/path, or flint cp VM:/path LOCAL.
     Cp {
         src: String,
@@ -795,6 +800,34 @@ async fn run(cli: Cli) -> Result<i32, String> {
                 return Err(f);
             }
             return Ok(code);
+        }
+        Cmd::Mount { vm, spec } => {
+            let mut parts = spec.split(':');
+            let (Some(src), Some(path)) = (parts.next(), parts.next()) else {
+                return Err(format!("`{spec}`: expected HOSTDIR:GUESTPATH[:ro]"));
+            };
+            let read_only = match parts.next() {
+                None | Some("rw") => false,
+                Some("ro") => true,
+                Some(o) => return Err(format!("`{spec}`: unknown option `{o}` (ro or rw)")),
+            };
+            let src = std::path::absolute(src).map_err(|e| format!("{src}: {e}"))?;
+            let body = json!({"source": src, "path": path, "read_only": read_only});
+            out(&api.call("POST", &format!("/v1/vms/{}/mounts", enc(&vm)), Some(body)).await?, &|v| {
+                for m in v["mounts"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} -> {}{}",
+                        m["source"].as_str().unwrap_or("?"),
+                        m["path"].as_str().unwrap_or("?"),
+                        if m["read_only"] == true { " (ro)" } else { "" }
+                    );
+                }
+            })
+        }
+        Cmd::Umount { vm, path } => {
+            out(&api.call("DELETE", &format!("/v1/vms/{}/mounts?path={}", enc(&vm), enc(&path)), None).await?, &|_| {
+                println!("unmounted {path}")
+            })
         }
         Cmd::Run { vm, code, language, timeout_ms } => {
             let code = if code == "-" {

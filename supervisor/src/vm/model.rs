@@ -109,6 +109,12 @@ pub struct VmRecord {
     /// A disk-rooted image's VM: the size of its own writable disk (its storage quota), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mib: Option<u64>,
+    /// The drive index of its mount slot (a disk image's VM: `vdc`), which dynamic mounts fill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_slot: Option<usize>,
+    /// What is mounted through the slot (at most one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<VolumeMount>,
     /// Snapshot (or template's snapshot) the VM was restored from.
     pub snapshot: Option<String>,
     pub mem_mib: u64,
@@ -221,6 +227,19 @@ pub struct DriveSpec {
     /// shared by every VM of the image and named, not stored, by snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+}
+
+/// A host directory mounted into a running VM (docs/images.md, "Dynamic mounts"): a copy of it, as an ext4
+/// filesystem written into the VM's mount slot.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// Absolute host directory.
+    pub source: PathBuf,
+    /// Absolute path in the guest.
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// `POST /v1/images`: an OCI image layout (directory or tar) or a `docker save` archive, by host path.
