@@ -440,64 +440,76 @@ enum TemplateCmd {
 /// `flint run`: prints the code's output as it comes, then its value or traceback; the exit code says how it ended
 /// (0 ok, 1 an exception, 124 a timeout).
 async fn run_code(socket: &std::path::Path, vm: &str, body: &str, as_json: bool) -> Result<i32, String> {
+    let mut code = 1;
+    ndjson_call(socket, &format!("/v1/vms/{}/run", enc(vm)), body, as_json, |v| {
+        let Some(r) = v.get("result") else { return };
+        code = match r["status"].as_str() {
+            Some("ok") => 0,
+            Some("timeout") => 124,
+            _ => 1,
+        };
+        if as_json {
+            return;
+        }
+        if let Some(val) = r["value"].as_str() {
+            println!("{val}");
+        }
+        if let Some(tb) = r["error"]["traceback"].as_str().filter(|t| !t.is_empty()) {
+            eprint!("{tb}");
+        } else if let Some(m) = r["error"]["message"].as_str() {
+            eprintln!("{}: {m}", r["error"]["name"].as_str().unwrap_or("error"));
+        }
+        if code == 124 {
+            eprintln!("flint: the code ran past its timeout and was interrupted");
+        }
+    })
+    .await?;
+    Ok(code)
+}
+
+/// A POST answered with NDJSON lines (exec, run): `stdout` and `stderr` lines are printed as they arrive (or every
+/// line with `--json`), every other line goes to `other`; an `error` line or an HTTP error is the `Err`.
+async fn ndjson_call(
+    socket: &std::path::Path,
+    path: &str,
+    body: &str,
+    as_json: bool,
+    mut other: impl FnMut(&Value),
+) -> Result<(), String> {
     use std::io::Write;
     let mut pending: Vec<u8> = Vec::new();
-    let mut code = 1;
     let mut failure: Option<String> = None;
     let mut error_body = Vec::new();
-    let status = flint_supervisor::http::request_stream(
-        socket,
-        "POST",
-        &format!("/v1/vms/{}/run", enc(vm)),
-        Some(body.as_bytes()),
-        |data| {
-            pending.extend_from_slice(data);
-            while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=nl).collect();
-                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                    error_body.extend_from_slice(&line);
-                    continue;
-                };
-                if as_json {
-                    println!("{v}");
-                }
-                if let Some(s) = v["stdout"].as_str() {
-                    if !as_json {
-                        print!("{s}");
-                        let _ = std::io::stdout().flush();
-                    }
-                } else if let Some(s) = v["stderr"].as_str() {
-                    if !as_json {
-                        eprint!("{s}");
-                    }
-                } else if let Some(r) = v.get("result") {
-                    code = match r["status"].as_str() {
-                        Some("ok") => 0,
-                        Some("timeout") => 124,
-                        _ => 1,
-                    };
-                    if !as_json {
-                        if let Some(val) = r["value"].as_str() {
-                            println!("{val}");
-                        }
-                        if let Some(tb) = r["error"]["traceback"].as_str().filter(|t| !t.is_empty()) {
-                            eprint!("{tb}");
-                        } else if let Some(m) = r["error"]["message"].as_str() {
-                            eprintln!("{}: {m}", r["error"]["name"].as_str().unwrap_or("error"));
-                        }
-                        if code == 124 {
-                            eprintln!("flint: the code ran past its timeout and was interrupted");
-                        }
-                    }
-                } else if let Some(e) = v["error"].as_str() {
-                    failure = Some(e.to_string());
-                }
+    let status = flint_supervisor::http::request_stream(socket, "POST", path, Some(body.as_bytes()), |data| {
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                error_body.extend_from_slice(&line);
+                continue;
+            };
+            if as_json {
+                println!("{v}");
             }
-            if pending.len() > 1 << 20 {
-                error_body.append(&mut pending);
+            if let Some(s) = v["stdout"].as_str() {
+                if !as_json {
+                    print!("{s}");
+                    let _ = std::io::stdout().flush();
+                }
+            } else if let Some(s) = v["stderr"].as_str() {
+                if !as_json {
+                    eprint!("{s}");
+                }
+            } else if let Some(e) = v["error"].as_str() {
+                failure = Some(e.to_string());
+            } else {
+                other(&v);
             }
-        },
-    )
+        }
+        if pending.len() > 1 << 20 {
+            error_body.append(&mut pending);
+        }
+    })
     .await
     .map_err(|e| format!("{e} (is flintd running? set FLINT_SOCKET or --socket)"))?;
     error_body.extend_from_slice(&pending);
@@ -511,7 +523,7 @@ async fn run_code(socket: &std::path::Path, vm: &str, body: &str, as_json: bool)
     }
     match failure {
         Some(f) => Err(f),
-        None => Ok(code),
+        None => Ok(()),
     }
 }
 
@@ -736,69 +748,19 @@ async fn run(cli: Cli) -> Result<i32, String> {
         }
         Cmd::Exec { vm, timeout_ms, cwd, argv, .. } => {
             // Output is printed as the guest produces it (NDJSON lines over a chunked response).
-            use std::io::Write;
             let body = serde_json::to_string(&ExecRequest { argv, timeout_ms, cwd, ..Default::default() })
                 .map_err(|e| e.to_string())?;
-            let mut pending: Vec<u8> = Vec::new();
             let mut code = 1;
-            let mut failure: Option<String> = None;
-            let mut error_body = Vec::new();
-            let status = flint_supervisor::http::request_stream(
-                &cli.socket,
-                "POST",
-                &format!("/v1/vms/{}/exec", enc(&vm)),
-                Some(body.as_bytes()),
-                |data| {
-                    pending.extend_from_slice(data);
-                    while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=nl).collect();
-                        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                            error_body.extend_from_slice(&line);
-                            continue;
-                        };
-                        if cli.json {
-                            println!("{v}");
-                        }
-                        if let Some(s) = v["stdout"].as_str() {
-                            if !cli.json {
-                                print!("{s}");
-                                let _ = std::io::stdout().flush();
-                            }
-                        } else if let Some(s) = v["stderr"].as_str() {
-                            if !cli.json {
-                                eprint!("{s}");
-                            }
-                        } else if let Some(e) = v.get("exit") {
-                            code = e["code"]
-                                .as_i64()
-                                .map(|c| c as i32)
-                                .unwrap_or(128 + e["signal"].as_i64().unwrap_or(0) as i32);
-                            if e["timed_out"].as_bool() == Some(true) {
-                                eprintln!("flint: the command timed out");
-                            }
-                        } else if let Some(e) = v["error"].as_str() {
-                            failure = Some(e.to_string());
-                        }
+            ndjson_call(&cli.socket, &format!("/v1/vms/{}/exec", enc(&vm)), &body, cli.json, |v| {
+                if let Some(e) = v.get("exit") {
+                    code =
+                        e["code"].as_i64().map(|c| c as i32).unwrap_or(128 + e["signal"].as_i64().unwrap_or(0) as i32);
+                    if e["timed_out"].as_bool() == Some(true) {
+                        eprintln!("flint: the command timed out");
                     }
-                    if pending.len() > 1 << 20 {
-                        error_body.append(&mut pending);
-                    }
-                },
-            )
-            .await
-            .map_err(|e| format!("{e} (is flintd running? set FLINT_SOCKET or --socket)"))?;
-            error_body.extend_from_slice(&pending);
-            if status >= 300 {
-                let msg = serde_json::from_slice::<Value>(&error_body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(String::from))
-                    .or(failure)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&error_body).into_owned());
-                return Err(format!("{msg} (HTTP {status})"));
-            }
-            if let Some(f) = failure {
-                return Err(f);
-            }
+                }
+            })
+            .await?;
             return Ok(code);
         }
         Cmd::Mount { vm, spec } => {
