@@ -305,37 +305,20 @@ async fn handle(
                 Err(m) => error(ErrorCode::Io, m),
             }
         }
-        Request::Mount { device, path, read_only } => {
-            if !agent.settings.is_init {
-                return Some(error(
-                    ErrorCode::Invalid,
-                    "this agent does not run as the guest's init; it mounts nothing",
-                ));
-            }
-            match agent.resolve(&path) {
-                Err((c, m)) => error(c, m),
-                Ok(p) => match crate::init::mount_volume(&device, &p.to_string_lossy(), read_only) {
-                    Ok(()) => Response::Ok { bytes: None },
-                    Err(m) if m.contains("not a virtio block device") => error(ErrorCode::Invalid, m),
-                    Err(m) if m.contains("already mounted") => error(ErrorCode::Busy, m),
-                    Err(m) => error(ErrorCode::Io, m),
-                },
-            }
-        }
+        Request::Mount { device, path, read_only } => in_guest_path(&agent, &path, |p| {
+            crate::init::mount_volume(&device, p, read_only).map_err(|m| {
+                let code = if m.contains("not a virtio block device") {
+                    ErrorCode::Invalid
+                } else if m.contains("already mounted") {
+                    ErrorCode::Busy
+                } else {
+                    ErrorCode::Io
+                };
+                (code, m)
+            })
+        }),
         Request::Unmount { path } => {
-            if !agent.settings.is_init {
-                return Some(error(
-                    ErrorCode::Invalid,
-                    "this agent does not run as the guest's init; it mounts nothing",
-                ));
-            }
-            match agent.resolve(&path) {
-                Err((c, m)) => error(c, m),
-                Ok(p) => match crate::init::unmount_volume(&p.to_string_lossy()) {
-                    Ok(()) => Response::Ok { bytes: None },
-                    Err(m) => error(ErrorCode::Io, m),
-                },
-            }
+            in_guest_path(&agent, &path, |p| crate::init::unmount_volume(p).map_err(|m| (ErrorCode::Io, m)))
         }
         Request::BeforeCheckpoint => {
             // The snapshot must hold warm runners: start any that is not running and wait until it is ready.
@@ -367,6 +350,17 @@ async fn handle(
             return None;
         }
     })
+}
+
+/// A mount or unmount at `path`: only as the guest's init, on a path resolved below the agent's root.
+fn in_guest_path(agent: &Agent, path: &str, op: impl FnOnce(&str) -> Result<(), (ErrorCode, String)>) -> Response {
+    if !agent.settings.is_init {
+        return error(ErrorCode::Invalid, "this agent does not run as the guest's init; it mounts nothing");
+    }
+    match agent.resolve(path).and_then(|p| op(&p.to_string_lossy())) {
+        Ok(()) => Response::Ok { bytes: None },
+        Err((c, m)) => error(c, m),
+    }
 }
 
 fn read_meminfo() -> (u64, u64) {

@@ -75,6 +75,32 @@ pub fn store_config(cfg: &Config) -> Result<StoreConfig, String> {
     Ok(scfg)
 }
 
+/// A disk image's VM's own files in its directory `dir`: its writable disk (`mib`, ext4) and its mount slot
+/// (`slot_mib`, sparse, empty until a dynamic mount writes it), both given to the directory's owner (a jailed VMM
+/// opens them as its own uid).
+fn make_vm_disks(dir: &Path, mib: u64, slot_mib: u64) -> Result<(), String> {
+    let disk = drives::clone_path(dir, 1);
+    crate::image::make_disk(&disk, mib)?;
+    let slot_file = drives::clone_path(dir, MOUNT_SLOT);
+    std::fs::File::create(&slot_file)
+        .and_then(|f| f.set_len(slot_mib << 20))
+        .map_err(|e| format!("create {}: {e}", slot_file.display()))?;
+    crate::jail::give_to_dir_owner(dir, &disk)?;
+    crate::jail::give_to_dir_owner(dir, &slot_file)
+}
+
+/// A disk image's VM's writable disk size: at least [`crate::image::MIN_DISK_MIB`], at most `limits.max_disk_mib`
+/// (0: no limit).
+fn check_disk_mib(mib: u64, max: u64) -> Result<(), OpError> {
+    if mib < crate::image::MIN_DISK_MIB || (max > 0 && mib > max) {
+        return Err(OpError::BadRequest(format!(
+            "disk_mib {mib}: between {} and limits.max_disk_mib = {max}",
+            crate::image::MIN_DISK_MIB
+        )));
+    }
+    Ok(())
+}
+
 /// The drive index of a disk image's VM's mount slot (`vdc`, after the image's root and the VM's disk).
 const MOUNT_SLOT: usize = 2;
 
@@ -411,13 +437,7 @@ impl Daemon {
             return Err(OpError::BadRequest(format!("oci: `{}` must be an absolute path", req.oci.display())));
         }
         let disk_mib = req.disk_mib.unwrap_or(256);
-        let max = self.cfg.limits.max_disk_mib;
-        if disk_mib < crate::image::MIN_DISK_MIB || (max > 0 && disk_mib > max) {
-            return Err(OpError::BadRequest(format!(
-                "disk_mib {disk_mib}: between {} and limits.max_disk_mib = {max}",
-                crate::image::MIN_DISK_MIB
-            )));
-        }
+        check_disk_mib(disk_mib, self.cfg.limits.max_disk_mib)?;
         let base = self.image("default")?;
         let boot = base.dir.join("boot.cpio");
         if !boot.is_file() {
@@ -905,13 +925,7 @@ impl Daemon {
         let disk = match &img.root {
             crate::image::Root::Disk { rootfs, disk_mib, .. } => {
                 let mib = req.disk_mib.unwrap_or(*disk_mib);
-                let max = self.cfg.limits.max_disk_mib;
-                if mib < crate::image::MIN_DISK_MIB || (max > 0 && mib > max) {
-                    return Err(OpError::BadRequest(format!(
-                        "disk_mib {mib}: between {} and limits.max_disk_mib = {max}",
-                        crate::image::MIN_DISK_MIB
-                    )));
-                }
+                check_disk_mib(mib, self.cfg.limits.max_disk_mib)?;
                 Some((rootfs.clone(), mib))
             }
             crate::image::Root::Initramfs if req.disk_mib.is_some() => {
@@ -964,22 +978,8 @@ impl Daemon {
                 rate_limiter: d.rate_limiter.clone(),
             })
             .collect();
-        if let Some((_, mib)) = &disk {
+        if disk.is_some() {
             config.cmdline_extra = crate::image::DISK_ROOT_CMDLINE.into();
-            let (path, mib) = (drives::clone_path(&dir, 1), *mib);
-            let made = tokio::task::spawn_blocking(move || crate::image::make_disk(&path, mib)).await;
-            if let Err(e) = made.map_err(|e| e.to_string()).and_then(|r| r) {
-                let _ = self.finish_start(&slot, Instant::now(), Err(OpError::Internal(e.clone())), false);
-                return Err(OpError::Internal(e));
-            }
-            // The mount slot: sparse, empty until a dynamic mount writes it.
-            let slot_file = drives::clone_path(&dir, MOUNT_SLOT);
-            std::fs::File::create(&slot_file)
-                .and_then(|f| f.set_len(self.cfg.vm.mount_slot_mib << 20))
-                .map_err(|e| OpError::Internal(format!("create {}: {e}", slot_file.display())))?;
-            // A jailed VMM opens the disk and the slot as its own uid.
-            crate::jail::give_to_dir_owner(&dir, &drives::clone_path(&dir, 1)).map_err(OpError::Internal)?;
-            crate::jail::give_to_dir_owner(&dir, &slot_file).map_err(OpError::Internal)?;
         }
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
@@ -987,6 +987,13 @@ impl Daemon {
         config.validate_limits()?;
         let started = Instant::now();
         let result = async {
+            if let Some((_, mib)) = &disk {
+                let (dir, mib, slot_mib) = (dir.clone(), *mib, self.cfg.vm.mount_slot_mib);
+                tokio::task::spawn_blocking(move || make_vm_disks(&dir, mib, slot_mib))
+                    .await
+                    .map_err(|e| OpError::Internal(e.to_string()))?
+                    .map_err(OpError::Internal)?;
+            }
             // Every VM gets a network card, detached without a network: its snapshots' clones may be given one.
             config.net = Some(self.start_network(&slot).await?.unwrap_or_else(NetConfig::detached));
             let spec = LaunchSpec {
