@@ -235,7 +235,7 @@ fn python() -> String {
 }
 
 /// Streams NDJSON like an exec: `{"stdout": ...}` / `{"stderr": ...}` as the code prints, then
-/// `{"result": {"status", "value", "error", "restarted", "guest_ms"}}` (or `{"error": ...}`).
+/// `{"result": {"status", "value", "error", "restarted", "guest_ms", "agent_ms"}}` (or `{"error": ...}`).
 async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
     let rb: RunBody = body(&b)?;
     if rb.code.len() > flint_agent::protocol::MAX_RUN_CODE {
@@ -253,6 +253,7 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
     tokio::spawn(async move {
         let _activity = activity; // the session is not idle while the code runs
         let req = flint_agent::protocol::RunRequest { language: rb.language, code: rb.code, timeout_ms: rb.timeout_ms };
+        let sent = std::time::Instant::now();
         let mut stream = match agent.run_code_stream(req).await {
             Ok(s) => s,
             Err(e) => {
@@ -271,6 +272,7 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
                 Ok(Some(flint_agent::client::RunEvent::Done(r))) => serde_json::json!({"result": {
                     "status": r.status, "value": r.value, "error": r.error, "restarted": r.restarted,
                     "guest_ms": r.guest_us.map(|us| us as f64 / 1000.0),
+                    "agent_ms": ms_since(sent),
                 }}),
                 Ok(None) => break,
                 Err(e) => serde_json::json!({"error": e.to_string()}),
@@ -283,6 +285,12 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Milliseconds since `t`: an agent call's round trip as flintd times it (request sent → last answer read: the
+/// VMM's vsock device, the guest kernel and the agent). A caller's wall time minus it is flintd's side.
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 async fn list_vms(State(d): D) -> Response {
@@ -383,6 +391,7 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
     let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
     tokio::spawn(async move {
         let _activity = activity;
+        let sent = std::time::Instant::now();
         let mut stream = match agent.exec(er).await {
             Ok(s) => s,
             Err(e) => {
@@ -404,7 +413,10 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
                 flint_agent::client::ExecEvent::Stderr(b) => serde_json::json!({"stderr": String::from_utf8_lossy(&b)}),
                 flint_agent::client::ExecEvent::Exit { code, signal, timed_out, guest_us } => {
                     let guest_ms = guest_us.map(|us| us as f64 / 1000.0);
-                    serde_json::json!({"exit": {"code": code, "signal": signal, "timed_out": timed_out, "guest_ms": guest_ms}})
+                    serde_json::json!({"exit": {
+                        "code": code, "signal": signal, "timed_out": timed_out, "guest_ms": guest_ms,
+                        "agent_ms": ms_since(sent),
+                    }})
                 }
             };
             if tx.send(line(v)).await.is_err() {

@@ -621,6 +621,8 @@ impl Daemon {
             refresh_ms: None,
             net_ms: None,
             refresh_guest_ms: None,
+            refresh_agent_ms: None,
+            resume_ms: None,
             refresh_steps_us: BTreeMap::new(),
             network: None,
         };
@@ -783,6 +785,7 @@ impl Daemon {
         // A session's guest is named after the session (it keeps the name across wakes); a clone after itself.
         let hostname = rec.session.clone().unwrap_or_else(|| id.clone());
         let network = rec.network.as_ref().map(|n| self.net.guest(n)).transpose().map_err(OpError::Internal)?;
+        let sent = Instant::now();
         let answer = if rec.snapshot.is_some() {
             Some(
                 agent
@@ -800,6 +803,7 @@ impl Daemon {
         } else {
             None
         };
+        let refresh_agent_ms = answer.as_ref().map(|_| sent.elapsed().as_secs_f64() * 1000.0);
         let refresh_guest_ms = refresh_guest_ms(answer.as_ref());
         let steps = match &answer {
             Some(flint_agent::protocol::Response::Refreshed { steps_us, .. }) => steps_us.clone(),
@@ -814,6 +818,7 @@ impl Daemon {
             r.agent_ms = Some(agent_ms);
             r.refresh_ms = Some(refresh_ms);
             r.refresh_guest_ms = refresh_guest_ms;
+            r.refresh_agent_ms = refresh_agent_ms;
             r.refresh_steps_us = steps;
         })?;
         Ok(())

@@ -105,8 +105,10 @@ impl Daemon {
         }
         let t = std::time::Instant::now();
         self.pause(id, false).await?;
+        let resume_ms = t.elapsed().as_secs_f64() * 1000.0;
         let agent = self.agent(id).await?;
         let hostname = session.map(String::from).unwrap_or_else(|| id.to_string());
+        let sent = std::time::Instant::now();
         let answer = tokio::time::timeout(
             Duration::from_secs(self.cfg.restore_agent_timeout_s),
             agent.refresh(env.clone(), Some(hostname)),
@@ -114,6 +116,7 @@ impl Daemon {
         .await
         .map_err(|_| OpError::VmFailed(format!("VM `{id}`: the refresh did not answer")))?
         .map_err(|e| OpError::VmFailed(format!("VM `{id}`: refresh: {e}")))?;
+        let refresh_agent_ms = sent.elapsed().as_secs_f64() * 1000.0;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         self.commit_vm(id, |r| {
             r.pool = None;
@@ -123,6 +126,8 @@ impl Daemon {
             r.ready_ms = Some(ms);
             r.refresh_ms = Some(ms);
             r.refresh_guest_ms = crate::daemon::refresh_guest_ms(Some(&answer));
+            r.refresh_agent_ms = Some(refresh_agent_ms);
+            r.resume_ms = Some(resume_ms);
         })
     }
 

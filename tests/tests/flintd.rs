@@ -242,6 +242,29 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     assert!(c[0]["pool"].is_null() && c[0]["status"] == "running", "{c}");
     let hostname = flint_supervisor_get(&socket, &format!("/v1/vms/{handed}/files?path=/proc/sys/kernel/hostname"));
     assert_eq!(String::from_utf8_lossy(&hostname).trim(), handed);
+    // The hand-out's accounting: resume + refresh, the agent's part of it as flintd timed it.
+    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    let refresh = ms(&c[0], "refresh_ms");
+    assert!(ms(&c[0], "resume_ms") <= refresh && ms(&c[0], "refresh_agent_ms") <= refresh, "{c}");
+    // An exec's exit line says how long flintd waited for the agent: within the caller's wall time.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let t = Instant::now();
+    let (status, out) = rt
+        .block_on(flint_supervisor::http::request(
+            &socket,
+            "POST",
+            &format!("/v1/vms/{handed}/exec"),
+            Some(br#"{"argv": ["/bin/true"]}"#),
+            Duration::from_secs(120),
+        ))
+        .unwrap();
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status, 200, "{out}");
+    let exit = out.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).next_back().unwrap();
+    assert_eq!(exit["exit"]["code"], 0, "{out}");
+    let agent = ms(&exit["exit"], "agent_ms");
+    assert!(agent > 0.0 && agent <= wall, "agent_ms {agent} vs {wall} ms wall: {out}");
     let s = flint_json(&socket, &["session", "create", "py", "--id", "pooled"]);
     assert!(pool.contains(&s["vm"].as_str().unwrap().to_string()), "the session's VM came from the pool: {s}");
     assert_eq!(sh(&socket, "pooled", "hostname"), "pooled");

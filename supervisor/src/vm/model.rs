@@ -134,6 +134,13 @@ pub struct VmRecord {
     /// vsock's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_guest_ms: Option<f64>,
+    /// Of `refresh_ms`, flintd's wait for the agent's answer (request sent → answer read: the VMM's vsock device,
+    /// the guest kernel and the agent); the rest is flintd's own (and, for a pool's hand-out, the VMM's resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_agent_ms: Option<f64>,
+    /// A pool's hand-out: the VMM's resume of the paused pooled VM (part of `refresh_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<f64>,
     /// The agent's time per refresh step (clock, entropy, env_hostname, network, hooks), µs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub refresh_steps_us: BTreeMap<String, u64>,
