@@ -30,7 +30,7 @@ bench: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- lazy --runs 3
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- jail --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- sessions --runs 1
-	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- clones --density 20
+	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_S3_SERVER="$$(bash scripts/s3-server.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- clones
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- net --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" FLINT_PYTHON_IMAGE="$$(bash images/build.sh python)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- python --runs 5
 	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) --release -p flint-tests --bin flint-bench -- restore-floor --runs 11

@@ -248,18 +248,13 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
         return Err(ApiError(StatusCode::BAD_REQUEST, "timeout_ms must be at least 1".into()));
     }
     let (agent, activity) = d.call_agent(&id).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
-    tokio::spawn(async move {
+    Ok(ndjson(move |out| async move {
         let _activity = activity; // the session is not idle while the code runs
         let req = flint_agent::protocol::RunRequest { language: rb.language, code: rb.code, timeout_ms: rb.timeout_ms };
         let sent = std::time::Instant::now();
         let mut stream = match agent.run_code_stream(req).await {
             Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
-                return;
-            }
+            Err(e) => return out.error(&e).await,
         };
         loop {
             let v = match stream.next().await {
@@ -274,17 +269,42 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
                     "guest_ms": r.guest_us.map(|us| us as f64 / 1000.0),
                     "agent_ms": ms_since(sent),
                 }}),
-                Ok(None) => break,
-                Err(e) => serde_json::json!({"error": e.to_string()}),
+                Ok(None) => return,
+                Err(e) => return out.error(&e).await,
             };
-            let end = v.get("stdout").is_none() && v.get("stderr").is_none();
-            if tx.send(line(v)).await.is_err() || end {
-                break;
+            if !out.send(v).await {
+                return;
             }
         }
-    });
+    }))
+}
+
+/// An NDJSON answer (`application/x-ndjson`) whose lines `produce` sends from a task of its own: the body streams
+/// as the lines come, through a bounded queue (a slow reader holds the producer back, not flintd's memory).
+fn ndjson<F, Fut>(produce: F) -> Response
+where
+    F: FnOnce(Lines) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(produce(Lines(tx)));
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}
+
+/// The sending end of an [`ndjson`] answer.
+struct Lines(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl Lines {
+    /// Sends one line; false once the caller has gone away (the producer stops).
+    async fn send(&self, v: serde_json::Value) -> bool {
+        self.0.send(Ok(Bytes::from(format!("{v}\n")))).await.is_ok()
+    }
+
+    /// Ends the answer with `{"error": ...}` (the status line is long gone: an error is the last line).
+    async fn error(&self, e: &impl std::fmt::Display) {
+        self.send(serde_json::json!({"error": e.to_string()})).await;
+    }
 }
 
 /// Milliseconds since `t`: an agent call's round trip as flintd times it (request sent → last answer read: the
@@ -387,45 +407,35 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
     }
     // A session id wakes the session; its activity lasts as long as the exec's stream (not idle meanwhile).
     let (agent, activity) = d.call_agent(&id).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let line = |v: serde_json::Value| Ok(Bytes::from(format!("{v}\n")));
-    tokio::spawn(async move {
+    Ok(ndjson(move |out| async move {
         let _activity = activity;
         let sent = std::time::Instant::now();
         let mut stream = match agent.exec(er).await {
             Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
-                return;
-            }
+            Err(e) => return out.error(&e).await,
         };
         loop {
-            let ev = match stream.next().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(line(serde_json::json!({"error": e.to_string()}))).await;
-                    break;
+            let v = match stream.next().await {
+                Ok(Some(flint_agent::client::ExecEvent::Stdout(b))) => {
+                    serde_json::json!({"stdout": String::from_utf8_lossy(&b)})
                 }
-            };
-            let v = match ev {
-                flint_agent::client::ExecEvent::Stdout(b) => serde_json::json!({"stdout": String::from_utf8_lossy(&b)}),
-                flint_agent::client::ExecEvent::Stderr(b) => serde_json::json!({"stderr": String::from_utf8_lossy(&b)}),
-                flint_agent::client::ExecEvent::Exit { code, signal, timed_out, guest_us } => {
-                    let guest_ms = guest_us.map(|us| us as f64 / 1000.0);
+                Ok(Some(flint_agent::client::ExecEvent::Stderr(b))) => {
+                    serde_json::json!({"stderr": String::from_utf8_lossy(&b)})
+                }
+                Ok(Some(flint_agent::client::ExecEvent::Exit { code, signal, timed_out, guest_us })) => {
                     serde_json::json!({"exit": {
-                        "code": code, "signal": signal, "timed_out": timed_out, "guest_ms": guest_ms,
-                        "agent_ms": ms_since(sent),
+                        "code": code, "signal": signal, "timed_out": timed_out,
+                        "guest_ms": guest_us.map(|us| us as f64 / 1000.0), "agent_ms": ms_since(sent),
                     }})
                 }
+                Ok(None) => return,
+                Err(e) => return out.error(&e).await,
             };
-            if tx.send(line(v)).await.is_err() {
-                break;
+            if !out.send(v).await {
+                return;
             }
         }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    }))
 }
 
 #[derive(Deserialize)]

@@ -599,8 +599,9 @@ fn sessions_bench(runs: usize) {
 ///   guest instruction) and ready (call start → agent refreshed) p50 / p99;
 /// - a template (one cold boot) with a warm pool of 4: hand-out (API call) and hand-out → first exec answered,
 ///   against a restore (pool empty) and its first exec;
-/// - density: `--density N` (default 20) idle clones running at once: RSS and PSS per VMM, host memory per
-///   clone (MemAvailable before/after), the shared memory file counted once.
+/// - density: `--density N` (default 100) idle clones of that template running at once (a guest whose agent
+///   waits: the golden snapshot's counter would keep every clone busy): RSS and PSS per VMM, host memory per
+///   clone (MemAvailable before/after), the shared memory files counted once.
 fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64> {
     let mut fig = std::collections::BTreeMap::new();
     let s3 = flint_tests::S3Server::start();
@@ -789,7 +790,7 @@ fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64>
     }
 
     println!();
-    println!("density: {density} idle clones of the golden snapshot");
+    println!("density: {density} idle clones of template `bt` running at once");
     let avail = || {
         std::fs::read_to_string("/proc/meminfo")
             .ok()
@@ -805,16 +806,16 @@ fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64>
     let mut ids = Vec::new();
     while ids.len() < density {
         let n = (density - ids.len()).min(8);
-        let c = call("POST", "/v1/clones", Some(serde_json::json!({"snapshot": "base", "count": n})));
+        let c = call("POST", "/v1/clones", Some(serde_json::json!({"template": "bt", "count": n})));
         ids.extend(c.as_array().into_iter().flatten().filter_map(|v| v["id"].as_str().map(String::from)));
     }
     std::thread::sleep(Duration::from_secs(5));
     let after = avail();
-    let mut rss = Vec::new();
-    let mut pss = Vec::new();
+    let (mut rss, mut pss, mut pids) = (Vec::new(), Vec::new(), Vec::new());
     for id in &ids {
         let d = call("GET", &format!("/v1/vms/{id}"), None);
         let pid = d["pid"].as_u64().unwrap_or(0);
+        pids.push(pid);
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         let field = |name: &str| {
             rollup
@@ -826,13 +827,33 @@ fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64>
         rss.push(field("Rss:") / 1024.0);
         pss.push(field("Pss:") / 1024.0);
     }
-    let shared_file_mib = std::fs::read_dir(data.join("shared"))
+    // The shared memory files, by inode, and how many of the clones' VMMs map each (through /proc/PID/map_files:
+    // a jailed VMM names the file by another path).
+    use std::os::unix::fs::MetadataExt;
+    let mut shared: std::collections::BTreeMap<u64, (f64, usize)> = std::fs::read_dir(data.join("shared"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.metadata().ok())
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) as f64 * 512.0 / (1 << 20) as f64)
-        .sum::<f64>();
+        .map(|m| (m.ino(), (m.blocks() as f64 * 512.0 / (1 << 20) as f64, 0)))
+        .collect();
+    for pid in &pids {
+        let inodes: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/map_files"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::metadata(e.path()).ok())
+            .map(|m| m.ino())
+            .collect();
+        for ino in inodes {
+            if let Some(f) = shared.get_mut(&ino) {
+                f.1 += 1;
+            }
+        }
+    }
+    let mapped: Vec<&(f64, usize)> = shared.values().filter(|f| f.1 > 0).collect();
+    let mapped_mib: f64 = mapped.iter().map(|f| f.0).sum();
+    let mapped_by: Vec<usize> = mapped.iter().map(|f| f.1).collect();
     println!(
         "  per VMM: RSS p50 {:.1} MiB, PSS p50 {:.1} MiB (p99 {:.1}); all VMMs' PSS {:.0} MiB",
         pct(&rss, 0.5),
@@ -842,7 +863,10 @@ fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64>
     );
     let per_clone = before.saturating_sub(after) as f64 / 1024.0 / ids.len().max(1) as f64;
     println!(
-        "  host memory per clone (MemAvailable drop / N): {per_clone:.1} MiB; the shared memory file holds {shared_file_mib:.1} MiB (counted once)"
+        "  host memory per clone (MemAvailable drop / N): {per_clone:.1} MiB; the memory file(s) they map: {} \
+         holding {mapped_mib:.1} MiB, mapped by {mapped_by:?} of the {} VMMs (counted once)",
+        mapped_by.len(),
+        pids.len()
     );
     fig.insert("pss_p50_mib", pct(&pss, 0.5));
     fig.insert("rss_p50_mib", pct(&rss, 0.5));
@@ -983,7 +1007,7 @@ async fn restore_floor_bench(runs: usize) -> Vec<(String, String, f64)> {
 async fn floor_bench(runs: usize) {
     let restore = restore_floor_bench(runs).await;
     println!();
-    let clones = std::thread::spawn(|| clones_bench(20)).join().unwrap_or_default();
+    let clones = std::thread::spawn(|| clones_bench(100)).join().unwrap_or_default();
     let f = |k: &str| clones.get(k).copied().unwrap_or(f64::NAN);
     let r = |size: &str, bin: &str| {
         restore.iter().find(|(s, b, _)| s == size && b == bin).map(|x| format!("{:.2}", x.2)).unwrap_or("-".into())
@@ -1345,7 +1369,7 @@ async fn main() {
             .position(|a| a == "--density")
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse().ok())
-            .unwrap_or(20);
+            .unwrap_or(100);
         let _ = std::thread::spawn(move || drop(clones_bench(density))).join();
         return;
     }
