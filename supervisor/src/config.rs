@@ -99,6 +99,9 @@ pub struct JailConfig {
     /// Each VM runs as its own uid and gid from `[uid_base, uid_base + uid_count)`, never root.
     pub uid_base: u32,
     pub uid_count: u32,
+    /// Where flintds of this host claim their uid ranges (one locked file each): a flintd whose range overlaps a
+    /// running flintd's refuses to start.
+    pub claims_dir: PathBuf,
     /// The cgroup under each hierarchy that holds one cgroup per VM.
     pub cgroup: String,
     /// The VMM's memory beyond guest memory (its own heap, device queues, page tables): the cgroup's limit is
@@ -118,6 +121,7 @@ impl Default for JailConfig {
             enabled: true,
             uid_base: 900_000,
             uid_count: 65_536,
+            claims_dir: PathBuf::from("/run/flint/jail-uids"),
             cgroup: "flint".into(),
             vmm_overhead_mib: 256,
             cpu_weight: 100,
@@ -258,6 +262,17 @@ impl Config {
         if let Some(h) = &self.sessions.host_id {
             flint_snapshot_store::manifest::check_name("sessions.host_id", h)?;
         }
+        let j = &self.jail;
+        if j.uid_base == 0 || j.uid_count == 0 || u64::from(j.uid_base) + u64::from(j.uid_count) > u64::from(u32::MAX) {
+            return Err(format!(
+                "jail: uid_base must be at least 1 (VMMs never run as root) and uid_count at least 1, within 32-bit \
+                 uids (uid_base {} + uid_count {})",
+                j.uid_base, j.uid_count
+            ));
+        }
+        if !j.claims_dir.is_absolute() {
+            return Err(format!("jail.claims_dir must be an absolute path (it is `{}`)", j.claims_dir.display()));
+        }
         if self.store.s3.is_some() && self.store.secret_file.is_none() && !self.store.allow_unauthenticated_bucket {
             return Err("an S3 tier is configured without a store secret: anyone who can write the bucket could \
                         publish a snapshot this host would restore. Set store.secret_file (64 hex digits, the same on \
@@ -311,5 +326,19 @@ mod tests {
         c.store.secret_file = Some("/etc/flint/store.secret".into());
         assert!(c.check().is_ok());
         assert!(Config::default().check().is_ok(), "no S3 tier: nothing to authenticate");
+    }
+
+    #[test]
+    fn a_jail_uid_range_never_holds_root_or_wraps() {
+        for (toml, why) in [
+            ("[jail]\nuid_base = 0\n", "uid_base must be at least 1"),
+            ("[jail]\nuid_count = 0\n", "uid_count at least 1"),
+            ("[jail]\nuid_base = 4294967000\nuid_count = 1000\n", "within 32-bit uids"),
+            ("[jail]\nclaims_dir = \"run/claims\"\n", "absolute path"),
+        ] {
+            let c: Config = toml::from_str(toml).unwrap();
+            let e = c.check().unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
     }
 }

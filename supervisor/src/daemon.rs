@@ -150,8 +150,10 @@ pub(crate) struct SnapshotHow {
 impl Daemon {
     /// Opens the state and the store, then re-adopts the VMs of the previous run. Must run inside a tokio runtime.
     pub fn open(cfg: Config) -> Result<Arc<Daemon>, String> {
-        let launcher = Arc::new(ProcessLauncher::new(cfg.vmm_bin(), cfg.jail.enabled.then(|| cfg.jail.clone())));
-        Self::open_with(cfg, launcher)
+        cfg.check()?;
+        let mut launcher = ProcessLauncher::new(cfg.vmm_bin(), cfg.jail.enabled.then(|| cfg.jail.clone()));
+        launcher.claim_uids(&format!("pid {}, data dir {}", std::process::id(), cfg.data_dir.display()))?;
+        Self::open_with(cfg, Arc::new(launcher))
     }
 
     pub fn open_with(cfg: Config, launcher: Arc<dyn Launcher>) -> Result<Arc<Daemon>, String> {

@@ -356,3 +356,116 @@ pub fn reap(pidfd: &OwnedFd) -> String {
         describe_status(info.si_code, info.si_status())
     }
 }
+
+/// A claim on a range of jail uids for as long as this flintd runs: an exclusive `flock(2)` on
+/// `<dir>/<base>-<count>.claim`. Two flintds of one host whose ranges overlap would run VMMs as the same uids, and
+/// a VMM could then signal, trace or open the files of a VM of the other flintd: the second one refuses to start.
+/// The lock goes with the process (a flintd killed with SIGKILL frees its range; its restart claims it again).
+#[derive(Debug)]
+pub struct UidClaim {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for UidClaim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `flock(fd, op | LOCK_NB)`: Ok(true) locked, Ok(false) held by another open file.
+fn try_flock(f: &std::fs::File, op: i32) -> Result<bool, std::io::Error> {
+    // SAFETY: flock(2) on an fd this function borrows for the call; it only changes the lock.
+    if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Claims `[base, base + count)` in `dir` for `owner` (written into the claim, for the error a later flintd
+/// gets). Claims left by flintds that have ended (unlocked files) are removed; a held claim that overlaps is an
+/// error naming both ranges and the owner.
+pub fn claim_uids(dir: &Path, base: u32, count: u32, owner: &str) -> Result<UidClaim, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |what: &str, p: &Path, e: std::io::Error| format!("jail uid claims: {what} {}: {e}", p.display());
+    std::fs::create_dir_all(dir).map_err(|e| err("create", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err("chmod", dir, e))?;
+    let open = |p: &Path, create: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+    };
+    // One claimer at a time looks at the others' claims and adds its own.
+    let guard_path = dir.join(".lock");
+    let guard = open(&guard_path, true).map_err(|e| err("open", &guard_path, e))?;
+    // SAFETY: as in try_flock; blocking, and every holder keeps it only for this function's few file operations.
+    if unsafe { libc::flock(guard.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(err("lock", &guard_path, std::io::Error::last_os_error()));
+    }
+    let end = u64::from(base) + u64::from(count);
+    for entry in std::fs::read_dir(dir).map_err(|e| err("read", dir, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((b, c)) = name.strip_suffix(".claim").and_then(|r| r.split_once('-')) else { continue };
+        let (Ok(b), Ok(c)) = (b.parse::<u64>(), c.parse::<u64>()) else { continue };
+        let path = entry.path();
+        let Ok(f) = open(&path, false) else { continue };
+        if try_flock(&f, libc::LOCK_EX).map_err(|e| err("lock", &path, e))? {
+            // Its flintd has ended: a stale claim.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if b < end && u64::from(base) < b + c {
+            let who = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(format!(
+                "jail uids {base}..{end} overlap {b}..{} claimed by a running flintd ({}): give each flintd on a \
+                 host a range of its own (jail.uid_base, jail.uid_count)",
+                b + c,
+                who.trim()
+            ));
+        }
+    }
+    let path = dir.join(format!("{base}-{count}.claim"));
+    let mut file = open(&path, true).map_err(|e| err("open", &path, e))?;
+    if !try_flock(&file, libc::LOCK_EX).map_err(|e| err("lock", &path, e))? {
+        return Err(format!("jail uid claims: {} is held by another flintd", path.display()));
+    }
+    file.set_len(0).and_then(|_| file.write_all(owner.as_bytes())).map_err(|e| err("write", &path, e))?;
+    Ok(UidClaim { _file: file, path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_uid_ranges_are_refused_while_held() {
+        let dir = std::env::temp_dir().join(format!("flint-uid-claims-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = claim_uids(&dir, 900_000, 1000, "pid 1, data /a").unwrap();
+        // flock(2) locks belong to open files: a second open in this process conflicts as another flintd would.
+        let e = claim_uids(&dir, 900_500, 1000, "b").unwrap_err();
+        assert!(e.contains("900500..901500 overlap 900000..901000") && e.contains("pid 1, data /a"), "{e}");
+        assert!(claim_uids(&dir, 900_000, 1000, "b").is_err(), "the same range twice");
+        let c = claim_uids(&dir, 901_000, 1000, "c").expect("an adjacent range is free");
+        drop(a);
+        let b = claim_uids(&dir, 900_500, 500, "b").expect("free once the first claim is dropped");
+        // A claim whose flintd ended without removing it (SIGKILL) is stale: unlocked, so it is taken over.
+        std::fs::write(dir.join("800000-100.claim"), "gone").unwrap();
+        let d = claim_uids(&dir, 800_050, 10, "d").expect("a stale claim is no obstacle");
+        assert!(!dir.join("800000-100.claim").exists());
+        drop((b, c, d));
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(".lock")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -82,6 +82,8 @@ pub struct ProcessLauncher {
     jailed: Arc<Mutex<HashMap<u32, Arc<OwnedFd>>>>,
     /// The jail's configuration and this host's cgroups, or why VMs cannot be jailed here.
     jail: Result<(JailConfig, Hierarchy), String>,
+    /// This flintd's claim on the jail's uid range, held while the launcher lives.
+    uid_claim: Option<crate::jail::UidClaim>,
 }
 
 impl ProcessLauncher {
@@ -100,7 +102,16 @@ impl ProcessLauncher {
                 .map(|h| (cfg, h))
                 .map_err(|e| format!("the jail needs cgroups: {e}")),
         };
-        ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()), jailed: Arc::default(), jail }
+        ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()), jailed: Arc::default(), jail, uid_claim: None }
+    }
+
+    /// With the jail on (and flintd root), claims the jail's uid range for this flintd (`jail::claim_uids`): an
+    /// error when another running flintd of this host has claimed an overlapping one.
+    pub fn claim_uids(&mut self, owner: &str) -> Result<(), String> {
+        if let Ok((cfg, _)) = &self.jail {
+            self.uid_claim = Some(crate::jail::claim_uids(&cfg.claims_dir, cfg.uid_base, cfg.uid_count, owner)?);
+        }
+        Ok(())
     }
 
     fn spawn_jailed(&self, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, OpError> {

@@ -844,7 +844,30 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
 
     // Host B wakes what host A hibernated; A is refused while B holds it.
     flint_json(&sock_a, &["session", "hibernate", "s1"]);
-    let mut b = Some(Flintd::start_with(&data_b, &sock_b, &s3, "ses", &args));
+    // Each flintd of a host runs its VMs as uids of a range of its own: one whose range overlaps a running
+    // flintd's refuses to start, naming the other (its VMMs could otherwise signal or open A's VMs' files).
+    let overlapping = work.path().join("overlapping.toml");
+    std::fs::write(&overlapping, "[jail]\nuid_base = 960000\nuid_count = 10000\n").unwrap();
+    let out = Command::new(bin_dir().join("flintd"))
+        .arg("--socket")
+        .arg(work.path().join("c.sock"))
+        .arg("--data-dir")
+        .arg(work.path().join("c"))
+        .args(["--allow-unauthenticated-bucket", "--config", overlapping.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("jail uids 960000..970000 overlap 900000..965536")
+            && err.contains(&data_a.display().to_string()),
+        "{err}"
+    );
+    let config_b = work.path().join("flintd-b.toml");
+    std::fs::write(&config_b, "[sessions]\nlease_s = 4\ntick_ms = 200\n[jail]\nuid_base = 970000\nuid_count = 1000\n")
+        .unwrap();
+    let args_b = ["--allow-unauthenticated-bucket", "--config", config_b.to_str().unwrap()];
+    let mut b = Some(Flintd::start_with(&data_b, &sock_b, &s3, "ses", &args_b));
     assert_eq!(sh(&sock_b, "s1", "echo 6 > /tmp/count; cat /tmp/count; hostname"), "6\ns1");
     let host_b = flint_json(&sock_b, &["health"])["host"].as_str().unwrap().to_string();
     let out = flint(&sock_a, &["exec", "s1", "--", "/bin/true"]);
