@@ -251,6 +251,7 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
     Ok(ndjson(move |out| async move {
         let _activity = activity; // the session is not idle while the code runs
         let req = flint_agent::protocol::RunRequest { language: rb.language, code: rb.code, timeout_ms: rb.timeout_ms };
+        // agent_ms: sent → last answer read (the VMM's vsock device, the guest kernel, the agent).
         let sent = std::time::Instant::now();
         let mut stream = match agent.run_code_stream(req).await {
             Ok(s) => s,
@@ -267,7 +268,7 @@ async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> 
                 Ok(Some(flint_agent::client::RunEvent::Done(r))) => serde_json::json!({"result": {
                     "status": r.status, "value": r.value, "error": r.error, "restarted": r.restarted,
                     "guest_ms": r.guest_us.map(|us| us as f64 / 1000.0),
-                    "agent_ms": ms_since(sent),
+                    "agent_ms": crate::ms_since(sent),
                 }}),
                 Ok(None) => return,
                 Err(e) => return out.error(&e).await,
@@ -305,12 +306,6 @@ impl Lines {
     async fn error(&self, e: &impl std::fmt::Display) {
         self.send(serde_json::json!({"error": e.to_string()})).await;
     }
-}
-
-/// Milliseconds since `t`: an agent call's round trip as flintd times it (request sent → last answer read: the
-/// VMM's vsock device, the guest kernel and the agent). A caller's wall time minus it is flintd's side.
-fn ms_since(t: std::time::Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
 }
 
 async fn list_vms(State(d): D) -> Response {
@@ -409,6 +404,7 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
     let (agent, activity) = d.call_agent(&id).await?;
     Ok(ndjson(move |out| async move {
         let _activity = activity;
+        // agent_ms: sent → last answer read (the VMM's vsock device, the guest kernel, the agent).
         let sent = std::time::Instant::now();
         let mut stream = match agent.exec(er).await {
             Ok(s) => s,
@@ -425,7 +421,7 @@ async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract::Request) 
                 Ok(Some(flint_agent::client::ExecEvent::Exit { code, signal, timed_out, guest_us })) => {
                     serde_json::json!({"exit": {
                         "code": code, "signal": signal, "timed_out": timed_out,
-                        "guest_ms": guest_us.map(|us| us as f64 / 1000.0), "agent_ms": ms_since(sent),
+                        "guest_ms": guest_us.map(|us| us as f64 / 1000.0), "agent_ms": crate::ms_since(sent),
                     }})
                 }
                 Ok(None) => return,

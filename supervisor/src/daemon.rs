@@ -507,7 +507,7 @@ impl Daemon {
         .and_then(|r| r);
         let _ = std::fs::remove_dir_all(&work);
         let mut v = result?;
-        v["ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
+        v["ms"] = serde_json::json!(crate::ms_since(started));
         info!(image = %req.name, ms = v["ms"].as_f64().unwrap_or(0.0), "OCI image imported");
         Ok(v)
     }
@@ -782,7 +782,7 @@ impl Daemon {
                 }
             }
         };
-        let agent_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let agent_ms = crate::ms_since(started);
         let t = Instant::now();
         // A session's guest is named after the session (it keeps the name across wakes); a clone after itself.
         let hostname = rec.session.clone().unwrap_or_else(|| id.clone());
@@ -805,13 +805,13 @@ impl Daemon {
         } else {
             None
         };
-        let refresh_agent_ms = answer.as_ref().map(|_| sent.elapsed().as_secs_f64() * 1000.0);
+        let refresh_agent_ms = answer.as_ref().map(|_| crate::ms_since(sent));
         let refresh_guest_ms = refresh_guest_ms(answer.as_ref());
         let steps = match &answer {
             Some(flint_agent::protocol::Response::Refreshed { steps_us, .. }) => steps_us.clone(),
             _ => BTreeMap::new(),
         };
-        let refresh_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let refresh_ms = crate::ms_since(t);
         *slot.agent.lock().await = Some(agent);
         let d = self.launcher.vmm(&rec.dir).describe().await?;
         slot.commit(&self.db, |r| {
@@ -834,7 +834,7 @@ impl Daemon {
         result: Result<(), OpError>,
         restore: bool,
     ) -> Result<VmRecord, OpError> {
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let ms = crate::ms_since(started);
         let id = slot.get().id;
         match result {
             Ok(()) => {
@@ -897,7 +897,7 @@ impl Daemon {
             .map_err(|e| OpError::Internal(e.to_string()))?
             .map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
         self.net.start_proxy(&rec.id, &n, rules).map_err(|e| OpError::Unavailable(format!("network: {e}")))?;
-        let net_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let net_ms = crate::ms_since(t);
         slot.commit(&self.db, |r| r.net_ms = Some(net_ms))?;
         Ok(Some(NetConfig {
             tap: crate::net::TAP.into(),
@@ -1173,7 +1173,7 @@ impl Daemon {
         .await;
         let _ = std::fs::remove_dir_all(&tmp);
         let (manifest, put) = result?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let ms = crate::ms_since(started);
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.snapshot_ms_sum.fetch_add(ms as u64, Ordering::Relaxed);
         info!(vm, snapshot = %req.id, ms, "snapshot stored");
@@ -1317,7 +1317,7 @@ impl Daemon {
                 // cache (a clone's own pages are only those it writes).
                 (MemorySource::Private { path: self.shared_memory(&manifest).await? }, None)
             };
-            let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let fetch_ms = crate::ms_since(t);
             slot.commit(&self.db, |r| r.fetch_ms = Some(fetch_ms))?;
             let net = self.start_network(&slot).await?;
             let spec = LaunchSpec {

@@ -127,7 +127,7 @@ impl Daemon {
                     )));
                 }
             }
-            let init_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let init_ms = crate::ms_since(t);
             let t = Instant::now();
             self.snapshot(&vm.id, CreateSnapshot { id: snapshot.clone(), publish: req.publish }).await?;
             let rec = TemplateRecord {
@@ -138,7 +138,7 @@ impl Daemon {
                 created_unix_ms: flint_vmm_api::now_unix_ms(),
                 boot_ms,
                 init_ms,
-                snapshot_ms: t.elapsed().as_secs_f64() * 1000.0,
+                snapshot_ms: crate::ms_since(t),
                 pool_size: req.pool_size,
             };
             self.put_template(&rec)?;

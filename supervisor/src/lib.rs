@@ -30,6 +30,11 @@ use tracing::{info, warn};
 
 /// Colour in logs only for a person at a terminal: not under systemd (journald sets JOURNAL_STREAM), not into a
 /// file or pipe, not with NO_COLOR.
+/// Milliseconds since `t`, as the figures flintd records and reports (`ready_ms`, `refresh_agent_ms`, ...).
+pub(crate) fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 pub fn log_colours() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()

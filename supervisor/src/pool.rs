@@ -80,7 +80,7 @@ impl Daemon {
             match self.hand_out(&id, env, session).await {
                 Ok(rec) => {
                     self.pools.hits.fetch_add(1, Ordering::Relaxed);
-                    info!(vm = %id, template, ms = started.elapsed().as_secs_f64() * 1000.0, "handed out a pooled VM");
+                    info!(vm = %id, template, ms = crate::ms_since(started), "handed out a pooled VM");
                     self.refill_pool(template);
                     return Some(rec);
                 }
@@ -105,7 +105,7 @@ impl Daemon {
         }
         let t = std::time::Instant::now();
         self.pause(id, false).await?;
-        let resume_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let resume_ms = crate::ms_since(t);
         let agent = self.agent(id).await?;
         let hostname = session.map(String::from).unwrap_or_else(|| id.to_string());
         let sent = std::time::Instant::now();
@@ -116,8 +116,8 @@ impl Daemon {
         .await
         .map_err(|_| OpError::VmFailed(format!("VM `{id}`: the refresh did not answer")))?
         .map_err(|e| OpError::VmFailed(format!("VM `{id}`: refresh: {e}")))?;
-        let refresh_agent_ms = sent.elapsed().as_secs_f64() * 1000.0;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let refresh_agent_ms = crate::ms_since(sent);
+        let ms = crate::ms_since(t);
         self.commit_vm(id, |r| {
             r.pool = None;
             r.env = env.clone();

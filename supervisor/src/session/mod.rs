@@ -224,10 +224,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
-}
-
 impl Daemon {
     fn session_slot(&self, id: &str) -> Result<Arc<SessionSlot>, OpError> {
         self.sessions.slot(id).ok_or_else(|| OpError::NotFound(format!("no session `{id}`")))
@@ -771,7 +767,7 @@ impl Daemon {
             };
             match self.restore(&rec.base, &opts).await {
                 Ok(vm) => {
-                    let ms = ms_since(started);
+                    let ms = crate::ms_since(started);
                     let r = slot.commit(&self.db, |r| {
                         r.state = SessionState::Running;
                         r.vm = Some(vm.id.clone());
@@ -869,7 +865,7 @@ impl Daemon {
         let rec = slot.get();
         let snap = rec.pending_base.clone().ok_or_else(|| OpError::Internal("no hibernation in progress".into()))?;
         self.remove_session_vms(&rec.id).await;
-        let ms = ms_since(started);
+        let ms = crate::ms_since(started);
         let r = slot.commit(&self.db, |r| {
             r.state = SessionState::Hibernated;
             r.base = snap.clone();
