@@ -101,6 +101,24 @@ fn check_disk_mib(mib: u64, max: u64) -> Result<(), OpError> {
     Ok(())
 }
 
+/// The last lines of a VM's `vmm.log`, read beneath its directory (the VMM's uid could have made it a link to a
+/// host file, which would then show in the VM's record), at most its last 4 KiB.
+fn vmm_log_tail(dir: &Path) -> String {
+    use std::io::{Read, Seek};
+    let Ok(mut f) = crate::beneath::Beneath::open(dir).and_then(|d| d.open_regular(Path::new("vmm.log"))) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(std::io::SeekFrom::Start(len.saturating_sub(4096))).is_err()
+        || f.take(4096).read_to_end(&mut buf).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
 /// The drive index of a disk image's VM's mount slot (`vdc`, after the image's root and the VM's disk).
 const MOUNT_SLOT: usize = 2;
 
@@ -398,14 +416,21 @@ impl Daemon {
                 m.source.display()
             )));
         }
-        let file = drives::clone_path(&rec.dir, index);
-        let (source, slot_file) = (m.source.clone(), file.clone());
-        let written = tokio::task::spawn_blocking(move || crate::image::fill_slot(&slot_file, &source)).await;
+        // The slot is opened beneath the VM's directory (its VMM's uid owns it: a link there must not turn the
+        // copy into a write to a host file); the copy is made by a walker that cannot leave the source.
+        let rel = drives::file_name(index);
+        let slot_file = crate::beneath::Beneath::open(&rec.dir)
+            .and_then(|d| d.open_regular_rw(&rel))
+            .map_err(|e| OpError::VmFailed(format!("VM `{vm}`'s mount slot: {e}")))?;
+        let slot_file = Arc::new(slot_file);
+        let scratch = self.cfg.data_dir.join("tmp").join(format!("mount-{vm}"));
+        let (source, f) = (m.source.clone(), slot_file.clone());
+        let written = tokio::task::spawn_blocking(move || crate::image::fill_slot(&f, &source, &scratch)).await;
         written.map_err(|e| OpError::Internal(e.to_string()))?.map_err(OpError::BadRequest)?;
         let agent = self.agent(vm).await?;
         let device = format!("vd{}", (b'a' + index as u8) as char);
         if let Err(e) = agent.mount(&device, &path, m.read_only).await {
-            let _ = crate::image::empty_slot(&file);
+            let _ = crate::image::empty_slot(&slot_file);
             return Err(OpError::VmFailed(format!("mount {} at {path} in VM `{vm}`: {e}", m.source.display())));
         }
         info!(vm, source = %m.source.display(), path, read_only = m.read_only, "directory mounted");
@@ -422,7 +447,11 @@ impl Daemon {
             return Err(OpError::NotFound(format!("VM `{vm}` has nothing mounted at {path}")));
         };
         self.agent(vm).await?.unmount(&path).await.map_err(|e| OpError::VmFailed(format!("unmount {path}: {e}")))?;
-        let _ = crate::image::empty_slot(&drives::clone_path(&rec.dir, index));
+        let slot_file =
+            crate::beneath::Beneath::open(&rec.dir).and_then(|d| d.open_regular_rw(&drives::file_name(index)));
+        if let Ok(f) = slot_file {
+            let _ = crate::image::empty_slot(&f);
+        }
         info!(vm, path, "directory unmounted");
         slot.commit(&self.db, |r| r.mounts.retain(|m| m.path != path))
     }
@@ -458,17 +487,21 @@ impl Daemon {
             move || -> Result<serde_json::Value, OpError> {
                 std::fs::create_dir_all(&work).map_err(|e| OpError::Internal(format!("create {}: {e}", work.display())))?;
                 let tree = work.join("tree");
-                let imported = crate::oci::import_tree(&req.oci, &tree, &work, crate::oci::Bounds::default())
+                // What the agent reads at boot, and the directories it mounts on: added to the image's model, so
+                // nothing is written through the image's own symlinks (docs/security.md).
+                let additions = |imported: &crate::oci::Imported| {
+                    let guest = serde_json::json!({"name": name, "env": imported.env, "workdir": imported.workdir, "runners": {}});
+                    let mut add = crate::oci::Additions::default();
+                    for d in ["etc", "etc/flint", "etc/flint/hooks", "etc/flint/hooks/after-restore.d", "etc/flint/hooks/before-checkpoint.d", "dev", "proc", "sys", "run"] {
+                        add.dirs.push((d.to_string(), 0o755, false));
+                    }
+                    add.dirs.push(("root".into(), 0o700, false));
+                    add.dirs.push(("tmp".into(), 0o1777, true));
+                    add.files.push(("etc/flint/image.json".into(), 0o644, guest.to_string().into_bytes()));
+                    add
+                };
+                let imported = crate::oci::import_tree(&req.oci, &tree, &work, crate::oci::Bounds::default(), additions)
                     .map_err(|e| OpError::BadRequest(format!("import {}: {e}", req.oci.display())))?;
-                // What the agent reads at boot, and the directories it mounts on.
-                let guest = serde_json::json!({"name": name, "env": imported.env, "workdir": imported.workdir, "runners": {}});
-                for d in ["etc/flint/hooks/after-restore.d", "etc/flint/hooks/before-checkpoint.d", "dev", "proc", "sys", "run", "root"] {
-                    std::fs::create_dir_all(tree.join(d)).map_err(|e| OpError::Internal(e.to_string()))?;
-                }
-                let tmp = tree.join("tmp");
-                std::fs::create_dir_all(&tmp).map_err(|e| OpError::Internal(e.to_string()))?;
-                let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
-                std::fs::write(tree.join("etc/flint/image.json"), guest.to_string()).map_err(|e| OpError::Internal(e.to_string()))?;
                 let out = work.join("image");
                 std::fs::create_dir(&out).map_err(|e| OpError::Internal(e.to_string()))?;
                 crate::image::make_rootfs(&tree, &out.join("rootfs.ext4")).map_err(OpError::Internal)?;
@@ -701,9 +734,7 @@ impl Daemon {
             return; // a later VMM of the same record
         }
         *lock(&slot.pager) = None;
-        let log_tail = std::fs::read_to_string(rec.dir.join("vmm.log"))
-            .map(|t| t.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
-            .unwrap_or_default();
+        let log_tail = vmm_log_tail(&rec.dir);
         let result = slot.commit(&self.db, |r| {
             if r.status != VmStatus::Stopping && r.status.can_become(VmStatus::Failed) {
                 r.status = VmStatus::Failed;
@@ -1107,8 +1138,13 @@ impl Daemon {
         let result = async {
             let vmm = self.launcher.vmm(&rec.dir);
             let report = vmm.snapshot(request).await?;
+            // The VMM's uid owns its directory and may have put a symlink or a FIFO anywhere in it: everything
+            // flintd reads or writes there is resolved beneath it without following links (docs/security.md).
+            let snapdir = crate::beneath::Beneath::open(&rec.dir)
+                .and_then(|d| d.dir(Path::new(&format!("snap-{}", req.id))))
+                .map_err(|e| OpError::VmFailed(format!("the VM's snapshot directory: {e}")))?;
             if !rec.drives.is_empty() {
-                let copied = self.copy_drives(&rec, &tmp);
+                let copied = self.copy_drives(&rec, &snapdir);
                 if rec.status == VmStatus::Running && !how.keep_paused {
                     vmm.resume().await?;
                 }
@@ -1121,20 +1157,25 @@ impl Daemon {
                     rec.drives.len()
                 )));
             }
-            let memory = match &how.diff_on {
-                Some(base) => ImageSource::Layered { base: (base.clone(), "memory".into()), diff: tmp.join("memory") },
-                None => ImageSource::File(tmp.join("memory")),
+            let open = |name: &str| {
+                snapdir
+                    .open_regular(Path::new(name))
+                    .map(Arc::new)
+                    .map_err(|e| OpError::VmFailed(format!("the VMM's snapshot file `{name}`: {e}")))
             };
-            let mut draft = SnapshotDraft::new(&req.id)
-                .image("state", ImageSource::File(tmp.join("state")))
-                .image("memory", memory);
+            let memory = match &how.diff_on {
+                Some(base) => ImageSource::Layered { base: (base.clone(), "memory".into()), diff: open("memory")? },
+                None => ImageSource::Open(open("memory")?),
+            };
+            let mut draft =
+                SnapshotDraft::new(&req.id).image("state", ImageSource::Open(open("state")?)).image("memory", memory);
             if how.diff_on.is_some() {
                 // The state file says its memory is a diff; the stored image is whole (layered on the base).
                 draft.metadata.insert(MEMORY_LAYERED.into(), "true".into());
             }
             draft.metadata.extend(how.metadata.clone());
             for (i, _) in rec.drives.iter().enumerate().filter(|(_, d)| d.image.is_none()) {
-                draft = draft.image(&drives::image_name(i), ImageSource::File(tmp.join(drives::image_name(i))));
+                draft = draft.image(&drives::image_name(i), ImageSource::Open(open(&drives::image_name(i))?));
             }
             let image_drives: Vec<Option<String>> = rec.drives.iter().map(|d| d.image.clone()).collect();
             if image_drives.iter().any(Option::is_some) {
@@ -1181,13 +1222,20 @@ impl Daemon {
         Ok((self.store.describe(&manifest, true, req.publish), put))
     }
 
-    /// Copies each of a paused VM's drives into `tmp` (as the store images `drive0`, ...).
-    fn copy_drives(&self, rec: &VmRecord, tmp: &Path) -> Result<(), OpError> {
+    /// Copies each of a paused VM's drives into the snapshot directory `into` (as the store images `drive0`, ...).
+    /// A drive in the VM's own directory is opened beneath it (its VMM's uid could have swapped it for a link).
+    fn copy_drives(&self, rec: &VmRecord, into: &crate::beneath::Beneath) -> Result<(), OpError> {
+        let vmdir = crate::beneath::Beneath::open(&rec.dir).map_err(|e| OpError::Internal(e.to_string()))?;
         // An image's root is named by the snapshot, not copied.
         for (i, d) in rec.drives.iter().enumerate().filter(|(_, d)| d.image.is_none()) {
-            let dst = tmp.join(drives::image_name(i));
-            let reflinked = drives::copy(&d.path, &dst)
-                .map_err(|e| OpError::Internal(format!("copy drive {i} ({}): {e}", d.path.display())))?;
+            let fail = |e: std::io::Error| OpError::Internal(format!("copy drive {i} ({}): {e}", d.path.display()));
+            let from = match d.path.strip_prefix(&rec.dir) {
+                Ok(rel) => vmdir.open_regular(rel),
+                Err(_) => std::fs::File::open(&d.path),
+            }
+            .map_err(fail)?;
+            let to = into.create_file(Path::new(&drives::image_name(i)), 0o600).map_err(fail)?;
+            let reflinked = drives::copy_files(&from, &to).map_err(fail)?;
             info!(vm = %rec.id, drive = i, reflinked, "drive copied for the snapshot");
         }
         Ok(())

@@ -15,7 +15,12 @@ pub fn image_name(index: usize) -> String {
 
 /// The file a restored VM's drive `index` lives in, inside its directory.
 pub fn clone_path(dir: &Path, index: usize) -> std::path::PathBuf {
-    dir.join(format!("drive{index}.img"))
+    dir.join(file_name(index))
+}
+
+/// The name of that file, relative to the VM's directory.
+pub fn file_name(index: usize) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("drive{index}.img"))
 }
 
 /// The metadata value that lists which drives are read-only (`"0,1,0"`), and its inverse.
@@ -47,13 +52,25 @@ pub fn parse_read_only_list(text: &str, n: usize) -> Result<Vec<bool>, String> {
 pub fn copy(src: &Path, dst: &Path) -> io::Result<bool> {
     let from = File::open(src)?;
     let to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
-    let result = copy_fd(&from, &to);
+    let result = copy_files(&from, &to);
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
-    let reflinked = result?;
+    result
+}
+
+/// Copies open file `from` into the new, empty file `to` (as [`copy`]) and syncs it.
+pub fn copy_files(from: &File, to: &File) -> io::Result<bool> {
+    let reflinked = copy_fd(from, to)?;
     to.sync_all()?;
     Ok(reflinked)
+}
+
+/// Writes the data extents of `from` over `to` (which must be as large and hold only holes where `from` does),
+/// without a reflink: `to` keeps its own blocks (a mount slot a VM has open).
+pub fn write_over(from: &File, to: &File) -> io::Result<()> {
+    copy_extents(from, to)?;
+    to.sync_all()
 }
 
 fn copy_fd(from: &File, to: &File) -> io::Result<bool> {
@@ -63,6 +80,12 @@ fn copy_fd(from: &File, to: &File) -> io::Result<bool> {
     if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
         return Ok(true);
     }
+    copy_extents(from, to)?;
+    Ok(false)
+}
+
+/// Sizes `to` as `from` and copies `from`'s data extents (SEEK_DATA/SEEK_HOLE) through copy_file_range.
+fn copy_extents(from: &File, to: &File) -> io::Result<()> {
     let size = from.metadata()?.len();
     to.set_len(size)?;
     let mut pos: i64 = 0;
@@ -97,7 +120,7 @@ fn copy_fd(from: &File, to: &File) -> io::Result<bool> {
         }
         pos = hole;
     }
-    Ok(false)
+    Ok(())
 }
 
 #[cfg(test)]

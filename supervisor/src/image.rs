@@ -5,6 +5,7 @@
 //!
 //! Snapshots never store an image's root: they name it (`name@sha256`), and a restore finds this host's image
 //! with that digest (never a host path from the snapshot).
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -168,49 +169,112 @@ pub fn sha256_file(path: &Path) -> Result<String, String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes a copy of directory `source` into a VM's mount slot `slot` as an ext4 filesystem the size of the slot
-/// (the slot emptied first). The guest must not have the slot mounted.
-pub fn fill_slot(slot: &Path, source: &Path) -> Result<(), String> {
-    let size = std::fs::metadata(slot).map_err(|e| format!("{}: {e}", slot.display()))?.len();
-    let du = std::process::Command::new("du").arg("-sb").arg(source).output().map_err(|e| format!("run du: {e}"))?;
-    let used: u64 =
-        String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    if used > size / 10 * 8 {
-        return Err(format!(
-            "{} holds {} MiB: more than the mount slot ({} MiB, vm.mount_slot_mib) can carry",
-            source.display(),
-            used >> 20,
-            size >> 20
-        ));
+/// What [`copy_tree`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CopyReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Sockets, FIFOs and devices left out.
+    pub skipped: u64,
+}
+
+/// Copies directory `source` into the new directory `dst` with a walker that cannot leave `source`: every entry
+/// is opened beneath it without following a symlink (a symlink is copied as a symlink, its target text unread),
+/// so swapping a directory for a link mid-copy fails the copy instead of copying what the link names. Regular
+/// files, directories and symlinks are copied; anything else is left out. At most `max_bytes` of file content.
+pub fn copy_tree(source: &Path, dst: &Path, max_bytes: u64) -> Result<CopyReport, String> {
+    use crate::beneath::Beneath;
+    let src = Beneath::open(source).map_err(|e| format!("open {}: {e}", source.display()))?;
+    std::fs::create_dir(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+    let out = Beneath::open(dst).map_err(|e| e.to_string())?;
+    let mut report = CopyReport::default();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(dir) = todo.pop() {
+        let names = src.list(&dir).map_err(|e| format!("{}/{}: {e}", source.display(), dir.display()))?;
+        for name in names {
+            let rel = dir.join(&name);
+            let fail = |e: std::io::Error| format!("{}/{}: {e}", source.display(), rel.display());
+            let t = src.symlink_metadata(&rel).map_err(fail)?.file_type();
+            if t.is_dir() {
+                out.create_dir(&rel, 0o755, false).map_err(fail)?;
+                report.dirs += 1;
+                todo.push(rel);
+            } else if t.is_file() {
+                let from = src.open_regular(&rel).map_err(fail)?;
+                let mut to = out.create_file(&rel, 0o644).map_err(fail)?;
+                let n = std::io::copy(&mut (&from).take(max_bytes - report.bytes + 1), &mut to).map_err(fail)?;
+                report.bytes += n;
+                if report.bytes > max_bytes {
+                    return Err(format!("{} holds more than {} MiB", source.display(), max_bytes >> 20));
+                }
+                report.files += 1;
+            } else if t.is_symlink() {
+                let target = src.read_link(&rel).map_err(fail)?;
+                out.symlink(&target, &rel).map_err(fail)?;
+                report.symlinks += 1;
+            } else {
+                report.skipped += 1;
+            }
+        }
     }
-    empty_slot(slot)?;
-    let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-L", "flintmount", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
-        .arg(source)
-        .arg(slot)
-        .output()
-        .map_err(|e| format!("run mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "copy {} into the mount slot: {}",
-            source.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    Ok(report)
+}
+
+/// Writes a copy of directory `source` into a VM's mount slot (`slot`, opened beneath the VM's directory) as an
+/// ext4 filesystem the size of the slot. The copy and the filesystem are made in `scratch` (flintd's own, private
+/// directory), then the slot is emptied and the filesystem written into it through its fd: nothing is written
+/// through a path the VMM's uid or the source's owner could redirect. The guest must not have the slot mounted.
+pub fn fill_slot(slot: &std::fs::File, source: &Path, scratch: &Path) -> Result<CopyReport, String> {
+    let size = slot.metadata().map_err(|e| format!("the mount slot: {e}"))?.len();
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
+    let result = (|| {
+        let tree = scratch.join("tree");
+        let report = copy_tree(source, &tree, size / 10 * 8).map_err(|e| {
+            if e.contains("holds more than") {
+                format!("{e}: more than the mount slot ({} MiB, vm.mount_slot_mib) can carry", size >> 20)
+            } else {
+                e
+            }
+        })?;
+        let img = scratch.join("slot.ext4");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("create {}: {e}", img.display()))?;
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-L", "flintmount", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .output()
+            .map_err(|e| format!("run mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "copy {} into the mount slot: {}",
+                source.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        empty_slot(slot)?;
+        let from = std::fs::File::open(&img).map_err(|e| format!("open {}: {e}", img.display()))?;
+        crate::drives::write_over(&from, slot).map_err(|e| format!("write the mount slot: {e}"))?;
+        Ok(report)
+    })();
+    let _ = std::fs::remove_dir_all(scratch);
+    result
 }
 
 /// Returns a mount slot to zeros (holes: it costs nothing on the host or in snapshots).
-pub fn empty_slot(slot: &Path) -> Result<(), String> {
+pub fn empty_slot(f: &std::fs::File) -> Result<(), String> {
     use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new().write(true).open(slot).map_err(|e| format!("{}: {e}", slot.display()))?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     // SAFETY: fallocate on an fd we own; PUNCH_HOLE|KEEP_SIZE frees the range and keeps the size.
     let r = unsafe {
         libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len as libc::off_t)
     };
     if r != 0 {
-        return Err(format!("empty {}: {}", slot.display(), std::io::Error::last_os_error()));
+        return Err(format!("empty the mount slot: {}", std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -251,5 +315,31 @@ mod tests {
         // make_disk runs mkfs.ext4: checked end to end (tests/tests/flintd.rs), not here, where the in-process
         // agent of other tests reaps every child.
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The mount copy never follows a link out of its source (a link is copied as a link, a FIFO is left out,
+    /// not waited on) and stops at its byte budget.
+    #[test]
+    fn copy_tree_stays_inside_its_source() {
+        let base = std::env::temp_dir().join(format!("flint-copy-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let src = base.join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/a.txt"), b"hello").unwrap();
+        std::os::unix::fs::symlink("/etc", src.join("etc-link")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", src.join("sub/host-file")).unwrap();
+        let fifo = std::ffi::CString::new(src.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path alive for the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let dst = base.join("dst");
+        let r = copy_tree(&src, &dst, 1 << 20).unwrap();
+        assert_eq!((r.files, r.dirs, r.symlinks, r.bytes, r.skipped), (1, 1, 2, 5, 1), "{r:?}");
+        assert_eq!(std::fs::read(dst.join("sub/a.txt")).unwrap(), b"hello");
+        assert!(std::fs::symlink_metadata(dst.join("etc-link")).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_link(dst.join("sub/host-file")).unwrap(), Path::new("/etc/hostname"));
+        assert!(!dst.join("fifo").exists());
+        let e = copy_tree(&src, &base.join("dst2"), 3).unwrap_err();
+        assert!(e.contains("holds more than"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! flintd, the host supervisor daemon, and the flint CLI. See docs/operations.md and docs/api/flintd.yaml.
 
 pub mod api;
+pub mod beneath;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;

@@ -3,13 +3,15 @@
 //!
 //! The layers are applied in order to a model of the tree (path → node), never to the host's file system:
 //! whiteouts (`.wh.NAME`) and opaque directories (`.wh..wh..opq`) remove what lower layers made, and a path under a
-//! symlink is resolved inside the model, as if the image were its own root. Only then is the final tree written,
-//! into a fresh staging directory whose every parent is a directory flintd made, with `O_NOFOLLOW` and
-//! `O_EXCL`: nothing an archive says can reach outside it. Blob digests are checked; uncompressed bytes and entries
-//! are bounded.
+//! symlink is resolved inside the model, as if the image were its own root. What Flint adds to the tree (`/tmp`,
+//! the mount points, the hook directories, `/etc/flint/image.json`) is applied to the same model as a last layer,
+//! so it lands where the guest will look for it and never where an image's symlink points on the host. Only then
+//! is the final tree written, into a fresh staging directory, every path resolved beneath it without following
+//! symlinks ([`crate::beneath`]): nothing an archive says can reach outside it. Blob digests are checked;
+//! uncompressed bytes and entries are bounded.
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
@@ -58,6 +60,18 @@ enum Kind {
     /// A hard link to another path of the tree.
     Hardlink(String),
     Fifo,
+    /// What Flint adds: file `n` of [`Additions::files`].
+    Added(usize),
+}
+
+/// What Flint adds to an imported tree: directories (created if missing; `force_mode` also changes an existing
+/// one's mode and makes it root's) and files (replacing whatever the image had there).
+#[derive(Clone, Debug, Default)]
+pub struct Additions {
+    /// (path, mode, force_mode)
+    pub dirs: Vec<(String, u32, bool)>,
+    /// (path, mode, content)
+    pub files: Vec<(String, u32, Vec<u8>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +209,35 @@ impl Tree {
         let is_file = matches!(kind, Kind::File { .. });
         self.nodes.insert(key.clone(), Node { kind, mode: e.mode & 0o7777, uid: e.uid, gid: e.gid, layer });
         Ok(is_file.then_some(key))
+    }
+
+    /// Applies Flint's additions as layer `layer`, the last: parents resolve inside the model as the guest will
+    /// resolve them; the last component is never followed (a symlink there is replaced).
+    fn add(&mut self, layer: usize, add: &Additions) -> Result<(), String> {
+        let place = |tree: &mut Tree, path: &str, kind: Kind, mode: u32, force: bool| -> Result<(), String> {
+            let parts = clean(Path::new(path))?;
+            let Some((name, parents)) = parts.split_last() else { return Ok(()) };
+            let dir = tree.resolve_dirs(parents, layer)?;
+            let key = if dir.is_empty() { name.clone() } else { format!("{dir}/{name}") };
+            if kind == Kind::Dir {
+                if let Some(n) = tree.nodes.get_mut(&key).filter(|n| n.kind == Kind::Dir) {
+                    if force {
+                        (n.mode, n.uid, n.gid) = (mode, 0, 0);
+                    }
+                    return Ok(());
+                }
+            }
+            tree.remove_under(&key, usize::MAX, false);
+            tree.nodes.insert(key, Node { kind, mode, uid: 0, gid: 0, layer });
+            Ok(())
+        };
+        for (path, mode, force) in &add.dirs {
+            place(self, path, Kind::Dir, *mode, *force)?;
+        }
+        for (i, (path, mode, _)) in add.files.iter().enumerate() {
+            place(self, path, Kind::Added(i), *mode, true)?;
+        }
+        Ok(())
     }
 }
 
@@ -483,8 +526,15 @@ fn unpack_archive(tar_path: &Path, into: &Path, bounds: Bounds) -> Result<(), St
 }
 
 /// Imports the image at `source` (a layout directory or a tar of one, or a `docker save` archive) as a tree in
-/// `root` (which must not exist); `scratch` holds an unpacked archive meanwhile.
-pub fn import_tree(source: &Path, root: &Path, scratch: &Path, bounds: Bounds) -> Result<Imported, String> {
+/// `root` (which must not exist), with Flint's `additions` on top; `scratch` holds an unpacked archive meanwhile.
+/// `additions` may depend on the image's configuration (its `Env`): it is called once that is read.
+pub fn import_tree(
+    source: &Path,
+    root: &Path,
+    scratch: &Path,
+    bounds: Bounds,
+    additions: impl FnOnce(&Imported) -> Additions,
+) -> Result<Imported, String> {
     let meta = std::fs::metadata(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let layout = if meta.is_dir() {
         source.to_path_buf()
@@ -528,19 +578,30 @@ pub fn import_tree(source: &Path, root: &Path, scratch: &Path, bounds: Bounds) -
         }
     }
 
-    // Pass 2: write the final tree. Directories first (owner-writable until the end), then every file from the
-    // layer entry that won, then links.
+    let added = additions(&imported);
+    tree.add(layers.len(), &added)?;
+
+    // Pass 2: write the final tree, every path resolved beneath `root` without following a symlink (the model
+    // guarantees every parent is a directory; this makes it so even if the model were wrong). Directories first
+    // (owner-writable until the end), then every file from the layer entry that won, then links.
     std::fs::create_dir(root).map_err(|e| format!("create {}: {e}", root.display()))?;
-    let at = |key: &str| key.split('/').fold(root.to_path_buf(), |p, c| p.join(c));
+    let b = crate::beneath::Beneath::open(root).map_err(|e| e.to_string())?;
+    let at = |key: &str| PathBuf::from(key);
     for (key, n) in &tree.nodes {
         if n.kind == Kind::Dir {
-            std::fs::create_dir(at(key)).map_err(|e| format!("mkdir {key}: {e}"))?;
+            b.create_dir(&at(key), 0o700, false).map_err(|e| format!("mkdir {key}: {e}"))?;
         }
     }
     let mut wanted: BTreeMap<(usize, usize), String> = BTreeMap::new();
     for (key, n) in &tree.nodes {
-        if let Kind::File { layer, entry } = n.kind {
-            wanted.insert((layer, entry), key.clone());
+        match n.kind {
+            Kind::File { layer, entry } => {
+                wanted.insert((layer, entry), key.clone());
+            }
+            Kind::Added(i) => {
+                b.write_new(&at(key), 0o600, &added.files[i].2).map_err(|e| format!("write {key}: {e}"))?;
+            }
+            _ => {}
         }
     }
     let mut left = bounds.max_bytes;
@@ -552,13 +613,7 @@ pub fn import_tree(source: &Path, root: &Path, scratch: &Path, bounds: Bounds) -
         for (ei, e) in a.entries().map_err(|e| format!("layer {}: {e}", li + 1))?.enumerate() {
             let mut e = e.map_err(|e| format!("layer {}: {e}", li + 1))?;
             let Some(key) = wanted.get(&(li, ei)) else { continue };
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(at(key))
-                .map_err(|e| format!("write {key}: {e}"))?;
+            let mut out = b.create_file(&at(key), 0o600).map_err(|e| format!("write {key}: {e}"))?;
             imported.bytes += std::io::copy(&mut e, &mut out).map_err(|e| format!("write {key}: {e}"))?;
             out.flush().map_err(|e| e.to_string())?;
             imported.files += 1;
@@ -567,22 +622,15 @@ pub fn import_tree(source: &Path, root: &Path, scratch: &Path, bounds: Bounds) -
     for (key, n) in &tree.nodes {
         match &n.kind {
             Kind::Symlink(target) => {
-                std::os::unix::fs::symlink(target, at(key)).map_err(|e| format!("symlink {key}: {e}"))?
+                b.symlink(Path::new(target), &at(key)).map_err(|e| format!("symlink {key}: {e}"))?
             }
             Kind::Hardlink(target) => {
                 if !matches!(tree.nodes.get(target).map(|t| &t.kind), Some(Kind::File { .. })) {
                     return Err(bad(format!("hard link `{key}` names `{target}`, which is not a file of the image")));
                 }
-                std::fs::hard_link(at(target), at(key)).map_err(|e| format!("link {key}: {e}"))?;
+                b.hard_link(&at(target), &at(key)).map_err(|e| format!("link {key}: {e}"))?;
             }
-            Kind::Fifo => {
-                let c =
-                    std::ffi::CString::new(at(key).into_os_string().into_encoded_bytes()).map_err(|e| e.to_string())?;
-                // SAFETY: mkfifo on a NUL-terminated path we own for the call.
-                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-                    return Err(format!("mkfifo {key}: {}", std::io::Error::last_os_error()));
-                }
-            }
+            Kind::Fifo => b.mkfifo(&at(key), 0o600).map_err(|e| format!("mkfifo {key}: {e}"))?,
             _ => {}
         }
     }
@@ -590,11 +638,10 @@ pub fn import_tree(source: &Path, root: &Path, scratch: &Path, bounds: Bounds) -
     for (key, n) in tree.nodes.iter().rev() {
         let p = at(key);
         if !matches!(n.kind, Kind::Hardlink(_)) {
-            std::os::unix::fs::lchown(&p, Some(n.uid), Some(n.gid)).map_err(|e| format!("chown {key}: {e}"))?;
+            b.lchown(&p, n.uid, n.gid).map_err(|e| format!("chown {key}: {e}"))?;
         }
         if !matches!(n.kind, Kind::Symlink(_) | Kind::Hardlink(_)) {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(n.mode))
-                .map_err(|e| format!("chmod {key}: {e}"))?;
+            b.chmod(&p, n.mode).map_err(|e| format!("chmod {key}: {e}"))?;
         }
     }
     Ok(imported)
@@ -649,5 +696,95 @@ mod tests {
         t.apply(3, 5, &entry("loop", EntryKind::Symlink, Some("loop"))).unwrap();
         assert!(t.apply(3, 6, &entry("loop/x", EntryKind::File, None)).unwrap_err().contains("too many symlinks"));
         assert!(t.apply(3, 7, &entry("etc/b/x", EntryKind::File, None)).unwrap_err().contains("not a directory"));
+    }
+    /// A layer whose `tmp` is a symlink to a host directory and whose `etc/flint/image.json` is a symlink to a host
+    /// file: Flint's additions replace the links inside the image; the host directory keeps its mode and stays
+    /// empty, the host file keeps its content (the critical finding of docs/security.md).
+    #[test]
+    fn additions_never_write_through_the_images_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("flint-oci-additions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (layout, host_dir, host_file) = (base.join("layout"), base.join("host-dir"), base.join("host-file.sh"));
+        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&host_file, b"# host\n").unwrap();
+        let blob = |bytes: &[u8]| {
+            let d = hex(&Sha256::digest(bytes));
+            std::fs::write(layout.join("blobs/sha256").join(&d), bytes).unwrap();
+            (format!("sha256:{d}"), bytes.len())
+        };
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut link = |path: &str, target: &Path| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            tar.append_link(&mut h, path, target).unwrap();
+        };
+        link("tmp", &host_dir);
+        link("etc/flint/image.json", &host_file);
+        link("run", Path::new("../../../../../../run/flint-oci-test-nowhere"));
+        let layer = blob(&tar.into_inner().unwrap());
+        let config = blob(br#"{"config":{"Env":["PATH=/bin"]}}"#);
+        let manifest = blob(
+            format!(
+                r#"{{"config":{{"digest":"{}","size":{}}},"layers":[{{"digest":"{}","size":{}}}]}}"#,
+                config.0, config.1, layer.0, layer.1
+            )
+            .as_bytes(),
+        );
+        std::fs::write(
+            layout.join("index.json"),
+            format!(
+                r#"{{"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}"}}]}}"#,
+                manifest.0
+            ),
+        )
+        .unwrap();
+        let root = base.join("tree");
+        let imported = import_tree(&layout, &root, &base, Bounds::default(), |i| {
+            let mut add = Additions::default();
+            for d in ["etc/flint/hooks", "run"] {
+                add.dirs.push((d.into(), 0o755, false));
+            }
+            add.dirs.push(("tmp".into(), 0o1777, true));
+            add.files.push(("etc/flint/image.json".into(), 0o644, format!("{:?}", i.env).into_bytes()));
+            add
+        })
+        .unwrap();
+        assert_eq!(imported.env.get("PATH").map(String::as_str), Some("/bin"));
+        // The host's directory and file are as they were.
+        assert_eq!(std::fs::metadata(&host_dir).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert_eq!(std::fs::read_dir(&host_dir).unwrap().count(), 0);
+        assert_eq!(std::fs::read(&host_file).unwrap(), b"# host\n");
+        // Inside the image: real directories and a real file where the links were.
+        let tmp = std::fs::symlink_metadata(root.join("tmp")).unwrap();
+        assert!(tmp.is_dir() && tmp.permissions().mode() & 0o7777 == 0o1777, "{tmp:?}");
+        assert!(std::fs::symlink_metadata(root.join("run")).unwrap().is_dir());
+        let json = std::fs::symlink_metadata(root.join("etc/flint/image.json")).unwrap();
+        assert!(json.is_file(), "{json:?}");
+        assert!(std::fs::read_to_string(root.join("etc/flint/image.json")).unwrap().contains("PATH"));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Flint's additions resolve parents inside the model (as the guest does) and replace a link at the last
+    /// component; a forced mode changes an existing directory, an unforced one keeps the image's.
+    #[test]
+    fn additions_resolve_inside_the_model() {
+        let mut t = Tree::default();
+        t.apply(0, 0, &entry("etc", EntryKind::Symlink, Some("/srv/etc"))).unwrap();
+        t.apply(0, 1, &entry("root/", EntryKind::Dir, None)).unwrap();
+        t.nodes.get_mut("root").unwrap().mode = 0o700;
+        t.apply(0, 2, &entry("tmp", EntryKind::Symlink, Some("/elsewhere"))).unwrap();
+        let add = Additions {
+            dirs: vec![("root".into(), 0o755, false), ("tmp".into(), 0o1777, true)],
+            files: vec![("etc/flint/image.json".into(), 0o644, b"{}".to_vec())],
+        };
+        t.add(1, &add).unwrap();
+        assert_eq!(t.nodes["srv/etc/flint/image.json"].kind, Kind::Added(0), "through the image's own etc link");
+        assert_eq!(t.nodes["root"].mode, 0o700, "the image's mode is kept");
+        assert_eq!((t.nodes["tmp"].kind.clone(), t.nodes["tmp"].mode), (Kind::Dir, 0o1777));
     }
 }

@@ -1715,3 +1715,45 @@ fn oci_layouts_import_boot_and_exec() {
     assert_eq!(out, "layer2\nremoved-gone\nnew\nhi-from-oci\n/data", "{out}");
     flint(&socket, &["vm", "rm", &id]);
 }
+
+/// The critical finding of docs/security.md: an image whose `tmp` is a symlink to a host directory and whose
+/// `etc/flint/image.json` is a symlink to a host file imports without touching either (the host directory keeps
+/// its mode and stays empty, the file its content), and the image holds a real `/tmp` and `image.json`.
+#[test]
+fn oci_import_never_writes_through_the_images_symlinks() {
+    let work = TempDir::new("flintd-oci-links");
+    let data = work.path().join("data");
+    let socket = work.path().join("flintd.sock");
+    let _d = Flintd::start_full(&data, &socket, None, &[], None);
+    let host_dir = work.path().join("host-dir");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host_file = work.path().join("profile-x.sh");
+    std::fs::write(&host_file, "# untouched\n").unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian package busybox-static)");
+    let layer = layer_tar(&[
+        Item::Dir("bin"),
+        Item::File("bin/busybox", &busybox, 0o755),
+        Item::Link("tmp", host_dir.to_str().unwrap()),
+        Item::Dir("etc"),
+        Item::Dir("etc/flint"),
+        Item::Link("etc/flint/image.json", host_file.to_str().unwrap()),
+        Item::Link("root", "/etc"),
+    ]);
+    let layout = work.path().join("layout");
+    oci_layout(&layout, &[layer.clone(), layer_tar(&[Item::File("etc/marker", b"m\n", 0o644)])]);
+    flint_json(&socket, &["image", "import", "links", "--oci", layout.to_str().unwrap(), "--disk-mib", "32"]);
+    assert_eq!(std::fs::metadata(&host_dir).unwrap().permissions().mode() & 0o7777, 0o755, "host dir chmod'ed");
+    assert_eq!(std::fs::read_dir(&host_dir).unwrap().count(), 0, "a file was written into the host dir");
+    assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "# untouched\n", "the host file was overwritten");
+    // The image's root holds a real /tmp (1777) and image.json: read it with debugfs (e2fsprogs).
+    let rootfs = data.join("images/links/rootfs.ext4");
+    let stat = |p: &str| {
+        let out = Command::new("debugfs").args(["-R", &format!("stat {p}")]).arg(&rootfs).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tmp = stat("/tmp");
+    assert!(tmp.contains("Type: directory") && tmp.contains("Mode:  01777"), "{tmp}");
+    assert!(stat("/etc/flint/image.json").contains("Type: regular"), "image.json is not a file");
+    assert!(stat("/root").contains("Type: directory"), "the root home is the image's link no more");
+}

@@ -409,12 +409,14 @@ impl Store {
         let size = match source {
             ImageSource::Bytes(b) => b.len() as u64,
             ImageSource::File(p) => std::fs::metadata(p).map_err(io(format!("image `{name}`: {}", p.display())))?.len(),
+            ImageSource::Open(f) => f.metadata().map_err(io(format!("image `{name}`")))?.len(),
             ImageSource::Layered { .. } => unreachable!("handled above"),
         };
         let file = match source {
             ImageSource::File(p) => {
                 Some(Arc::new(std::fs::File::open(p).map_err(io(format!("image `{name}`: {}", p.display())))?))
             }
+            ImageSource::Open(f) => Some(f.clone()),
             _ => None,
         };
         let cs = self.inner.cfg.chunk_size as u64;
@@ -533,7 +535,7 @@ impl Store {
         &self,
         name: &str,
         base: &(String, String),
-        diff: &Path,
+        file: &Arc<std::fs::File>,
         report: &mut PutReport,
     ) -> Result<(Image, PinGuard), StoreError> {
         let (base_id, base_image) = base;
@@ -542,19 +544,15 @@ impl Store {
             .image(base_image)
             .ok_or_else(|| StoreError::NoImage { id: base_id.clone(), name: base_image.clone() })?
             .clone();
-        let file = std::fs::File::open(diff).map_err(io(format!("image `{name}`: {}", diff.display())))?;
-        let size = file.metadata().map_err(io(format!("image `{name}`: {}", diff.display())))?.len();
+        let size = file.metadata().map_err(io(format!("image `{name}`: the diff")))?.len();
         if size != bimg.size {
             return Err(StoreError::InvalidInput(format!(
-                "image `{name}`: the diff {} is {size} bytes, its base `{base_id}`/{base_image} is {}",
-                diff.display(),
+                "image `{name}`: the diff is {size} bytes, its base `{base_id}`/{base_image} is {}",
                 bimg.size
             )));
         }
-        let extents =
-            data_extents(&file, size).map_err(io(format!("image `{name}`: extents of {}", diff.display())))?;
+        let extents = data_extents(file, size).map_err(io(format!("image `{name}`: extents of the diff")))?;
         let cs = bimg.chunk_size as u64;
-        let file = Arc::new(file);
         let guard = Arc::new(Mutex::new(self.pin_keys(Vec::new())));
         let results: Vec<ChunkOutcome> = futures::stream::iter(0..bimg.chunks.len())
             .map(|i| {
@@ -1008,8 +1006,13 @@ mod tests {
             want[off..off + data.len()].copy_from_slice(&data);
         }
         drop(f);
-        let draft = SnapshotDraft::new("layered")
-            .image("memory", ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path.clone() });
+        let draft = SnapshotDraft::new("layered").image(
+            "memory",
+            ImageSource::Layered {
+                base: ("base".into(), "memory".into()),
+                diff: Arc::new(std::fs::File::open(&diff_path).unwrap()),
+            },
+        );
         let (m, report) = s.put(draft, false).await.unwrap();
         assert_eq!(report.new_chunks, 3, "chunks 1, 6 and 7 changed: {report:?}");
         assert_eq!(report.zero_chunks, 1, "chunk 3 stays zero: {report:?}");
@@ -1024,8 +1027,13 @@ mod tests {
         }
         // A diff that does not match the base's size is refused; nothing is stored under the id.
         std::fs::File::options().write(true).open(&diff_path).unwrap().set_len(cs as u64).unwrap();
-        let draft = SnapshotDraft::new("short")
-            .image("memory", ImageSource::Layered { base: ("base".into(), "memory".into()), diff: diff_path });
+        let draft = SnapshotDraft::new("short").image(
+            "memory",
+            ImageSource::Layered {
+                base: ("base".into(), "memory".into()),
+                diff: Arc::new(std::fs::File::open(&diff_path).unwrap()),
+            },
+        );
         let e = s.put(draft, false).await.unwrap_err();
         assert!(e.to_string().contains("its base `base`/memory is"), "{e}");
         assert!(s.manifest("short").await.is_err());

@@ -110,13 +110,15 @@ pub struct WorkingSet {
 #[derive(Debug, Clone)]
 pub enum ImageSource {
     File(PathBuf),
+    /// A file the caller opened (from a directory someone else shapes, resolved without symlinks).
+    Open(std::sync::Arc<std::fs::File>),
     Bytes(Bytes),
     /// Snapshot `base.0`'s image `base.1` with the data extents of the sparse file `diff` written over it (a diff
     /// snapshot's memory file on its base: holes are "unchanged"). Stored as a whole image: a restore of it needs
     /// nothing of the base but the chunks they share.
     Layered {
         base: (String, String),
-        diff: PathBuf,
+        diff: std::sync::Arc<std::fs::File>,
     },
 }
 
