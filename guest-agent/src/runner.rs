@@ -12,7 +12,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -28,16 +28,16 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 const MAX_REPLY: u64 = 1 << 20;
 
 /// A runner as the image describes it.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct RunnerSpec {
     pub argv: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
 
-/// What a disk-rooted image tells the agent (`/etc/flint/image.json`, written by images/image.py and by flintd's
-/// OCI import).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+/// What a disk-rooted image tells the agent (`/etc/flint/image.json`): the one type for it, written by flintd's
+/// OCI import (serialized from this type) and by images/image.py (checked against it by the Python image's test).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct ImageConfig {
     #[serde(default)]
     pub name: String,

@@ -29,13 +29,36 @@ pub struct VmCgroup {
     pub memory_dir: PathBuf,
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("write {value:?} to {}: {e}", path.display()))
+/// Why a cgroup could not be made, read or joined.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{what} {}: {source}", path.display())]
+    Io { what: String, path: PathBuf, source: std::io::Error },
+    #[error(
+        "no usable cgroup hierarchy under {0} (need cgroup v2 with the memory controller, or v1 memory, cpu and pids)"
+    )]
+    NoHierarchy(PathBuf),
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Io {
+        what: format!("write {value:?} to"),
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_dir(d: &Path) -> Result<(), CgroupError> {
+    std::fs::create_dir_all(d).map_err(|source| CgroupError::Io {
+        what: "create".into(),
+        path: d.to_path_buf(),
+        source,
+    })
 }
 
 impl Hierarchy {
     /// What this host has, under `fs` (normally /sys/fs/cgroup).
-    pub fn detect(fs: &Path) -> Result<Hierarchy, String> {
+    pub fn detect(fs: &Path) -> Result<Hierarchy, CgroupError> {
         if let Ok(c) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
             if c.split_whitespace().any(|w| w == "memory") {
                 return Ok(Hierarchy::V2 { root: fs.to_path_buf() });
@@ -47,11 +70,7 @@ impl Hierarchy {
             (m, Some(c), p) if m.join("memory.limit_in_bytes").exists() && p.join("cgroup.procs").exists() => {
                 Ok(Hierarchy::V1 { memory: m, cpu: c, pids: p })
             }
-            _ => Err(format!(
-                "no usable cgroup hierarchy under {} (need cgroup v2 with the memory controller, or v1 memory, cpu \
-                 and pids)",
-                fs.display()
-            )),
+            _ => Err(CgroupError::NoHierarchy(fs.to_path_buf())),
         }
     }
 
@@ -74,11 +93,11 @@ impl Hierarchy {
     }
 
     /// Creates (or reuses) `<parent>/<vm>` with `limits`.
-    pub fn create(&self, parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, String> {
+    pub fn create(&self, parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
         let cg = self.vm_cgroup(parent, vm);
         if let Hierarchy::V2 { root } = self {
             let p = root.join(parent);
-            std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+            create_dir(&p)?;
             // Controllers reach a child only if every ancestor enables them (the root and `parent` hold no
             // processes of ours, as v2 requires of a cgroup that delegates controllers).
             for dir in [root.as_path(), p.as_path()] {
@@ -86,7 +105,7 @@ impl Hierarchy {
             }
         }
         for d in &cg.dirs {
-            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+            create_dir(d)?;
         }
         let weight = limits.cpu_weight.clamp(1, 10000);
         match self {
@@ -149,7 +168,7 @@ impl VmCgroup {
     }
 
     /// Moves process `pid` into every hierarchy of this cgroup.
-    pub fn join(&self, pid: u32) -> Result<(), String> {
+    pub fn join(&self, pid: u32) -> Result<(), CgroupError> {
         for d in &self.dirs {
             write(&d.join("cgroup.procs"), &pid.to_string())?;
         }
@@ -178,7 +197,7 @@ mod tests {
         let fs = std::env::temp_dir().join(format!("flint-cgfs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&fs);
         std::fs::create_dir_all(&fs).unwrap();
-        assert!(Hierarchy::detect(&fs).unwrap_err().contains("no usable cgroup hierarchy"));
+        assert!(Hierarchy::detect(&fs).unwrap_err().to_string().contains("no usable cgroup hierarchy"));
         // v1 (this development host's layout: cpu,cpuacct may be the cpu directory).
         for (d, f) in [("memory", "memory.limit_in_bytes"), ("cpu,cpuacct", "cpu.shares"), ("pids", "cgroup.procs")] {
             std::fs::create_dir_all(fs.join(d)).unwrap();

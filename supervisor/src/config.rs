@@ -231,16 +231,30 @@ impl Default for StoreSection {
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/flint/flintd.toml";
 
+/// Why flintd's configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A setting flintd must not run with.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl Config {
     /// `path` if given (it must exist), else /etc/flint/flintd.toml if present, else the defaults; then the
     /// environment (`FLINT_S3_BUCKET`, `FLINT_S3_ENDPOINT`, `FLINT_S3_PREFIX`) fills in an unconfigured S3 tier.
-    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("read config {}: {e}", p.display()))?),
+            Some(p) => {
+                Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?)
+            }
             None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).ok(),
         };
         let mut cfg: Config = match text {
-            Some(t) => toml::from_str(&t).map_err(|e| format!("config: {e}"))?,
+            Some(t) => toml::from_str(&t)?,
             None => Config::default(),
         };
         if cfg.store.s3.is_none() {
@@ -255,30 +269,32 @@ impl Config {
     }
 
     /// Refuses a configuration flintd must not run with.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.sessions.lease_s < 3 || self.sessions.tick_ms == 0 || self.sessions.tick_ms > 60_000 {
-            return Err("sessions: lease_s must be at least 3 and tick_ms within 1..=60000".into());
+            return invalid("sessions: lease_s must be at least 3 and tick_ms within 1..=60000".into());
         }
         if let Some(h) = &self.sessions.host_id {
-            flint_snapshot_store::manifest::check_name("sessions.host_id", h)?;
+            flint_snapshot_store::manifest::check_name("sessions.host_id", h).map_err(ConfigError::Invalid)?;
         }
         let j = &self.jail;
         if j.uid_base == 0 || j.uid_count == 0 || u64::from(j.uid_base) + u64::from(j.uid_count) > u64::from(u32::MAX) {
-            return Err(format!(
+            return invalid(format!(
                 "jail: uid_base must be at least 1 (VMMs never run as root) and uid_count at least 1, within 32-bit \
                  uids (uid_base {} + uid_count {})",
                 j.uid_base, j.uid_count
             ));
         }
         if !j.claims_dir.is_absolute() {
-            return Err(format!("jail.claims_dir must be an absolute path (it is `{}`)", j.claims_dir.display()));
+            return invalid(format!("jail.claims_dir must be an absolute path (it is `{}`)", j.claims_dir.display()));
         }
         if self.store.s3.is_some() && self.store.secret_file.is_none() && !self.store.allow_unauthenticated_bucket {
-            return Err("an S3 tier is configured without a store secret: anyone who can write the bucket could \
-                        publish a snapshot this host would restore. Set store.secret_file (64 hex digits, the same on \
-                        every host of the bucket), or, for a bucket nobody else can write, \
-                        store.allow_unauthenticated_bucket = true"
-                .into());
+            return invalid(
+                "an S3 tier is configured without a store secret: anyone who can write the bucket could publish a \
+                 snapshot this host would restore. Set store.secret_file (64 hex digits, the same on every host of \
+                 the bucket), or, for a bucket nobody else can write, store.allow_unauthenticated_bucket = true"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -313,13 +329,16 @@ mod tests {
         assert_eq!(c.store.s3.unwrap().bucket, "b");
         let e = toml::from_str::<Config>("sockett = 1").unwrap_err().to_string();
         assert!(e.contains("sockett"), "{e}");
-        assert!(Config::load(Some(Path::new("/nonexistent.toml"))).unwrap_err().contains("/nonexistent.toml"));
+        assert!(Config::load(Some(Path::new("/nonexistent.toml")))
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent.toml"));
     }
 
     #[test]
     fn an_s3_tier_needs_a_secret_or_an_explicit_opt_out() {
         let mut c: Config = toml::from_str("[store.s3]\nbucket = \"b\"\n").unwrap();
-        assert!(c.check().unwrap_err().contains("store.secret_file"));
+        assert!(c.check().unwrap_err().to_string().contains("store.secret_file"));
         c.store.allow_unauthenticated_bucket = true;
         assert!(c.check().is_ok());
         c.store.allow_unauthenticated_bucket = false;
@@ -337,7 +356,7 @@ mod tests {
             ("[jail]\nclaims_dir = \"run/claims\"\n", "absolute path"),
         ] {
             let c: Config = toml::from_str(toml).unwrap();
-            let e = c.check().unwrap_err();
+            let e = c.check().unwrap_err().to_string();
             assert!(e.contains(why), "{toml}: {e}");
         }
     }

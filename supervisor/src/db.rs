@@ -1,14 +1,21 @@
-//! The state database (redb, one file): VM and template records as JSON, committed per change.
+//! The state database (redb, one file): records as JSON, one durable commit per change. Commits are counted
+//! (`commits`): the VM layer promises at most two per restore, and a test holds it to that.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
-pub const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
-pub const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// A table of records: key → JSON.
+pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+pub const VMS: Table = TableDefinition::new("vms");
+pub const TEMPLATES: Table = TableDefinition::new("templates");
+pub const SESSIONS: Table = TableDefinition::new("sessions");
+/// E2B API keys (hashed) and other small settings of the services.
+pub const KEYS: Table = TableDefinition::new("keys");
 
 #[derive(Debug, thiserror::Error)]
 #[error("state database: {0}")]
@@ -20,39 +27,63 @@ fn e(x: impl std::fmt::Display) -> DbError {
 
 pub struct Db {
     db: Database,
+    commits: AtomicU64,
 }
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let db = Database::create(path).map_err(|x| DbError(format!("open {}: {x}", path.display())))?;
         let w = db.begin_write().map_err(e)?;
-        w.open_table(VMS).map_err(e)?;
-        w.open_table(TEMPLATES).map_err(e)?;
-        w.open_table(SESSIONS).map_err(e)?;
+        for t in [VMS, TEMPLATES, SESSIONS, KEYS] {
+            w.open_table(t).map_err(e)?;
+        }
         w.commit().map_err(e)?;
-        Ok(Db { db })
+        Ok(Db { db, commits: AtomicU64::new(0) })
     }
 
-    pub fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), DbError> {
+    /// Durable commits made so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), DbError> {
         let bytes = serde_json::to_vec(value).map_err(e)?;
         let w = self.db.begin_write().map_err(e)?;
         w.open_table(table).map_err(e)?.insert(key, bytes.as_slice()).map_err(e)?;
-        w.commit().map_err(e)
+        w.commit().map_err(e)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
-    pub fn delete(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), DbError> {
+    pub fn delete(&self, table: Table, key: &str) -> Result<(), DbError> {
         let w = self.db.begin_write().map_err(e)?;
         w.open_table(table).map_err(e)?.remove(key).map_err(e)?;
-        w.commit().map_err(e)
+        w.commit().map_err(e)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
-    pub fn all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, DbError> {
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, DbError> {
+        let r = self.db.begin_read().map_err(e)?;
+        let t = r.open_table(table).map_err(e)?;
+        match t.get(key).map_err(e)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(e)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, DbError> {
+        self.all_raw(table)?.into_iter().map(|(_, v)| serde_json::from_value(v).map_err(e)).collect()
+    }
+
+    /// Every record of `table` as JSON (for readers that convert records an older flintd wrote).
+    pub fn all_raw(&self, table: Table) -> Result<Vec<(String, serde_json::Value)>, DbError> {
         let r = self.db.begin_read().map_err(e)?;
         let t = r.open_table(table).map_err(e)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(e)? {
-            let (_, v) = item.map_err(e)?;
-            out.push(serde_json::from_slice(v.value()).map_err(e)?);
+            let (k, v) = item.map_err(e)?;
+            out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(e)?));
         }
         Ok(out)
     }

@@ -15,8 +15,7 @@ use flint_vmm_api::snapshot::{SnapshotReport, SnapshotRequest};
 use flint_vmm_api::spec::Launch;
 use flint_vmm_api::{lock, HostProfile, LaunchSpec};
 
-use crate::launcher::{BoxFut, Launcher, Proc, VmmControl};
-use crate::vm::model::OpError;
+use crate::launcher::{BoxFut, Launcher, Proc, VmmControl, VmmError};
 
 /// The directory the fake VMs' agent serves as `/`.
 pub fn agent_root() -> PathBuf {
@@ -58,6 +57,10 @@ struct Inner {
     next_pid: AtomicU32,
     /// The next this many VMs get no agent (a guest that never answers).
     silent: AtomicU32,
+    /// The next this many VMs get an agent that answers its hello and refuses everything else (a refresh fails).
+    refusing: AtomicU32,
+    /// The next this many spawns fail.
+    failing_spawns: AtomicU32,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +76,16 @@ impl FakeLauncher {
     /// The next `n` VMs started get no agent: their guest never answers.
     pub fn silence_next_agents(&self, n: u32) {
         self.inner.silent.store(n, Ordering::Relaxed);
+    }
+
+    /// The next `n` VMs' agents answer their hello and refuse every request after it.
+    pub fn refuse_next_agents(&self, n: u32) {
+        self.inner.refusing.store(n, Ordering::Relaxed);
+    }
+
+    /// The next `n` spawns fail (as a VMM that cannot start).
+    pub fn fail_next_spawns(&self, n: u32) {
+        self.inner.failing_spawns.store(n, Ordering::Relaxed);
     }
 
     pub fn running(&self) -> usize {
@@ -99,21 +112,21 @@ impl Launcher for FakeLauncher {
         dir: &Path,
         spec: &LaunchSpec,
         _jail: Option<crate::launcher::Confinement>,
-    ) -> Result<Proc, OpError> {
+    ) -> Result<Proc, VmmError> {
         let config = match &spec.launch {
             Launch::Boot(c) => c.clone(),
             Launch::Restore(r) => {
-                let text = std::fs::read(&r.state_path).map_err(|e| OpError::Internal(e.to_string()))?;
-                let mut c: VmConfig =
-                    serde_json::from_slice(&text).map_err(|e| OpError::Internal(format!("fake state: {e}")))?;
+                let text = std::fs::read(&r.state_path)
+                    .map_err(|source| VmmError::Io { what: "fake state".into(), source })?;
+                let mut c: VmConfig = serde_json::from_slice(&text)
+                    .map_err(|e| VmmError::Malformed { what: "fake state", why: e.to_string() })?;
                 // As flint-vmm: never a host path from the snapshot.
                 let paths = r.devices.drive_paths.clone().unwrap_or_default();
                 if paths.len() != c.drives.len() {
-                    return Err(OpError::VmFailed(format!(
-                        "{} drive paths given, the snapshot has {} drives",
-                        paths.len(),
-                        c.drives.len()
-                    )));
+                    return Err(VmmError::Malformed {
+                        what: "restore",
+                        why: format!("{} drive paths given, the snapshot has {} drives", paths.len(), c.drives.len()),
+                    });
                 }
                 for (d, p) in c.drives.iter_mut().zip(paths) {
                     d.path = p;
@@ -121,17 +134,23 @@ impl Launcher for FakeLauncher {
                 c
             }
         };
-        config.validate_limits().map_err(|e| OpError::VmFailed(e.to_string()))?;
+        config.validate_limits()?;
+        let take = |n: &AtomicU32| n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if take(&self.inner.failing_spawns) {
+            return Err(VmmError::Io { what: "start the fake VMM".into(), source: std::io::Error::other("injected") });
+        }
         let pid = 1_000_000 + self.inner.next_pid.fetch_add(1, Ordering::Relaxed);
         let (rt, agent) = agent_runtime();
         let sock = dir.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = {
             let _enter = rt.enter();
-            Listener::bind(&ListenAddr::Unix(sock)).map_err(|e| OpError::Internal(e.to_string()))?
+            Listener::bind(&ListenAddr::Unix(sock))
+                .map_err(|source| VmmError::Io { what: "fake agent".into(), source })?
         };
         let agent = agent.clone();
-        let silent = self.inner.silent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        let silent = take(&self.inner.silent);
+        let refusing = take(&self.inner.refusing);
         let agent_task = rt.spawn(async move {
             if silent {
                 // Accepts nothing: connections wait in the backlog and the hello never comes.
@@ -140,7 +159,11 @@ impl Launcher for FakeLauncher {
                 return;
             }
             while let Ok(s) = listener.accept().await {
-                tokio::spawn(serve_connection(agent.clone(), s));
+                if refusing {
+                    tokio::spawn(refuse_after_hello(s));
+                } else {
+                    tokio::spawn(serve_connection(agent.clone(), s));
+                }
             }
         });
         let (exit, _) = tokio::sync::watch::channel(false);
@@ -167,7 +190,7 @@ impl Launcher for FakeLauncher {
         })
     }
 
-    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl> {
+    fn vmm(&self, dir: &Path, _jailed: bool) -> Arc<dyn VmmControl> {
         Arc::new(FakeVmm { inner: self.inner.clone(), pid: self.pid_of(dir) })
     }
 
@@ -184,23 +207,39 @@ impl Launcher for FakeLauncher {
     }
 }
 
+/// An agent that answers its hello and refuses every request after it.
+async fn refuse_after_hello(s: tokio::net::UnixStream) {
+    use flint_agent::protocol::{read_frame, write_frame, ErrorCode, Frame, Request, Response, PROTOCOL_VERSION};
+    let (mut rd, mut wr) = tokio::io::split(s);
+    while let Ok(f) = read_frame(&mut rd).await {
+        let answer = match serde_json::from_slice::<Request>(&f.payload) {
+            Ok(Request::Hello { .. }) => Response::Hello { version: PROTOCOL_VERSION, agent: "refusing".into() },
+            _ => Response::Error { code: ErrorCode::Io, message: "refused by the test".into() },
+        };
+        if write_frame(&mut wr, &Frame::json(f.stream, &answer)).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::AsyncWriteExt::flush(&mut wr).await;
+    }
+}
+
 struct FakeVmm {
     inner: Arc<Inner>,
     pid: Option<u32>,
 }
 
 impl FakeVmm {
-    fn with<T>(&self, f: impl FnOnce(&mut FakeVm) -> T) -> Result<T, OpError> {
+    fn with<T>(&self, f: impl FnOnce(&mut FakeVm) -> T) -> Result<T, VmmError> {
         let mut vms = lock(&self.inner.vms);
         match self.pid.and_then(|p| vms.get_mut(&p)).filter(|v| v.alive) {
             Some(v) => Ok(f(v)),
-            None => Err(OpError::VmFailed("VMM: connection refused".into())),
+            None => Err(VmmError::Refused { path: "/".into(), status: 502, message: "connection refused".into() }),
         }
     }
 }
 
 impl VmmControl for FakeVmm {
-    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>> {
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, VmmError>> {
         Box::pin(async move {
             self.with(|v| VmDescription {
                 state: if v.paused { RunState::Paused } else { RunState::Running },
@@ -219,13 +258,13 @@ impl VmmControl for FakeVmm {
             })
         })
     }
-    fn pause(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn pause(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move { self.with(|v| v.paused = true) })
     }
-    fn resume(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn resume(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move { self.with(|v| v.paused = false) })
     }
-    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn shutdown(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move {
             self.with(|_| ())?;
             if let Some(p) = self.pid {
@@ -234,15 +273,14 @@ impl VmmControl for FakeVmm {
             Ok(())
         })
     }
-    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, VmmError>> {
         Box::pin(async move {
             let config = self.with(|v| {
                 v.paused |= !req.resume;
                 v.config.clone()
             })?;
-            let io = |e: std::io::Error| OpError::Internal(e.to_string());
-            std::fs::write(&req.state_path, serde_json::to_vec(&config).map_err(|e| OpError::Internal(e.to_string()))?)
-                .map_err(io)?;
+            let io = |source: std::io::Error| VmmError::Io { what: "fake snapshot".into(), source };
+            std::fs::write(&req.state_path, serde_json::to_vec(&config).unwrap_or_default()).map_err(io)?;
             std::fs::write(&req.mem_path, vec![7u8; 8192]).map_err(io)?;
             Ok(SnapshotReport {
                 vcpus: config.vcpus,
@@ -252,6 +290,18 @@ impl VmmControl for FakeVmm {
                 ..Default::default()
             })
         })
+    }
+}
+
+/// flintd "crashes": the daemon is dropped with nothing stopped; returns once nothing of it is left (its tasks
+/// ended, its database closed), so a new daemon can open the same data directory.
+pub async fn crash(d: Arc<crate::daemon::Daemon>) {
+    let db = Arc::downgrade(&d.db);
+    drop(d);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while db.strong_count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the old daemon's database is still held");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -275,7 +325,27 @@ impl TestEnv {
     }
 
     pub fn open(&self, l: &FakeLauncher) -> Arc<crate::daemon::Daemon> {
-        crate::daemon::Daemon::open_with(self.cfg.clone(), Arc::new(l.clone())).unwrap()
+        let net = crate::net::Networks::with_fake_host(self.cfg.network.clone(), &self.cfg.data_dir);
+        crate::daemon::Daemon::open_parts(self.cfg.clone(), Arc::new(l.clone()), Arc::new(net)).unwrap()
+    }
+
+    /// Whether anything of a VM is left on the host: its directory, its network namespace (the fake host's
+    /// file), its record.
+    pub fn leftovers(&self, d: &crate::daemon::Daemon, id: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        if self.cfg.data_dir.join("vms").join(id).exists() {
+            left.push("directory".into());
+        }
+        if self.cfg.data_dir.join("netns").join(id).exists() {
+            left.push("network namespace".into());
+        }
+        if d.vms.contains(id) {
+            left.push("VM".into());
+        }
+        if d.db.get::<crate::vm::VmRecord>(crate::db::VMS, id).ok().flatten().is_some() {
+            left.push("record".into());
+        }
+        left
     }
 }
 

@@ -1,21 +1,23 @@
 //! Body of the flintd API fuzz target (fuzz/fuzz_targets/): request bodies as a caller sends them, parsed into
 //! the typed requests and checked with the limits the handlers apply. Replayed from the committed corpus in
 //! `cargo test` (flint-tests).
-use crate::vm::model::{CreateClones, CreateSnapshot, CreateTemplate, CreateVm};
+use crate::services::pools::CreateClones;
+use crate::services::templates::CreateTemplate;
+use crate::vm::{valid_id, CreateSnapshot, CreateVm};
 
 pub fn api_bodies(data: &[u8]) {
     if let Ok(v) = serde_json::from_slice::<CreateVm>(data) {
         let _ = v.mem_mib.map(flint_vmm_api::config::check_mem_mib);
         let _ = v.vcpus.map(flint_vmm_api::config::check_vcpus);
         if let Some(id) = &v.id {
-            let _ = crate::daemon::valid_id("VM id", id);
+            let _ = valid_id("VM id", id);
         }
     }
     if let Ok(t) = serde_json::from_slice::<CreateTemplate>(data) {
-        let _ = crate::daemon::valid_id("template name", &t.name);
+        let _ = valid_id("template name", &t.name);
     }
     if let Ok(s) = serde_json::from_slice::<CreateSnapshot>(data) {
-        let _ = crate::daemon::valid_id("snapshot id", &s.id);
+        let _ = valid_id("snapshot id", &s.id);
     }
     let _ = serde_json::from_slice::<CreateClones>(data);
     let _ = serde_json::from_slice::<flint_agent::protocol::ExecRequest>(data);

@@ -13,7 +13,41 @@ use std::path::{Path, PathBuf};
 
 use flint_vmm_api::spec::{JailDevice, JailRlimits, JailSpec, Launch, LaunchSpec, MemorySource};
 
-use crate::cgroup::VmCgroup;
+use crate::cgroup::{CgroupError, VmCgroup};
+
+/// Why a VMM could not be jailed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// The launch spec names something the jail cannot give the VMM.
+    #[error("{0}")]
+    Spec(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// Another flintd of this host holds an overlapping uid range.
+    #[error("{0}")]
+    UidsTaken(String),
+}
+
+impl crate::error::Classify for JailError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            JailError::Spec(_) => crate::error::Kind::Invalid,
+            JailError::UidsTaken(_) => crate::error::Kind::Conflict,
+            JailError::Io { .. } | JailError::Cgroup(_) => crate::error::Kind::Internal,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Io { what, source }
+}
+
+fn last_os(what: &str) -> JailError {
+    JailError::Io { what: what.into(), source: std::io::Error::last_os_error() }
+}
 
 /// Who a jailed VMM is and what it may use.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,10 +79,10 @@ pub fn jail_spec(
     spec: &LaunchSpec,
     c: &Confinement,
     cfg: &crate::config::JailConfig,
-) -> Result<(LaunchSpec, Vec<OwnedFd>), String> {
+) -> Result<(LaunchSpec, Vec<OwnedFd>), JailError> {
     let mut out = spec.clone();
     let mut passed: Vec<OwnedFd> = Vec::new();
-    let map = |p: &mut PathBuf, write: bool, passed: &mut Vec<OwnedFd>| -> Result<(), String> {
+    let map = |p: &mut PathBuf, write: bool, passed: &mut Vec<OwnedFd>| -> Result<(), JailError> {
         if let Some(rel) = inside(dir, p) {
             *p = rel;
             return Ok(());
@@ -57,21 +91,23 @@ pub fn jail_spec(
             .read(true)
             .write(write)
             .open(&*p)
-            .map_err(|e| format!("open {} for the jailed VMM: {e}", p.display()))?;
+            .map_err(io(format!("open {} for the jailed VMM", p.display())))?;
         *p = PathBuf::from(format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd));
         passed.push(OwnedFd::from(f));
         Ok(())
     };
-    let must_be_inside = |p: &mut PathBuf| -> Result<(), String> {
-        *p =
-            inside(dir, p).ok_or_else(|| format!("{} is outside the VM's directory {}", p.display(), dir.display()))?;
+    let must_be_inside = |p: &mut PathBuf| -> Result<(), JailError> {
+        *p = inside(dir, p).ok_or_else(|| {
+            JailError::Spec(format!("{} is outside the VM's directory {}", p.display(), dir.display()))
+        })?;
         Ok(())
     };
-    let mut devices = vec![host_device("/dev/kvm", "kvm").ok_or("this host has no /dev/kvm")?];
+    let mut devices =
+        vec![host_device("/dev/kvm", "kvm").ok_or_else(|| JailError::Spec("this host has no /dev/kvm".into()))?];
     if let Some(a) = out.api_sock.as_mut() {
         must_be_inside(a)?;
     }
-    let console_inside = |c: &mut String| -> Result<(), String> {
+    let console_inside = |c: &mut String| -> Result<(), JailError> {
         if !matches!(c.as_str(), "stdout" | "off") {
             let mut p = PathBuf::from(&*c);
             must_be_inside(&mut p)?;
@@ -84,11 +120,14 @@ pub fn jail_spec(
     // attaches to it and hands the VMM the fd.
     let hand_over_tap = |n: &mut Option<flint_vmm_api::config::NetConfig>, passed: &mut Vec<OwnedFd>| {
         let Some(n) = n.as_mut().filter(|n| !n.is_detached() && n.inherited_fd().is_none()) else { return Ok(()) };
-        let ns = n.netns.take().ok_or("a jailed VMM's tap must be in a network namespace flintd made")?;
-        let fd = crate::net::open_tap(&ns, &n.tap)?;
+        let ns = n
+            .netns
+            .take()
+            .ok_or_else(|| JailError::Spec("a jailed VMM's tap must be in a network namespace flintd made".into()))?;
+        let fd = crate::net::open_tap(&ns, &n.tap).map_err(|e| JailError::Spec(e.to_string()))?;
         n.tap = format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd);
         passed.push(fd);
-        Ok::<(), String>(())
+        Ok::<(), JailError>(())
     };
     match &mut out.launch {
         Launch::Boot(config) => {
@@ -156,14 +195,14 @@ pub fn jail_spec(
 }
 
 /// Gives the VM's directory and everything in it to the jail's uid (it is `/` for the VMM).
-pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
-    for e in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?.flatten() {
+pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io(format!("chown {}", dir.display())))?;
+    for e in std::fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))?.flatten() {
         let p = e.path();
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             chown_tree(&p, uid, gid)?;
         } else {
-            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io(format!("chown {}", p.display())))?;
         }
     }
     Ok(())
@@ -171,12 +210,12 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// Gives `path` (made by flintd inside a VM's directory) to the directory's owner: the jailed VMM's uid, or
 /// flintd's own user when the jail is off (then a no-op).
-pub fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), String> {
-    let m = std::fs::metadata(dir).map_err(|e| format!("stat {}: {e}", dir.display()))?;
-    let me = std::fs::metadata(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
+pub fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), JailError> {
+    let m = std::fs::metadata(dir).map_err(io(format!("stat {}", dir.display())))?;
+    let me = std::fs::symlink_metadata(path).map_err(io(format!("stat {}", path.display())))?;
     if (m.uid(), m.gid()) != (me.uid(), me.gid()) {
         std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid()))
-            .map_err(|e| format!("chown {}: {e}", path.display()))?;
+            .map_err(io(format!("chown {}", path.display())))?;
     }
     Ok(())
 }
@@ -245,22 +284,23 @@ pub fn spawn(
     log: &std::fs::File,
     passed: &[OwnedFd],
     cgroup: Option<&VmCgroup>,
-) -> Result<(u32, OwnedFd), String> {
-    let exe = CString::new(vmm_bin.as_os_str().as_bytes()).map_err(|_| "VMM path has a NUL byte".to_string())?;
+) -> Result<(u32, OwnedFd), JailError> {
+    let nul = |what: &str| JailError::Spec(format!("{what} has a NUL byte"));
+    let exe = CString::new(vmm_bin.as_os_str().as_bytes()).map_err(|_| nul("the VMM path"))?;
     let args = [
         CString::new("flint-vmm").expect("literal"),
         CString::new("--spec").expect("literal"),
-        CString::new(spec_path.as_os_str().as_bytes()).map_err(|_| "spec path has a NUL byte".to_string())?,
+        CString::new(spec_path.as_os_str().as_bytes()).map_err(|_| nul("the spec path"))?,
     ];
     let env = [CString::new("PATH=/usr/sbin:/usr/bin:/sbin:/bin").expect("literal")];
-    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let devnull = std::fs::File::open("/dev/null").map_err(io("open /dev/null"))?;
     // Sources moved out of the way of the targets (3, 4, ...), close-on-exec (dup2 clears it on the target).
     let mut high = Vec::new();
     for f in passed {
         // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we own onto a number >= 1024; the result is owned below.
         let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1024) };
         if fd < 0 {
-            return Err(format!("dup: {}", std::io::Error::last_os_error()));
+            return Err(last_os("dup"));
         }
         // SAFETY: a fresh fd nobody else owns.
         high.push(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -272,7 +312,7 @@ pub fn spawn(
     let mut pipe = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        return Err(last_os("pipe"));
     }
     // SAFETY: fresh fds from pipe2, owned from here on.
     let (sync_read, sync_write) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
@@ -313,7 +353,7 @@ pub fn spawn(
         )
     };
     if pid < 0 {
-        return Err(format!("clone into new namespaces: {}", std::io::Error::last_os_error()));
+        return Err(last_os("clone into new namespaces"));
     }
     drop(sync_read);
     // SAFETY: pidfd_open(2) on our own child, which cannot be reaped by anyone else before we wait for it.
@@ -325,11 +365,11 @@ pub fn spawn(
         let mut st = 0;
         // SAFETY: reaps that child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        return Err(format!("move the VMM into its cgroup: {e}"));
+        return Err(e.into());
     }
     drop(sync_write); // the child goes on
     if pidfd < 0 {
-        return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
+        return Err(last_os("pidfd_open"));
     }
     // SAFETY: a fresh pidfd nobody else owns.
     Ok((pid as u32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
@@ -390,10 +430,13 @@ fn try_flock(f: &std::fs::File, op: i32) -> Result<bool, std::io::Error> {
 /// Claims `[base, base + count)` in `dir` for `owner` (written into the claim, for the error a later flintd
 /// gets). Claims left by flintds that have ended (unlocked files) are removed; a held claim that overlaps is an
 /// error naming both ranges and the owner.
-pub fn claim_uids(dir: &Path, base: u32, count: u32, owner: &str) -> Result<UidClaim, String> {
+pub fn claim_uids(dir: &Path, base: u32, count: u32, owner: &str) -> Result<UidClaim, JailError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |what: &str, p: &Path, e: std::io::Error| format!("jail uid claims: {what} {}: {e}", p.display());
+    let err = |what: &str, p: &Path, source: std::io::Error| JailError::Io {
+        what: format!("jail uid claims: {what} {}", p.display()),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(|e| err("create", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err("chmod", dir, e))?;
     let open = |p: &Path, create: bool| {
@@ -426,18 +469,18 @@ pub fn claim_uids(dir: &Path, base: u32, count: u32, owner: &str) -> Result<UidC
         }
         if b < end && u64::from(base) < b + c {
             let who = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(format!(
+            return Err(JailError::UidsTaken(format!(
                 "jail uids {base}..{end} overlap {b}..{} claimed by a running flintd ({}): give each flintd on a \
                  host a range of its own (jail.uid_base, jail.uid_count)",
                 b + c,
                 who.trim()
-            ));
+            )));
         }
     }
     let path = dir.join(format!("{base}-{count}.claim"));
     let mut file = open(&path, true).map_err(|e| err("open", &path, e))?;
     if !try_flock(&file, libc::LOCK_EX).map_err(|e| err("lock", &path, e))? {
-        return Err(format!("jail uid claims: {} is held by another flintd", path.display()));
+        return Err(JailError::UidsTaken(format!("jail uid claims: {} is held by another flintd", path.display())));
     }
     file.set_len(0).and_then(|_| file.write_all(owner.as_bytes())).map_err(|e| err("write", &path, e))?;
     Ok(UidClaim { _file: file, path })
@@ -453,7 +496,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let a = claim_uids(&dir, 900_000, 1000, "pid 1, data /a").unwrap();
         // flock(2) locks belong to open files: a second open in this process conflicts as another flintd would.
-        let e = claim_uids(&dir, 900_500, 1000, "b").unwrap_err();
+        let e = claim_uids(&dir, 900_500, 1000, "b").unwrap_err().to_string();
         assert!(e.contains("900500..901500 overlap 900000..901000") && e.contains("pid 1, data /a"), "{e}");
         assert!(claim_uids(&dir, 900_000, 1000, "b").is_err(), "the same range twice");
         let c = claim_uids(&dir, 901_000, 1000, "c").expect("an adjacent range is free");

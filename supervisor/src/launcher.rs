@@ -18,9 +18,52 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::Hierarchy;
 use crate::config::JailConfig;
 pub use crate::jail::Confinement;
-use crate::vm::model::OpError;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a VMM could not be started or did not do what its control API was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The jail cannot be set up on this host (not root, no cgroups): no VM can start until that is fixed.
+    #[error("{0}")]
+    JailUnavailable(String),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The VMM's control socket did not answer (the VMM is gone or stuck).
+    #[error("VMM: {0}")]
+    Unreachable(#[from] crate::http::HttpError),
+    /// The VMM refused the call (`status` is its HTTP status).
+    #[error("VMM: {path}: {message}")]
+    Refused { path: String, status: u16, message: String },
+    #[error("VMM: malformed {what} answer: {why}")]
+    Malformed { what: &'static str, why: String },
+    /// The launch spec breaks the VMM's limits (checked by the fake VMM as the real one would).
+    #[error("{0}")]
+    Config(#[from] flint_vmm_api::config::ConfigError),
+    #[error("{0} is outside the jailed VM's directory")]
+    Outside(PathBuf),
+}
+
+impl crate::error::Classify for VmmError {
+    fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            VmmError::JailUnavailable(_) => Kind::Unavailable,
+            VmmError::Jail(e) => e.kind(),
+            VmmError::Io { .. } | VmmError::Outside(_) => Kind::Internal,
+            VmmError::Refused { status: 409, .. } => Kind::Conflict,
+            VmmError::Unreachable(_) | VmmError::Refused { .. } | VmmError::Malformed { .. } => Kind::Guest,
+            VmmError::Config(_) => Kind::Invalid,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
 
 /// A VMM process: pid and start time (a pid alone may be reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,20 +75,21 @@ pub struct Proc {
 /// Starts and supervises VMM processes.
 pub trait Launcher: Send + Sync + 'static {
     /// Starts a VMM for `spec` with its files in `dir`, jailed as `jail` says; returns once the process exists.
-    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, OpError>;
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, VmmError>;
     /// Frees what a VM's jail holds on the host (its cgroup) once its VMM is gone.
     fn release(&self, _dir: &Path) {}
     /// Watches a VMM this flintd did not start (re-adopted after a restart) as `spawn` watches its own: its
-    /// memory against its cgroup's limit.
-    fn readopt(&self, _p: Proc, _dir: &Path) {}
+    /// memory against its cgroup's limit (`jailed`: it has a cgroup).
+    fn readopt(&self, _p: Proc, _dir: &Path, _jailed: bool) {}
     /// Whether `p` is still running (same pid, same start time).
     fn alive(&self, p: Proc) -> bool;
     /// SIGKILL, if `p` is still the process we started.
     fn kill(&self, p: Proc);
     /// Resolves when `p` has exited, with how it ended.
     fn exited(&self, p: Proc) -> BoxFut<'static, String>;
-    /// The control API of the VMM whose files are in `dir`.
-    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl>;
+    /// The control API of the VMM whose files are in `dir` (`jailed`: it was started jailed, and sees paths
+    /// relative to `dir`).
+    fn vmm(&self, dir: &Path, jailed: bool) -> Arc<dyn VmmControl>;
     /// Where the guest agent of the VM in `dir` answers.
     fn agent_endpoint(&self, dir: &Path) -> Endpoint;
     /// VMM processes running for VM directories under `vms_dir` (found by their launch spec's path), with the
@@ -55,11 +99,11 @@ pub trait Launcher: Send + Sync + 'static {
 
 /// A VMM's control API, typed by the contract.
 pub trait VmmControl: Send + Sync {
-    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>>;
-    fn pause(&self) -> BoxFut<'_, Result<(), OpError>>;
-    fn resume(&self) -> BoxFut<'_, Result<(), OpError>>;
-    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>>;
-    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>>;
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, VmmError>>;
+    fn pause(&self) -> BoxFut<'_, Result<(), VmmError>>;
+    fn resume(&self) -> BoxFut<'_, Result<(), VmmError>>;
+    fn shutdown(&self) -> BoxFut<'_, Result<(), VmmError>>;
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, VmmError>>;
 }
 
 /// Start time of a process (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone or a zombie.
@@ -73,6 +117,21 @@ pub fn pid_start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether VMMs can be jailed on this host.
+enum JailSetup {
+    Ready(JailConfig, Hierarchy),
+    Unavailable(String),
+}
+
+impl JailSetup {
+    fn ready(&self) -> Result<(&JailConfig, &Hierarchy), VmmError> {
+        match self {
+            JailSetup::Ready(c, h) => Ok((c, h)),
+            JailSetup::Unavailable(why) => Err(VmmError::JailUnavailable(why.clone())),
+        }
+    }
+}
+
 /// The real launcher: one `flint-vmm` process per VM.
 pub struct ProcessLauncher {
     pub vmm_bin: PathBuf,
@@ -81,7 +140,7 @@ pub struct ProcessLauncher {
     /// Pidfds of jailed children (cloned into their namespaces), reaped by their exit watcher.
     jailed: Arc<Mutex<HashMap<u32, Arc<OwnedFd>>>>,
     /// The jail's configuration and this host's cgroups, or why VMs cannot be jailed here.
-    jail: Result<(JailConfig, Hierarchy), String>,
+    jail: JailSetup,
     /// This flintd's claim on the jail's uid range, held while the launcher lives.
     uid_claim: Option<crate::jail::UidClaim>,
 }
@@ -91,33 +150,33 @@ impl ProcessLauncher {
     /// start and say what is missing.
     pub fn new(vmm_bin: PathBuf, jail: Option<JailConfig>) -> Self {
         let jail = match jail {
-            None => Err("the jail is off".into()),
+            None => JailSetup::Unavailable("the jail is off".into()),
             // SAFETY: geteuid(2) has no preconditions.
-            Some(_) if unsafe { libc::geteuid() } != 0 => Err(
+            Some(_) if unsafe { libc::geteuid() } != 0 => JailSetup::Unavailable(
                 "the jail needs root (to make namespaces, device nodes and cgroups, and to change uid): run flintd \
                  as root, or set jail.enabled = false / --no-jail (debugging only: VMMs then run unconfined)"
                     .to_string(),
             ),
-            Some(cfg) => Hierarchy::detect(Path::new("/sys/fs/cgroup"))
-                .map(|h| (cfg, h))
-                .map_err(|e| format!("the jail needs cgroups: {e}")),
+            Some(cfg) => match Hierarchy::detect(Path::new("/sys/fs/cgroup")) {
+                Ok(h) => JailSetup::Ready(cfg, h),
+                Err(e) => JailSetup::Unavailable(format!("the jail needs cgroups: {e}")),
+            },
         };
         ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()), jailed: Arc::default(), jail, uid_claim: None }
     }
 
     /// With the jail on (and flintd root), claims the jail's uid range for this flintd (`jail::claim_uids`): an
     /// error when another running flintd of this host has claimed an overlapping one.
-    pub fn claim_uids(&mut self, owner: &str) -> Result<(), String> {
-        if let Ok((cfg, _)) = &self.jail {
+    pub fn claim_uids(&mut self, owner: &str) -> Result<(), crate::jail::JailError> {
+        if let JailSetup::Ready(cfg, _) = &self.jail {
             self.uid_claim = Some(crate::jail::claim_uids(&cfg.claims_dir, cfg.uid_base, cfg.uid_count, owner)?);
         }
         Ok(())
     }
 
-    fn spawn_jailed(&self, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, OpError> {
-        let (cfg, hierarchy) = self.jail.as_ref().map_err(|e| OpError::Unavailable(e.clone()))?;
-        let internal = |what: String| OpError::Internal(what);
-        let (jspec, passed) = crate::jail::jail_spec(dir, spec, &c, cfg).map_err(OpError::BadRequest)?;
+    fn spawn_jailed(&self, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, VmmError> {
+        let (cfg, hierarchy) = self.jail.ready()?;
+        let (jspec, passed) = crate::jail::jail_spec(dir, spec, &c, cfg)?;
         let log = write_launch_files(dir, &jspec)?;
         let log_path = dir.join("vmm.log");
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -126,10 +185,9 @@ impl ProcessLauncher {
             cpu_weight: cfg.cpu_weight,
             pids: cfg.pids_max,
         };
-        let cgroup = hierarchy.create(&cfg.cgroup, &name, limits).map_err(internal)?;
-        crate::jail::chown_tree(dir, c.uid, c.gid).map_err(internal)?;
-        let (pid, pidfd) =
-            crate::jail::spawn(&self.vmm_bin, &spec_path(dir), &log, &passed, Some(&cgroup)).map_err(internal)?;
+        let cgroup = hierarchy.create(&cfg.cgroup, &name, limits).map_err(crate::jail::JailError::from)?;
+        crate::jail::chown_tree(dir, c.uid, c.gid)?;
+        let (pid, pidfd) = crate::jail::spawn(&self.vmm_bin, &spec_path(dir), &log, &passed, Some(&cgroup))?;
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.jailed).insert(pid, Arc::new(pidfd));
         let p = Proc { pid, start };
@@ -183,26 +241,18 @@ async fn watch_memory(cgroup: crate::cgroup::VmCgroup, p: Proc, log: PathBuf) {
 impl ProcessLauncher {
     /// The cgroup a jailed VM in `dir` has (or had).
     fn cgroup_of(&self, dir: &Path) -> Option<crate::cgroup::VmCgroup> {
-        let (cfg, h) = self.jail.as_ref().ok()?;
+        let (cfg, h) = self.jail.ready().ok()?;
         Some(h.vm_cgroup(&cfg.cgroup, &dir.file_name()?.to_string_lossy()))
     }
 }
 
 /// Writes `<dir>/spec.json` and creates `<dir>/vmm.log` (the VMM's stdout and stderr), returning the log.
-fn write_launch_files(dir: &Path, spec: &LaunchSpec) -> Result<std::fs::File, OpError> {
-    let internal = |what: String| OpError::Internal(what);
-    let text = serde_json::to_vec_pretty(spec).map_err(|e| internal(format!("launch spec: {e}")))?;
-    std::fs::write(spec_path(dir), text).map_err(|e| internal(format!("write {}: {e}", spec_path(dir).display())))?;
+fn write_launch_files(dir: &Path, spec: &LaunchSpec) -> Result<std::fs::File, VmmError> {
+    let text =
+        serde_json::to_vec_pretty(spec).map_err(|e| VmmError::Malformed { what: "launch spec", why: e.to_string() })?;
+    std::fs::write(spec_path(dir), text).map_err(io_err(format!("write {}", spec_path(dir).display())))?;
     let log_path = dir.join("vmm.log");
-    std::fs::File::create(&log_path).map_err(|e| internal(format!("create {}: {e}", log_path.display())))
-}
-
-/// Whether the VMM of `dir` was started jailed (its spec says so): its paths are then relative to `dir`.
-fn jailed_dir(dir: &Path) -> bool {
-    std::fs::read(spec_path(dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<LaunchSpec>(&b).ok())
-        .is_some_and(|s| s.jail.is_some())
+    std::fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))
 }
 
 /// The launch spec file in a VM's directory.
@@ -211,11 +261,10 @@ pub fn spec_path(dir: &Path) -> PathBuf {
 }
 
 impl Launcher for ProcessLauncher {
-    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, OpError> {
+    fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, VmmError> {
         if let Some(c) = jail {
             return self.spawn_jailed(dir, spec, c);
         }
-        let internal = |what: String| OpError::Internal(what);
         let log = write_launch_files(dir, spec)?;
         let mut cmd = tokio::process::Command::new(&self.vmm_bin);
         cmd.arg("--spec")
@@ -225,7 +274,7 @@ impl Launcher for ProcessLauncher {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .current_dir(dir)
             .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| internal(e.to_string()))?)
+            .stdout(log.try_clone().map_err(io_err("the VMM's log"))?)
             .stderr(log)
             .kill_on_drop(false);
         // SAFETY: setsid() is async-signal-safe; it only detaches the child from flintd's session so a signal to
@@ -238,8 +287,11 @@ impl Launcher for ProcessLauncher {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| internal(format!("start {}: {e}", self.vmm_bin.display())))?;
-        let pid = child.id().ok_or_else(|| internal("the VMM exited at once".into()))?;
+        let child = cmd.spawn().map_err(io_err(format!("start {}", self.vmm_bin.display())))?;
+        let pid = child.id().ok_or_else(|| VmmError::Io {
+            what: "start the VMM".into(),
+            source: std::io::Error::other("it exited at once"),
+        })?;
         // A child that already died has no start time: it is still ours (a zombie until reaped), so record 0.
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.children).insert(pid, child);
@@ -256,8 +308,8 @@ impl Launcher for ProcessLauncher {
         }
     }
 
-    fn readopt(&self, p: Proc, dir: &Path) {
-        if let (Some(cg), true) = (self.cgroup_of(dir), jailed_dir(dir)) {
+    fn readopt(&self, p: Proc, dir: &Path, jailed: bool) {
+        if let (Some(cg), true) = (self.cgroup_of(dir), jailed) {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(watch_memory(cg, p, dir.join("vmm.log")));
             }
@@ -339,8 +391,8 @@ impl Launcher for ProcessLauncher {
         })
     }
 
-    fn vmm(&self, dir: &Path) -> Arc<dyn VmmControl> {
-        Arc::new(HttpVmm { sock: dir.join("api.sock"), jail_root: jailed_dir(dir).then(|| dir.to_path_buf()) })
+    fn vmm(&self, dir: &Path, jailed: bool) -> Arc<dyn VmmControl> {
+        Arc::new(HttpVmm { sock: dir.join("api.sock"), jail_root: jailed.then(|| dir.to_path_buf()) })
     }
 
     fn agent_endpoint(&self, dir: &Path) -> Endpoint {
@@ -380,54 +432,58 @@ impl HttpVmm {
         (method, path): (&str, &str),
         body: Option<Vec<u8>>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, OpError> {
-        let (status, out) = crate::http::request(&self.sock, method, path, body.as_deref(), timeout)
-            .await
-            .map_err(|e| OpError::VmFailed(format!("VMM: {e}")))?;
+    ) -> Result<Vec<u8>, VmmError> {
+        let (status, out) = crate::http::request(&self.sock, method, path, body.as_deref(), timeout).await?;
         if status >= 300 {
             let msg = serde_json::from_slice::<serde_json::Value>(&out)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&out).into_owned());
-            return Err(if status == 409 {
-                OpError::Conflict(format!("VMM: {path}: {msg}"))
-            } else {
-                OpError::VmFailed(format!("VMM: {path}: {msg}"))
+            return Err(VmmError::Refused { path: path.to_string(), status, message: msg });
+        }
+        // Answers are small (a description, a snapshot report): a VMM that sends more is not believed.
+        if out.len() > MAX_VMM_ANSWER {
+            return Err(VmmError::Malformed {
+                what: "control",
+                why: format!("{} bytes, at most {MAX_VMM_ANSWER}", out.len()),
             });
         }
         Ok(out)
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, OpError> {
-    serde_json::from_slice(b).map_err(|e| OpError::VmFailed(format!("VMM: malformed {what} answer: {e}")))
+/// Most bytes of an answer of a VMM's control API flintd reads (a description with its vCPUs and devices is a few
+/// KiB).
+const MAX_VMM_ANSWER: usize = 1 << 20;
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, VmmError> {
+    serde_json::from_slice(b).map_err(|e| VmmError::Malformed { what, why: e.to_string() })
 }
 
 impl VmmControl for HttpVmm {
-    fn describe(&self) -> BoxFut<'_, Result<VmDescription, OpError>> {
+    fn describe(&self) -> BoxFut<'_, Result<VmDescription, VmmError>> {
         Box::pin(async move { decode("describe", &self.call(paths::DESCRIBE, None, Duration::from_secs(5)).await?) })
     }
-    fn pause(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn pause(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move { self.call(paths::PAUSE, None, Duration::from_secs(10)).await.map(drop) })
     }
-    fn resume(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn resume(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move { self.call(paths::RESUME, None, Duration::from_secs(10)).await.map(drop) })
     }
-    fn shutdown(&self) -> BoxFut<'_, Result<(), OpError>> {
+    fn shutdown(&self) -> BoxFut<'_, Result<(), VmmError>> {
         Box::pin(async move { self.call(paths::SHUTDOWN, None, Duration::from_secs(5)).await.map(drop) })
     }
-    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, OpError>> {
+    fn snapshot(&self, req: SnapshotRequest) -> BoxFut<'_, Result<SnapshotReport, VmmError>> {
         Box::pin(async move {
             let mut req = req;
             if let Some(root) = &self.jail_root {
                 for p in [&mut req.state_path, &mut req.mem_path] {
-                    let rel = p.strip_prefix(root).map_err(|_| {
-                        OpError::Internal(format!("{} is outside the jailed VM's directory", p.display()))
-                    })?;
+                    let rel = p.strip_prefix(root).map_err(|_| VmmError::Outside(p.clone()))?;
                     *p = Path::new("/").join(rel);
                 }
             }
-            let body = serde_json::to_vec(&req).map_err(|e| OpError::Internal(e.to_string()))?;
+            let body = serde_json::to_vec(&req)
+                .map_err(|e| VmmError::Malformed { what: "snapshot request", why: e.to_string() })?;
             let out = self.call(paths::SNAPSHOT, Some(body), Duration::from_secs(300)).await?;
             Ok(decode::<SnapshotResponse>("snapshot", &out)?.snapshot)
         })

@@ -1,15 +1,27 @@
 //! flintd, the host supervisor daemon, and the flint CLI. See docs/operations.md and docs/api/flintd.yaml.
 
+//!
+//! Layers, bottom up (docs/design.md draws them):
+//! - infrastructure: `launcher` (+ `jail`, `cgroup`), `net` (namespaces, nftables, DNS proxy, forwards, front
+//!   end), `pager`, `image` + `oci` + `beneath`, `drives`, `db`, `config`, `tasks`, `error`, `owner`;
+//! - the VM layer: `vm` (one owner per VM with its cleanup stack, create/restore/snapshot/pause/resume/delete,
+//!   events);
+//! - services on it: `services::{templates, pools, sessions, network, images}`;
+//! - composition: `daemon` (the one `Daemon`);
+//! - edges: `api` (the Unix-socket API), `net::front` (exposed ports), `client` (the typed client library the
+//!   CLI, tests and benches use).
 pub mod api;
 pub mod beneath;
 pub mod cgroup;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod drives;
+pub mod error;
 #[cfg(test)]
 mod fake;
-pub mod flows;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -19,9 +31,10 @@ pub mod launcher;
 pub mod metrics;
 pub mod net;
 pub mod oci;
+pub mod owner;
 pub mod pager;
-pub mod pool;
-pub mod session;
+pub mod services;
+pub mod tasks;
 pub mod vm;
 
 use std::os::unix::fs::PermissionsExt;
@@ -29,13 +42,13 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-/// Colour in logs only for a person at a terminal: not under systemd (journald sets JOURNAL_STREAM), not into a
-/// file or pipe, not with NO_COLOR.
 /// Milliseconds since `t`, as the figures flintd records and reports (`ready_ms`, `refresh_agent_ms`, ...).
 pub(crate) fn ms_since(t: std::time::Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Colour in logs only for a person at a terminal: not under systemd (journald sets JOURNAL_STREAM), not into a
+/// file or pipe, not with NO_COLOR.
 pub fn log_colours() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
@@ -50,9 +63,22 @@ pub fn private_umask() {
     unsafe { libc::umask(0o077) };
 }
 
+/// Why flintd stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Open(#[from] daemon::OpenError),
+    #[error("socket_group `{0}`: no such group")]
+    NoGroup(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0} is in use: another flintd is running")]
+    InUse(std::path::PathBuf),
+}
+
 /// The gid of a group by name.
-fn group_id(name: &str) -> Result<libc::gid_t, String> {
-    let c = std::ffi::CString::new(name).map_err(|_| format!("socket_group `{name}`: not a group name"))?;
+fn group_id(name: &str) -> Result<libc::gid_t, RunError> {
+    let c = std::ffi::CString::new(name).map_err(|_| RunError::NoGroup(name.into()))?;
     // SAFETY: `struct group` is plain data (integers and pointers) for which all-zero is a valid value.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
@@ -61,34 +87,35 @@ fn group_id(name: &str) -> Result<libc::gid_t, String> {
     // sets `out` to `&grp` or null; nothing outlives this call.
     let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
     if rc != 0 || out.is_null() {
-        return Err(format!("socket_group `{name}`: no such group"));
+        return Err(RunError::NoGroup(name.into()));
     }
     Ok(grp.gr_gid)
 }
 
 /// Binds the API socket: a stale socket (nothing answers) is removed; a live one is an error.
-fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixListener, String> {
+fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixListener, RunError> {
+    let io = |what: String| move |source| RunError::Io { what, source };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!("{} is in use: another flintd is running", path.display()));
+            return Err(RunError::InUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("remove stale {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        .map_err(io(format!("chmod {}", path.display())))?;
     if let Some(g) = group {
         let gid = group_id(g)?;
         std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| format!("chown {} to group {g}: {e}", path.display()))?;
+            .map_err(io(format!("chown {} to group {g}", path.display())))?;
     }
     Ok(l)
 }
 
-/// Tells systemd (Type=notify) that the API is up.
+/// Tells systemd (Type=notify) about the daemon's state.
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
@@ -108,8 +135,12 @@ fn sd_notify(state: &str) {
     }
 }
 
-/// Runs flintd until SIGTERM/SIGINT. VMs keep running across a daemon restart (they are re-adopted).
-pub async fn run(cfg: config::Config) -> Result<(), String> {
+/// How long a shutdown waits for operations in flight (requests, restores, hibernations) before it exits anyway.
+pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs flintd until SIGTERM/SIGINT: then it stops accepting, lets operations in flight finish (up to
+/// [`SHUTDOWN_DEADLINE`]) and exits. VMs keep running across a daemon restart (they are re-adopted).
+pub async fn run(cfg: config::Config) -> Result<(), RunError> {
     let socket = cfg.socket.clone();
     let group = cfg.socket_group.clone();
     if let Some(g) = &group {
@@ -117,16 +148,15 @@ pub async fn run(cfg: config::Config) -> Result<(), String> {
     }
     let daemon = daemon::Daemon::open(cfg)?;
     let listener = bind(&socket, group.as_deref())?;
-    let front = match daemon.cfg.network.front_end {
-        Some(addr) => {
-            let l = net::front::bind(addr).await?;
-            let routes = Arc::new(net::ops::DaemonRoutes(Arc::downgrade(&daemon)));
-            info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports");
-            Some(tokio::spawn(net::front::serve(l, daemon.cfg.network.domain.clone(), routes)))
-        }
-        None => None,
-    };
-    info!(socket = %socket.display(), vms = daemon.list().len(), s3 = daemon.store.has_remote(), "flintd ready");
+    if let Some(addr) = daemon.cfg.network.front_end {
+        let l = net::front::bind(addr)
+            .await
+            .map_err(|source| RunError::Io { what: format!("bind the front end to {addr}"), source })?;
+        let routes = Arc::new(daemon::FrontRoutes(Arc::downgrade(&daemon)));
+        info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports");
+        daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes));
+    }
+    info!(socket = %socket.display(), vms = daemon.vms.len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");
     let app = api::router(daemon.clone());
     let shutdown = async {
@@ -138,14 +168,13 @@ pub async fn run(cfg: config::Config) -> Result<(), String> {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
-        info!("flintd stopping (VMs keep running and are re-adopted at the next start)");
+        info!("flintd stopping: no new requests; operations in flight finish (VMs keep running and are re-adopted)");
         sd_notify("STOPPING=1");
     };
-    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    if let Some(f) = front {
-        f.abort();
-    }
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     let _ = std::fs::remove_file(&socket);
-    drop(Arc::clone(&daemon));
-    r.map_err(|e| format!("API server: {e}"))
+    if !daemon.shutdown(SHUTDOWN_DEADLINE).await {
+        warn!(left = daemon.tasks.len(), "operations still running at the shutdown deadline; exiting anyway");
+    }
+    served.map_err(|source| RunError::Io { what: "the API server".into(), source })
 }

@@ -90,12 +90,36 @@ struct Tree {
     nodes: BTreeMap<String, Node>,
 }
 
-fn bad(msg: impl Into<String>) -> String {
-    msg.into()
+/// Why an image could not be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The layout, a blob or a layer is malformed, tampered with or out of bounds.
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing the tree failed (flintd's side: a full disk, say).
+    #[error("{0}")]
+    Write(String),
+}
+
+impl crate::error::Classify for OciError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            OciError::Invalid(_) => crate::error::Kind::Invalid,
+            OciError::Write(_) => crate::error::Kind::Internal,
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> OciError {
+    OciError::Invalid(msg.into())
+}
+
+fn write_err(msg: impl Into<String>) -> OciError {
+    OciError::Write(msg.into())
 }
 
 /// `p` as normal components (a leading `/` or `./` dropped); `..` anywhere is refused.
-fn clean(p: &Path) -> Result<Vec<String>, String> {
+fn clean(p: &Path) -> Result<Vec<String>, OciError> {
     let mut out = Vec::new();
     for c in p.components() {
         match c {
@@ -114,7 +138,7 @@ fn clean(p: &Path) -> Result<Vec<String>, String> {
 impl Tree {
     /// Resolves `parts` (the parent directories of an entry) inside the tree: symlinks are followed as if the tree
     /// were `/` (`..` stops at the root), missing directories are made. Returns the resolved path.
-    fn resolve_dirs(&mut self, parts: &[String], layer: usize) -> Result<String, String> {
+    fn resolve_dirs(&mut self, parts: &[String], layer: usize) -> Result<String, OciError> {
         let mut todo: Vec<String> = parts.iter().rev().cloned().collect();
         let mut cur: Vec<String> = Vec::new();
         let mut hops = 0;
@@ -172,7 +196,7 @@ impl Tree {
     }
 
     /// Applies one entry of layer `layer`. Returns the key a file's content goes to (pass 2 writes it).
-    fn apply(&mut self, layer: usize, entry: usize, e: &EntryInfo) -> Result<Option<String>, String> {
+    fn apply(&mut self, layer: usize, entry: usize, e: &EntryInfo) -> Result<Option<String>, OciError> {
         let parts = clean(&e.path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Ok(None); // the root directory itself
@@ -213,8 +237,8 @@ impl Tree {
 
     /// Applies Flint's additions as layer `layer`, the last: parents resolve inside the model as the guest will
     /// resolve them; the last component is never followed (a symlink there is replaced).
-    fn add(&mut self, layer: usize, add: &Additions) -> Result<(), String> {
-        let place = |tree: &mut Tree, path: &str, kind: Kind, mode: u32, force: bool| -> Result<(), String> {
+    fn add(&mut self, layer: usize, add: &Additions) -> Result<(), OciError> {
+        let place = |tree: &mut Tree, path: &str, kind: Kind, mode: u32, force: bool| -> Result<(), OciError> {
             let parts = clean(Path::new(path))?;
             let Some((name, parents)) = parts.split_last() else { return Ok(()) };
             let dir = tree.resolve_dirs(parents, layer)?;
@@ -261,7 +285,7 @@ struct EntryInfo {
     gid: u32,
 }
 
-fn entry_info<R: Read>(e: &tar::Entry<'_, R>) -> Result<EntryInfo, String> {
+fn entry_info<R: Read>(e: &tar::Entry<'_, R>) -> Result<EntryInfo, OciError> {
     let h = e.header();
     let kind = match h.entry_type() {
         tar::EntryType::Directory => EntryKind::Dir,
@@ -272,9 +296,10 @@ fn entry_info<R: Read>(e: &tar::Entry<'_, R>) -> Result<EntryInfo, String> {
         tar::EntryType::Char | tar::EntryType::Block => EntryKind::Device,
         _ => EntryKind::Other,
     };
-    let link = e.link_name().map_err(|err| format!("bad link name: {err}"))?.map(|l| l.to_string_lossy().into_owned());
+    let link =
+        e.link_name().map_err(|err| bad(format!("bad link name: {err}")))?.map(|l| l.to_string_lossy().into_owned());
     Ok(EntryInfo {
-        path: e.path().map_err(|err| format!("bad entry name: {err}"))?.into_owned(),
+        path: e.path().map_err(|err| bad(format!("bad entry name: {err}")))?.into_owned(),
         kind,
         link,
         mode: h.mode().unwrap_or(0o644),
@@ -322,16 +347,16 @@ struct Layer {
 
 /// Opens a layer blob, decompressing gzip or zstd (by magic), under the shared byte budget; the returned closure
 /// checks the compressed bytes' digest once the whole blob was read.
-fn open_layer<'a>(layer: &Layer, left: &'a mut u64) -> Result<tar::Archive<Box<dyn Read + 'a>>, String> {
-    let mut f = std::fs::File::open(&layer.path).map_err(|e| format!("open {}: {e}", layer.path.display()))?;
+fn open_layer<'a>(layer: &Layer, left: &'a mut u64) -> Result<tar::Archive<Box<dyn Read + 'a>>, OciError> {
+    let mut f = std::fs::File::open(&layer.path).map_err(|e| bad(format!("open {}: {e}", layer.path.display())))?;
     let mut magic = [0u8; 4];
-    let n = f.read(&mut magic).map_err(|e| e.to_string())?;
+    let n = f.read(&mut magic).map_err(|e| bad(e.to_string()))?;
     let prefix = std::io::Cursor::new(magic[..n].to_vec());
     let raw = prefix.chain(f);
     let decoded: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Box::new(flate2::read::GzDecoder::new(raw))
     } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| e.to_string())?)
+        Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| bad(e.to_string()))?)
     } else {
         Box::new(raw)
     };
@@ -339,10 +364,10 @@ fn open_layer<'a>(layer: &Layer, left: &'a mut u64) -> Result<tar::Archive<Box<d
 }
 
 /// Checks a blob's sha256 against `digest` (`sha256:HEX`).
-fn check_digest(path: &Path, digest: &str) -> Result<(), String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+fn check_digest(path: &Path, digest: &str) -> Result<(), OciError> {
+    let f = std::fs::File::open(path).map_err(|e| bad(format!("open {}: {e}", path.display())))?;
     let mut h = Hashing { inner: f, hash: Sha256::new() };
-    std::io::copy(&mut h, &mut std::io::sink()).map_err(|e| format!("read {}: {e}", path.display()))?;
+    std::io::copy(&mut h, &mut std::io::sink()).map_err(|e| bad(format!("read {}: {e}", path.display())))?;
     let got = format!("sha256:{}", hex(&h.hash.finalize()));
     if got != digest {
         return Err(bad(format!("blob {} has digest {got}, the manifest says {digest}", path.display())));
@@ -354,7 +379,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, String> {
+fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, OciError> {
     let hexpart = digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
@@ -366,12 +391,12 @@ fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, String> {
     Ok(p)
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{what}: read {}: {e}", path.display()))?;
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T, OciError> {
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("{what}: read {}: {e}", path.display())))?;
     if bytes.len() > 4 << 20 {
         return Err(bad(format!("{what}: {} is larger than 4 MiB", path.display())));
     }
-    serde_json::from_slice(&bytes).map_err(|e| format!("{what} ({}) is malformed: {e}", path.display()))
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("{what} ({}) is malformed: {e}", path.display())))
 }
 
 #[derive(Deserialize)]
@@ -429,7 +454,7 @@ struct DockerManifest {
 }
 
 /// The layers and configuration of the layout in `dir`.
-fn resolve(dir: &Path) -> Result<(Vec<Layer>, ImageConfigFile, String), String> {
+fn resolve(dir: &Path) -> Result<(Vec<Layer>, ImageConfigFile, String), OciError> {
     if dir.join("index.json").is_file() {
         let index: Index = read_json(&dir.join("index.json"), "index.json")?;
         let mut desc = pick(index.manifests, "index.json")?;
@@ -450,21 +475,21 @@ fn resolve(dir: &Path) -> Result<(Vec<Layer>, ImageConfigFile, String), String> 
             .layers
             .iter()
             .map(|l| Ok(Layer { path: blob_path(dir, &l.digest)?, digest: Some(l.digest.clone()) }))
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, OciError>>()?;
         return Ok((layers, config, desc.digest));
     }
     if dir.join("manifest.json").is_file() {
         let list: Vec<DockerManifest> = read_json(&dir.join("manifest.json"), "manifest.json")?;
         let [m] = <[DockerManifest; 1]>::try_from(list)
             .map_err(|l| bad(format!("manifest.json lists {} images; import one at a time", l.len())))?;
-        let inside = |rel: &str| -> Result<PathBuf, String> {
+        let inside = |rel: &str| -> Result<PathBuf, OciError> {
             let parts = clean(Path::new(rel))?;
             let p = parts.iter().fold(dir.to_path_buf(), |p, c| p.join(c));
             p.is_file().then_some(p).ok_or_else(|| bad(format!("manifest.json names `{rel}`, which is missing")))
         };
         let config: ImageConfigFile = read_json(&inside(&m.config)?, "image config")?;
         let layers =
-            m.layers.iter().map(|l| Ok(Layer { path: inside(l)?, digest: None })).collect::<Result<_, String>>()?;
+            m.layers.iter().map(|l| Ok(Layer { path: inside(l)?, digest: None })).collect::<Result<_, OciError>>()?;
         return Ok((layers, config, m.config));
     }
     Err(bad(format!(
@@ -473,7 +498,7 @@ fn resolve(dir: &Path) -> Result<(Vec<Layer>, ImageConfigFile, String), String> 
     )))
 }
 
-fn pick(manifests: Vec<Descriptor>, what: &str) -> Result<Descriptor, String> {
+fn pick(manifests: Vec<Descriptor>, what: &str) -> Result<Descriptor, OciError> {
     let n = manifests.len();
     if n == 1 {
         return Ok(manifests.into_iter().next().expect("one"));
@@ -486,12 +511,12 @@ fn pick(manifests: Vec<Descriptor>, what: &str) -> Result<Descriptor, String> {
 
 /// Unpacks a tar of a layout (or a docker save archive) into `into`: regular files and directories only, by clean
 /// relative names.
-fn unpack_archive(tar_path: &Path, into: &Path, bounds: Bounds) -> Result<(), String> {
-    let f = std::fs::File::open(tar_path).map_err(|e| format!("open {}: {e}", tar_path.display()))?;
+fn unpack_archive(tar_path: &Path, into: &Path, bounds: Bounds) -> Result<(), OciError> {
+    let f = std::fs::File::open(tar_path).map_err(|e| bad(format!("open {}: {e}", tar_path.display())))?;
     let mut left = bounds.max_bytes;
     let mut a = tar::Archive::new(Bounded { inner: f, left: &mut left });
-    for e in a.entries().map_err(|e| format!("{}: not a tar archive: {e}", tar_path.display()))? {
-        let mut e = e.map_err(|e| format!("{}: {e}", tar_path.display()))?;
+    for e in a.entries().map_err(|e| bad(format!("{}: not a tar archive: {e}", tar_path.display())))? {
+        let mut e = e.map_err(|e| bad(format!("{}: {e}", tar_path.display())))?;
         let info = entry_info(&e)?;
         let parts = clean(&info.path)?;
         if parts.is_empty() {
@@ -499,18 +524,20 @@ fn unpack_archive(tar_path: &Path, into: &Path, bounds: Bounds) -> Result<(), St
         }
         let dst = parts.iter().fold(into.to_path_buf(), |p, c| p.join(c));
         match info.kind {
-            EntryKind::Dir => std::fs::create_dir_all(&dst).map_err(|e| format!("{}: {e}", dst.display()))?,
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&dst).map_err(|e| write_err(format!("{}: {e}", dst.display())))?
+            }
             EntryKind::File => {
                 if let Some(p) = dst.parent() {
-                    std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    std::fs::create_dir_all(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
                 }
                 let mut out = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&dst)
-                    .map_err(|e| format!("{}: {e}", dst.display()))?;
-                std::io::copy(&mut e, &mut out).map_err(|e| format!("{}: {e}", dst.display()))?;
+                    .map_err(|e| bad(format!("{}: {e}", dst.display())))?;
+                std::io::copy(&mut e, &mut out).map_err(|e| bad(format!("{}: {e}", dst.display())))?;
             }
             // The archive around a layout holds blobs and JSON files; a link in it is not ours to follow.
             _ => {
@@ -534,13 +561,13 @@ pub fn import_tree(
     scratch: &Path,
     bounds: Bounds,
     additions: impl FnOnce(&Imported) -> Additions,
-) -> Result<Imported, String> {
-    let meta = std::fs::metadata(source).map_err(|e| format!("{}: {e}", source.display()))?;
+) -> Result<Imported, OciError> {
+    let meta = std::fs::metadata(source).map_err(|e| bad(format!("{}: {e}", source.display())))?;
     let layout = if meta.is_dir() {
         source.to_path_buf()
     } else {
         let into = scratch.join("archive");
-        std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&into).map_err(|e| write_err(e.to_string()))?;
         unpack_archive(source, &into, bounds)?;
         into
     };
@@ -561,20 +588,20 @@ pub fn import_tree(
     let mut entries = 0usize;
     for (li, layer) in layers.iter().enumerate() {
         if let Some(d) = &layer.digest {
-            check_digest(&layer.path, d).map_err(|e| format!("layer {}: {e}", li + 1))?;
+            check_digest(&layer.path, d).map_err(|e| bad(format!("layer {}: {e}", li + 1)))?;
         }
         let mut a = open_layer(layer, &mut left)?;
-        for (ei, e) in a.entries().map_err(|e| format!("layer {}: not a tar: {e}", li + 1))?.enumerate() {
-            let e = e.map_err(|e| format!("layer {}: {e}", li + 1))?;
+        for (ei, e) in a.entries().map_err(|e| bad(format!("layer {}: not a tar: {e}", li + 1)))?.enumerate() {
+            let e = e.map_err(|e| bad(format!("layer {}: {e}", li + 1)))?;
             entries += 1;
             if entries > bounds.max_entries {
                 return Err(bad(format!("the layers hold more than {} entries", bounds.max_entries)));
             }
-            let info = entry_info(&e).map_err(|e| format!("layer {}: {e}", li + 1))?;
+            let info = entry_info(&e).map_err(|e| bad(format!("layer {}: {e}", li + 1)))?;
             if info.kind == EntryKind::Device {
                 imported.skipped_devices += 1;
             }
-            tree.apply(li, ei, &info).map_err(|e| format!("layer {}: {e}", li + 1))?;
+            tree.apply(li, ei, &info).map_err(|e| bad(format!("layer {}: {e}", li + 1)))?;
         }
     }
 
@@ -584,12 +611,12 @@ pub fn import_tree(
     // Pass 2: write the final tree, every path resolved beneath `root` without following a symlink (the model
     // guarantees every parent is a directory; this makes it so even if the model were wrong). Directories first
     // (owner-writable until the end), then every file from the layer entry that won, then links.
-    std::fs::create_dir(root).map_err(|e| format!("create {}: {e}", root.display()))?;
-    let b = crate::beneath::Beneath::open(root).map_err(|e| e.to_string())?;
+    std::fs::create_dir(root).map_err(|e| write_err(format!("create {}: {e}", root.display())))?;
+    let b = crate::beneath::Beneath::open(root).map_err(|e| bad(e.to_string()))?;
     let at = |key: &str| PathBuf::from(key);
     for (key, n) in &tree.nodes {
         if n.kind == Kind::Dir {
-            b.create_dir(&at(key), 0o700, false).map_err(|e| format!("mkdir {key}: {e}"))?;
+            b.create_dir(&at(key), 0o700, false).map_err(|e| write_err(format!("mkdir {key}: {e}")))?;
         }
     }
     let mut wanted: BTreeMap<(usize, usize), String> = BTreeMap::new();
@@ -599,7 +626,7 @@ pub fn import_tree(
                 wanted.insert((layer, entry), key.clone());
             }
             Kind::Added(i) => {
-                b.write_new(&at(key), 0o600, &added.files[i].2).map_err(|e| format!("write {key}: {e}"))?;
+                b.write_new(&at(key), 0o600, &added.files[i].2).map_err(|e| write_err(format!("write {key}: {e}")))?;
             }
             _ => {}
         }
@@ -610,27 +637,27 @@ pub fn import_tree(
             continue;
         }
         let mut a = open_layer(layer, &mut left)?;
-        for (ei, e) in a.entries().map_err(|e| format!("layer {}: {e}", li + 1))?.enumerate() {
-            let mut e = e.map_err(|e| format!("layer {}: {e}", li + 1))?;
+        for (ei, e) in a.entries().map_err(|e| bad(format!("layer {}: {e}", li + 1)))?.enumerate() {
+            let mut e = e.map_err(|e| bad(format!("layer {}: {e}", li + 1)))?;
             let Some(key) = wanted.get(&(li, ei)) else { continue };
-            let mut out = b.create_file(&at(key), 0o600).map_err(|e| format!("write {key}: {e}"))?;
-            imported.bytes += std::io::copy(&mut e, &mut out).map_err(|e| format!("write {key}: {e}"))?;
-            out.flush().map_err(|e| e.to_string())?;
+            let mut out = b.create_file(&at(key), 0o600).map_err(|e| write_err(format!("write {key}: {e}")))?;
+            imported.bytes += std::io::copy(&mut e, &mut out).map_err(|e| write_err(format!("write {key}: {e}")))?;
+            out.flush().map_err(|e| write_err(e.to_string()))?;
             imported.files += 1;
         }
     }
     for (key, n) in &tree.nodes {
         match &n.kind {
             Kind::Symlink(target) => {
-                b.symlink(Path::new(target), &at(key)).map_err(|e| format!("symlink {key}: {e}"))?
+                b.symlink(Path::new(target), &at(key)).map_err(|e| write_err(format!("symlink {key}: {e}")))?
             }
             Kind::Hardlink(target) => {
                 if !matches!(tree.nodes.get(target).map(|t| &t.kind), Some(Kind::File { .. })) {
                     return Err(bad(format!("hard link `{key}` names `{target}`, which is not a file of the image")));
                 }
-                b.hard_link(&at(target), &at(key)).map_err(|e| format!("link {key}: {e}"))?;
+                b.hard_link(&at(target), &at(key)).map_err(|e| write_err(format!("link {key}: {e}")))?;
             }
-            Kind::Fifo => b.mkfifo(&at(key), 0o600).map_err(|e| format!("mkfifo {key}: {e}"))?,
+            Kind::Fifo => b.mkfifo(&at(key), 0o600).map_err(|e| write_err(format!("mkfifo {key}: {e}")))?,
             _ => {}
         }
     }
@@ -638,10 +665,10 @@ pub fn import_tree(
     for (key, n) in tree.nodes.iter().rev() {
         let p = at(key);
         if !matches!(n.kind, Kind::Hardlink(_)) {
-            b.lchown(&p, n.uid, n.gid).map_err(|e| format!("chown {key}: {e}"))?;
+            b.lchown(&p, n.uid, n.gid).map_err(|e| write_err(format!("chown {key}: {e}")))?;
         }
         if !matches!(n.kind, Kind::Symlink(_) | Kind::Hardlink(_)) {
-            b.chmod(&p, n.mode).map_err(|e| format!("chmod {key}: {e}"))?;
+            b.chmod(&p, n.mode).map_err(|e| write_err(format!("chmod {key}: {e}")))?;
         }
     }
     Ok(imported)
@@ -688,14 +715,26 @@ mod tests {
         t.apply(2, 0, &entry("usr/lib", EntryKind::File, None)).unwrap();
         assert!(!t.nodes.contains_key("usr/lib/libz.so"));
         // Escapes are refused; an absolute symlink resolves from the image's root.
-        assert!(t.apply(3, 0, &entry("../etc/passwd", EntryKind::File, None)).unwrap_err().contains("climbs out"));
+        assert!(t
+            .apply(3, 0, &entry("../etc/passwd", EntryKind::File, None))
+            .unwrap_err()
+            .to_string()
+            .contains("climbs out"));
         t.apply(3, 1, &entry("abs", EntryKind::Symlink, Some("/etc"))).unwrap();
         assert_eq!(t.apply(3, 2, &entry("abs/c", EntryKind::File, None)).unwrap().as_deref(), Some("etc/c"));
         t.apply(3, 3, &entry("up", EntryKind::Symlink, Some("../../../etc"))).unwrap();
         assert_eq!(t.apply(3, 4, &entry("up/d", EntryKind::File, None)).unwrap().as_deref(), Some("etc/d"));
         t.apply(3, 5, &entry("loop", EntryKind::Symlink, Some("loop"))).unwrap();
-        assert!(t.apply(3, 6, &entry("loop/x", EntryKind::File, None)).unwrap_err().contains("too many symlinks"));
-        assert!(t.apply(3, 7, &entry("etc/b/x", EntryKind::File, None)).unwrap_err().contains("not a directory"));
+        assert!(t
+            .apply(3, 6, &entry("loop/x", EntryKind::File, None))
+            .unwrap_err()
+            .to_string()
+            .contains("too many symlinks"));
+        assert!(t
+            .apply(3, 7, &entry("etc/b/x", EntryKind::File, None))
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory"));
     }
     /// A layer whose `tmp` is a symlink to a host directory and whose `etc/flint/image.json` is a symlink to a host
     /// file: Flint's additions replace the links inside the image; the host directory keeps its mode and stays

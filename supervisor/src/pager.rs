@@ -14,7 +14,34 @@ use flint_uffd::{PageSource, ServeConfig, UffdStats, Userfault};
 use flint_vmm_api::describe::UffdReport;
 use flint_vmm_api::pager::{PagerHello, MAX_HELLO_BYTES, PAGER_PROTOCOL};
 
-use crate::vm::model::OpError;
+/// Why a lazily restored VM's memory cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error(transparent)]
+    Store(#[from] flint_snapshot_store::StoreError),
+    #[error("page server: {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The VMM did not hand its memory over, or handed something that does not match the snapshot.
+    #[error("page server: {0}")]
+    Vmm(String),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+}
+
+impl crate::error::Classify for PagerError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            PagerError::Store(e) => e.kind(),
+            PagerError::Io { .. } | PagerError::Jail(_) => crate::error::Kind::Internal,
+            PagerError::Vmm(_) => crate::error::Kind::Guest,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PagerError {
+    let what = what.into();
+    move |source| PagerError::Io { what, source }
+}
 
 /// Fetch threads per VM.
 /// A chunk that does not arrive within this stops the VM.
@@ -33,7 +60,7 @@ pub struct StoreSource {
 }
 
 impl StoreSource {
-    pub async fn open(store: &Store, snapshot: &str) -> Result<StoreSource, OpError> {
+    pub async fn open(store: &Store, snapshot: &str) -> Result<StoreSource, PagerError> {
         let reader = store.reader(snapshot, "memory").await?;
         Ok(StoreSource {
             rt: tokio::runtime::Handle::current(),
@@ -79,23 +106,43 @@ impl PageSource for StoreSource {
     fn stats(&self) -> serde_json::Value {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.reader.counters;
-        serde_json::json!({
-            "snapshot": self.snapshot,
-            "chunk_bytes": self.reader.chunk_size(),
-            "chunks_read": self.reader.chunks_read.load(Relaxed),
-            "l1_hits": c.l1_hits.load(Relaxed),
-            "l1_misses": c.l1_misses.load(Relaxed),
-            "remote_fetches": c.remote_fetches.load(Relaxed),
-            "remote_bytes": c.remote_bytes.load(Relaxed),
-            "corrupt_in_store": self.store.stats().corrupt,
-        })
+        let stats = StoreReads {
+            snapshot: self.snapshot.clone(),
+            chunk_bytes: self.reader.chunk_size(),
+            chunks_read: self.reader.chunks_read.load(Relaxed),
+            l1_hits: c.l1_hits.load(Relaxed),
+            l1_misses: c.l1_misses.load(Relaxed),
+            remote_fetches: c.remote_fetches.load(Relaxed),
+            remote_bytes: c.remote_bytes.load(Relaxed),
+            corrupt_in_store: self.store.stats().corrupt,
+        };
+        serde_json::to_value(stats).unwrap_or_default()
     }
+}
+
+/// What a lazily restored VM read from the store (the `source` of its page server's report).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoreReads {
+    pub snapshot: String,
+    pub chunk_bytes: u64,
+    pub chunks_read: u64,
+    pub l1_hits: u64,
+    pub l1_misses: u64,
+    pub remote_fetches: u64,
+    pub remote_bytes: u64,
+    pub corrupt_in_store: u64,
 }
 
 /// A VM's memory being served.
 pub struct Served {
     pub stats: Arc<UffdStats>,
     pub source: Arc<StoreSource>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Served({})", self.source.snapshot)
+    }
 }
 
 impl Served {
@@ -105,14 +152,14 @@ impl Served {
 }
 
 /// Binds `pager.sock` in the VM's directory (0600, a stale one replaced) before the VMM starts.
-pub fn bind(dir: &Path) -> Result<UnixListener, OpError> {
+pub fn bind(dir: &Path) -> Result<UnixListener, PagerError> {
     let path = socket_path(dir);
     let _ = std::fs::remove_file(&path);
-    let l = UnixListener::bind(&path).map_err(|e| OpError::Internal(format!("bind {}: {e}", path.display())))?;
+    let l = UnixListener::bind(&path).map_err(io(format!("bind {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| OpError::Internal(format!("chmod {}: {e}", path.display())))?;
+        .map_err(io(format!("chmod {}", path.display())))?;
     // A jailed VMM connects as its own uid.
-    crate::jail::give_to_dir_owner(dir, &path).map_err(OpError::Internal)?;
+    crate::jail::give_to_dir_owner(dir, &path)?;
     Ok(l)
 }
 
@@ -127,9 +174,9 @@ pub fn accept_and_serve(
     workers: usize,
     wait: Duration,
     on_fatal: flint_uffd::OnFatal,
-) -> Result<Served, OpError> {
+) -> Result<Served, PagerError> {
     let deadline = Instant::now() + wait;
-    listener.set_nonblocking(true).map_err(|e| OpError::Internal(e.to_string()))?;
+    listener.set_nonblocking(true).map_err(io("listen"))?;
     let conn = loop {
         match listener.accept() {
             Ok((c, _)) => {
@@ -141,26 +188,26 @@ pub fn accept_and_serve(
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    return Err(OpError::VmFailed(format!(
+                    return Err(PagerError::Vmm(format!(
                         "the VMM did not hand its memory to the page server within {wait:?}"
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            Err(e) => return Err(OpError::Internal(format!("page server accept: {e}"))),
+            Err(e) => return Err(io("accept")(e)),
         }
     };
     let _ = std::fs::remove_file(
         listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)).unwrap_or_default(),
     );
-    conn.set_nonblocking(false).map_err(|e| OpError::Internal(e.to_string()))?;
+    conn.set_nonblocking(false).map_err(io("the VMM's connection"))?;
     let refuse = |conn: &UnixStream, why: String| {
         let _ = (&*conn).write_all(format!("{why}\n").as_bytes());
-        OpError::VmFailed(format!("page server: {why}"))
+        PagerError::Vmm(why)
     };
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| OpError::Internal(e.to_string()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("the VMM's connection"))?;
     let (bytes, fd) = flint_uffd::recv_fd(&conn, MAX_HELLO_BYTES)
-        .map_err(|e| OpError::VmFailed(format!("page server: receiving the VMM's hello: {e}")))?;
+        .map_err(|e| PagerError::Vmm(format!("receiving the VMM's hello: {e}")))?;
     let hello: PagerHello = match serde_json::from_slice(&bytes) {
         Ok(h) => h,
         Err(e) => return Err(refuse(&conn, format!("malformed hello: {e}"))),
@@ -190,11 +237,11 @@ pub fn accept_and_serve(
         prefetch,
         stats: stats.clone(),
         on_fatal,
-        hangup: Some(conn.try_clone().map_err(|e| OpError::Internal(e.to_string()))?),
+        hangup: Some(conn.try_clone().map_err(io("the VMM's connection"))?),
         thread_start: None,
     };
     flint_uffd::serve(Userfault::from_fd(fd), cfg).map_err(|e| refuse(&conn, flint_vmm_api::error_chain(&e)))?;
-    conn.set_read_timeout(None).map_err(|e| OpError::Internal(e.to_string()))?;
-    (&conn).write_all(b"ok\n").map_err(|e| OpError::VmFailed(format!("page server: answering the VMM: {e}")))?;
+    conn.set_read_timeout(None).map_err(io("the VMM's connection"))?;
+    (&conn).write_all(b"ok\n").map_err(|e| PagerError::Vmm(format!("answering the VMM: {e}")))?;
     Ok(Served { stats, source })
 }

@@ -23,8 +23,8 @@ pub struct Target {
     pub guard: Box<dyn Send>,
 }
 
-/// Why a request was not routed: an HTTP status and a message for the caller.
-pub type Refusal = (u16, String);
+use crate::error::Kind;
+pub use crate::error::Refusal;
 
 /// Finds the guest behind (id, port).
 pub trait Resolve: Send + Sync + 'static {
@@ -134,19 +134,18 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn reply(status: u16, msg: &str) -> Vec<u8> {
-    let reason = match status {
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        409 => "Conflict",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let body = serde_json::json!({ "error": msg }).to_string();
+/// The error body every edge sends.
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+pub(crate) fn reply(r: &Refusal) -> Vec<u8> {
+    let body = serde_json::to_string(&ErrorBody { error: &r.message }).unwrap_or_default();
     format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        r.status(),
+        r.kind.reason(),
         body.len()
     )
     .into_bytes()
@@ -202,25 +201,28 @@ async fn connection(mut client: TcpStream, domain: &str, resolver: Arc<dyn Resol
     let head_len = match tokio::time::timeout(Duration::from_secs(30), read_head(&mut client, &mut buf)).await {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => {
-            let _ = client.write_all(&reply(400, &e)).await;
+            let _ = client.write_all(&reply(&Refusal::new(Kind::Invalid, e.clone()))).await;
             return Err(e);
         }
         Err(_) => return Err("no request head within 30 s".into()),
     };
-    let refuse = |status: u16, msg: String| (status, msg);
+    let refuse = |kind: Kind, msg: String| Refusal::new(kind, msg);
     let routed = async {
-        let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| refuse(400, "head is not UTF-8".into()))?;
-        let h = parse_head(head).map_err(|e| refuse(400, e))?;
-        let (id, port, by) = route(&h, domain).map_err(|e| refuse(400, e))?;
+        let head =
+            std::str::from_utf8(&buf[..head_len]).map_err(|_| refuse(Kind::Invalid, "head is not UTF-8".into()))?;
+        let h = parse_head(head).map_err(|e| refuse(Kind::Invalid, e))?;
+        let (id, port, by) = route(&h, domain).map_err(|e| refuse(Kind::Invalid, e))?;
         let target = resolver.resolve(id.clone(), port).await?;
         let presented = presented_token(&h);
         if let Some(want) = &target.token {
             match &presented {
                 Some(t) if same(t, want) => {}
-                Some(_) => return Err(refuse(401, format!("wrong access token for port {port} of `{id}`"))),
+                Some(_) => {
+                    return Err(refuse(Kind::Unauthorized, format!("wrong access token for port {port} of `{id}`")))
+                }
                 None => {
                     return Err(refuse(
-                        401,
+                        Kind::Unauthorized,
                         format!(
                             "port {port} of `{id}` needs its access token (`flint-token` header, `flint_token` query \
                              parameter or `{TOKEN_COOKIE}` cookie)"
@@ -243,21 +245,21 @@ async fn connection(mut client: TcpStream, domain: &str, resolver: Arc<dyn Resol
     .await;
     let (target, cookies) = match routed {
         Ok(t) => t,
-        Err((status, msg)) => {
-            let _ = client.write_all(&reply(status, &msg)).await;
-            return Err(msg);
+        Err(r) => {
+            let _ = client.write_all(&reply(&r)).await;
+            return Err(r.message);
         }
     };
     let mut guest = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let msg = format!("the guest does not accept connections on {}: {e}", target.addr.port());
-            let _ = client.write_all(&reply(502, &msg)).await;
+            let _ = client.write_all(&reply(&Refusal::new(Kind::Guest, msg.clone()))).await;
             return Err(msg);
         }
         Err(_) => {
             let msg = format!("no answer from the guest's port {} within 5 s", target.addr.port());
-            let _ = client.write_all(&reply(502, &msg)).await;
+            let _ = client.write_all(&reply(&Refusal::new(Kind::Guest, msg.clone()))).await;
             return Err(msg);
         }
     };
@@ -307,11 +309,8 @@ async fn connection(mut client: TcpStream, domain: &str, resolver: Arc<dyn Resol
 }
 
 /// Binds the front end's listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        warn!(%addr, error = %e, "front end");
-        format!("bind the front end to {addr}: {e}")
-    })
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.inspect_err(|e| warn!(%addr, error = %e, "front end"))
 }
 
 #[cfg(test)]

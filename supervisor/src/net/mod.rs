@@ -7,8 +7,9 @@
 //!  guest eth0 ── tap0 [VM netns: nft table inet flint, DNS proxy on the gateway] veth0 ── flv<N> [host] ── uplink
 //! ```
 pub mod dns;
+pub mod forward;
 pub mod front;
-pub mod ops;
+pub mod pipe;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use flint_vmm_api::lock;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-pub use policy::{Block, Cidr, EgressPolicy, ExposedPort, NetworkRequest, Rules, Verdict};
+pub use policy::{Block, Cidr, EgressPolicy, ExposedPort, NetworkRequest, PolicyError, Rules, Verdict};
 
 /// `[network]` in flintd's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,13 +95,6 @@ const MAX_DNS_OPEN_S: u32 = 3600;
 /// Addresses the DNS proxy opened for a VM: address → (the name it answered, until when).
 type Learned = HashMap<Ipv4Addr, (String, Instant)>;
 
-/// A plain TCP forwarder: front-end port → (VM or session id, guest port) while it runs.
-pub(crate) struct TcpForward {
-    pub id: String,
-    pub port: u16,
-    pub task: tokio::task::JoinHandle<()>,
-}
-
 struct Running {
     rules: Arc<Mutex<Rules>>,
     learned: Arc<Mutex<Learned>>,
@@ -119,20 +113,62 @@ pub struct Counters {
 /// This host's VM networks.
 pub struct Networks {
     pub cfg: NetworkConfig,
-    pub counters: Counters,
-    pub(crate) tcp: Mutex<HashMap<u16, TcpForward>>,
+    pub counters: Arc<Counters>,
+    /// Plain TCP forwards of exposed ports, by front-end port.
+    pub forwards: Arc<forward::Forwards>,
     /// Network namespaces are bind mounts on files here (they outlive a flintd restart).
     dir: PathBuf,
     host_ready: Mutex<bool>,
     running: Mutex<HashMap<String, Running>>,
+    /// Unit tests: a recording fake of the host (a namespace is a plain file, no command runs, setups can be
+    /// made to fail).
+    fake: Option<FakeHost>,
 }
 
-fn io(what: impl std::fmt::Display, e: std::io::Error) -> String {
-    format!("{what}: {e}")
+/// What a fake host does instead of namespaces, taps and nftables.
+#[derive(Default)]
+pub struct FakeHost {
+    /// The next this many setups fail.
+    pub fail_setups: std::sync::atomic::AtomicU32,
+    /// Policies applied, per VM (the last one).
+    pub policies: Mutex<HashMap<String, Rules>>,
+}
+
+/// Why a VM's network could not be built, changed or served.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{prog} {args} failed ({status}): {stderr}\ninput:\n{input}")]
+    Command { prog: String, args: String, status: String, stderr: String, input: String },
+    /// Every block of the pool is taken.
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("VM networks need flintd to run as root (network namespaces, taps, nftables)")]
+    NotRoot,
+    #[error("VM `{vm}` has no network namespace ({} is gone)", path.display())]
+    Gone { vm: String, path: PathBuf },
+    #[error("a network namespace thread panicked")]
+    Panicked,
+    #[error("NUL in a path")]
+    Nul,
+}
+
+impl crate::error::Classify for NetError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            NetError::Exhausted(_) => crate::error::Kind::Quota,
+            _ => crate::error::Kind::Unavailable,
+        }
+    }
+}
+
+fn io(what: impl std::fmt::Display, source: std::io::Error) -> NetError {
+    NetError::Io { what: what.to_string(), source }
 }
 
 /// Runs `prog args` with `stdin` as its input, inside the network namespace `ns` (None: flintd's own).
-fn run_in(ns: Option<&Path>, prog: &str, args: &[&str], stdin: &str) -> Result<(), String> {
+fn run_in(ns: Option<&Path>, prog: &str, args: &[&str], stdin: &str) -> Result<(), NetError> {
     let mut cmd = Command::new(prog);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     let nsf = ns.map(|p| File::open(p).map_err(|e| io(format!("open network namespace {}", p.display()), e)));
@@ -156,18 +192,22 @@ fn run_in(ns: Option<&Path>, prog: &str, args: &[&str], stdin: &str) -> Result<(
     }
     let out = child.wait_with_output().map_err(|e| io(format!("wait for {prog}"), e))?;
     if !out.status.success() {
-        return Err(format!(
-            "{prog} {} failed ({}): {}\ninput:\n{stdin}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(NetError::Command {
+            prog: prog.into(),
+            args: args.join(" "),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            input: stdin.into(),
+        });
     }
     Ok(())
 }
 
 /// Runs `f` on a thread that entered network namespace `ns` (sockets it makes stay in that namespace).
-fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<T, NetError> {
     let nsf = File::open(ns).map_err(|e| io(format!("open network namespace {}", ns.display()), e))?;
     std::thread::spawn(move || {
         // SAFETY: setns(2) on a namespace fd we hold; it changes only this short-lived thread's network namespace.
@@ -177,13 +217,13 @@ fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> Result<T, String> 
         f()
     })
     .join()
-    .map_err(|_| "a network namespace thread panicked".to_string())?
+    .map_err(|_| NetError::Panicked)?
 }
 
 /// A new network namespace, kept by a bind mount on `path`.
-fn create_netns(path: &Path) -> Result<(), String> {
+fn create_netns(path: &Path) -> Result<(), NetError> {
     File::create(path).map_err(|e| io(format!("create {}", path.display()), e))?;
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "NUL in a path")?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| NetError::Nul)?;
     std::thread::spawn(move || {
         // SAFETY: unshare(2) gives only this thread a new network namespace; mount(2) bind-mounts that namespace
         // (this thread's nsfs file) on `target`, a file we created, with NUL-terminated strings alive for the call.
@@ -199,7 +239,7 @@ fn create_netns(path: &Path) -> Result<(), String> {
         Ok(())
     })
     .join()
-    .map_err(|_| "the namespace thread panicked".to_string())?
+    .map_err(|_| NetError::Panicked)?
 }
 
 fn remove_netns(path: &Path) {
@@ -212,7 +252,7 @@ fn remove_netns(path: &Path) {
 
 /// Opens `name`, a tap in namespace `ns`, with a virtio-net header (the VMM configures the rest): for a jailed
 /// VMM, whose own network namespace is empty.
-pub fn open_tap(ns: &Path, name: &str) -> Result<OwnedFd, String> {
+pub fn open_tap(ns: &Path, name: &str) -> Result<OwnedFd, NetError> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const IFF_TAP: libc::c_short = 0x0002;
     const IFF_NO_PI: libc::c_short = 0x1000;
@@ -240,7 +280,7 @@ pub fn open_tap(ns: &Path, name: &str) -> Result<OwnedFd, String> {
     })
 }
 
-fn write_sysctl(path: &str, value: &str) -> Result<(), String> {
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
     std::fs::write(path, value).map_err(|e| io(format!("write {path}"), e))
 }
 
@@ -256,14 +296,25 @@ fn host_resolver() -> Option<SocketAddr> {
 
 impl Networks {
     pub fn new(cfg: NetworkConfig, data_dir: &Path) -> Self {
+        let counters = Arc::new(Counters::default());
         Networks {
+            forwards: Arc::new(forward::Forwards::new(cfg.front_end, cfg.tcp_ports, counters.clone())),
             cfg,
             dir: data_dir.join("netns"),
             host_ready: Mutex::new(false),
             running: Mutex::new(HashMap::new()),
-            counters: Counters::default(),
-            tcp: Mutex::new(HashMap::new()),
+            counters,
+            fake: None,
         }
+    }
+
+    /// Networks on a recording fake of the host (unit tests of the VM lifecycle without root or nftables).
+    pub fn with_fake_host(cfg: NetworkConfig, data_dir: &Path) -> Self {
+        Networks { fake: Some(FakeHost::default()), ..Networks::new(cfg, data_dir) }
+    }
+
+    pub fn fake(&self) -> Option<&FakeHost> {
+        self.fake.as_ref()
     }
 
     /// VMs whose network (DNS proxy) runs.
@@ -271,17 +322,14 @@ impl Networks {
         lock(&self.running).len()
     }
 
-    pub fn block(&self, index: u32) -> Result<Block, String> {
-        Block::new(self.cfg.pool, index).ok_or_else(|| format!("the network pool {} is full", self.cfg.pool))
+    pub fn block(&self, index: u32) -> Result<Block, NetError> {
+        Block::new(self.cfg.pool, index)
+            .ok_or_else(|| NetError::Exhausted(format!("the network pool {} is full", self.cfg.pool)))
     }
 
-    /// The lowest block no VM in `used` holds.
-    pub fn allocate(&self, used: &std::collections::HashSet<u32>) -> Result<Block, String> {
-        let blocks = (self.cfg.pool.size() / u64::from(policy::BLOCK)).min(u64::from(u32::MAX)) as u32;
-        let index = (0..blocks).find(|i| !used.contains(i)).ok_or_else(|| {
-            format!("every block of the network pool {} is in use ({blocks} VMs with a network)", self.cfg.pool)
-        })?;
-        self.block(index)
+    /// How many VM networks the pool holds (blocks of 8 addresses).
+    pub fn blocks(&self) -> u32 {
+        (self.cfg.pool.size() / u64::from(policy::BLOCK)).min(u64::from(u32::MAX)) as u32
     }
 
     pub fn netns_path(&self, vm: &str) -> PathBuf {
@@ -300,7 +348,7 @@ impl Networks {
     }
 
     /// What the agent is told (address, MAC, gateway, the DNS proxy).
-    pub fn guest(&self, n: &VmNet) -> Result<flint_agent::protocol::GuestNetwork, String> {
+    pub fn guest(&self, n: &VmNet) -> Result<flint_agent::protocol::GuestNetwork, NetError> {
         let b = self.block(n.index)?;
         Ok(flint_agent::protocol::GuestNetwork {
             interface: "eth0".into(),
@@ -314,14 +362,14 @@ impl Networks {
 
     /// flintd's own namespace: forwarding on, NAT of the pool to the uplink, VMs kept off the host's addresses
     /// and off each other (table `ip flint`, replaced whole).
-    pub fn ensure_host(&self) -> Result<(), String> {
+    pub fn ensure_host(&self) -> Result<(), NetError> {
         let mut ready = lock(&self.host_ready);
-        if *ready {
+        if *ready || self.fake.is_some() {
             return Ok(());
         }
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Err("VM networks need flintd to run as root (network namespaces, taps, nftables)".into());
+            return Err(NetError::NotRoot);
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io(format!("create {}", self.dir.display()), e))?;
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
@@ -394,7 +442,21 @@ impl Networks {
 
     /// Builds VM `vm`'s network (namespace, tap, veth pair, addresses, routes, policy) and starts its DNS proxy.
     /// Blocking (commands): call from a blocking thread. On error nothing is left behind.
-    pub fn setup(&self, vm: &str, n: &VmNet, rules: Rules) -> Result<PathBuf, String> {
+    pub fn setup(&self, vm: &str, n: &VmNet, rules: Rules) -> Result<PathBuf, NetError> {
+        if let Some(f) = &self.fake {
+            use std::sync::atomic::Ordering::Relaxed;
+            if f.fail_setups.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok() {
+                return Err(NetError::Io {
+                    what: "fake network setup".into(),
+                    source: std::io::Error::other("injected"),
+                });
+            }
+            let ns = self.netns_path(vm);
+            std::fs::create_dir_all(&self.dir).map_err(|e| io("create the netns directory", e))?;
+            File::create(&ns).map_err(|e| io("create the fake namespace", e))?;
+            lock(&f.policies).insert(vm.to_string(), rules);
+            return Ok(ns);
+        }
         self.ensure_host()?;
         let b = self.block(n.index)?;
         let ns = self.netns_path(vm);
@@ -442,11 +504,22 @@ impl Networks {
 
     /// Starts (or restarts, after a flintd restart) the DNS proxy of a VM whose namespace exists, re-applying its
     /// policy. Needs a tokio runtime.
-    pub fn start_proxy(self: &Arc<Self>, vm: &str, n: &VmNet, rules: Rules) -> Result<(), String> {
+    pub fn start_proxy(self: &Arc<Self>, vm: &str, n: &VmNet, rules: Rules) -> Result<(), NetError> {
         let b = self.block(n.index)?;
         let ns = self.netns_path(vm);
         if !ns.exists() {
-            return Err(format!("VM `{vm}` has no network namespace ({} is gone)", ns.display()));
+            return Err(NetError::Gone { vm: vm.into(), path: ns });
+        }
+        if self.fake.is_some() {
+            let running = Running {
+                rules: Arc::new(Mutex::new(rules)),
+                learned: Arc::default(),
+                proxy: tokio::spawn(std::future::pending()),
+            };
+            if let Some(old) = lock(&self.running).insert(vm.to_string(), running) {
+                old.proxy.abort();
+            }
+            return Ok(());
         }
         let gw = b.gateway();
         let sock = in_netns(&ns, move || {
@@ -467,8 +540,15 @@ impl Networks {
 
     /// Applies a new policy to a running VM (one nft transaction: no moment without a policy). Addresses the DNS
     /// proxy opened stay open only while their name is still allowed. Blocking.
-    pub fn set_policy(&self, vm: &str, n: &VmNet, rules: Rules) -> Result<(), String> {
+    pub fn set_policy(&self, vm: &str, n: &VmNet, rules: Rules) -> Result<(), NetError> {
         let b = self.block(n.index)?;
+        if let Some(f) = &self.fake {
+            lock(&f.policies).insert(vm.to_string(), rules.clone());
+            if let Some(r) = lock(&self.running).get(vm) {
+                *lock(&r.rules) = rules;
+            }
+            return Ok(());
+        }
         let learned = lock(&self.running).get(vm).map(|r| lock(&r.learned).clone()).unwrap_or_default();
         run_in(Some(&self.netns_path(vm)), "nft", &["-f", "-"], &self.render(&b, &rules, &learned))?;
         if let Some(r) = lock(&self.running).get(vm) {
@@ -482,7 +562,7 @@ impl Networks {
         if let Some(r) = lock(&self.running).remove(vm) {
             r.proxy.abort();
         }
-        if let Ok(b) = self.block(n.index) {
+        if let (Ok(b), None) = (self.block(n.index), &self.fake) {
             let _ = run_in(None, "ip", &["link", "del", &b.host_link()], "");
         }
         remove_netns(&self.netns_path(vm));
@@ -500,7 +580,7 @@ impl Networks {
     }
 
     /// Opens `ips` (answers for `name`) in the VM's allowed set for `ttl` seconds.
-    fn open_addresses(&self, vm: &str, ips: &[(Ipv4Addr, u32)], name: &str) -> Result<(), String> {
+    fn open_addresses(&self, vm: &str, ips: &[(Ipv4Addr, u32)], name: &str) -> Result<(), NetError> {
         let mut elems = Vec::new();
         {
             let running = lock(&self.running);

@@ -41,27 +41,42 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// Why an egress policy, a CIDR, a domain rule or an exposed port is refused (a 400: nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+impl crate::error::Classify for PolicyError {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::Invalid
+    }
+}
+
+macro_rules! refuse {
+    ($($t:tt)*) => { PolicyError(format!($($t)*)) };
+}
+
 impl FromStr for Cidr {
-    type Err = String;
+    type Err = PolicyError;
     /// `a.b.c.d/len` or a bare address (a /32). Host bits must be zero: `10.0.0.1/8` is refused, not guessed at.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, PolicyError> {
         let (a, len) = match s.split_once('/') {
             Some((a, l)) => {
-                let len: u8 = l.parse().map_err(|_| format!("{s:?}: prefix length {l:?} is not a number 0-32"))?;
+                let len: u8 = l.parse().map_err(|_| refuse!("{s:?}: prefix length {l:?} is not a number 0-32"))?;
                 (a, len)
             }
             None => (s, 32),
         };
         if a.contains(':') {
-            return Err(format!("{s:?}: IPv6 is not supported (guest networks are IPv4)"));
+            return Err(refuse!("{s:?}: IPv6 is not supported (guest networks are IPv4)"));
         }
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 address or CIDR"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| refuse!("{s:?} is not an IPv4 address or CIDR"))?;
         if len > 32 {
-            return Err(format!("{s:?}: prefix length {len} is over 32"));
+            return Err(refuse!("{s:?}: prefix length {len} is over 32"));
         }
         let c = Cidr { addr, len };
         if u32::from(addr) & !c.mask() != 0 {
-            return Err(format!(
+            return Err(refuse!(
                 "{s:?} has host bits set (did you mean {}/{len}?)",
                 Ipv4Addr::from(u32::from(addr) & c.mask())
             ));
@@ -90,14 +105,14 @@ pub struct DomainRule {
 }
 
 impl DomainRule {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PolicyError> {
         let (rest, sub) = match s.strip_prefix("*.") {
             Some(r) => (r, true),
             None => (s, false),
         };
         let name = rest.trim_end_matches('.').to_ascii_lowercase();
         if name.is_empty() || name.len() > 253 {
-            return Err(format!("{s:?} is not a domain name (1-253 characters)"));
+            return Err(refuse!("{s:?} is not a domain name (1-253 characters)"));
         }
         for label in name.split('.') {
             if label.is_empty()
@@ -106,13 +121,13 @@ impl DomainRule {
                 || label.ends_with('-')
                 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                return Err(format!(
+                return Err(refuse!(
                     "{s:?} is not a domain name or CIDR (labels of letters, digits and '-', or a.b.c.d/len)"
                 ));
             }
         }
         if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            return Err(format!("{s:?} is neither an IPv4 address nor a domain name"));
+            return Err(refuse!("{s:?} is neither an IPv4 address nor a domain name"));
         }
         Ok(DomainRule { name, subdomains_only: sub })
     }
@@ -196,22 +211,22 @@ pub enum DnsDecision {
 
 impl EgressPolicy {
     /// Checks every rule (at most `max_rules` per list): a bad policy changes nothing.
-    pub fn check(&self, max_rules: usize) -> Result<Rules, String> {
+    pub fn check(&self, max_rules: usize) -> Result<Rules, PolicyError> {
         let mut r = Rules { default: self.default, ..Rules::default() };
         for (list, nets, domains, what) in [
             (&self.allow, &mut r.allow_nets, &mut r.allow_domains, "allow"),
             (&self.deny, &mut r.deny_nets, &mut r.deny_domains, "deny"),
         ] {
             if list.len() > max_rules {
-                return Err(format!("{} {what} rules: at most {max_rules}", list.len()));
+                return Err(refuse!("{} {what} rules: at most {max_rules}", list.len()));
             }
             for rule in list {
                 let rule = rule.trim();
                 let looks_like_ip = rule.contains('/') || rule.contains(':') || rule.parse::<Ipv4Addr>().is_ok();
                 if looks_like_ip {
-                    nets.push(rule.parse().map_err(|e| format!("{what}: {e}"))?);
+                    nets.push(rule.parse().map_err(|e| refuse!("{what}: {e}"))?);
                 } else {
-                    domains.push(DomainRule::parse(rule).map_err(|e| format!("{what}: {e}"))?);
+                    domains.push(DomainRule::parse(rule).map_err(|e| refuse!("{what}: {e}"))?);
                 }
             }
         }
@@ -245,9 +260,9 @@ pub struct NetworkRequest {
 }
 
 impl NetworkRequest {
-    pub fn check(&self, max_rules: usize) -> Result<Rules, String> {
+    pub fn check(&self, max_rules: usize) -> Result<Rules, PolicyError> {
         if self.ports.len() > 64 {
-            return Err(format!("{} exposed ports: at most 64", self.ports.len()));
+            return Err(refuse!("{} exposed ports: at most 64", self.ports.len()));
         }
         for (p, e) in &self.ports {
             check_port(*p, e)?;
@@ -256,18 +271,18 @@ impl NetworkRequest {
     }
 }
 
-pub fn check_port(port: u16, e: &ExposedPort) -> Result<(), String> {
+pub fn check_port(port: u16, e: &ExposedPort) -> Result<(), PolicyError> {
     if port == 0 {
-        return Err("port 0 cannot be exposed".into());
+        return Err(refuse!("port 0 cannot be exposed"));
     }
     if e.tcp_listen.is_some() && e.token.is_some() {
-        return Err(format!(
+        return Err(refuse!(
             "port {port}: a token cannot guard plain TCP forwarding (tcp_listen); use the HTTP front end for a token"
         ));
     }
     if let Some(t) = &e.token {
         if t.len() < 8 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') {
-            return Err("an access token is 8-256 printable characters, without ';' or ','".into());
+            return Err(refuse!("an access token is 8-256 printable characters, without ';' or ','"));
         }
     }
     Ok(())
@@ -340,7 +355,7 @@ mod tests {
             ("300.1.1.1", "not an IPv4"),
         ] {
             let e = bad.parse::<Cidr>().unwrap_err();
-            assert!(e.contains(want), "{bad}: {e}");
+            assert!(e.to_string().contains(want), "{bad}: {e}");
         }
         let c: Cidr = "10.200.0.0/16".parse().unwrap();
         assert!(c.contains("10.200.255.1".parse().unwrap()) && !c.contains("10.201.0.0".parse().unwrap()));
@@ -376,9 +391,9 @@ mod tests {
         assert_eq!(open.dns("other.test"), DnsDecision::Answer);
         assert_eq!(open.dns("denied.test"), DnsDecision::Refuse);
         let too_many = EgressPolicy { allow: vec!["a.com".into(); 9], ..Default::default() };
-        assert!(too_many.check(8).unwrap_err().contains("at most 8"));
+        assert!(too_many.check(8).unwrap_err().to_string().contains("at most 8"));
         let bad = EgressPolicy { deny: vec!["10.0.0.1/8".into()], ..Default::default() };
-        assert!(bad.check(8).unwrap_err().starts_with("deny: "));
+        assert!(bad.check(8).unwrap_err().to_string().starts_with("deny: "));
         let unknown = serde_json::from_str::<NetworkRequest>(r#"{"egress":{"allow":[],"alow":[]}}"#);
         assert!(unknown.unwrap_err().to_string().contains("unknown field"));
     }
@@ -403,6 +418,6 @@ mod tests {
         assert_eq!(a.mac(1), "06:01:0a:c8:00:02");
         assert!(check_port(80, &ExposedPort { token: Some("short".into()), tcp_listen: None }).is_err());
         let both = ExposedPort { token: Some("long-enough".into()), tcp_listen: Some(20000) };
-        assert!(check_port(80, &both).unwrap_err().contains("plain TCP"));
+        assert!(check_port(80, &both).unwrap_err().to_string().contains("plain TCP"));
     }
 }

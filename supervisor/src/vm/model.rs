@@ -1,54 +1,8 @@
-//! VM and template records, the VM status transition table, and the errors every operation returns.
+//! VM records, their status transitions, what a VM is asked to be, and the times a start took.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use flint_snapshot_store::StoreError;
 use serde::{Deserialize, Serialize};
-
-/// What a failed operation tells the API caller; mapped to an HTTP status in `api.rs`.
-#[derive(Debug, thiserror::Error)]
-pub enum OpError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    VmFailed(String),
-    /// A quota of flintd's config (`[limits]`) would be exceeded: nothing was started.
-    #[error("{0}")]
-    QuotaExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for OpError {
-    fn from(e: StoreError) -> Self {
-        let msg = flint_snapshot_store::error_chain(&e);
-        match e {
-            StoreError::InvalidInput(_) => OpError::BadRequest(msg),
-            StoreError::Exists { .. } | StoreError::Busy(_) => OpError::Conflict(msg),
-            StoreError::NotFound { .. } | StoreError::NoImage { .. } => OpError::NotFound(msg),
-            StoreError::Unavailable(_) | StoreError::NoRemote => OpError::Unavailable(msg),
-            _ => OpError::Internal(msg),
-        }
-    }
-}
-
-impl From<crate::db::DbError> for OpError {
-    fn from(e: crate::db::DbError) -> Self {
-        OpError::Internal(e.to_string())
-    }
-}
-
-impl From<flint_vmm_api::config::ConfigError> for OpError {
-    fn from(e: flint_vmm_api::config::ConfigError) -> Self {
-        OpError::BadRequest(e.to_string())
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +39,11 @@ impl VmStatus {
         matches!(self, VmStatus::Starting | VmStatus::Running | VmStatus::Paused | VmStatus::Stopping)
     }
 
+    /// Counts toward the quotas of `[limits]` (a failed or lost VM holds nothing but its files).
+    pub fn holds_quota(self) -> bool {
+        !matches!(self, VmStatus::Failed | VmStatus::Lost)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             VmStatus::Starting => "starting",
@@ -95,6 +54,57 @@ impl VmStatus {
             VmStatus::Lost => "lost",
         }
     }
+}
+
+/// Who a VM is for, as the service that started it names itself (`session`/`s1`, `pool`/`py`): opaque to the VM
+/// layer, which only stores it, lists by it and puts it in events.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OwnerTag {
+    pub kind: String,
+    pub id: String,
+}
+
+impl OwnerTag {
+    pub fn new(kind: &str, id: &str) -> OwnerTag {
+        OwnerTag { kind: kind.to_string(), id: id.to_string() }
+    }
+
+    pub fn is(&self, kind: &str, id: &str) -> bool {
+        self.kind == kind && self.id == id
+    }
+}
+
+/// The times a VM's start took (milliseconds), kept in memory as they are measured and written with the start's
+/// last commit (never a commit of their own).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmTimings {
+    /// VMM start → agent answers (a pool's hand-out: resume + refresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<f64>,
+    /// For restored VMs: fetching the snapshot's images from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_ms: Option<f64>,
+    /// VMM started → its agent connected (the guest answering over vsock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_ms: Option<f64>,
+    /// The agent's refresh (clock, entropy, env, hostname, after-restore hooks) or, after a boot, setting the env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_ms: Option<f64>,
+    /// Of `refresh_ms`, the time the guest's agent spent on it (what it reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_guest_ms: Option<f64>,
+    /// Of `refresh_ms`, flintd's wait for the agent's answer (request sent → answer read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_agent_ms: Option<f64>,
+    /// A pool's hand-out: the VMM's resume of the paused pooled VM (part of `refresh_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<f64>,
+    /// The agent's time per refresh step (clock, entropy, env_hostname, network, hooks), µs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refresh_steps_us: BTreeMap<String, u64>,
+    /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,33 +130,8 @@ pub struct VmRecord {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub created_unix_ms: u64,
-    /// VMM start → agent answers.
-    pub ready_ms: Option<f64>,
-    /// For restored VMs: fetching the snapshot's images from the store.
-    pub fetch_ms: Option<f64>,
-    /// VMM started → its agent connected (the guest answering over vsock).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_ms: Option<f64>,
-    /// The agent's refresh (clock, entropy, env, hostname, after-restore hooks) or, after a boot, setting the env.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_ms: Option<f64>,
-    /// Of `refresh_ms`, the time the guest's agent spent on it (what it reports): the rest is flintd's and the
-    /// vsock's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_guest_ms: Option<f64>,
-    /// Of `refresh_ms`, flintd's wait for the agent's answer (request sent → answer read: the VMM's vsock device,
-    /// the guest kernel and the agent); the rest is flintd's own (and, for a pool's hand-out, the VMM's resume).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_agent_ms: Option<f64>,
-    /// A pool's hand-out: the VMM's resume of the paused pooled VM (part of `refresh_ms`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume_ms: Option<f64>,
-    /// The agent's time per refresh step (clock, entropy, env_hostname, network, hooks), µs.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub refresh_steps_us: BTreeMap<String, u64>,
-    /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net_ms: Option<f64>,
+    #[serde(flatten)]
+    pub timings: VmTimings,
     pub error: Option<String>,
     /// Restored lazily: memory is fetched from the store as the guest touches it.
     #[serde(default)]
@@ -155,6 +140,9 @@ pub struct VmRecord {
     /// when flintd restarts gets it too).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The guest's hostname (given at its refresh); default: the VM's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// The VM's drives, in order. A restored VM's drives are its own files (in its directory), written from the
     /// snapshot's drive images.
     #[serde(default)]
@@ -162,36 +150,43 @@ pub struct VmRecord {
     /// The uid (and gid) the VM's jailed VMM runs as; none when the jail is off.
     #[serde(default)]
     pub uid: Option<u32>,
-    /// The session this VM runs (it is started and stopped by the session's wakes and hibernations).
+    /// Who started the VM and answers for it (a session, a warm pool); none: an API caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<String>,
-    /// The template whose warm pool holds this VM (paused, not yet handed out).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool: Option<String>,
+    pub owner: Option<OwnerTag>,
     /// The VM's network (docs/networking.md); none: no network (its card is detached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::net::VmNet>,
+    /// Whether the VM logs dirty pages (its next snapshot may be a diff on the one it came from).
+    #[serde(default)]
+    pub track_dirty: bool,
 }
 
 impl VmRecord {
     pub fn proc(&self) -> Option<crate::launcher::Proc> {
         Some(crate::launcher::Proc { pid: self.pid?, start: self.pid_start? })
     }
+
+    /// Whether `owner` is this VM's owner.
+    pub fn owned_by(&self, kind: &str, id: &str) -> bool {
+        self.owner.as_ref().is_some_and(|o| o.is(kind, id))
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TemplateRecord {
-    pub name: String,
-    pub image: String,
-    pub init: Vec<String>,
-    pub snapshot: String,
-    pub created_unix_ms: u64,
-    pub boot_ms: f64,
-    pub init_ms: f64,
-    pub snapshot_ms: f64,
-    /// Clones kept restored and paused for this template (its warm pool).
-    #[serde(default)]
-    pub pool_size: u32,
+impl crate::owner::Record for VmRecord {
+    type State = VmStatus;
+    const WHAT: &'static str = "VM";
+    fn key(&self) -> &str {
+        &self.id
+    }
+    fn state(&self) -> VmStatus {
+        self.status
+    }
+    fn state_name(s: VmStatus) -> &'static str {
+        s.name()
+    }
+    fn can_become(from: VmStatus, to: VmStatus) -> bool {
+        from.can_become(to)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -249,17 +244,6 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
-/// `POST /v1/images`: an OCI image layout (directory or tar) or a `docker save` archive, by host path.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportImage {
-    pub name: String,
-    pub oci: PathBuf,
-    /// The writable disk of the image's VMs, MiB (default 256).
-    #[serde(default)]
-    pub disk_mib: Option<u64>,
-}
-
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
@@ -267,58 +251,6 @@ pub struct CreateSnapshot {
     /// Upload to the remote tier too.
     #[serde(default)]
     pub publish: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateTemplate {
-    pub name: String,
-    #[serde(default)]
-    pub image: Option<String>,
-    /// Command run once in the fresh VM before the snapshot (e.g. warm up a runtime).
-    #[serde(default)]
-    pub init: Vec<String>,
-    #[serde(default)]
-    pub publish: bool,
-    #[serde(default)]
-    pub mem_mib: Option<u64>,
-    #[serde(default)]
-    pub vcpus: Option<u8>,
-    /// A disk-rooted image's template: its writable disk's size (every clone's and session's quota), MiB.
-    #[serde(default)]
-    pub disk_mib: Option<u64>,
-    /// Drives of the template's VM: their content at snapshot time is part of the snapshot, and every clone gets
-    /// its own copy.
-    #[serde(default)]
-    pub drives: Vec<DriveSpec>,
-    /// Clones to keep restored and paused for the template (its warm pool); 0: none.
-    #[serde(default)]
-    pub pool_size: u32,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateClones {
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    #[serde(default = "one")]
-    pub count: u32,
-    /// Environment for the clones' later execs (set by the agent's refresh).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Start before the memory has arrived: pages come from the store (L1, else S3) on first touch, the recorded
-    /// working set is prefetched. Otherwise the memory image is fetched whole first.
-    #[serde(default)]
-    pub lazy: bool,
-    /// A network of its own for each clone (its own address and MAC).
-    #[serde(default)]
-    pub network: Option<crate::net::NetworkRequest>,
-}
-
-fn one() -> u32 {
-    1
 }
 
 /// Most extra drives a VM may have (the VMM's device limit leaves room for net, vsock and rng).
@@ -347,5 +279,18 @@ mod tests {
         let reachable: usize =
             VmStatus::ALL.iter().map(|a| VmStatus::ALL.iter().filter(|b| a.can_become(**b)).count()).sum();
         assert_eq!(reachable, 4 + 4 + 4 + 2 + 1 + 1);
+    }
+
+    /// Records an older flintd wrote (timings at the top level, no owner) read as they were.
+    #[test]
+    fn records_keep_their_json_shape() {
+        let json = r#"{"id":"a","status":"running","pid":7,"pid_start":9,"dir":"/d","image":null,"snapshot":"s",
+            "mem_mib":256,"vcpus":1,"created_unix_ms":1,"ready_ms":12.5,"fetch_ms":1.0,"error":null,
+            "session":"s1","refresh_steps_us":{"clock":3}}"#;
+        let r: VmRecord = serde_json::from_str(json).unwrap();
+        assert_eq!((r.timings.ready_ms, r.timings.refresh_steps_us.get("clock")), (Some(12.5), Some(&3)));
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["ready_ms"], 12.5, "timings stay top-level fields of the API's answer");
+        assert!(back.get("owner").is_none());
     }
 }

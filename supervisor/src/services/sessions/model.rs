@@ -136,6 +136,80 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// A new session's record, `starting` from `snapshot`.
+    pub fn new(
+        id: &str,
+        req: &CreateSession,
+        snapshot: String,
+        idle_timeout_s: u64,
+        base_owned: bool,
+        forked_from: Option<String>,
+        now: u64,
+    ) -> SessionRecord {
+        SessionRecord {
+            id: id.to_string(),
+            state: SessionState::Starting,
+            template: req.template.clone(),
+            origin: snapshot.clone(),
+            base: snapshot,
+            base_owned,
+            vm: None,
+            idle_timeout_s,
+            ttl_s: req.ttl_s,
+            max_lifetime_s: req.max_lifetime_s,
+            ttl_counts_hibernated: req.ttl_counts_hibernated,
+            on_idle: req.on_idle,
+            pre_stop: req.pre_stop.clone(),
+            env: req.env.clone(),
+            metadata: req.metadata.clone(),
+            created_unix_ms: now,
+            awake_ms: 0,
+            awake_since_unix_ms: Some(now),
+            hibernations: 0,
+            wakes: 0,
+            last_hibernate_ms: None,
+            last_wake_ms: None,
+            last_hibernate_stored_bytes: None,
+            generation: 0,
+            pending_base: None,
+            full_next: false,
+            stale_bases: Vec::new(),
+            forked_from,
+            error: None,
+            host: None,
+            network: req.network.clone(),
+        }
+    }
+
+    pub fn with_host(mut self, host: Option<String>) -> SessionRecord {
+        self.host = host;
+        self
+    }
+
+    /// The request that makes a child of this session (a fork): its settings, metadata and network, but no
+    /// plain TCP port (a front-end port forwards to one session: the parent keeps its own).
+    pub fn fork_request(&self, req: &ForkSession) -> CreateSession {
+        let mut metadata = self.metadata.clone();
+        metadata.extend(req.metadata.clone());
+        CreateSession {
+            template: self.template.clone(),
+            snapshot: None,
+            id: None,
+            idle_timeout_s: Some(self.idle_timeout_s),
+            ttl_s: self.ttl_s,
+            max_lifetime_s: self.max_lifetime_s,
+            ttl_counts_hibernated: self.ttl_counts_hibernated,
+            env: self.env.clone(),
+            network: self.network.clone().map(|mut n| {
+                n.ports.values_mut().for_each(|e| e.tcp_listen = None);
+                n
+            }),
+            metadata,
+            on_idle: self.on_idle,
+            pre_stop: self.pre_stop.clone(),
+        }
+    }
+
     /// Time counted toward `ttl_s` at `now`.
     pub fn ttl_used_ms(&self, now: u64) -> u64 {
         if self.ttl_counts_hibernated {
@@ -159,6 +233,23 @@ impl SessionRecord {
             }
         }
         None
+    }
+}
+
+impl crate::owner::Record for SessionRecord {
+    type State = SessionState;
+    const WHAT: &'static str = "session";
+    fn key(&self) -> &str {
+        &self.id
+    }
+    fn state(&self) -> SessionState {
+        self.state
+    }
+    fn state_name(s: SessionState) -> &'static str {
+        s.name()
+    }
+    fn can_become(from: SessionState, to: SessionState) -> bool {
+        from.can_become(to)
     }
 }
 
@@ -245,39 +336,11 @@ mod tests {
 
     #[test]
     fn ttl_counts_awake_time_unless_asked() {
-        let mut r = SessionRecord {
-            id: "s".into(),
-            state: SessionState::Hibernated,
-            template: None,
-            origin: "o".into(),
-            base: "o".into(),
-            base_owned: false,
-            vm: None,
-            idle_timeout_s: 1,
-            ttl_s: Some(10),
-            max_lifetime_s: Some(100),
-            ttl_counts_hibernated: false,
-            on_idle: OnIdle::Hibernate,
-            pre_stop: None,
-            env: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            created_unix_ms: 0,
-            awake_ms: 4_000,
-            awake_since_unix_ms: None,
-            hibernations: 1,
-            wakes: 0,
-            last_hibernate_ms: None,
-            last_wake_ms: None,
-            last_hibernate_stored_bytes: None,
-            generation: 1,
-            pending_base: None,
-            full_next: false,
-            stale_bases: Vec::new(),
-            forked_from: None,
-            error: None,
-            host: None,
-            network: None,
-        };
+        let req = CreateSession { ttl_s: Some(10), max_lifetime_s: Some(100), ..Default::default() };
+        let mut r = SessionRecord::new("s", &req, "o".into(), 1, false, None, 0);
+        r.state = SessionState::Hibernated;
+        r.awake_ms = 4_000;
+        r.awake_since_unix_ms = None;
         // 50 s after creation, 4 s awake: hibernated time does not count.
         assert_eq!(r.expired(50_000), None);
         r.awake_since_unix_ms = Some(45_000);

@@ -1,0 +1,154 @@
+//! Templates, clones, sessions, snapshots, images, networks, health and metrics.
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::types::{CacheCleared, Health, PoolSize};
+use super::{body, created, json, no_content, ApiError, D, R};
+use crate::error::Kind;
+use crate::services::images::ImportImage;
+use crate::services::pools::CreateClones;
+use crate::services::sessions::{CreateSession, ForkSession};
+use crate::services::templates::CreateTemplate;
+
+pub(super) async fn health(State(d): D) -> Response {
+    json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        vms: d.vms.len(),
+        sessions: d.sessions.len(),
+        s3: d.store.has_remote(),
+        host: d.sessions.host.clone(),
+    })
+}
+
+pub(super) async fn images(State(d): D) -> Response {
+    json(d.images.list())
+}
+
+pub(super) async fn import_image(State(d): D, b: Bytes) -> R<Response> {
+    let req: ImportImage = body(&b)?;
+    Ok(created(d.images.import(req).await?))
+}
+
+pub(super) async fn list_snapshots(State(d): D) -> R<Response> {
+    Ok(json(d.store.list().await?))
+}
+
+#[derive(Deserialize)]
+pub(super) struct DeleteQuery {
+    #[serde(default)]
+    remote: bool,
+}
+
+pub(super) async fn delete_snapshot(State(d): D, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> R<Response> {
+    d.delete_snapshot(&id, q.remote).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn push_snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.store.publish(&id).await?))
+}
+
+pub(super) async fn pull_snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.store.pull(&id).await?))
+}
+
+pub(super) async fn list_templates(State(d): D) -> R<Response> {
+    Ok(json(d.templates.list()?))
+}
+
+pub(super) async fn create_template(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateTemplate = body(&b)?;
+    Ok(created(d.create_template(req).await?))
+}
+
+pub(super) async fn set_pool(State(d): D, Path(name): Path<String>, b: Bytes) -> R<Response> {
+    let req: PoolSize = body(&b)?;
+    Ok(json(d.pools.set_size(&name, req.size).await?))
+}
+
+pub(super) async fn delete_template(State(d): D, Path(name): Path<String>) -> R<Response> {
+    d.delete_template(&name).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn clones(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateClones = body(&b)?;
+    Ok(created(d.pools.clones(req).await?))
+}
+
+pub(super) async fn get_network(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.network.view(&id)?))
+}
+
+/// Replaces the egress policy of a VM or session (its running VM's at once).
+pub(super) async fn set_egress(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let policy: crate::net::EgressPolicy = body(&b)?;
+    Ok(json(d.network.set_egress(&id, policy).await?))
+}
+
+pub(super) async fn expose_port(State(d): D, Path((id, port)): Path<(String, u16)>, b: Bytes) -> R<Response> {
+    let e: crate::net::ExposedPort = body(&b)?;
+    Ok(json(d.network.set_port(&id, port, Some(e)).await?))
+}
+
+pub(super) async fn hide_port(State(d): D, Path((id, port)): Path<(String, u16)>) -> R<Response> {
+    Ok(json(d.network.set_port(&id, port, None).await?))
+}
+
+/// `GET /v1/sessions?metadata.KEY=VALUE...`: sessions whose metadata has every pair.
+pub(super) async fn list_sessions(
+    State(d): D,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+) -> R<Response> {
+    let mut filter = std::collections::BTreeMap::new();
+    for (k, v) in q {
+        match k.strip_prefix("metadata.") {
+            Some(key) if !key.is_empty() => filter.insert(key.to_string(), v),
+            _ => {
+                return Err(ApiError::new(Kind::Invalid, format!("unknown query parameter `{k}` (metadata.KEY=VALUE)")))
+            }
+        };
+    }
+    Ok(json(d.sessions.list(&filter)))
+}
+
+pub(super) async fn create_session(State(d): D, b: Bytes) -> R<Response> {
+    let req: CreateSession = body(&b)?;
+    Ok(created(d.sessions.create(req).await?))
+}
+
+pub(super) async fn get_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.sessions.get(&id).await?))
+}
+
+pub(super) async fn delete_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    d.sessions.delete(&id).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn hibernate_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.sessions.hibernate(&id).await?))
+}
+
+pub(super) async fn wake_session(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.sessions.wake(&id).await?))
+}
+
+pub(super) async fn fork_session(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
+    let req: ForkSession = body(&b)?;
+    Ok(created(d.sessions.fork(&id, req).await?))
+}
+
+/// Drops every unpinned chunk from the local cache (manifests stay): the next restore fetches from S3.
+pub(super) async fn clear_cache(State(d): D) -> R<Response> {
+    let n = d.store.clear_local_chunks()?;
+    Ok(json(CacheCleared { deleted_chunks: n }))
+}
+
+pub(super) async fn metrics(State(d): D) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&d)).into_response()
+}

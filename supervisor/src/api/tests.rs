@@ -1,0 +1,127 @@
+//! The API edge: error statuses (the same as the front end's), streamed files, the OpenAPI document.
+use std::time::Duration;
+
+use crate::error::{Classify, Kind, Refusal};
+use crate::fake::{FakeLauncher, TestEnv as Env};
+use crate::vm::CreateVm;
+
+/// An error as each edge turns it into an answer (built twice: errors hold sources and are not Clone).
+fn both<E: Classify>(make: impl Fn() -> E) -> (Kind, super::ApiError, Refusal) {
+    (make().kind(), super::ApiError::from(make()), Refusal::from(make()))
+}
+
+/// One error of each kind, from each layer that makes them.
+fn errors() -> Vec<(Kind, super::ApiError, Refusal)> {
+    use crate::services::sessions::SessionError;
+    use crate::vm::{StartError, VmError, VmStatus};
+    vec![
+        both(|| VmError::NotFound("x".into())),
+        both(|| VmError::WrongStatus { id: "x".into(), status: VmStatus::Paused, want: "running" }),
+        both(|| VmError::Invalid("bad".into())),
+        both(|| VmError::Agent { id: "x".into(), what: "w".into(), why: "gone".into(), code: None }),
+        both(|| StartError::Quota("full".into())),
+        both(|| StartError::Died { id: "x".into(), why: "boom".into() }),
+        both(|| SessionError::Failed("lost".into())),
+        both(|| SessionError::Unavailable("bucket".into())),
+        both(|| SessionError::Internal("bug".into())),
+        both(|| crate::net::NetError::NotRoot),
+        both(|| crate::net::PolicyError("nope".into())),
+        both(|| crate::daemon::CallError::NotFound("x".into(), String::new())),
+    ]
+}
+
+/// The API and the front end give every error the same status (both use `Kind::status`, nothing else).
+#[test]
+fn the_api_and_the_front_end_agree() {
+    use axum::response::IntoResponse;
+    let mut kinds = std::collections::HashSet::new();
+    for (kind, api, front) in errors() {
+        let api_status = api.into_response().status().as_u16();
+        let reply = crate::net::front::reply(&front);
+        let line = String::from_utf8_lossy(&reply).lines().next().unwrap_or("").to_string();
+        let front_status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+        assert_eq!((api_status, front_status), (kind.status(), kind.status()), "{kind:?}: {line}");
+        kinds.insert(kind);
+    }
+    assert!(kinds.len() >= 6, "the errors cover several kinds: {kinds:?}");
+}
+
+/// What a guest sends cannot grow flintd: a file download is streamed and capped (a 4 GiB file is a 413 before
+/// any byte moves; an endless device ends at the cap), whatever size the guest reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_files_are_streamed_and_capped() {
+    let mut env = Env::new("files");
+    env.cfg.max_file_read_bytes = 1 << 20;
+    let l = FakeLauncher::default();
+    let d = env.open(&l);
+    d.vms.create(CreateVm { id: Some("f".into()), ..Default::default() }, None).await.unwrap();
+    let root = crate::fake::agent_root();
+    let big = root.join("big-4g");
+    std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
+    let sock = env.dir.join("api.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let app = super::router(d.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let get = |path: String| {
+        let sock = sock.clone();
+        async move { crate::http::request(&sock, "GET", &path, None, Duration::from_secs(60)).await }
+    };
+    let (status, body) = get("/v1/vms/f/files?path=/big-4g".into()).await.unwrap();
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("over the 1048576-byte limit"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, body) = get("/v1/vms/f/files?path=/big-4g&limit=100".into()).await.unwrap();
+    assert_eq!((status, body.len()), (200, 100));
+    // Through the client too: without a limit, a file over the client's maximum is an error, not an allocation of
+    // the size the guest reports; with one, exactly that much arrives.
+    let a = d.vms.agent("f").await.unwrap();
+    let e = a.read_file_limit("/big-4g", None).await.unwrap_err();
+    assert_eq!(e.code(), Some(flint_agent::protocol::ErrorCode::TooLarge), "{e}");
+    assert_eq!(a.read_file_limit("/big-4g", Some(3 << 20)).await.unwrap().len(), 3 << 20);
+    // A device reports size 0 and never ends: the body stops at the cap, never complete.
+    let zero = root.join("zero-dev");
+    let _ = std::fs::remove_file(&zero);
+    let c = std::ffi::CString::new(zero.to_str().unwrap()).unwrap();
+    // SAFETY: mknod(2) with a valid C path: a character device 1:5 (/dev/zero) in the test's own directory.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 5)) } == 0 {
+        match get("/v1/vms/f/files?path=/zero-dev".into()).await {
+            Ok((200, body)) => panic!("an endless device came back whole ({} bytes)", body.len()),
+            Ok((status, body)) => assert!(status >= 400, "{status} {}", body.len()),
+            Err(e) => assert!(e.to_string().contains("malformed"), "{e}"),
+        }
+        let (status, body) = get("/v1/vms/f/files?path=/zero-dev&limit=4096".into()).await.unwrap();
+        assert_eq!((status, body.len()), (200, 4096));
+        let _ = std::fs::remove_file(&zero);
+    }
+    let _ = std::fs::remove_file(&big);
+    server.abort();
+    d.vms.stop_all().await;
+}
+
+/// docs/api/flintd.yaml documents exactly the routes the router serves (the live check is in tests/flintd.rs).
+#[test]
+fn openapi_lists_every_route() {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api/flintd.yaml")).unwrap();
+    let mut documented = Vec::new();
+    let mut path = None;
+    for line in spec.lines() {
+        if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+            path = Some(format!("/{p}"));
+        } else if !line.starts_with("  ") {
+            path = None;
+        } else if let Some(p) = &path {
+            for m in ["get", "post", "put", "delete"] {
+                if line == format!("    {m}:") {
+                    documented.push((m.to_string(), p.clone()));
+                }
+            }
+        }
+    }
+    let mut served: Vec<(String, String)> = super::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
+}

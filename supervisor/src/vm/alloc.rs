@@ -1,0 +1,167 @@
+//! What VMs hold of the host's finite things: the quotas of `[limits]` (VMs, guest memory), the jail's uids and
+//! the network pool's blocks. Kept as counts and sets updated as VMs come and go, so that a new VM is checked
+//! and given its uid and block under one short lock, without reading (or cloning) any VM's record.
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use crate::config::{JailConfig, Limits};
+
+/// What one VM holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Held {
+    /// Counts toward the quotas (not failed or lost).
+    pub live: bool,
+    pub mem_mib: u64,
+    pub uid: Option<u32>,
+    pub net: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AllocError {
+    #[error("{0}")]
+    Quota(String),
+}
+
+#[derive(Default)]
+pub struct Allocator {
+    held: HashMap<String, Held>,
+    live: usize,
+    mem_mib: u64,
+    uids: BTreeSet<u32>,
+    nets: HashSet<u32>,
+}
+
+impl Allocator {
+    /// Whether `n` more live VMs of `mem_mib` each fit `limits`.
+    pub fn check(&self, limits: &Limits, n: usize, mem_mib: u64) -> Result<(), AllocError> {
+        if self.live + n > limits.max_vms {
+            return Err(AllocError::Quota(format!(
+                "{} VM(s) live, {n} more would pass limits.max_vms = {}",
+                self.live, limits.max_vms
+            )));
+        }
+        let want = self.mem_mib + n as u64 * mem_mib;
+        if limits.max_total_mem_mib > 0 && want > limits.max_total_mem_mib {
+            return Err(AllocError::Quota(format!(
+                "{} MiB of guest memory in use, {n} more VM(s) of {mem_mib} MiB would pass limits.max_total_mem_mib = {}",
+                self.mem_mib, limits.max_total_mem_mib
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reserves what VM `id` needs: a place in the quotas, a uid of the jail's range (`jail`), a block of the
+    /// network pool (`net_blocks`: how many the pool has).
+    pub fn reserve(
+        &mut self,
+        id: &str,
+        limits: &Limits,
+        mem_mib: u64,
+        jail: Option<&JailConfig>,
+        net_blocks: Option<u32>,
+    ) -> Result<Held, AllocError> {
+        self.check(limits, 1, mem_mib)?;
+        let uid = match jail {
+            Some(j) => Some(self.free_uid(j)?),
+            None => None,
+        };
+        let net = match net_blocks {
+            Some(blocks) => Some((0..blocks).find(|i| !self.nets.contains(i)).ok_or_else(|| {
+                AllocError::Quota(format!("every block of the network pool is in use ({blocks} VMs with a network)"))
+            })?),
+            None => None,
+        };
+        let h = Held { live: true, mem_mib, uid, net };
+        self.add(id, h);
+        Ok(h)
+    }
+
+    fn free_uid(&self, j: &JailConfig) -> Result<u32, AllocError> {
+        let end = j.uid_base.saturating_add(j.uid_count);
+        let mut next = j.uid_base;
+        for u in self.uids.range(j.uid_base..end) {
+            if *u != next {
+                break;
+            }
+            next += 1;
+        }
+        if next >= end {
+            return Err(AllocError::Quota(format!(
+                "every uid of the jail's range ({} from {}) is in use",
+                j.uid_count, j.uid_base
+            )));
+        }
+        Ok(next)
+    }
+
+    /// Records what an existing VM holds (re-adoption).
+    pub fn add(&mut self, id: &str, h: Held) {
+        self.release(id);
+        if h.live {
+            self.live += 1;
+            self.mem_mib += h.mem_mib;
+        }
+        self.uids.extend(h.uid);
+        self.nets.extend(h.net);
+        self.held.insert(id.to_string(), h);
+    }
+
+    /// A VM failed or was lost: it holds no quota any more (its uid and block stay until it is deleted).
+    pub fn set_live(&mut self, id: &str, live: bool) {
+        if let Some(h) = self.held.get(id).copied() {
+            self.add(id, Held { live, ..h });
+        }
+    }
+
+    /// A VM's memory became known (after a restore, from its VMM).
+    pub fn set_mem(&mut self, id: &str, mem_mib: u64) {
+        if let Some(h) = self.held.get(id).copied() {
+            self.add(id, Held { mem_mib, ..h });
+        }
+    }
+
+    pub fn release(&mut self, id: &str) {
+        if let Some(h) = self.held.remove(id) {
+            if h.live {
+                self.live -= 1;
+                self.mem_mib -= h.mem_mib;
+            }
+            if let Some(u) = h.uid {
+                self.uids.remove(&u);
+            }
+            if let Some(n) = h.net {
+                self.nets.remove(&n);
+            }
+        }
+    }
+
+    pub fn held(&self, id: &str) -> Option<Held> {
+        self.held.get(id).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_uids_and_blocks_come_and_go() {
+        let limits = Limits { max_vms: 3, max_total_mem_mib: 1024, ..Default::default() };
+        let jail = JailConfig { uid_base: 100, uid_count: 3, ..Default::default() };
+        let mut a = Allocator::default();
+        let x = a.reserve("x", &limits, 512, Some(&jail), Some(4)).unwrap();
+        assert_eq!((x.uid, x.net), (Some(100), Some(0)));
+        let y = a.reserve("y", &limits, 256, Some(&jail), None).unwrap();
+        assert_eq!((y.uid, y.net), (Some(101), None));
+        assert!(a.reserve("z", &limits, 512, Some(&jail), None).unwrap_err().to_string().contains("max_total_mem_mib"));
+        // A failed VM holds no quota, but its uid (its files are still that uid's) and block.
+        a.set_live("x", false);
+        let z = a.reserve("z", &limits, 512, Some(&jail), Some(4)).unwrap();
+        assert_eq!((z.uid, z.net), (Some(102), Some(1)));
+        assert!(a.reserve("w", &limits, 1, Some(&jail), None).unwrap_err().to_string().contains("every uid"));
+        a.release("y");
+        assert_eq!(a.reserve("w", &limits, 1, Some(&jail), None).unwrap().uid, Some(101), "the freed uid");
+        assert!(a.check(&limits, 2, 1).unwrap_err().to_string().contains("max_vms"));
+        a.release("x");
+        assert_eq!(a.reserve("v", &limits, 1, None, Some(4)).unwrap().net, Some(0), "the freed block");
+    }
+}
