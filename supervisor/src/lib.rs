@@ -31,6 +31,8 @@ pub mod launcher;
 pub mod metrics;
 pub mod net;
 pub mod oci;
+#[doc(hidden)]
+pub mod openapi;
 pub mod owner;
 pub mod pager;
 pub mod services;

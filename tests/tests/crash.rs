@@ -162,7 +162,7 @@ impl Harness {
         let ids: Vec<String> = self
             .vms()
             .iter()
-            .filter(|v| v["session"].is_null())
+            .filter(|v| v["owner"]["kind"] != "session")
             .filter_map(|v| v["id"].as_str().map(String::from))
             .filter(|id| !keep.contains(&id.as_str()))
             .collect();
@@ -230,7 +230,8 @@ impl Harness {
             std::thread::sleep(Duration::from_millis(200));
         };
         let vms = self.settle();
-        for v in vms.iter().filter(|v| v["session"] == SESSION && (v["status"] == "running" || v["status"] == "paused"))
+        for v in
+            vms.iter().filter(|v| v["owner"]["id"] == SESSION && (v["status"] == "running" || v["status"] == "paused"))
         {
             assert_eq!(v["id"], s["vm"], "{what}: a VM the session does not run is {}: {v}\n{s}", v["status"]);
             assert_eq!(s["state"], "running", "{what}: a {} session has a live VM: {v}", s["state"]);

@@ -222,7 +222,7 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|v| v["pool"] == "py" && v["status"] == "paused")
+                .filter(|v| v["owner"]["kind"] == "pool" && v["owner"]["id"] == "py" && v["status"] == "paused")
                 .map(|v| v["id"].as_str().unwrap().to_string())
                 .collect();
             if ids.len() == n {
@@ -239,7 +239,7 @@ fn template_push_wipe_clone_from_s3_and_survive_a_flintd_kill() {
     println!("pool hand-out: {:?} for the API call", t.elapsed());
     let handed = c[0]["id"].as_str().unwrap().to_string();
     assert!(pool.contains(&handed), "the clone came from the pool: {c}");
-    assert!(c[0]["pool"].is_null() && c[0]["status"] == "running", "{c}");
+    assert!(c[0]["owner"].is_null() && c[0]["status"] == "running", "{c}");
     let hostname = flint_supervisor_get(&socket, &format!("/v1/vms/{handed}/files?path=/proc/sys/kernel/hostname"));
     assert_eq!(String::from_utf8_lossy(&hostname).trim(), handed);
     // The hand-out's accounting: resume + refresh, the agent's part of it as flintd timed it.
@@ -751,7 +751,10 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
         let stored = h["last_hibernate_stored_bytes"].as_u64().unwrap();
         assert!(stored < mem_bytes / 4, "hibernation {cycle} stored {stored} bytes of a {mem_bytes}-byte guest");
         let vms = flint_json(&sock_a, &["vm", "ls"]);
-        assert!(vms.as_array().unwrap().iter().all(|v| v["session"] != "s1"), "a hibernated session has no VM: {vms}");
+        assert!(
+            vms.as_array().unwrap().iter().all(|v| v["owner"]["id"] != "s1"),
+            "a hibernated session has no VM: {vms}"
+        );
         // The next exec wakes it, with everything the guest had in memory.
         let t = Instant::now();
         let got = sh(

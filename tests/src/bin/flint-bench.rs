@@ -710,7 +710,7 @@ fn clones_bench(density: usize) -> std::collections::BTreeMap<&'static str, f64>
     let pooled = || {
         call("GET", "/v1/vms", None)
             .as_array()
-            .map(|a| a.iter().filter(|v| v["pool"] == "bt" && v["status"] == "paused").count())
+            .map(|a| a.iter().filter(|v| v["owner"]["id"] == "bt" && v["status"] == "paused").count())
             .unwrap_or(0)
     };
     let deadline = Instant::now() + Duration::from_secs(600);
