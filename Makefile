@@ -4,7 +4,7 @@ CARGO ?= cargo
 JOBS ?= 2
 export FLINT_CACHE ?= $(HOME)/.cache/flint
 
-.PHONY: images build demo test bench fuzz crash-test fmt clippy
+.PHONY: images build demo test test-unit test-kvm test-full bench fuzz crash-test fmt clippy
 
 ## images: build (or find cached) every guest image (images/<name>/image.toml); prints NAME=DIR lines
 images:
@@ -18,9 +18,21 @@ build:
 demo: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" bash scripts/demo.sh
 
-## test: the whole suite: unit tests, host-mode agent tests, end-to-end tests on /dev/kvm
+## test: the whole suite, every tier below in order (what .ci/run runs)
 test:
-	@bash scripts/test.sh
+	@bash scripts/test.sh all
+
+## test-unit: tier 0: fmt, clippy, unit tests (fake launcher, fake host network), host-mode agent; needs only Rust
+test-unit:
+	@bash scripts/test.sh unit
+
+## test-kvm: tier 1: the VMM on /dev/kvm (boot, devices, snapshot round trips), driven by typed launch specs
+test-kvm:
+	@bash scripts/test.sh kvm
+
+## test-full: tier 2: flintd end to end (root, S3, images, networks, jail, sessions, crash harness)
+test-full:
+	@bash scripts/test.sh full
 
 ## bench: snapshot/restore and boot benchmarks (print figures; not tests)
 bench: build

@@ -1,48 +1,89 @@
 #!/usr/bin/env bash
-# `make test`: the whole suite. Builds/finds the guest images (cached outside the clone),
-# builds the binaries, then runs unit tests, host-mode agent tests and the end-to-end tests
-# that boot real guests on /dev/kvm.
+# `make test` and its tiers (docs/testing.md):
+#   scripts/test.sh unit   tier 0: fmt, clippy, unit tests (fake launcher, fake host network), host-mode agent,
+#                          fuzz corpora replay. Needs nothing but Rust.
+#   scripts/test.sh kvm    tier 1: the VMM on /dev/kvm driven by typed launch specs (boot, devices, snapshots).
+#                          Needs /dev/kvm and the guest images (built once, cached).
+#   scripts/test.sh full   tier 2: flintd end to end (root, S3 server, images, networks, jail, sessions across
+#                          hosts, the crash harness).
+#   scripts/test.sh [all]  every tier, in that order (what `make test` and .ci/run run).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 jobs=${JOBS:-2}
-
-[ -c /dev/kvm ] || { echo "test: /dev/kvm is missing: the end-to-end tests boot real guests" >&2; exit 1; }
-need=()
-command -v ip >/dev/null || need+=(iproute2)
-command -v ping >/dev/null || need+=(iputils-ping)
-command -v nft >/dev/null || need+=(nftables)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "test: installing ${need[*]}" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
-fi
-
+tier=${1:-all}
 start=$(date +%s)
-# Fail fast: formatting, lints (warnings are errors) and the unit tests come first, before any guest image is
-# built or any guest boots.
-echo "test: cargo fmt --check" >&2
-cargo fmt --all -- --check
-echo "test: cargo clippy (warnings are errors)" >&2
-cargo clippy -j"$jobs" --workspace --all-targets -- -D warnings
-echo "test: unit tests" >&2
-cargo test -j"$jobs" --workspace --lib --bins
-echo "test: fmt, clippy and unit tests passed ($(( $(date +%s) - start )) s)" >&2
+say() { echo "test: $* ($(( $(date +%s) - start )) s)" >&2; }
 
-FLINT_IMAGES=$(bash images/build.sh)
-# The Python image (Debian bookworm via mmdebstrap; cached like the default image).
-FLINT_PYTHON_IMAGE=$(bash images/build.sh python)
-export FLINT_IMAGES FLINT_PYTHON_IMAGE
-echo "test: guest images in $FLINT_IMAGES and $FLINT_PYTHON_IMAGE ($(( $(date +%s) - start )) s)" >&2
+packages() {
+  local need=()
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v ping >/dev/null || need+=(iputils-ping)
+  command -v nft >/dev/null || need+=(nftables)
+  command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "test: installing ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+  fi
+}
 
-FLINT_S3_SERVER=$(bash scripts/s3-server.sh)
-export FLINT_S3_SERVER
-echo "test: S3-compatible server $FLINT_S3_SERVER" >&2
+images() {
+  [ -c /dev/kvm ] || { echo "test: /dev/kvm is missing: tiers kvm and full boot real guests" >&2; exit 1; }
+  if [ -z "${FLINT_IMAGES:-}" ]; then FLINT_IMAGES=$(bash images/build.sh); fi
+  # The Python image (Debian bookworm via mmdebstrap; cached like the default image).
+  if [ -z "${FLINT_PYTHON_IMAGE:-}" ]; then FLINT_PYTHON_IMAGE=$(bash images/build.sh python); fi
+  export FLINT_IMAGES FLINT_PYTHON_IMAGE
+  say "guest images in $FLINT_IMAGES and $FLINT_PYTHON_IMAGE"
+}
 
-cargo build -j"$jobs" --workspace --bins
-# The suites that start processes: host-mode agent, S3 store, flintd, and guests on /dev/kvm. Guests are CPU-bound
-# on emulating hosts (their kernel code is emulated): one test at a time, so no test's guests starve another's.
-# --no-fail-fast: every suite reports, exit is still 1.
-cargo test -j"$jobs" --workspace --tests --no-fail-fast -- --test-threads=1 --skip 'tests::'
+# Tests that start processes run one at a time: guests are CPU-bound on emulating hosts (their kernel code is
+# emulated), so no test's guests starve another's. --no-fail-fast: every suite reports, the exit is still 1.
+run_tests() {
+  cargo build -j"$jobs" --workspace --bins
+  cargo test -j"$jobs" -p flint-tests --no-fail-fast "$@" -- --test-threads=1
+}
 
-echo "test: done in $(( $(date +%s) - start )) s" >&2
+unit() {
+  # Fail fast: formatting, lints (warnings are errors) and the unit tests come before any image is built.
+  say "cargo fmt --check"
+  cargo fmt --all -- --check
+  say "cargo clippy (warnings are errors)"
+  cargo clippy -j"$jobs" --workspace --all-targets -- -D warnings
+  say "unit tests"
+  cargo test -j"$jobs" --workspace --lib --bins
+  say "host-mode agent tests"
+  cargo test -j"$jobs" -p flint-agent --tests -- --test-threads=1
+  say "tier 0 passed"
+}
+
+kvm() {
+  images
+  run_tests --test vmm_boot --test snapshot
+  say "tier 1 passed"
+}
+
+full() {
+  packages
+  images
+  FLINT_S3_SERVER=${FLINT_S3_SERVER:-$(bash scripts/s3-server.sh)}
+  export FLINT_S3_SERVER
+  say "S3-compatible server $FLINT_S3_SERVER"
+  run_tests --test store_s3 --test flintd --test crash
+  say "tier 2 passed"
+}
+
+case "$tier" in
+  unit) unit ;;
+  kvm) kvm ;;
+  full) full ;;
+  all)
+    failed=0
+    unit
+    kvm || failed=1
+    full || failed=1
+    say "done"
+    exit $failed
+    ;;
+  *) echo "usage: scripts/test.sh [unit|kvm|full|all]" >&2; exit 2 ;;
+esac

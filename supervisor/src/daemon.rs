@@ -79,6 +79,8 @@ pub enum CallError {
     Snapshot(#[from] vm::SnapshotError),
     #[error(transparent)]
     Delete(#[from] vm::SnapshotDeleteError),
+    #[error(transparent)]
+    Start(Box<vm::StartFailure>),
 }
 
 impl Classify for CallError {
@@ -91,6 +93,7 @@ impl Classify for CallError {
             CallError::Template(e) => e.kind(),
             CallError::Snapshot(e) => e.kind(),
             CallError::Delete(e) => e.kind(),
+            CallError::Start(e) => e.kind(),
         }
     }
 }
@@ -199,6 +202,14 @@ impl Daemon {
         Ok((self.vms.agent(&vm).await?, activity))
     }
 
+    /// Boots a VM a caller asked for (its id, if given, is no session's, whatever the case).
+    pub async fn create_vm(&self, req: vm::CreateVm) -> Result<vm::VmRecord, CallError> {
+        if let Some(s) = req.id.as_deref().and_then(|id| self.sessions.find_id(id)) {
+            return Err(CallError::Held(format!("`{s}` is a session id: calls could not tell them apart")));
+        }
+        self.vms.create(req, None).await.map_err(|e| CallError::Start(Box::new(e)))
+    }
+
     /// Deletes a VM a caller started (a service's VM goes through its service).
     pub async fn delete_vm(&self, id: &str) -> Result<(), CallError> {
         if let Some(o) = self.vms.get(id)?.owner.filter(|o| o.kind == crate::services::sessions::OWNER) {
@@ -260,32 +271,74 @@ impl Daemon {
     }
 }
 
-/// The front end's view of the daemon: authorise a request for an exposed port before anything wakes, then
-/// route it (a hibernated session is woken).
+/// The front end's view of the daemon: authorise a request for an exposed port from what this host knows
+/// before anything wakes, then route it (a hibernated session is woken). A session this host does not know is
+/// looked up in the bucket only for a request that presents a token (cross-host wake through the front end needs
+/// the port's token).
 pub struct FrontRoutes(pub std::sync::Weak<Daemon>);
+
+impl FrontRoutes {
+    async fn authorise(d: &Daemon, id: &str, port: u16, token: Option<&str>) -> Result<String, Refusal> {
+        let denied = || Refusal::new(Kind::Unauthorized, format!("port {port} of `{id}` needs its access token"));
+        let check = |e: &crate::net::ExposedPort| match (&e.token, token) {
+            (None, _) => Ok(()),
+            (Some(want), Some(t)) if crate::net::front::same(t, want) => Ok(()),
+            (Some(_), Some(_)) => {
+                Err(Refusal::new(Kind::Unauthorized, format!("wrong access token for port {port} of `{id}`")))
+            }
+            (Some(_), None) => Err(denied()),
+        };
+        let id = d.find_id(id).unwrap_or_else(|| id.to_string());
+        match d.network.exposed(&id, port).map_err(Refusal::from)? {
+            Some(e) => check(&e).map(|_| id),
+            None if token.is_none() || !d.sessions.cross_host().await => {
+                Err(Refusal::new(Kind::NotFound, format!("no VM or session `{id}` on this host")))
+            }
+            None => {
+                let rec = d.sessions.get(&id).await.map_err(Refusal::from)?;
+                let e = rec
+                    .network
+                    .as_ref()
+                    .and_then(|n| n.ports.get(&port))
+                    .ok_or_else(|| Refusal::new(Kind::NotFound, format!("port {port} of `{id}` is not exposed")))?;
+                check(e).map(|_| id)
+            }
+        }
+    }
+}
 
 impl crate::net::front::Resolve for FrontRoutes {
     fn resolve(
         &self,
         id: String,
         port: u16,
+        token: Option<String>,
     ) -> crate::launcher::BoxFut<'_, Result<crate::net::front::Target, Refusal>> {
         Box::pin(async move {
             let d = self.0.upgrade().ok_or_else(|| Refusal::new(Kind::Unavailable, "flintd is stopping"))?;
             let routed = async {
+                let id = Self::authorise(&d, &id, port, token.as_deref()).await?;
+                // Authorised: now (and only now) a hibernated session wakes, and counts as active.
                 let (vm, activity) = d.target(&id).await?;
                 let route = d.vms.route(&vm, port)?;
-                Ok::<_, CallError>(crate::net::front::Target {
-                    addr: route.addr,
-                    token: route.token,
-                    guard: Box::new(activity),
-                })
+                Ok::<_, Refusal>(crate::net::front::Target { addr: route.addr, guard: Box::new(activity) })
             }
             .await;
             let c = &d.vms.net.counters;
             let counter = if routed.is_ok() { &c.front_routed } else { &c.front_refused };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            routed.map_err(Refusal::from)
+            routed
         })
+    }
+}
+
+impl Daemon {
+    /// The VM or session id a name means, whatever its case (ids are unique case-insensitively; DNS names arrive
+    /// lower-cased).
+    pub fn find_id(&self, name: &str) -> Option<String> {
+        if self.vms.contains(name) || self.sessions.session(name).is_some() {
+            return Some(name.to_string());
+        }
+        self.vms.find_id(name).or_else(|| self.sessions.find_id(name))
     }
 }

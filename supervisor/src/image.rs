@@ -16,6 +16,8 @@ pub enum ImageError {
     /// The image directory is not a usable image.
     #[error("image `{name}`: {why}")]
     Bad { name: String, why: String },
+    #[error("no image `{name}` (known: {known})")]
+    Unknown { name: String, known: String },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     /// A tool flintd runs (mkfs.ext4, du) failed.
@@ -29,7 +31,7 @@ pub enum ImageError {
 impl crate::error::Classify for ImageError {
     fn kind(&self) -> crate::error::Kind {
         match self {
-            ImageError::Bad { .. } | ImageError::Source(_) => crate::error::Kind::Invalid,
+            ImageError::Bad { .. } | ImageError::Unknown { .. } | ImageError::Source(_) => crate::error::Kind::Invalid,
             ImageError::Io { .. } | ImageError::Tool { .. } => crate::error::Kind::Internal,
         }
     }

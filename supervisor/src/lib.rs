@@ -156,7 +156,8 @@ pub async fn run(cfg: config::Config) -> Result<(), RunError> {
             .map_err(|source| RunError::Io { what: format!("bind the front end to {addr}"), source })?;
         let routes = Arc::new(daemon::FrontRoutes(Arc::downgrade(&daemon)));
         info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports");
-        daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes));
+        let limits = net::front::Limits::default();
+        daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes, limits));
     }
     info!(socket = %socket.display(), vms = daemon.vms.len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");

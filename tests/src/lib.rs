@@ -182,19 +182,84 @@ impl VmProcess {
         VmProcess { child, api_sock, vsock_uds, console, started }
     }
 
-    /// Standard boot from the images' initramfs with `extra` flags.
-    pub fn boot(dir: &Path, extra: &[String]) -> VmProcess {
+    /// Starts flint-vmm as flintd does: a typed launch spec in `<dir>/spec.json`, `flint-vmm --spec` (the API
+    /// socket, the vsock socket and the console in `dir` unless the spec says otherwise).
+    pub fn launch(dir: &Path, mut spec: flint_vmm_api::LaunchSpec) -> VmProcess {
+        use flint_vmm_api::spec::Launch;
+        let api_sock = dir.join("api.sock");
+        let vsock_uds = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        spec.api_sock.get_or_insert_with(|| api_sock.clone());
+        match &mut spec.launch {
+            Launch::Boot(c) => {
+                c.vsock.get_or_insert(flint_vmm_api::config::VsockConfig { guest_cid: 3, uds_path: vsock_uds.clone() });
+                if c.console == "stdout" {
+                    c.console = console.display().to_string();
+                }
+            }
+            Launch::Restore(r) => {
+                r.devices.vsock_uds.get_or_insert_with(|| vsock_uds.clone());
+                r.devices.console.get_or_insert_with(|| console.display().to_string());
+            }
+        }
+        let path = dir.join("spec.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&spec).expect("spec")).expect("write the launch spec");
+        let started = Instant::now();
+        let mut cmd = Command::new(vmm_bin());
+        die_with_parent(&mut cmd);
+        let child =
+            cmd.arg("--spec").arg(&path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn flint-vmm");
+        VmProcess { child, api_sock, vsock_uds, console, started }
+    }
+
+    /// A boot of the images' initramfs (256 MiB, one vCPU), with `f`'s changes to the configuration.
+    pub fn boot_with(dir: &Path, f: impl FnOnce(&mut flint_vmm_api::config::VmConfig)) -> VmProcess {
         let img = images();
-        let mut args = vec![
-            "--kernel".to_string(),
-            img.vmlinux.display().to_string(),
-            "--initramfs".into(),
-            img.initramfs.display().to_string(),
-            "--mem".into(),
-            "256".into(),
-        ];
-        args.extend_from_slice(extra);
-        Self::spawn(dir, &args)
+        let mut c = flint_vmm_api::config::VmConfig::new(img.vmlinux.clone());
+        c.initramfs = Some(img.initramfs.clone());
+        c.mem_mib = 256;
+        f(&mut c);
+        let spec = flint_vmm_api::LaunchSpec {
+            api_sock: None,
+            seccomp: true,
+            jail: None,
+            launch: flint_vmm_api::spec::Launch::Boot(c),
+        };
+        Self::launch(dir, spec)
+    }
+
+    /// A standard boot.
+    pub fn boot(dir: &Path) -> VmProcess {
+        Self::boot_with(dir, |_| ())
+    }
+
+    /// A restore of `state` with `memory`, with `f`'s changes to the restore.
+    pub fn restore_with(
+        dir: &Path,
+        state: &Path,
+        memory: flint_vmm_api::spec::MemorySource,
+        f: impl FnOnce(&mut flint_vmm_api::spec::RestoreSpec),
+    ) -> VmProcess {
+        let mut r = flint_vmm_api::spec::RestoreSpec {
+            state_path: state.to_path_buf(),
+            memory,
+            devices: Default::default(),
+            track_dirty_pages: None,
+            merged_memory: false,
+        };
+        f(&mut r);
+        let spec = flint_vmm_api::LaunchSpec {
+            api_sock: None,
+            seccomp: true,
+            jail: None,
+            launch: flint_vmm_api::spec::Launch::Restore(r),
+        };
+        Self::launch(dir, spec)
+    }
+
+    /// A restore of `state`/`mem` with memory `mode` (`private` or `uffd`).
+    pub fn restore(dir: &Path, state: &Path, mem: &Path, mode: &str) -> VmProcess {
+        Self::restore_with(dir, state, memory_source(mem, mode), |_| ())
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -408,7 +473,10 @@ async fn make_golden(dir: &Path) -> Golden {
     std::fs::create_dir_all(&tmp).expect("golden dir");
     let work = TempDir::new("golden");
     // A detached network card, as flintd boots every VM: clones of the golden snapshot may be given a network.
-    let mut vm = VmProcess::boot(work.path(), &["--track-dirty-pages".into(), "--tap".into(), "none".into()]);
+    let mut vm = VmProcess::boot_with(work.path(), |c| {
+        c.track_dirty_pages = true;
+        c.net = Some(flint_vmm_api::config::NetConfig::detached());
+    });
     let agent = vm.agent(Duration::from_secs(300)).await;
     let boot_ms = vm.started.elapsed().as_secs_f64() * 1000.0;
     let req = flint_agent::protocol::ExecRequest {
@@ -475,19 +543,13 @@ fn prune_goldens(current: &Path, keep: usize) {
     }
 }
 
-impl VmProcess {
-    /// Restores a clone of `state`/`mem` in a new flint-vmm (sockets and console in `dir`).
-    pub fn restore(dir: &Path, state: &Path, mem: &Path, mode: &str, extra: &[String]) -> VmProcess {
-        let mut args = vec![
-            "--restore-state".to_string(),
-            state.display().to_string(),
-            "--restore-mem".into(),
-            mem.display().to_string(),
-            "--restore-mode".into(),
-            mode.into(),
-        ];
-        args.extend_from_slice(extra);
-        Self::spawn(dir, &args)
+/// The memory source of restore mode `mode` for memory file `mem`.
+pub fn memory_source(mem: &Path, mode: &str) -> flint_vmm_api::spec::MemorySource {
+    use flint_vmm_api::spec::MemorySource;
+    match mode {
+        "uffd" => MemorySource::Uffd { path: mem.to_path_buf() },
+        "private" => MemorySource::Private { path: mem.to_path_buf() },
+        other => panic!("no restore mode {other}"),
     }
 }
 

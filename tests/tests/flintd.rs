@@ -533,9 +533,10 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     assert!(!out.status.success());
     assert!(err.contains("lazy restore failed") && err.contains("could not be provided"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(120), "a lost page source must fail the VM, not hang it");
+    // A failed start leaves nothing: no VMM, no record, no directory.
     let vms = flint_json(&socket, &["vm", "ls"]);
-    let failed = vms.as_array().unwrap().iter().find(|v| v["status"] == "failed").expect("the failed clone is listed");
-    assert!(failed["pid"].is_null(), "no VMM left for the failed clone: {failed}");
+    assert!(vms.as_array().unwrap().is_empty(), "the failed clone left a VM behind: {vms}");
+    assert_eq!(std::fs::read_dir(data.join("vms")).unwrap().count(), 0, "and no directory");
 }
 
 /// A VMM taken over by its guest reaches nothing: `jail-probe` (tests/src/bin), started by flintd's launcher with

@@ -29,7 +29,7 @@ async fn restored_guest_resumes_its_processes_and_clock() {
     for mode in ["private", "uffd"] {
         let dir = TempDir::new("restore");
         let t = Instant::now();
-        let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, mode, &[]);
+        let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, mode);
         let agent = vm.agent(AGENT_TIMEOUT).await;
         let ready = t.elapsed();
         let threads = vm.seccomp_status();
@@ -83,7 +83,7 @@ async fn ten_clones_restore_concurrently_and_share_memory() {
     let g = golden();
     let dirs: Vec<TempDir> = (0..10).map(|_| TempDir::new("clone")).collect();
     let mut vms: Vec<VmProcess> =
-        dirs.iter().map(|d| VmProcess::restore(d.path(), &g.state, &g.mem, "private", &[])).collect();
+        dirs.iter().map(|d| VmProcess::restore(d.path(), &g.state, &g.mem, "private")).collect();
     let mut agents = Vec::new();
     for vm in vms.iter_mut() {
         agents.push(vm.agent(Duration::from_secs(300)).await);
@@ -110,7 +110,9 @@ async fn ten_clones_restore_concurrently_and_share_memory() {
 async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     let g = golden();
     let dir = TempDir::new("diff");
-    let mut vm = VmProcess::restore(dir.path(), &g.state, &g.mem, "private", &["--track-dirty-pages".into()]);
+    let mut vm = VmProcess::restore_with(dir.path(), &g.state, memory_source(&g.mem, "private"), |r| {
+        r.track_dirty_pages = Some(true)
+    });
     let agent = vm.agent(AGENT_TIMEOUT).await;
     // Touch 1 MiB in the guest: a tmpfs file of random bytes, written by the agent.
     let mut agent = agent;
@@ -139,13 +141,8 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     eprintln!("diff snapshot: {written} bytes (full snapshot: {full} bytes)");
     // A diff alone cannot be restored.
     std::fs::create_dir_all(dir.path().join("x")).unwrap();
-    let mut bad = VmProcess::restore(
-        &dir.path().join("x"),
-        &dir.path().join("d.state"),
-        &dir.path().join("d.mem"),
-        "private",
-        &[],
-    );
+    let mut bad =
+        VmProcess::restore(&dir.path().join("x"), &dir.path().join("d.state"), &dir.path().join("d.mem"), "private");
     let (st, err) = bad.wait(Duration::from_secs(30));
     assert_eq!(st.code(), Some(1));
     assert!(err.contains("diff"), "{err}");
@@ -165,7 +162,9 @@ async fn diff_snapshot_holds_only_dirtied_pages_and_restores_on_its_base() {
     // The diff's state file with the merged memory is the diff snapshot's VM.
     let rdir = TempDir::new("diff-restore");
     let mut r =
-        VmProcess::restore(rdir.path(), &dir.path().join("d.state"), &merged, "private", &["--merged-memory".into()]);
+        VmProcess::restore_with(rdir.path(), &dir.path().join("d.state"), memory_source(&merged, "private"), |r| {
+            r.merged_memory = true
+        });
     let mut agent = r.agent(AGENT_TIMEOUT).await;
     agent.call_timeout = Duration::from_secs(120);
     let back = agent.read_file("/tmp/blob").await.unwrap();
@@ -194,7 +193,7 @@ fn corrupt_or_foreign_state_files_are_rejected() {
         std::fs::write(&p, bytes).unwrap();
         let vdir = dir.path().join(name);
         std::fs::create_dir_all(&vdir).unwrap();
-        let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private", &[]);
+        let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private");
         let (st, err) = vm.wait(Duration::from_secs(30));
         assert_eq!(st.code(), Some(1), "{name}: {err}");
         assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
@@ -233,7 +232,7 @@ fn corrupt_or_foreign_state_files_are_rejected() {
     std::fs::write(&short, vec![0u8; 4096]).unwrap();
     let vdir = dir.path().join("short");
     std::fs::create_dir_all(&vdir).unwrap();
-    let mut vm = VmProcess::restore(&vdir, &g.state, &short, "private", &[]);
+    let mut vm = VmProcess::restore(&vdir, &g.state, &short, "private");
     let (st, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(st.code(), Some(1));
     assert!(err.contains("the snapshot needs"), "{err}");
@@ -254,7 +253,7 @@ async fn a_state_file_of_the_previous_format_version_restores() {
     let bytes = format::encode_as(1, &old).unwrap();
     let v1_path = dir.path().join("v1.state");
     std::fs::write(&v1_path, &bytes).unwrap();
-    let mut vm = VmProcess::restore(dir.path(), &v1_path, &g.mem, "private", &[]);
+    let mut vm = VmProcess::restore(dir.path(), &v1_path, &g.mem, "private");
     let agent = vm.agent(AGENT_TIMEOUT).await;
     let c = counter(&agent).await;
     assert!(c >= g.counter_at_snapshot, "the guest restored from a version-1 state file runs: {c}");
@@ -273,7 +272,7 @@ async fn a_state_file_of_the_previous_format_version_restores() {
     std::fs::write(&p, newer).unwrap();
     let vdir = dir.path().join("newer");
     std::fs::create_dir_all(&vdir).unwrap();
-    let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private", &[]);
+    let mut vm = VmProcess::restore(&vdir, &p, &g.mem, "private");
     let (st, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(st.code(), Some(1), "{err}");
     let want = format!("reads format version {}", format::FORMAT_VERSION + 1);
@@ -306,8 +305,9 @@ async fn a_guest_flooding_its_console_stays_within_the_cap() {
     let g = golden();
     let dir = TempDir::new("console-cap");
     let limit: u64 = 64 * 1024;
-    let mut vm =
-        VmProcess::restore(dir.path(), &g.state, &g.mem, "private", &["--console-limit".into(), limit.to_string()]);
+    let mut vm = VmProcess::restore_with(dir.path(), &g.state, memory_source(&g.mem, "private"), |r| {
+        r.devices.console_limit_bytes = Some(limit)
+    });
     let agent = vm.agent(Duration::from_secs(300)).await;
     let req = flint_agent::protocol::ExecRequest {
         argv: vec![

@@ -45,19 +45,18 @@ async fn guest_boots_and_every_device_works() {
         String::from_utf8_lossy(&got).into_owned()
     });
 
-    let mut vm = VmProcess::boot(
-        dir.path(),
-        &[
-            "--drive".into(),
-            format!("{},ro", ro.display()),
-            "--drive".into(),
-            rw.display().to_string(),
-            "--tap".into(),
-            format!("{},netns={}", net.tap, net.netns_path()),
-            "--cmdline-extra".into(),
-            net.guest_ip_cmdline(),
-        ],
-    );
+    let mut vm = VmProcess::boot_with(dir.path(), |c| {
+        use flint_vmm_api::config::{DriveConfig, NetConfig};
+        let drive = |path: &std::path::Path, read_only| DriveConfig {
+            path: path.to_path_buf(),
+            read_only,
+            root: false,
+            rate_limiter: None,
+        };
+        c.drives = vec![drive(&ro, true), drive(&rw, false)];
+        c.net = Some(NetConfig { tap: net.tap.clone(), netns: Some(net.netns_path().into()), ..NetConfig::detached() });
+        c.cmdline_extra = net.guest_ip_cmdline();
+    });
     let agent = vm.agent(BOOT_TIMEOUT).await;
 
     // Host → guest vsock: the agent answers.

@@ -19,7 +19,7 @@ pub(super) async fn list(State(d): D) -> Response {
 
 pub(super) async fn create(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateVm = body(&b)?;
-    Ok(created(d.vms.create(req, None).await?))
+    Ok(created(d.create_vm(req).await?))
 }
 
 /// The record, plus `vmm`: the VMM's own description (timings, restore breakdown, fault counters) while it runs.

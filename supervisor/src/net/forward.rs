@@ -181,7 +181,7 @@ async fn serve(listener: tokio::net::TcpListener, port: u16, up: Arc<dyn Upstrea
             };
             counters.front_routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _guard = guard;
-            let connect = tokio::net::TcpStream::connect(addr);
+            let connect = super::connect_marked(addr);
             if let Ok(Ok(guest)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
                 let _ = client.set_nodelay(true);
                 let _ = guest.set_nodelay(true);

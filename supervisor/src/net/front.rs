@@ -1,111 +1,180 @@
-//! The front end for exposed guest ports (docs/networking.md): an HTTP listener that routes a connection to
-//! guest port P of VM or session S, named by `Host: P-S.<domain>`, by the headers `flint-session: S` and
-//! `flint-port: P`, or by the `flint-route` cookie it sets on first contact. After the request head the
-//! connection is a byte pipe to the guest (through the VM's tap): keep-alive requests, request bodies,
-//! server-sent events and WebSocket upgrades pass through as they are. A connection keeps a session awake; a
-//! request for a hibernated session wakes it.
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+//! The front end for exposed guest ports (docs/networking.md): an HTTP/1.1 reverse proxy that routes **every
+//! request** of a connection on its own to guest port P of VM or session S, named by `Host: P-S.<domain>`, by
+//! the headers `flint-session: S` and `flint-port: P`, or by the `flint-route` cookie it sets. Each request is
+//! parsed strictly ([`super::http1`]: its end found by Content-Length or chunked framing, smuggling shapes
+//! refused), authorised before anything wakes (a session is woken only for a request that presents the port's
+//! token, if it has one), stripped of Flint's token and routing headers, query parameter and cookies, and
+//! forwarded; the guest's answer loses any `Set-Cookie` for Flint's cookies. Only after a `101 Switching
+//! Protocols` does the connection become a byte pipe (WebSocket). Behind a pooling proxy, requests for different
+//! sandboxes on one connection reach their own guests, and a request without a token never rides an authorised
+//! connection.
+//!
+//! Limits: connections in all and per source address, time to send a head, idle time between requests and on a
+//! pipe, and wrong tokens per source (past the limit its requests are refused for a while). Refusals tell an
+//! anonymous client only the kind of failure; the log has the detail.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use flint_vmm_api::lock;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::http1::{self, Body, Chunked, Head};
+use crate::error::Kind;
+pub use crate::error::Refusal;
 use crate::launcher::BoxFut;
 
-/// Where a route leads, and what keeps its VM there while the connection lasts.
+/// Where a route leads, and what keeps its VM there while the request (or pipe) lasts.
 pub struct Target {
     pub addr: SocketAddr,
-    /// The port's access token, if it has one.
-    pub token: Option<String>,
-    /// Held until the connection ends (a session's activity).
+    /// Held until the request's answer (or the pipe) ends (a session's activity).
     pub guard: Box<dyn Send>,
 }
 
-use crate::error::Kind;
-pub use crate::error::Refusal;
-
-/// Finds the guest behind (id, port).
+/// Finds the guest behind (id, port) for a request that presents `token`: the implementation authorises first
+/// (the port exposed, the token right) and only then wakes anything.
 pub trait Resolve: Send + Sync + 'static {
-    fn resolve(&self, id: String, port: u16) -> BoxFut<'_, Result<Target, Refusal>>;
+    fn resolve(&self, id: String, port: u16, token: Option<String>) -> BoxFut<'_, Result<Target, Refusal>>;
 }
 
-const MAX_HEAD: usize = 16 * 1024;
 pub const ROUTE_COOKIE: &str = "flint-route";
 pub const TOKEN_COOKIE: &str = "flint-token";
+const TOKEN_HEADER: &str = "flint-token";
+const TOKEN_QUERY: &str = "flint_token";
 
-/// A parsed request head: what routing needs.
-#[derive(Debug, Default, PartialEq)]
-pub struct Head {
-    pub target: String,
-    pub host: Option<String>,
-    pub session: Option<String>,
-    pub port: Option<String>,
-    pub token: Option<String>,
-    pub cookies: Vec<(String, String)>,
+/// The front end's limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections open at once, in all.
+    pub connections: usize,
+    /// Connections open at once from one source address.
+    pub per_source: usize,
+    /// Time to send a whole request head once its first byte came (slowloris).
+    pub head_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// A request's answer, or a pipe, with no byte either way for this long ends the connection.
+    pub transfer_idle: Duration,
+    /// Wrong tokens one source may present per `wrong_token_window` before its requests are refused (429) for
+    /// the rest of that window.
+    pub wrong_tokens: u32,
+    pub wrong_token_window: Duration,
 }
 
-/// Parses the head (everything before the blank line) of an HTTP/1 request.
-pub fn parse_head(head: &str) -> Result<Head, String> {
-    let mut lines = head.split("\r\n");
-    let request = lines.next().unwrap_or_default();
-    let mut parts = request.split(' ');
-    let (Some(_method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("malformed request line".into());
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported protocol {version:?} (HTTP/1.x only)"));
-    }
-    let mut h = Head { target: target.to_string(), ..Head::default() };
-    for line in lines.filter(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else { return Err(format!("malformed header {line:?}")) };
-        let value = value.trim().to_string();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "host" => h.host = Some(value),
-            "flint-session" => h.session = Some(value),
-            "flint-port" => h.port = Some(value),
-            "flint-token" => h.token = Some(value),
-            "cookie" => {
-                for c in value.split(';') {
-                    if let Some((k, v)) = c.trim().split_once('=') {
-                        h.cookies.push((k.trim().to_string(), v.trim().to_string()));
-                    }
-                }
-            }
-            _ => {}
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: 4096,
+            per_source: 256,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            transfer_idle: Duration::from_secs(600),
+            wrong_tokens: 20,
+            wrong_token_window: Duration::from_secs(60),
         }
     }
-    Ok(h)
+}
+
+/// The front end's shared state: connections per source, wrong tokens per source.
+struct Gate {
+    limits: Limits,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Gate {
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Entry> {
+        let mut g = lock(&self.open);
+        let (all, per) = &mut *g;
+        let mine = per.entry(ip).or_default();
+        if *all >= self.limits.connections || *mine >= self.limits.per_source {
+            return None;
+        }
+        *all += 1;
+        *mine += 1;
+        Some(Entry { gate: self.clone(), ip })
+    }
+
+    /// Whether `ip` is refused for its wrong tokens.
+    fn throttled(&self, ip: IpAddr) -> bool {
+        let f = lock(&self.failures);
+        f.get(&ip).is_some_and(|(since, n)| {
+            since.elapsed() < self.limits.wrong_token_window && *n >= self.limits.wrong_tokens
+        })
+    }
+
+    fn wrong_token(&self, ip: IpAddr) {
+        let mut f = lock(&self.failures);
+        if f.len() > 100_000 {
+            f.retain(|_, (since, _)| since.elapsed() < self.limits.wrong_token_window);
+        }
+        let e = f.entry(ip).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= self.limits.wrong_token_window {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+    }
+}
+
+/// A connection's place in the gate, given back when it ends.
+struct Entry {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let mut g = lock(&self.gate.open);
+        g.0 -= 1;
+        if let Some(n) = g.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// How a request names its guest port.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum RouteBy {
     Host,
     Headers,
     Cookie,
 }
 
-/// The (id, port) a request names, and how; the Host form first, then the headers, then the cookie.
+/// The cookies of a request's `Cookie` header.
+fn cookies(h: &Head) -> Vec<(String, String)> {
+    h.all("cookie")
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect()
+}
+
+/// The (id, port) a request names, and how: the Host form first, then the headers, then the cookie. In the Host
+/// form the id is as the client sent it (DNS names reach flintd lower-cased; ids are unique whatever their case,
+/// and the resolver matches them so).
 pub fn route(h: &Head, domain: &str) -> Result<(String, u16, RouteBy), String> {
     let parse_port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("bad port {p:?}"));
-    if let Some(host) = &h.host {
-        let name = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host.as_str(), |(n, _)| n);
-        let suffix = format!(".{domain}");
-        if let Some(label) = name.to_ascii_lowercase().strip_suffix(&suffix) {
-            if let Some((port, id)) = label.split_once('-') {
+    if let Some(host) = h.get("host") {
+        let name =
+            host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(n, _)| n);
+        let suffix = format!(".{}", domain.to_ascii_lowercase());
+        let lower = name.to_ascii_lowercase();
+        if let Some(label) = lower.strip_suffix(&suffix) {
+            if let Some((port, _)) = label.split_once('-') {
+                let id = &name[port.len() + 1..label.len()];
                 return Ok((id.to_string(), parse_port(port)?, RouteBy::Host));
             }
         }
     }
-    if let (Some(s), Some(p)) = (&h.session, &h.port) {
-        return Ok((s.clone(), parse_port(p)?, RouteBy::Headers));
+    if let (Some(s), Some(p)) = (h.get("flint-session"), h.get("flint-port")) {
+        return Ok((s.to_string(), parse_port(p)?, RouteBy::Headers));
     }
-    if let Some((_, v)) = h.cookies.iter().find(|(k, _)| k == ROUTE_COOKIE) {
+    if let Some((_, v)) = cookies(h).into_iter().find(|(k, _)| k == ROUTE_COOKIE) {
         if let Some((id, port)) = v.rsplit_once('.') {
             return Ok((id.to_string(), parse_port(port)?, RouteBy::Cookie));
         }
@@ -117,21 +186,59 @@ pub fn route(h: &Head, domain: &str) -> Result<(String, u16, RouteBy), String> {
 }
 
 /// The token a request carries: `flint-token` header, `flint_token` query parameter, or cookie.
-fn presented_token(h: &Head) -> Option<String> {
-    if let Some(t) = &h.token {
-        return Some(t.clone());
+pub fn presented_token(h: &Head) -> Option<String> {
+    if let Some(t) = h.get(TOKEN_HEADER) {
+        return Some(t.to_string());
     }
-    if let Some((_, q)) = h.target.split_once('?') {
+    if let Some((_, q)) = h.start.1.split_once('?') {
         if let Some(v) = q.split('&').find_map(|kv| kv.strip_prefix("flint_token=")) {
             return Some(v.to_string());
         }
     }
-    h.cookies.iter().find(|(k, _)| k == TOKEN_COOKIE).map(|(_, v)| v.clone())
+    cookies(h).into_iter().find(|(k, _)| k == TOKEN_COOKIE).map(|(_, v)| v)
 }
 
 /// Compares without an early exit on the first differing byte.
-fn same(a: &str, b: &str) -> bool {
+pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request as the guest gets it: Flint's routing and token headers, query parameter and cookies removed,
+/// `Expect` answered by the front end.
+fn for_guest(h: &Head) -> Head {
+    let mut out = h.clone();
+    for name in [TOKEN_HEADER, "flint-session", "flint-port", "expect"] {
+        out.remove(name);
+    }
+    if let Some((path, q)) = out.start.1.split_once('?') {
+        let kept: Vec<&str> = q.split('&').filter(|kv| !kv.starts_with(&format!("{TOKEN_QUERY}="))).collect();
+        out.start.1 = if kept.is_empty() { path.to_string() } else { format!("{path}?{}", kept.join("&")) };
+    }
+    let kept: Vec<String> = cookies(h)
+        .into_iter()
+        .filter(|(k, _)| k != ROUTE_COOKIE && k != TOKEN_COOKIE)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.remove("cookie");
+    if !kept.is_empty() {
+        out.headers.push(("Cookie".into(), kept.join("; ")));
+    }
+    out
+}
+
+/// The guest's answer as the client gets it: no `Set-Cookie` of Flint's cookies, and Flint's own added.
+fn for_client(h: &Head, set: &[String]) -> Head {
+    let mut out = h.clone();
+    out.headers.retain(|(n, v)| {
+        !(n.eq_ignore_ascii_case("set-cookie") && {
+            let name = v.split('=').next().unwrap_or("").trim();
+            name == ROUTE_COOKIE || name == TOKEN_COOKIE
+        })
+    });
+    for c in set {
+        out.headers.push(("Set-Cookie".into(), c.clone()));
+    }
+    out
 }
 
 /// The error body every edge sends.
@@ -151,161 +258,296 @@ pub(crate) fn reply(r: &Refusal) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Connections the front end holds at once; past it a new one is closed at once (each holds a task and two sockets,
-/// and a routed one may last as long as its client wants).
-pub const MAX_CONNECTIONS: usize = 4096;
+/// What an anonymous client is told of a refusal: its kind only (the detail goes to the log).
+fn generic(r: &Refusal) -> Refusal {
+    let m = match r.kind {
+        Kind::Invalid => return r.clone(), // about the request itself: the client's own bytes
+        Kind::Unauthorized => "this port needs its access token",
+        Kind::NotFound => "no such sandbox port",
+        Kind::Quota => "too many failed attempts: try later",
+        Kind::Guest => "the sandbox did not answer",
+        Kind::Conflict | Kind::Unavailable | Kind::Internal | Kind::TooLarge => "the sandbox is not available",
+    };
+    Refusal::new(r.kind, m)
+}
 
 /// Serves the front end on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, domain: String, resolver: Arc<dyn Resolve>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(listener: TcpListener, domain: String, resolver: Arc<dyn Resolve>, limits: Limits) {
+    let gate = Arc::new(Gate { limits, open: Mutex::new((0, HashMap::new())), failures: Mutex::new(HashMap::new()) });
     loop {
         let Ok((conn, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(%peer, "front end: {MAX_CONNECTIONS} connections open; closing a new one");
+        let Some(entry) = gate.enter(peer.ip()) else {
+            debug!(%peer, "front end: connection limit reached; closing a new connection");
             continue;
         };
-        let (domain, resolver) = (domain.clone(), resolver.clone());
+        let (domain, resolver, gate) = (domain.clone(), resolver.clone(), gate.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = connection(conn, &domain, resolver).await {
+            let _entry = entry;
+            let _ = conn.set_nodelay(true);
+            let c = Conn { client: conn, peer, buf: Vec::new(), gate, domain: &domain, resolver };
+            if let Err(e) = c.run().await {
                 debug!(%peer, error = %e, "front end connection");
             }
         });
     }
 }
 
-/// Reads up to the end of an HTTP head; returns the head's length (through the blank line) and what was read.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, String> {
-    let mut chunk = [0u8; 4096];
+/// One client connection.
+struct Conn<'a> {
+    client: TcpStream,
+    peer: SocketAddr,
+    /// Bytes read from the client and not yet used (the next request's, when pipelined).
+    buf: Vec<u8>,
+    gate: Arc<Gate>,
+    domain: &'a str,
+    resolver: Arc<dyn Resolve>,
+}
+
+/// The guest connection of the last request, kept for the next one to the same port.
+struct Upstream {
+    key: (String, u16),
+    stream: TcpStream,
+}
+
+impl Conn<'_> {
+    async fn refuse(&mut self, r: Refusal) -> Result<(), String> {
+        let shown = generic(&r);
+        info!(peer = %self.peer, status = r.status(), reason = %r.message, "front end refused a request");
+        let _ = self.client.write_all(&reply(&shown)).await;
+        Err(r.message)
+    }
+
+    /// Reads the next request head: waits up to the idle timeout for its first byte, then the head timeout.
+    async fn read_head(&mut self) -> Result<Option<(Head, usize)>, String> {
+        let mut chunk = [0u8; 8192];
+        if self.buf.is_empty() {
+            match tokio::time::timeout(self.gate.limits.idle_timeout, self.client.read(&mut chunk)).await {
+                Err(_) | Ok(Ok(0)) => return Ok(None),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.gate.limits.head_timeout;
+        loop {
+            match http1::head_end(&self.buf) {
+                Err(e) => {
+                    self.refuse(Refusal::new(Kind::Invalid, e.0)).await?;
+                }
+                Ok(Some(n)) => {
+                    let head = http1::parse(&self.buf[..n]);
+                    return match head {
+                        Ok(h) => Ok(Some((h, n))),
+                        Err(e) => self.refuse(Refusal::new(Kind::Invalid, e.0)).await.map(|_| None),
+                    };
+                }
+                Ok(None) => {}
+            }
+            let n = tokio::time::timeout_at(deadline, self.client.read(&mut chunk))
+                .await
+                .map_err(|_| "no complete request head in time".to_string())?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn run(mut self) -> Result<(), String> {
+        let mut upstream: Option<Upstream> = None;
+        let mut first = true;
+        loop {
+            let Some((head, len)) = self.read_head().await? else { return Ok(()) };
+            self.buf.drain(..len);
+            let body = match head.request_body() {
+                Ok(b) => b,
+                Err(e) => return self.refuse(Refusal::new(Kind::Invalid, e.0)).await,
+            };
+            let (id, port, by) = match route(&head, self.domain) {
+                Ok(r) => r,
+                Err(e) => return self.refuse(Refusal::new(Kind::Invalid, e)).await,
+            };
+            if self.gate.throttled(self.peer.ip()) {
+                return self.refuse(Refusal::new(Kind::Quota, "too many wrong tokens from this address")).await;
+            }
+            let token = presented_token(&head);
+            let target = match self.resolver.resolve(id.clone(), port, token.clone()).await {
+                Ok(t) => t,
+                Err(r) => {
+                    if r.kind == Kind::Unauthorized && token.is_some() {
+                        self.gate.wrong_token(self.peer.ip());
+                    }
+                    return self.refuse(r).await;
+                }
+            };
+            // Flint's cookies: the route (unless it came by cookie) and the token (when it came another way).
+            let mut set = Vec::new();
+            if first && by != RouteBy::Cookie {
+                set.push(format!("{ROUTE_COOKIE}={id}.{port}; Path=/; HttpOnly; SameSite=Lax"));
+            }
+            if let Some(t) = token.as_ref().filter(|_| !cookies(&head).iter().any(|(k, _)| k == TOKEN_COOKIE)) {
+                set.push(format!("{TOKEN_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict"));
+            }
+            first = false;
+            let key = (id.clone(), port);
+            let reuse = upstream.take().filter(|u| u.key == key);
+            let mut up = match reuse {
+                Some(u) => u,
+                None => match connect(target.addr).await {
+                    Ok(s) => Upstream { key, stream: s },
+                    Err(e) => return self.refuse(Refusal::new(Kind::Guest, e)).await,
+                },
+            };
+            let _guard = target.guard;
+            if head.get("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
+                self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|e| e.to_string())?;
+            }
+            match self.exchange(&head, body, &mut up, &set).await? {
+                Next::Keep if head.keep_alive() => upstream = Some(up),
+                Next::Keep | Next::Close => return Ok(()),
+                Next::Pipe => {
+                    let leftover = std::mem::take(&mut self.buf);
+                    if !leftover.is_empty() {
+                        up.stream.write_all(&leftover).await.map_err(|e| e.to_string())?;
+                    }
+                    super::pipe::splice(self.client, up.stream, self.gate.limits.transfer_idle).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sends one request to the guest and its answer to the client.
+    async fn exchange(&mut self, head: &Head, body: Body, up: &mut Upstream, set: &[String]) -> Result<Next, String> {
+        let idle = self.gate.limits.transfer_idle;
+        let guest_head = for_guest(head);
+        up.stream.write_all(&guest_head.to_bytes()).await.map_err(|e| e.to_string())?;
+        copy_body(&mut self.client, &mut self.buf, &mut up.stream, body, idle).await?;
+        // The answer, through its head (1xx informational answers passed on as they come).
+        let mut from_guest = Vec::new();
+        let resp = loop {
+            let (resp, n) = read_response_head(&mut up.stream, &mut from_guest, idle).await?;
+            from_guest.drain(..n);
+            let status = resp.status().map_err(|e| e.0)?;
+            if (100..200).contains(&status) && status != 101 {
+                self.client.write_all(&resp.to_bytes()).await.map_err(|e| e.to_string())?;
+                continue;
+            }
+            break resp;
+        };
+        let status = resp.status().map_err(|e| e.0)?;
+        let rbody = resp.response_body(&head.start.0).map_err(|e| e.0)?;
+        self.client.write_all(&for_client(&resp, set).to_bytes()).await.map_err(|e| e.to_string())?;
+        if status == 101 {
+            if !from_guest.is_empty() {
+                self.client.write_all(&from_guest).await.map_err(|e| e.to_string())?;
+            }
+            return Ok(Next::Pipe);
+        }
+        copy_body(&mut up.stream, &mut from_guest, &mut self.client, rbody, idle).await?;
+        let reusable = rbody != Body::UntilClose && !resp.connection_has("close") && from_guest.is_empty();
+        Ok(if reusable { Next::Keep } else { Next::Close })
+    }
+}
+
+enum Next {
+    Keep,
+    Close,
+    Pipe,
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    // flintd's forwarder marks its connections: the host lets new connections into VM networks out only with
+    // this mark (docs/networking.md).
+    match tokio::time::timeout(Duration::from_secs(5), super::connect_marked(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("the guest does not accept connections on {}: {e}", addr.port())),
+        Err(_) => Err(format!("no answer from the guest's port {} within 5 s", addr.port())),
+    }
+}
+
+/// Reads a response head from `from` (into `buf`, which may hold bytes already): the head and its length.
+async fn read_response_head<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+) -> Result<(Head, usize), String> {
+    let mut chunk = [0u8; 8192];
     loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok(i + 4);
+        if let Some(n) = http1::head_end(buf).map_err(|e| format!("the guest's answer: {e}"))? {
+            return Ok((http1::parse(&buf[..n]).map_err(|e| format!("the guest's answer: {e}"))?, n));
         }
-        if buf.len() > MAX_HEAD {
-            return Err(format!("head over {MAX_HEAD} bytes"));
-        }
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        let n = tokio::time::timeout(idle, from.read(&mut chunk))
+            .await
+            .map_err(|_| "the guest did not answer in time".to_string())?
+            .map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err("closed before the end of the head".into());
+            return Err("the guest closed the connection before answering".into());
         }
         buf.extend_from_slice(&chunk[..n]);
     }
 }
 
-async fn connection(mut client: TcpStream, domain: &str, resolver: Arc<dyn Resolve>) -> Result<(), String> {
-    let _ = client.set_nodelay(true);
-    let mut buf = Vec::new();
-    let head_len = match tokio::time::timeout(Duration::from_secs(30), read_head(&mut client, &mut buf)).await {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
-            let _ = client.write_all(&reply(&Refusal::new(Kind::Invalid, e.clone()))).await;
-            return Err(e);
-        }
-        Err(_) => return Err("no request head within 30 s".into()),
+/// Copies a body of framing `body` from `from` (starting with what `pending` holds; what is left after the body
+/// stays in `pending`) to `to`.
+async fn copy_body<R, W>(
+    from: &mut R,
+    pending: &mut Vec<u8>,
+    to: &mut W,
+    body: Body,
+    idle: Duration,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunked = Chunked::default();
+    let mut left = match body {
+        Body::None => return Ok(()),
+        Body::Length(n) => n,
+        Body::Chunked | Body::UntilClose => u64::MAX,
     };
-    let refuse = |kind: Kind, msg: String| Refusal::new(kind, msg);
-    let routed = async {
-        let head =
-            std::str::from_utf8(&buf[..head_len]).map_err(|_| refuse(Kind::Invalid, "head is not UTF-8".into()))?;
-        let h = parse_head(head).map_err(|e| refuse(Kind::Invalid, e))?;
-        let (id, port, by) = route(&h, domain).map_err(|e| refuse(Kind::Invalid, e))?;
-        let target = resolver.resolve(id.clone(), port).await?;
-        let presented = presented_token(&h);
-        if let Some(want) = &target.token {
-            match &presented {
-                Some(t) if same(t, want) => {}
-                Some(_) => {
-                    return Err(refuse(Kind::Unauthorized, format!("wrong access token for port {port} of `{id}`")))
-                }
-                None => {
-                    return Err(refuse(
-                        Kind::Unauthorized,
-                        format!(
-                            "port {port} of `{id}` needs its access token (`flint-token` header, `flint_token` query \
-                             parameter or `{TOKEN_COOKIE}` cookie)"
-                        ),
-                    ))
-                }
-            }
-        }
-        let mut cookies = Vec::new();
-        if by != RouteBy::Cookie {
-            cookies.push(format!("{ROUTE_COOKIE}={id}.{port}; Path=/; HttpOnly; SameSite=Lax"));
-        }
-        if target.token.is_some() && h.cookies.iter().all(|(k, _)| k != TOKEN_COOKIE) {
-            if let Some(t) = presented {
-                cookies.push(format!("{TOKEN_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict"));
-            }
-        }
-        Ok((target, cookies))
-    }
-    .await;
-    let (target, cookies) = match routed {
-        Ok(t) => t,
-        Err(r) => {
-            let _ = client.write_all(&reply(&r)).await;
-            return Err(r.message);
-        }
-    };
-    let mut guest = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let msg = format!("the guest does not accept connections on {}: {e}", target.addr.port());
-            let _ = client.write_all(&reply(&Refusal::new(Kind::Guest, msg.clone()))).await;
-            return Err(msg);
-        }
-        Err(_) => {
-            let msg = format!("no answer from the guest's port {} within 5 s", target.addr.port());
-            let _ = client.write_all(&reply(&Refusal::new(Kind::Guest, msg.clone()))).await;
-            return Err(msg);
-        }
-    };
-    let _ = guest.set_nodelay(true);
-    guest.write_all(&buf).await.map_err(|e| e.to_string())?;
-    let _guard = target.guard;
-    let (mut cr, mut cw) = client.into_split();
-    let (mut gr, mut gw) = guest.into_split();
-    let up = async move {
-        let _ = tokio::io::copy(&mut cr, &mut gw).await;
-        let _ = gw.shutdown().await;
-    };
-    let down = async move {
-        if !cookies.is_empty() {
-            // The first response's head gets the cookies, after its status line.
-            let mut head = Vec::new();
-            let mut one = [0u8; 4096];
-            let n = loop {
-                if let Some(i) = head.windows(2).position(|w| w == b"\r\n") {
-                    break i + 2;
-                }
-                match gr.read(&mut one).await {
-                    Ok(0) | Err(_) => {
-                        let _ = cw.write_all(&head).await;
-                        return;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        if !pending.is_empty() {
+            let take = match body {
+                Body::Chunked => {
+                    let (n, done) = chunked.feed(pending).map_err(|e| e.0)?;
+                    if done {
+                        left = 0;
                     }
-                    Ok(n) => head.extend_from_slice(&one[..n]),
+                    n
                 }
-                if head.len() > MAX_HEAD {
-                    break head.len();
-                }
+                Body::UntilClose => pending.len(),
+                _ => (left.min(pending.len() as u64)) as usize,
             };
-            let mut out = head[..n].to_vec();
-            for c in &cookies {
-                out.extend_from_slice(format!("set-cookie: {c}\r\n").as_bytes());
+            to.write_all(&pending[..take]).await.map_err(|e| e.to_string())?;
+            pending.drain(..take);
+            if let Body::Length(_) = body {
+                left -= take as u64;
             }
-            out.extend_from_slice(&head[n..]);
-            if cw.write_all(&out).await.is_err() {
-                return;
+            if left == 0 {
+                return Ok(());
             }
         }
-        let _ = tokio::io::copy(&mut gr, &mut cw).await;
-        let _ = cw.shutdown().await;
-    };
-    tokio::join!(up, down);
-    Ok(())
+        let n = tokio::time::timeout(idle, from.read(&mut chunk))
+            .await
+            .map_err(|_| "a body stalled".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return match body {
+                Body::UntilClose => Ok(()),
+                _ => Err("the connection closed inside a body".into()),
+            };
+        }
+        pending.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Binds the front end's listener.
@@ -314,33 +556,4 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn head(lines: &[&str]) -> Head {
-        parse_head(&format!("GET /x?flint_token=abc HTTP/1.1\r\n{}\r\n\r\n", lines.join("\r\n"))).unwrap()
-    }
-
-    #[test]
-    fn requests_are_routed_by_host_then_headers_then_cookie() {
-        let d = "flint.localhost";
-        assert_eq!(
-            route(&head(&["Host: 8080-sess1.flint.localhost:8480"]), d).unwrap(),
-            ("sess1".into(), 8080, RouteBy::Host)
-        );
-        assert_eq!(
-            route(&head(&["Host: 127.0.0.1:8480", "Flint-Session: vm-1", "flint-port: 80"]), d).unwrap(),
-            ("vm-1".into(), 80, RouteBy::Headers)
-        );
-        assert_eq!(
-            route(&head(&["Host: x", "Cookie: a=b; flint-route=vm-2.81"]), d).unwrap(),
-            ("vm-2".into(), 81, RouteBy::Cookie)
-        );
-        assert!(route(&head(&["Host: other.example"]), d).unwrap_err().contains("no route"));
-        assert!(route(&head(&["Host: 0-a.flint.localhost"]), d).unwrap_err().contains("bad port"));
-        assert!(route(&head(&["flint-session: a", "flint-port: 99999"]), d).is_err());
-        assert_eq!(presented_token(&head(&[])).as_deref(), Some("abc"));
-        assert!(parse_head("GET / SPDY/3\r\n\r\n").is_err() && parse_head("GET /\r\n\r\n").is_err());
-        assert!(same("token123", "token123") && !same("token123", "token124") && !same("a", "ab"));
-    }
-}
+mod tests;

@@ -9,6 +9,7 @@
 pub mod dns;
 pub mod forward;
 pub mod front;
+pub mod http1;
 pub mod pipe;
 pub mod policy;
 
@@ -165,6 +166,31 @@ impl crate::error::Classify for NetError {
 
 fn io(what: impl std::fmt::Display, source: std::io::Error) -> NetError {
     NetError::Io { what: what.to_string(), source }
+}
+
+/// The mark flintd's own connections into guests carry (the front end's, the plain TCP forwards'): the host's
+/// `flint` table lets a new connection from the host into a VM network out only with it, so other processes of
+/// the host cannot reach guest ports (only exposed ones, through flintd).
+pub const FORWARDER_MARK: u32 = 0xf117;
+
+/// Connects to `addr` from a socket marked with [`FORWARDER_MARK`] before its SYN.
+pub async fn connect_marked(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    let mark = FORWARDER_MARK;
+    // SAFETY: setsockopt(2) on the fresh socket's fd, with a u32 value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &mark as *const u32 as *const libc::c_void,
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.connect(addr).await
 }
 
 /// Runs `prog args` with `stdin` as its input, inside the network namespace `ns` (None: flintd's own).

@@ -255,8 +255,21 @@ pub struct NetworkRequest {
     #[serde(default)]
     pub egress: EgressPolicy,
     /// Guest ports reachable through the front end, by port number.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "port_map")]
     pub ports: BTreeMap<u16, ExposedPort>,
+}
+
+/// A map keyed by port numbers, which JSON writes as strings (read also where serde buffers the input, as for a
+/// flattened record, and integer keys would not parse).
+fn port_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, ExposedPort>, D::Error> {
+    let raw = BTreeMap::<String, ExposedPort>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse::<u16>()
+                .map(|p| (p, v))
+                .map_err(|_| serde::de::Error::custom(format!("port `{k}` is not a port number")))
+        })
+        .collect()
 }
 
 impl NetworkRequest {

@@ -212,6 +212,11 @@ impl Manager {
         self.vms.read().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }
 
+    /// The id of the VM `name` names whatever its case (ids are unique case-insensitively).
+    pub fn find_id(&self, name: &str) -> Option<String> {
+        self.vms.read().unwrap_or_else(|p| p.into_inner()).keys().find(|k| k.eq_ignore_ascii_case(name)).cloned()
+    }
+
     pub fn len(&self) -> usize {
         self.vms.read().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -281,9 +286,9 @@ impl Manager {
     /// The named image, loaded (its kind of root, runners), or why not (listing the known ones).
     pub fn image(&self, name: &str) -> Result<crate::image::Image, crate::image::ImageError> {
         let images = self.images();
-        let dir = images.get(name).ok_or_else(|| crate::image::ImageError::Bad {
+        let dir = images.get(name).ok_or_else(|| crate::image::ImageError::Unknown {
             name: name.into(),
-            why: format!("no such image (known: {})", images.keys().cloned().collect::<Vec<_>>().join(", ")),
+            known: images.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         crate::image::Image::load(name, dir)
     }

@@ -292,5 +292,13 @@ mod tests {
         let back = serde_json::to_value(&r).unwrap();
         assert_eq!(back["ready_ms"], 12.5, "timings stay top-level fields of the API's answer");
         assert!(back.get("owner").is_none());
+        // A record with a network reads back through the flattened detail (its port map's keys are strings).
+        let mut r = r;
+        let mut req = crate::net::NetworkRequest::default();
+        req.ports.insert(8080, Default::default());
+        r.network = Some(crate::net::VmNet { index: 1, mac: "m".into(), request: req });
+        let detail = super::super::ops::VmDetail { record: r.clone(), vmm: None };
+        let back: super::super::ops::VmDetail = serde_json::from_str(&serde_json::to_string(&detail).unwrap()).unwrap();
+        assert_eq!(back.record, r);
     }
 }

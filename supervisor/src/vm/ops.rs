@@ -15,16 +15,14 @@ use super::model::*;
 use super::{EventKind, Manager, Resource};
 use crate::error::{Kind, Refusal};
 
-/// A VM's record and, while it runs, what its VMM and page server say (timings, restore breakdown, faults).
+/// A VM's record and, while it runs, what its VMM says (timings, restore breakdown, faults); for a lazily
+/// restored VM whose memory flintd serves, `vmm.uffd` is the page server's counters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmDetail {
     #[serde(flatten)]
     pub record: VmRecord,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<flint_vmm_api::describe::VmDescription>,
-    /// The page server's counters (a lazily restored VM), when flintd serves its memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uffd: Option<flint_vmm_api::describe::UffdReport>,
 }
 
 /// A pool's hand-out of a paused VM: resumed, refreshed with `env` and `hostname`, given to `owner`.
@@ -64,12 +62,14 @@ impl Manager {
     /// The record and what the VMM says of itself.
     pub async fn detail(&self, id: &str) -> Result<VmDetail, VmError> {
         let record = self.get(id)?;
-        let vmm = match record.pid {
+        let mut vmm = match record.pid {
             Some(_) => self.launcher.vmm(&record.dir, record.uid.is_some()).describe().await.ok(),
             None => None,
         };
-        let uffd = self.uffd_report(id);
-        Ok(VmDetail { record, vmm, uffd })
+        if let (Some(v), Some(u)) = (vmm.as_mut(), self.uffd_report(id)) {
+            v.uffd = Some(u);
+        }
+        Ok(VmDetail { record, vmm })
     }
 
     /// The agent of a running VM (one connection per VM, reconnected when it breaks).

@@ -157,8 +157,9 @@ impl Manager {
         f(&mut rec);
         let vm = {
             let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
-            if vms.contains_key(&id) {
-                return Err(StartError::Exists(id));
+            // Unique whatever the case: a DNS name (the front end's Host routing) does not keep it.
+            if let Some(other) = vms.keys().find(|k| k.eq_ignore_ascii_case(&id)) {
+                return Err(StartError::Exists(other.clone()));
             }
             let jail = self.cfg.jail.enabled.then_some(&self.cfg.jail);
             let blocks = network.map(|_| self.net.blocks());

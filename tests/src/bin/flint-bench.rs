@@ -29,7 +29,7 @@ fn ms(us: u64) -> f64 {
 
 async fn boot_once() -> serde_json::Value {
     let dir = TempDir::new("bench");
-    let mut vm = VmProcess::boot(dir.path(), &[]);
+    let mut vm = VmProcess::boot(dir.path());
     let agent = vm.agent(Duration::from_secs(300)).await;
     let ready = vm.started.elapsed();
     let rtt = {
@@ -66,7 +66,7 @@ async fn snapshot_bench() {
     let dir = TempDir::new("bench-snap");
     println!("flint-bench snapshot: images {}", images().dir.display());
     // 1. Cold boot.
-    let mut vm = VmProcess::boot(dir.path(), &["--track-dirty-pages".into()]);
+    let mut vm = VmProcess::boot_with(dir.path(), |c| c.track_dirty_pages = true);
     let agent = vm.agent(Duration::from_secs(300)).await;
     let cold_ms = vm.started.elapsed().as_secs_f64() * 1000.0;
     let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).expect("describe");
@@ -97,8 +97,7 @@ async fn snapshot_bench() {
     let mut rows = Vec::new();
     for mode in ["private", "uffd"] {
         let rdir = TempDir::new("bench-restore");
-        let mut r =
-            VmProcess::restore(rdir.path(), &dir.path().join("full.state"), &dir.path().join("full.mem"), mode, &[]);
+        let mut r = VmProcess::restore(rdir.path(), &dir.path().join("full.state"), &dir.path().join("full.mem"), mode);
         let a = r.agent(Duration::from_secs(120)).await;
         let ready_ms = r.started.elapsed().as_secs_f64() * 1000.0;
         let (_, d) = api_call(&r.api_sock, "GET", "/vm", None).expect("describe");
@@ -187,7 +186,7 @@ async fn store_bench() {
     let dir = TempDir::new("bench-store");
     // A second image: a clone of the golden snapshot after some work (files written through the agent).
     let rdir = TempDir::new("bench-store-clone");
-    let mut r = VmProcess::restore(rdir.path(), &g.state, &g.mem, "private", &[]);
+    let mut r = VmProcess::restore(rdir.path(), &g.state, &g.mem, "private");
     let agent = r.agent(Duration::from_secs(120)).await;
     for i in 0..4 {
         let data: Vec<u8> =
@@ -890,22 +889,11 @@ async fn restore_floor_bench(runs: usize) -> Vec<(String, String, f64)> {
     let work = TempDir::new("bench-floor");
     // A 256 MiB and a 2 GiB snapshot made here (two cold boots): boot, wait for the agent, snapshot. Without a
     // network card, so a baseline from before cards were always there restores them too.
-    let img = images();
     for (name, mem) in [("small", "256"), ("big", "2048")] {
         let dir = work.path().join(name);
         std::fs::create_dir_all(&dir).expect("dir");
-        let args: Vec<String> = [
-            "--kernel",
-            img.vmlinux.to_str().unwrap_or_default(),
-            "--initramfs",
-            img.initramfs.to_str().unwrap_or_default(),
-            "--mem",
-            mem,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut vm = VmProcess::spawn(&dir, &args);
+        let mem_mib: u64 = mem.parse().unwrap_or(256);
+        let mut vm = VmProcess::boot_with(&dir, |c| c.mem_mib = mem_mib);
         drop(vm.agent(Duration::from_secs(600)).await);
         let req = serde_json::json!({"state_path": dir.join("vm.state"), "mem_path": dir.join("vm.mem")});
         api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&req)).expect("snapshot");

@@ -298,6 +298,11 @@ impl Sessions {
         self.map.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// The id of the session `name` names whatever its case (ids are unique case-insensitively).
+    pub fn find_id(&self, name: &str) -> Option<String> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).keys().find(|k| k.eq_ignore_ascii_case(name)).cloned()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -381,8 +386,13 @@ impl Sessions {
             n.check(self.cfg.network.max_rules)?;
             self.vms.net.forwards.check(id, n)?;
         }
-        if self.vms.contains(id) {
-            return Err(SessionError::Conflict(format!("`{id}` is a VM id: calls could not tell them apart")));
+        if let Some(vm) = self.vms.find_id(id) {
+            return Err(SessionError::Conflict(format!("`{vm}` is a VM id: calls could not tell them apart")));
+        }
+        if let Some(other) = self.find_id(id) {
+            return Err(SessionError::Conflict(format!(
+                "session `{other}` already exists (ids are unique whatever their case)"
+            )));
         }
         Ok(idle)
     }
