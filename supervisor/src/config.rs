@@ -66,8 +66,13 @@ pub struct SessionsConfig {
     /// conditional writes (flintd probes it).
     pub cross_host: bool,
     /// How long a host's claim on a running session lasts without renewal (renewed every third of it): a host
-    /// that dies loses its sessions after this.
+    /// that dies loses its sessions after this. A host that cannot renew fences itself first: it pauses the
+    /// session's VM half-way through the lease and stops it at two thirds (docs/sessions.md).
     pub lease_s: u64,
+    /// The most the clocks of hosts sharing a bucket may differ: another host's lapsed claim is taken over only
+    /// this long after its expiry (with the holder's own fence a third of the lease early, hosts whose clocks
+    /// differ by less than `max_clock_skew_ms` + lease_s/3 never run a session at once).
+    pub max_clock_skew_ms: u64,
     /// This host's name in leases; default: the hostname and a random suffix kept in `<data_dir>/host-id`.
     pub host_id: Option<String>,
     /// How often idle timeouts, lifetimes and leases are checked.
@@ -83,6 +88,7 @@ impl Default for SessionsConfig {
             lazy_wake: true,
             cross_host: true,
             lease_s: 30,
+            max_clock_skew_ms: 2000,
             host_id: None,
             tick_ms: 500,
             max_sessions: 10_000,
@@ -143,11 +149,24 @@ pub struct Limits {
     pub max_clones_per_call: u32,
     /// Largest writable disk (storage quota) of a disk-rooted image's VM, MiB; 0: no limit.
     pub max_disk_mib: u64,
+    /// Sum of every VM's disks at their full size (writable disk and mount slot are sparse: they grow as guests
+    /// write), MiB; 0: no limit. Set it to what the data filesystem can give VMs, and guests can never fill it.
+    pub max_total_disk_mib: u64,
+    /// A VM with disks is refused while the data filesystem has less free than this, MiB (the database, the
+    /// store and running guests need room); 0: no check.
+    pub min_free_disk_mib: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_vms: 1024, max_total_mem_mib: 0, max_clones_per_call: 1000, max_disk_mib: 16384 }
+        Limits {
+            max_vms: 1024,
+            max_total_mem_mib: 0,
+            max_clones_per_call: 1000,
+            max_disk_mib: 16384,
+            max_total_disk_mib: 0,
+            min_free_disk_mib: 1024,
+        }
     }
 }
 
@@ -273,6 +292,16 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.sessions.lease_s < 3 || self.sessions.tick_ms == 0 || self.sessions.tick_ms > 60_000 {
             return invalid("sessions: lease_s must be at least 3 and tick_ms within 1..=60000".into());
+        }
+        if self.sessions.tick_ms * 4 > self.sessions.lease_s * 1000 {
+            return invalid(format!(
+                "sessions: tick_ms ({}) must be at most a quarter of lease_s ({} s): renewals and the self-fence \
+                 run on the tick",
+                self.sessions.tick_ms, self.sessions.lease_s
+            ));
+        }
+        if self.sessions.max_clock_skew_ms > 600_000 {
+            return invalid("sessions: max_clock_skew_ms must be at most 600000".into());
         }
         if let Some(h) = &self.sessions.host_id {
             flint_snapshot_store::manifest::check_name("sessions.host_id", h).map_err(ConfigError::Invalid)?;

@@ -47,6 +47,8 @@ struct FakeVm {
     config: VmConfig,
     alive: bool,
     paused: bool,
+    /// Stopped by `freeze` (SIGSTOP for a real VMM).
+    frozen: bool,
     exit: tokio::sync::watch::Sender<bool>,
     agent_task: tokio::task::JoinHandle<()>,
 }
@@ -86,6 +88,11 @@ impl FakeLauncher {
     /// The next `n` spawns fail (as a VMM that cannot start).
     pub fn fail_next_spawns(&self, n: u32) {
         self.inner.failing_spawns.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the VM in `dir` is stopped by `freeze`.
+    pub fn frozen(&self, dir: &Path) -> bool {
+        lock(&self.inner.vms).values().any(|v| v.dir == dir && v.alive && v.frozen)
     }
 
     pub fn running(&self) -> usize {
@@ -167,7 +174,16 @@ impl Launcher for FakeLauncher {
             }
         });
         let (exit, _) = tokio::sync::watch::channel(false);
-        let vm = FakeVm { dir: dir.to_path_buf(), start: 7, config, alive: true, paused: false, exit, agent_task };
+        let vm = FakeVm {
+            dir: dir.to_path_buf(),
+            start: 7,
+            config,
+            alive: true,
+            paused: false,
+            frozen: false,
+            exit,
+            agent_task,
+        };
         lock(&self.inner.vms).insert(pid, vm);
         Ok(Proc { pid, start: 7 })
     }
@@ -178,6 +194,12 @@ impl Launcher for FakeLauncher {
 
     fn kill(&self, p: Proc) {
         self.inner.kill(p.pid);
+    }
+
+    fn freeze(&self, p: Proc, frozen: bool) {
+        if let Some(v) = lock(&self.inner.vms).get_mut(&p.pid).filter(|v| v.alive && v.start == p.start) {
+            v.frozen = frozen;
+        }
     }
 
     fn exited(&self, p: Proc) -> BoxFut<'static, String> {

@@ -25,3 +25,42 @@ pub fn api_bodies(data: &[u8]) {
     let mut r = std::io::Cursor::new(data);
     while let Ok(Some(_)) = flint_vmm_api::http::read_request(&mut r, 1 << 20) {}
 }
+
+/// Body of the DNS fuzz target: what a guest sends the VM's DNS proxy (a query) and what a resolver answers,
+/// through the proxy's parsers (docs/networking.md).
+pub fn dns(data: &[u8]) {
+    if let Some(q) = crate::net::dns::parse_query(data) {
+        let _ = crate::net::dns::error_reply(data, 5);
+        let _ = crate::net::dns::answer_addresses(data, q.id, &q.name);
+    }
+    let id = data.first().map_or(0, |b| u16::from(*b));
+    let _ = crate::net::dns::answer_addresses(data, id, "allowed.test");
+    let _ = crate::net::dns::error_reply(data, 2);
+}
+
+/// Body of the front end's fuzz target: bytes of an anonymous client's connection as the front end parses them —
+/// request heads, their framing and chunked bodies — and a guest's answer heads (docs/networking.md).
+pub fn front_end(data: &[u8]) {
+    use crate::net::http1;
+    let mut rest = data;
+    for _ in 0..8 {
+        let Ok(Some(n)) = http1::head_end(rest) else { break };
+        let Ok(head) = http1::parse(&rest[..n]) else { break };
+        let body = head.request_body();
+        let _ = head.keep_alive();
+        rest = &rest[n..];
+        if let Ok(http1::Body::Chunked) = body {
+            let mut c = http1::Chunked::default();
+            match c.feed(rest) {
+                Ok((used, _)) => rest = &rest[used.min(rest.len())..],
+                Err(_) => break,
+            }
+        }
+    }
+    if let Ok(Some(n)) = http1::response_head_end(data) {
+        if let Ok(h) = http1::parse_response(&data[..n]) {
+            let _ = h.response_body("GET");
+            let _ = h.to_bytes();
+        }
+    }
+}

@@ -31,6 +31,18 @@ pub async fn request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    request_limited(sock, (method, path), body, timeout, MAX_RESPONSE_BYTES).await
+}
+
+/// [`request`] reading at most `max` bytes of response (head included): a server that sends more is not read
+/// further, and its answer is malformed.
+pub async fn request_limited(
+    sock: &Path,
+    (method, path): (&str, &str),
+    body: Option<&[u8]>,
+    timeout: Duration,
+    max: u64,
+) -> Result<(u16, Vec<u8>), HttpError> {
     let name = sock.display().to_string();
     let fut = async {
         let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
@@ -39,7 +51,7 @@ pub async fn request(
         // the response is there to read, and it is the answer that matters.
         let write_err = s.write_all(&request).await.err();
         let mut buf = Vec::new();
-        let read = (&mut s).take(MAX_RESPONSE_BYTES).read_to_end(&mut buf).await;
+        let read = (&mut s).take(max).read_to_end(&mut buf).await;
         match (parse_response(&buf), write_err, read) {
             (Some(r), _, _) => Ok(r),
             (None, Some(e), _) | (None, None, Err(e)) => Err(HttpError::Io(name.clone(), e)),

@@ -397,6 +397,47 @@ pub fn reap(pidfd: &OwnedFd) -> String {
     }
 }
 
+/// Refuses a jail uid range that overlaps an account of the host (`passwd`: a user's uid, `group`: a group's gid —
+/// VMMs run with uid = gid) or a subordinate id range (`subuid`, `subgid`: a user's containers): a VMM running as
+/// such an id could signal that user's processes or open their files. `etc` is the directory holding them
+/// (`/etc`); missing files have no ids.
+pub fn check_host_ids(etc: &Path, base: u32, count: u32) -> Result<(), JailError> {
+    let end = u64::from(base) + u64::from(count);
+    let hits = |a: u64, n: u64| a < end && u64::from(base) < a + n;
+    let refuse = |what: String| {
+        Err(JailError::UidsTaken(format!(
+            "jail uids {base}..{end} overlap {what}: pick a range no account or container of the host uses \
+             (jail.uid_base, jail.uid_count)"
+        )))
+    };
+    for (file, field) in [("passwd", 2usize), ("group", 2)] {
+        let text = std::fs::read_to_string(etc.join(file)).unwrap_or_default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(':').collect();
+            if let Some(id) = f.get(field).and_then(|v| v.parse::<u64>().ok()) {
+                if hits(id, 1) {
+                    let kind = if file == "passwd" { "user" } else { "group" };
+                    return refuse(format!("{kind} `{}` ({id}) in {}", f[0], etc.join(file).display()));
+                }
+            }
+        }
+    }
+    for file in ["subuid", "subgid"] {
+        let text = std::fs::read_to_string(etc.join(file)).unwrap_or_default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(':').collect();
+            let (Some(a), Some(n)) = (f.get(1).and_then(|v| v.parse().ok()), f.get(2).and_then(|v| v.parse().ok()))
+            else {
+                continue;
+            };
+            if hits(a, n) {
+                return refuse(format!("{}..{} of `{}` in {}", a, a + n, f[0], etc.join(file).display()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A claim on a range of jail uids for as long as this flintd runs: an exclusive `flock(2)` on
 /// `<dir>/<base>-<count>.claim`. Two flintds of one host whose ranges overlap would run VMMs as the same uids, and
 /// a VMM could then signal, trace or open the files of a VM of the other flintd: the second one refuses to start.
@@ -489,6 +530,25 @@ pub fn claim_uids(dir: &Path, base: u32, count: u32, owner: &str) -> Result<UidC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_ranges_of_host_accounts_and_containers_are_refused() {
+        let etc = std::env::temp_dir().join(format!("flint-etc-{}", std::process::id()));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\nsvc:x:900100:900100::/:/bin/false\n").unwrap();
+        std::fs::write(etc.join("group"), "wheel:x:10:\nbig:x:950000:\n").unwrap();
+        std::fs::write(etc.join("subuid"), "alice:100000:65536\n").unwrap();
+        std::fs::write(etc.join("subgid"), "# none\n").unwrap();
+        let e = check_host_ids(&etc, 900000, 1000).unwrap_err().to_string();
+        assert!(e.contains("user `svc` (900100)"), "{e}");
+        let e = check_host_ids(&etc, 949000, 2000).unwrap_err().to_string();
+        assert!(e.contains("group `big` (950000)"), "{e}");
+        let e = check_host_ids(&etc, 165000, 1000).unwrap_err().to_string();
+        assert!(e.contains("100000..165536 of `alice`"), "{e}");
+        check_host_ids(&etc, 970000, 10000).unwrap();
+        check_host_ids(&etc.join("missing"), 0, 10).unwrap();
+        let _ = std::fs::remove_dir_all(&etc);
+    }
 
     #[test]
     fn overlapping_uid_ranges_are_refused_while_held() {

@@ -85,6 +85,10 @@ pub trait Launcher: Send + Sync + 'static {
     fn alive(&self, p: Proc) -> bool;
     /// SIGKILL, if `p` is still the process we started.
     fn kill(&self, p: Proc);
+    /// Stops every thread of `p` at once (SIGSTOP: its vCPUs leave the guest and stay out) or lets it go on
+    /// (SIGCONT), if `p` is still the process we started. Unlike the VMM's own pause it needs no answer from the
+    /// VMM and waits for no operation in progress: what a host that lost its claim on a session does first.
+    fn freeze(&self, p: Proc, frozen: bool);
     /// Resolves when `p` has exited, with how it ended.
     fn exited(&self, p: Proc) -> BoxFut<'static, String>;
     /// The control API of the VMM whose files are in `dir` (`jailed`: it was started jailed, and sees paths
@@ -169,6 +173,7 @@ impl ProcessLauncher {
     /// error when another running flintd of this host has claimed an overlapping one.
     pub fn claim_uids(&mut self, owner: &str) -> Result<(), crate::jail::JailError> {
         if let JailSetup::Ready(cfg, _) = &self.jail {
+            crate::jail::check_host_ids(Path::new("/etc"), cfg.uid_base, cfg.uid_count)?;
             self.uid_claim = Some(crate::jail::claim_uids(&cfg.claims_dir, cfg.uid_base, cfg.uid_count, owner)?);
         }
         Ok(())
@@ -334,6 +339,16 @@ impl Launcher for ProcessLauncher {
         }
     }
 
+    fn freeze(&self, p: Proc, frozen: bool) {
+        let known = lock(&self.jailed).contains_key(&p.pid) || lock(&self.children).contains_key(&p.pid);
+        if known || self.alive(p) {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on our own child (held by its pidfd or tokio handle, so its pid is not reused), or
+            // on a pid whose start time was just checked to be our VMM's.
+            unsafe { libc::kill(p.pid as i32, sig) };
+        }
+    }
+
     fn exited(&self, p: Proc) -> BoxFut<'static, String> {
         if let Some(pidfd) = lock(&self.jailed).get(&p.pid).cloned() {
             let jailed = self.jailed.clone();
@@ -433,7 +448,11 @@ impl HttpVmm {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Vec<u8>, VmmError> {
-        let (status, out) = crate::http::request(&self.sock, method, path, body.as_deref(), timeout).await?;
+        // Answers are small (a description, a snapshot report): no more than a little over the cap is ever read
+        // from a VMM (whose process a guest may have taken over).
+        let cap = MAX_VMM_ANSWER as u64 + 4096;
+        let (status, out) =
+            crate::http::request_limited(&self.sock, (method, path), body.as_deref(), timeout, cap).await?;
         if status >= 300 {
             let msg = serde_json::from_slice::<serde_json::Value>(&out)
                 .ok()
@@ -441,7 +460,6 @@ impl HttpVmm {
                 .unwrap_or_else(|| String::from_utf8_lossy(&out).into_owned());
             return Err(VmmError::Refused { path: path.to_string(), status, message: msg });
         }
-        // Answers are small (a description, a snapshot report): a VMM that sends more is not believed.
         if out.len() > MAX_VMM_ANSWER {
             return Err(VmmError::Malformed {
                 what: "control",

@@ -84,6 +84,9 @@ fn sessions(d: &Daemon, out: &mut String) {
             ("flint_session_hibernate_stored_bytes_total", g(&m.hibernate_stored_bytes)),
             ("flint_session_idle_hibernations_total", g(&m.idle_hibernations)),
             ("flint_session_expired_total", g(&m.expired)),
+            ("flint_session_lease_renew_failures_total", g(&m.lease_renew_failures)),
+            ("flint_session_lease_freezes_total", g(&m.lease_freezes)),
+            ("flint_session_lease_fences_total", g(&m.lease_fences)),
         ],
     );
 }
@@ -114,6 +117,7 @@ fn networks(d: &Daemon, out: &mut String) {
         &[
             ("flint_dns_answered_total", g(&c.dns_answered)),
             ("flint_dns_refused_total", g(&c.dns_refused)),
+            ("flint_dns_withheld_total", g(&c.dns_withheld)),
             ("flint_front_requests_total", g(&c.front_routed)),
             ("flint_front_refused_total", g(&c.front_refused)),
         ],

@@ -167,8 +167,9 @@ mod tests {
     fn the_validator_finds_what_is_wrong() {
         let spec = Spec::repo().unwrap();
         let health = spec.schema("Health");
-        let good =
-            serde_json::json!({"status": "ok", "version": "1", "vms": 0, "sessions": 0, "s3": false, "host": "h"});
+        let good = serde_json::json!(
+            {"status": "ok", "version": "1", "vms": 0, "sessions": 0, "s3": false, "host": "h", "cross_host": "off"}
+        );
         assert_eq!(spec.check(health, &good), Vec::<String>::new());
         let bad = serde_json::json!({"status": "bad", "version": 1, "vms": 0, "s3": false, "host": "h", "x": 1});
         let e = spec.check(health, &bad).join("\n");

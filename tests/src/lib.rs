@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use flint_agent::client::{AgentClient, Endpoint};
@@ -628,6 +628,77 @@ impl Drop for LatencyProxy {
     }
 }
 
+/// A TCP proxy on loopback that can cut its clients off from the server, as a network partition would: `cut`
+/// closes every open connection and every new one at once, `heal` lets new ones through again.
+pub struct PartitionProxy {
+    pub port: u16,
+    state: std::sync::Arc<PartitionState>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    open: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl PartitionProxy {
+    pub fn start(upstream: u16) -> PartitionProxy {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let port = l.local_addr().expect("proxy port").port();
+        let state = std::sync::Arc::new(PartitionState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if st.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                if st.cut.load(Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                {
+                    let mut open = st.open.lock().unwrap();
+                    open.retain(|s| s.peer_addr().is_ok());
+                    open.push(client.try_clone().expect("clone"));
+                    open.push(server.try_clone().expect("clone"));
+                }
+                let pump = |mut from: TcpStream, mut to: TcpStream| {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                };
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                std::thread::spawn(move || pump(client, server));
+                std::thread::spawn(move || pump(s2, c2));
+            }
+        });
+        PartitionProxy { port, state }
+    }
+
+    /// Cuts every client off: open connections are shut down, new ones closed on arrival.
+    pub fn cut(&self) {
+        self.state.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        for s in self.state.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.state.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for PartitionProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.state.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
 pub const S3_ACCESS_KEY: &str = "flint-test";
 pub const S3_SECRET_KEY: &str = "flint-test-secret";
 
@@ -669,6 +740,11 @@ impl S3Server {
     /// From now on clients (`env`, `endpoint`) go through `proxy`.
     pub fn route_through(&mut self, proxy: &LatencyProxy) {
         self.via = Some(format!("http://127.0.0.1:{}", proxy.port));
+    }
+
+    /// From now on clients go through the proxy on loopback port `port`, or straight to the server (`None`).
+    pub fn route_via(&mut self, port: Option<u16>) {
+        self.via = port.map(|p| format!("http://127.0.0.1:{p}"));
     }
 
     /// Where the server keeps an object (for tests that damage one).
@@ -1044,7 +1120,7 @@ mod fuzz_corpora_tests {
 
     #[test]
     fn every_fuzz_corpus_replays() {
-        let targets: [(&str, Body); 10] = [
+        let targets: [(&str, Body); 12] = [
             ("state_file", flint_vmm::fuzzing::state_file),
             ("control_api", flint_vmm::fuzzing::control_api),
             ("virtq_block", flint_vmm::fuzzing::block),
@@ -1055,6 +1131,8 @@ mod fuzz_corpora_tests {
             ("chunk", flint_snapshot_store::fuzzing::chunk),
             ("agent_frames", flint_agent::fuzzing::frames),
             ("flintd_api", flint_supervisor::fuzzing::api_bodies),
+            ("dns", flint_supervisor::fuzzing::dns),
+            ("front_end", flint_supervisor::fuzzing::front_end),
         ];
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         for (name, body) in targets {

@@ -747,7 +747,8 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
             h["last_hibernate_stored_bytes"]
         );
         assert_eq!(h["state"], "hibernated", "{h}");
-        assert_eq!(h["base"], format!("s1.h{cycle}"));
+        // Each wake takes the lease again: the epoch (fencing token) goes up with it.
+        assert_eq!(h["base"], format!("s1.h{cycle}.e{cycle}"), "the hibernation carries its claim's epoch");
         assert!(h["vm"].is_null());
         let stored = h["last_hibernate_stored_bytes"].as_u64().unwrap();
         assert!(stored < mem_bytes / 4, "hibernation {cycle} stored {stored} bytes of a {mem_bytes}-byte guest");
@@ -890,8 +891,18 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
     drop(KillVmmsUnder(data_b.clone()));
     let out = flint(&sock_a, &["exec", "s1", "--", "/bin/true"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 409"), "B's lease is still current");
-    std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(sh(&sock_a, "s1", "cat /tmp/count"), "6", "taken over from the last hibernation");
+    // Refused until B's lease (4 s) and the allowed clock skew have passed, then taken over.
+    let since = Instant::now();
+    let got = loop {
+        let out = flint(&sock_a, &["exec", "s1", "--", "/bin/sh", "-c", "cat /tmp/count"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 409"), "{out:?}");
+        assert!(since.elapsed() < Duration::from_secs(120), "A never took the session over");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(got, "6", "taken over from the last hibernation");
 
     // Fork: two children with the parent's memory, each refreshed.
     let kids = flint_json(&sock_a, &["session", "fork", "s1", "-n", "2"]);
@@ -916,6 +927,94 @@ fn sessions_hibernate_wake_and_move_between_hosts() {
     let left: Vec<_> = std::fs::read_dir(&leases).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "lease objects left in the bucket: {left:?}");
     drop(a);
+}
+
+/// Finding 3 of #26: a host cut off from the bucket cannot renew its claim on a running session. It pauses the
+/// session's VM half-way through the lease and stops it at two thirds; the other host takes the claim over only
+/// past its expiry (plus the allowed clock skew) and wakes the last hibernation. At no point do both hosts run a
+/// VM of the session, and what was hibernated is not lost.
+#[test]
+fn a_host_that_cannot_renew_its_lease_stops_the_session_before_another_takes_it() {
+    let mut s3 = S3Server::start();
+    let proxy = flint_tests::PartitionProxy::start(s3.port);
+    let work = TempDir::new("flintd-fence");
+    let (data_a, data_b) = (work.path().join("a"), work.path().join("b"));
+    let _reap_a = KillVmmsUnder(data_a.clone());
+    let _reap_b = KillVmmsUnder(data_b.clone());
+    let (sock_a, sock_b) = (work.path().join("a.sock"), work.path().join("b.sock"));
+    let lease = "[sessions]\nlease_s = 9\ntick_ms = 200\nmax_clock_skew_ms = 3000\n";
+    let (config_a, config_b) = (work.path().join("a.toml"), work.path().join("b.toml"));
+    std::fs::write(&config_a, lease).unwrap();
+    std::fs::write(&config_b, format!("{lease}[jail]\nuid_base = 970000\nuid_count = 1000\n")).unwrap();
+    flint_tests::import_golden(&data_a, &s3, "fence", "gold", None);
+    // Host A reaches the bucket only through the proxy; host B straight.
+    s3.route_via(Some(proxy.port));
+    let args_a = ["--allow-unauthenticated-bucket", "--config", config_a.to_str().unwrap()];
+    let a = Flintd::start_with(&data_a, &sock_a, &s3, "fence", &args_a);
+    s3.route_via(None);
+    let args_b = ["--allow-unauthenticated-bucket", "--config", config_b.to_str().unwrap()];
+    let b = Flintd::start_with(&data_b, &sock_b, &s3, "fence", &args_b);
+
+    flint_json(&sock_a, &["session", "create", "--snapshot", "gold", "--id", "f1", "--idle-timeout", "3600"]);
+    sh(&sock_a, "f1", "echo hibernated > /tmp/state");
+    let h = flint_json(&sock_a, &["session", "hibernate", "f1"]);
+    assert_eq!(h["base"], "f1.h1.e1", "{h}");
+    assert_eq!(sh(&sock_a, "f1", "echo after > /tmp/later; cat /tmp/state"), "hibernated");
+    let vm = session(&sock_a, "f1")["vm"].as_str().unwrap().to_string();
+    let pid = vm_detail(&sock_a, &vm)["pid"].as_i64().expect("the VM's pid");
+    let running = |pid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(str::to_string))
+            .filter(|state| state != "Z")
+    };
+
+    proxy.cut();
+    let cut = Instant::now();
+    let mut frozen_seen = false;
+    let mut a_stopped_at = None;
+    let woken = loop {
+        assert!(cut.elapsed() < Duration::from_secs(300), "B never woke the session");
+        match running(pid) {
+            Some(state) => frozen_seen |= state == "T",
+            None => {
+                a_stopped_at.get_or_insert(cut.elapsed());
+            }
+        }
+        let a_stopped = a_stopped_at.is_some();
+        let out = flint(&sock_b, &["exec", "f1", "--", "/bin/sh", "-c", "cat /tmp/state; cat /tmp/later || true"]);
+        if out.status.success() {
+            // B's wake began after A's VMM was seen gone: never two VMs of the session at once.
+            assert!(a_stopped, "B woke the session while A's VM (pid {pid}) still ran");
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("HTTP 409") && err.contains("is held by host"), "B's wake failed otherwise: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("A's VM stopped {a_stopped_at:?} after the cut; B woke the session {:?} after it", cut.elapsed());
+    assert!(frozen_seen, "A paused the VM before it stopped it");
+    assert_eq!(woken, "hibernated", "the last hibernation, and nothing A did after it");
+    let on_a = session(&sock_a, "f1");
+    assert_eq!(on_a["state"], "failed", "{on_a}");
+    assert!(on_a["error"].as_str().unwrap_or("").contains("lost its lease"), "{on_a}");
+    let metrics = String::from_utf8_lossy(&flint(&sock_a, &["metrics"]).stdout).into_owned();
+    for m in ["flint_session_lease_freezes_total 1", "flint_session_lease_fences_total 1"] {
+        assert!(metrics.contains(m), "{m}: {metrics}");
+    }
+
+    // A, back in touch, is refused while B holds the session; B's hibernation publishes under the next epoch.
+    proxy.heal();
+    let out = flint(&sock_a, &["exec", "f1", "--", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lost its lease"), "a failed session says why: {out:?}");
+    let out = flint(&sock_a, &["session", "wake", "f1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 409") && err.contains("is held by host"), "A's wake while B holds it: {out:?}");
+    let h = flint_json(&sock_b, &["session", "hibernate", "f1"]);
+    assert_eq!(h["base"], "f1.h2.e3", "A created (1) and woke (2) it, B took it over (3): {h}");
+    flint_json(&sock_b, &["session", "rm", "f1"]);
+    assert!(flint_json(&sock_b, &["vm", "ls"]).as_array().unwrap().is_empty());
+    drop((a, b));
 }
 
 /// One mapping's page accounting from /proc/PID/smaps, in KiB.
@@ -1022,11 +1121,13 @@ struct World {
     ns: flint_tests::TestNetns,
 }
 
-const WORLD_DNS: &str = "203.0.113.53";
+const WORLD_DNS: &str = "198.51.100.53";
 
 impl World {
-    /// `world` ⟷ `host` by a veth pair: host 203.0.113.2/24 (default route to the world), world 203.0.113.1 plus
-    /// .10, .11, .12, .53 and 169.254.169.254 (a metadata service the host itself can reach).
+    /// `world` ⟷ `host` by a veth pair. The host's LAN is 203.0.113.0/24: host 203.0.113.2 (default route to
+    /// the world's router .1), another machine of the LAN at .20. The "internet" behind the router: 198.51.100.10,
+    /// .11, .12 and a DNS server at .53; private services at 10.1.2.3 and 100.100.100.200 (Alibaba Cloud's
+    /// metadata address), and 169.254.169.254: all of them reachable from the host itself.
     fn new(host: &flint_tests::TestNetns) -> World {
         let ns = flint_tests::TestNetns::new("world");
         let veth = format!("fw{}", std::process::id() % 100_000);
@@ -1035,17 +1136,29 @@ impl World {
         host.ip(&["addr", "add", "203.0.113.2/24", "dev", "up0"]);
         host.ip(&["link", "set", "up0", "up"]);
         host.ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        for a in ["203.0.113.1/24", "203.0.113.10/32", "203.0.113.11/32", "203.0.113.12/32", "203.0.113.53/32"] {
+        for a in [
+            "203.0.113.1/24",
+            "203.0.113.20/32",
+            "198.51.100.10/32",
+            "198.51.100.11/32",
+            "198.51.100.12/32",
+            "198.51.100.53/32",
+            "10.1.2.3/32",
+            "100.100.100.200/32",
+            "169.254.169.254/32",
+        ] {
             ns.ip(&["addr", "add", a, "dev", &veth]);
         }
-        ns.ip(&["addr", "add", "169.254.169.254/32", "dev", &veth]);
         ns.ip(&["link", "set", &veth, "up"]);
         host.ip(&["route", "add", "169.254.169.254/32", "via", "203.0.113.1"]);
         let w = World { ns };
         for (ip, body) in [
-            ("203.0.113.10", "world-10"),
-            ("203.0.113.11", "world-11"),
-            ("203.0.113.12", "world-12"),
+            ("198.51.100.10", "world-10"),
+            ("198.51.100.11", "world-11"),
+            ("198.51.100.12", "world-12"),
+            ("203.0.113.20", "lan-machine"),
+            ("10.1.2.3", "private-service"),
+            ("100.100.100.200", "alibaba-metadata"),
             ("169.254.169.254", "metadata"),
         ] {
             let l = w.ns.enter(move || std::net::TcpListener::bind((ip, 80)).unwrap());
@@ -1058,8 +1171,10 @@ impl World {
             while let Ok((n, from)) = dns.recv_from(&mut buf) {
                 let Some(q) = dns::parse_query(&buf[..n]) else { continue };
                 let addrs: Vec<std::net::Ipv4Addr> = match (q.name.as_str(), q.qtype) {
-                    ("allowed.test", 1) => vec!["203.0.113.10".parse().unwrap()],
-                    ("denied.test", 1) => vec!["203.0.113.11".parse().unwrap()],
+                    ("allowed.test", 1) => vec!["198.51.100.10".parse().unwrap()],
+                    ("denied.test", 1) => vec!["198.51.100.11".parse().unwrap()],
+                    // An allowed name whose answer is private: a domain rule must not open it.
+                    ("internal.allowed.test", 1) => vec!["10.1.2.3".parse().unwrap()],
                     _ => vec![],
                 };
                 let _ = dns.send_to(&dns::answer(&buf[..n], &addrs, 600), from);
@@ -1160,6 +1275,45 @@ fn front_request(
     })
 }
 
+/// Requests sent one after the other on one kept-alive connection to the front end (as a pooling proxy does):
+/// each answer's status and body (Content-Length framed).
+fn front_keepalive(ns: &flint_tests::TestNetns, addr: &'static str, requests: Vec<String>) -> Vec<(u16, String)> {
+    use std::io::{Read, Write};
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for req in requests {
+            s.write_all(req.as_bytes()).unwrap();
+            let mut chunk = [0u8; 4096];
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "the connection closed before an answer to {req:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a Content-Length");
+            while buf.len() < end + len {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            out.push((status, String::from_utf8_lossy(&buf[end..end + len]).trim().to_string()));
+            buf.drain(..end + len);
+        }
+        out
+    })
+}
+
 /// An HTTP/1.0 GET over a plain TCP forward (from inside `ns`): the body.
 fn raw_tcp_get(ns: &flint_tests::TestNetns, addr: &'static str) -> String {
     use std::io::{Read, Write};
@@ -1251,7 +1405,7 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
             "--allow",
             "allowed.test",
             "--allow",
-            "203.0.113.12",
+            "198.51.100.12",
             "--deny",
             "denied.test",
             "--expose",
@@ -1281,11 +1435,11 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     for t in both {
         assert_eq!(t.join().unwrap(), "world-10");
     }
-    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.12/"), "world-12");
+    assert_eq!(guest_fetch(&socket, &a, "http://198.51.100.12/"), "world-12");
     // Denied both ways: by name (the DNS proxy refuses it) and by IP (not allowed; the default denies).
     assert_eq!(guest_fetch_name(&socket, &a, "denied.test"), "FAILED");
-    assert!(guest_blocked(&socket, &a, "http://203.0.113.11/"));
-    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.10/"), "world-10", "the name's answer opened its address");
+    assert!(guest_blocked(&socket, &a, "http://198.51.100.11/"));
+    assert_eq!(guest_fetch(&socket, &a, "http://198.51.100.10/"), "world-10", "the name's answer opened its address");
     // Never: the host's addresses (uplink and the VM's own host end), the metadata address, another VM, a DNS
     // server other than the proxy.
     let host_end = {
@@ -1299,8 +1453,33 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("host bits"), "{bad:?}");
     assert_eq!(flint_json(&socket, &["net", "show", &a])["egress"], na["egress"]);
     // Open everything the policy can: what stays closed is closed by flintd's own rules.
+    flint_json(&socket, &["net", "policy", &a, "--allow", "allowed.test"]);
+    assert_eq!(guest_fetch(&socket, &a, "http://198.51.100.11/"), "world-11", "default allow now");
+    // A default-allow policy does not reach private networks, Alibaba's and Azure's metadata or the host's LAN
+    // (finding 5), nor does an allowed name whose answer is private (finding 6); an explicit CIDR rule opens a
+    // private network.
+    for (addr, what) in [
+        ("10.1.2.3:80", "a private network"),
+        ("100.100.100.200:80", "Alibaba Cloud's metadata service"),
+        ("203.0.113.20:80", "another machine of the host's LAN"),
+    ] {
+        assert_eq!(front_request(&host, addr, "/", &[]).0, 200, "{what} answers the host");
+        assert!(guest_blocked(&socket, &a, &format!("http://{addr}/")), "{what} reached by default");
+    }
+    let resolved = sh(
+        &socket,
+        &a,
+        &format!(
+            "ip=$(nslookup internal.allowed.test 2>/dev/null | sed -n 's/^Address: \\([0-9.]*\\)$/\\1/p' | head -n 1); \
+             echo $ip; {}",
+            fetch_script("80", "", 5)
+        ),
+    );
+    assert_eq!(resolved, "10.1.2.3\nFAILED", "an allowed name's private answer is answered, never opened");
+    flint_json(&socket, &["net", "policy", &a, "--allow", "10.1.2.0/24"]);
+    assert_eq!(guest_fetch(&socket, &a, "http://10.1.2.3/"), "private-service", "an explicit CIDR rule opens it");
+    assert!(guest_blocked(&socket, &a, "http://100.100.100.200/"), "and only what it names");
     flint_json(&socket, &["net", "policy", &a]);
-    assert_eq!(guest_fetch(&socket, &a, "http://203.0.113.11/"), "world-11", "default allow now");
     sh(&socket, &b, "mkdir -p /www/cgi-bin && echo guest-page > /www/index.html && printf '#!/bin/sh\\necho \"Content-Type: text/event-stream\"\\necho\\nfor i in 1 2 3; do echo \"data: $i\"; echo; sleep 1; done\\n' > /www/cgi-bin/events && chmod +x /www/cgi-bin/events && httpd -p 8080 -h /www && echo started");
     let nb_addr = nb["address"].as_str().unwrap().to_string();
     for url in [
@@ -1319,34 +1498,52 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     )
     .ends_with("FAILED"));
 
+    // Finding 7: from the host into a VM network only flintd's own (marked) connections get through: another
+    // host process reaches no guest port, exposed or not.
+    for port in [8080, 22] {
+        let guest: std::net::SocketAddr = format!("{nb_addr}:{port}").parse().unwrap();
+        let direct = host.enter(move || std::net::TcpStream::connect_timeout(&guest, Duration::from_secs(3)).is_ok());
+        assert!(!direct, "a host process reached {guest} directly");
+    }
+
     // The front end: by Host, by headers, by cookie; a token; a streamed response.
     let fe = "127.0.0.1:18480";
     let (st, head, chunks) = front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost:18480")]);
     assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"), "{head}");
-    assert!(head.contains(&format!("set-cookie: flint-route={b}.8080")), "{head}");
-    let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("flint-session: {b}"), "flint-port: 8080"]);
+    assert!(head.to_ascii_lowercase().contains(&format!("set-cookie: flint-route={b}.8080")), "{head}");
+    // HTTP/1.1 requests need a Host (RFC 9112); one that names no sandbox leaves the routing to the headers.
+    let plain = "Host: 127.0.0.1:18480";
+    let (st, _, chunks) = front_request(&host, fe, "/", &[plain, &format!("flint-session: {b}"), "flint-port: 8080"]);
     assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
-    let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("Cookie: flint-route={b}.8080")]);
+    let (st, _, chunks) = front_request(&host, fe, "/", &[plain, &format!("Cookie: flint-route={b}.8080")]);
     assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
-    let (st, head, _) = front_request(&host, fe, "/", &[]);
-    assert_eq!(st, 400, "{head}");
+    let (st, head, _) = front_request(&host, fe, "/", &[plain]);
+    assert_eq!(st, 400, "no route: {head}");
     let (st, _, _) = front_request(&host, fe, "/", &["Host: 8081-nosuch.flint.localhost"]);
     assert_eq!(st, 404);
     let (st, _, chunks) = front_request(&host, fe, "/", &[&format!("Host: 9090-{b}.flint.localhost")]);
     assert_eq!(st, 404, "an unexposed port: {}", body_of(&chunks));
-    flint_json(&socket, &["port", "expose", &b, "8080", "--token", "s3cret-token"]);
+    let weak = flint(&socket, &["port", "expose", &b, "8080", "--token", "s3cret-token"]);
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("at least 128 bits"), "a guessable token: {weak:?}");
+    let set = flint_json(&socket, &["port", "expose", &b, "8080", "--token", "auto"]);
+    let token = set["ports"].as_array().and_then(|p| p.iter().find(|p| p["port"] == 8080)).expect("port 8080")
+        ["access_token"]
+        .as_str()
+        .expect("the made token, shown once")
+        .to_string();
+    assert_eq!(token.len(), 32, "{set}");
     let listed =
         flint_json(&socket, &["vm", "get", &b]).to_string() + &flint_json(&socket, &["net", "show", &b]).to_string();
-    assert!(!listed.contains("s3cret-token"), "a record shows the token: {listed}");
+    assert!(!listed.contains(&token), "a record shows the token: {listed}");
     let (st, _, _) = front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost")]);
     assert_eq!(st, 401);
     let (st, _, chunks) =
-        front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost"), "flint-token: s3cret-token"]);
+        front_request(&host, fe, "/", &[&format!("Host: 8080-{b}.flint.localhost"), &format!("flint-token: {token}")]);
     assert_eq!((st, body_of(&chunks).trim()), (200, "guest-page"));
     let (st, _, chunks) = front_request(
         &host,
         fe,
-        "/cgi-bin/events?flint_token=s3cret-token",
+        &format!("/cgi-bin/events?flint_token={token}"),
         &[&format!("Host: 8080-{b}.flint.localhost")],
     );
     assert_eq!(st, 200);
@@ -1375,6 +1572,22 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     assert_ne!(before["vm"], after["vm"]);
     assert_eq!(guest_fetch_name(&socket, "web", "allowed.test"), "world-10", "the woken guest's network works");
 
+    // One kept-alive connection, as a pooling proxy keeps: each request reaches its own guest, and a token-less
+    // request after an authorised one is refused (the guests' httpd closes its own connection every time).
+    let set = flint_json(&socket, &["port", "expose", "web", "8080", "--token", "auto"]);
+    let web_token = set["ports"][0]["access_token"].as_str().expect("the made token").to_string();
+    let get = |host: &str, extra: &str| format!("GET / HTTP/1.1\r\nHost: 8080-{host}.flint.localhost\r\n{extra}\r\n");
+    let answers = front_keepalive(
+        &host,
+        fe,
+        vec![get("web", &format!("flint-token: {web_token}\r\n")), get(&b, ""), get("web", "")],
+    );
+    assert_eq!(
+        answers.iter().map(|(st, body)| (*st, body.contains("-page").then_some(body.as_str()))).collect::<Vec<_>>(),
+        vec![(200, Some("session-page")), (200, Some("guest-page")), (401, None)],
+        "{answers:?}"
+    );
+
     // kill -9 of flintd: the network is re-adopted (DNS proxy back, policy re-applied).
     let mut old = d.take().unwrap();
     old.child.kill().unwrap();
@@ -1383,7 +1596,7 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     d = Some(Flintd::start_full(&data, &socket, None, &args, Some(&host.path())));
     flint_json(&socket, &["net", "policy", &a, "--default-deny", "--allow", "allowed.test"]);
     assert_eq!(guest_fetch_name(&socket, &a, "allowed.test"), "world-10");
-    assert!(guest_blocked(&socket, &a, "http://203.0.113.12/"), "the changed policy closed it");
+    assert!(guest_blocked(&socket, &a, "http://198.51.100.12/"), "the changed policy closed it");
     assert_eq!(raw_tcp_get(&host, "127.0.0.1:18490"), "guest-page", "the TCP forward is back after the restart");
 
     // Everything goes with the VMs.

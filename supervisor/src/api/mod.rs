@@ -101,6 +101,16 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
 /// A JSON answer. Access tokens of exposed ports in records (`"token": "<secret>"`) are shown as `"(set)"`: a
 /// listing is not a way to read another caller's token.
 fn json<T: serde::Serialize>(v: T) -> Response {
+    answer(v, true)
+}
+
+/// The answer of the call that made a VM, session or exposed port: its tokens in clear (the caller set them, or
+/// asked flintd to make them with `auto`, and this is the one answer that shows them).
+fn revealed<T: serde::Serialize>(v: T) -> Response {
+    answer(v, false)
+}
+
+fn answer<T: serde::Serialize>(v: T, redact_tokens: bool) -> Response {
     fn redact(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::Object(m) => {
@@ -118,7 +128,9 @@ fn json<T: serde::Serialize>(v: T) -> Response {
     }
     match serde_json::to_value(v) {
         Ok(mut v) => {
-            redact(&mut v);
+            if redact_tokens {
+                redact(&mut v);
+            }
             Json(v).into_response()
         }
         Err(e) => ApiError::new(Kind::Internal, e.to_string()).into_response(),
@@ -127,6 +139,13 @@ fn json<T: serde::Serialize>(v: T) -> Response {
 
 fn created<T: serde::Serialize>(v: T) -> Response {
     let mut r = json(v);
+    *r.status_mut() = StatusCode::CREATED;
+    r
+}
+
+/// `created` with its tokens in clear (see `revealed`).
+fn created_revealed<T: serde::Serialize>(v: T) -> Response {
+    let mut r = revealed(v);
     *r.status_mut() = StatusCode::CREATED;
     r
 }

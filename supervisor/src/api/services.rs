@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::types::{CacheCleared, Health, PoolSize};
-use super::{body, created, json, no_content, ApiError, D, R};
+use super::{body, created, created_revealed, json, no_content, revealed, ApiError, D, R};
 use crate::error::Kind;
 use crate::services::images::ImportImage;
 use crate::services::pools::CreateClones;
@@ -14,6 +14,7 @@ use crate::services::sessions::{CreateSession, ForkSession};
 use crate::services::templates::CreateTemplate;
 
 pub(super) async fn health(State(d): D) -> Response {
+    let cross = d.sessions.coord_state();
     json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -21,6 +22,8 @@ pub(super) async fn health(State(d): D) -> Response {
         sessions: d.sessions.len(),
         s3: d.store.has_remote(),
         host: d.sessions.host.clone(),
+        cross_host: cross.0.into(),
+        cross_host_refused: cross.1,
     })
 }
 
@@ -77,7 +80,7 @@ pub(super) async fn delete_template(State(d): D, Path(name): Path<String>) -> R<
 
 pub(super) async fn clones(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateClones = body(&b)?;
-    Ok(created(d.pools.clones(req).await?))
+    Ok(created_revealed(d.pools.clones(req).await?))
 }
 
 pub(super) async fn get_network(State(d): D, Path(id): Path<String>) -> R<Response> {
@@ -92,7 +95,7 @@ pub(super) async fn set_egress(State(d): D, Path(id): Path<String>, b: Bytes) ->
 
 pub(super) async fn expose_port(State(d): D, Path((id, port)): Path<(String, u16)>, b: Bytes) -> R<Response> {
     let e: crate::net::ExposedPort = body(&b)?;
-    Ok(json(d.network.set_port(&id, port, Some(e)).await?))
+    Ok(revealed(d.network.set_port(&id, port, Some(e)).await?))
 }
 
 pub(super) async fn hide_port(State(d): D, Path((id, port)): Path<(String, u16)>) -> R<Response> {
@@ -118,7 +121,7 @@ pub(super) async fn list_sessions(
 
 pub(super) async fn create_session(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateSession = body(&b)?;
-    Ok(created(d.sessions.create(req).await?))
+    Ok(created_revealed(d.sessions.create(req).await?))
 }
 
 pub(super) async fn get_session(State(d): D, Path(id): Path<String>) -> R<Response> {
@@ -140,7 +143,7 @@ pub(super) async fn wake_session(State(d): D, Path(id): Path<String>) -> R<Respo
 
 pub(super) async fn fork_session(State(d): D, Path(id): Path<String>, b: Bytes) -> R<Response> {
     let req: ForkSession = body(&b)?;
-    Ok(created(d.sessions.fork(&id, req).await?))
+    Ok(created_revealed(d.sessions.fork(&id, req).await?))
 }
 
 /// Drops every unpinned chunk from the local cache (manifests stay): the next restore fetches from S3.

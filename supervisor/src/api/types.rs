@@ -18,6 +18,12 @@ pub struct Health {
     pub sessions: usize,
     pub s3: bool,
     pub host: String,
+    /// Whether sessions move between the hosts of the bucket: `on`, `off` (see `cross_host_refused`), or
+    /// `unknown` until the bucket is first probed.
+    pub cross_host: String,
+    /// Why they do not, when the bucket refused (it ignores conditional writes, or this host's id is another's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_host_refused: Option<String>,
 }
 
 /// `PUT /v1/vms/{id}/files`.
@@ -122,12 +128,4 @@ pub enum RunLine {
     Stderr(String),
     Result(RunResult),
     Error(String),
-}
-
-/// `GET /v1/sessions` also says whether sessions move between hosts here.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CrossHost {
-    pub host: String,
-    pub cross_host: bool,
-    pub refused: Option<String>,
 }

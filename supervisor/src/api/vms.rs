@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::types::{ExecExit, ExecLine, FileWritten, RunCode, RunLine, RunResult};
-use super::{body, created, json, ndjson, no_content, ApiError, D, R};
+use super::{body, created, created_revealed, json, ndjson, no_content, ApiError, D, R};
 use crate::error::Kind;
 use crate::vm::{CreateSnapshot, CreateVm, VmError, VolumeMount};
 
@@ -19,7 +19,7 @@ pub(super) async fn list(State(d): D) -> Response {
 
 pub(super) async fn create(State(d): D, b: Bytes) -> R<Response> {
     let req: CreateVm = body(&b)?;
-    Ok(created(d.create_vm(req).await?))
+    Ok(created_revealed(d.create_vm(req).await?))
 }
 
 /// The record, plus `vmm`: the VMM's own description (timings, restore breakdown, fault counters) while it runs.

@@ -42,7 +42,8 @@ pub struct NetArgs {
     net: bool,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Expose a guest port through the front end: PORT[:TOKEN] (repeatable).
+    /// Expose a guest port through the front end: PORT[:TOKEN] (repeatable); TOKEN `auto` has flintd make one,
+    /// printed once in the answer.
     #[arg(long = "expose")]
     expose: Vec<String>,
 }
@@ -84,7 +85,8 @@ pub enum PortCmd {
         id: String,
     },
     /// Expose guest port PORT of ID through the HTTP front end, optionally behind an access token, or also as
-    /// plain TCP on front-end port --tcp (within network.tcp_ports).
+    /// plain TCP on front-end port --tcp (within network.tcp_ports). `--token auto` has flintd make one (printed
+    /// once); a token of your own is at least 22 characters of [A-Za-z0-9-_.~].
     Expose {
         id: String,
         port: u16,
@@ -112,8 +114,9 @@ pub fn port_table(v: &NetworkView) -> String {
     v.ports
         .iter()
         .map(|p| {
+            let shown = p.access_token.as_deref().map(|t| format!(" (token {t}: shown once)")).unwrap_or_default();
             format!(
-                "{:<6} {:<6} {} {}\n",
+                "{:<6} {:<6} {} {}{shown}\n",
                 p.port,
                 if p.token { "token" } else { "open" },
                 p.url.as_deref().unwrap_or("(front end off)"),
@@ -163,6 +166,7 @@ mod tests {
                 port: 80,
                 url: None,
                 token: true,
+                access_token: None,
                 tcp: Some("1.2.3.4:9".into()),
             }],
         };

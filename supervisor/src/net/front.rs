@@ -226,8 +226,10 @@ fn for_guest(h: &Head) -> Head {
     out
 }
 
-/// The guest's answer as the client gets it: no `Set-Cookie` of Flint's cookies, and Flint's own added.
-fn for_client(h: &Head, set: &[String]) -> Head {
+/// The guest's answer as the client gets it: no `Set-Cookie` of Flint's cookies, and Flint's own added. Unless it
+/// switches protocols, the guest's hop-by-hop `Connection`/`Keep-Alive` headers are its own connection's: the
+/// client's connection is kept (`keep`) or closed by the front end, which says so.
+fn for_client(h: &Head, set: &[String], keep: Option<bool>) -> Head {
     let mut out = h.clone();
     out.headers.retain(|(n, v)| {
         !(n.eq_ignore_ascii_case("set-cookie") && {
@@ -235,6 +237,13 @@ fn for_client(h: &Head, set: &[String]) -> Head {
             name == ROUTE_COOKIE || name == TOKEN_COOKIE
         })
     });
+    if let Some(keep) = keep {
+        out.remove("connection");
+        out.remove("keep-alive");
+        if !keep {
+            out.headers.push(("Connection".into(), "close".into()));
+        }
+    }
     for c in set {
         out.headers.push(("Set-Cookie".into(), c.clone()));
     }
@@ -406,8 +415,8 @@ impl Conn<'_> {
                 self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|e| e.to_string())?;
             }
             match self.exchange(&head, body, &mut up, &set).await? {
-                Next::Keep if head.keep_alive() => upstream = Some(up),
-                Next::Keep | Next::Close => return Ok(()),
+                Next::Keep { upstream_too } => upstream = upstream_too.then_some(up),
+                Next::Close => return Ok(()),
                 Next::Pipe => {
                     let leftover = std::mem::take(&mut self.buf);
                     if !leftover.is_empty() {
@@ -440,7 +449,10 @@ impl Conn<'_> {
         };
         let status = resp.status().map_err(|e| e.0)?;
         let rbody = resp.response_body(&head.start.0).map_err(|e| e.0)?;
-        self.client.write_all(&for_client(&resp, set).to_bytes()).await.map_err(|e| e.to_string())?;
+        // The client's connection outlives a guest that closes its own, unless the answer ends at the close.
+        let client_keeps = head.keep_alive() && rbody != Body::UntilClose;
+        let keep = (status != 101).then_some(client_keeps);
+        self.client.write_all(&for_client(&resp, set, keep).to_bytes()).await.map_err(|e| e.to_string())?;
         if status == 101 {
             if !from_guest.is_empty() {
                 self.client.write_all(&from_guest).await.map_err(|e| e.to_string())?;
@@ -448,13 +460,16 @@ impl Conn<'_> {
             return Ok(Next::Pipe);
         }
         copy_body(&mut up.stream, &mut from_guest, &mut self.client, rbody, idle).await?;
-        let reusable = rbody != Body::UntilClose && !resp.connection_has("close") && from_guest.is_empty();
-        Ok(if reusable { Next::Keep } else { Next::Close })
+        let upstream_too = !resp.connection_has("close") && from_guest.is_empty();
+        Ok(if client_keeps { Next::Keep { upstream_too } } else { Next::Close })
     }
 }
 
 enum Next {
-    Keep,
+    /// The client's connection takes another request; the guest's too when `upstream_too`.
+    Keep {
+        upstream_too: bool,
+    },
     Close,
     Pipe,
 }
@@ -480,8 +495,8 @@ async fn read_response_head<R: AsyncRead + Unpin>(
 ) -> Result<(Head, usize), String> {
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(n) = http1::head_end(buf).map_err(|e| format!("the guest's answer: {e}"))? {
-            return Ok((http1::parse(&buf[..n]).map_err(|e| format!("the guest's answer: {e}"))?, n));
+        if let Some(n) = http1::response_head_end(buf).map_err(|e| format!("the guest's answer: {e}"))? {
+            return Ok((http1::parse_response(&buf[..n]).map_err(|e| format!("the guest's answer: {e}"))?, n));
         }
         let n = tokio::time::timeout(idle, from.read(&mut chunk))
             .await

@@ -61,6 +61,31 @@ pub fn head_end(buf: &[u8]) -> Result<Option<usize>, Malformed> {
     Ok(None)
 }
 
+/// Where a response head from a guest ends: as [`head_end`], but a line may end with a bare LF (RFC 9112 §2.2
+/// lets a recipient accept it; CGI scripts behind busybox httpd write them). Only requests, where a bare LF is a
+/// smuggling shape, are held to CRLF; a response head is re-written with CRLF before it goes on.
+pub fn response_head_end(buf: &[u8]) -> Result<Option<usize>, Malformed> {
+    for i in 0..buf.len() {
+        if buf[i] == b'\n' {
+            let prev = if i >= 1 && buf[i - 1] == b'\r' { i - 1 } else { i };
+            if prev >= 1 && buf[prev - 1] == b'\n' {
+                return Ok(Some(i + 1));
+            }
+        }
+    }
+    if buf.len() > MAX_HEAD {
+        return Err(bad(format!("head over {MAX_HEAD} bytes")));
+    }
+    Ok(None)
+}
+
+/// Parses a complete response head whose lines end with CRLF or a bare LF.
+pub fn parse_response(head: &[u8]) -> Result<Head, Malformed> {
+    let text = std::str::from_utf8(head).map_err(|_| bad("the head is not UTF-8"))?;
+    let lines: Vec<&str> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).collect();
+    parse(lines.join("\r\n").as_bytes())
+}
+
 /// Parses a complete head (through its blank line).
 pub fn parse(head: &[u8]) -> Result<Head, Malformed> {
     let text = std::str::from_utf8(head).map_err(|_| bad("the head is not UTF-8"))?;
@@ -324,6 +349,18 @@ mod tests {
         assert!(Chunked::default().feed(b"zz\r\n").is_err());
         assert!(Chunked::default().feed(b"2\r\nabc\r\n").is_err(), "a chunk longer than its size");
         assert!(Chunked::default().feed(b"2\nab").is_err());
+    }
+
+    #[test]
+    fn a_response_head_may_end_its_lines_with_a_bare_lf() {
+        let raw = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\n\ndata: 1\n";
+        let n = response_head_end(raw).unwrap().unwrap();
+        assert_eq!(&raw[n..], b"data: 1\n");
+        let h = parse_response(&raw[..n]).unwrap();
+        assert_eq!((h.status().unwrap(), h.get("content-type")), (200, Some("text/event-stream")));
+        assert_eq!(h.to_bytes(), b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n");
+        assert_eq!(response_head_end(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody").unwrap(), Some(25));
+        assert!(head_end(raw).is_err(), "requests stay strict");
     }
 
     #[test]

@@ -99,8 +99,23 @@ type Learned = HashMap<Ipv4Addr, (String, Instant)>;
 struct Running {
     rules: Arc<Mutex<Rules>>,
     learned: Arc<Mutex<Learned>>,
+    /// Addresses answered and not yet in the VM's table: whoever holds `writer` next writes them all in one nft
+    /// run (answers arriving together cost one process, not one each).
+    pending: Arc<Mutex<Vec<(Ipv4Addr, u32, String)>>>,
+    /// One writer of the VM's table at a time (DNS openings and policy changes): an opening checks the rules
+    /// in force when it writes, so it cannot undo a policy change that raced it.
+    writer: Arc<Mutex<()>>,
     proxy: tokio::task::JoinHandle<()>,
 }
+
+impl Running {
+    fn new(rules: Arc<Mutex<Rules>>, learned: Arc<Mutex<Learned>>, proxy: tokio::task::JoinHandle<()>) -> Running {
+        Running { rules, learned, pending: Arc::default(), writer: Arc::default(), proxy }
+    }
+}
+
+/// Most addresses DNS answers keep open in one VM's table at once (past it, new answers are not opened).
+pub const MAX_LEARNED: usize = 4096;
 
 /// What the DNS proxies and the front end did (for /metrics).
 #[derive(Default)]
@@ -109,6 +124,8 @@ pub struct Counters {
     pub dns_refused: std::sync::atomic::AtomicU64,
     pub front_routed: std::sync::atomic::AtomicU64,
     pub front_refused: std::sync::atomic::AtomicU64,
+    /// DNS answers' addresses not opened: private or the host's (no CIDR rule covers them), or past the cap.
+    pub dns_withheld: std::sync::atomic::AtomicU64,
 }
 
 /// This host's VM networks.
@@ -120,6 +137,9 @@ pub struct Networks {
     /// Network namespaces are bind mounts on files here (they outlive a flintd restart).
     dir: PathBuf,
     host_ready: Mutex<bool>,
+    /// The networks of the host's own interfaces (its LANs), found when the host is first set up: denied to
+    /// guests unless a CIDR rule covers them.
+    host_lans: Mutex<Vec<Cidr>>,
     running: Mutex<HashMap<String, Running>>,
     /// Unit tests: a recording fake of the host (a namespace is a plain file, no command runs, setups can be
     /// made to fail).
@@ -328,6 +348,7 @@ impl Networks {
             cfg,
             dir: data_dir.join("netns"),
             host_ready: Mutex::new(false),
+            host_lans: Mutex::new(Vec::new()),
             running: Mutex::new(HashMap::new()),
             counters,
             fake: None,
@@ -386,8 +407,9 @@ impl Networks {
         })
     }
 
-    /// flintd's own namespace: forwarding on, NAT of the pool to the uplink, VMs kept off the host's addresses
-    /// and off each other (table `ip flint`, replaced whole).
+    /// flintd's own namespace: forwarding on for Flint's interfaces and the uplinks only (not host-wide), NAT of
+    /// the pool to the uplink, VMs kept off the host's addresses and off each other, and new connections into VM
+    /// networks only from flintd's own marked sockets (table `ip flint`, replaced whole).
     pub fn ensure_host(&self) -> Result<(), NetError> {
         let mut ready = lock(&self.host_ready);
         if *ready || self.fake.is_some() {
@@ -398,9 +420,14 @@ impl Networks {
             return Err(NetError::NotRoot);
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io(format!("create {}", self.dir.display()), e))?;
-        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        let pool = self.cfg.pool;
         let p = policy::HOST_LINK_PREFIX;
+        let (lans, uplinks) = host_interfaces(p);
+        // Replies from the uplinks are forwarded back to the VMs; the VMs' own ends turn forwarding on as made.
+        for dev in &uplinks {
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")?;
+        }
+        *lock(&self.host_lans) = lans;
+        let (pool, mark) = (self.cfg.pool, FORWARDER_MARK);
         let script = format!(
             "table ip flint {{}}\ndelete table ip flint\n\
              table ip flint {{\n\
@@ -410,23 +437,28 @@ impl Networks {
              \t\tiifname \"{p}*\" oifname \"{p}*\" drop\n\t}}\n\
              \tchain input {{ type filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{p}*\" ct state established,related accept\n\
-             \t\tiifname \"{p}*\" drop\n\t}}\n}}\n"
+             \t\tiifname \"{p}*\" drop\n\t}}\n\
+             \tchain output {{ type filter hook output priority filter; policy accept;\n\
+             \t\toifname \"{p}*\" ct state new meta mark != {mark:#x} drop\n\t}}\n}}\n"
         );
         run_in(None, "nft", &["-f", "-"], &script)?;
         *ready = true;
         Ok(())
     }
 
-    /// The VM namespace's table: the egress policy, the DNS proxy's openings, the front end's way in.
-    fn render(&self, b: &Block, rules: &Rules, learned: &Learned) -> String {
+    /// The VM namespace's table: the egress policy, the DNS proxy's openings, the front end's way in (exposed
+    /// `ports` only).
+    fn render(&self, b: &Block, rules: &Rules, learned: &Learned, ports: &[u16]) -> String {
         let set = |name: &str, flags: &str, elems: Vec<String>| {
             let e = if elems.is_empty() { String::new() } else { format!(" elements = {{ {} }};", elems.join(", ")) };
             format!("\tset {name} {{ type ipv4_addr; flags {flags};{e} }}\n")
         };
-        let mut always: Vec<String> =
-            ["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3"].iter().map(|s| s.to_string()).collect();
-        always.push(self.cfg.pool.to_string());
-        always.extend(self.cfg.deny_always.iter().map(|c| c.to_string()));
+        let cidrs = |c: Vec<Cidr>| policy::outermost(&c).iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        let mut always = policy::NEVER_NETS.to_vec();
+        always.push(self.cfg.pool);
+        always.extend(self.cfg.deny_always.iter().copied());
+        let mut private = policy::PRIVATE_NETS.to_vec();
+        private.extend(lock(&self.host_lans).iter().copied());
         let now = Instant::now();
         let open: Vec<String> = learned
             .iter()
@@ -438,10 +470,20 @@ impl Networks {
             Verdict::Deny => "drop",
         };
         let (gw, guest, host) = (b.gateway(), b.guest(), b.host());
+        let front = if ports.is_empty() {
+            String::new()
+        } else {
+            let list = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+            format!(
+                "\t\tiifname \"{NS_VETH}\" oifname \"{TAP}\" ip saddr {host} ip daddr {guest} tcp dport {{ {list} }} \
+                 tcp flags & (syn | ack) == syn ct state new accept\n"
+            )
+        };
         let mut s = String::from("table inet flint {}\ndelete table inet flint\ntable inet flint {\n");
-        s += &set("always_deny", "interval", always);
-        s += &set("deny_nets", "interval", rules.deny_nets.iter().map(|c| c.to_string()).collect());
-        s += &set("allow_nets", "interval", rules.allow_nets.iter().map(|c| c.to_string()).collect());
+        s += &set("always_deny", "interval", cidrs(always));
+        s += &set("private", "interval", cidrs(private));
+        s += &set("deny_nets", "interval", cidrs(rules.deny_nets.clone()));
+        s += &set("allow_nets", "interval", cidrs(rules.allow_nets.clone()));
         s += &set("allow_dns", "timeout", open);
         s += &format!(
             "\tchain input {{ type filter hook input priority filter; policy drop;\n\
@@ -454,16 +496,27 @@ impl Networks {
              \t\tiifname \"{TAP}\" oifname \"{NS_VETH}\" ip daddr {host} ct direction reply accept\n\
              \t\tiifname \"{TAP}\" oifname \"{NS_VETH}\" jump egress\n\
              \t\tiifname \"{NS_VETH}\" oifname \"{TAP}\" ct state established,related accept\n\
-             \t\tiifname \"{NS_VETH}\" oifname \"{TAP}\" ip saddr {host} ip daddr {guest} tcp flags & (syn | ack) == syn ct state new accept\n\t}}\n\
+             {front}\t}}\n\
              \tchain egress {{\n\
+             \t\tmeta nfproto != ipv4 drop\n\
              \t\tip daddr @always_deny drop\n\
              \t\tmeta l4proto {{ tcp, udp }} th dport 53 drop\n\
              \t\tip daddr @deny_nets drop\n\
              \t\tip daddr @allow_nets accept\n\
-             \t\tip daddr @allow_dns accept\n\
+             \t\tip daddr @private drop\n\
+             \t\tmeta l4proto {{ tcp, udp }} ip daddr @allow_dns accept\n\
              \t\t{verdict}\n\t}}\n}}\n"
         );
         s
+    }
+
+    /// Whether a DNS answer's address may be opened by a domain rule: not one no policy opens, not private or
+    /// the host's own (those only by a CIDR rule, which opens them anyway).
+    fn openable(&self, ip: Ipv4Addr) -> bool {
+        let lans = lock(&self.host_lans);
+        !(policy::NEVER_NETS.iter().chain(policy::PRIVATE_NETS.iter()).chain(lans.iter()).any(|c| c.contains(ip))
+            || self.cfg.pool.contains(ip)
+            || self.cfg.deny_always.iter().any(|c| c.contains(ip)))
     }
 
     /// Builds VM `vm`'s network (namespace, tap, veth pair, addresses, routes, policy) and starts its DNS proxy.
@@ -518,7 +571,9 @@ impl Networks {
                     b.guest_net()
                 ),
             )?;
-            run_in(Some(&ns), "nft", &["-f", "-"], &self.render(&b, &rules, &Learned::new()))?;
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{hl}/forwarding"), "1")?;
+            let ports: Vec<u16> = n.request.ports.keys().copied().collect();
+            run_in(Some(&ns), "nft", &["-f", "-"], &self.render(&b, &rules, &Learned::new(), &ports))?;
             Ok(())
         })();
         if let Err(e) = done {
@@ -537,11 +592,8 @@ impl Networks {
             return Err(NetError::Gone { vm: vm.into(), path: ns });
         }
         if self.fake.is_some() {
-            let running = Running {
-                rules: Arc::new(Mutex::new(rules)),
-                learned: Arc::default(),
-                proxy: tokio::spawn(std::future::pending()),
-            };
+            let running =
+                Running::new(Arc::new(Mutex::new(rules)), Arc::default(), tokio::spawn(std::future::pending()));
             if let Some(old) = lock(&self.running).insert(vm.to_string(), running) {
                 old.proxy.abort();
             }
@@ -558,7 +610,7 @@ impl Networks {
         let learned = Arc::new(Mutex::new(Learned::new()));
         let upstream = self.cfg.upstream_dns.or_else(host_resolver);
         let proxy = tokio::spawn(dns_proxy(self.clone(), vm.to_string(), sock, upstream, rules.clone()));
-        if let Some(old) = lock(&self.running).insert(vm.to_string(), Running { rules, learned, proxy }) {
+        if let Some(old) = lock(&self.running).insert(vm.to_string(), Running::new(rules, learned, proxy)) {
             old.proxy.abort();
         }
         Ok(())
@@ -575,10 +627,16 @@ impl Networks {
             }
             return Ok(());
         }
-        let learned = lock(&self.running).get(vm).map(|r| lock(&r.learned).clone()).unwrap_or_default();
-        run_in(Some(&self.netns_path(vm)), "nft", &["-f", "-"], &self.render(&b, &rules, &learned))?;
-        if let Some(r) = lock(&self.running).get(vm) {
-            *lock(&r.rules) = rules;
+        let (writer, learned, current) = match lock(&self.running).get(vm) {
+            Some(r) => (r.writer.clone(), r.learned.clone(), Some(r.rules.clone())),
+            None => (Arc::default(), Arc::default(), None),
+        };
+        let _w = lock(&writer);
+        let learned = lock(&learned).clone();
+        let ports: Vec<u16> = n.request.ports.keys().copied().collect();
+        run_in(Some(&self.netns_path(vm)), "nft", &["-f", "-"], &self.render(&b, &rules, &learned, &ports))?;
+        if let Some(r) = current {
+            *lock(&r) = rules;
         }
         Ok(())
     }
@@ -605,43 +663,92 @@ impl Networks {
         }
     }
 
-    /// Opens `ips` (answers for `name`) in the VM's allowed set for `ttl` seconds.
+    /// Opens `ips` (answers for `name`) in the VM's allowed set for their TTL (clamped): only addresses a domain
+    /// rule may open, at most [`MAX_LEARNED`] per VM, written by one writer in one nft run with whatever else is
+    /// pending, under the rules in force at that moment.
     fn open_addresses(&self, vm: &str, ips: &[(Ipv4Addr, u32)], name: &str) -> Result<(), NetError> {
-        let mut elems = Vec::new();
-        {
+        let (writer, pending, rules) = {
             let running = lock(&self.running);
             let Some(r) = running.get(vm) else { return Ok(()) };
             let mut learned = lock(&r.learned);
             let now = Instant::now();
             learned.retain(|_, (_, until)| *until > now);
+            let mut pending = lock(&r.pending);
             for (ip, ttl) in ips {
+                if !self.openable(*ip) || (learned.len() >= MAX_LEARNED && !learned.contains_key(ip)) {
+                    self.counters.dns_withheld.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 let secs = (*ttl).clamp(MIN_DNS_OPEN_S, MAX_DNS_OPEN_S);
                 let until = now + Duration::from_secs(u64::from(secs));
-                // Still open for more than half the new time: no nft run (a guest repeating a query must not
-                // make flintd fork a process per answer).
+                // Still open for more than half the new time: nothing to write (a guest repeating a query must
+                // not make flintd fork a process per answer).
                 let fresh = learned.get(ip).is_some_and(|(n, u)| n == name && *u > now + (until - now) / 2);
                 if !fresh {
                     learned.insert(*ip, (name.to_string(), until));
-                    elems.push((*ip, secs));
+                    pending.push((*ip, secs, name.to_string()));
                 }
             }
-        }
-        if elems.is_empty() {
-            return Ok(());
-        }
+            (r.writer.clone(), r.pending.clone(), r.rules.clone())
+        };
+        let _w = lock(&writer);
+        let batch = std::mem::take(&mut *lock(&pending));
+        let rules = lock(&rules).clone();
         // `add` of an element already there keeps its old timeout: add (so the delete cannot fail), delete, add
         // with the new timeout, in one transaction.
-        let script: String = elems
+        let script: String = batch
             .iter()
-            .map(|(ip, secs)| {
+            .filter(|(_, _, name)| rules.dns(name) == policy::DnsDecision::AnswerAndAllow)
+            .map(|(ip, secs, _)| {
                 format!(
                     "add element inet flint allow_dns {{ {ip} }}\ndelete element inet flint allow_dns {{ {ip} }}\n\
                      add element inet flint allow_dns {{ {ip} timeout {secs}s }}\n"
                 )
             })
             .collect();
+        if script.is_empty() {
+            return Ok(()); // written by the writer before us, or no longer allowed
+        }
         run_in(Some(&self.netns_path(vm)), "nft", &["-f", "-"], &script)
     }
+}
+
+/// The host's IPv4 networks on interfaces other than Flint's and loopback (its LANs), and the interfaces its
+/// default routes leave by (its uplinks).
+fn host_interfaces(flint_prefix: &str) -> (Vec<Cidr>, Vec<String>) {
+    let out = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut lans = Vec::new();
+    // `2: eth0    inet 192.0.2.7/24 brd 192.0.2.255 scope global eth0 ...`
+    for line in out(&["-4", "-o", "addr", "show"]).lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (Some(dev), Some(i)) = (w.get(1), w.iter().position(|x| *x == "inet")) else { continue };
+        if *dev == "lo" || dev.starts_with(flint_prefix) {
+            continue;
+        }
+        let Some((addr, len)) = w.get(i + 1).and_then(|a| a.split_once('/')) else { continue };
+        let (Ok(addr), Ok(len)) = (addr.parse::<Ipv4Addr>(), len.parse::<u8>()) else { continue };
+        if len == 0 || len > 32 {
+            continue;
+        }
+        let net = Cidr { addr, len };
+        lans.push(Cidr { addr: Ipv4Addr::from(u32::from(addr) & net.mask()), len });
+    }
+    // `default via 192.0.2.1 dev eth0 ...`
+    let uplinks = out(&["-4", "route", "show", "default"])
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.iter().position(|x| *x == "dev").and_then(|i| w.get(i + 1)).map(|d| d.to_string())
+        })
+        .filter(|d| !d.starts_with(flint_prefix))
+        .collect();
+    (lans, uplinks)
 }
 
 /// Serves a VM's DNS: a query the policy allows is forwarded upstream and answered (answers of allowed domains
@@ -678,7 +785,7 @@ async fn dns_proxy(
                 (d, Some(up)) => match forward(&q, up).await {
                     Some(answer) => {
                         if d == policy::DnsDecision::AnswerAndAllow {
-                            let ips = dns::answer_addresses(&answer, question.id).unwrap_or_default();
+                            let ips = dns::answer_addresses(&answer, question.id, &question.name).unwrap_or_default();
                             let name = question.name.clone();
                             let nets2 = nets.clone();
                             let vm2 = vm.clone();
@@ -741,9 +848,15 @@ mod tests {
         );
         learned
             .insert("198.51.100.8".parse().unwrap(), ("other.test".into(), Instant::now() + Duration::from_secs(60)));
-        let t = nets.render(&b, &rules, &learned);
+        *lock(&nets.host_lans) = vec!["192.0.2.0/24".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
+        let t = nets.render(&b, &rules, &learned, &[8080]);
         for want in [
             "elements = { 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3, 10.200.0.0/16 }",
+            "set private { type ipv4_addr; flags interval; elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, \
+             100.64.0.0/10, 192.0.0.0/24, 198.18.0.0/15, 168.63.129.16/32, 192.0.2.0/24 }; }",
+            "ip daddr @allow_nets accept\n\t\tip daddr @private drop\n\t\tmeta l4proto { tcp, udp } ip daddr @allow_dns accept",
+            "tcp dport { 8080 } tcp flags & (syn | ack) == syn ct state new accept",
+            "meta nfproto != ipv4 drop",
             "set deny_nets { type ipv4_addr; flags interval; elements = { 203.0.113.11/32 }; }",
             "set allow_nets { type ipv4_addr; flags interval; elements = { 203.0.113.0/24 }; }",
             "198.51.100.7 timeout",
@@ -753,9 +866,38 @@ mod tests {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
         assert!(!t.contains("198.51.100.8"), "an answer for a name no longer allowed stays closed");
-        let open = nets.render(&b, &EgressPolicy::default().check(16).unwrap(), &Learned::new());
+        let open = nets.render(&b, &EgressPolicy::default().check(16).unwrap(), &Learned::new(), &[]);
         assert!(
             open.contains("\t\taccept\n\t}\n}") && open.contains("set allow_dns { type ipv4_addr; flags timeout; }")
+        );
+        assert!(!open.contains("tcp dport {"), "no exposed port: nothing from the host gets in");
+        // DNS answers open only addresses no CIDR rule must open.
+        for (ip, ok) in [
+            ("198.51.100.7", true),
+            ("10.1.2.3", false),
+            ("100.100.100.200", false),
+            ("192.0.2.9", false),
+            ("168.63.129.16", false),
+            ("169.254.169.254", false),
+            ("10.200.0.9", false),
+            ("8.8.8.8", true),
+        ] {
+            assert_eq!(nets.openable(ip.parse().unwrap()), ok, "{ip}");
+        }
+    }
+
+    #[test]
+    fn nested_networks_are_given_to_nftables_once() {
+        let n = |s: &str| s.parse::<Cidr>().unwrap();
+        assert_eq!(
+            policy::outermost(&[
+                n("10.1.0.0/16"),
+                n("10.0.0.0/8"),
+                n("192.0.2.0/24"),
+                n("10.0.0.0/8"),
+                n("10.1.2.3/32")
+            ]),
+            vec![n("10.0.0.0/8"), n("192.0.2.0/24")]
         );
     }
 }

@@ -35,6 +35,45 @@ impl Cidr {
     }
 }
 
+/// Destinations a default-allow policy does not reach either, unless an explicit CIDR rule (`allow`) covers them:
+/// private networks (RFC 1918), shared address space (RFC 6598, where Alibaba Cloud's metadata service
+/// 100.100.100.200 lives), IETF protocol assignments, benchmarking, and Azure's wire server (168.63.129.16).
+/// The host's own LANs are added at run time. DNS answers in them are never opened by a domain rule.
+pub const PRIVATE_NETS: [Cidr; 7] = [
+    Cidr { addr: Ipv4Addr::new(10, 0, 0, 0), len: 8 },
+    Cidr { addr: Ipv4Addr::new(172, 16, 0, 0), len: 12 },
+    Cidr { addr: Ipv4Addr::new(192, 168, 0, 0), len: 16 },
+    Cidr { addr: Ipv4Addr::new(100, 64, 0, 0), len: 10 },
+    Cidr { addr: Ipv4Addr::new(192, 0, 0, 0), len: 24 },
+    Cidr { addr: Ipv4Addr::new(198, 18, 0, 0), len: 15 },
+    Cidr { addr: Ipv4Addr::new(168, 63, 129, 16), len: 32 },
+];
+
+/// Destinations no policy can open: this network, loopback, link-local (169.254.169.254, the metadata service
+/// of AWS, GCP and others), multicast and reserved.
+pub const NEVER_NETS: [Cidr; 4] = [
+    Cidr { addr: Ipv4Addr::new(0, 0, 0, 0), len: 8 },
+    Cidr { addr: Ipv4Addr::new(127, 0, 0, 0), len: 8 },
+    Cidr { addr: Ipv4Addr::new(169, 254, 0, 0), len: 16 },
+    Cidr { addr: Ipv4Addr::new(224, 0, 0, 0), len: 3 },
+];
+
+/// The networks of `nets` not inside another one of them, in order (nftables refuses overlapping elements of an
+/// interval set).
+pub fn outermost(nets: &[Cidr]) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        let inside = nets
+            .iter()
+            .enumerate()
+            .any(|(j, o)| j != i && o.len <= n.len && o.contains(n.addr) && (o.len < n.len || j < i));
+        if !inside && !out.contains(n) {
+            out.push(*n);
+        }
+    }
+    out
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
@@ -294,11 +333,56 @@ pub fn check_port(port: u16, e: &ExposedPort) -> Result<(), PolicyError> {
         ));
     }
     if let Some(t) = &e.token {
-        if t.len() < 8 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') {
-            return Err(refuse!("an access token is 8-256 printable characters, without ';' or ','"));
+        if t == GENERATE_TOKEN {
+            return Ok(());
+        }
+        let ok = t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b));
+        if t.len() < MIN_TOKEN_LEN || t.len() > 256 || !ok {
+            return Err(refuse!(
+                "an access token is {MIN_TOKEN_LEN}-256 characters of [A-Za-z0-9-_.~] (at least 128 bits of a \
+                 random one), or `{GENERATE_TOKEN}` for flintd to make one"
+            ));
         }
     }
     Ok(())
+}
+
+/// An exposed port's `token` that asks flintd to make one (128 random bits, 32 hex digits), shown once in the
+/// answer that made it.
+pub const GENERATE_TOKEN: &str = "auto";
+/// Shortest token a caller may give (128 bits in base64).
+pub const MIN_TOKEN_LEN: usize = 22;
+
+/// A new access token: 128 bits from the kernel's CSPRNG, as 32 hex digits.
+pub fn new_token() -> String {
+    let mut r = [0u8; 16];
+    getrandom::getrandom(&mut r).expect("the kernel's random source");
+    r.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl NetworkRequest {
+    /// Makes a token for every port that asks for one (`auto`); returns them by port (the only time they are
+    /// shown: records show `(set)`).
+    pub fn make_tokens(&mut self) -> BTreeMap<u16, String> {
+        let mut made = BTreeMap::new();
+        for (p, e) in self.ports.iter_mut() {
+            if e.token.as_deref() == Some(GENERATE_TOKEN) {
+                let t = new_token();
+                e.token = Some(t.clone());
+                made.insert(*p, t);
+            }
+        }
+        made
+    }
+
+    /// The same ports with new tokens where they had one (a fork: children never share their parent's tokens).
+    pub fn with_new_tokens(&self) -> NetworkRequest {
+        let mut n = self.clone();
+        for e in n.ports.values_mut().filter(|e| e.token.is_some()) {
+            e.token = Some(GENERATE_TOKEN.into());
+        }
+        n
+    }
 }
 
 /// The addresses of VM network number `index` in `pool`: each VM takes an aligned block of 8.
@@ -430,7 +514,37 @@ mod tests {
         assert_ne!(a.mac(1), a.mac(2));
         assert_eq!(a.mac(1), "06:01:0a:c8:00:02");
         assert!(check_port(80, &ExposedPort { token: Some("short".into()), tcp_listen: None }).is_err());
-        let both = ExposedPort { token: Some("long-enough".into()), tcp_listen: Some(20000) };
+        let both = ExposedPort { token: Some("a-token-of-22-chars-ok".into()), tcp_listen: Some(20000) };
         assert!(check_port(80, &both).unwrap_err().to_string().contains("plain TCP"));
+    }
+
+    #[test]
+    fn tokens_are_long_and_plain_or_made_by_flintd() {
+        let port = |t: &str| ExposedPort { token: Some(t.into()), tcp_listen: None };
+        // Guessable or header-breaking tokens are refused.
+        for bad in ["s3cret-token", "a-token-of-21-chars-x", "a token with spaces ok!", "tok;en=aaaaaaaaaaaaaaaaaaaa"] {
+            assert!(check_port(80, &port(bad)).is_err(), "{bad}");
+        }
+        assert!(check_port(80, &port(&"x".repeat(257))).is_err());
+        assert!(check_port(80, &port("a-token-of-22-chars-ok")).is_ok());
+        assert!(check_port(80, &port(GENERATE_TOKEN)).is_ok());
+        // `auto` becomes 128 random bits, one per port, different each time; given tokens stay.
+        let mut req = NetworkRequest::default();
+        req.ports.insert(80, port(GENERATE_TOKEN));
+        req.ports.insert(81, port(GENERATE_TOKEN));
+        req.ports.insert(82, port("a-token-of-22-chars-ok"));
+        req.ports.insert(83, ExposedPort::default());
+        let made = req.make_tokens();
+        assert_eq!(made.keys().copied().collect::<Vec<_>>(), vec![80, 81]);
+        assert!(made.values().all(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())));
+        assert_ne!(made[&80], made[&81]);
+        assert_eq!(req.ports[&80].token.as_ref(), Some(&made[&80]));
+        assert!(req.make_tokens().is_empty(), "made once");
+        // A fork's copy asks for new ones wherever there was a token, and keeps open ports open.
+        let mut child = req.with_new_tokens();
+        let again = child.make_tokens();
+        assert_eq!(again.keys().copied().collect::<Vec<_>>(), vec![80, 81, 82]);
+        assert!(again.iter().all(|(p, t)| req.ports[p].token.as_ref() != Some(t)));
+        assert!(child.ports[&83].token.is_none());
     }
 }

@@ -31,6 +31,9 @@ pub struct PortView {
     /// The Host-routed URL, when the front end is on.
     pub url: Option<String>,
     pub token: bool,
+    /// The token in clear: only in the answer of the call that set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
     /// The front-end address forwarding plain TCP to it, if any.
     pub tcp: Option<String>,
 }
@@ -111,6 +114,7 @@ impl NetworkService {
                     port: *p,
                     url: fe.map(|fe| format!("http://{p}-{id}.{}:{}", self.cfg.network.domain, fe.port())),
                     token: e.token.is_some(),
+                    access_token: None,
                     tcp: e.tcp_listen.zip(fe).map(|(l, fe)| SocketAddr::new(fe.ip(), l).to_string()),
                 })
                 .collect(),
@@ -156,8 +160,19 @@ impl NetworkService {
         .await
     }
 
-    pub async fn set_port(&self, id: &str, port: u16, e: Option<ExposedPort>) -> Result<NetworkView, NetOpError> {
-        self.change(id, move |n| set_port(n, port, e)).await
+    /// Exposes (or hides) a port; a token asked for with `auto` is made here and shown in this answer alone.
+    pub async fn set_port(&self, id: &str, port: u16, mut e: Option<ExposedPort>) -> Result<NetworkView, NetOpError> {
+        let shown = e.as_mut().and_then(|e| e.token.as_mut()).map(|t| {
+            if t == crate::net::policy::GENERATE_TOKEN {
+                *t = crate::net::policy::new_token();
+            }
+            t.clone()
+        });
+        let mut view = self.change(id, move |n| set_port(n, port, e)).await?;
+        for p in view.ports.iter_mut().filter(|p| p.port == port) {
+            p.access_token = shown.clone();
+        }
+        Ok(view)
     }
 
     /// An exposed port of a VM or session known to this host, as the front end must check it before anything

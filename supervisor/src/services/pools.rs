@@ -246,8 +246,11 @@ impl Pools {
         // Fetch once (the clones then share the L1 chunks), then restore in parallel up to the slot limit.
         let manifest = self.vms.store.manifest(&snapshot).await?;
         // All or nothing: every clone must fit the quotas before the first starts (each also checks as it starts).
-        let mem = crate::vm::meta::SnapshotMeta::load(&manifest.id, &manifest.metadata).map(|m| m.mem_mib).unwrap_or(0);
-        self.vms.check_quota(req.count as usize, mem).map_err(|e| TemplateError::Quota(e.to_string()))?;
+        let meta = crate::vm::meta::SnapshotMeta::load(&manifest.id, &manifest.metadata).ok();
+        let mem = meta.as_ref().map_or(0, |m| m.mem_mib);
+        let slot = self.vms.cfg.vm.mount_slot_mib;
+        let disk = meta.as_ref().map_or(0, |m| m.disk_mib.unwrap_or(0) + m.mount_slot.map_or(0, |_| slot));
+        self.vms.check_quota(req.count as usize, mem, disk).map_err(|e| TemplateError::Quota(e.to_string()))?;
         let tasks: Vec<_> = (0..req.count)
             .map(|_| {
                 let (this, snapshot, req) = (self.me.upgrade(), snapshot.clone(), req.clone());

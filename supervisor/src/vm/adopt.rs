@@ -103,6 +103,7 @@ impl Manager {
             Held {
                 live: rec.status.holds_quota(),
                 mem_mib: rec.mem_mib,
+                disk_mib: rec.disk_budget_mib(self.cfg.vm.mount_slot_mib),
                 uid: rec.uid,
                 net: rec.network.as_ref().map(|n| n.index),
             },

@@ -11,6 +11,8 @@ pub struct Held {
     /// Counts toward the quotas (not failed or lost).
     pub live: bool,
     pub mem_mib: u64,
+    /// Most MiB its sparse disks (writable disk, mount slot) may grow to on the data filesystem.
+    pub disk_mib: u64,
     pub uid: Option<u32>,
     pub net: Option<u32>,
 }
@@ -26,13 +28,23 @@ pub struct Allocator {
     held: HashMap<String, Held>,
     live: usize,
     mem_mib: u64,
+    /// Of every VM it holds, live or not (their files stay until they are deleted).
+    disk_mib: u64,
     uids: BTreeSet<u32>,
     nets: HashSet<u32>,
 }
 
 impl Allocator {
-    /// Whether `n` more live VMs of `mem_mib` each fit `limits`.
-    pub fn check(&self, limits: &Limits, n: usize, mem_mib: u64) -> Result<(), AllocError> {
+    /// Whether `n` more live VMs of `mem_mib` of memory and `disk_mib` of disks each fit `limits`.
+    pub fn check(&self, limits: &Limits, n: usize, mem_mib: u64, disk_mib: u64) -> Result<(), AllocError> {
+        let disk = self.disk_mib + n as u64 * disk_mib;
+        if limits.max_total_disk_mib > 0 && disk_mib > 0 && disk > limits.max_total_disk_mib {
+            return Err(AllocError::Quota(format!(
+                "{} MiB of VM disks in use (at their full size), {n} more VM(s) of {disk_mib} MiB would pass \
+                 limits.max_total_disk_mib = {}",
+                self.disk_mib, limits.max_total_disk_mib
+            )));
+        }
         if self.live + n > limits.max_vms {
             return Err(AllocError::Quota(format!(
                 "{} VM(s) live, {n} more would pass limits.max_vms = {}",
@@ -55,11 +67,11 @@ impl Allocator {
         &mut self,
         id: &str,
         limits: &Limits,
-        mem_mib: u64,
+        (mem_mib, disk_mib): (u64, u64),
         jail: Option<&JailConfig>,
         net_blocks: Option<u32>,
     ) -> Result<Held, AllocError> {
-        self.check(limits, 1, mem_mib)?;
+        self.check(limits, 1, mem_mib, disk_mib)?;
         let uid = match jail {
             Some(j) => Some(self.free_uid(j)?),
             None => None,
@@ -70,7 +82,7 @@ impl Allocator {
             })?),
             None => None,
         };
-        let h = Held { live: true, mem_mib, uid, net };
+        let h = Held { live: true, mem_mib, disk_mib, uid, net };
         self.add(id, h);
         Ok(h)
     }
@@ -100,6 +112,7 @@ impl Allocator {
             self.live += 1;
             self.mem_mib += h.mem_mib;
         }
+        self.disk_mib += h.disk_mib;
         self.uids.extend(h.uid);
         self.nets.extend(h.net);
         self.held.insert(id.to_string(), h);
@@ -125,6 +138,7 @@ impl Allocator {
                 self.live -= 1;
                 self.mem_mib -= h.mem_mib;
             }
+            self.disk_mib -= h.disk_mib;
             if let Some(u) = h.uid {
                 self.uids.remove(&u);
             }
@@ -148,20 +162,41 @@ mod tests {
         let limits = Limits { max_vms: 3, max_total_mem_mib: 1024, ..Default::default() };
         let jail = JailConfig { uid_base: 100, uid_count: 3, ..Default::default() };
         let mut a = Allocator::default();
-        let x = a.reserve("x", &limits, 512, Some(&jail), Some(4)).unwrap();
+        let x = a.reserve("x", &limits, (512, 0), Some(&jail), Some(4)).unwrap();
         assert_eq!((x.uid, x.net), (Some(100), Some(0)));
-        let y = a.reserve("y", &limits, 256, Some(&jail), None).unwrap();
+        let y = a.reserve("y", &limits, (256, 0), Some(&jail), None).unwrap();
         assert_eq!((y.uid, y.net), (Some(101), None));
-        assert!(a.reserve("z", &limits, 512, Some(&jail), None).unwrap_err().to_string().contains("max_total_mem_mib"));
+        assert!(a
+            .reserve("z", &limits, (512, 0), Some(&jail), None)
+            .unwrap_err()
+            .to_string()
+            .contains("max_total_mem_mib"));
         // A failed VM holds no quota, but its uid (its files are still that uid's) and block.
         a.set_live("x", false);
-        let z = a.reserve("z", &limits, 512, Some(&jail), Some(4)).unwrap();
+        let z = a.reserve("z", &limits, (512, 0), Some(&jail), Some(4)).unwrap();
         assert_eq!((z.uid, z.net), (Some(102), Some(1)));
-        assert!(a.reserve("w", &limits, 1, Some(&jail), None).unwrap_err().to_string().contains("every uid"));
+        assert!(a.reserve("w", &limits, (1, 0), Some(&jail), None).unwrap_err().to_string().contains("every uid"));
         a.release("y");
-        assert_eq!(a.reserve("w", &limits, 1, Some(&jail), None).unwrap().uid, Some(101), "the freed uid");
-        assert!(a.check(&limits, 2, 1).unwrap_err().to_string().contains("max_vms"));
+        assert_eq!(a.reserve("w", &limits, (1, 0), Some(&jail), None).unwrap().uid, Some(101), "the freed uid");
+        assert!(a.check(&limits, 2, 1, 0).unwrap_err().to_string().contains("max_vms"));
         a.release("x");
-        assert_eq!(a.reserve("v", &limits, 1, None, Some(4)).unwrap().net, Some(0), "the freed block");
+        assert_eq!(a.reserve("v", &limits, (1, 0), None, Some(4)).unwrap().net, Some(0), "the freed block");
+    }
+
+    #[test]
+    fn disks_count_at_their_full_size_until_deleted() {
+        let limits = Limits { max_total_disk_mib: 3000, ..Default::default() };
+        let mut a = Allocator::default();
+        a.reserve("x", &limits, (256, 2048), None, None).unwrap();
+        let e = a.reserve("y", &limits, (256, 1024), None, None).unwrap_err().to_string();
+        assert!(e.contains("2048 MiB of VM disks in use") && e.contains("max_total_disk_mib = 3000"), "{e}");
+        a.reserve("y", &limits, (256, 512), None, None).unwrap();
+        a.reserve("no-disk", &limits, (256, 0), None, None).unwrap();
+        // A failed VM's disk is still on the filesystem.
+        a.set_live("x", false);
+        assert!(a.check(&limits, 1, 1, 1024).is_err());
+        a.release("x");
+        assert!(a.check(&limits, 1, 1, 2048).is_ok());
+        assert!(a.check(&limits, 2, 1, 2048).is_err(), "all or nothing for several clones");
     }
 }

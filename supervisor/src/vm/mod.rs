@@ -294,8 +294,30 @@ impl Manager {
     }
 
     /// Whether `n` more VMs of `mem_mib` each fit the quotas (all or nothing, before a multi-VM call starts).
-    pub fn check_quota(&self, n: usize, mem_mib: u64) -> Result<(), StartError> {
-        lock(&self.alloc).check(&self.cfg.limits, n, mem_mib).map_err(|e| StartError::Quota(e.to_string()))
+    /// Whether `n` more VMs of `mem_mib` and `disk_mib` each fit the quotas and the data filesystem's free space.
+    pub fn check_quota(&self, n: usize, mem_mib: u64, disk_mib: u64) -> Result<(), StartError> {
+        if disk_mib > 0 {
+            self.check_free_space()?;
+        }
+        lock(&self.alloc).check(&self.cfg.limits, n, mem_mib, disk_mib).map_err(|e| StartError::Quota(e.to_string()))
+    }
+
+    /// The data filesystem has `limits.min_free_disk_mib` free (new disks are refused below it).
+    pub fn check_free_space(&self) -> Result<(), StartError> {
+        let min = self.cfg.limits.min_free_disk_mib;
+        if min == 0 {
+            return Ok(());
+        }
+        let free = free_mib(&self.cfg.data_dir)
+            .map_err(|source| StartError::Io { what: format!("statvfs {}", self.cfg.data_dir.display()), source })?;
+        if free < min {
+            return Err(StartError::Quota(format!(
+                "the data filesystem ({}) has {free} MiB free, below limits.min_free_disk_mib = {min}: no new VM disks \
+                 until space is freed",
+                self.cfg.data_dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Releases what `vm` holds above index `keep` of its stack, newest first (`keep` 0: everything).
@@ -376,6 +398,18 @@ impl Manager {
     fn vms_dir(&self) -> PathBuf {
         self.cfg.data_dir.join("vms")
     }
+}
+
+/// Free MiB (for unprivileged users) of the filesystem holding `path`.
+fn free_mib(path: &Path) -> std::io::Result<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs(3) with a NUL-terminated path that outlives the call and a struct it only writes.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20)
 }
 
 /// The last lines of a VM's `vmm.log`, read beneath its directory (the VMM's uid could have made it a link to a

@@ -162,6 +162,12 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// Most MiB its sparse disks may take on the data filesystem: its writable disk and its mount slot
+    /// (`slot_mib`), at their full size.
+    pub fn disk_budget_mib(&self, slot_mib: u64) -> u64 {
+        self.disk_mib.unwrap_or(0) + if self.mount_slot.is_some() { slot_mib } else { 0 }
+    }
+
     pub fn proc(&self) -> Option<crate::launcher::Proc> {
         Some(crate::launcher::Proc { pid: self.pid?, start: self.pid_start? })
     }

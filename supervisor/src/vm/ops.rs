@@ -78,6 +78,27 @@ impl Manager {
         self.agent_of(&v).await
     }
 
+    /// Stops a VM's guest at once, whatever operation is in progress on it (no lock, no answer from the VMM):
+    /// SIGSTOP to its VMM with `frozen`, SIGCONT without. Its record is unchanged (a frozen VM is still running
+    /// to the API; its calls wait). For a host that may have lost its claim on a session.
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), VmError> {
+        let rec = self.vm(id)?.rec.get();
+        if let (Some(pid), Some(start)) = (rec.pid, rec.pid_start) {
+            self.launcher.freeze(crate::launcher::Proc { pid, start }, frozen);
+        }
+        Ok(())
+    }
+
+    /// Kills a VM's VMM at once (SIGKILL), whatever operation is in progress on it; its exit is then handled as
+    /// any VMM's (the VM fails, its owner is told). `delete` then releases the rest.
+    pub fn kill_now(&self, id: &str) -> Result<(), VmError> {
+        let rec = self.vm(id)?.rec.get();
+        if let (Some(pid), Some(start)) = (rec.pid, rec.pid_start) {
+            self.launcher.kill(crate::launcher::Proc { pid, start });
+        }
+        Ok(())
+    }
+
     pub async fn pause(&self, id: &str) -> Result<VmRecord, VmError> {
         self.set_run_state(id, true).await
     }

@@ -163,15 +163,22 @@ impl Manager {
             }
             let jail = self.cfg.jail.enabled.then_some(&self.cfg.jail);
             let blocks = network.map(|_| self.net.blocks());
+            let disk = rec.disk_budget_mib(self.cfg.vm.mount_slot_mib);
+            if disk > 0 {
+                self.check_free_space()?;
+            }
             let held = lock(&self.alloc)
-                .reserve(&id, &self.cfg.limits, rec.mem_mib, jail, blocks)
+                .reserve(&id, &self.cfg.limits, (rec.mem_mib, disk), jail, blocks)
                 .map_err(|e| StartError::Quota(e.to_string()))?;
             rec.uid = held.uid;
             if let (Some(req), Some(index)) = (network, held.net) {
                 let mut nonce = [0u8; 1];
                 let _ = getrandom::getrandom(&mut nonce);
                 let mac = crate::net::Block::new(self.net.cfg.pool, index).map(|b| b.mac(nonce[0])).unwrap_or_default();
-                rec.network = Some(crate::net::VmNet { index, mac, request: req.clone() });
+                // Its own tokens where asked (`auto`): shown in the answer that starts it alone.
+                let mut request = req.clone();
+                request.make_tokens();
+                rec.network = Some(crate::net::VmNet { index, mac, request });
             }
             let vm = Vm::new(rec, false);
             vm.push(Resource::Allocation);

@@ -43,8 +43,13 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_refuse_before_anything_starts() {
     let mut env = Env::new("quota");
-    env.cfg.limits =
-        crate::config::Limits { max_vms: 3, max_total_mem_mib: 1024, max_clones_per_call: 2, max_disk_mib: 0 };
+    env.cfg.limits = crate::config::Limits {
+        max_vms: 3,
+        max_total_mem_mib: 1024,
+        max_clones_per_call: 2,
+        max_disk_mib: 0,
+        ..Default::default()
+    };
     let l = FakeLauncher::default();
     let d = env.open(&l);
     let quota = |r: Result<VmRecord, StartFailure>, what: &str| match r {

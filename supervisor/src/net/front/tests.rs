@@ -48,7 +48,7 @@ async fn guest(name: &'static str, extra_header: &'static str) -> SocketAddr {
                     }
                     let body = format!("{name}:{seen}");
                     let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{extra_header}\r\n{body}", body.len());
-                    if s.write_all(resp.as_bytes()).await.is_err() {
+                    if s.write_all(resp.as_bytes()).await.is_err() || extra_header.contains("Connection: close") {
                         return;
                     }
                 }
@@ -80,10 +80,12 @@ impl Resolve for Fake {
 
 async fn front(limits: Limits) -> (SocketAddr, Arc<Fake>) {
     let (a, b) = (guest("guest-a", "X-A: 1\r\n").await, guest("guest-b", "Set-Cookie: flint-route=evil.1\r\n").await);
+    let c = guest("guest-c", "Connection: close\r\n").await;
     let fake = Arc::new(Fake(
         Mutex::new(HashMap::from([
             ("a".to_string(), (a, None)),
             ("b".to_string(), (b, Some("token-of-b-1234".to_string()))),
+            ("c".to_string(), (c, None)),
         ])),
         Mutex::new(Vec::new()),
     ));
@@ -133,6 +135,53 @@ async fn every_request_is_routed_and_authorised_on_its_own() {
     let (st, _, _) = ask(&mut s, "GET /three HTTP/1.1\r\nHost: 80-b.flint.test\r\n\r\n").await;
     assert_eq!(st, 401, "a token-less request rode an authorised connection");
     assert_eq!(*lock(&fake.1), ["a", "b"], "only authorised requests resolved");
+}
+
+/// A guest that closes its connection after each answer (busybox httpd does) does not close the client's: its
+/// `Connection: close` is its own hop's.
+#[tokio::test]
+async fn a_guest_closing_its_connection_keeps_the_clients() {
+    let (addr, _) = front(Limits::default()).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for (host, want) in [("80-c", "guest-c:GET /"), ("80-c", "guest-c:GET /"), ("80-a", "guest-a:GET /")] {
+        let (st, heads, body) = ask(&mut s, &format!("GET / HTTP/1.1\r\nHost: {host}.flint.test\r\n\r\n")).await;
+        assert_eq!((st, body.starts_with(want)), (200, true), "{body}");
+        assert!(!heads.to_ascii_lowercase().contains("connection: close"), "{heads}");
+    }
+    // A client that asks to close gets it, and said so.
+    let (st, heads, _) = ask(&mut s, "GET / HTTP/1.1\r\nHost: 80-a.flint.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(st, 200);
+    assert!(heads.contains("Connection: close"), "{heads}");
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0, "closed after the answer");
+}
+
+/// busybox httpd's CGI answers: an HTTP/1.1 head whose CGI part ends its lines with a bare LF, no length, the
+/// body streamed until the guest closes; the client gets it normalised, as it comes, then the close.
+#[tokio::test]
+async fn a_cgi_stream_without_length_passes_as_it_comes() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let g = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\n\ndata: 1\n\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"data: 2\n\n").await.unwrap();
+    });
+    let fake = Arc::new(Fake(Mutex::new(HashMap::from([("s".to_string(), (g, None))])), Mutex::new(Vec::new())));
+    let fl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = fl.local_addr().unwrap();
+    tokio::spawn(serve(fl, "flint.test".into(), fake, Limits::default()));
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /cgi-bin/events?flint_token=x HTTP/1.1\r\nHost: 80-s.flint.test\r\n\r\n").await.unwrap();
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"), "{text}");
+    assert!(text.contains("Connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\ndata: 1\n\ndata: 2\n\n"), "{text}");
 }
 
 /// What the guest gets is free of Flint's token and routing: header, query parameter, cookies; its own cookies

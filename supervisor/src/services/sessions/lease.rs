@@ -1,5 +1,12 @@
 //! Sessions across hosts sharing a bucket: a lease object per session (`coord/sessions/<id>`, compare-and-swap)
 //! says which host runs it, and carries the session's record as of its last hibernation, so any host can wake it.
+//!
+//! Fencing (docs/sessions.md): the holder renews its claim every third of `lease_s`, beside whatever operation
+//! runs on the session. A holder that cannot renew pauses the session's VM when half the lease has passed since
+//! its last successful renewal was sent, and stops it at two thirds; another host takes a lapsed claim over only
+//! `max_clock_skew_ms` after its expiry. Every take-over raises the lease's epoch, the fencing token: snapshots
+//! published under a claim carry it in their names, and every write of the lease object names the version read,
+//! so a host that lost its claim publishes nothing the next holder could read.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,6 +17,68 @@ use super::{Session, SessionError, SessionLease, SessionRecord, SessionState, Se
 
 /// Lease objects live under `coord/sessions/` in the bucket.
 const LEASE_KIND: &str = "sessions";
+/// Host registrations (one per host id) under `coord/hosts/`.
+const HOSTS_KIND: &str = "hosts";
+
+/// A host id's registration: the data directory that owns it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct HostRegistration {
+    host: String,
+    nonce: String,
+    registered_unix_ms: u64,
+}
+
+enum RegisterError {
+    /// Another flintd has this host id.
+    Taken(String),
+    Unreachable(String),
+}
+
+/// This data directory's random nonce (`<data_dir>/host-nonce`, made once).
+fn host_nonce(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("host-nonce");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if t.trim().len() == 32 {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let nonce = crate::net::policy::new_token();
+    let tmp = data_dir.join("host-nonce.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(nonce.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(nonce)
+}
+
+/// This host's claim on a session.
+#[derive(Clone, Debug)]
+pub(crate) struct Held {
+    /// The lease object's version this host last wrote (the next write names it).
+    version: String,
+    /// The claim's fencing token.
+    pub epoch: u64,
+    /// The record the lease object carries (a renewal sends it again: renewing publishes nothing new).
+    published: SessionRecord,
+    /// When the last successful write was sent: by this host's clock the claim holds until this + `lease_s`.
+    sent_ms: u64,
+}
+
+/// What the upkeep tick does about a held lease.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum LeaseDue {
+    Nothing,
+    Renew,
+    /// No renewal for half the lease: pause the VM (renewals go on).
+    Freeze,
+    /// No renewal for two thirds of the lease: stop the VM, give the claim up.
+    Fence {
+        since_ms: u64,
+    },
+}
 
 /// Whether this host may coordinate sessions with others through the bucket.
 #[derive(Clone, Debug)]
@@ -28,10 +97,19 @@ impl Sessions {
         let mut c = self.coord.lock().await;
         if let Coord::Unknown = *c {
             *c = match self.vms.store.probe_conditional_writes(&self.host).await {
-                Ok(()) => {
-                    info!("the bucket honours conditional writes: sessions may move between hosts");
-                    Coord::On
-                }
+                Ok(()) => match self.register_host().await {
+                    Ok(()) => {
+                        info!("the bucket honours conditional writes: sessions may move between hosts");
+                        Coord::On
+                    }
+                    Err(RegisterError::Taken(e)) => {
+                        warn!(error = %e, "sessions stay on the host that made them");
+                        Coord::Off(e)
+                    }
+                    Err(RegisterError::Unreachable(e)) => {
+                        return Err(SessionError::Unavailable(format!("registering this host in the bucket: {e}")))
+                    }
+                },
                 Err(e) if e.contains("ignores") => {
                     warn!(error = %e, "sessions stay on the host that made them");
                     Coord::Off(e)
@@ -43,6 +121,41 @@ impl Sessions {
             };
         }
         Ok(matches!(*c, Coord::On))
+    }
+
+    /// Registers this host's id in the bucket (`coord/hosts/<id>`, create-only) with this data directory's
+    /// nonce: two flintds given one `host_id` would otherwise each believe they hold the other's sessions. The
+    /// same flintd (same nonce) finds its own registration.
+    async fn register_host(&self) -> Result<(), RegisterError> {
+        let unreachable = |e: flint_snapshot_store::StoreError| RegisterError::Unreachable(e.to_string());
+        let nonce = host_nonce(&self.cfg.data_dir).map_err(|e| RegisterError::Unreachable(e.to_string()))?;
+        let mine = HostRegistration { host: self.host.clone(), nonce, registered_unix_ms: now_unix_ms() };
+        if self.vms.store.coord_put(HOSTS_KIND, &self.host, &mine, None).await.map_err(unreachable)?.is_some() {
+            return Ok(());
+        }
+        let theirs = self.vms.store.coord_get::<HostRegistration>(HOSTS_KIND, &self.host).await.map_err(unreachable)?;
+        match theirs {
+            Some(t) if t.value.nonce == mine.nonce => Ok(()),
+            Some(_) => Err(RegisterError::Taken(format!(
+                "host id `{}` is registered in the bucket by another flintd (another data directory): give this \
+                 host a sessions.host_id of its own, or delete coord/{HOSTS_KIND}/{} if that flintd is gone for good",
+                self.host, self.host
+            ))),
+            None => Err(RegisterError::Unreachable("the host registration vanished just after it was refused".into())),
+        }
+    }
+
+    /// Whether sessions move between hosts, as known now (no probe): `on`, `off` with why, `unknown`.
+    pub fn coord_state(&self) -> (&'static str, Option<String>) {
+        if !self.cfg.sessions.cross_host || !self.vms.store.has_remote() {
+            let why = if self.cfg.sessions.cross_host { "no S3 tier" } else { "sessions.cross_host = false" };
+            return ("off", Some(why.into()));
+        }
+        match self.coord.try_lock().as_deref() {
+            Ok(Coord::On) => ("on", None),
+            Ok(Coord::Off(e)) => ("off", Some(e.clone())),
+            Ok(Coord::Unknown) | Err(_) => ("unknown", None),
+        }
     }
 
     /// Why cross-host sessions are off, when the bucket refused the probe.
@@ -78,86 +191,162 @@ impl Sessions {
         }))
     }
 
-    fn lease_for(&self, rec: SessionRecord, holding: bool) -> SessionLease {
-        SessionLease {
-            holder: holding.then(|| self.host.clone()),
-            expires_unix_ms: if holding { now_unix_ms() + self.cfg.sessions.lease_s * 1000 } else { 0 },
-            session: rec,
+    fn lease_ms(&self) -> u64 {
+        self.cfg.sessions.lease_s * 1000
+    }
+
+    /// What the tick must do about `s`'s claim at `now`.
+    pub(super) fn lease_due(&self, s: &Session, now: u64) -> LeaseDue {
+        let Some(h) = lock(&s.lease).clone() else { return LeaseDue::Nothing };
+        let since = now.saturating_sub(h.sent_ms);
+        let lease = self.lease_ms();
+        if since >= lease - lease / 3 {
+            LeaseDue::Fence { since_ms: since }
+        } else if since >= lease / 2 && !s.frozen.load(Ordering::Relaxed) {
+            LeaseDue::Freeze
+        } else if since >= lease / 3 {
+            LeaseDue::Renew
+        } else {
+            LeaseDue::Nothing
         }
     }
 
-    fn hold_lease(&self, s: &Session, version: String) {
-        *lock(&s.lease) = Some(version);
-        s.lease_renewed_ms.store(now_unix_ms(), Ordering::Relaxed);
+    /// Whether this host's claim on `s` is current by its own clock (before the fence deadline).
+    pub(super) fn lease_current(&self, s: &Session) -> bool {
+        lock(&s.lease)
+            .as_ref()
+            .is_some_and(|h| now_unix_ms().saturating_sub(h.sent_ms) < self.lease_ms() - self.lease_ms() / 3)
+    }
+
+    /// Before a snapshot is published: this host holds a current claim (taken again after a restart).
+    pub(super) async fn check_claim(&self, s: &Session) -> Result<(), SessionError> {
+        if lock(&s.lease).is_none() {
+            self.acquire_lease(s).await?;
+        }
+        if !self.lease_current(s) {
+            return Err(SessionError::Conflict(format!(
+                "session `{}`: this host's lease on it lapsed (the bucket did not answer its renewals); nothing is \
+                 published under it",
+                s.rec.get().id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The name of the next snapshot of a session: `<id>.h<generation>`, and `.e<epoch>` under a claim (two
+    /// hosts that both believed they held the session never make the same name).
+    pub(super) fn snapshot_name(&self, s: &Session, rec: &SessionRecord) -> String {
+        match lock(&s.lease).as_ref() {
+            Some(h) => format!("{}.h{}.e{}", rec.id, rec.generation + 1, h.epoch),
+            None => format!("{}.h{}", rec.id, rec.generation + 1),
+        }
+    }
+
+    /// Writes the lease object at `version` (`None`: creates it) and, when this host keeps holding it, records
+    /// the claim. `Ok(false)`: another writer changed it first (this host's claim, if any, is gone).
+    async fn put_lease(
+        &self,
+        s: &Session,
+        rec: SessionRecord,
+        epoch: u64,
+        holding: bool,
+        version: Option<&str>,
+        renewal: bool,
+    ) -> Result<bool, SessionError> {
+        let sent = now_unix_ms();
+        let lease = SessionLease {
+            holder: holding.then(|| self.host.clone()),
+            expires_unix_ms: if holding { sent + self.lease_ms() } else { 0 },
+            epoch,
+            session: rec.clone(),
+        };
+        match self.vms.store.coord_put(LEASE_KIND, &rec.id, &lease, version).await? {
+            Some(v) => {
+                let mut held = lock(&s.lease);
+                // A renewal that ends after the claim was given up (fenced meanwhile) does not bring it back.
+                if !(renewal && held.is_none()) {
+                    *held = holding.then_some(Held { version: v, epoch, published: rec, sent_ms: sent });
+                }
+                Ok(true)
+            }
+            None => {
+                *lock(&s.lease) = None;
+                Ok(false)
+            }
+        }
     }
 
     /// A new session's lease: refused if the bucket has one (another host's session of that id).
     pub(super) async fn create_lease(&self, s: &Session) -> Result<(), SessionError> {
-        let rec = s.rec.get();
-        let lease = self.lease_for(rec.clone(), true);
-        match self.vms.store.coord_put(LEASE_KIND, &rec.id, &lease, None).await? {
-            Some(v) => {
-                self.hold_lease(s, v);
-                Ok(())
-            }
-            None => Err(SessionError::Conflict(format!("session `{}` already exists in the bucket", rec.id))),
+        let _io = s.lease_io.lock().await;
+        let rec = s.rec.commit(&self.db, |r| r.lease_epoch += 1)?;
+        if !self.put_lease(s, published(&rec), rec.lease_epoch, true, None, false).await? {
+            return Err(SessionError::Conflict(format!("session `{}` already exists in the bucket", rec.id)));
         }
+        Ok(())
     }
 
     /// Takes the session's lease in the bucket for this host: refused (409, naming the holder) while another
-    /// host's claim is current. Returns the bucket's record of the session (the newest, whoever hibernated it).
+    /// host's claim is current (until `max_clock_skew_ms` past its expiry). Returns the bucket's record of the
+    /// session (the newest, whoever hibernated it).
     pub(super) async fn acquire_lease(&self, s: &Session) -> Result<SessionRecord, SessionError> {
+        let _io = s.lease_io.lock().await;
         let id = s.rec.get().id;
         let now = now_unix_ms();
-        let Some(cur) = self.vms.store.coord_get::<SessionLease>(LEASE_KIND, &id).await? else {
-            // Made before the bucket was shared, or its object was lost: this host's record is the truth.
-            let lease = self.lease_for(s.rec.get(), true);
-            let v = self.vms.store.coord_put(LEASE_KIND, &id, &lease, None).await?.ok_or_else(|| {
-                SessionError::Conflict(format!("session `{id}`: another host created its lease just now; retry"))
-            })?;
-            self.hold_lease(s, v);
-            return Ok(lease.session);
-        };
-        if let Some(h) = cur.value.holder.as_ref().filter(|h| **h != self.host) {
-            if cur.value.expires_unix_ms > now {
-                return Err(SessionError::Conflict(format!(
-                    "session `{id}` is held by host `{h}` (its lease runs {} ms more); call that host, or wait for \
-                     it to hibernate the session",
-                    cur.value.expires_unix_ms - now
-                )));
+        let cur = self.vms.store.coord_get::<SessionLease>(LEASE_KIND, &id).await?;
+        if let Some(cur) = &cur {
+            if let Some(h) = cur.value.holder.as_ref().filter(|h| **h != self.host) {
+                let until = cur.value.expires_unix_ms + self.cfg.sessions.max_clock_skew_ms;
+                if until > now {
+                    return Err(SessionError::Conflict(format!(
+                        "session `{id}` is held by host `{h}` (its lease runs {} ms more, with the allowed clock \
+                         skew); call that host, or wait for it to hibernate the session",
+                        until - now
+                    )));
+                }
+                warn!(session = %id, holder = %h, "taking over a session whose host's lease lapsed");
             }
-            warn!(session = %id, holder = %h, "taking over a session whose host's lease lapsed");
         }
-        let lease = self.lease_for(cur.value.session.clone(), true);
-        let v = self.vms.store.coord_put(LEASE_KIND, &id, &lease, Some(&cur.version)).await?.ok_or_else(|| {
-            SessionError::Conflict(format!("session `{id}`: another host took its lease just now; retry"))
-        })?;
-        self.hold_lease(s, v);
-        Ok(cur.value.session)
+        // The fencing token: above every epoch seen, in the bucket or here.
+        let seen = cur.as_ref().map_or(0, |c| c.value.epoch.max(c.value.session.lease_epoch));
+        let rec = s.rec.commit(&self.db, |r| r.lease_epoch = r.lease_epoch.max(seen) + 1)?;
+        // Made before the bucket was shared, or its object was lost: this host's record is the truth.
+        let theirs = cur.as_ref().map_or_else(|| published(&rec), |c| c.value.session.clone());
+        let carried = SessionRecord { lease_epoch: rec.lease_epoch, ..theirs.clone() };
+        if !self.put_lease(s, carried, rec.lease_epoch, true, cur.as_ref().map(|c| c.version.as_str()), false).await? {
+            return Err(SessionError::Conflict(format!("session `{id}`: another host took its lease just now; retry")));
+        }
+        Ok(theirs)
     }
 
     /// Writes the session's lease object from this host's record (`holding`: this host keeps running it, else
-    /// it sleeps and anyone may wake it). Fails if another host replaced it (this host lost its claim).
+    /// it sleeps and anyone may wake it). Refused if this host's claim lapsed by its own clock, or if another host
+    /// replaced the object (this host lost its claim).
     pub(super) async fn write_lease(&self, s: &Session, holding: bool) -> Result<(), SessionError> {
+        let _io = s.lease_io.lock().await;
         let rec = s.rec.get();
-        let Some(version) = lock(&s.lease).clone() else {
+        let Some(held) = lock(&s.lease).clone() else {
             return Err(SessionError::Conflict(format!("session `{}`: this host holds no lease on it", rec.id)));
         };
-        let lease = self.lease_for(SessionRecord { vm: None, host: None, ..rec.clone() }, holding);
-        match self.vms.store.coord_put(LEASE_KIND, &rec.id, &lease, Some(&version)).await? {
-            Some(v) => {
-                if holding {
-                    self.hold_lease(s, v);
-                } else {
-                    *lock(&s.lease) = None;
-                }
-                Ok(())
-            }
-            None => {
-                *lock(&s.lease) = None;
-                Err(SessionError::Conflict(format!("session `{}`: another host took its lease", rec.id)))
-            }
+        if !self.lease_current(s) {
+            return Err(SessionError::Conflict(format!(
+                "session `{}`: this host's claim lapsed ({} ms since its last renewal); it publishes nothing more",
+                rec.id,
+                now_unix_ms().saturating_sub(held.sent_ms)
+            )));
         }
+        let rec = SessionRecord { lease_epoch: rec.lease_epoch.max(held.epoch), ..published(&rec) };
+        if !self.put_lease(s, rec.clone(), held.epoch, holding, Some(&held.version), false).await? {
+            return Err(SessionError::Conflict(format!("session `{}`: another host took its lease", rec.id)));
+        }
+        Ok(())
+    }
+
+    /// Extends this host's claim (the lease object carries the same record). `Ok(false)`: another host took it.
+    pub(super) async fn renew(&self, s: &Session) -> Result<bool, SessionError> {
+        let _io = s.lease_io.lock().await;
+        let Some(held) = lock(&s.lease).clone() else { return Ok(true) };
+        self.put_lease(s, held.published.clone(), held.epoch, true, Some(&held.version), true).await
     }
 
     /// The session for a call: this host's, else (hosts sharing a bucket) the bucket's, recorded here as
@@ -202,7 +391,13 @@ impl Sessions {
         // when its own last hibernation was stored but a crash kept it from reaching the bucket.
         if theirs.generation >= mine.generation {
             s.rec.commit(&self.db, |r| {
-                *r = SessionRecord { state: mine.state, vm: None, host: Some(self.host.clone()), ..theirs };
+                *r = SessionRecord {
+                    state: mine.state,
+                    vm: None,
+                    host: Some(self.host.clone()),
+                    lease_epoch: mine.lease_epoch.max(theirs.lease_epoch),
+                    ..theirs
+                };
             })?;
         }
         Ok(())
@@ -253,17 +448,31 @@ impl Sessions {
         }
     }
 
-    /// Another host took the session (this host's lease lapsed): stop running it here, so two hosts never run
-    /// it at once. The caller holds `op`.
+    /// This host lost its claim on the session (another host took it, or it could not renew in time): stop
+    /// running it here at once, so two hosts never run it together. The VMM is killed before anything waits
+    /// (an operation in progress on the session or its VM finds it gone); then, holding `op`, the session is
+    /// recorded failed (a wake restores its last hibernation, on whichever host then holds it).
     pub(super) async fn fence(&self, s: &Session, why: &str) {
         let id = s.rec.get().id;
         warn!(session = %id, error = why, "lost the session's lease; stopping its VM");
-        self.remove_vms(&id).await;
+        self.metrics.lease_fences.fetch_add(1, Ordering::Relaxed);
         *lock(&s.lease) = None;
+        for v in self.vms.owned_by(super::OWNER, &id) {
+            let _ = self.vms.kill_now(&v.id);
+        }
+        let _op = s.rec.op.lock().await;
+        self.remove_vms(&id).await;
+        s.frozen.store(false, Ordering::Relaxed);
+        if s.rec.removed() {
+            return;
+        }
         let r = s.rec.commit(&self.db, |r| {
-            r.state = SessionState::Failed;
+            if matches!(r.state, SessionState::Running | SessionState::Hibernating) {
+                r.state = SessionState::Failed;
+            }
             r.vm = None;
-            r.error = Some(format!("lost its lease to another host: {why}"));
+            r.pending_base = None;
+            r.error = Some(format!("this host lost its lease on the session: {why}"));
             if let Some(t) = r.awake_since_unix_ms.take() {
                 r.awake_ms += now_unix_ms().saturating_sub(t);
             }
@@ -272,4 +481,26 @@ impl Sessions {
             warn!(session = %id, error = %e, "could not record a lost lease");
         }
     }
+
+    /// Pauses (`frozen`) or resumes the session's VM at once, for a claim that may be lapsing.
+    pub(super) fn freeze(&self, s: &Session, frozen: bool) {
+        let id = s.rec.get().id;
+        if s.frozen.swap(frozen, Ordering::Relaxed) == frozen {
+            return;
+        }
+        if frozen {
+            self.metrics.lease_freezes.fetch_add(1, Ordering::Relaxed);
+            warn!(session = %id, "no lease renewal for half the lease: pausing the session's VM");
+        } else {
+            info!(session = %id, "the lease is renewed again: resuming the session's VM");
+        }
+        for v in self.vms.owned_by(super::OWNER, &id) {
+            let _ = self.vms.freeze(&v.id, frozen);
+        }
+    }
+}
+
+/// The record a lease object carries: no VM or host (those are the holder's own).
+fn published(rec: &SessionRecord) -> SessionRecord {
+    SessionRecord { vm: None, host: None, ..rec.clone() }
 }

@@ -116,9 +116,14 @@ pub struct Session {
     pub rec: Owner<SessionRecord>,
     active: AtomicUsize,
     last_active_ms: AtomicU64,
-    /// The version of the lease object this host last wrote (while it holds the session).
-    lease: Mutex<Option<String>>,
-    lease_renewed_ms: AtomicU64,
+    /// This host's claim on the session in the bucket, while it holds one.
+    lease: Mutex<Option<lease::Held>>,
+    /// One writer of the session's lease object at a time (renewals run beside operations).
+    lease_io: tokio::sync::Mutex<()>,
+    /// A renewal is in flight (the tick starts no second one).
+    renewing: std::sync::atomic::AtomicBool,
+    /// Its VM is paused because renewals failed (resumed when one succeeds, stopped at the fence deadline).
+    frozen: std::sync::atomic::AtomicBool,
     /// The session's plain TCP forwards (they outlive its VMs: a connection wakes it).
     forwards: Mutex<Vec<(u16, u16, crate::net::forward::Forward)>>,
 }
@@ -130,7 +135,9 @@ impl Session {
             active: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(now_unix_ms()),
             lease: Mutex::new(None),
-            lease_renewed_ms: AtomicU64::new(0),
+            lease_io: tokio::sync::Mutex::new(()),
+            renewing: std::sync::atomic::AtomicBool::new(false),
+            frozen: std::sync::atomic::AtomicBool::new(false),
             forwards: Mutex::new(Vec::new()),
         })
     }
@@ -207,6 +214,11 @@ pub struct SessionMetrics {
     pub idle_hibernations: AtomicU64,
     pub hibernate_stored_bytes: AtomicU64,
     pub expired: AtomicU64,
+    /// Lease renewals that failed (the bucket unreachable or refusing).
+    pub lease_renew_failures: AtomicU64,
+    /// Sessions whose VM this host paused, or stopped, because it could not renew their lease.
+    pub lease_freezes: AtomicU64,
+    pub lease_fences: AtomicU64,
 }
 
 /// The sessions service.
@@ -399,13 +411,17 @@ impl Sessions {
 
     async fn create_from(
         self: &Arc<Self>,
-        req: CreateSession,
+        mut req: CreateSession,
         snapshot: String,
         base_owned: bool,
         forked_from: Option<String>,
     ) -> Result<SessionRecord, SessionError> {
         let id = req.id.clone().unwrap_or_else(|| self.vms.new_id("ses"));
         let idle = self.check_create(&req, &id)?;
+        // Its own tokens where asked (`auto`), shown in this answer alone.
+        if let Some(n) = req.network.as_mut() {
+            n.make_tokens();
+        }
         // A 404 for an unknown snapshot before anything is recorded.
         self.vms.store.manifest(&snapshot).await?;
         let coordinated = self.coordinated().await?;
@@ -619,7 +635,11 @@ impl Sessions {
         let rec = s.rec.get();
         let id = rec.id.clone();
         let vm = rec.vm.clone().ok_or_else(|| SessionError::Conflict(format!("session `{id}` runs no VM")))?;
-        let snap = format!("{id}.h{}", rec.generation + 1);
+        let publish = self.coordinated().await.unwrap_or(false);
+        if publish {
+            self.check_claim(s).await?;
+        }
+        let snap = self.snapshot_name(s, &rec);
         let span = tracing::info_span!("session", id = %id, op = "hibernate");
         async {
             s.rec.commit(&self.db, |r| {
@@ -629,8 +649,18 @@ impl Sessions {
             if let Some(p) = &rec.pre_stop {
                 self.run_pre_stop(&vm, p).await;
             }
+            // The pre-stop command may have run long: the claim must still hold before anything is published.
+            if publish && !self.lease_current(s) {
+                let _ = s.rec.commit(&self.db, |r| {
+                    r.state = SessionState::Running;
+                    r.pending_base = None;
+                });
+                return Err(SessionError::Conflict(format!(
+                    "session `{id}`: this host's lease lapsed during the hibernation; nothing was published"
+                )));
+            }
             let how = SnapshotHow {
-                publish: self.coordinated().await.unwrap_or(false),
+                publish,
                 diff_on: (!rec.full_next).then(|| rec.base.clone()),
                 keep_paused: true,
                 owner: Some(tag(&id)),
@@ -841,9 +871,13 @@ impl Sessions {
         match (rec.state, &rec.vm) {
             (SessionState::Hibernated, _) => Ok(rec.base.clone()),
             (SessionState::Running, Some(vm)) => {
-                let snap = format!("{id}.h{}", rec.generation + 1);
+                let publish = self.coordinated().await.unwrap_or(false);
+                if publish {
+                    self.check_claim(s).await?;
+                }
+                let snap = self.snapshot_name(s, &rec);
                 let how = SnapshotHow {
-                    publish: self.coordinated().await.unwrap_or(false),
+                    publish,
                     diff_on: (!rec.full_next).then(|| rec.base.clone()),
                     keep_paused: false,
                     owner: Some(tag(&id)),

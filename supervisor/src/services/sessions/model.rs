@@ -116,6 +116,9 @@ pub struct SessionRecord {
     pub last_hibernate_stored_bytes: Option<u64>,
     /// Snapshots made for this session so far (names the next one).
     pub generation: u64,
+    /// The highest lease epoch this session's record has seen (hosts sharing a bucket): a new claim's is higher.
+    #[serde(default)]
+    pub lease_epoch: u64,
     /// A hibernation in progress: the snapshot it is writing (a restart finishes or abandons it).
     pub pending_base: Option<String>,
     /// The next snapshot of the session must be full, not a diff: a snapshot that failed after the VMM read (and
@@ -171,6 +174,7 @@ impl SessionRecord {
             last_wake_ms: None,
             last_hibernate_stored_bytes: None,
             generation: 0,
+            lease_epoch: 0,
             pending_base: None,
             full_next: false,
             stale_bases: Vec::new(),
@@ -202,7 +206,8 @@ impl SessionRecord {
             env: self.env.clone(),
             network: self.network.clone().map(|mut n| {
                 n.ports.values_mut().for_each(|e| e.tcp_listen = None);
-                n
+                // A child's ports are its own: never the parent's tokens.
+                n.with_new_tokens()
             }),
             metadata,
             on_idle: self.on_idle,
@@ -307,6 +312,11 @@ pub struct SessionLease {
     pub holder: Option<String>,
     /// The holder's claim lapses at this time unless renewed (a host that died loses the session).
     pub expires_unix_ms: u64,
+    /// The fencing token: one more at every take-over of the lease, never less than any seen before. Snapshots
+    /// published under a claim carry it in their names, so a host that lost its claim can never publish over
+    /// the next holder's.
+    #[serde(default)]
+    pub epoch: u64,
     /// The session as of its last hibernation (its base is in the bucket).
     pub session: SessionRecord,
 }

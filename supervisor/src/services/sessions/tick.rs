@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use flint_vmm_api::{lock, now_unix_ms};
 use tracing::{info, warn};
 
+use super::lease::LeaseDue;
 use super::{OnIdle, Session, SessionRecord, SessionState, Sessions, OWNER};
 use crate::db::SESSIONS;
 use crate::vm::{EventKind, VmStatus};
@@ -14,7 +15,6 @@ use crate::vm::{EventKind, VmStatus};
 enum TickAction {
     End(String),
     Idle,
-    Renew,
 }
 
 impl Sessions {
@@ -132,11 +132,14 @@ impl Sessions {
                 return;
             }
             for s in running {
-                let _op = s.rec.op.lock().await;
-                if s.rec.get().state != SessionState::Running {
-                    continue;
-                }
-                if let Err(e) = this.acquire_lease(&s).await {
+                let taken = {
+                    let _op = s.rec.op.lock().await;
+                    if s.rec.get().state != SessionState::Running {
+                        continue;
+                    }
+                    this.acquire_lease(&s).await
+                };
+                if let Err(e) = taken {
                     this.fence(&s, &e.to_string()).await;
                 }
             }
@@ -194,10 +197,12 @@ impl Sessions {
     }
 
     /// Idle timeouts, lifetimes and lease renewals; each action runs in its own task and skips a session another
-    /// operation holds.
+    /// operation holds. The lease is kept apart from operations: renewed beside them, and a claim that could not
+    /// be renewed freezes, then fences, the session whatever runs on it.
     fn tick(self: &Arc<Self>) {
         let now = now_unix_ms();
         for s in self.all() {
+            self.tend_lease(&s, now);
             let action = s.rec.with(|rec| {
                 if let Some(why) = rec.expired(now) {
                     return Some(TickAction::End(why));
@@ -205,16 +210,7 @@ impl Sessions {
                 if rec.state != SessionState::Running {
                     return None;
                 }
-                if s.idle_ms(now) >= rec.idle_timeout_s * 1000 {
-                    Some(TickAction::Idle)
-                } else if lock(&s.lease).is_some()
-                    && now.saturating_sub(s.lease_renewed_ms.load(Ordering::Relaxed))
-                        >= self.cfg.sessions.lease_s * 1000 / 3
-                {
-                    Some(TickAction::Renew)
-                } else {
-                    None
-                }
+                (s.idle_ms(now) >= rec.idle_timeout_s * 1000).then_some(TickAction::Idle)
             });
             let Some(action) = action else { continue };
             let this = self.clone();
@@ -234,19 +230,52 @@ impl Sessions {
                         }
                         OnIdle::Stop => this.delete_locked(&s, "idle (on_idle: stop)").await,
                     },
-                    TickAction::Renew => match this.write_lease(&s, true).await {
-                        Err(super::SessionError::Conflict(e)) => {
-                            this.fence(&s, &e).await;
-                            Ok(())
-                        }
-                        other => other,
-                    },
                 };
                 if let Err(e) = result {
                     warn!(session = %rec.id, error = %e, "session upkeep failed");
                 }
             });
         }
+    }
+
+    /// The lease's part of the tick: a renewal when a third of the lease has passed (one in flight at a time),
+    /// the VM paused at half the lease without a successful renewal, stopped at two thirds.
+    fn tend_lease(self: &Arc<Self>, s: &Arc<Session>, now: u64) {
+        match self.lease_due(s, now) {
+            LeaseDue::Nothing => return,
+            LeaseDue::Fence { since_ms } => {
+                // Given up here, at once: no renewal, no publication after this point.
+                *lock(&s.lease) = None;
+                let (this, s) = (self.clone(), s.clone());
+                self.tasks.spawn(async move {
+                    let why =
+                        format!("no lease renewal succeeded for {since_ms} ms (lease_s {})", this.cfg.sessions.lease_s);
+                    this.fence(&s, &why).await
+                });
+                return;
+            }
+            LeaseDue::Freeze => self.freeze(s, true),
+            LeaseDue::Renew => {}
+        }
+        if s.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, s) = (self.clone(), s.clone());
+        self.tasks.spawn(async move {
+            let r = this.renew(&s).await;
+            s.renewing.store(false, Ordering::Release);
+            match r {
+                // Resumed only with a claim the fence deadline is still ahead of (a renewal sent long ago may
+                // end late).
+                Ok(true) if this.lease_current(&s) => this.freeze(&s, false),
+                Ok(true) => {}
+                Ok(false) => this.fence(&s, "another host took the session's lease").await,
+                Err(e) => {
+                    this.metrics.lease_renew_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(session = %s.rec.get().id, error = %e, "could not renew the session's lease");
+                }
+            }
+        });
     }
 }
 

@@ -46,6 +46,61 @@ async fn crashed_daemon(env: &Env, l: &FakeLauncher) -> (Vec<crate::launcher::Pr
     (vec![procs[1], orphan], orphan_dir)
 }
 
+/// Finding 11 of #26: VM disks are sparse, so they are counted at their full size against
+/// `limits.max_total_disk_mib`, and none is made while the data filesystem is below `limits.min_free_disk_mib`;
+/// a refusal leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_fit_a_budget_and_a_free_space_watermark() {
+    let mut env = Env::new("disks");
+    let img = env.dir.join("disky");
+    std::fs::create_dir_all(&img).unwrap();
+    for f in ["vmlinux", "initramfs.cpio", "rootfs.ext4"] {
+        std::fs::write(img.join(f), b"x").unwrap();
+    }
+    let json = format!(r#"{{"name":"disky","root":"disk","disk_mib":512,"rootfs_sha256":"{}"}}"#, "ab".repeat(32));
+    std::fs::write(img.join("image.json"), json).unwrap();
+    env.cfg.images.insert("disky".into(), img);
+    env.cfg.vm.mount_slot_mib = 256;
+    env.cfg.limits.max_total_disk_mib = 700;
+    let l = FakeLauncher::default();
+    let d = env.open(&l);
+    let req = |id: &str| CreateVm { id: Some(id.into()), image: Some("disky".into()), ..Default::default() };
+    let e = d.vms.create(req("big"), None).await.unwrap_err().to_string();
+    assert!(e.contains("768 MiB would pass limits.max_total_disk_mib = 700"), "{e}");
+    assert!(env.leftovers(&d, "big").is_empty());
+    // A VM without disks is not held to it.
+    d.vms.create(CreateVm { id: Some("plain".into()), ..Default::default() }, None).await.unwrap();
+    crate::fake::crash(d).await;
+    env.cfg.limits.max_total_disk_mib = 0;
+    env.cfg.limits.min_free_disk_mib = u64::MAX >> 21;
+    let d = env.open(&l);
+    let e = d.vms.create(req("low"), None).await.unwrap_err();
+    assert_eq!(crate::error::Classify::kind(&e), crate::error::Kind::Quota);
+    assert!(e.to_string().contains("below limits.min_free_disk_mib"), "{e}");
+    assert!(env.leftovers(&d, "low").is_empty());
+}
+
+/// A fence's tools: freeze and kill reach the VMM at once, even while an operation holds the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_and_kill_do_not_wait_for_an_operation() {
+    let env = Env::new("freeze");
+    let l = FakeLauncher::default();
+    let d = env.open(&l);
+    d.vms.create(CreateVm { id: Some("f".into()), ..Default::default() }, None).await.unwrap();
+    let dir = d.vms.vm_dir("f");
+    let held = d.vms.vm("f").unwrap();
+    let _op = held.rec.op.lock().await; // an operation in progress (a long snapshot, say)
+    d.vms.freeze("f", true).unwrap();
+    assert!(l.frozen(&dir));
+    d.vms.freeze("f", false).unwrap();
+    assert!(!l.frozen(&dir));
+    d.vms.kill_now("f").unwrap();
+    assert_eq!(l.pid_of(&dir), None, "the VMM is gone");
+    drop(_op);
+    wait_for("the exit noticed", || d.vms.get("f").unwrap().status == VmStatus::Failed).await;
+    assert!(matches!(d.vms.freeze("nope", true), Err(VmError::NotFound(_))));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readoption_after_a_restart_handles_every_status() {
     let env = Env::new("adopt");

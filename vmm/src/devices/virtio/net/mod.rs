@@ -91,9 +91,12 @@ impl Net {
             let head = chain.head_index();
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match chain.reader(mem) {
-                Ok(mut r) if r.available_bytes() <= MAX_FRAME => {
+                Ok(mut r) if (NET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
                     let mut frame = vec![0u8; r.available_bytes()];
                     if r.read_exact(&mut frame).is_ok() {
+                        // No offload is negotiated, so the guest's virtio-net header means nothing: zeroed, the
+                        // host kernel's tap never acts on guest-chosen GSO or checksum fields.
+                        frame[..NET_HDR_LEN].fill(0);
                         // A tap takes a whole frame per write (or none).
                         match self.tap.write_all(&frame) {
                             Ok(_) => {
@@ -385,5 +388,36 @@ mod tests {
         let state = dev.save_model();
         assert_eq!(state.version, 1);
         dev.restore_model(&state).unwrap();
+    }
+
+    /// The guest's virtio-net header reaches the tap zeroed (no offloads: a GSO or checksum request of the guest
+    /// must never be acted on by the host kernel); a chain shorter than the header is refused.
+    #[test]
+    fn the_guests_net_header_is_zeroed_before_the_tap() {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair(2) fills two fds we then own.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh fds owned by nobody else.
+        let (tap, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut peer = File::from(peer);
+        let mut dev = Net::new(File::from(tap), "t", [6, 0, 0, 0, 0, 1]);
+        let mut env = QueueEnv::new(&[256, 256]);
+        let mut ops = Recorder::default();
+        // flags NEEDS_CSUM, gso TCPV4 with a hostile size and offsets, then a payload.
+        let mut frame = vec![1u8, 1, 0xff, 0xff, 0xff, 0x7f, 0x10, 0, 0x20, 0, 1, 0];
+        frame.extend_from_slice(&[0xab; 60]);
+        env.write(0x10000, &frame);
+        env.add_chain(TXQ, &[(0x10000, frame.len() as u32, false)]);
+        env.write(0x20000, &[9u8; 4]);
+        env.add_chain(TXQ, &[(0x20000, 4, false)]);
+        env.run(|ctx| dev.queue_notify(TXQ, ctx, &mut ops));
+        assert_eq!(env.used(TXQ).len(), 2, "both chains are given back");
+        let mut buf = [0u8; 2048];
+        let n = peer.read(&mut buf).unwrap();
+        assert_eq!(&buf[..NET_HDR_LEN], &[0u8; NET_HDR_LEN]);
+        assert_eq!(&buf[NET_HDR_LEN..n], &[0xab; 60]);
+        assert!(peer.read(&mut buf).is_err(), "the 4-byte chain never reached the tap");
     }
 }
