@@ -24,6 +24,10 @@ use crate::reaper::{nonblocking, Reaper};
 pub const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long an interrupted run may take to answer before its runner is killed.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// An interrupted run is interrupted again this often until it answers: the runner drops an interrupt that lands
+/// while it is not running a cell (one meant for a run that had just answered), so one that lands while it still
+/// reads the request is not lost either.
+const INTERRUPT_AGAIN: Duration = Duration::from_millis(100);
 /// Longest reply line a runner may send.
 const MAX_REPLY: u64 = 1 << 20;
 
@@ -195,6 +199,7 @@ impl Runners {
         }
         let mut deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut interrupted = false;
+        let mut grace: Option<tokio::time::Instant> = None;
         let (mut obuf, mut ebuf) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
         let (mut out_open, mut err_open) = (true, true);
         let outcome = loop {
@@ -223,13 +228,15 @@ impl Runners {
                     Err(_) => "the runner's exit status was lost".into(),
                 }),
                 _ = sleep => {
-                    if interrupted {
+                    let now = tokio::time::Instant::now();
+                    let grace_end = *grace.get_or_insert(now + INTERRUPT_GRACE);
+                    if now >= grace_end {
                         break Err(format!("the runner did not stop within {} s of an interrupt", INTERRUPT_GRACE.as_secs()));
                     }
                     interrupted = true;
                     // SAFETY: kill(2) on the runner's pid; no memory is involved.
                     unsafe { libc::kill(proc.pid as i32, libc::SIGINT) };
-                    deadline = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
+                    deadline = Some((now + INTERRUPT_AGAIN).min(grace_end));
                 }
             }
         };

@@ -9,11 +9,17 @@ replies leave on fd 4: first {"ready": true, ...} once, then one {"id": N, "stat
 The code's stdout and stderr are this process's fds 1 and 2, which the agent streams to the caller. State
 (globals) lives on from one request to the next, like a notebook kernel. The agent interrupts a request that
 runs past its timeout with SIGINT (KeyboardInterrupt); the runner answers and takes the next one.
+
+The interrupt is safe wherever it lands: it raises KeyboardInterrupt only inside the cell's code; one that
+arrives while a request is being read or answered is held and raised as the cell starts (so the request still
+ends "interrupted"), and one that arrives between requests (a late interrupt of a run that had just answered) is
+dropped. The runner's own loop never sees it.
 """
 import ast
 import json
 import os
 import random
+import signal
 import sys
 import traceback
 
@@ -29,6 +35,28 @@ import ssl  # noqa: F401
 REQUESTS = os.fdopen(3, "rb", buffering=0)
 REPLIES = os.fdopen(4, "wb", buffering=0)
 CELL = "<cell>"
+
+
+class _Interrupts:
+    """Where SIGINT may raise: `armed` while the cell's code runs; `busy` from a request's arrival to its
+    answer (an interrupt then is `pending` until the cell starts)."""
+    armed = False
+    busy = False
+    pending = False
+
+
+def _on_sigint(signum, frame):
+    if _Interrupts.armed:
+        raise KeyboardInterrupt
+    if _Interrupts.busy:
+        _Interrupts.pending = True
+
+
+def _arm():
+    _Interrupts.armed = True
+    if _Interrupts.pending:
+        _Interrupts.pending = False
+        raise KeyboardInterrupt
 
 
 def reply(obj):
@@ -59,13 +87,17 @@ def run(code, namespace):
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
     try:
-        exec(compile(tree, CELL, "exec"), namespace)
-        value = None
-        if last is not None:
-            result = eval(compile(last, CELL, "eval"), namespace)
-            if result is not None:
-                namespace["_"] = result
-                value = repr(result)
+        try:
+            _arm()
+            exec(compile(tree, CELL, "exec"), namespace)
+            value = None
+            if last is not None:
+                result = eval(compile(last, CELL, "eval"), namespace)
+                if result is not None:
+                    namespace["_"] = result
+                    value = repr(result)
+        finally:
+            _Interrupts.armed = False
         return {"status": "ok", "value": value, "error": None}
     except KeyboardInterrupt as e:
         return failure("interrupted", e)
@@ -81,13 +113,14 @@ def run(code, namespace):
 
 def main():
     sys.stdin = open(os.devnull)
+    signal.signal(signal.SIGINT, _on_sigint)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     reply({"ready": True, "python": sys.version.split()[0], "pid": os.getpid()})
     while True:
-        try:
-            line = REQUESTS.readline()
-        except KeyboardInterrupt:
-            continue  # an interrupt that arrived between requests
+        _Interrupts.busy = False
+        _Interrupts.pending = False
+        line = REQUESTS.readline()
+        _Interrupts.busy = True
         if not line:
             return  # the agent went away
         try:
@@ -101,15 +134,9 @@ def main():
             # A restored clone: its interpreter's PRNG state is the template's. Fresh seed from the guest's
             # entropy pool, which the agent refreshed.
             random.seed()
-        try:
-            out = run(code, namespace)
-        except KeyboardInterrupt as e:  # landed outside the cell's own handler
-            out = failure("interrupted", e)
+        out = run(code, namespace)
         out["id"] = rid
-        try:
-            reply(out)
-        except KeyboardInterrupt:
-            reply(out)
+        reply(out)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 /// The cgroup hierarchies of this host.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Hierarchy {
-    /// Unified: one directory per cgroup, controllers enabled through `cgroup.subtree_control`.
-    V2 { root: PathBuf },
+    /// Unified: one directory per cgroup, controllers enabled through `cgroup.subtree_control`. `base` is the
+    /// cgroup flintd manages below: the root, or (under systemd with `Delegate=yes`) its unit's own cgroup.
+    V2 { root: PathBuf, base: PathBuf },
     /// One hierarchy per controller.
     V1 { memory: PathBuf, cpu: PathBuf, pids: PathBuf },
 }
@@ -61,7 +62,7 @@ impl Hierarchy {
     pub fn detect(fs: &Path) -> Result<Hierarchy, CgroupError> {
         if let Ok(c) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
             if c.split_whitespace().any(|w| w == "memory") {
-                return Ok(Hierarchy::V2 { root: fs.to_path_buf() });
+                return Ok(Hierarchy::V2 { root: fs.to_path_buf(), base: fs.to_path_buf() });
             }
         }
         let cpu = ["cpu", "cpu,cpuacct"].iter().map(|d| fs.join(d)).find(|p| p.join("cpu.shares").exists());
@@ -74,6 +75,23 @@ impl Hierarchy {
         }
     }
 
+    /// Under systemd (`in_unit`: `INVOCATION_ID` is set) on the unified hierarchy, flintd's unit delegates its
+    /// cgroup (`Delegate=yes`) and starts flintd in its leaf `<unit>/daemon` (`DelegateSubgroup=daemon`, systemd
+    /// 254 and later): VM cgroups then go below the unit, beside `daemon`, not beside systemd's own tree, and the
+    /// unit's cgroup gets the controllers. `self_cgroup`: /proc/self/cgroup. Elsewhere (no systemd, v1, a systemd
+    /// too old to start flintd in the leaf, where a restart could not place it once VMs run below the unit)
+    /// nothing changes.
+    pub fn delegated(self, in_unit: bool, self_cgroup: &str) -> Result<Hierarchy, CgroupError> {
+        let Hierarchy::V2 { root, .. } = &self else { return Ok(self) };
+        let own = self_cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim();
+        let Some(unit) = own.strip_suffix("/daemon").filter(|u| in_unit && !u.is_empty() && !u.contains("..")) else {
+            return Ok(self);
+        };
+        let base = root.join(unit.trim_start_matches('/'));
+        write(&base.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
+        Ok(Hierarchy::V2 { root: root.clone(), base })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Hierarchy::V2 { .. } => "v2",
@@ -84,7 +102,7 @@ impl Hierarchy {
     /// Where `<parent>/<vm>` is (existing or not): one directory (v2), or the memory, cpu and pids ones (v1).
     pub fn vm_cgroup(&self, parent: &str, vm: &str) -> VmCgroup {
         let dirs: Vec<PathBuf> = match self {
-            Hierarchy::V2 { root } => vec![root.join(parent).join(vm)],
+            Hierarchy::V2 { base, .. } => vec![base.join(parent).join(vm)],
             Hierarchy::V1 { memory, cpu, pids } => {
                 [memory, cpu, pids].iter().map(|b| b.join(parent).join(vm)).collect()
             }
@@ -95,12 +113,12 @@ impl Hierarchy {
     /// Creates (or reuses) `<parent>/<vm>` with `limits`.
     pub fn create(&self, parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
         let cg = self.vm_cgroup(parent, vm);
-        if let Hierarchy::V2 { root } = self {
-            let p = root.join(parent);
+        if let Hierarchy::V2 { base, .. } = self {
+            let p = base.join(parent);
             create_dir(&p)?;
-            // Controllers reach a child only if every ancestor enables them (the root and `parent` hold no
+            // Controllers reach a child only if every ancestor enables them (`base` and `parent` hold no
             // processes of ours, as v2 requires of a cgroup that delegates controllers).
-            for dir in [root.as_path(), p.as_path()] {
+            for dir in [base.as_path(), p.as_path()] {
                 let _ = write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids");
             }
         }
@@ -191,6 +209,29 @@ impl VmCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under a systemd unit with `Delegate=yes`, VM cgroups nest in the unit's own cgroup, flintd itself in a
+    /// leaf of it; without systemd (or in the root cgroup) nothing moves.
+    #[test]
+    fn a_systemd_unit_delegates_its_cgroup() {
+        let fs = std::env::temp_dir().join(format!("flint-cgdel-{}", std::process::id()));
+        let unit = fs.join("system.slice/flintd.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::write(fs.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let h = Hierarchy::detect(&fs).unwrap();
+        let leaf = "0::/system.slice/flintd.service/daemon\n";
+        assert_eq!(h.clone().delegated(false, leaf).unwrap(), h, "no systemd");
+        assert_eq!(h.clone().delegated(true, "0::/\n").unwrap(), h, "the root cgroup");
+        let old = h.clone().delegated(true, "0::/system.slice/flintd.service\n").unwrap();
+        assert_eq!(old, h, "a systemd that did not start flintd in the leaf");
+        let d = h.clone().delegated(true, leaf).unwrap();
+        assert_eq!(std::fs::read_to_string(unit.join("cgroup.subtree_control")).unwrap(), "+memory +cpu +pids");
+        let cg = d.create("flint", "vm-1", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32 }).unwrap();
+        assert_eq!(cg.memory_dir, unit.join("flint/vm-1"));
+        assert_eq!(std::fs::read_to_string(unit.join("flint/vm-1/memory.max")).unwrap(), "1073741824");
+        assert!(!fs.join("flint").exists(), "nothing outside the unit's tree");
+        let _ = std::fs::remove_dir_all(&fs);
+    }
 
     #[test]
     fn detects_v2_v1_or_says_what_is_missing() {

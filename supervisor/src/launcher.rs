@@ -161,10 +161,14 @@ impl ProcessLauncher {
                  as root, or set jail.enabled = false / --no-jail (debugging only: VMMs then run unconfined)"
                     .to_string(),
             ),
-            Some(cfg) => match Hierarchy::detect(Path::new("/sys/fs/cgroup")) {
-                Ok(h) => JailSetup::Ready(cfg, h),
-                Err(e) => JailSetup::Unavailable(format!("the jail needs cgroups: {e}")),
-            },
+            Some(cfg) => {
+                let in_unit = std::env::var_os("INVOCATION_ID").is_some();
+                let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+                match Hierarchy::detect(Path::new("/sys/fs/cgroup")).and_then(|h| h.delegated(in_unit, &own)) {
+                    Ok(h) => JailSetup::Ready(cfg, h),
+                    Err(e) => JailSetup::Unavailable(format!("the jail needs cgroups: {e}")),
+                }
+            }
         };
         ProcessLauncher { vmm_bin, children: Mutex::new(HashMap::new()), jailed: Arc::default(), jail, uid_claim: None }
     }

@@ -99,6 +99,9 @@ struct Inner {
     counters: Counters,
     /// The last scan of the local manifests for eviction (see `local_only_keys`).
     local_only: Mutex<Option<LocalOnlyScan>>,
+    /// Whether the first remote tier honours conditional writes (probed at the first publish; unset until then
+    /// or while the probe could not reach it).
+    conditional: tokio::sync::OnceCell<bool>,
 }
 
 /// Chunk keys of the local snapshots that exist nowhere else, and the modification times of the
@@ -248,6 +251,7 @@ impl Store {
                 inflight: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 local_only: Mutex::new(None),
+                conditional: tokio::sync::OnceCell::new(),
             }),
         })
     }

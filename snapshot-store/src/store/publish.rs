@@ -2,6 +2,22 @@
 use super::*;
 
 impl Store {
+    /// Whether the first remote tier honours conditional writes (`probe_conditional_writes`, once; `true` while
+    /// it cannot be reached, when the publish fails anyway).
+    pub async fn conditional_writes(&self) -> bool {
+        if let Some(v) = self.inner.conditional.get() {
+            return *v;
+        }
+        match self.probe_conditional_writes("publish").await {
+            Ok(()) => *self.inner.conditional.get_or_init(|| async { true }).await,
+            Err(e) if e.contains("ignores") => {
+                warn!(error = %e, "the bucket ignores conditional writes: manifests are checked before they are put");
+                *self.inner.conditional.get_or_init(|| async { false }).await
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Uploads a locally stored snapshot to every remote tier: missing chunks first, the manifest last.
     pub async fn publish(&self, id: &str) -> Result<PublishReport, StoreError> {
         if self.inner.remotes.is_empty() {
@@ -61,8 +77,14 @@ impl Store {
                 return Err(StoreError::PublishTooSlow { id: id.to_string(), grace: self.inner.cfg.gc_grace });
             }
             // Create-only: a manifest of the same id from another host is never replaced (GC would then delete
-            // the chunks only it referenced). Our own earlier upload (a retried push) is the same manifest.
-            if !tier.put_new(&manifest_key(id), self.encode_manifest(&manifest)).await? {
+            // the chunks only it referenced). Our own earlier upload (a retried push) is the same manifest. On a
+            // bucket that ignores If-None-Match (the probe says so), a look first: no blind overwrite.
+            let created = if self.conditional_writes().await || tier.head(&manifest_key(id)).await?.is_none() {
+                tier.put_new(&manifest_key(id), self.encode_manifest(&manifest)).await?
+            } else {
+                false
+            };
+            if !created {
                 let theirs = tier.get(&manifest_key(id), MAX_MANIFEST_OBJECT).await?;
                 let same = theirs.map(|b| self.decode_manifest(id, tier.name(), &b)).transpose()?;
                 if same.as_ref() != Some(&manifest) {
