@@ -6,7 +6,8 @@
 //! - every failed or lost record's VMM gone;
 //! - every snapshot in S3 verifies there, every snapshot only in the local cache verifies there (no chunk a
 //!   manifest references is missing or corrupt);
-//! - the session settles running, hibernated or failed; only its current VM runs; and its guest memory holds the
+//! - the session settles running, hibernated or failed; only its current VM runs (never two VMMs of it, by the
+//!   processes); and its guest memory holds the
 //!   last marker written before the operation when flintd was killed (nothing lost), or one written earlier
 //!   when its VMM was (what ran since its last hibernation goes with the VMM).
 //!
@@ -230,6 +231,10 @@ impl Harness {
             std::thread::sleep(Duration::from_millis(200));
         };
         let vms = self.settle();
+        // Never two VMs of the session at once, by the processes as much as by the records.
+        let vmms: Vec<_> =
+            self.vmm_processes().into_iter().filter(|(_, spec)| spec.contains(&format!("/vms/{SESSION}-"))).collect();
+        assert!(vmms.len() <= 1, "{what}: {} VMMs run the session at once: {vmms:?}", vmms.len());
         for v in
             vms.iter().filter(|v| v["owner"]["id"] == SESSION && (v["status"] == "running" || v["status"] == "paused"))
         {

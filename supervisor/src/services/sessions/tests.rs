@@ -241,3 +241,45 @@ async fn a_session_whose_vm_dies_fails_and_wakes() {
     assert_eq!(session_vms(&d, "s"), 1, "the dead VM is gone, the new one runs");
     d.sessions.delete("s").await.unwrap();
 }
+
+/// Findings 4 and 9 of #26: the front end's resolver authorises (port exposed, token right) before anything
+/// wakes: a hibernated session stays asleep for requests without the token or with a wrong one, wakes for the
+/// right one; ids are found whatever their case, and are unique whatever their case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_end_authorises_before_anything_wakes() {
+    use crate::net::front::Resolve;
+    let env = env("front");
+    let l = FakeLauncher::default();
+    let d = with_base(&env, &l).await;
+    let mut r = req("MySes");
+    let mut net = crate::net::NetworkRequest::default();
+    net.ports.insert(8080, crate::net::ExposedPort { token: Some("auto".into()), tcp_listen: None });
+    r.network = Some(net);
+    let s = d.sessions.create(r).await.unwrap();
+    let token = s.network.as_ref().unwrap().ports[&8080].token.clone().unwrap();
+    assert_eq!(token.len(), 32, "made by flintd: {token}");
+    d.sessions.hibernate("MySes").await.unwrap();
+    let front = crate::daemon::FrontRoutes(Arc::downgrade(&d));
+    let asleep = |d: &Daemon| d.sessions.session("MySes").unwrap().rec.get().state == SessionState::Hibernated;
+    for (id, port, tok, kind) in [
+        ("myses", 8080, None, Kind::Unauthorized),
+        ("MYSES", 8080, Some("0123456789abcdef0123456789abcdef"), Kind::Unauthorized),
+        ("myses", 9090, Some(token.as_str()), Kind::NotFound),
+        ("nosuch", 8080, Some(token.as_str()), Kind::NotFound),
+    ] {
+        let e = front.resolve(id.into(), port, tok.map(String::from)).await.err().expect("refused");
+        assert_eq!(e.kind, kind, "{id}:{port}: {}", e.message);
+        assert!(asleep(&d), "{id}:{port} woke the session");
+    }
+    // The right token wakes it (whatever the route to the fake guest then says).
+    let _ = front.resolve("myses".into(), 8080, Some(token.clone())).await;
+    assert_eq!(d.sessions.session("MySes").unwrap().rec.get().state, SessionState::Running);
+    // Unique whatever the case, across VMs and sessions.
+    let e = d.sessions.create(req("MYSES")).await.unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    d.vms.create(vm::CreateVm { id: Some("MyVm".into()), ..Default::default() }, None).await.unwrap();
+    let e = d.vms.create(vm::CreateVm { id: Some("myvm".into()), ..Default::default() }, None).await.unwrap_err();
+    assert!(e.to_string().contains("MyVm"), "{e}");
+    let e = d.sessions.create(req("MYVM")).await.unwrap_err().to_string();
+    assert!(e.contains("is a VM id"), "{e}");
+}
