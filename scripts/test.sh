@@ -78,11 +78,13 @@ case "$tier" in
   kvm) kvm ;;
   full) full ;;
   all)
+    # Each tier in a process of its own: `set -e` does not hold inside a function called as `f || …`, so a
+    # failure inside a tier must end that tier's process, whose status is then seen here.
     failed=0
-    unit
-    kvm || failed=1
-    full || failed=1
-    say "done"
+    bash "$0" unit
+    bash "$0" kvm || failed=1
+    bash "$0" full || failed=1
+    say "done ($([ $failed = 0 ] && echo passed || echo FAILED))"
     exit $failed
     ;;
   *) echo "usage: scripts/test.sh [unit|kvm|full|all]" >&2; exit 2 ;;

@@ -375,11 +375,24 @@ impl AgentClient {
         &self,
         path: &str,
         mode: u32,
+        data: R,
+    ) -> Result<u64, ClientError> {
+        self.write_file_as(path, mode, None, data).await
+    }
+
+    /// [`Self::write_file_from`], the file (and any parent directory it makes) owned by `owner` (a user name or
+    /// uid).
+    pub async fn write_file_as<R: AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        mode: u32,
+        owner: Option<&str>,
         mut data: R,
     ) -> Result<u64, ClientError> {
         let (id, mut rx) = self.open();
         let r = async {
-            self.send(Frame::json(id, &Request::WriteFile { path: path.into(), mode, append: false })).await?;
+            let req = Request::WriteFile { path: path.into(), mode, append: false, owner: owner.map(String::from) };
+            self.send(Frame::json(id, &req)).await?;
             loop {
                 let mut buf = vec![0u8; CHUNK];
                 let n = data.read(&mut buf).await.map_err(|e| ClientError::Connect("upload source".into(), e))?;
@@ -496,7 +509,12 @@ impl AgentClient {
     }
 
     pub async fn mkdir(&self, path: &str) -> Result<(), ClientError> {
-        self.ok(Request::Mkdir { path: path.into(), mode: 0o755 }).await
+        self.ok(Request::Mkdir { path: path.into(), mode: 0o755, owner: None, exclusive: false }).await
+    }
+
+    /// Makes `path` and its missing parents, owned by `owner`; `exclusive`: `already_exists` if it is there.
+    pub async fn mkdir_as(&self, path: &str, owner: Option<&str>, exclusive: bool) -> Result<(), ClientError> {
+        self.ok(Request::Mkdir { path: path.into(), mode: 0o755, owner: owner.map(String::from), exclusive }).await
     }
 
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {

@@ -120,6 +120,10 @@ pub enum Request {
         mode: u32,
         #[serde(default)]
         append: bool,
+        /// Owner of the file written (a user name or uid, its group its primary one); default root. Missing
+        /// parent directories are made, owned likewise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     ReadFile {
         path: String,
@@ -137,6 +141,12 @@ pub enum Request {
         path: String,
         #[serde(default = "default_dir_mode")]
         mode: u32,
+        /// Owner of the directories made (a user name or uid); default root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        /// Fail with `already_exists` if the directory is there (otherwise that is success).
+        #[serde(default)]
+        exclusive: bool,
     },
     Remove {
         path: String,
@@ -363,6 +373,14 @@ pub struct StatInfo {
     pub size: u64,
     pub mode: u32,
     pub mtime_s: i64,
+    /// Owner and group names (their ids when /etc/passwd or /etc/group has no name).
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub group: String,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -371,6 +389,14 @@ pub struct DirEntry {
     pub kind: FileKind,
     pub size: u64,
     pub mode: u32,
+    #[serde(default)]
+    pub mtime_s: i64,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

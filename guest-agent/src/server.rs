@@ -49,6 +49,8 @@ pub struct Agent {
     /// The image's own settings (`/etc/flint/image.json`; empty for the default image).
     image: ImageConfig,
     pub runners: Runners,
+    /// User and group names for stat answers.
+    names: Names,
 }
 
 impl Agent {
@@ -59,6 +61,7 @@ impl Agent {
         });
         let runners = Runners::new(image.runners.clone());
         Arc::new(Agent {
+            names: Names::new(&settings.root),
             settings,
             started: Instant::now(),
             refresh_env: Mutex::new(BTreeMap::new()),
@@ -260,22 +263,38 @@ async fn handle(
         Request::Exec(e) => return exec(agent, id, e, inbound, tx).await,
         Request::Signal { .. } => error(ErrorCode::Invalid, "signal names no running exec on this stream"),
         Request::Resize { .. } => error(ErrorCode::Invalid, "resize names no running exec on this stream"),
-        Request::WriteFile { path, mode, append } => write_file(&agent, &path, mode, append, inbound).await,
+        Request::WriteFile { path, mode, append, owner } => {
+            let owner = match owner.as_deref().map(|o| lookup_user(&agent.settings.root, o)) {
+                None => None,
+                Some(Some((uid, gid, _))) => Some((uid, gid)),
+                Some(None) => {
+                    return Some(error(ErrorCode::Invalid, format!("no user {:?}", owner.unwrap_or_default())))
+                }
+            };
+            write_file(&agent, &path, (mode, owner), append, inbound).await
+        }
         Request::ReadFile { path, limit } => return read_file(&agent, id, &path, limit, tx).await,
         Request::Stat { path } => match agent.resolve(&path) {
             Ok(p) => match tokio::fs::symlink_metadata(&p).await {
-                Ok(m) => Response::Stat(stat_info(&m)),
+                Ok(m) => Response::Stat(stat_info(&agent.names, &p, &m)),
                 Err(e) => io_error(&path, &e),
             },
             Err((c, m)) => error(c, m),
         },
         Request::List { path } => list(&agent, &path).await,
-        Request::Mkdir { path, mode } => match agent.resolve(&path) {
+        Request::Mkdir { path, mode, owner, exclusive } => match agent.resolve(&path) {
             Ok(p) => {
-                let mut b = std::fs::DirBuilder::new();
-                b.recursive(true);
-                std::os::unix::fs::DirBuilderExt::mode(&mut b, mode);
-                match b.create(&p) {
+                let owner = match owner.as_deref().map(|o| lookup_user(&agent.settings.root, o)) {
+                    None => None,
+                    Some(Some((uid, gid, _))) => Some((uid, gid)),
+                    Some(None) => {
+                        return Some(error(ErrorCode::Invalid, format!("no user {:?}", owner.unwrap_or_default())))
+                    }
+                };
+                if exclusive && p.exists() {
+                    return Some(error(ErrorCode::AlreadyExists, format!("{path}: already exists")));
+                }
+                match make_dirs(&p, mode, owner) {
                     Ok(()) => Response::Ok { bytes: None },
                     Err(e) => io_error(&path, &e),
                 }
@@ -395,8 +414,77 @@ fn health(agent: &Agent) -> Health {
     }
 }
 
-fn stat_info(m: &std::fs::Metadata) -> StatInfo {
-    StatInfo { kind: file_kind(&m.file_type()), size: m.len(), mode: m.mode() & 0o7777, mtime_s: m.mtime() }
+fn stat_info(names: &Names, p: &Path, m: &std::fs::Metadata) -> StatInfo {
+    StatInfo {
+        kind: file_kind(&m.file_type()),
+        size: m.len(),
+        mode: m.mode() & 0o7777,
+        mtime_s: m.mtime(),
+        owner: names.user(m.uid()),
+        group: names.group(m.gid()),
+        target: m
+            .file_type()
+            .is_symlink()
+            .then(|| std::fs::read_link(p).ok())
+            .flatten()
+            .map(|t| t.display().to_string()),
+    }
+}
+
+/// Makes `p` and its missing parents with `mode`, the ones it makes owned by `owner` (uid, gid).
+fn make_dirs(p: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = p;
+    while !at.exists() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, mode);
+    b.create(p)?;
+    if let Some((uid, gid)) = owner {
+        for d in missing.iter().rev() {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// User and group names by id, read from the image's /etc/passwd and /etc/group when first asked (no NSS).
+#[derive(Default)]
+pub struct Names {
+    users: std::sync::OnceLock<std::collections::HashMap<u32, String>>,
+    groups: std::sync::OnceLock<std::collections::HashMap<u32, String>>,
+    root: PathBuf,
+}
+
+impl Names {
+    pub fn new(root: &Path) -> Names {
+        Names { root: root.to_path_buf(), ..Default::default() }
+    }
+
+    fn table(&self, file: &str) -> std::collections::HashMap<u32, String> {
+        std::fs::read_to_string(self.root.join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some((f.get(2)?.parse().ok()?, f.first()?.to_string()))
+            })
+            .collect()
+    }
+
+    pub fn user(&self, uid: u32) -> String {
+        self.users.get_or_init(|| self.table("etc/passwd")).get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+    }
+
+    pub fn group(&self, gid: u32) -> String {
+        self.groups.get_or_init(|| self.table("etc/group")).get(&gid).cloned().unwrap_or_else(|| gid.to_string())
+    }
 }
 
 fn file_kind(t: &std::fs::FileType) -> FileKind {
@@ -425,11 +513,16 @@ async fn list(agent: &Agent, path: &str) -> Response {
         match rd.next_entry().await {
             Ok(Some(e)) => {
                 let Ok(m) = e.metadata().await else { continue };
+                let i = stat_info(&agent.names, &e.path(), &m);
                 entries.push(DirEntry {
                     name: e.file_name().to_string_lossy().into_owned(),
-                    kind: file_kind(&m.file_type()),
-                    size: m.len(),
-                    mode: m.mode() & 0o7777,
+                    kind: i.kind,
+                    size: i.size,
+                    mode: i.mode,
+                    mtime_s: i.mtime_s,
+                    owner: i.owner,
+                    group: i.group,
+                    target: i.target,
                 });
             }
             Ok(None) => break,
@@ -468,7 +561,7 @@ async fn remove(agent: &Agent, path: &str, recursive: bool) -> Response {
 async fn write_file(
     agent: &Agent,
     path: &str,
-    mode: u32,
+    (mode, owner): (u32, Option<(u32, u32)>),
     append: bool,
     mut inbound: mpsc::Receiver<Inbound>,
 ) -> Response {
@@ -476,6 +569,11 @@ async fn write_file(
         Ok(p) => p,
         Err((c, m)) => return error(c, m),
     };
+    if let Some(parent) = p.parent().filter(|d| owner.is_some() && !d.exists()) {
+        if let Err(e) = make_dirs(parent, 0o755, owner) {
+            return io_error(path, &e);
+        }
+    }
     // Write to a temporary file beside the target and rename at the end, so a failed or
     // interrupted upload never leaves a half-written file under the real name.
     let tmp = p.with_file_name(format!(
@@ -528,6 +626,11 @@ async fn write_file(
                     return io_error(path, &e);
                 }
                 let _ = tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).await;
+            }
+            if let Some((uid, gid)) = owner {
+                if let Err(e) = std::os::unix::fs::chown(&p, Some(uid), Some(gid)) {
+                    return io_error(path, &e);
+                }
             }
             Response::Ok { bytes: Some(total) }
         }

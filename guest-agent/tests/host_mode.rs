@@ -269,6 +269,39 @@ async fn file_errors_are_clear() {
     assert!(c.health().await.is_ok());
 }
 
+/// Files and directories made for a user are that user's (parents included); stat and list name owners and
+/// groups from the image's own /etc/passwd and /etc/group, and give a symlink's target.
+#[tokio::test]
+async fn files_can_be_owned_by_a_user_and_say_whose_they_are() {
+    let a = Agent::start_prepared("owners", &[], |root| {
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nuser:x:4242:4343::/home/user:/bin/bash\n")
+            .unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\nusers:x:4343:\n").unwrap();
+    });
+    let c = a.client().await;
+    c.write_file_as("/home/user/sub/f.txt", 0o644, Some("user"), &b"hi"[..]).await.unwrap();
+    for p in ["/home/user/sub/f.txt", "/home/user/sub", "/home/user"] {
+        let st = c.stat(p).await.unwrap();
+        assert_eq!((st.owner.as_str(), st.group.as_str()), ("user", "users"), "{p}");
+    }
+    c.mkdir_as("/home/user/d1/d2", Some("4242"), false).await.unwrap();
+    assert_eq!(c.stat("/home/user/d1").await.unwrap().owner, "user");
+    let e = c.mkdir_as("/home/user/d1", Some("user"), true).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AlreadyExists), "{e}");
+    c.mkdir_as("/home/user/d1", Some("user"), false).await.unwrap();
+    assert_eq!(c.mkdir_as("/x", Some("nobody-here"), false).await.unwrap_err().code(), Some(ErrorCode::Invalid));
+    std::os::unix::fs::symlink("sub/f.txt", a.root().join("home/user/link")).unwrap();
+    let entries = c.list("/home/user").await.unwrap();
+    let link = entries.iter().find(|e| e.name == "link").unwrap();
+    assert_eq!(
+        (link.kind, link.target.as_deref(), link.owner.as_str()),
+        (FileKind::Symlink, Some("sub/f.txt"), "root")
+    );
+    let f = entries.iter().find(|e| e.name == "sub").unwrap();
+    assert!(f.mtime_s > 0 && f.owner == "user", "{f:?}");
+}
+
 #[tokio::test]
 async fn refresh_and_hooks() {
     let a = Agent::start("refresh", &[]);
