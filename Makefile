@@ -4,7 +4,7 @@ CARGO ?= cargo
 JOBS ?= 2
 export FLINT_CACHE ?= $(HOME)/.cache/flint
 
-.PHONY: images build demo test test-unit test-kvm test-full bench fuzz crash-test fmt clippy
+.PHONY: images build demo e2b-demo test test-unit test-kvm test-full bench fuzz crash-test fmt clippy
 
 ## images: build (or find cached) every guest image (images/<name>/image.toml); prints NAME=DIR lines
 images:
@@ -17,6 +17,10 @@ build:
 ## demo: the main job: boot a sandbox, exec in it, snapshot, restore clones, print timings
 demo: build
 	@FLINT_IMAGES="$$(bash images/build.sh)" bash scripts/demo.sh
+
+## e2b-demo: E2B's unchanged Python SDK (its quickstart) against a flintd it starts (docs/e2b.md)
+e2b-demo: build
+	@FLINT_IMAGES="$$(bash images/build.sh)" $(CARGO) run -q -j$(JOBS) -p flint-tests --bin flint-demo -- e2b
 
 ## test: the whole suite, every tier below in order (what .ci/run runs)
 test:

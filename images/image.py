@@ -69,6 +69,10 @@ def load(name):
             die(f"{desc_path}: files: `{guest}` must be an absolute guest path without `..`")
         if not os.path.isfile(os.path.join(REPO, "images", name, local)):
             die(f"{desc_path}: files: `{local}` is not a file next to the description")
+    for u in desc.get("users", []):
+        if not isinstance(u.get("name"), str) or not u["name"].isidentifier() or not isinstance(u.get("uid"), int) \
+                or not 1000 <= u["uid"] < 60000 or not str(u.get("home", "")).startswith("/"):
+            die(f"{desc_path}: users: each needs a plain name, a uid within 1000..60000 and an absolute home")
     for rname, r in desc.get("runners", {}).items():
         argv = r.get("argv")
         if not rname.isidentifier() or not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -147,6 +151,30 @@ def finish_tree(name, desc, stage):
             f.write("sandbox:x:1000:1000:sandbox:/tmp:/bin/sh\n")
         with open(os.path.join(stage, "etc", "group"), "a") as f:
             f.write("sandbox:x:1000:\n")
+    # Accounts the image asks for ([[users]]): in passwd, group and shadow (no password), a home they own, and
+    # passwordless sudo when asked.
+    for u in desc.get("users", []):
+        name, uid, home = u["name"], u["uid"], u["home"]
+        shell = u.get("shell", "/bin/sh")
+        if f"\n{name}:" not in "\n" + open(passwd).read():
+            with open(passwd, "a") as f:
+                f.write(f"{name}:x:{uid}:{uid}:{name}:{home}:{shell}\n")
+            with open(os.path.join(stage, "etc", "group"), "a") as f:
+                f.write(f"{name}:x:{uid}:\n")
+            shadow = os.path.join(stage, "etc", "shadow")
+            if os.path.exists(shadow):
+                with open(shadow, "a") as f:
+                    f.write(f"{name}:*:19000:0:99999:7:::\n")
+        h = os.path.join(stage, home.lstrip("/"))
+        os.makedirs(h, exist_ok=True)
+        os.chmod(h, 0o755)
+        os.chown(h, uid, uid)
+        if u.get("sudo"):
+            d = os.path.join(stage, "etc", "sudoers.d")
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, name), "w") as f:
+                f.write(f"{name} ALL=(ALL) NOPASSWD:ALL\n")
+            os.chmod(os.path.join(d, name), 0o440)
     with open(os.path.join(stage, "etc", "hostname"), "w") as f:
         f.write("flint\n")
     for d in ("var/cache/apt", "var/lib/apt/lists", "var/log"):

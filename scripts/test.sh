@@ -21,6 +21,11 @@ packages() {
   command -v ping >/dev/null || need+=(iputils-ping)
   command -v nft >/dev/null || need+=(nftables)
   command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+  # E2B's SDKs (tests/tests/e2b.rs): a Python venv from PyPI, the JavaScript SDK from npm; openssl for its CA.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+  command -v openssl >/dev/null || need+=(openssl)
   if [ ${#need[@]} -gt 0 ]; then
     echo "test: installing ${need[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
@@ -33,8 +38,10 @@ images() {
   if [ -z "${FLINT_IMAGES:-}" ]; then FLINT_IMAGES=$(bash images/build.sh); fi
   # The Python image (Debian bookworm via mmdebstrap; cached like the default image).
   if [ -z "${FLINT_PYTHON_IMAGE:-}" ]; then FLINT_PYTHON_IMAGE=$(bash images/build.sh python); fi
-  export FLINT_IMAGES FLINT_PYTHON_IMAGE
-  say "guest images in $FLINT_IMAGES and $FLINT_PYTHON_IMAGE"
+  # The E2B image (Debian + bash, python3, sudo, curl, user `user`), for the E2B SDK tests.
+  if [ -z "${FLINT_E2B_IMAGE:-}" ]; then FLINT_E2B_IMAGE=$(bash images/build.sh e2b); fi
+  export FLINT_IMAGES FLINT_PYTHON_IMAGE FLINT_E2B_IMAGE
+  say "guest images in $FLINT_IMAGES, $FLINT_PYTHON_IMAGE and $FLINT_E2B_IMAGE"
 }
 
 # Tests that start processes run one at a time: guests are CPU-bound on emulating hosts (their kernel code is
@@ -69,7 +76,7 @@ full() {
   FLINT_S3_SERVER=${FLINT_S3_SERVER:-$(bash scripts/s3-server.sh)}
   export FLINT_S3_SERVER
   say "S3-compatible server $FLINT_S3_SERVER"
-  run_tests --test store_s3 --test flintd --test crash
+  run_tests --test store_s3 --test flintd --test e2b --test crash
   say "tier 2 passed"
 }
 

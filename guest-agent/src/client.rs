@@ -752,6 +752,11 @@ pub struct RunStream<'a> {
 }
 
 impl RunStream<'_> {
+    /// Interrupts the run (as its timeout would): it answers `timeout`, the runner and its state live on.
+    pub async fn interrupt(&self) -> Result<(), ClientError> {
+        self.client.send(Frame::json(self.id, &Request::Signal { signal: libc::SIGINT })).await
+    }
+
     /// The next output chunk or the outcome; `None` after the outcome.
     pub async fn next(&mut self) -> Result<Option<RunEvent>, ClientError> {
         if self.done {

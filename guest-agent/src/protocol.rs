@@ -222,6 +222,13 @@ pub struct RunRequest {
     /// Past this, the run is interrupted (the runner survives, its state too) and its status is `timeout`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The runner's context (a namespace of its own in the one interpreter: E2B's code-interpreter contexts);
+    /// none: the default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Environment variables set for this run only (restored after it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// How a run ended.

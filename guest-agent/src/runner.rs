@@ -177,6 +177,7 @@ impl Runners {
         req: &RunRequest,
         id: u32,
         tx: &mpsc::Sender<Frame>,
+        cancel: &tokio::sync::Notify,
     ) -> Result<Response, String> {
         let started = std::time::Instant::now();
         let (language, code) = (req.language.as_str(), req.code.as_str());
@@ -192,7 +193,11 @@ impl Runners {
         let proc = slot.proc.as_mut().expect("ensured above");
         proc.next_id += 1;
         let rid = proc.next_id;
-        let line = serde_json::json!({"id": rid, "code": code, "reseed": reseed}).to_string() + "\n";
+        let line = serde_json::json!({
+            "id": rid, "code": code, "reseed": reseed, "context": req.context, "env": req.env,
+        })
+        .to_string()
+            + "\n";
         if let Err(e) = proc.requests.write_all(line.as_bytes()).await {
             slot.proc = None;
             return Err(format!("runner `{language}`: cannot send the code: {e}"));
@@ -227,6 +232,7 @@ impl Runners {
                     Ok(st) => format!("the runner exited ({st})"),
                     Err(_) => "the runner's exit status was lost".into(),
                 }),
+                _ = cancel.notified(), if !interrupted => deadline = Some(tokio::time::Instant::now()),
                 _ = sleep => {
                     let now = tokio::time::Instant::now();
                     let grace_end = *grace.get_or_insert(now + INTERRUPT_GRACE);

@@ -318,7 +318,22 @@ async fn handle(
                 ));
             }
             let env = agent.base_env();
-            match agent.runners.run(&agent.reaper, &env, &r, id, tx).await {
+            // A `signal` on the run's stream (the host's caller went away) interrupts it as a timeout would.
+            let cancel = Arc::new(tokio::sync::Notify::new());
+            let watcher = {
+                let cancel = cancel.clone();
+                let mut inbound = inbound;
+                tokio::spawn(async move {
+                    while let Some(m) = inbound.recv().await {
+                        if let Inbound::Json(Request::Signal { .. }) = m {
+                            cancel.notify_one();
+                        }
+                    }
+                })
+            };
+            let ran = agent.runners.run(&agent.reaper, &env, &r, id, tx, &cancel).await;
+            watcher.abort();
+            match ran {
                 Ok(resp) => resp,
                 Err(m) if m.starts_with("no runner") => error(ErrorCode::NotFound, m),
                 Err(m) => error(ErrorCode::Io, m),

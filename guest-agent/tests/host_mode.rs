@@ -387,8 +387,12 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
         std::fs::write(root.join("etc/flint/image.json"), cfg.to_string()).unwrap();
     });
     let c = a.client().await;
-    let run =
-        |code: &str, timeout_ms: Option<u64>| RunRequest { language: "python".into(), code: code.into(), timeout_ms };
+    let run = |code: &str, timeout_ms: Option<u64>| RunRequest {
+        language: "python".into(),
+        code: code.into(),
+        timeout_ms,
+        ..Default::default()
+    };
     let o = c.run_code(run("print(6*7)", None)).await.unwrap();
     let d = o.done.clone().unwrap();
     assert_eq!((String::from_utf8_lossy(&o.stdout).as_ref(), d.status, d.value), ("42\n", RunStatus::Ok, None));
@@ -407,7 +411,7 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
     let e = d.error.clone().unwrap();
     assert_eq!((d.status, e.name.as_str()), (RunStatus::Error, "ZeroDivisionError"), "{d:?}");
     assert!(
-        e.traceback.contains("<cell>") && e.traceback.contains("in f") && !e.traceback.contains("runner.py"),
+        e.traceback.contains("<cell-") && e.traceback.contains("return 1/0") && !e.traceback.contains("runner.py"),
         "{}",
         e.traceback
     );
@@ -440,6 +444,30 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
     }
     let d = c.run_code(run("x", None)).await.unwrap().done.unwrap();
     assert_eq!(d.value.as_deref(), Some("1"));
+    // The host may interrupt a run without a timeout (its caller went away).
+    let mut s = c.run_code_stream(run("while True: pass", None)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.interrupt().await.unwrap();
+    let done = loop {
+        if let Some(flint_agent::client::RunEvent::Done(d)) = s.next().await.unwrap() {
+            break d;
+        }
+    };
+    assert_eq!((done.status, done.restarted), (RunStatus::Timeout, false), "{done:?}");
+    drop(s);
+    // Contexts: namespaces of their own in the one runner; env set for one run only.
+    let ctx = |code: &str, context: &str| RunRequest {
+        language: "python".into(),
+        code: code.into(),
+        context: Some(context.into()),
+        env: [("FLINT_CELL_VAR".to_string(), "cell".to_string())].into(),
+        ..Default::default()
+    };
+    let d = c.run_code(ctx("x = 'in-b'\nimport os\nos.environ['FLINT_CELL_VAR']", "b")).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("'cell'"), "{d:?}");
+    assert_eq!(c.run_code(ctx("x", "b")).await.unwrap().done.unwrap().value.as_deref(), Some("'in-b'"));
+    let d = c.run_code(run("import os\n(x, os.environ.get('FLINT_CELL_VAR'))", None)).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("(1, None)"), "the default context is untouched, the env restored");
     // Code that ignores the interrupt costs the runner: killed, replaced, and the answer says the state is gone.
     let code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)";
     let d = c.run_code(run(code, Some(300))).await.unwrap().done.unwrap();
@@ -447,7 +475,8 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
     let d = c.run_code(run("'x' in globals()", None)).await.unwrap().done.unwrap();
     assert_eq!((d.status, d.value.as_deref()), (RunStatus::Ok, Some("False")));
     // No such runner: a clear error.
-    let err = c.run_code(RunRequest { language: "ruby".into(), code: "1".into(), timeout_ms: None }).await.unwrap_err();
+    let err =
+        c.run_code(RunRequest { language: "ruby".into(), code: "1".into(), ..Default::default() }).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::Agent { code: ErrorCode::NotFound, message } if message.contains("it has: python")),
         "{err}"

@@ -3,7 +3,8 @@
 flint-agent starts this at boot and keeps it running; a template's snapshot captures it warm (interpreter
 started, common modules imported), so a clone answers its first cell without starting Python.
 
-Protocol: one JSON object per line. Requests arrive on fd 3: {"id": N, "code": "...", "reseed": bool};
+Protocol: one JSON object per line. Requests arrive on fd 3: {"id": N, "code": "...", "reseed": bool,
+"context": name-or-null, "env": {...}} (a context is a namespace of its own; env is set for that run only);
 replies leave on fd 4: first {"ready": true, ...} once, then one {"id": N, "status": "ok"|"error"|
 "interrupted", "value": repr-or-null, "error": {"name", "message", "traceback"}-or-null} per request.
 The code's stdout and stderr are this process's fds 1 and 2, which the agent streams to the caller. State
@@ -16,7 +17,9 @@ ends "interrupted"), and one that arrives between requests (a late interrupt of 
 dropped. The runner's own loop never sees it.
 """
 import ast
+import itertools
 import json
+import linecache
 import os
 import random
 import signal
@@ -34,7 +37,6 @@ import ssl  # noqa: F401
 
 REQUESTS = os.fdopen(3, "rb", buffering=0)
 REPLIES = os.fdopen(4, "wb", buffering=0)
-CELL = "<cell>"
 
 
 class _Interrupts:
@@ -76,9 +78,16 @@ def failure(status, exc):
             "error": {"name": type(exc).__name__, "message": str(exc), "traceback": user_traceback(exc)}}
 
 
+_cells = itertools.count(1)
+
+
 def run(code, namespace):
+    # Each cell's source under a name of its own, so that tracebacks show its lines (also of functions it
+    # defined, called from later cells), as notebooks do.
+    name = f"<cell-{next(_cells)}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     try:
-        tree = ast.parse(code, CELL, "exec")
+        tree = ast.parse(code, name, "exec")
     except SyntaxError as e:
         return {"status": "error", "value": None,
                 "error": {"name": "SyntaxError", "message": str(e),
@@ -89,10 +98,10 @@ def run(code, namespace):
     try:
         try:
             _arm()
-            exec(compile(tree, CELL, "exec"), namespace)
+            exec(compile(tree, name, "exec"), namespace)
             value = None
             if last is not None:
-                result = eval(compile(last, CELL, "eval"), namespace)
+                result = eval(compile(last, name, "eval"), namespace)
                 if result is not None:
                     namespace["_"] = result
                     value = repr(result)
@@ -111,10 +120,29 @@ def run(code, namespace):
                 pass
 
 
+def fresh_namespace():
+    return {"__name__": "__main__", "__builtins__": __builtins__}
+
+
+def with_env(env, fn):
+    """fn() with `env` set in os.environ, then the previous values back."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main():
     sys.stdin = open(os.devnull)
     signal.signal(signal.SIGINT, _on_sigint)
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    namespace = fresh_namespace()
+    contexts = {}
     reply({"ready": True, "python": sys.version.split()[0], "pid": os.getpid()})
     while True:
         _Interrupts.busy = False
@@ -134,7 +162,10 @@ def main():
             # A restored clone: its interpreter's PRNG state is the template's. Fresh seed from the guest's
             # entropy pool, which the agent refreshed.
             random.seed()
-        out = run(code, namespace)
+        ctx = req.get("context")
+        ns = namespace if not ctx else contexts.setdefault(str(ctx), fresh_namespace())
+        env = req.get("env") or {}
+        out = with_env(env, lambda: run(code, ns)) if env else run(code, ns)
         out["id"] = rid
         reply(out)
 

@@ -36,6 +36,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub pools: PoolsConfig,
     pub network: crate::net::NetworkConfig,
+    /// The E2B-compatible endpoint (docs/e2b.md); off unless `listen` is set.
+    pub e2b: crate::e2b::E2bConfig,
 }
 
 /// Warm pools (docs/performance.md): per template, clones restored ahead of demand and kept paused.
@@ -220,6 +222,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             pools: PoolsConfig::default(),
             network: crate::net::NetworkConfig::default(),
+            e2b: crate::e2b::E2bConfig::default(),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct Daemon {
     pub sessions: Arc<Sessions>,
     pub network: NetworkService,
     pub images: Images,
+    /// The E2B-compatible service (its endpoint listens only with `[e2b] listen`; its keys are managed either way).
+    pub e2b: Arc<crate::e2b::E2b>,
     pub tasks: Tasks,
     /// API requests served (for /metrics).
     pub requests: AtomicU64,
@@ -157,7 +159,16 @@ impl Daemon {
             host,
             tasks.clone(),
         )?;
+        let e2b = crate::e2b::E2b::open(
+            cfg.clone(),
+            db.clone(),
+            sessions.clone(),
+            templates.clone(),
+            vms.clone(),
+            tasks.clone(),
+        )?;
         Ok(Arc::new(Daemon {
+            e2b,
             network: NetworkService::new(cfg.clone(), vms.clone(), sessions.clone()),
             images: Images::new(vms.clone()),
             cfg,

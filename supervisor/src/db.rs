@@ -16,10 +16,18 @@ pub const TEMPLATES: Table = TableDefinition::new("templates");
 pub const SESSIONS: Table = TableDefinition::new("sessions");
 /// E2B API keys (hashed) and other small settings of the services.
 pub const KEYS: Table = TableDefinition::new("keys");
+/// E2B sandboxes' own state (deadline, pause, access token); their sessions hold the rest.
+pub const E2B_SANDBOXES: Table = TableDefinition::new("e2b_sandboxes");
 
 #[derive(Debug, thiserror::Error)]
 #[error("state database: {0}")]
 pub struct DbError(String);
+
+impl DbError {
+    pub fn from_message(m: impl Into<String>) -> DbError {
+        DbError(m.into())
+    }
+}
 
 fn e(x: impl std::fmt::Display) -> DbError {
     DbError(x.to_string())
@@ -34,7 +42,7 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let db = Database::create(path).map_err(|x| DbError(format!("open {}: {x}", path.display())))?;
         let w = db.begin_write().map_err(e)?;
-        for t in [VMS, TEMPLATES, SESSIONS, KEYS] {
+        for t in [VMS, TEMPLATES, SESSIONS, KEYS, E2B_SANDBOXES] {
             w.open_table(t).map_err(e)?;
         }
         w.commit().map_err(e)?;

@@ -64,3 +64,17 @@ pub fn front_end(data: &[u8]) {
         }
     }
 }
+
+/// Body of the E2B fuzz target: what any API caller sends flintd's E2B endpoint — Connect envelopes, multipart
+/// upload bodies, percent-encoded query values (docs/e2b.md).
+pub fn e2b(data: &[u8]) {
+    let _ = crate::e2b::connect::decode_all(data);
+    let _ = crate::e2b::connect::single(data);
+    let (head, body) = data.split_at(data.len().min(data.first().map_or(0, |n| *n as usize % 64)));
+    let ct = String::from_utf8_lossy(head);
+    if let Some(b) = crate::e2b::multipart::boundary(&ct) {
+        let _ = crate::e2b::multipart::parse(body, &b);
+    }
+    let _ = crate::e2b::multipart::parse(body, "xyz");
+    let _ = crate::e2b::percent_decode(&String::from_utf8_lossy(data));
+}

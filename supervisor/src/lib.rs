@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod drives;
+pub mod e2b;
 pub mod error;
 #[cfg(test)]
 mod fake;
@@ -76,6 +77,8 @@ pub enum RunError {
     Io { what: String, source: std::io::Error },
     #[error("{0} is in use: another flintd is running")]
     InUse(std::path::PathBuf),
+    #[error("{0}")]
+    E2b(String),
 }
 
 /// The gid of a group by name.
@@ -158,6 +161,10 @@ pub async fn run(cfg: config::Config) -> Result<(), RunError> {
         info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports");
         let limits = net::front::Limits::default();
         daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes, limits));
+    }
+    if daemon.cfg.e2b.listen.is_some() || daemon.cfg.e2b.tls_listen.is_some() {
+        let serving = e2b::serve(daemon.e2b.clone()).await.map_err(|e| RunError::E2b(e.to_string()))?;
+        daemon.tasks.spawn_loop(serving);
     }
     info!(socket = %socket.display(), vms = daemon.vms.len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");

@@ -699,6 +699,56 @@ impl Drop for PartitionProxy {
     }
 }
 
+/// `$FLINT_CACHE`, else `~/.cache/flint`: what the tests build once and keep.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("FLINT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/flint"))
+}
+
+/// A Python virtualenv with E2B's SDKs from PyPI (`pkgs`: pinned requirements), made once under
+/// `~/.cache/flint/tools/e2b-py-<hash of pkgs>`; its interpreter.
+pub fn e2b_python(pkgs: &[&str]) -> PathBuf {
+    let hash: String = blake3::hash(pkgs.join(" ").as_bytes()).to_hex()[..12].to_string();
+    let dir = cache_dir().join("tools").join(format!("e2b-py-{hash}"));
+    let python = dir.join("bin/python");
+    if !dir.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status().is_ok_and(|s| s.success())
+            && Command::new(dir.join("bin/pip"))
+                .args(["install", "-q", "--disable-pip-version-check"])
+                .args(pkgs)
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit())
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(ok, "installing {pkgs:?} from PyPI into {} failed", dir.display());
+        std::fs::write(dir.join(".complete"), pkgs.join("\n")).unwrap();
+    }
+    python
+}
+
+/// E2B's JavaScript SDK from npm (`pkg`, pinned), installed once under `~/.cache/flint/tools/e2b-js-<pkg>`; the
+/// directory to run node scripts from (its node_modules resolve).
+pub fn e2b_node(pkg: &str) -> PathBuf {
+    let dir = cache_dir().join("tools").join(format!("e2b-js-{}", pkg.replace(['@', '/'], "_")));
+    if !dir.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(pkg)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "npm install {pkg} into {} failed", dir.display());
+        std::fs::write(dir.join(".complete"), pkg).unwrap();
+    }
+    dir
+}
+
 pub const S3_ACCESS_KEY: &str = "flint-test";
 pub const S3_SECRET_KEY: &str = "flint-test-secret";
 
@@ -1120,7 +1170,7 @@ mod fuzz_corpora_tests {
 
     #[test]
     fn every_fuzz_corpus_replays() {
-        let targets: [(&str, Body); 12] = [
+        let targets: [(&str, Body); 13] = [
             ("state_file", flint_vmm::fuzzing::state_file),
             ("control_api", flint_vmm::fuzzing::control_api),
             ("virtq_block", flint_vmm::fuzzing::block),
@@ -1133,6 +1183,7 @@ mod fuzz_corpora_tests {
             ("flintd_api", flint_supervisor::fuzzing::api_bodies),
             ("dns", flint_supervisor::fuzzing::dns),
             ("front_end", flint_supervisor::fuzzing::front_end),
+            ("e2b", flint_supervisor::fuzzing::e2b),
         ];
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         for (name, body) in targets {

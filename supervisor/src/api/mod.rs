@@ -60,6 +60,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/sessions/{id}/wake"),
     ("post", "/v1/sessions/{id}/fork"),
     ("delete", "/v1/store/cache"),
+    ("get", "/v1/e2b/keys"),
+    ("post", "/v1/e2b/keys"),
+    ("delete", "/v1/e2b/keys/{id}"),
     ("get", "/metrics"),
 ];
 
@@ -209,6 +212,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sessions/{id}/wake", post(services::wake_session))
         .route("/v1/sessions/{id}/fork", post(services::fork_session))
         .route("/v1/store/cache", axum::routing::delete(services::clear_cache))
+        .route("/v1/e2b/keys", get(services::list_e2b_keys).post(services::create_e2b_key))
+        .route("/v1/e2b/keys/{id}", axum::routing::delete(services::delete_e2b_key))
         .route("/metrics", get(services::metrics))
         .fallback(|| async { ApiError::new(Kind::NotFound, "no such route (see docs/api/flintd.yaml)") })
         .layer(axum::middleware::from_fn_with_state(d.clone(), trace_requests))

@@ -152,6 +152,32 @@ pub(super) async fn clear_cache(State(d): D) -> R<Response> {
     Ok(json(CacheCleared { deleted_chunks: n }))
 }
 
+/// `POST /v1/e2b/keys`: a new E2B API key, shown in this answer only.
+pub(super) async fn create_e2b_key(State(d): D, b: Bytes) -> R<Response> {
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct NewKey {
+        name: String,
+    }
+    let req: NewKey = body(&b)?;
+    if req.name.len() > 128 {
+        return Err(ApiError::new(Kind::Invalid, "a key's name is at most 128 characters"));
+    }
+    let k = d.e2b.keys.create(&req.name).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?;
+    Ok(created_revealed(k))
+}
+
+pub(super) async fn list_e2b_keys(State(d): D) -> R<Response> {
+    Ok(json(d.e2b.keys.list().map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?))
+}
+
+pub(super) async fn delete_e2b_key(State(d): D, Path(id): Path<String>) -> R<Response> {
+    match d.e2b.keys.remove(&id).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))? {
+        true => Ok(no_content()),
+        false => Err(ApiError::new(Kind::NotFound, format!("no E2B key `{id}`"))),
+    }
+}
+
 pub(super) async fn metrics(State(d): D) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&d)).into_response()
 }

@@ -82,7 +82,12 @@ pub(super) async fn run_code(State(d): D, Path(id): Path<String>, b: Bytes) -> R
     Ok(ndjson(&d, move |out| async move {
         use flint_agent::client::RunEvent;
         let _activity = activity; // the session is not idle while the code runs
-        let req = flint_agent::protocol::RunRequest { language: rb.language, code: rb.code, timeout_ms: rb.timeout_ms };
+        let req = flint_agent::protocol::RunRequest {
+            language: rb.language,
+            code: rb.code,
+            timeout_ms: rb.timeout_ms,
+            ..Default::default()
+        };
         // agent_ms: sent → last answer read (the VMM's vsock device, the guest kernel, the agent).
         let sent = std::time::Instant::now();
         let mut stream = match agent.run_code_stream(req).await {

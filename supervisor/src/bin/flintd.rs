@@ -35,6 +35,9 @@ struct Args {
     /// Run VMMs unjailed (jail.enabled = false): for debugging only, never on a host with tenants.
     #[arg(long)]
     no_jail: bool,
+    /// Serve the E2B-compatible API on this address ([e2b] listen; docs/e2b.md).
+    #[arg(long)]
+    e2b_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
     }
     if let Some(g) = args.socket_group {
         cfg.socket_group = Some(g);
+    }
+    if let Some(a) = args.e2b_listen {
+        cfg.e2b.listen = Some(a);
     }
     if args.allow_unauthenticated_bucket {
         cfg.store.allow_unauthenticated_bucket = true;

@@ -2,6 +2,7 @@
 //! exec, run, files, mounts), `sessions`, `templates` (templates, clones, snapshots, images, the cache), `net`
 //! (egress policies, exposed ports); `interactive` is `flint exec -i/-t`. Every command turns its arguments into
 //! a typed request (unit-tested here), calls the client, and prints a table or, with `--json`, the answer.
+mod e2b;
 mod interactive;
 mod net;
 mod sessions;
@@ -96,6 +97,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: net::PortCmd,
     },
+    /// The E2B-compatible endpoint: flint e2b key create|ls|rm (docs/e2b.md).
+    E2b {
+        #[command(subcommand)]
+        cmd: e2b::E2bCmd,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Cmd::Metrics => print!("{}", client.metrics().await?),
         Cmd::Net { cmd } => net::net(&client, &out, cmd).await?,
         Cmd::Port { cmd } => net::port(&client, &out, cmd).await?,
+        Cmd::E2b { cmd } => e2b::e2b(&client, &out, cmd).await?,
     }
     Ok(0)
 }

@@ -336,6 +336,19 @@ impl Client {
         self.call("DELETE", &format!("/v1/vms/{}/ports/{port}", enc(id)), None::<&()>).await
     }
 
+    /// A new E2B API key (shown once).
+    pub async fn create_e2b_key(&self, name: &str) -> Result<crate::e2b::keys::NewKey, ClientError> {
+        self.call("POST", "/v1/e2b/keys", Some(&serde_json::json!({"name": name}))).await
+    }
+
+    pub async fn e2b_keys(&self) -> Result<Vec<crate::e2b::keys::KeyInfo>, ClientError> {
+        self.call("GET", "/v1/e2b/keys", None::<&()>).await
+    }
+
+    pub async fn delete_e2b_key(&self, id: &str) -> Result<(), ClientError> {
+        self.call_empty("DELETE", &format!("/v1/e2b/keys/{}", enc(id))).await
+    }
+
     pub async fn clear_cache(&self) -> Result<CacheCleared, ClientError> {
         self.call("DELETE", "/v1/store/cache", None::<&()>).await
     }

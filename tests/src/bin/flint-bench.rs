@@ -1312,6 +1312,98 @@ fn python_bench(runs: usize) {
     );
 }
 
+/// E2B's unchanged Python SDK against flintd's E2B endpoint, side by side with the same operations through Flint's
+/// own API in the same run: create → first command, a command, pause (hibernate) and connect (wake), 8 MiB file
+/// write and read.
+fn e2b_bench(runs: usize) {
+    let image = flint_tests::named_image("e2b");
+    let work = TempDir::new("bench-e2b");
+    let data = work.path().join("data");
+    let _reap = flint_tests::KillVmmsUnder(data.clone());
+    let sock = work.path().join("flintd.sock");
+    let image_arg = format!("e2b={}", image.display());
+    let listen = "127.0.0.1:18780";
+    let _d =
+        flint_tests::Flintd::start_full(&data, &sock, None, &["--image", &image_arg, "--e2b-listen", listen], None);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
+    let p50 = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let t = Instant::now();
+    call("POST", "/v1/templates", Some(serde_json::json!({"name": "base", "image": "e2b"})));
+    println!(
+        "flint-bench e2b: template `base` from {} in {:.1} s; {runs} run(s) each",
+        image.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let key = call("POST", "/v1/e2b/keys", Some(serde_json::json!({"name": "bench"})))["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let python = flint_tests::e2b_python(&["e2b==2.63.0"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("e2b/bench.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(runs.to_string())
+        .env("E2B_API_KEY", &key)
+        .env("E2B_API_URL", format!("http://{listen}"))
+        .env("E2B_SANDBOX_URL", format!("http://{listen}"))
+        .output()
+        .expect("run the SDK bench");
+    assert!(out.status.success(), "the SDK bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let sdk: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the SDK bench's JSON");
+    let sdk_p50 = |k: &str| {
+        p50(&sdk[k].as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).collect::<Vec<_>>()).unwrap_or_default())
+    };
+    // The same through Flint's own API (a session is what an E2B sandbox is).
+    let blob: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let (mut create, mut first, mut run, mut pause, mut wake, mut write, mut read) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let client = flint_supervisor::client::Client::new(&sock);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let s = call("POST", "/v1/sessions", Some(serde_json::json!({"template": "base"})));
+        create.push(t.elapsed().as_secs_f64() * 1e3);
+        let id = s["id"].as_str().unwrap_or_default().to_string();
+        rt.block_on(client.exec_output(&id, &["true"])).expect("exec");
+        first.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        rt.block_on(client.exec_output(&id, &["true"])).expect("exec");
+        run.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        rt.block_on(client.write_file(&id, "/tmp/blob.bin", 0o644, &blob)).expect("write");
+        write.push(blob.len() as f64 / 1e6 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let got = rt.block_on(client.read_file(&id, "/tmp/blob.bin", None)).expect("read");
+        read.push(blob.len() as f64 / 1e6 / t.elapsed().as_secs_f64());
+        assert_eq!(got.len(), blob.len());
+        let t = Instant::now();
+        call("POST", &format!("/v1/sessions/{id}/hibernate"), None);
+        pause.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        rt.block_on(client.exec_output(&id, &["true"])).expect("exec waking");
+        wake.push(t.elapsed().as_secs_f64() * 1e3);
+        call("DELETE", &format!("/v1/sessions/{id}"), None);
+    }
+    println!();
+    println!("{:<40} {:>14} {:>14} {:>8}", "p50", "E2B SDK", "Flint API", "ratio");
+    for (what, e, f, unit) in [
+        ("create -> first command answered", sdk_p50("first_run_ms"), p50(&first), "ms"),
+        ("  of which create", sdk_p50("create_ms"), p50(&create), "ms"),
+        ("a command (`true`)", sdk_p50("run_ms"), p50(&run), "ms"),
+        ("pause / hibernate", sdk_p50("pause_ms"), p50(&pause), "ms"),
+        ("connect + command / wake + command", sdk_p50("connect_ms"), p50(&wake), "ms"),
+        ("8 MiB file write", sdk_p50("write_mbs"), p50(&write), "MB/s"),
+        ("8 MiB file read", sdk_p50("read_mbs"), p50(&read), "MB/s"),
+    ] {
+        println!("{what:<40} {e:>11.1} {unit:<2} {f:>11.1} {unit:<2} {:>7.2}x", e / f.max(1e-9));
+    }
+    println!("  (ratio = E2B / Flint: above 1 the translation costs time for ms, gains throughput for MB/s)");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -1373,8 +1465,12 @@ async fn main() {
         let _ = std::thread::spawn(move || python_bench(runs.max(3))).join();
         return;
     }
+    if mode == "e2b" {
+        let _ = std::thread::spawn(move || e2b_bench(runs.max(3))).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

@@ -62,10 +62,56 @@ fn exec(rt: &tokio::runtime::Runtime, sock: &Path, vm: &str, argv: &[&str]) -> R
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("e2b") {
+        if let Err(e) = e2b_demo() {
+            eprintln!("flint e2b demo: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run() {
         eprintln!("flint demo: {e}");
         std::process::exit(1);
     }
+}
+
+/// `make e2b-demo`: flintd with its E2B endpoint, the `base` template from the `e2b` image, a key, and E2B's own
+/// quickstart run by the unchanged Python SDK (tests/e2b/demo.py).
+fn e2b_demo() -> Result<(), String> {
+    let image = flint_tests::named_image("e2b");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let work = TempDir::new("e2b-demo");
+    let data = work.path().join("data");
+    let _reap = flint_tests::KillVmmsUnder(data.clone());
+    let sock = work.path().join("flintd.sock");
+    let (listen, image_arg) = ("127.0.0.1:18580", format!("e2b={}", image.display()));
+    println!("$ flintd --image {image_arg} --e2b-listen {listen}");
+    let _daemon = Flintd::start_full(&data, &sock, None, &["--image", &image_arg, "--e2b-listen", listen], None);
+    println!("$ flint template create base --image e2b     (one cold boot)");
+    let t = Instant::now();
+    api(&rt, &sock, "POST", "/v1/templates", Some(json!({"name": "base", "image": "e2b"})))?;
+    println!("  {:.1} s", t.elapsed().as_secs_f64());
+    println!("$ flint e2b key create");
+    let key = api(&rt, &sock, "POST", "/v1/e2b/keys", Some(json!({"name": "demo"})))?["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let python = flint_tests::e2b_python(&["e2b==2.63.0", "e2b-code-interpreter==2.11.5"]);
+    println!(
+        "$ E2B_API_KEY={key} E2B_API_URL=http://{listen} E2B_SANDBOX_URL=http://{listen} python tests/e2b/demo.py"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2b/demo.py");
+    let status = std::process::Command::new(python)
+        .arg(script)
+        .env("E2B_API_KEY", &key)
+        .env("E2B_API_URL", format!("http://{listen}"))
+        .env("E2B_SANDBOX_URL", format!("http://{listen}"))
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("the SDK demo failed ({status})"));
+    }
+    Ok(())
 }
 
 fn run() -> Result<(), String> {
