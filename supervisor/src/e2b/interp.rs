@@ -42,7 +42,9 @@ struct NewContext {
 fn python(language: Option<&str>) -> Result<(), String> {
     match language {
         None | Some("python") | Some("python3") => Ok(()),
-        Some(other) => Err(format!("language `{other}` is not served: Flint's code interpreter runs Python (docs/e2b.md)")),
+        Some(other) => {
+            Err(format!("language `{other}` is not served: Flint's code interpreter runs Python (docs/e2b.md)"))
+        }
     }
 }
 
