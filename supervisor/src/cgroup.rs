@@ -20,6 +20,16 @@ pub struct Limits {
     /// 1-10000, 100 is the default share (v1: cpu.shares = weight * 1024 / 100).
     pub cpu_weight: u32,
     pub pids: u64,
+    /// A CPU limit, a fraction of one core (v2 `cpu.max`, v1 CFS quota, over 100 ms periods); none: no limit.
+    pub cpu_max: Option<f64>,
+}
+
+/// The CFS period a CPU limit is counted over, µs.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The quota per period of a limit of `cpu` cores (at least 1 ms: the kernel's floor).
+pub fn cpu_quota_us(cpu: f64) -> u64 {
+    ((cpu * CPU_PERIOD_US as f64).round() as u64).max(1000)
 }
 
 /// One VM's cgroup: a directory per hierarchy.
@@ -132,6 +142,8 @@ impl Hierarchy {
                 write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
                 let _ = write(&d.join("memory.swap.max"), "0");
                 write(&d.join("cpu.weight"), &weight.to_string())?;
+                let max = limits.cpu_max.map_or("max".to_string(), |c| cpu_quota_us(c).to_string());
+                write(&d.join("cpu.max"), &format!("{max} {CPU_PERIOD_US}"))?;
                 write(&d.join("pids.max"), &limits.pids.to_string())?;
             }
             Hierarchy::V1 { .. } => {
@@ -140,6 +152,9 @@ impl Hierarchy {
                 let _ = write(&m.join("memory.swappiness"), "0");
                 let shares = (u64::from(weight) * 1024 / 100).max(2);
                 write(&c.join("cpu.shares"), &shares.to_string())?;
+                write(&c.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                let quota = limits.cpu_max.map_or(-1, |c| cpu_quota_us(c) as i64);
+                write(&c.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 write(&p.join("pids.max"), &limits.pids.to_string())?;
             }
         }
@@ -226,7 +241,9 @@ mod tests {
         assert_eq!(old, h, "a systemd that did not start flintd in the leaf");
         let d = h.clone().delegated(true, leaf).unwrap();
         assert_eq!(std::fs::read_to_string(unit.join("cgroup.subtree_control")).unwrap(), "+memory +cpu +pids");
-        let cg = d.create("flint", "vm-1", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32 }).unwrap();
+        let cg = d
+            .create("flint", "vm-1", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32, cpu_max: None })
+            .unwrap();
         assert_eq!(cg.memory_dir, unit.join("flint/vm-1"));
         assert_eq!(std::fs::read_to_string(unit.join("flint/vm-1/memory.max")).unwrap(), "1073741824");
         assert!(!fs.join("flint").exists(), "nothing outside the unit's tree");
@@ -246,16 +263,23 @@ mod tests {
         }
         let v1 = Hierarchy::detect(&fs).unwrap();
         assert_eq!(v1, Hierarchy::V1 { memory: fs.join("memory"), cpu: fs.join("cpu,cpuacct"), pids: fs.join("pids") });
-        let cg = v1.create("flint", "vm-1", Limits { memory_bytes: 300 << 20, cpu_weight: 50, pids: 64 }).unwrap();
+        let limits = Limits { memory_bytes: 300 << 20, cpu_weight: 50, pids: 64, cpu_max: Some(0.1) };
+        let cg = v1.create("flint", "vm-1", limits).unwrap();
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(cg.memory_dir.join("memory.limit_in_bytes")), (300u64 << 20).to_string());
         assert_eq!(read(fs.join("cpu,cpuacct/flint/vm-1/cpu.shares")), "512");
         assert_eq!(read(fs.join("pids/flint/vm-1/pids.max")), "64");
+        assert_eq!(read(fs.join("cpu,cpuacct/flint/vm-1/cpu.cfs_quota_us")), "10000", "a tenth of a core");
+        assert_eq!(read(fs.join("cpu,cpuacct/flint/vm-1/cpu.cfs_period_us")), "100000");
         // v2 wins when the unified hierarchy has the memory controller.
         std::fs::write(fs.join("cgroup.controllers"), "cpu memory pids").unwrap();
         let v2 = Hierarchy::detect(&fs).unwrap();
-        let cg = v2.create("flint", "vm-2", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32 }).unwrap();
+        let cg = v2
+            .create("flint", "vm-2", Limits { memory_bytes: 1 << 30, cpu_weight: 100, pids: 32, cpu_max: Some(0.25) })
+            .unwrap();
         assert_eq!(read(cg.memory_dir.join("memory.max")), (1u64 << 30).to_string());
+        assert_eq!(read(fs.join("flint/vm-2/cpu.max")), "25000 100000");
+        assert_eq!(cpu_quota_us(0.001), 1000, "the kernel's 1 ms floor");
         assert_eq!(read(fs.join("flint/vm-2/cpu.weight")), "100");
         assert_eq!(read(fs.join("flint/cgroup.subtree_control")), "+memory +cpu +pids");
         // Readings: v2 from memory.max / memory.stat anon / memory.events max.

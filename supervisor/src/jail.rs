@@ -56,6 +56,8 @@ pub struct Confinement {
     pub gid: u32,
     /// Guest memory, MiB (the cgroup allows this plus the VMM allowance; 0: unknown).
     pub mem_mib: u64,
+    /// CPU limit, a fraction of one core (the cgroup's `cpu.max`); none: no limit.
+    pub cpu: Option<f64>,
 }
 
 /// The first fd a jailed VMM inherits host files on.

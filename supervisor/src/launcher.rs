@@ -193,6 +193,7 @@ impl ProcessLauncher {
             memory_bytes: (c.mem_mib.max(1) + cfg.vmm_overhead_mib) << 20,
             cpu_weight: cfg.cpu_weight,
             pids: cfg.pids_max,
+            cpu_max: c.cpu,
         };
         let cgroup = hierarchy.create(&cfg.cgroup, &name, limits).map_err(crate::jail::JailError::from)?;
         crate::jail::chown_tree(dir, c.uid, c.gid)?;

@@ -582,7 +582,9 @@ fn a_compromised_vmm_reaches_nothing() {
     let launcher = ProcessLauncher::new(bin_dir().join("jail-probe"), Some(Default::default()));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let how = rt.block_on(async {
-        let p = launcher.spawn(&dir, &spec, Some(Confinement { uid: 965_432, gid: 965_432, mem_mib: 256 })).unwrap();
+        let p = launcher
+            .spawn(&dir, &spec, Some(Confinement { uid: 965_432, gid: 965_432, mem_mib: 256, cpu: None }))
+            .unwrap();
         let how = tokio::time::timeout(Duration::from_secs(60), launcher.exited(p)).await.expect("the probe ended");
         launcher.release(&dir);
         how
@@ -604,6 +606,74 @@ fn a_compromised_vmm_reaches_nothing() {
 /// other VM keeps answering. The victim is a clone of a snapshot whose metadata sizes its cgroup at 30 MiB (with
 /// no VMM allowance) while its guest has 256 MiB; the guest then fills 40 MB of its RAM (slowly
 /// on emulating hosts: the guest kernel zeroing pages is emulated).
+/// CPU time a process has used so far (all its threads, user + system, the guest's vCPU time included), µs.
+fn process_cpu_us(pid: i64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command.
+    let ticks: u64 = f.get(11..13).map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000 / hz
+}
+
+/// #30: a sandbox limited to a tenth of a core that spins gets a tenth of a core (its cgroup's CPU time over
+/// 10 s of wall time), the limit is reported and its clone keeps it; bad limits are 400s.
+#[test]
+fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
+    let work = TempDir::new("flintd-cpu");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    flint_tests::import_golden_local(&data, "gold");
+    let _d = Flintd::start_full(&data, &socket, None, &[], None);
+    let bad = flint(&socket, &["clone", "--snapshot", "gold", "--cpu", "0.001"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("a fraction of a core"), "{bad:?}");
+    let vm = flint_json(&socket, &["clone", "--snapshot", "gold", "--cpu", "0.1"])[0].clone();
+    assert_eq!(vm["cpu"], 0.1, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_string();
+    let pid = vm["pid"].as_i64().expect("the VMM's pid");
+    let spin = Command::new(bin_dir().join("flint"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["exec", &id, "--timeout-ms", "120000", "--", "/bin/sh", "-c", "while :; do :; done"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut spin = scopeguard_kill(spin);
+    // Spinning once the guest's CPU time moves; then 10 s of wall time.
+    let t0 = Instant::now();
+    let start = process_cpu_us(pid);
+    while process_cpu_us(pid) < start + 200_000 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the guest never spun");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (u0, w0) = (process_cpu_us(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let share = (process_cpu_us(pid) - u0) as f64 / w0.elapsed().as_micros() as f64;
+    println!("a guest limited to 0.1 core that spins used {share:.3} of a core over 10 s");
+    assert!((0.07..=0.13).contains(&share), "{share:.3} of a core, not 0.1 ± 0.03");
+    let _ = spin.0.kill();
+    let snap = flint_json(&socket, &["snapshot", "create", &id, "cpu-snap"]);
+    assert!(snap.is_object(), "{snap}");
+    let child = flint_json(&socket, &["clone", "--snapshot", "cpu-snap"])[0].clone();
+    assert_eq!(child["cpu"], 0.1, "a clone keeps its snapshot's limit: {child}");
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scopeguard_kill(c: std::process::Child) -> KillOnDrop {
+    KillOnDrop(c)
+}
+
 #[test]
 fn a_vmm_past_its_memory_limit_is_killed_alone() {
     let s3 = S3Server::start();

@@ -96,6 +96,15 @@ async fn guest_files_are_streamed_and_capped() {
         assert_eq!((status, body.len()), (200, 4096));
         let _ = std::fs::remove_file(&zero);
     }
+    // Uploads stream: 8 MiB (past axum's 2 MiB default for a buffered body) arrive whole.
+    let blob: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let (status, body) =
+        crate::http::request(&sock, "PUT", "/v1/vms/f/files?path=/up.bin", Some(&blob), Duration::from_secs(60))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(std::fs::read(root.join("up.bin")).unwrap(), blob);
+    let _ = std::fs::remove_file(root.join("up.bin"));
     let _ = std::fs::remove_file(&big);
     server.abort();
     d.vms.stop_all().await;

@@ -267,15 +267,27 @@ pub(super) async fn get_file(State(d): D, Path(id): Path<String>, Query(q): Quer
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
-pub(super) async fn put_file(State(d): D, Path(id): Path<String>, Query(q): Query<FileQuery>, b: Bytes) -> R<Response> {
+/// `PUT /v1/vms/{id}/files`: the body streamed into the guest as it arrives (any size up to the agent's limit;
+/// flintd holds one chunk at a time), written atomically there.
+pub(super) async fn put_file(
+    State(d): D,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    req: axum::extract::Request,
+) -> R<Response> {
+    use tokio_stream::StreamExt;
     let mode = match &q.mode {
         Some(m) => u32::from_str_radix(m, 8)
             .map_err(|_| ApiError::new(Kind::Invalid, format!("mode `{m}` is not octal (e.g. 644)")))?,
         None => 0o644,
     };
     let (agent, _activity) = d.agent(&id).await?;
-    let n =
-        agent.write_file(&q.path, mode, &b).await.map_err(|e| VmError::agent(&id, format!("write {}", q.path), &e))?;
+    let body = req.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
+    let reader = tokio_util::io::StreamReader::new(body);
+    let n = agent
+        .write_file_from(&q.path, mode, reader)
+        .await
+        .map_err(|e| VmError::agent(&id, format!("write {}", q.path), &e))?;
     Ok(json(FileWritten { path: q.path, bytes: n }))
 }
 

@@ -72,6 +72,9 @@ pub struct CreateArgs {
     /// Metadata: KEY=VALUE (repeatable); `session ls --meta KEY=VALUE` filters on it.
     #[arg(long = "meta")]
     meta: Vec<String>,
+    /// A CPU limit, a fraction of one core (0.1 = a tenth), kept across wakes; default: the template's.
+    #[arg(long)]
+    cpu: Option<f64>,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -94,6 +97,7 @@ impl CreateArgs {
                 .clone()
                 .map(|c| PreStop { argv: vec!["sh".into(), "-c".into(), c], timeout_ms: self.pre_stop_timeout_ms }),
             network: self.net.request()?,
+            cpu: self.cpu,
         })
     }
 }

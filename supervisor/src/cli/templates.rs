@@ -87,6 +87,9 @@ pub struct TemplateArgs {
     /// Keep this many clones restored and paused (the warm pool): clones and sessions of the template take one.
     #[arg(long, default_value_t = 0)]
     pool: u32,
+    /// A CPU limit, a fraction of one core, for the template's VM and (by default) its clones and sessions.
+    #[arg(long)]
+    cpu: Option<f64>,
     #[arg(last = true)]
     init: Vec<String>,
 }
@@ -101,6 +104,9 @@ pub struct CloneArgs {
     /// Start before memory arrives (pages fetched on first touch, working set prefetched).
     #[arg(long)]
     lazy: bool,
+    /// A CPU limit, a fraction of one core; default: the template's.
+    #[arg(long)]
+    cpu: Option<f64>,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -115,6 +121,7 @@ impl TemplateArgs {
             publish: self.push,
             drives: super::vms::drive_specs(&self.drives)?,
             pool_size: self.pool,
+            cpu: self.cpu,
             ..Default::default()
         })
     }
@@ -128,6 +135,7 @@ impl CloneArgs {
             count: self.count,
             lazy: self.lazy,
             network: self.net.request()?,
+            cpu: self.cpu,
             ..Default::default()
         })
     }

@@ -12,7 +12,7 @@ use crate::vm::{CreateVm, DriveSpec, VmRecord, VolumeMount};
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Boot a VM from an image.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     Ls,
     Get {
         id: String,
@@ -42,6 +42,9 @@ pub struct CreateArgs {
     /// A disk-rooted image's writable disk (the VM's storage quota), MiB; default: the image's.
     #[arg(long)]
     disk_mib: Option<u64>,
+    /// A CPU limit, a fraction of one core (0.25 = a quarter); needs the jail.
+    #[arg(long)]
+    cpu: Option<f64>,
     /// Extra block device: PATH[,ro][,bw=BYTES_PER_S][,iops=N] (repeatable; bw and iops limit the guest's I/O, kept in snapshots).
     #[arg(long = "drive")]
     drives: Vec<String>,
@@ -63,6 +66,7 @@ impl CreateArgs {
             env: pairs("--env", &self.env)?,
             network: self.net.request()?,
             disk_mib: self.disk_mib,
+            cpu: self.cpu,
         })
     }
 }

@@ -41,6 +41,9 @@ pub struct CreateClones {
     /// A network of its own for each clone (its own address and MAC).
     #[serde(default)]
     pub network: Option<crate::net::NetworkRequest>,
+    /// A CPU limit, a fraction of one core; default: the snapshot's.
+    #[serde(default)]
+    pub cpu: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -258,7 +261,7 @@ impl Pools {
                     let this = this.ok_or_else(|| TemplateError::Invalid("flintd is stopping".into()))?;
                     // A warm pool's VM first (resume + refresh), else a restore. Pooled VMs have no network: a
                     // clone that asks for one is restored.
-                    if let (Some(t), None) = (&req.template, &req.network) {
+                    if let (Some(t), None, None) = (&req.template, &req.network, req.cpu) {
                         if let Some(vm) = this.take(t, &req.env, None, None, false).await {
                             return Ok(vm);
                         }
@@ -268,6 +271,7 @@ impl Pools {
                         env: req.env.clone(),
                         lazy: req.lazy,
                         network: req.network.clone(),
+                        cpu: req.cpu,
                         ..Default::default()
                     };
                     this.vms.restore(r).await.map_err(TemplateError::from)

@@ -53,6 +53,9 @@ pub struct CreateTemplate {
     /// Clones to keep restored and paused for the template (its warm pool); 0: none.
     #[serde(default)]
     pub pool_size: u32,
+    /// A CPU limit, a fraction of one core: the template's VM's, and its clones' and sessions' unless they ask.
+    #[serde(default)]
+    pub cpu: Option<f64>,
 }
 
 /// Why a template operation (or a clone of one) failed.
@@ -151,6 +154,7 @@ impl Templates {
             vcpus: req.vcpus,
             drives: req.drives.clone(),
             disk_mib: req.disk_mib,
+            cpu: req.cpu,
             ..Default::default()
         };
         let vm = self.vms.create(create, Some(OwnerTag::new(OWNER, &req.name))).await?;

@@ -129,6 +129,9 @@ pub struct VmRecord {
     pub snapshot: Option<String>,
     pub mem_mib: u64,
     pub vcpus: u8,
+    /// Its CPU limit, a fraction of one core (`cpu.max` of its cgroup); none: its vCPUs' whole cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
     pub created_unix_ms: u64,
     #[serde(flatten)]
     pub timings: VmTimings,
@@ -206,6 +209,9 @@ pub struct CreateVm {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub vcpus: Option<u8>,
+    /// A CPU limit, a fraction of one core (0.01-64: `0.25` is a quarter of a core); needs the jail (cgroups).
+    #[serde(default)]
+    pub cpu: Option<f64>,
     /// Extra block devices (host paths), in order: /dev/vda, /dev/vdb, ... (after a disk-rooted image's root
     /// and disk: /dev/vdc, ...).
     #[serde(default)]

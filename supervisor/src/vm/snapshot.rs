@@ -136,6 +136,7 @@ impl Manager {
             .map(|d| DriveMeta { read_only: d.read_only, image: d.image.clone(), rate_limiter: d.rate_limiter.clone() })
             .collect();
         meta.disk_mib = rec.disk_mib;
+        meta.cpu = rec.cpu;
         meta.mount_slot = rec.mount_slot;
         meta.mounts = rec.mounts.clone();
         // The state file says its memory is a diff; the stored image is whole (layered on the base).

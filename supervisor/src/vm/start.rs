@@ -47,6 +47,8 @@ pub struct Restore {
     pub id_prefix: Option<String>,
     /// Leave it paused once its agent answered (a warm pool's VM).
     pub paused: bool,
+    /// A CPU limit (a fraction of a core); none: the snapshot's.
+    pub cpu: Option<f64>,
 }
 
 /// A start that failed: why, and the VM's record as it was when it failed (nothing of it is left).
@@ -137,6 +139,7 @@ impl Manager {
             dir: dir.clone(),
             image: None,
             disk_mib: None,
+            cpu: None,
             mount_slot: None,
             mounts: Vec::new(),
             snapshot: None,
@@ -223,6 +226,7 @@ impl Manager {
         // The VMM's own limits, checked here: a 400, not a failed VM.
         check_mem_mib(mem).map_err(StartError::from)?;
         check_vcpus(vcpus).map_err(StartError::from)?;
+        self.check_cpu(req.cpu, vcpus)?;
         for d in &req.drives {
             if d.image.is_some() {
                 return Err(StartError::Invalid("a drive's `image` is flintd's to set, not a caller's".into()).into());
@@ -262,6 +266,7 @@ impl Manager {
             r.image = Some(image.clone());
             r.mem_mib = mem;
             r.vcpus = vcpus;
+            r.cpu = req.cpu;
             r.env = req.env.clone();
             r.owner = owner.clone();
             if let Some((rootfs, mib)) = &disk {
@@ -358,6 +363,9 @@ impl Manager {
             .collect::<Result<_, _>>()?;
         let owner_id = req.owner.as_ref().map(|o| o.id.clone());
         self.check_network(owner_id.as_deref(), req.owner.as_ref(), req.network.as_ref())?;
+        // The caller's CPU limit, else the snapshot's (a clone or wake keeps its source's spec).
+        let cpu = req.cpu.or(meta.cpu);
+        self.check_cpu(cpu, meta.vcpus)?;
         let _slot = self
             .restore_slots
             .acquire()
@@ -372,6 +380,7 @@ impl Manager {
             // From the snapshot's metadata until the VMM says (after the restore) what it is.
             r.mem_mib = meta.mem_mib;
             r.vcpus = meta.vcpus;
+            r.cpu = cpu;
             r.lazy = req.lazy;
             r.track_dirty = req.track_dirty;
             r.env = req.env.clone();
@@ -495,6 +504,22 @@ impl Manager {
         )))
     }
 
+    /// A CPU limit: within 0.01 core and the VM's vCPUs, and only with the jail (its cgroup enforces it).
+    pub fn check_cpu(&self, cpu: Option<f64>, vcpus: u8) -> Result<(), StartError> {
+        let Some(c) = cpu else { return Ok(()) };
+        if !c.is_finite() || c < 0.01 || c > f64::from(vcpus.max(1)) {
+            return Err(StartError::Invalid(format!(
+                "cpu {c}: a fraction of a core within 0.01 and the VM's {vcpus} vCPU(s)"
+            )));
+        }
+        if !self.cfg.jail.enabled {
+            return Err(StartError::Invalid(
+                "a CPU limit needs the jail (the VM's cgroup enforces it); this flintd runs VMMs unjailed".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A network request checked against this host's limits before anything starts: its policy, and its plain
     /// TCP ports (within `network.tcp_ports`, not another's; `id`: whose they may already be).
     pub fn check_network(
@@ -537,7 +562,8 @@ impl Manager {
     /// Starts the VMM for `spec`, records it (the start's first durable commit) and watches it.
     fn spawn(self: &Arc<Self>, vm: &Arc<Vm>, spec: &LaunchSpec) -> Result<Proc, StartError> {
         let rec = vm.rec.get();
-        let jail = rec.uid.map(|uid| crate::launcher::Confinement { uid, gid: uid, mem_mib: rec.mem_mib });
+        let jail =
+            rec.uid.map(|uid| crate::launcher::Confinement { uid, gid: uid, mem_mib: rec.mem_mib, cpu: rec.cpu });
         let p = self.launcher.spawn(&rec.dir, spec, jail)?;
         vm.push(Resource::Process(p));
         vm.rec.commit(&self.db, |r| {

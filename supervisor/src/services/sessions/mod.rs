@@ -482,7 +482,11 @@ impl Sessions {
         self.reconcile_forwards(s)?;
         // A warm pool's VM when the session starts from its template's snapshot, else a restore.
         let pooled = match &req.template {
-            Some(t) if req.network.is_none() && self.templates.get(t).is_ok_and(|t| t.snapshot == snapshot) => {
+            Some(t)
+                if req.network.is_none()
+                    && req.cpu.is_none()
+                    && self.templates.get(t).is_ok_and(|t| t.snapshot == snapshot) =>
+            {
                 self.pools.take(t, &req.env, Some(tag(&id)), Some(id.clone()), true).await
             }
             _ => None,
@@ -498,6 +502,7 @@ impl Sessions {
                     hostname: Some(id.clone()),
                     network: req.network.clone(),
                     id_prefix: Some(id.clone()),
+                    cpu: req.cpu,
                     ..Default::default()
                 };
                 self.vms.restore(r).await?
@@ -506,6 +511,8 @@ impl Sessions {
         Ok(s.rec.commit(&self.db, |r| {
             r.state = SessionState::Running;
             r.vm = Some(vm.id.clone());
+            // The limit in force (the caller's, else the template's), kept for every wake.
+            r.cpu = vm.cpu;
         })?)
     }
 
@@ -587,6 +594,7 @@ impl Sessions {
                 network: rec.network.clone(),
                 id_prefix: Some(id.clone()),
                 paused: false,
+                cpu: rec.cpu,
             };
             match self.vms.restore(r).await {
                 Ok(vm) => {

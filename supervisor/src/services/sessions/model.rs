@@ -136,6 +136,9 @@ pub struct SessionRecord {
     /// The network every VM of the session gets (egress policy, exposed ports): rebuilt at each wake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::net::NetworkRequest>,
+    /// A CPU limit, a fraction of one core (default: the template's or snapshot's); kept across wakes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
 }
 
 impl SessionRecord {
@@ -165,6 +168,7 @@ impl SessionRecord {
             pre_stop: req.pre_stop.clone(),
             env: req.env.clone(),
             metadata: req.metadata.clone(),
+            cpu: req.cpu,
             created_unix_ms: now,
             awake_ms: 0,
             awake_since_unix_ms: Some(now),
@@ -204,6 +208,7 @@ impl SessionRecord {
             max_lifetime_s: self.max_lifetime_s,
             ttl_counts_hibernated: self.ttl_counts_hibernated,
             env: self.env.clone(),
+            cpu: self.cpu,
             network: self.network.clone().map(|mut n| {
                 n.ports.values_mut().for_each(|e| e.tcp_listen = None);
                 // A child's ports are its own: never the parent's tokens.
@@ -287,6 +292,9 @@ pub struct CreateSession {
     /// A network of its own (kept across hibernations; a new address at each wake).
     #[serde(default)]
     pub network: Option<crate::net::NetworkRequest>,
+    /// A CPU limit, a fraction of one core (0.01 up to its vCPUs; needs the jail); default: the template's.
+    #[serde(default)]
+    pub cpu: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

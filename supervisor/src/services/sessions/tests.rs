@@ -283,3 +283,38 @@ async fn the_front_end_authorises_before_anything_wakes() {
     let e = d.sessions.create(req("MYVM")).await.unwrap_err().to_string();
     assert!(e.contains("is a VM id"), "{e}");
 }
+
+/// #30's small specs: a CPU limit is checked, recorded, carried by snapshots to clones and by a session across
+/// its hibernations; a clone may ask for another; without the jail it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_limits_are_checked_and_kept_across_snapshots_and_wakes() {
+    let env = env("cpu");
+    let l = FakeLauncher::default();
+    let d = with_base(&env, &l).await;
+    for bad in [0.0, 0.001, 2.0, f64::NAN] {
+        let e = d.vms.create(vm::CreateVm { cpu: Some(bad), ..Default::default() }, None).await.unwrap_err();
+        assert!(e.to_string().contains("a fraction of a core"), "{bad}: {e}");
+    }
+    let v =
+        d.vms.create(vm::CreateVm { id: Some("c1".into()), cpu: Some(0.5), ..Default::default() }, None).await.unwrap();
+    assert_eq!(v.cpu, Some(0.5));
+    d.vms.snapshot("c1", "c1-snap", &SnapshotHow::default()).await.unwrap();
+    let clone = d.vms.restore(vm::Restore { snapshot: "c1-snap".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(clone.cpu, Some(0.5), "a clone keeps its snapshot's limit");
+    let other =
+        d.vms.restore(vm::Restore { snapshot: "c1-snap".into(), cpu: Some(0.2), ..Default::default() }).await.unwrap();
+    assert_eq!(other.cpu, Some(0.2));
+    let mut r = req("lim");
+    r.cpu = Some(0.1);
+    let s = d.sessions.create(r).await.unwrap();
+    assert_eq!((s.cpu, d.vms.get(s.vm.as_deref().unwrap()).unwrap().cpu), (Some(0.1), Some(0.1)));
+    d.sessions.hibernate("lim").await.unwrap();
+    let w = d.sessions.wake("lim").await.unwrap();
+    assert_eq!(d.vms.get(w.vm.as_deref().unwrap()).unwrap().cpu, Some(0.1), "the wake keeps the limit");
+    crate::fake::crash(d).await;
+    let mut env = env;
+    env.cfg.jail.enabled = false;
+    let d = env.open(&l);
+    let e = d.vms.create(vm::CreateVm { cpu: Some(0.5), ..Default::default() }, None).await.unwrap_err();
+    assert!(e.to_string().contains("needs the jail"), "{e}");
+}
