@@ -162,6 +162,43 @@ impl Hierarchy {
     }
 }
 
+impl Hierarchy {
+    /// Changes `cg`'s limits from `was` to `now`, writing only those that differ (a standby's cgroup given its
+    /// VM's limits at the hand-over).
+    pub fn update(&self, cg: &VmCgroup, was: &Limits, now: &Limits) -> Result<(), CgroupError> {
+        let quota = |l: &Limits| l.cpu_max.map(cpu_quota_us);
+        match self {
+            Hierarchy::V2 { .. } => {
+                let d = &cg.dirs[0];
+                if was.memory_bytes != now.memory_bytes {
+                    write(&d.join("memory.max"), &now.memory_bytes.to_string())?;
+                }
+                if quota(was) != quota(now) {
+                    let max = quota(now).map_or("max".to_string(), |q| q.to_string());
+                    write(&d.join("cpu.max"), &format!("{max} {CPU_PERIOD_US}"))?;
+                }
+                if was.pids != now.pids {
+                    write(&d.join("pids.max"), &now.pids.to_string())?;
+                }
+            }
+            Hierarchy::V1 { .. } => {
+                let (m, c, p) = (&cg.dirs[0], &cg.dirs[1], &cg.dirs[2]);
+                if was.memory_bytes != now.memory_bytes {
+                    write(&m.join("memory.limit_in_bytes"), &now.memory_bytes.to_string())?;
+                }
+                if quota(was) != quota(now) {
+                    let q = quota(now).map_or(-1, |q| q as i64);
+                    write(&c.join("cpu.cfs_quota_us"), &q.to_string())?;
+                }
+                if was.pids != now.pids {
+                    write(&p.join("pids.max"), &now.pids.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One reading of a cgroup's memory: its limit, what it uses that cannot be reclaimed without swap (everything but
 /// file cache: anonymous memory, page tables, kernel memory) and how many charges have failed at the limit so far.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -35,6 +35,7 @@ pub struct Config {
     pub jail: JailConfig,
     pub sessions: SessionsConfig,
     pub pools: PoolsConfig,
+    pub standby: StandbyConfig,
     pub network: crate::net::NetworkConfig,
     /// The E2B-compatible endpoint (docs/e2b.md); off unless `listen` is set.
     pub e2b: crate::e2b::E2bConfig,
@@ -51,6 +52,25 @@ pub struct PoolsConfig {
 impl Default for PoolsConfig {
     fn default() -> Self {
         PoolsConfig { max_total: 16 }
+    }
+}
+
+/// Standby VMMs (docs/operations.md): VMM processes started ahead, jailed, with their KVM VM and memory slots
+/// made, each waiting for one VM's launch spec. A restore (or boot) of a VM whose memory size has standbys takes
+/// one instead of starting a process: the process start, the jail and KVM's per-VM setup leave its path. Only with
+/// the jail; invisible to the API; never reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandbyConfig {
+    /// Standby VMMs kept per memory size (0: none).
+    pub count: usize,
+    /// Guest memory sizes (MiB) standbys are kept for: their memory slots are made for that size.
+    pub mem_mib: Vec<u64>,
+}
+
+impl Default for StandbyConfig {
+    fn default() -> Self {
+        StandbyConfig { count: 2, mem_mib: vec![256] }
     }
 }
 
@@ -221,6 +241,7 @@ impl Default for Config {
             jail: JailConfig::default(),
             sessions: SessionsConfig::default(),
             pools: PoolsConfig::default(),
+            standby: StandbyConfig::default(),
             network: crate::net::NetworkConfig::default(),
             e2b: crate::e2b::E2bConfig::default(),
         }
@@ -316,6 +337,14 @@ impl Config {
                  uids (uid_base {} + uid_count {})",
                 j.uid_base, j.uid_count
             ));
+        }
+        if self.standby.count > 16 {
+            return invalid(format!("standby.count {} : at most 16 per memory size", self.standby.count));
+        }
+        for &m in &self.standby.mem_mib {
+            if let Err(e) = flint_vmm_api::config::check_mem_mib(m) {
+                return invalid(format!("standby.mem_mib: {e}"));
+            }
         }
         if !j.claims_dir.is_absolute() {
             return invalid(format!("jail.claims_dir must be an absolute path (it is `{}`)", j.claims_dir.display()));

@@ -63,6 +63,9 @@ struct Inner {
     refusing: AtomicU32,
     /// The next this many spawns fail.
     failing_spawns: AtomicU32,
+    /// Standby "VMMs" waiting (pid → directory, uid), and how many were handed a VM.
+    standbys: Mutex<HashMap<u32, (PathBuf, u32)>>,
+    handovers: AtomicU32,
 }
 
 #[derive(Clone, Default)]
@@ -97,6 +100,11 @@ impl FakeLauncher {
 
     pub fn running(&self) -> usize {
         lock(&self.inner.vms).values().filter(|v| v.alive).count()
+    }
+
+    /// Standbys waiting, and how many were handed a VM so far.
+    pub fn standbys(&self) -> (usize, u32) {
+        (lock(&self.inner.standbys).len(), self.inner.handovers.load(Ordering::Relaxed))
     }
 }
 
@@ -188,11 +196,52 @@ impl Launcher for FakeLauncher {
         Ok(Proc { pid, start: 7 })
     }
 
+    fn standby(&self, dir: &Path, jail: crate::launcher::Confinement) -> Result<crate::launcher::Standby, VmmError> {
+        if !dir.is_dir() {
+            return Err(VmmError::Io { what: "fake standby".into(), source: std::io::Error::other("no directory") });
+        }
+        let pid = 1_000_000 + self.inner.next_pid.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.standbys).insert(pid, (dir.to_path_buf(), jail.uid));
+        Ok(crate::launcher::Standby {
+            proc: Proc { pid, start: STANDBY_START },
+            dir: dir.to_path_buf(),
+            uid: jail.uid,
+            mem_mib: jail.mem_mib,
+            ctl: None,
+        })
+    }
+
+    fn hand_over(
+        &self,
+        s: crate::launcher::Standby,
+        dir: &Path,
+        spec: &LaunchSpec,
+        jail: crate::launcher::Confinement,
+    ) -> Result<Proc, VmmError> {
+        let known = lock(&self.inner.standbys).remove(&s.proc.pid);
+        let refuse =
+            |why: String| Err(VmmError::Io { what: "fake hand-over".into(), source: std::io::Error::other(why) });
+        match known {
+            None => return refuse(format!("standby {} is not waiting", s.proc.pid)),
+            Some((_, uid)) if uid != jail.uid => return refuse(format!("uid {} for standby of uid {uid}", jail.uid)),
+            Some(_) if !dir.is_dir() => {
+                return refuse(format!("{} is not the renamed standby directory", dir.display()))
+            }
+            Some(_) => {}
+        }
+        self.inner.handovers.fetch_add(1, Ordering::Relaxed);
+        self.spawn(dir, spec, Some(jail))
+    }
+
     fn alive(&self, p: Proc) -> bool {
+        if p.start == STANDBY_START && lock(&self.inner.standbys).contains_key(&p.pid) {
+            return true;
+        }
         lock(&self.inner.vms).get(&p.pid).is_some_and(|v| v.alive && v.start == p.start)
     }
 
     fn kill(&self, p: Proc) {
+        lock(&self.inner.standbys).remove(&p.pid);
         self.inner.kill(p.pid);
     }
 
@@ -228,6 +277,9 @@ impl Launcher for FakeLauncher {
             .collect()
     }
 }
+
+/// The start time of the fake's standbys (its VMs have 7).
+const STANDBY_START: u64 = 8;
 
 /// An agent that answers its hello and refuses every request after it.
 async fn refuse_after_hello(s: tokio::net::UnixStream) {

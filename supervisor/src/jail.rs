@@ -11,7 +11,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use flint_vmm_api::spec::{JailDevice, JailRlimits, JailSpec, Launch, LaunchSpec, MemorySource};
+use flint_vmm_api::spec::{
+    JailDevice, JailRlimits, JailSpec, Launch, LaunchSpec, MemorySource, StandbySpec, STANDBY_CONTROL_FD,
+};
 
 use crate::cgroup::{CgroupError, VmCgroup};
 
@@ -82,6 +84,47 @@ pub fn jail_spec(
     c: &Confinement,
     cfg: &crate::config::JailConfig,
 ) -> Result<(LaunchSpec, Vec<OwnedFd>), JailError> {
+    jail_spec_from(dir, spec, c, cfg, FIRST_PASSED_FD)
+}
+
+/// The devices a jailed VMM gets: `/dev/kvm` and, for a VM whose memory a userfaultfd fills (or any standby, which
+/// may be handed such a VM), `/dev/userfaultfd` where the host has it.
+fn jail_devices(uffd: bool) -> Result<Vec<JailDevice>, JailError> {
+    let mut devices =
+        vec![host_device("/dev/kvm", "kvm").ok_or_else(|| JailError::Spec("this host has no /dev/kvm".into()))?];
+    if uffd {
+        // Absent on kernels before 6.1; the VMM then needs vm.unprivileged_userfaultfd = 1.
+        devices.extend(host_device("/dev/userfaultfd", "userfaultfd"));
+    }
+    Ok(devices)
+}
+
+/// What a standby VMM in `dir` (as `c.uid`, memory slots for `c.mem_mib`) starts with: its jail as a VM's would
+/// be, with the control socket kept, and no file-size limit yet (its hand-over lowers it to the VM's).
+pub fn standby_spec(dir: &Path, c: &Confinement, cfg: &crate::config::JailConfig) -> Result<StandbySpec, JailError> {
+    Ok(StandbySpec {
+        jail: JailSpec {
+            root: dir.to_path_buf(),
+            uid: c.uid,
+            gid: c.gid,
+            devices: jail_devices(true)?,
+            rlimits: JailRlimits { nofile: cfg.nofile, nproc: cfg.pids_max, fsize: libc::RLIM_INFINITY },
+            keep_fds: vec![STANDBY_CONTROL_FD],
+        },
+        seccomp: true,
+        mem_mib: (c.mem_mib > 0).then_some(c.mem_mib),
+    })
+}
+
+/// [`jail_spec`] with the host files from fd `first_fd` on (a standby's hand-over:
+/// [`flint_vmm_api::spec::HANDOVER_FIRST_FD`]).
+pub fn jail_spec_from(
+    dir: &Path,
+    spec: &LaunchSpec,
+    c: &Confinement,
+    cfg: &crate::config::JailConfig,
+    first_fd: RawFd,
+) -> Result<(LaunchSpec, Vec<OwnedFd>), JailError> {
     let mut out = spec.clone();
     let mut passed: Vec<OwnedFd> = Vec::new();
     let map = |p: &mut PathBuf, write: bool, passed: &mut Vec<OwnedFd>| -> Result<(), JailError> {
@@ -94,7 +137,7 @@ pub fn jail_spec(
             .write(write)
             .open(&*p)
             .map_err(io(format!("open {} for the jailed VMM", p.display())))?;
-        *p = PathBuf::from(format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd));
+        *p = PathBuf::from(format!("/dev/fd/{}", first_fd + passed.len() as RawFd));
         passed.push(OwnedFd::from(f));
         Ok(())
     };
@@ -104,8 +147,6 @@ pub fn jail_spec(
         })?;
         Ok(())
     };
-    let mut devices =
-        vec![host_device("/dev/kvm", "kvm").ok_or_else(|| JailError::Spec("this host has no /dev/kvm".into()))?];
     if let Some(a) = out.api_sock.as_mut() {
         must_be_inside(a)?;
     }
@@ -127,7 +168,7 @@ pub fn jail_spec(
             .take()
             .ok_or_else(|| JailError::Spec("a jailed VMM's tap must be in a network namespace flintd made".into()))?;
         let fd = crate::net::open_tap(&ns, &n.tap).map_err(|e| JailError::Spec(e.to_string()))?;
-        n.tap = format!("/dev/fd/{}", FIRST_PASSED_FD + passed.len() as RawFd);
+        n.tap = format!("/dev/fd/{}", first_fd + passed.len() as RawFd);
         passed.push(fd);
         Ok::<(), JailError>(())
     };
@@ -147,7 +188,8 @@ pub fn jail_spec(
             hand_over_tap(&mut config.net, &mut passed)?;
         }
         Launch::Restore(r) => {
-            must_be_inside(&mut r.state_path)?;
+            // The snapshot's shared state file (outside the VM's directory): read-only.
+            map(&mut r.state_path, false, &mut passed)?;
             match &mut r.memory {
                 // The shared memory file of the snapshot (outside the VM's directory): read-only is enough for a
                 // private (copy-on-write) mapping.
@@ -175,10 +217,7 @@ pub fn jail_spec(
             hand_over_tap(&mut r.devices.net, &mut passed)?;
         }
     }
-    if uffd {
-        // Absent on kernels before 6.1; the VMM then needs vm.unprivileged_userfaultfd = 1.
-        devices.extend(host_device("/dev/userfaultfd", "userfaultfd"));
-    }
+    let devices = jail_devices(uffd)?;
     let mem_bytes = if c.mem_mib > 0 { c.mem_mib << 20 } else { 64 << 30 };
     out.jail = Some(JailSpec {
         root: dir.to_path_buf(),
@@ -191,7 +230,7 @@ pub fn jail_spec(
             // A snapshot writes the memory image whole; nothing else it writes comes near.
             fsize: mem_bytes + (256 << 20),
         },
-        keep_fds: (0..passed.len() as RawFd).map(|i| FIRST_PASSED_FD + i).collect(),
+        keep_fds: (0..passed.len() as RawFd).map(|i| first_fd + i).collect(),
     });
     Ok((out, passed))
 }
@@ -278,11 +317,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-/// Starts `vmm_bin --spec <dir>/spec.json` in new pid, mount, IPC, UTS and network namespaces, in `cgroup`, with
-/// stdout/stderr to `log` and `passed` as fds 3, 4, ...; returns its pid and a pidfd.
+/// Starts `vmm_bin <mode> <spec_path>` (`--spec <dir>/spec.json`, or `--standby <dir>/standby.json`) in new pid,
+/// mount, IPC, UTS and network namespaces, in `cgroup`, with stdout/stderr to `log` and `passed` as fds 3, 4, ...;
+/// returns its pid and a pidfd.
 pub fn spawn(
     vmm_bin: &Path,
-    spec_path: &Path,
+    (mode, spec_path): (&str, &Path),
     log: &std::fs::File,
     passed: &[OwnedFd],
     cgroup: Option<&VmCgroup>,
@@ -291,7 +331,7 @@ pub fn spawn(
     let exe = CString::new(vmm_bin.as_os_str().as_bytes()).map_err(|_| nul("the VMM path"))?;
     let args = [
         CString::new("flint-vmm").expect("literal"),
-        CString::new("--spec").expect("literal"),
+        CString::new(mode).map_err(|_| nul("the VMM's mode"))?,
         CString::new(spec_path.as_os_str().as_bytes()).map_err(|_| nul("the spec path"))?,
     ];
     let env = [CString::new("PATH=/usr/sbin:/usr/bin:/sbin:/bin").expect("literal")];

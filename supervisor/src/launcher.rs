@@ -72,10 +72,44 @@ pub struct Proc {
     pub start: u64,
 }
 
+/// A VMM process started ahead of any VM ([`Launcher::standby`]): jailed in its own directory as its own uid,
+/// its KVM VM (and memory slots for `mem_mib`) made, waiting for one launch spec.
+#[derive(Debug)]
+pub struct Standby {
+    pub proc: Proc,
+    /// Its directory, the jail's `/`: renamed to the VM's directory when it is taken.
+    pub dir: PathBuf,
+    pub uid: u32,
+    /// The guest memory its memory slots are for.
+    pub mem_mib: u64,
+    /// flintd's end of its control socket (none for the fake launcher's).
+    pub ctl: Option<OwnedFd>,
+}
+
 /// Starts and supervises VMM processes.
 pub trait Launcher: Send + Sync + 'static {
     /// Starts a VMM for `spec` with its files in `dir`, jailed as `jail` says; returns once the process exists.
     fn spawn(&self, dir: &Path, spec: &LaunchSpec, jail: Option<Confinement>) -> Result<Proc, VmmError>;
+    /// Starts a standby VMM in `dir` (empty, made by the caller), jailed as `jail` says (its uid, memory slots for
+    /// `mem_mib`).
+    fn standby(&self, _dir: &Path, _jail: Confinement) -> Result<Standby, VmmError> {
+        Err(VmmError::JailUnavailable("this launcher has no standby VMMs".into()))
+    }
+    /// Makes standby `s` the VMM of the VM in `dir` (the standby's directory, renamed by the caller) and hands it
+    /// `spec`, as `spawn` would start a VMM for it, jailed as `jail` says (`jail.uid` must be the standby's).
+    /// On an error the standby is gone (killed and reaped).
+    fn hand_over(&self, s: Standby, dir: &Path, spec: &LaunchSpec, jail: Confinement) -> Result<Proc, VmmError> {
+        let _ = (s, dir, spec, jail);
+        Err(VmmError::JailUnavailable("this launcher has no standby VMMs".into()))
+    }
+    /// Ends a standby nobody took or whose hand-over failed; resolves once it is reaped and its cgroup removed.
+    fn discard(&self, s: Standby) -> BoxFut<'static, ()> {
+        self.kill(s.proc);
+        let exited = self.exited(s.proc);
+        Box::pin(async move {
+            exited.await;
+        })
+    }
     /// Frees what a VM's jail holds on the host (its cgroup) once its VMM is gone.
     fn release(&self, _dir: &Path) {}
     /// Watches a VMM this flintd did not start (re-adopted after a restart) as `spawn` watches its own: its
@@ -188,16 +222,12 @@ impl ProcessLauncher {
         let (jspec, passed) = crate::jail::jail_spec(dir, spec, &c, cfg)?;
         let log = write_launch_files(dir, &jspec)?;
         let log_path = dir.join("vmm.log");
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let limits = crate::cgroup::Limits {
-            memory_bytes: (c.mem_mib.max(1) + cfg.vmm_overhead_mib) << 20,
-            cpu_weight: cfg.cpu_weight,
-            pids: cfg.pids_max,
-            cpu_max: c.cpu,
-        };
-        let cgroup = hierarchy.create(&cfg.cgroup, &name, limits).map_err(crate::jail::JailError::from)?;
+        let cgroup = hierarchy
+            .create(&cfg.cgroup, &cgroup_name(c.uid), Self::limits(cfg, &c))
+            .map_err(crate::jail::JailError::from)?;
         crate::jail::chown_tree(dir, c.uid, c.gid)?;
-        let (pid, pidfd) = crate::jail::spawn(&self.vmm_bin, &spec_path(dir), &log, &passed, Some(&cgroup))?;
+        let (pid, pidfd) =
+            crate::jail::spawn(&self.vmm_bin, ("--spec", &spec_path(dir)), &log, &passed, Some(&cgroup))?;
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.jailed).insert(pid, Arc::new(pidfd));
         let p = Proc { pid, start };
@@ -205,6 +235,151 @@ impl ProcessLauncher {
             handle.spawn(watch_memory(cgroup, p, log_path));
         }
         Ok(p)
+    }
+}
+
+impl ProcessLauncher {
+    /// A VM's cgroup limits: its guest memory plus the VMM's allowance, the jail's CPU weight and tasks, its CPU
+    /// limit.
+    fn limits(cfg: &JailConfig, c: &Confinement) -> crate::cgroup::Limits {
+        crate::cgroup::Limits {
+            memory_bytes: (c.mem_mib.max(1) + cfg.vmm_overhead_mib) << 20,
+            cpu_weight: cfg.cpu_weight,
+            pids: cfg.pids_max,
+            cpu_max: c.cpu,
+        }
+    }
+
+    fn start_standby(&self, dir: &Path, c: Confinement) -> Result<Standby, VmmError> {
+        let (cfg, hierarchy) = self.jail.ready()?;
+        let spec = crate::jail::standby_spec(dir, &c, cfg)?;
+        let path = dir.join("standby.json");
+        let text = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| VmmError::Malformed { what: "standby spec", why: e.to_string() })?;
+        std::fs::write(&path, text).map_err(io_err(format!("write {}", path.display())))?;
+        let log_path = dir.join("vmm.log");
+        let log = std::fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        // The cgroup the VM it is handed keeps (named after the uid, which the VM keeps too): moving a process
+        // that holds a KVM VM into another cgroup cost 6-15 ms here, creating one ahead nothing on the path.
+        let cgroup = hierarchy
+            .create(&cfg.cgroup, &cgroup_name(c.uid), Self::limits(cfg, &c))
+            .map_err(crate::jail::JailError::from)?;
+        crate::jail::chown_tree(dir, c.uid, c.gid)?;
+        let mut pair = [0; 2];
+        // SAFETY: socketpair(2) writes two fds into the array; both are owned right after.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) }
+            < 0
+        {
+            cgroup.remove();
+            return Err(io_err("socketpair")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fds from socketpair, owned from here on.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let spawned = crate::jail::spawn(&self.vmm_bin, ("--standby", &path), &log, &[theirs], Some(&cgroup));
+        let (pid, pidfd) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                cgroup.remove();
+                return Err(e.into());
+            }
+        };
+        let start = pid_start_time(pid).unwrap_or(0);
+        lock(&self.jailed).insert(pid, Arc::new(pidfd));
+        Ok(Standby {
+            proc: Proc { pid, start },
+            dir: dir.to_path_buf(),
+            uid: c.uid,
+            mem_mib: c.mem_mib,
+            ctl: Some(ours),
+        })
+    }
+
+    fn hand_over_to(&self, s: &mut Standby, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, VmmError> {
+        let (cfg, hierarchy) = self.jail.ready()?;
+        if c.uid != s.uid {
+            return Err(VmmError::Io {
+                what: "hand a VM to a standby VMM".into(),
+                source: std::io::Error::other(format!("the VM runs as uid {}, the standby as {}", c.uid, s.uid)),
+            });
+        }
+        if !self.alive(s.proc) {
+            return Err(VmmError::Io {
+                what: "hand a VM to a standby VMM".into(),
+                source: std::io::Error::other(format!("standby VMM {} has exited", s.proc.pid)),
+            });
+        }
+        let (jspec, passed) = crate::jail::jail_spec_from(dir, spec, &c, cfg, flint_vmm_api::spec::HANDOVER_FIRST_FD)?;
+        let body =
+            serde_json::to_vec(&jspec).map_err(|e| VmmError::Malformed { what: "launch spec", why: e.to_string() })?;
+        let ctl = s.ctl.take().ok_or_else(|| VmmError::Io {
+            what: "hand a VM to a standby VMM".into(),
+            source: std::io::Error::other("it was handed one already"),
+        })?;
+        // Its cgroup (made with the standby, named after the uid) gets the VM's limits before it runs anything of
+        // the VM's: only what differs from the standby's is written.
+        let cgroup = hierarchy.vm_cgroup(&cfg.cgroup, &cgroup_name(c.uid));
+        let (was, now) =
+            (Self::limits(cfg, &Confinement { cpu: None, mem_mib: s.mem_mib, ..c }), Self::limits(cfg, &c));
+        hierarchy.update(&cgroup, &was, &now).map_err(crate::jail::JailError::from)?;
+        crate::jail::chown_tree(dir, c.uid, c.gid)?;
+        send_spec(&ctl, &body, &passed).map_err(io_err("hand the launch spec to a standby VMM"))?;
+        // For whoever looks at the VM's directory: what it was started with.
+        let _ = std::fs::write(spec_path(dir), serde_json::to_vec_pretty(&jspec).unwrap_or_default());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(watch_memory(cgroup, s.proc, dir.join("vmm.log")));
+        }
+        Ok(s.proc)
+    }
+}
+
+/// The cgroup of the jailed VMM running as `uid` (a standby's, then its VM's: the VM keeps the standby's uid).
+fn cgroup_name(uid: u32) -> String {
+    format!("vm-{uid}")
+}
+
+/// Sends `body` with `fds` as one SCM_RIGHTS message on a SOCK_SEQPACKET socket.
+fn send_spec(sock: &OwnedFd, body: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if fds.len() > flint_vmm_api::spec::HANDOVER_MAX_FDS {
+        return Err(std::io::Error::other(format!(
+            "{} host files, at most {}",
+            fds.len(),
+            flint_vmm_api::spec::HANDOVER_MAX_FDS
+        )));
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let bytes = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds CMSG_SPACE(bytes) (zeroed, 8-aligned); one SCM_RIGHTS header and the
+        // fds are written inside it with the CMSG macros.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+        }
+    }
+    loop {
+        // SAFETY: sendmsg(2) of the message built above; the fds stay open (owned by `fds`) across the call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return if n as usize == body.len() { Ok(()) } else { Err(std::io::Error::other("short send")) };
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -251,8 +426,11 @@ async fn watch_memory(cgroup: crate::cgroup::VmCgroup, p: Proc, log: PathBuf) {
 impl ProcessLauncher {
     /// The cgroup a jailed VM in `dir` has (or had).
     fn cgroup_of(&self, dir: &Path) -> Option<crate::cgroup::VmCgroup> {
+        use std::os::unix::fs::MetadataExt;
         let (cfg, h) = self.jail.ready().ok()?;
-        Some(h.vm_cgroup(&cfg.cgroup, &dir.file_name()?.to_string_lossy()))
+        // A jailed VM's directory belongs to its uid (flintd gives it; the VMM cannot give it away: no CAP_CHOWN).
+        let uid = std::fs::symlink_metadata(dir).ok()?.uid();
+        (uid != 0).then(|| h.vm_cgroup(&cfg.cgroup, &cgroup_name(uid)))
     }
 }
 
@@ -306,6 +484,33 @@ impl Launcher for ProcessLauncher {
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.children).insert(pid, child);
         Ok(Proc { pid, start })
+    }
+
+    fn standby(&self, dir: &Path, jail: Confinement) -> Result<Standby, VmmError> {
+        self.start_standby(dir, jail)
+    }
+
+    fn hand_over(&self, mut s: Standby, dir: &Path, spec: &LaunchSpec, jail: Confinement) -> Result<Proc, VmmError> {
+        let r = self.hand_over_to(&mut s, dir, spec, jail);
+        if r.is_err() {
+            let gone = self.discard(s);
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(gone);
+            }
+        }
+        r
+    }
+
+    fn discard(&self, s: Standby) -> BoxFut<'static, ()> {
+        self.kill(s.proc);
+        let exited = self.exited(s.proc);
+        let cgroup = self.jail.ready().ok().map(|(cfg, h)| h.vm_cgroup(&cfg.cgroup, &cgroup_name(s.uid)));
+        Box::pin(async move {
+            exited.await;
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+            }
+        })
     }
 
     fn alive(&self, p: Proc) -> bool {
@@ -425,6 +630,28 @@ impl Launcher for ProcessLauncher {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
             let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            // A standby handed a VM: its command line names the standby's spec; it is the VMM of the VM directory
+            // its uid owns (the uid its cgroup is named after). A standby not handed one owns no VM directory.
+            if args.get(1) == Some(&&b"--standby"[..]) {
+                use std::os::unix::fs::MetadataExt;
+                // (Not /proc/PID's owner: a non-dumpable process's is root.)
+                let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+                let uid: u32 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
+                let dir = std::fs::read_dir(vms_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .find(|d| uid != 0 && d.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid))
+                    .map(|d| d.path());
+                if let (Some(dir), Some(start)) = (dir, pid_start_time(pid)) {
+                    out.push((Proc { pid, start }, dir));
+                }
+                continue;
+            }
             // `flint-vmm --spec <vms_dir>/<id>/spec.json`, as `spawn` starts it.
             let Some(i) = args.iter().position(|a| *a == b"--spec") else { continue };
             let Some(spec) = args.get(i + 1).map(|a| PathBuf::from(String::from_utf8_lossy(a).into_owned())) else {

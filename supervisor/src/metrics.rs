@@ -42,10 +42,18 @@ fn vms(d: &Daemon, out: &mut String) {
             "# HELP {name}_ms {help}: start to ready\n# TYPE {name}_ms summary\n{name}_ms_count {count}\n{name}_ms_sum {sum}"
         );
     }
+    out.push_str("# TYPE flint_standby_vmms gauge\n");
+    for (mib, n) in d.vms.standby_counts() {
+        let _ = writeln!(out, "flint_standby_vmms{{mem_mib=\"{mib}\"}} {n}");
+    }
+    let sb = &d.vms.standbys;
     let s = d.store.stats();
     counters(
         out,
         &[
+            ("flint_standby_started_total", g(&sb.started)),
+            ("flint_standby_taken_total", g(&sb.taken)),
+            ("flint_standby_lost_total", g(&sb.lost)),
             ("flint_vm_failures_total", g(&m.vm_failures)),
             ("flint_api_requests_total", g(&d.requests)),
             ("flint_store_l1_hits_total", s.l1_hits),

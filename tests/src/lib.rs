@@ -1040,15 +1040,37 @@ pub fn import_golden(data: &Path, s3: &S3Server, prefix: &str, id: &str, mem_mib
 
 /// The golden snapshot as a store draft named `id`, with the metadata flintd reads (`mem_mib` overridable).
 fn golden_draft(g: &Golden, id: &str, mem_mib: Option<u64>) -> flint_snapshot_store::SnapshotDraft {
+    snapshot_draft(id, &g.state, &g.mem, &g.report, mem_mib)
+}
+
+/// A snapshot the VMM wrote (`state`, `mem`, and the report of its snapshot call) as a store draft named `id`,
+/// with the metadata flintd reads (`mem_mib` overridable).
+pub fn snapshot_draft(
+    id: &str,
+    state: &Path,
+    mem: &Path,
+    report: &serde_json::Value,
+    mem_mib: Option<u64>,
+) -> flint_snapshot_store::SnapshotDraft {
     let mut draft = flint_snapshot_store::SnapshotDraft::new(id)
-        .image("state", flint_snapshot_store::ImageSource::File(g.state.clone()))
-        .image("memory", flint_snapshot_store::ImageSource::File(g.mem.clone()));
-    draft.metadata.insert("vcpus".into(), g.report["vcpus"].to_string());
-    let mem = mem_mib.map(|m| m.to_string()).unwrap_or_else(|| g.report["mem_mib"].to_string());
+        .image("state", flint_snapshot_store::ImageSource::File(state.to_path_buf()))
+        .image("memory", flint_snapshot_store::ImageSource::File(mem.to_path_buf()));
+    draft.metadata.insert("vcpus".into(), report["vcpus"].to_string());
+    let mem = mem_mib.map(|m| m.to_string()).unwrap_or_else(|| report["mem_mib"].to_string());
     draft.metadata.insert("mem_mib".into(), mem);
     draft.metadata.insert("drives".into(), "0".into());
-    draft.vmm_format = g.report["format_version"].as_u64().map(|v| v as u32);
+    draft.vmm_format = report["format_version"].as_u64().map(|v| v as u32);
     draft
+}
+
+/// Puts a draft into the local store of flintd's data directory `data` (no S3 tier).
+pub fn import_local(data: &Path, draft: flint_snapshot_store::SnapshotDraft) {
+    std::fs::create_dir_all(data).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cfg = flint_snapshot_store::StoreConfig::new(&data.join("store"));
+        flint_snapshot_store::Store::open(cfg).unwrap().put(draft, false).await.unwrap();
+    });
 }
 
 /// What the jail promises, read from /proc: process `pid` runs as a uid that is not root, with no_new_privs, pid 1
@@ -1141,8 +1163,16 @@ impl Drop for KillVmmsUnder {
             }
         }
         // The jail's cgroups of those VMs (flintd removes a VM's cgroup when it deletes the VM).
-        let ids: Vec<std::ffi::OsString> =
-            std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        // Named after the uid each VM (or standby) directory belongs to.
+        let ids: Vec<std::ffi::OsString> = ["vms", "standby"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(self.0.join(d)).into_iter().flatten().flatten())
+            .filter_map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                let uid = e.metadata().ok()?.uid();
+                (uid != 0).then(|| std::ffi::OsString::from(format!("vm-{uid}")))
+            })
+            .collect();
         let bases = ["memory/flint", "cpu/flint", "cpu,cpuacct/flint", "pids/flint", "flint"];
         for _ in 0..100 {
             let mut left = false;

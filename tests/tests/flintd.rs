@@ -711,13 +711,15 @@ fn a_vmm_past_its_memory_limit_is_killed_alone() {
     );
     println!("fill: {:?} {}", fill.status, String::from_utf8_lossy(&fill.stderr));
     let deadline = Instant::now() + Duration::from_secs(60);
+    // A VM's cgroup is named after its jail uid.
+    let cgroup = format!("vm-{}", vm_detail(&socket, &victim)["uid"].as_u64().expect("a jailed VM's uid"));
     let failed = loop {
         let d = vm_detail(&socket, &victim);
         if d["status"] == "failed" {
             break d;
         }
         if Instant::now() > deadline {
-            let cg = std::path::Path::new("/sys/fs/cgroup/memory/flint").join(&victim);
+            let cg = std::path::Path::new("/sys/fs/cgroup/memory/flint").join(&cgroup);
             let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap_or_default();
             panic!(
                 "the VMM past its limit was not stopped: usage {} failcnt {} stat {}\n{d}",
@@ -732,8 +734,8 @@ fn a_vmm_past_its_memory_limit_is_killed_alone() {
     // Stopped for its memory limit: by flintd's watchdog (guest faults taken by KVM do not wake the kernel's OOM
     // killer), or by the kernel's OOM killer (counted in the cgroup).
     let error = failed["error"].as_str().unwrap_or("");
-    let events = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/flint/{victim}/memory.oom_control"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/flint/{victim}/memory.events")))
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/flint/{cgroup}/memory.oom_control"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/flint/{cgroup}/memory.events")))
         .unwrap_or_default();
     let kills: u64 = events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(error.contains("reached its memory limit") || kills >= 1, "not stopped for its memory limit: {failed}");
@@ -2052,4 +2054,102 @@ fn oci_import_never_writes_through_the_images_symlinks() {
     assert!(tmp.contains("Type: directory") && tmp.contains("Mode:  01777"), "{tmp}");
     assert!(stat("/etc/flint/image.json").contains("Type: regular"), "image.json is not a file");
     assert!(stat("/root").contains("Type: directory"), "the root home is the image's link no more");
+}
+
+/// Waits until flintd has `n` idle standby VMMs of 256 MiB (`GET /v1/health`).
+fn wait_standbys(socket: &Path, n: u64) {
+    let t = Instant::now();
+    loop {
+        let h: serde_json::Value = serde_json::from_slice(&flint_supervisor_get(socket, "/v1/health")).unwrap();
+        if h["standby"]["256"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{n} standby VMMs never came: {h}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// #30: a jailed restore is handed to a standby VMM (started ahead, jailed, its KVM VM and memory slots made):
+/// the VM runs jailed in its own directory and cgroup, answers, reports flintd's and the VMM's time to its first
+/// instruction, and the standby is replaced; a restarted flintd re-adopts the VM and starts fresh standbys (the old
+/// ones ended with its control sockets), leaving nothing of them behind.
+#[test]
+fn a_standby_vmm_takes_a_jailed_restore() {
+    let work = TempDir::new("flintd-standby");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    flint_tests::import_golden_local(&data, "gold");
+    let d = Flintd::start_full(&data, &socket, None, &[], None);
+    wait_standbys(&socket, 2);
+    let waiting: Vec<PathBuf> = std::fs::read_dir(data.join("standby")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(waiting.len(), 2, "{waiting:?}");
+    let vm = flint_json(&socket, &["clone", "--snapshot", "gold"])[0].clone();
+    let id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm["standby"], true, "{vm}");
+    let (first, launch) = (vm["first_run_us"].as_u64().unwrap(), vm["launch_us"].as_u64().unwrap());
+    assert!(launch > 0 && launch < first, "flintd's part {launch} µs of {first} µs to the first instruction");
+    println!("standby restore: request → first instruction {first} µs, of which flintd {launch} µs");
+    let pid = vm["pid"].as_u64().unwrap();
+    let dir = data.join("vms").join(&id);
+    flint_tests::assert_jailed(pid, &dir);
+    // Its cgroup, made with the standby, is named after the uid the VM keeps.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let own = format!("/flint/vm-{}", vm["uid"].as_u64().unwrap());
+    assert!(
+        cgroups.lines().any(|l| (l.contains(":memory:") || l.starts_with("0::")) && l.ends_with(&own)),
+        "the VMM is in its VM's cgroup {own}: {cgroups}"
+    );
+    assert_eq!(waiting.iter().filter(|p| p.exists()).count(), 1, "the taken standby's directory became the VM's");
+    let out = flint(&socket, &["exec", &id, "--", "/bin/cat", "/proc/sys/kernel/random/uuid"]);
+    assert!(out.status.success() && out.stdout.len() == 37, "{out:?}");
+    wait_standbys(&socket, 2);
+
+    // A restart: the VM is re-adopted; the old standbys are gone, two new ones wait.
+    // Cgroups are named after uids: the standbys' (`s<uid>` directories) and the VM's.
+    let cg_of = |p: &Path| format!("vm-{}", p.file_name().unwrap().to_string_lossy().trim_start_matches('s'));
+    let mut seen: Vec<String> =
+        std::fs::read_dir(data.join("standby")).unwrap().flatten().map(|e| cg_of(&e.path())).collect();
+    seen.extend(waiting.iter().map(|p| cg_of(p)));
+    seen.push(format!("vm-{}", vm["uid"].as_u64().unwrap()));
+    // (The VM's VMM still names the standby's spec on its command line.)
+    let old: Vec<u32> = flint_tests::processes_naming(&data.join("standby"))
+        .into_iter()
+        .map(|(p, _)| p as u32)
+        .filter(|p| u64::from(*p) != pid)
+        .collect();
+    assert_eq!(old.len(), 2, "two standby VMMs: {old:?}");
+    drop(d);
+    let _d = Flintd::start_full(&data, &socket, None, &[], None);
+    let t = Instant::now();
+    while old.iter().any(|p| std::path::Path::new(&format!("/proc/{p}")).exists()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the old standbys did not end with their flintd");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_standbys(&socket, 2);
+    let again = vm_detail(&socket, &id);
+    assert_eq!((again["status"].as_str(), again["pid"].as_u64()), (Some("running"), Some(pid)), "{again}");
+    let out = flint(&socket, &["exec", &id, "--", "/bin/true"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(flint(&socket, &["vm", "rm", &id]).status.success());
+    // No cgroup of the VM or of a standby that is gone: only the two waiting standbys' own.
+    let waiting: Vec<String> =
+        std::fs::read_dir(data.join("standby")).unwrap().flatten().map(|e| cg_of(&e.path())).collect();
+    let t = Instant::now();
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/memory/flint")
+            .or_else(|_| std::fs::read_dir("/sys/fs/cgroup/flint"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| seen.contains(n) && !waiting.contains(n))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "cgroups left: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

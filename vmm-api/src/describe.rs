@@ -57,8 +57,11 @@ pub struct BootTimings {
     pub kernel_load_us: u64,
     pub devices_us: u64,
     pub vcpus_us: u64,
-    /// From process start to the first KVM_RUN.
+    /// From process start (a standby VMM: the hand-over of its launch spec) to the first KVM_RUN.
     pub process_to_first_run_us: u64,
+    /// `CLOCK_MONOTONIC` at the first KVM_RUN, µs ([`crate::monotonic_us`]): comparable with flintd's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_run_clock_us: Option<u64>,
     /// From the first KVM_RUN to the kernel handing over to /init.
     pub first_run_to_init_us: Option<u64>,
 }
@@ -77,6 +80,9 @@ pub struct RestoreTimings {
     /// The state file's format version (an older one was upgraded on read).
     #[serde(default)]
     pub format_version: u32,
+    /// A standby VMM: its KVM VM (and memory slots, if their layout matched) were made before the hand-over.
+    #[serde(default)]
+    pub prepared: bool,
 }
 
 /// Exits a vCPU took.

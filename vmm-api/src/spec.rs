@@ -25,6 +25,35 @@ pub struct LaunchSpec {
     pub launch: Launch,
 }
 
+/// What a standby VMM is started with (`flint-vmm --standby FILE`): flintd's launcher starts it jailed (`jail`,
+/// its own directory as `/`), with the control socket at [`STANDBY_CONTROL_FD`]. It enters its jail, opens
+/// `/dev/kvm` and creates a KVM VM with memory slots for `mem_mib` of guest memory ahead, then waits for one
+/// message on the control socket: a [`LaunchSpec`] (JSON) with the host files it names as fds (SCM_RIGHTS),
+/// which it moves to [`HANDOVER_FIRST_FD`], `+1`, ... (the spec names them `/dev/fd/N`). It then runs that spec as
+/// a VMM started with it would, in the same jail. End of file on the socket (flintd gone, or the standby
+/// discarded) ends it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StandbySpec {
+    pub jail: JailSpec,
+    /// Install the seccomp filters once the VM runs (off only for debugging).
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+    /// Guest memory to make KVM memory slots for ahead, MiB (a launch whose memory has another layout makes its
+    /// own VM); none: only the KVM VM.
+    #[serde(default)]
+    pub mem_mib: Option<u64>,
+}
+
+/// The fd a standby VMM's control socket is on.
+pub const STANDBY_CONTROL_FD: i32 = 3;
+
+/// The first fd a standby VMM moves the host files it is handed to (they keep their order).
+pub const HANDOVER_FIRST_FD: i32 = 100;
+
+/// Most host files one hand-over passes.
+pub const HANDOVER_MAX_FDS: usize = 32;
+
 /// How a VMM confines itself. flintd's launcher starts it as pid 1 of new pid, mount, IPC, UTS and network
 /// namespaces, already in its cgroups, with only the fds it needs; the VMM then, single-threaded and before it
 /// reads anything a guest or a snapshot controls: makes `root` its `/` (pivot_root, the host's tree detached),

@@ -91,10 +91,18 @@ pub struct LocalPager {
 /// registered ranges (in memory-image order).
 fn lazy_memory(
     layout: &[(u64, u64)],
+    ahead: Option<crate::standby::PreparedMemory>,
 ) -> Result<(GuestMem, flint_uffd::Userfault, Vec<flint_vmm_api::pager::PagerRange>), BuildError> {
     use crate::snapshot::RestoreError;
-    let ranges: Vec<(GuestAddress, usize)> = layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
-    let mem = GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?;
+    let mem = match ahead {
+        // A standby's prepared slots: anonymous memory not touched yet, as userfaultfd needs it.
+        Some(m) => crate::standby::anonymous_guest_mem(m).map_err(|e| BuildError::Runtime(e.to_string()))?,
+        None => {
+            let ranges: Vec<(GuestAddress, usize)> =
+                layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
+            GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?
+        }
+    };
     let uffd = flint_uffd::Userfault::create().map_err(RestoreError::from)?;
     let mut off = 0;
     let mut uranges = Vec::new();
@@ -282,19 +290,43 @@ pub(crate) fn elapsed_us(t: Instant) -> u64 {
 
 impl Vmm {
     /// Builds the VM; vCPUs are created but not started (see [`Vmm::start`]).
-    pub fn build(config: VmConfig, profile: HostProfile, process_start: Instant) -> Result<Self, BuildError> {
+    /// `prepared`: a standby VMM's KVM VM (and memory slots), made before it was handed the boot.
+    pub fn build(
+        config: VmConfig,
+        profile: HostProfile,
+        process_start: Instant,
+        prepared: Option<crate::standby::Prepared>,
+    ) -> Result<Self, BuildError> {
         config.validate()?;
         let mut timings = BootTimings::default();
         vcpu::install_kick_handler().map_err(|e| BuildError::Runtime(format!("signal handler: {e}")))?;
 
         let t = Instant::now();
-        let kvm = vm::open_kvm()?;
-        let vm = vm::create_vm(&kvm)?;
+        let layout = crate::arch::x86_64::layout::ram_regions(config.mem_mib * memory::MIB);
+        let supported_ahead = prepared.as_ref().map(|p| p.supported_cpuid.clone());
+        let (kvm, vm, ahead) = match prepared {
+            Some(p) => p.take(&layout).map_err(|e| BuildError::Runtime(e.to_string()))?,
+            None => {
+                let kvm = vm::open_kvm()?;
+                let vm = vm::create_vm(&kvm)?;
+                (kvm, vm, None)
+            }
+        };
         timings.kvm_setup_us = elapsed_us(t);
 
         let t = Instant::now();
-        let mem = memory::create_anonymous(config.mem_mib)?;
-        vm::register_memory(&vm, &mem, dirty_flag(&config))?;
+        let mem = match ahead {
+            Some(m) => {
+                let mem = crate::standby::anonymous_guest_mem(m).map_err(|e| BuildError::Runtime(e.to_string()))?;
+                crate::standby::set_slot_flags(&vm, &mem, dirty_flag(&config))?;
+                mem
+            }
+            None => {
+                let mem = memory::create_anonymous(config.mem_mib)?;
+                vm::register_memory(&vm, &mem, dirty_flag(&config))?;
+                mem
+            }
+        };
         timings.memory_us = elapsed_us(t);
         let t = Instant::now();
         vm::create_irqchip(&vm)?;
@@ -336,9 +368,12 @@ impl Vmm {
         regs::write_boot_tables(&mem)?;
 
         let t = Instant::now();
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| BuildError::Kvm("read supported CPUID", e))?;
+        let supported = match supported_ahead {
+            Some(c) => c,
+            None => kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| BuildError::Kvm("read supported CPUID", e))?,
+        };
         let mut fds = Vec::new();
         let mut cpuids = Vec::new();
         for i in 0..config.vcpus {
@@ -376,7 +411,12 @@ impl Vmm {
     }
 
     /// Restores a VM from a snapshot into this (new) process; vCPUs start with [`Vmm::start`].
-    pub fn restore(spec: RestoreSpec, process_start: Instant) -> Result<Self, BuildError> {
+    /// `prepared`: a standby VMM's KVM VM (and memory slots), made before it was handed the restore.
+    pub fn restore(
+        spec: RestoreSpec,
+        process_start: Instant,
+        prepared: Option<crate::standby::Prepared>,
+    ) -> Result<Self, BuildError> {
         use crate::snapshot::{cpu, memory as snapmem, RestoreError};
         let mut rt = RestoreTimings { mode: Some(spec.memory.mode_name().to_string()), ..Default::default() };
         vcpu::install_kick_handler().map_err(|e| BuildError::Runtime(format!("signal handler: {e}")))?;
@@ -394,17 +434,31 @@ impl Vmm {
         rt.read_state_us = elapsed_us(t);
 
         let t = Instant::now();
-        let kvm = vm::open_kvm()?;
-        cpu::check_host_cpu(&kvm, &snap.cpu, snap.config.vcpus).map_err(RestoreError::from)?;
-        let vm = vm::create_vm(&kvm)?;
+        let (kvm, vm, ahead) = match prepared {
+            Some(p) => {
+                rt.prepared = true;
+                let supported = p.supported_cpuid.clone();
+                cpu::check_supported_cpuid(supported, &snap.cpu, snap.config.vcpus).map_err(RestoreError::from)?;
+                p.take(&snap.memory_layout).map_err(|e| BuildError::Runtime(e.to_string()))?
+            }
+            None => {
+                let kvm = vm::open_kvm()?;
+                cpu::check_host_cpu(&kvm, &snap.cpu, snap.config.vcpus).map_err(RestoreError::from)?;
+                let vm = vm::create_vm(&kvm)?;
+                (kvm, vm, None)
+            }
+        };
         rt.kvm_setup_us = elapsed_us(t);
 
         let t = Instant::now();
         let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
         let mut local_pager = None;
+        // Prepared slots are registered already (flags 0): only a dirty log is still to turn on.
+        let registered = ahead.is_some();
         let mem = match &spec.memory {
             MemorySource::Private { path } => {
-                snapmem::map_private(path, &snap.memory_layout).map_err(RestoreError::from)?
+                let at = ahead.map(crate::standby::PreparedMemory::take);
+                snapmem::map_private(path, &snap.memory_layout, at.as_deref()).map_err(RestoreError::from)?
             }
             MemorySource::Uffd { path } => {
                 let read_err = |e| RestoreError::Memory(snapmem::MemFileError::Read(path.display().to_string(), e));
@@ -414,7 +468,7 @@ impl Vmm {
                     let e = snapmem::MemFileError::Size { path: path.display().to_string(), have: size, want };
                     return Err(RestoreError::Memory(e).into());
                 }
-                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout)?;
+                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout, ahead)?;
                 let pager = LocalPager {
                     stats: Arc::new(flint_uffd::UffdStats::default()),
                     source: Arc::new(flint_uffd::FileSource { file: f, unit: UFFD_CHUNK, size }),
@@ -438,12 +492,16 @@ impl Vmm {
                 mem
             }
             MemorySource::Pager { socket } => {
-                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout)?;
+                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout, ahead)?;
                 crate::pager_link::hand_over(socket, uffd, ranges, want)?;
                 mem
             }
         };
-        vm::register_memory(&vm, &mem, dirty_flag(&config))?;
+        if registered {
+            crate::standby::set_slot_flags(&vm, &mem, dirty_flag(&config))?;
+        } else {
+            vm::register_memory(&vm, &mem, dirty_flag(&config))?;
+        }
         rt.memory_us = elapsed_us(t);
         let t = Instant::now();
         vm::create_irqchip(&vm)?;
@@ -561,7 +619,11 @@ impl Vmm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self, process_start: Instant) -> Result<(), BuildError> {
-        lock(&self.timings).process_to_first_run_us = elapsed_us(process_start);
+        {
+            let mut t = lock(&self.timings);
+            t.process_to_first_run_us = elapsed_us(process_start);
+            t.first_run_clock_us = Some(flint_vmm_api::monotonic_us());
+        }
         *lock(&self.first_run) = Some(Instant::now());
         for (fd, ctx) in self.pending_vcpus.drain(..) {
             let h = vcpu::spawn(fd, ctx).map_err(|e| BuildError::Runtime(format!("vCPU thread: {e}")))?;

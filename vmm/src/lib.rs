@@ -16,6 +16,7 @@ pub mod pager_link;
 pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
+pub mod standby;
 pub mod vstate;
 
 /// The VM configuration and host profiles are part of the flintd-VMM contract.

@@ -20,6 +20,10 @@ struct Args {
     /// flag may be given with it.
     #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
     spec: Option<PathBuf>,
+    /// Run as a standby VMM (`StandbySpec` JSON, docs/vmm.md): jail, KVM VM and memory slots made ahead, then wait
+    /// for a launch spec on fd 3 (flintd's launcher only).
+    #[arg(long, conflicts_with_all = ["spec", "config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
+    standby: Option<PathBuf>,
     /// JSON VM configuration (fields as in docs/vmm.md); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -233,19 +237,33 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut spec = match launch_spec(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("flint-vmm: {e}");
+    // A standby is jailed and has its KVM VM before it gets its launch spec; the VM's time starts there.
+    let (mut spec, prepared, process_start) = match &args.standby {
+        Some(path) => match flint_vmm::standby::run(path) {
+            Ok(Some((spec, prepared, _uid))) => (spec, Some(prepared), Instant::now()),
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flint-vmm: {}", error_chain(&e));
+                return ExitCode::from(EXIT_SETUP);
+            }
+        },
+        None => match launch_spec(&args) {
+            Ok(s) => (s, None, process_start),
+            Err(e) => {
+                eprintln!("flint-vmm: {e}");
+                return ExitCode::from(EXIT_SETUP);
+            }
+        },
+    };
+    // Every thread installs its own kind's allow-list (vmm/src/seccomp.rs); compiled here, before any starts (a
+    // standby compiled them before its jail).
+    if prepared.is_none() {
+        if let Err(e) = flint_vmm::seccomp::prepare(spec.seccomp) {
+            eprintln!("flint-vmm: {}", error_chain(&e));
             return ExitCode::from(EXIT_SETUP);
         }
-    };
-    // Every thread installs its own kind's allow-list (vmm/src/seccomp.rs); compiled here, before any starts.
-    if let Err(e) = flint_vmm::seccomp::prepare(spec.seccomp) {
-        eprintln!("flint-vmm: {}", error_chain(&e));
-        return ExitCode::from(EXIT_SETUP);
     }
-    if let Some(jail) = &spec.jail {
+    if let Some(jail) = spec.jail.as_ref().filter(|_| prepared.is_none()) {
         // The host profile is read from /sys, which the jail does not have.
         if let Launch::Boot(c) = &mut spec.launch {
             c.host_profile.get_or_insert_with(HostProfile::detect);
@@ -257,10 +275,10 @@ fn main() -> ExitCode {
         eprintln!("flint-vmm: jailed in {} as uid {}", jail.root.display(), jail.uid);
     }
     let built = match spec.launch {
-        Launch::Restore(r) => Vmm::restore(r, process_start).map_err(|e| error_chain(&e)),
+        Launch::Restore(r) => Vmm::restore(r, process_start, prepared).map_err(|e| error_chain(&e)),
         Launch::Boot(config) => {
             let profile = config.host_profile.unwrap_or_else(HostProfile::detect);
-            Vmm::build(config, profile, process_start).map_err(|e| error_chain(&e))
+            Vmm::build(config, profile, process_start, prepared).map_err(|e| error_chain(&e))
         }
     };
     let mut vmm = match built {

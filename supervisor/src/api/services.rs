@@ -24,6 +24,7 @@ pub(super) async fn health(State(d): D) -> Response {
         host: d.sessions.host.clone(),
         cross_host: cross.0.into(),
         cross_host_refused: cross.1,
+        standby: d.vms.standby_counts().into_iter().map(|(m, n)| (m.to_string(), n)).collect(),
     })
 }
 

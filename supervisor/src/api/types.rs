@@ -24,6 +24,9 @@ pub struct Health {
     /// Why they do not, when the bucket refused (it ignores conditional writes, or this host's id is another's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_host_refused: Option<String>,
+    /// Idle standby VMMs per guest memory size (MiB, as a string key); empty when standbys are off.
+    #[serde(default)]
+    pub standby: std::collections::BTreeMap<String, usize>,
 }
 
 /// `PUT /v1/vms/{id}/files`.

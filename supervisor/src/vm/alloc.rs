@@ -17,6 +17,15 @@ pub struct Held {
     pub net: Option<u32>,
 }
 
+/// Where a VM's jail uid comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Uid<'a> {
+    /// A free one of the jail's range.
+    Free(&'a JailConfig),
+    /// The one a standby VMM holds under this key.
+    From(&'a str),
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AllocError {
     #[error("{0}")]
@@ -71,20 +80,48 @@ impl Allocator {
         jail: Option<&JailConfig>,
         net_blocks: Option<u32>,
     ) -> Result<Held, AllocError> {
+        self.reserve_with(id, limits, (mem_mib, disk_mib), jail.map(Uid::Free), net_blocks)
+    }
+
+    /// [`Allocator::reserve`], with the uid `Uid` says: a free one of the jail's range, or the one a standby VMM
+    /// held (under its key), which moves to `id`.
+    pub fn reserve_with(
+        &mut self,
+        id: &str,
+        limits: &Limits,
+        (mem_mib, disk_mib): (u64, u64),
+        uid: Option<Uid>,
+        net_blocks: Option<u32>,
+    ) -> Result<Held, AllocError> {
         self.check(limits, 1, mem_mib, disk_mib)?;
-        let uid = match jail {
-            Some(j) => Some(self.free_uid(j)?),
-            None => None,
-        };
         let net = match net_blocks {
             Some(blocks) => Some((0..blocks).find(|i| !self.nets.contains(i)).ok_or_else(|| {
                 AllocError::Quota(format!("every block of the network pool is in use ({blocks} VMs with a network)"))
             })?),
             None => None,
         };
+        let uid = match uid {
+            Some(Uid::Free(j)) => Some(self.free_uid(j)?),
+            Some(Uid::From(key)) => {
+                let u = self
+                    .held(key)
+                    .and_then(|h| h.uid)
+                    .ok_or_else(|| AllocError::Quota(format!("standby `{key}` holds no uid (released already)")))?;
+                self.release(key);
+                Some(u)
+            }
+            None => None,
+        };
         let h = Held { live: true, mem_mib, disk_mib, uid, net };
         self.add(id, h);
         Ok(h)
+    }
+
+    /// Reserves a uid of the jail's range for a standby VMM, under `key` (never a VM id): no quota, no block.
+    pub fn reserve_uid(&mut self, key: &str, j: &JailConfig) -> Result<u32, AllocError> {
+        let uid = self.free_uid(j)?;
+        self.add(key, Held { live: false, uid: Some(uid), ..Held::default() });
+        Ok(uid)
     }
 
     fn free_uid(&self, j: &JailConfig) -> Result<u32, AllocError> {
@@ -156,6 +193,23 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_uid_moves_to_the_vm_that_takes_it() {
+        let limits = Limits { max_vms: 1, ..Limits::default() };
+        let jail = JailConfig { uid_base: 100, uid_count: 3, ..Default::default() };
+        let mut a = Allocator::default();
+        assert_eq!(a.reserve_uid("\0standby-1", &jail).unwrap(), 100);
+        assert_eq!(a.reserve_uid("\0standby-2", &jail).unwrap(), 101);
+        // Standbys hold no quota: the one VM the limits allow still fits.
+        let x = a.reserve_with("x", &limits, (64, 0), Some(Uid::From("\0standby-2")), None).unwrap();
+        assert_eq!(x.uid, Some(101));
+        assert!(a.held("\0standby-2").is_none(), "the standby's key is gone");
+        assert!(a.reserve_with("y", &limits, (64, 0), Some(Uid::From("\0standby-1")), None).is_err(), "max_vms");
+        assert_eq!(a.held("\0standby-1").and_then(|h| h.uid), Some(100), "a refused take leaves the standby's uid");
+        a.release("x");
+        assert_eq!(a.reserve_uid("\0standby-3", &jail).unwrap(), 101, "the VM's uid is free once it is deleted");
+    }
 
     #[test]
     fn quotas_uids_and_blocks_come_and_go() {

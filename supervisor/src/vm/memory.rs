@@ -15,9 +15,14 @@ impl Manager {
     /// Where a snapshot's shared memory file lives: named by a hash of the memory image's manifest entry (its
     /// chunk list), so a file can never stand for other content, even if a snapshot id is reused.
     pub fn shared_memory_path(&self, manifest: &flint_snapshot_store::Manifest) -> Option<PathBuf> {
-        let image = manifest.image("memory")?;
+        self.shared_path(manifest, "memory")
+    }
+
+    /// Where a snapshot's shared copy of image `name` (`memory`, `state`) lives, named as the memory file is.
+    fn shared_path(&self, manifest: &flint_snapshot_store::Manifest, name: &str) -> Option<PathBuf> {
+        let image = manifest.image(name)?;
         let key = flint_snapshot_store::ChunkId::of(&serde_json::to_vec(image).ok()?).to_hex();
-        Some(self.cfg.data_dir.join("shared").join(format!("{}.memory", &key[..32])))
+        Some(self.cfg.data_dir.join("shared").join(format!("{}.{name}", &key[..32])))
     }
 
     /// The snapshot's memory image as one file every eager clone maps MAP_PRIVATE (their page cache is shared;
@@ -25,10 +30,20 @@ impl Manager {
     /// renamed: a file clones map is never written again); later clones find it. Deleting it while clones run is
     /// safe: their mappings hold the inode.
     pub(super) async fn shared_memory(&self, manifest: &flint_snapshot_store::Manifest) -> Result<PathBuf, StartError> {
+        self.shared_image(manifest, "memory").await
+    }
+
+    /// The snapshot's state image as one file every restore of it reads (read-only; a jailed VMM gets it as an
+    /// fd): written from the store once, as the memory file is, instead of a copy per VM on each restore's path.
+    pub(super) async fn shared_state(&self, manifest: &flint_snapshot_store::Manifest) -> Result<PathBuf, StartError> {
+        self.shared_image(manifest, "state").await
+    }
+
+    async fn shared_image(&self, manifest: &flint_snapshot_store::Manifest, name: &str) -> Result<PathBuf, StartError> {
         let path = self
-            .shared_memory_path(manifest)
-            .ok_or_else(|| StartError::Invalid(format!("snapshot `{}` has no memory image", manifest.id)))?;
-        let size = manifest.image("memory").map(|i| i.size).unwrap_or(0);
+            .shared_path(manifest, name)
+            .ok_or_else(|| StartError::Invalid(format!("snapshot `{}` has no {name} image", manifest.id)))?;
+        let size = manifest.image(name).map(|i| i.size).unwrap_or(0);
         let is_ready = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() == size);
         if is_ready(&path) {
             return Ok(path);
@@ -40,20 +55,20 @@ impl Manager {
             std::fs::create_dir_all(dir)
                 .map_err(|source| StartError::Io { what: format!("create {}", dir.display()), source })?;
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let fetched = self.store.get_image(&manifest.id, "memory", &tmp).await;
+            let fetched = self.store.get_image(&manifest.id, name, &tmp).await;
             if let Err(e) = fetched {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e.into());
             }
             std::fs::rename(&tmp, &path)
                 .map_err(|source| StartError::Io { what: format!("rename {}", path.display()), source })?;
-            info!(snapshot = %manifest.id, path = %path.display(), "shared memory file written");
+            info!(snapshot = %manifest.id, path = %path.display(), "shared {name} file written");
         }
         lock(&self.shared_writes).remove(&path.display().to_string());
         Ok(path)
     }
 
-    /// Deletes a snapshot from the store and its shared memory file (running clones keep their mappings), unless
+    /// Deletes a snapshot from the store and its shared memory and state files (running clones keep their mappings), unless
     /// a running VM restored lazily from it still reads it (its next cold page would have nowhere to come from).
     /// What else holds snapshots (templates, sessions) is the services' to check first.
     pub async fn delete_snapshot(&self, id: &str, remote: bool) -> Result<(), SnapshotDeleteError> {
@@ -65,8 +80,12 @@ impl Manager {
                 vm.id
             )));
         }
-        if let Some(p) = self.store.manifest(id).await.ok().and_then(|m| self.shared_memory_path(&m)) {
-            let _ = std::fs::remove_file(p);
+        if let Ok(m) = self.store.manifest(id).await {
+            for name in ["memory", "state"] {
+                if let Some(p) = self.shared_path(&m, name) {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
         }
         Ok(self.store.delete(id, remote).await?)
     }

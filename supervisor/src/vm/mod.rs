@@ -18,6 +18,7 @@ pub mod meta;
 pub mod model;
 mod ops;
 mod snapshot;
+mod standby;
 mod start;
 #[cfg(test)]
 mod tests;
@@ -81,11 +82,18 @@ pub struct Vm {
     pub rec: Owner<VmRecord>,
     agent: tokio::sync::Mutex<Option<Arc<AgentClient>>>,
     stack: Mutex<Vec<Resource>>,
+    /// The standby VMM taken for its start, until it is handed the launch spec.
+    standby: Mutex<Option<crate::launcher::Standby>>,
 }
 
 impl Vm {
     fn new(rec: VmRecord, durable: bool) -> Arc<Vm> {
-        Arc::new(Vm { rec: Owner::new(rec, VMS, durable), agent: Default::default(), stack: Mutex::new(Vec::new()) })
+        Arc::new(Vm {
+            rec: Owner::new(rec, VMS, durable),
+            agent: Default::default(),
+            stack: Mutex::new(Vec::new()),
+            standby: Mutex::new(None),
+        })
     }
 
     fn push(&self, r: Resource) {
@@ -148,6 +156,8 @@ pub struct Manager {
     events: tokio::sync::broadcast::Sender<VmEvent>,
     pub metrics: VmMetrics,
     pub(crate) tasks: Tasks,
+    /// Standby VMMs ([`standby`]).
+    pub standbys: standby::Standbys,
 }
 
 /// A VM id, template name, snapshot id or any name that becomes a path: `[A-Za-z0-9._-]{1,128}`, not `.`-first.
@@ -180,6 +190,7 @@ impl Manager {
             events,
             metrics: VmMetrics::default(),
             tasks,
+            standbys: standby::Standbys::default(),
         });
         // Shared memory files a restart interrupted while they were written.
         for e in std::fs::read_dir(m.cfg.data_dir.join("shared")).into_iter().flatten().flatten() {
@@ -188,6 +199,7 @@ impl Manager {
             }
         }
         m.adopt()?;
+        m.start_standbys();
         Ok(m)
     }
 
@@ -324,6 +336,12 @@ impl Manager {
     async fn release(&self, vm: &Vm, keep: usize) {
         let rec = vm.rec.get();
         *vm.agent.lock().await = None;
+        let standby = lock(&vm.standby).take();
+        if let Some(s) = standby {
+            // Taken for a start that failed before its hand-over; its uid is the VM's now (released with the
+            // allocation below once it is gone).
+            self.launcher.discard(s).await;
+        }
         loop {
             let next = {
                 let mut s = lock(&vm.stack);

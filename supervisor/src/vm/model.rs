@@ -105,6 +105,20 @@ pub struct VmTimings {
     /// Building the VM's network (namespace, tap, veth, addresses, nftables, DNS proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_ms: Option<f64>,
+    /// flintd taking the start → the guest's first instruction (the VMM's first KVM_RUN), µs, on one clock
+    /// (`CLOCK_MONOTONIC`): flintd's side of a start with the VMM's, the process start (or a standby's hand-over)
+    /// included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_run_us: Option<u64>,
+    /// Of `first_run_us`, flintd's part: the start taken → its VMM started (or a standby handed the spec), µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_us: Option<u64>,
+    /// Its VMM was a standby (started ahead, jailed, its KVM VM made), handed this VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
+    /// `CLOCK_MONOTONIC` when flintd took the start, µs (in memory only: the base of `first_run_us`).
+    #[serde(skip)]
+    pub start_clock_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

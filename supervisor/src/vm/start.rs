@@ -117,7 +117,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
 impl Manager {
     /// A new VM in `starting` (in memory until its VMM is spawned), with an empty directory.
     fn reserve(
-        &self,
+        self: &Arc<Self>,
         id: Option<String>,
         prefix: &str,
         network: Option<&crate::net::NetworkRequest>,
@@ -158,22 +158,43 @@ impl Manager {
             track_dirty: false,
         };
         f(&mut rec);
+        rec.timings.start_clock_us.get_or_insert_with(flint_vmm_api::monotonic_us);
+        // A standby VMM of the VM's memory size, if one waits: its uid becomes the VM's, its directory the VM's.
+        let mut standby = self.take_standby(rec.mem_mib);
         let vm = {
             let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
+            let give_back = |s: &mut Option<(crate::launcher::Standby, String)>| {
+                if let Some((s, _)) = s.take() {
+                    self.return_standby(s);
+                }
+            };
             // Unique whatever the case: a DNS name (the front end's Host routing) does not keep it.
             if let Some(other) = vms.keys().find(|k| k.eq_ignore_ascii_case(&id)) {
+                give_back(&mut standby);
                 return Err(StartError::Exists(other.clone()));
             }
-            let jail = self.cfg.jail.enabled.then_some(&self.cfg.jail);
+            let uid = match &standby {
+                Some((_, key)) => Some(super::alloc::Uid::From(key)),
+                None => self.cfg.jail.enabled.then_some(super::alloc::Uid::Free(&self.cfg.jail)),
+            };
             let blocks = network.map(|_| self.net.blocks());
             let disk = rec.disk_budget_mib(self.cfg.vm.mount_slot_mib);
             if disk > 0 {
-                self.check_free_space()?;
+                if let Err(e) = self.check_free_space() {
+                    give_back(&mut standby);
+                    return Err(e);
+                }
             }
-            let held = lock(&self.alloc)
-                .reserve(&id, &self.cfg.limits, (rec.mem_mib, disk), jail, blocks)
-                .map_err(|e| StartError::Quota(e.to_string()))?;
+            let reserved = lock(&self.alloc).reserve_with(&id, &self.cfg.limits, (rec.mem_mib, disk), uid, blocks);
+            let held = match reserved {
+                Ok(h) => h,
+                Err(e) => {
+                    give_back(&mut standby);
+                    return Err(StartError::Quota(e.to_string()));
+                }
+            };
             rec.uid = held.uid;
+            rec.timings.standby = standby.is_some();
             if let (Some(req), Some(index)) = (network, held.net) {
                 let mut nonce = [0u8; 1];
                 let _ = getrandom::getrandom(&mut nonce);
@@ -190,7 +211,19 @@ impl Manager {
         };
         let prepared = (|| {
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+            match standby {
+                // The jail's `/` is the directory itself, whatever its name.
+                Some((s, _)) => {
+                    let renamed = std::fs::rename(&s.dir, &dir).map_err(io(format!(
+                        "rename {} to {}",
+                        s.dir.display(),
+                        dir.display()
+                    )));
+                    *lock(&vm.standby) = Some(s);
+                    renamed?;
+                }
+                None => std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?,
+            }
             vm.push(Resource::Dir(dir.clone()));
             Ok::<(), StartError>(())
         })();
@@ -204,6 +237,9 @@ impl Manager {
     /// Undoes a reservation that never reached a process or the database (synchronous: nothing to stop).
     fn abandon(&self, vm: &Arc<Vm>) {
         let id = vm.rec.get().id;
+        if let Some(s) = lock(&vm.standby).take() {
+            self.tasks.spawn(self.launcher.discard(s));
+        }
         for r in std::mem::take(&mut *lock(&vm.stack)).into_iter().rev() {
             match r {
                 Resource::Dir(d) => {
@@ -219,6 +255,7 @@ impl Manager {
 
     /// Boots a VM from an image and waits until its agent answers.
     pub async fn create(self: &Arc<Self>, req: CreateVm, owner: Option<OwnerTag>) -> Result<VmRecord, StartFailure> {
+        let t0 = flint_vmm_api::monotonic_us();
         let image = req.image.clone().unwrap_or_else(|| "default".into());
         let img = self.image(&image).map_err(StartError::from)?;
         let mem = req.mem_mib.unwrap_or(self.cfg.vm.mem_mib);
@@ -263,6 +300,7 @@ impl Manager {
         self.check_network(req.id.as_deref(), owner.as_ref(), req.network.as_ref())?;
         let root_ref = img.root_ref();
         let vm = self.reserve(req.id.clone(), "vm", req.network.as_ref(), |r| {
+            r.timings.start_clock_us = Some(t0);
             r.image = Some(image.clone());
             r.mem_mib = mem;
             r.vcpus = vcpus;
@@ -342,6 +380,7 @@ impl Manager {
     /// flintd's page server serves memory from the store on first touch and prefetches the recorded working set;
     /// the first lazy restore of a snapshot records that working set.
     pub async fn restore(self: &Arc<Self>, req: Restore) -> Result<VmRecord, StartFailure> {
+        let t0 = flint_vmm_api::monotonic_us();
         let manifest = self.store.manifest(&req.snapshot).await.map_err(StartError::from)?;
         let meta = SnapshotMeta::load(&manifest.id, &manifest.metadata).map_err(StartError::from)?;
         for (i, d) in meta.drives.iter().enumerate() {
@@ -373,6 +412,7 @@ impl Manager {
             .map_err(|e| StartError::Io { what: "the restore slots".into(), source: std::io::Error::other(e) })?;
         let prefix = req.id_prefix.clone().unwrap_or_else(|| "clone".into());
         let vm = self.reserve(None, &prefix, req.network.as_ref(), |r| {
+            r.timings.start_clock_us = Some(t0);
             r.snapshot = Some(req.snapshot.clone());
             r.owner = req.owner.clone();
             r.hostname = req.hostname.clone();
@@ -430,7 +470,7 @@ impl Manager {
         let snapshot = &req.snapshot;
         let t = Instant::now();
         let _pin = self.store.pin(manifest);
-        self.store.get_image(snapshot, "state", &dir.join("state")).await?;
+        let state = self.shared_state(manifest).await?;
         // Every drive but an image's root is this clone's own file, written from the snapshot's copy.
         for i in (0..meta.drives.len()).filter(|i| roots[*i].is_none()) {
             self.store.get_image(snapshot, &drives::image_name(i), &drives::clone_path(&dir, i)).await?;
@@ -457,7 +497,7 @@ impl Manager {
             seccomp: true,
             jail: None,
             launch: Launch::Restore(RestoreSpec {
-                state_path: dir.join("state"),
+                state_path: state,
                 memory,
                 devices: HostDevices {
                     vsock_uds: Some(dir.join("vsock.sock")),
@@ -564,11 +604,22 @@ impl Manager {
         let rec = vm.rec.get();
         let jail =
             rec.uid.map(|uid| crate::launcher::Confinement { uid, gid: uid, mem_mib: rec.mem_mib, cpu: rec.cpu });
-        let p = self.launcher.spawn(&rec.dir, spec, jail)?;
+        let standby = lock(&vm.standby).take();
+        let p = match (standby, jail) {
+            (Some(s), Some(c)) => self.launcher.hand_over(s, &rec.dir, spec, c)?,
+            (s, jail) => {
+                if let Some(s) = s {
+                    self.tasks.spawn(self.launcher.discard(s));
+                }
+                self.launcher.spawn(&rec.dir, spec, jail)?
+            }
+        };
+        let launched = flint_vmm_api::monotonic_us();
         vm.push(Resource::Process(p));
         vm.rec.commit(&self.db, |r| {
             r.pid = Some(p.pid);
             r.pid_start = Some(p.start);
+            r.timings.launch_us = r.timings.start_clock_us.map(|s| launched.saturating_sub(s));
         })?;
         self.watch(vm, p);
         Ok(p)
@@ -682,6 +733,9 @@ impl Manager {
         vm.rec.stage(|r| {
             r.vcpus = d.config.vcpus;
             r.mem_mib = d.config.mem_mib;
+            if let (Some(first), Some(start)) = (d.timings.first_run_clock_us, r.timings.start_clock_us) {
+                r.timings.first_run_us = Some(first.saturating_sub(start));
+            }
             r.timings.agent_ms = Some(agent_ms);
             r.timings.refresh_ms = Some(refresh_ms);
             r.timings.refresh_guest_ms = refresh_guest_ms;
@@ -702,6 +756,9 @@ impl Manager {
         paused: bool,
     ) -> Result<VmRecord, StartFailure> {
         let ms = crate::ms_since(started);
+        if vm.rec.with(|r| r.timings.standby) {
+            self.standby_used();
+        }
         let result = match result {
             Ok(()) => self.settle(vm, ms, restore, paused).await,
             Err(e) => Err(e),

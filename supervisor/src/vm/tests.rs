@@ -241,3 +241,73 @@ async fn a_restore_whose_agent_never_answers_fails_alone() {
 }
 
 mod more;
+
+/// #30: standby VMMs (`[standby]`, 256 MiB by default) are started ahead; a restore of that size takes one (its
+/// uid and its directory, renamed, become the VM's), the set refills, other sizes start a VMM of their own, a start
+/// that fails after the take leaves nothing held, and standbys are never VMs of the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_vmms_serve_restores_of_their_size_and_refill() {
+    let env = Env::new("standby");
+    let l = FakeLauncher::default();
+    let d = with_snapshot(&env, &l, 256).await;
+    let big = {
+        d.vms
+            .create(CreateVm { id: Some("big".into()), mem_mib: Some(512), ..Default::default() }, None)
+            .await
+            .unwrap();
+        d.vms.snapshot("big", "s512", &how(false)).await.unwrap();
+        d.vms.delete("big").await.unwrap();
+        "s512"
+    };
+    let standby_root = env.cfg.data_dir.join("standby");
+    let waiting = || -> Vec<u32> {
+        let mut v: Vec<u32> = std::fs::read_dir(&standby_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().strip_prefix('s')?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for("two standbys", || d.vms.standby_counts() == vec![(256, 2)] && l.standbys().0 == 2).await;
+    let before = waiting();
+    assert_eq!(before.len(), 2, "{before:?}");
+    // Hand-overs so far (the boot of `src` may have taken a standby started in time).
+    let h0 = l.standbys().1;
+    assert!(d.vms.list().is_empty(), "standbys are not VMs");
+
+    let r = d.vms.restore(restore("s")).await.unwrap();
+    assert!(r.timings.standby, "{r:?}");
+    let uid = r.uid.expect("jailed");
+    assert!(before.contains(&uid), "the VM runs as the standby's uid {uid} ({before:?})");
+    assert!(r.dir.ends_with(&r.id) && r.dir.is_dir(), "the standby's directory is the VM's: {}", r.dir.display());
+    assert!(!waiting().contains(&uid), "its standby directory was renamed");
+    assert!(r.timings.first_run_us.is_none(), "the fake VMM reports no first-run clock");
+    wait_for("the set refilled", || d.vms.standby_counts() == vec![(256, 2)]).await;
+    assert_eq!(l.standbys(), (2, h0 + 1));
+    assert!(!waiting().contains(&uid), "a new standby never gets a uid in use");
+
+    // Another size: a VMM of its own.
+    let other = d.vms.restore(restore(big)).await.unwrap();
+    assert!(!other.timings.standby);
+    assert_eq!(l.standbys(), (2, h0 + 1));
+
+    // A hand-over that fails: the start fails, the standby is gone, and nothing of it is held.
+    l.fail_next_spawns(1);
+    let e = d.vms.restore(restore("s")).await.unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    wait_for("the set refilled after the failure", || d.vms.standby_counts() == vec![(256, 2)]).await;
+    assert_eq!(l.standbys(), (2, h0 + 2));
+
+    for v in d.vms.list() {
+        d.vms.delete(&v.id).await.unwrap();
+    }
+    // Only the two waiting standbys hold uids (none of the VMs' or the failed start's is left).
+    let held: Vec<u32> = {
+        let a = lock(&d.vms.alloc);
+        waiting().into_iter().filter(|u| a.held(&format!("\0standby-{u}")).is_some()).collect()
+    };
+    assert_eq!(held, waiting());
+    assert_eq!(std::fs::read_dir(env.cfg.data_dir.join("vms")).map(|d| d.count()).unwrap_or(0), 0);
+}

@@ -995,6 +995,11 @@ async fn restore_floor_bench(runs: usize) -> Vec<(String, String, f64)> {
 async fn floor_bench(runs: usize) {
     let restore = restore_floor_bench(runs).await;
     println!();
+    let standby = std::thread::spawn(move || standby_bench(runs)).join().unwrap_or_default();
+    let sb = |size: &str, mode: &str| {
+        standby.iter().find(|(s, m, _)| s == size && m == mode).map(|x| format!("{:.2}", x.2)).unwrap_or("-".into())
+    };
+    println!();
     let clones = std::thread::spawn(|| clones_bench(100)).join().unwrap_or_default();
     let f = |k: &str| clones.get(k).copied().unwrap_or(f64::NAN);
     let r = |size: &str, bin: &str| {
@@ -1013,6 +1018,15 @@ async fn floor_bench(runs: usize) {
     row("figure", "target", "before #18", "baseline".into(), "this build".into());
     row("VMM-side restore p50, 256 MiB (ms)", "≤ 3", "8.8-16.8", r("256 MiB", "baseline"), r("256 MiB", "this build"));
     row("VMM-side restore p50, 2 GiB (ms)", "≤ 4", "-", r("2 GiB", "baseline"), r("2 GiB", "this build"));
+    println!("jailed, through flintd: request → first instruction; `baseline` column: no standby VMM (#30):");
+    row(
+        "  with a standby VMM p50, 256 MiB (ms)",
+        "≤ 1.5",
+        "4.3-5.2",
+        sb("256 MiB", "spawned"),
+        sb("256 MiB", "standby"),
+    );
+    row("  with a standby VMM p50, 2 GiB (ms)", "≤ 2", "-", sb("2 GiB", "spawned"), sb("2 GiB", "standby"));
     row("restore → agent ready p50, 8 at once (ms)", "", "255-314 (1)", none(), format!("{:.0}", f("ready_p50_ms")));
     row("restore → agent ready p99, 8 at once (ms)", "", "", none(), format!("{:.0}", f("ready_p99_ms")));
     row("clone rate, 8 at once (restores/s/core)", "", "-", none(), format!("{:.2}", f("rate_per_core")));
@@ -1404,6 +1418,444 @@ fn e2b_bench(runs: usize) {
     println!("  (ratio = E2B / Flint: above 1 the translation costs time for ms, gains throughput for MB/s)");
 }
 
+/// `flint-bench standby [--runs N]`: jailed restores through flintd, request → first guest instruction
+/// (`first_run_us`: flintd's clock and the VMM's, one clock), with standby VMMs and without, side by side in one
+/// run: two flintds (one `[standby] count = 2` for 256 MiB and 2 GiB, one `count = 0`), the same two snapshots
+/// (the golden 256 MiB one and a 2 GiB one this bench boots), requests alternating between them. Before each
+/// standby restore the bench waits until the taken standby was replaced (a burst beyond `count` takes the
+/// ordinary path). Returns (size, mode, p50 ms) for `floor`.
+fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let work = TempDir::new("bench-standby");
+    // The 2 GiB snapshot: one cold boot, as restore-floor makes it.
+    let big = work.path().join("big");
+    std::fs::create_dir_all(&big).expect("dir");
+    let report = rt.block_on(async {
+        let mut vm = VmProcess::boot_with(&big, |c| c.mem_mib = 2048);
+        drop(vm.agent(Duration::from_secs(600)).await);
+        let req = serde_json::json!({"state_path": big.join("vm.state"), "mem_path": big.join("vm.mem")});
+        let (_, r) = api_call(&vm.api_sock, "PUT", "/snapshot/create", Some(&req)).expect("snapshot");
+        let _ = api_call(&vm.api_sock, "PUT", "/vm/shutdown", None);
+        let _ = vm.wait(Duration::from_secs(30));
+        r
+    });
+    let report = if report["snapshot"].is_object() { report["snapshot"].clone() } else { report };
+    let mut daemons = Vec::new();
+    for (label, count, uid_base) in [("standby", 2, 961_000), ("spawned", 0, 962_000)] {
+        let data = work.path().join(label);
+        flint_tests::import_golden_local(&data, "small");
+        flint_tests::import_local(
+            &data,
+            flint_tests::snapshot_draft("big", &big.join("vm.state"), &big.join("vm.mem"), &report, Some(2048)),
+        );
+        let config = work.path().join(format!("{label}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[jail]\nuid_base = {uid_base}\nuid_count = 500\n[standby]\ncount = {count}\nmem_mib = [256, 2048]\n"
+            ),
+        )
+        .expect("config");
+        let sock = work.path().join(format!("{label}.sock"));
+        let _reap = flint_tests::KillVmmsUnder(data.clone());
+        let d = flint_tests::Flintd::start_full(&data, &sock, None, &["--config", config.to_str().unwrap_or("")], None);
+        daemons.push((label, sock, d, _reap));
+    }
+    let call = |sock: &std::path::Path, method: &str, path: &str, body: Option<serde_json::Value>| {
+        flintd_call(&rt, sock, method, path, body)
+    };
+    let wait_standbys = |sock: &std::path::Path, mib: &str| {
+        let t = Instant::now();
+        while call(sock, "GET", "/v1/health", None)["standby"][mib].as_u64().unwrap_or(0) < 2 {
+            assert!(t.elapsed() < Duration::from_secs(120), "standbys of {mib} MiB did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    println!(
+        "flint-bench standby: {runs} jailed eager restore(s) per size and mode, alternating; request → first guest instruction"
+    );
+    let mut rows: Vec<(String, String, Vec<serde_json::Value>)> = Vec::new();
+    let mut refill_ms = Vec::new();
+    // One restore of each snapshot on each flintd first, not counted: it writes the snapshot's shared memory and
+    // state files from the store.
+    for (_, sock, _, _) in &daemons {
+        for snap in ["small", "big"] {
+            let c = call(sock, "POST", "/v1/clones", Some(serde_json::json!({"snapshot": snap, "count": 1})));
+            call(sock, "DELETE", &format!("/v1/vms/{}", c[0]["id"].as_str().unwrap_or("?")), None);
+        }
+    }
+    for (size, snap, mib) in [("256 MiB", "small", "256"), ("2 GiB", "big", "2048")] {
+        let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); daemons.len()];
+        for _ in 0..runs {
+            for (i, (label, sock, _, _)) in daemons.iter().enumerate() {
+                if *label == "standby" {
+                    refill_ms.push(wait_standbys(sock, mib));
+                }
+                let c = call(sock, "POST", "/v1/clones", Some(serde_json::json!({"snapshot": snap, "count": 1})));
+                let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+                let d = call(sock, "GET", &format!("/v1/vms/{id}"), None);
+                assert_eq!(d["standby"].as_bool().unwrap_or(false), *label == "standby", "{label}: {d}");
+                results[i].push(d);
+                call(sock, "DELETE", &format!("/v1/vms/{id}"), None);
+            }
+        }
+        for (i, (label, ..)) in daemons.iter().enumerate() {
+            rows.push((size.to_string(), label.to_string(), std::mem::take(&mut results[i])));
+        }
+    }
+    let pick = |v: &[serde_json::Value], f: &dyn Fn(&serde_json::Value) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        (x[x.len() / 2], x[(x.len() * 9 / 10).min(x.len() - 1)])
+    };
+    println!();
+    println!(
+        "{:<8} {:<8} {:>9} {:>9}   {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "guest", "VMM", "p50 ms", "p90 ms", "flintd", "VMM-side", "state", "KVM", "memory", "devices", "VM", "vCPUs"
+    );
+    let mut fig = Vec::new();
+    for (size, label, v) in &rows {
+        let (p50, p90) = pick(v, &|d| ms(d["first_run_us"].as_u64().unwrap_or(0)));
+        let med = |k: &str| pick(v, &|d| ms(d["vmm"]["restore"][k].as_u64().unwrap_or(0))).0;
+        let vmm = pick(v, &|d| ms(d["vmm"]["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0))).0;
+        let flintd = pick(v, &|d| ms(d["launch_us"].as_u64().unwrap_or(0))).0;
+        println!(
+            "{:<8} {:<8} {:>9.2} {:>9.2}   {:>8.2} {:>10.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            size,
+            label,
+            p50,
+            p90,
+            flintd,
+            vmm,
+            med("read_state_us"),
+            med("kvm_setup_us"),
+            med("memory_us"),
+            med("devices_us"),
+            med("vm_state_us"),
+            med("vcpu_state_us")
+        );
+        fig.push((size.clone(), label.clone(), p50));
+    }
+    refill_ms.sort_by(|a, b| a.total_cmp(b));
+    println!();
+    println!("p50/p90: flintd took the restore → the guest's first instruction (CLOCK_MONOTONIC in both processes).");
+    println!(
+        "flintd: its part (request → VMM spawned, or a standby handed the spec; medians). VMM-side: the VMM's own"
+    );
+    println!(
+        "part (process start, or a standby's hand-over, → first instruction); the gap between them is the process"
+    );
+    println!("start (exec, loader) or the standby's wake-up;");
+    println!("the columns after it are its restore steps (medians). A standby's KVM VM, memory slots and supported");
+    println!("CPUID were made ahead.");
+    if let Some(m) = refill_ms.get(refill_ms.len() / 2) {
+        println!("waiting for the taken standby's replacement before a standby restore: p50 {m:.0} ms");
+    }
+    drop(daemons);
+    fig
+}
+
+/// One timed request on flintd's socket: (status, ms to the response's headers, ms to its end). `Connection:
+/// close`, read to the end (an exec's stream included).
+fn timed_request(sock: &std::path::Path, method: &str, path: &str, body: &[u8]) -> (u16, f64, f64) {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else { return (0, 0.0, 0.0) };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: flintd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).is_err() {
+        return (0, 0.0, 0.0);
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut headers_ms = None;
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if headers_ms.is_none() && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    headers_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    let status = std::str::from_utf8(&buf[..buf.len().min(12)])
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, headers_ms.unwrap_or(0.0), t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// A process's CPU time (user + system), seconds, and RSS, MiB.
+fn proc_cpu_rss(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (ticks / hz, rss / 1024.0)
+}
+
+fn mem_available_mib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn du_bytes(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        total += if m.is_dir() { du_bytes(&e.path()) } else { m.blocks() * 512 };
+    }
+    total
+}
+
+/// p50 and p99 of `v`.
+fn p50_p99(v: &[f64]) -> (f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    (v[v.len() / 2], v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)])
+}
+
+/// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]`: one flintd on its defaults (jail,
+/// standby VMMs), a template of the default image with a warm pool; N sessions, M of them kept running, the rest
+/// hibernating after 1 s idle; then K clients doing exec/file calls on random sessions (waking hibernated ones)
+/// for S seconds. Prints creation, hibernation and wake rates, the API's latency per route at 10 sessions and at
+/// N (ratio), flintd's idle CPU and RSS, host memory per running session, disk per hibernated session, errors.
+fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
+    let work = TempDir::new("bench-scale");
+    let data = work.path().join("data");
+    let _reap = flint_tests::KillVmmsUnder(data.clone());
+    let sock = work.path().join("flintd.sock");
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, format!("[limits]\nmax_vms = {}\n[sessions]\nmax_sessions = {}\n", m + 2 * k + 64, n + 64))
+        .expect("config");
+    let d = flint_tests::Flintd::start_full(&data, &sock, None, &["--config", config.to_str().unwrap_or("")], None);
+    let flintd_pid = d.child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| flintd_call(&rt, &sock, method, path, body);
+    let t = Instant::now();
+    call("POST", "/v1/templates", Some(serde_json::json!({"name": "idle", "pool_size": 4})));
+    println!(
+        "flint-bench scale: N={n} sessions, M={m} running, K={k} clients for {secs} s; template in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mem_before = mem_available_mib();
+    let store_before = du_bytes(&data.join("store"));
+    let errors = std::sync::atomic::AtomicU64::new(0);
+    let ids = std::sync::Mutex::new(Vec::<String>::new());
+    let create_ms = std::sync::Mutex::new(Vec::<f64>::new());
+    // Creates sessions `range` (the first M stay running, the others hibernate after 1 s idle), 4 at a time.
+    let create = |range: std::ops::Range<usize>| {
+        let next = std::sync::atomic::AtomicUsize::new(range.start);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= range.end {
+                        return;
+                    }
+                    let idle = if i < m { 3600 } else { 1 };
+                    let body =
+                        serde_json::json!({"template": "idle", "id": format!("s{i:05}"), "idle_timeout_s": idle});
+                    let (st, _, total) = timed_request(&sock, "POST", "/v1/sessions", body.to_string().as_bytes());
+                    if st == 201 || st == 200 {
+                        ids.lock().unwrap().push(format!("s{i:05}"));
+                        create_ms.lock().unwrap().push(total);
+                    } else {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        eprintln!("create s{i:05}: {st}");
+                    }
+                });
+            }
+        });
+    };
+    // The API's latency per route, `rounds` times each, on random sessions (exec: running ones).
+    let probe = |rounds: usize| -> std::collections::BTreeMap<&'static str, Vec<f64>> {
+        let mut out: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+        let list: Vec<String> = ids.lock().unwrap().clone();
+        let running: Vec<&String> = list.iter().filter(|i| i[1..].parse::<usize>().unwrap_or(0) < m.min(10)).collect();
+        let mut x = 0x9e37_79b9_u64;
+        let mut pick = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        for _ in 0..rounds {
+            let id = &list[pick(list.len())];
+            let (st, _, ms) = timed_request(&sock, "GET", &format!("/v1/sessions/{id}"), b"");
+            if st != 200 {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            out.entry("get session").or_default().push(ms);
+            let (st, _, ms) = timed_request(&sock, "GET", "/v1/sessions", b"");
+            if st != 200 {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            out.entry("list sessions").or_default().push(ms);
+            let (st, _, ms) = timed_request(&sock, "GET", &format!("/v1/vms/{}", running[pick(running.len())]), b"");
+            if st != 200 {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            out.entry("get VM").or_default().push(ms);
+            let exec = serde_json::json!({"argv": ["/bin/true"]}).to_string();
+            let (st, head, _) = timed_request(
+                &sock,
+                "POST",
+                &format!("/v1/vms/{}/exec", running[pick(running.len())]),
+                exec.as_bytes(),
+            );
+            if st != 200 {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            out.entry("exec start").or_default().push(head);
+        }
+        out
+    };
+    // At 10 sessions.
+    let t = Instant::now();
+    create(0..10.min(n));
+    let at10 = probe(50);
+    let create10 = create_ms.lock().unwrap().clone();
+    // Up to N.
+    create(10.min(n)..n);
+    let created_s = t.elapsed().as_secs_f64();
+    let create_all = create_ms.lock().unwrap().clone();
+    // Every session past M hibernated.
+    let state_count = |st: &str| {
+        let list = call("GET", "/v1/sessions", None);
+        list.as_array().map(|a| a.iter().filter(|s| s["state"] == st).count()).unwrap_or(0)
+    };
+    let t_hib = Instant::now();
+    while state_count("hibernated") < n.saturating_sub(m) {
+        assert!(t_hib.elapsed() < Duration::from_secs(7200), "sessions did not hibernate");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let all_hibernated_s = t.elapsed().as_secs_f64();
+    let metrics = |name: &str| -> f64 {
+        let (_, body) = rt
+            .block_on(flint_supervisor::http::request(&sock, "GET", "/metrics", None, Duration::from_secs(60)))
+            .unwrap_or_default();
+        String::from_utf8_lossy(&body).lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let hibernations = metrics("flint_session_hibernate_ms_count");
+    // Idle: N sessions (M running), 30 s.
+    std::thread::sleep(Duration::from_secs(5));
+    let (c0, _) = proc_cpu_rss(flintd_pid);
+    std::thread::sleep(Duration::from_secs(30));
+    let (c1, rss) = proc_cpu_rss(flintd_pid);
+    let idle_cpu = (c1 - c0) / 30.0 * 100.0;
+    let mem_per_running = (mem_before - mem_available_mib()) / m.max(1) as f64;
+    let disk_per_hibernated = (du_bytes(&data.join("store")).saturating_sub(store_before)) as f64
+        / n.saturating_sub(m).max(1) as f64
+        / 1048576.0;
+    // At N sessions.
+    let atn = probe(50);
+    // K clients for S seconds on random sessions: exec or a 4 KiB file write and read.
+    let wakes0 = metrics("flint_session_wake_ms_count");
+    let load: std::sync::Mutex<std::collections::BTreeMap<&'static str, Vec<f64>>> = Default::default();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let list: Vec<String> = ids.lock().unwrap().clone();
+    std::thread::scope(|s| {
+        for c in 0..k {
+            let (list, load, errors, sock) = (&list, &load, &errors, &sock);
+            s.spawn(move || {
+                let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ (c as u64 + 1);
+                let mut i = 0u64;
+                while Instant::now() < end {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let id = &list[(x % list.len() as u64) as usize];
+                    i += 1;
+                    let (route, st, ms) = if i.is_multiple_of(2) {
+                        let exec = serde_json::json!({"argv": ["/bin/true"]}).to_string();
+                        let (st, _, ms) = timed_request(sock, "POST", &format!("/v1/vms/{id}/exec"), exec.as_bytes());
+                        ("exec /bin/true (to its end)", st, ms)
+                    } else {
+                        let path = format!("/v1/vms/{id}/files?path=/tmp/f{c}&mode=644");
+                        let (st, _, ms) = timed_request(sock, "PUT", &path, &[7u8; 4096]);
+                        ("write 4 KiB file", st, ms)
+                    };
+                    if !(200..300).contains(&st) {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        eprintln!("{route} {id}: {st}");
+                    }
+                    load.lock().unwrap().entry(route).or_default().push(ms);
+                }
+            });
+        }
+    });
+    let wakes = metrics("flint_session_wake_ms_count") - wakes0;
+    println!();
+    println!("{:<44} {:>12}", "sessions created (incl. the first 10)", n);
+    println!("{:<44} {:>12.2}", "  sessions created/s", n as f64 / created_s);
+    let (c50, c99) = p50_p99(&create_all);
+    println!("{:<44} {:>12.0} {:>10.0}", "  create p50 / p99 (ms)", c50, c99);
+    println!("{:<44} {:>12.2}", "hibernations/s (create start → all hibernated)", hibernations / all_hibernated_s);
+    println!("{:<44} {:>12.2}", format!("wakes/s under {k} clients"), wakes / secs as f64);
+    println!();
+    println!(
+        "{:<24} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "API route (ms)",
+        "p50 @10",
+        "p99 @10",
+        format!("p50 @{n}"),
+        format!("p99 @{n}"),
+        "p99 ratio"
+    );
+    let c10 = p50_p99(&create10);
+    println!(
+        "{:<24} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
+        "create session",
+        c10.0,
+        c10.1,
+        c50,
+        c99,
+        c99 / c10.1.max(1e-9)
+    );
+    for (route, v10) in &at10 {
+        let (a, b) = p50_p99(v10);
+        let (c, dd) = p50_p99(atn.get(route).map(Vec::as_slice).unwrap_or(&[]));
+        println!("{:<24} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", route, a, b, c, dd, dd / b.max(1e-9));
+    }
+    println!();
+    println!("{:<34} {:>10} {:>10} {:>10}", format!("under {k} clients (ms)"), "p50", "p99", "calls");
+    for (route, v) in load.lock().unwrap().iter() {
+        let (a, b) = p50_p99(v);
+        println!("{:<34} {:>10.1} {:>10.1} {:>10}", route, a, b, v.len());
+    }
+    println!();
+    println!("flintd idle CPU, {n} sessions ({m} running): {idle_cpu:.2}% of a core; RSS {rss:.1} MiB");
+    println!("host memory per running session (MemAvailable drop / M): {mem_per_running:.1} MiB");
+    println!("disk per hibernated session (store growth / (N - M)): {disk_per_hibernated:.2} MiB");
+    println!("errors: {}", errors.load(std::sync::atomic::Ordering::Relaxed));
+    drop(d);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -1469,8 +1921,20 @@ async fn main() {
         let _ = std::thread::spawn(move || e2b_bench(runs.max(3))).join();
         return;
     }
+    if mode == "scale" {
+        let arg = |k: &str, d: usize| -> usize {
+            args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
+        };
+        let (n, m, k, s) = (arg("--sessions", 1000), arg("--running", 100), arg("--clients", 32), arg("--seconds", 60));
+        let _ = std::thread::spawn(move || scale_bench(n, m.min(n), k, s as u64)).join();
+        return;
+    }
+    if mode == "standby" {
+        let _ = std::thread::spawn(move || standby_bench(runs.max(5))).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

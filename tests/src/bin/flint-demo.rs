@@ -210,10 +210,22 @@ fn run() -> Result<(), String> {
         ] {
             println!("{:<52} {:>12.2}", label, us(&r[key]));
         }
+        let standby = d["standby"].as_bool().unwrap_or(false);
         println!(
             "{:<52} {:>12.2}",
-            "  VMM: process start -> first instruction",
+            if standby {
+                "  VMM: standby hand-over -> first instruction"
+            } else {
+                "  VMM: process start -> first instruction"
+            },
             us(&d["vmm"]["timings"]["process_to_first_run_us"])
+        );
+        println!(
+            "{:<52} {:>12.2}   (flintd's part {:.2}; {})",
+            "  flintd: request -> first guest instruction",
+            us(&d["first_run_us"]),
+            us(&d["launch_us"]),
+            if standby { "a standby VMM, jailed ahead" } else { "a VMM process spawned and jailed" }
         );
     }
     println!("{:<52} {:>12.1}", format!("{CLONES} clones, all answering (wall)"), clones_ms);

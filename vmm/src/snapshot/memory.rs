@@ -175,8 +175,9 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, MemFileError> {
     Ok(copied)
 }
 
-/// Maps the memory file privately at the given layout.
-pub fn map_private(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMem, MemFileError> {
+/// Maps the memory file privately at the given layout: at new addresses, or (`at`: a standby VMM's prepared
+/// memory slots) over the anonymous mappings at these addresses, one per region (`MAP_FIXED`).
+pub fn map_private(path: &Path, layout: &[(u64, u64)], at: Option<&[usize]>) -> Result<GuestMem, MemFileError> {
     let p = path.display().to_string();
     // A jailed VMM gets the (shared) memory file as an inherited fd.
     let f = flint_vmm_api::spec::open_host_file(path, false).map_err(|e| MemFileError::Read(p.clone(), e))?;
@@ -185,41 +186,64 @@ pub fn map_private(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMem, MemFi
     if have != want {
         return Err(MemFileError::Size { path: p, have, want });
     }
-    let mut regions = Vec::new();
+    if at.is_some_and(|a| a.len() != layout.len()) {
+        return Err(MemFileError::Map(p, std::io::Error::other("prepared regions do not match the layout")));
+    }
+    let mut addrs = Vec::new();
     let mut off = 0u64;
-    for &(gpa, len) in layout {
-        // SAFETY: a fresh private mapping of `len` bytes of our file; the result is checked.
+    for (i, &(_, len)) in layout.iter().enumerate() {
+        let (hint, fixed) = match at {
+            Some(a) => (a[i] as *mut libc::c_void, libc::MAP_FIXED),
+            None => (std::ptr::null_mut(), 0),
+        };
+        // SAFETY: a private mapping of `len` bytes of our file, either fresh or (MAP_FIXED) replacing exactly an
+        // anonymous mapping of the same length this process made and hands over here; the result is checked.
         let addr = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
+                hint,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | fixed,
                 f.as_raw_fd(),
                 off as libc::off_t,
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(MemFileError::Map(p, std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            for (&a, &(_, l)) in addrs.iter().zip(layout) {
+                // SAFETY: a mapping made above, owned by nobody else yet.
+                unsafe { libc::munmap(a as *mut libc::c_void, l as usize) };
+            }
+            return Err(MemFileError::Map(p, e));
         }
-        // SAFETY: `addr` maps `len` bytes with the given protection/flags and is owned by the
-        // MmapRegion from here on (unmapped when it drops).
+        addrs.push(addr as usize);
+        off += len;
+    }
+    guest_mem_over(layout, &addrs, libc::MAP_PRIVATE).map_err(|e| MemFileError::Map(p, e))
+}
+
+/// Guest memory over mappings this process made (`addrs[i]` maps `layout[i]`, with mmap `flags`), which it owns
+/// from here on (unmapped when it drops).
+pub fn guest_mem_over(layout: &[(u64, u64)], addrs: &[usize], flags: i32) -> Result<GuestMem, std::io::Error> {
+    let mut regions = Vec::new();
+    for (&(gpa, len), &addr) in layout.iter().zip(addrs) {
+        // SAFETY: `addr` maps `len` bytes read-write with `flags`; the caller hands it over, and the MmapRegion
+        // owns it from here on.
         let region = unsafe {
             MmapRegion::<vm_memory::bitmap::AtomicBitmap>::build_raw(
                 addr as *mut u8,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
+                flags,
             )
         }
-        .map_err(|e| MemFileError::Map(p.clone(), std::io::Error::other(e.to_string())))?;
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
         regions.push(
             GuestRegionMmap::new(region, vm_memory::GuestAddress(gpa))
-                .ok_or_else(|| MemFileError::Map(p.clone(), std::io::Error::other("bad region")))?,
+                .ok_or_else(|| std::io::Error::other("bad region"))?,
         );
-        off += len;
     }
-    GuestMem::from_regions(regions).map_err(|e| MemFileError::Map(p, std::io::Error::other(e.to_string())))
+    GuestMem::from_regions(regions).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// The (guest address, length) of every region.
@@ -245,14 +269,14 @@ mod tests {
         let st = write_full(&mem, &p).unwrap();
         assert_eq!(st.pages_written, 2);
         assert_eq!(st.zero_pages_skipped, 510);
-        let back = map_private(&p, &layout(&mem)).unwrap();
+        let back = map_private(&p, &layout(&mem), None).unwrap();
         assert_eq!(back.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x1122_3344);
         assert_eq!(back.read_obj::<u32>(GuestAddress((1 << 30) + 0x3000)).unwrap(), 0x5566_7788);
         // Copy-on-write: writes do not reach the file.
         back.write_obj(1u32, GuestAddress(0x5000)).unwrap();
-        let again = map_private(&p, &layout(&mem)).unwrap();
+        let again = map_private(&p, &layout(&mem), None).unwrap();
         assert_eq!(again.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x1122_3344);
-        assert!(matches!(map_private(&p, &[(0, 4096)]), Err(MemFileError::Size { .. })));
+        assert!(matches!(map_private(&p, &[(0, 4096)], None), Err(MemFileError::Size { .. })));
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -181,7 +181,9 @@ pub fn write_state(state: &SnapshotState, path: &std::path::Path) -> Result<u64,
 /// and the version it was written in.
 pub fn read_state(path: &std::path::Path) -> Result<(SnapshotState, u32), RestoreError> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| RestoreError::ReadState(path.display().to_string(), e))?;
+    // A jailed VMM gets the (shared) state file as an inherited fd.
+    let f = flint_vmm_api::spec::open_host_file(path, false)
+        .map_err(|e| RestoreError::ReadState(path.display().to_string(), e))?;
     let mut bytes = Vec::new();
     // Never more than the format allows (a state file is small): a huge file is refused, not read into memory.
     f.take(format::MAX_BODY_BYTES + 64)
