@@ -1165,9 +1165,16 @@ fn eager_clones_share_one_memory_file() {
         assert!(!data.join("vms").join(id).join("memory").exists(), "{id} has its own copy of the memory image");
     }
     let shared_dir = data.join("shared");
-    let files: Vec<PathBuf> =
-        std::fs::read_dir(&shared_dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+    let of_kind = |ext: &str| -> Vec<PathBuf> {
+        let all = std::fs::read_dir(&shared_dir).unwrap().flatten().map(|e| e.path());
+        all.filter(|p| p.is_file() && p.extension().is_some_and(|e| e == ext)).collect()
+    };
+    let files = of_kind("memory");
     assert_eq!(files.len(), 1, "one memory file for the snapshot: {files:?}");
+    // And one state file, which every restore reads (none copied into a VM's directory).
+    let states = of_kind("state");
+    assert_eq!(states.len(), 1, "one state file for the snapshot: {states:?}");
+    assert!(ids.iter().all(|id| !data.join("vms").join(id).join("state").exists()), "a VM has its own state copy");
     let maps: Vec<Smaps> = ids
         .iter()
         .map(|id| {
@@ -1191,7 +1198,7 @@ fn eager_clones_share_one_memory_file() {
     assert!(pss <= cached_kb + private, "PSS {pss} KiB > shared file pages {cached_kb} + private {private} KiB");
     assert!(pss < rss, "no page is shared: PSS {pss} = RSS {rss}");
     flint_json(&socket, &["snapshot", "rm", "gold"]);
-    assert!(!files[0].exists(), "the snapshot's memory file went with it");
+    assert!(!files[0].exists() && !states[0].exists(), "the snapshot's memory and state files went with it");
     for id in &ids[..2] {
         assert_eq!(sh(&socket, id, "cat /tmp/x"), "42", "{id} runs on after its file was deleted");
     }
