@@ -26,6 +26,9 @@ packages() {
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)
   command -v openssl >/dev/null || need+=(openssl)
+  # Many hosts (tests/tests/flintd.rs, docs/cluster.md): a real etcd, and curl to read its keys.
+  command -v etcd >/dev/null || need+=(etcd-server)
+  command -v curl >/dev/null || need+=(curl)
   if [ ${#need[@]} -gt 0 ]; then
     echo "test: installing ${need[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2

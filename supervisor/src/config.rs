@@ -39,6 +39,8 @@ pub struct Config {
     pub network: crate::net::NetworkConfig,
     /// The E2B-compatible endpoint (docs/e2b.md); off unless `listen` is set.
     pub e2b: crate::e2b::E2bConfig,
+    /// Hosts coordinated through etcd (docs/cluster.md); off unless `etcd` lists endpoints.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// Warm pools (docs/performance.md): per template, clones restored ahead of demand and kept paused.
@@ -244,6 +246,7 @@ impl Default for Config {
             standby: StandbyConfig::default(),
             network: crate::net::NetworkConfig::default(),
             e2b: crate::e2b::E2bConfig::default(),
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }
@@ -345,6 +348,14 @@ impl Config {
             if let Err(e) = flint_vmm_api::config::check_mem_mib(m) {
                 return invalid(format!("standby.mem_mib: {e}"));
             }
+        }
+        self.cluster.check().map_err(ConfigError::Invalid)?;
+        if self.cluster.enabled() && (self.store.s3.is_none() || !self.sessions.cross_host) {
+            return invalid(
+                "cluster.etcd is set, but sessions cannot move between hosts: hosts of a cluster share an S3 tier \
+                 (store.s3) and keep sessions.cross_host = true"
+                    .into(),
+            );
         }
         if !j.claims_dir.is_absolute() {
             return invalid(format!("jail.claims_dir must be an absolute path (it is `{}`)", j.claims_dir.display()));

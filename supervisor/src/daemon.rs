@@ -62,6 +62,8 @@ pub enum OpenError {
     Store(#[from] flint_snapshot_store::StoreError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("sessions: {0}")]
+    Sessions(#[from] SessionError),
 }
 
 /// Why a call that names a VM or a session could not reach its VM.

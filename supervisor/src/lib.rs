@@ -15,6 +15,7 @@ pub mod beneath;
 pub mod cgroup;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod db;

@@ -1194,6 +1194,75 @@ impl Drop for KillVmmsUnder {
 
 /// Every fuzz target's corpus (fuzz/corpus/<target>/, committed: seeds, minimized finds, regressions) replayed
 /// through the target's body on stable: `make test` guards every case the fuzzer found (docs/testing.md).
+/// A real etcd (Debian's etcd-server) on loopback, in a directory of its own; killed and removed on drop.
+pub struct EtcdServer {
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let dir = TempDir::new("etcd");
+        let pick = || std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port").local_addr().unwrap().port();
+        let (port, peer) = (pick(), pick());
+        let client = format!("http://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (Debian package etcd-server; scripts/test.sh installs it)");
+        let e = EtcdServer { port, child, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while e.get_prefix("/").is_none() {
+            assert!(Instant::now() < deadline, "etcd did not answer on port {port} within 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every key under `prefix` and its value (through etcd's JSON gateway); `None` if etcd did not answer.
+    pub fn get_prefix(&self, prefix: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        use flint_supervisor::cluster::etcd::prefix_end;
+        use flint_supervisor::e2b::b64;
+        let body = serde_json::json!({
+            "key": b64::encode(prefix.as_bytes()),
+            "range_end": b64::encode(&prefix_end(prefix)),
+        });
+        let out = Command::new("curl")
+            .args(["-sf", "-m", "5", "-X", "POST", &format!("{}/v3/kv/range", self.url()), "-d", &body.to_string()])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let kvs = v.get("kvs").and_then(|k| k.as_array()).cloned().unwrap_or_default();
+        let text = |f: &str, kv: &serde_json::Value| {
+            kv.get(f).and_then(|s| s.as_str()).and_then(b64::decode).map(|b| String::from_utf8_lossy(&b).into_owned())
+        };
+        Some(kvs.iter().filter_map(|kv| Some((text("key", kv)?, text("value", kv).unwrap_or_default()))).collect())
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod fuzz_corpora_tests {
     type Body = fn(&[u8]);

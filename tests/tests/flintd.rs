@@ -1098,6 +1098,125 @@ fn a_host_that_cannot_renew_its_lease_stops_the_session_before_another_takes_it(
     drop((a, b));
 }
 
+/// #29: hosts of an etcd cluster. A session's owner key is bound to its host's etcd lease: another host is
+/// refused while the holder lives, and wakes the session from its last hibernation once the holder's lease ends.
+/// Host A, cut off from etcd, pauses the session's VM before its lease can have ended (reversible), learns on
+/// reconnection that the lease ended, stops the VM and registers again; its late commits are refused. At no point
+/// do both hosts run a VM of the session, and the owner keys in etcd always name one host.
+#[test]
+fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
+    let s3 = S3Server::start();
+    let etcd = flint_tests::EtcdServer::start();
+    let proxy = flint_tests::PartitionProxy::start(etcd.port);
+    let work = TempDir::new("flintd-etcd");
+    let (data_a, data_b) = (work.path().join("a"), work.path().join("b"));
+    let _reap_a = KillVmmsUnder(data_a.clone());
+    let _reap_b = KillVmmsUnder(data_b.clone());
+    let (sock_a, sock_b) = (work.path().join("a.sock"), work.path().join("b.sock"));
+    let cluster = |url: String| {
+        format!(
+            "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{url}\"]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
+             etcd_timeout_ms = 1000\n"
+        )
+    };
+    let (config_a, config_b) = (work.path().join("a.toml"), work.path().join("b.toml"));
+    // Host A reaches etcd only through the proxy; host B straight.
+    std::fs::write(&config_a, cluster(format!("http://127.0.0.1:{}", proxy.port))).unwrap();
+    std::fs::write(&config_b, format!("{}[jail]\nuid_base = 970000\nuid_count = 1000\n", cluster(etcd.url()))).unwrap();
+    flint_tests::import_golden(&data_a, &s3, "etcd", "gold", None);
+    let args_a = ["--allow-unauthenticated-bucket", "--config", config_a.to_str().unwrap()];
+    let a = Flintd::start_with(&data_a, &sock_a, &s3, "etcd", &args_a);
+    let args_b = ["--allow-unauthenticated-bucket", "--config", config_b.to_str().unwrap()];
+    let b = Flintd::start_with(&data_b, &sock_b, &s3, "etcd", &args_b);
+    let host = |sock: &Path| flint_json(sock, &["health"])["host"].as_str().unwrap().to_string();
+    let (host_a, host_b) = (host(&sock_a), host(&sock_b));
+
+    flint_json(&sock_a, &["session", "create", "--snapshot", "gold", "--id", "e1", "--idle-timeout", "3600"]);
+    let keys = etcd.get_prefix("/flint/").expect("etcd answers");
+    assert_eq!(keys.get("/flint/owners/e1"), Some(&host_a), "A's claim: {keys:?}");
+    let reg: serde_json::Value = serde_json::from_str(&keys[&format!("/flint/hosts/{host_a}")]).unwrap();
+    assert!(reg["mem_total_mib"].as_u64().unwrap() > 0 && reg["draining"] == false, "{reg}");
+    sh(&sock_a, "e1", "echo hibernated > /tmp/state");
+    let h = flint_json(&sock_a, &["session", "hibernate", "e1"]);
+    assert_eq!(h["base"], "e1.h1.e1", "{h}");
+    let keys = etcd.get_prefix("/flint/").expect("etcd answers");
+    assert!(!keys.contains_key("/flint/owners/e1"), "a hibernated session has no owner: {keys:?}");
+    let entry: serde_json::Value = serde_json::from_str(&keys["/flint/sessions/e1"]).unwrap();
+    assert_eq!(entry["session"]["base"], "e1.h1.e1", "the entry names the last hibernation: {entry}");
+    // A wakes it again and runs past the hibernation; B is refused while A's host lease lives.
+    assert_eq!(sh(&sock_a, "e1", "echo after > /tmp/later; cat /tmp/state"), "hibernated");
+    let out = flint(&sock_b, &["exec", "e1", "--", "/bin/true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 409") && err.contains(&format!("is held by host `{host_a}`")), "{out:?}");
+    let vm = session(&sock_a, "e1")["vm"].as_str().unwrap().to_string();
+    let pid = vm_detail(&sock_a, &vm)["pid"].as_i64().expect("the VM's pid");
+    let proc_state = |pid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(str::to_string))
+            .filter(|state| state != "Z")
+    };
+
+    proxy.cut();
+    let cut = Instant::now();
+    let mut paused_at = None;
+    let woken = loop {
+        assert!(cut.elapsed() < Duration::from_secs(300), "B never woke the session");
+        let state = proc_state(pid);
+        if state.as_deref() == Some("T") {
+            paused_at.get_or_insert(cut.elapsed());
+        }
+        let out = flint(&sock_b, &["exec", "e1", "--", "/bin/sh", "-c", "cat /tmp/state; cat /tmp/later || true"]);
+        if out.status.success() {
+            // B's wake began after A's VM was seen paused, and A's VM is paused or gone still.
+            assert!(paused_at.is_some(), "B woke the session before A's VM (pid {pid}) was seen paused");
+            let now = proc_state(pid);
+            assert!(matches!(now.as_deref(), Some("T") | None), "A's VM runs beside B's: state {now:?}");
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("HTTP 409") && err.contains("is held by host"), "B's wake failed otherwise: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("A paused its VM {paused_at:?} after the cut; B woke the session {:?} after it", cut.elapsed());
+    assert_eq!(woken, "hibernated", "the last hibernation, and nothing A did after it");
+    let keys = etcd.get_prefix("/flint/").expect("etcd answers");
+    assert_eq!(keys.get("/flint/owners/e1"), Some(&host_b), "B's claim: {keys:?}");
+    assert!(!keys.contains_key(&format!("/flint/hosts/{host_a}")), "A's registration ended with its lease");
+
+    // A, back in touch, finds its lease gone: it stops the VM, records why, and registers again.
+    proxy.heal();
+    let healed = Instant::now();
+    while proc_state(pid).is_some() {
+        assert!(healed.elapsed() < Duration::from_secs(120), "A never stopped its VM after reconnecting");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let on_a = session(&sock_a, "e1");
+    assert_eq!(on_a["state"], "failed", "{on_a}");
+    assert!(on_a["error"].as_str().unwrap_or("").contains("etcd lease ended"), "{on_a}");
+    let out = flint(&sock_a, &["session", "hibernate", "e1"]);
+    assert!(!out.status.success(), "A's late hibernation is refused: {out:?}");
+    let out = flint(&sock_a, &["session", "wake", "e1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 409") && err.contains("is held by host"), "A's wake while B holds it: {out:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !etcd.get_prefix("/flint/hosts/").unwrap_or_default().contains_key(&format!("/flint/hosts/{host_a}")) {
+        assert!(Instant::now() < deadline, "A never registered again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = String::from_utf8_lossy(&flint(&sock_a, &["metrics"]).stdout).into_owned();
+    for m in ["flint_session_lease_freezes_total 1", "flint_session_lease_fences_total 1"] {
+        assert!(metrics.contains(m), "{m}: {metrics}");
+    }
+    let h = flint_json(&sock_b, &["session", "hibernate", "e1"]);
+    assert_eq!(h["base"], "e1.h2.e3", "A created (1) and woke (2) it, B took it over (3): {h}");
+    flint_json(&sock_b, &["session", "rm", "e1"]);
+    let keys = etcd.get_prefix("/flint/").expect("etcd answers");
+    assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
+    assert!(flint_json(&sock_b, &["vm", "ls"]).as_array().unwrap().is_empty());
+    drop((a, b));
+}
+
 /// One mapping's page accounting from /proc/PID/smaps, in KiB.
 #[derive(Debug, Default)]
 struct Smaps {

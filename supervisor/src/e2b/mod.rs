@@ -7,7 +7,7 @@
 //! One listener (`[e2b] listen`, `flintd --e2b-listen`) serves both planes, routed per request: the
 //! `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, else a `Host: <port>-<id>.<domain>`, else the control plane. With
 //! a certificate it serves TLS (HTTP/1.1 by ALPN) for the SDK's `E2B_DOMAIN` mode.
-mod b64;
+pub mod b64;
 pub mod connect;
 mod control;
 mod envd;

@@ -14,45 +14,7 @@ use flint_vmm_api::{lock, now_unix_ms};
 use tracing::{info, warn};
 
 use super::{Session, SessionError, SessionLease, SessionRecord, SessionState, Sessions};
-
-/// Lease objects live under `coord/sessions/` in the bucket.
-const LEASE_KIND: &str = "sessions";
-/// Host registrations (one per host id) under `coord/hosts/`.
-const HOSTS_KIND: &str = "hosts";
-
-/// A host id's registration: the data directory that owns it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct HostRegistration {
-    host: String,
-    nonce: String,
-    registered_unix_ms: u64,
-}
-
-enum RegisterError {
-    /// Another flintd has this host id.
-    Taken(String),
-    Unreachable(String),
-}
-
-/// This data directory's random nonce (`<data_dir>/host-nonce`, made once).
-fn host_nonce(data_dir: &std::path::Path) -> std::io::Result<String> {
-    let path = data_dir.join("host-nonce");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if t.trim().len() == 32 {
-            return Ok(t.trim().to_string());
-        }
-    }
-    let nonce = crate::net::policy::new_token();
-    let tmp = data_dir.join("host-nonce.tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(nonce.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    Ok(nonce)
-}
+use crate::cluster::host::RegisterError;
 
 /// This host's claim on a session.
 #[derive(Clone, Debug)]
@@ -65,6 +27,8 @@ pub(crate) struct Held {
     published: SessionRecord,
     /// When the last successful write was sent: by this host's clock the claim holds until this + `lease_s`.
     sent_ms: u64,
+    /// The host lease's generation the claim was made under (etcd: a claim lives as long as its host lease).
+    host_gen: u64,
 }
 
 /// What the upkeep tick does about a held lease.
@@ -78,6 +42,10 @@ pub(super) enum LeaseDue {
     Fence {
         since_ms: u64,
     },
+    /// The host lease is alive again (etcd): resume the paused VM.
+    Thaw,
+    /// The host lease the claim was made under ended (etcd): the claim is gone.
+    Lost,
 }
 
 /// Whether this host may coordinate sessions with others through the bucket.
@@ -96,53 +64,25 @@ impl Sessions {
         }
         let mut c = self.coord.lock().await;
         if let Coord::Unknown = *c {
-            *c = match self.vms.store.probe_conditional_writes(&self.host).await {
-                Ok(()) => match self.register_host().await {
-                    Ok(()) => {
-                        info!("the bucket honours conditional writes: sessions may move between hosts");
-                        Coord::On
-                    }
-                    Err(RegisterError::Taken(e)) => {
-                        warn!(error = %e, "sessions stay on the host that made them");
-                        Coord::Off(e)
-                    }
-                    Err(RegisterError::Unreachable(e)) => {
-                        return Err(SessionError::Unavailable(format!("registering this host in the bucket: {e}")))
-                    }
-                },
-                Err(e) if e.contains("ignores") => {
+            *c = match self.owners.register().await {
+                Ok(()) => {
+                    info!(backend = self.owners.backend(), "sessions may move between hosts");
+                    Coord::On
+                }
+                Err(RegisterError::Refused(e)) => {
                     warn!(error = %e, "sessions stay on the host that made them");
                     Coord::Off(e)
                 }
                 // Unreachable: try again next time.
-                Err(e) => {
-                    return Err(SessionError::Unavailable(format!("probing the bucket for conditional writes: {e}")))
+                Err(RegisterError::Unreachable(e)) => {
+                    return Err(SessionError::Unavailable(format!(
+                        "registering this host ({}): {e}",
+                        self.owners.backend()
+                    )))
                 }
             };
         }
         Ok(matches!(*c, Coord::On))
-    }
-
-    /// Registers this host's id in the bucket (`coord/hosts/<id>`, create-only) with this data directory's
-    /// nonce: two flintds given one `host_id` would otherwise each believe they hold the other's sessions. The
-    /// same flintd (same nonce) finds its own registration.
-    async fn register_host(&self) -> Result<(), RegisterError> {
-        let unreachable = |e: flint_snapshot_store::StoreError| RegisterError::Unreachable(e.to_string());
-        let nonce = host_nonce(&self.cfg.data_dir).map_err(|e| RegisterError::Unreachable(e.to_string()))?;
-        let mine = HostRegistration { host: self.host.clone(), nonce, registered_unix_ms: now_unix_ms() };
-        if self.vms.store.coord_put(HOSTS_KIND, &self.host, &mine, None).await.map_err(unreachable)?.is_some() {
-            return Ok(());
-        }
-        let theirs = self.vms.store.coord_get::<HostRegistration>(HOSTS_KIND, &self.host).await.map_err(unreachable)?;
-        match theirs {
-            Some(t) if t.value.nonce == mine.nonce => Ok(()),
-            Some(_) => Err(RegisterError::Taken(format!(
-                "host id `{}` is registered in the bucket by another flintd (another data directory): give this \
-                 host a sessions.host_id of its own, or delete coord/{HOSTS_KIND}/{} if that flintd is gone for good",
-                self.host, self.host
-            ))),
-            None => Err(RegisterError::Unreachable("the host registration vanished just after it was refused".into())),
-        }
     }
 
     /// Whether sessions move between hosts, as known now (no probe): `on`, `off` with why, `unknown`.
@@ -184,7 +124,7 @@ impl Sessions {
         if !self.coordinated().await? {
             return Ok(None);
         }
-        Ok(self.vms.store.coord_get::<SessionLease>(LEASE_KIND, id).await?.map(|l| {
+        Ok(self.owners.get(id).await?.map(|l| {
             let mut r = l.value.session;
             r.host = l.value.holder;
             r
@@ -198,6 +138,19 @@ impl Sessions {
     /// What the tick must do about `s`'s claim at `now`.
     pub(super) fn lease_due(&self, s: &Session, now: u64) -> LeaseDue {
         let Some(h) = lock(&s.lease).clone() else { return LeaseDue::Nothing };
+        if let Some(host) = self.owners.host_lease() {
+            // etcd: the claim lives and lapses with the host lease (no renewal of its own).
+            let frozen = s.frozen.load(Ordering::Relaxed);
+            return if host.generation != h.host_gen {
+                LeaseDue::Lost
+            } else if !host.current(now) && !frozen {
+                LeaseDue::Freeze
+            } else if host.current(now) && frozen {
+                LeaseDue::Thaw
+            } else {
+                LeaseDue::Nothing
+            };
+        }
         let since = now.saturating_sub(h.sent_ms);
         let lease = self.lease_ms();
         if since >= lease - lease / 3 {
@@ -213,9 +166,11 @@ impl Sessions {
 
     /// Whether this host's claim on `s` is current by its own clock (before the fence deadline).
     pub(super) fn lease_current(&self, s: &Session) -> bool {
-        lock(&s.lease)
-            .as_ref()
-            .is_some_and(|h| now_unix_ms().saturating_sub(h.sent_ms) < self.lease_ms() - self.lease_ms() / 3)
+        let now = now_unix_ms();
+        lock(&s.lease).as_ref().is_some_and(|h| match self.owners.host_lease() {
+            Some(host) => host.generation == h.host_gen && host.current(now),
+            None => now.saturating_sub(h.sent_ms) < self.lease_ms() - self.lease_ms() / 3,
+        })
     }
 
     /// Before a snapshot is published: this host holds a current claim (taken again after a restart).
@@ -254,18 +209,19 @@ impl Sessions {
         renewal: bool,
     ) -> Result<bool, SessionError> {
         let sent = now_unix_ms();
+        let host_gen = self.owners.host_lease().map_or(0, |l| l.generation);
         let lease = SessionLease {
             holder: holding.then(|| self.host.clone()),
             expires_unix_ms: if holding { sent + self.lease_ms() } else { 0 },
             epoch,
             session: rec.clone(),
         };
-        match self.vms.store.coord_put(LEASE_KIND, &rec.id, &lease, version).await? {
+        match self.owners.put(&rec.id, &lease, version).await? {
             Some(v) => {
                 let mut held = lock(&s.lease);
                 // A renewal that ends after the claim was given up (fenced meanwhile) does not bring it back.
                 if !(renewal && held.is_none()) {
-                    *held = holding.then_some(Held { version: v, epoch, published: rec, sent_ms: sent });
+                    *held = holding.then_some(Held { version: v, epoch, published: rec, sent_ms: sent, host_gen });
                 }
                 Ok(true)
             }
@@ -293,7 +249,7 @@ impl Sessions {
         let _io = s.lease_io.lock().await;
         let id = s.rec.get().id;
         let now = now_unix_ms();
-        let cur = self.vms.store.coord_get::<SessionLease>(LEASE_KIND, &id).await?;
+        let cur = self.owners.get(&id).await?;
         if let Some(cur) = &cur {
             if let Some(h) = cur.value.holder.as_ref().filter(|h| **h != self.host) {
                 let until = cur.value.expires_unix_ms + self.cfg.sessions.max_clock_skew_ms;
@@ -346,6 +302,10 @@ impl Sessions {
     pub(super) async fn renew(&self, s: &Session) -> Result<bool, SessionError> {
         let _io = s.lease_io.lock().await;
         let Some(held) = lock(&s.lease).clone() else { return Ok(true) };
+        if self.owners.host_lease().is_some() {
+            // etcd: the host's keep-alive renews every claim of the host at once.
+            return Ok(true);
+        }
         self.put_lease(s, held.published.clone(), held.epoch, true, Some(&held.version), true).await
     }
 
@@ -358,7 +318,7 @@ impl Sessions {
         if !self.coordinated().await? {
             return Ok(None);
         }
-        let Some(l) = self.vms.store.coord_get::<SessionLease>(LEASE_KIND, id).await? else { return Ok(None) };
+        let Some(l) = self.owners.get(id).await? else { return Ok(None) };
         let mut rec = l.value.session;
         if rec.id != id {
             return Err(SessionError::Conflict(format!(
@@ -443,7 +403,7 @@ impl Sessions {
     }
 
     pub(super) async fn drop_lease(&self, id: &str) {
-        if let Err(e) = self.vms.store.coord_delete(LEASE_KIND, id).await {
+        if let Err(e) = self.owners.delete(id).await {
             warn!(session = %id, error = %e, "could not delete the session's lease object");
         }
     }

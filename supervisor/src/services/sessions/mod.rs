@@ -5,6 +5,7 @@
 //! sharing a bucket, a lease says which host runs the session (`lease.rs`). See docs/sessions.md.
 mod lease;
 pub mod model;
+mod owners;
 #[cfg(test)]
 mod tests;
 mod tick;
@@ -232,6 +233,10 @@ pub struct Sessions {
     /// This host's name in leases.
     pub host: String,
     coord: tokio::sync::Mutex<Coord>,
+    /// Who runs a session: etcd in a cluster, else lease objects in the bucket.
+    owners: Arc<dyn owners::Owners>,
+    /// This host's membership of an etcd cluster.
+    pub membership: Option<Arc<crate::cluster::host::Membership>>,
     pub metrics: SessionMetrics,
     tasks: Tasks,
     me: Weak<Sessions>,
@@ -276,7 +281,24 @@ impl Sessions {
         pools: Arc<Pools>,
         host: String,
         tasks: Tasks,
-    ) -> Result<Arc<Sessions>, crate::db::DbError> {
+    ) -> Result<Arc<Sessions>, SessionError> {
+        let membership = if cfg.cluster.enabled() {
+            let nonce = owners::host_nonce(&cfg.data_dir)
+                .map_err(|e| SessionError::Internal(format!("{}/host-nonce: {e}", cfg.data_dir.display())))?;
+            let m = crate::cluster::host::Membership::new(&cfg.cluster, host.clone(), nonce)
+                .map_err(|e| SessionError::Invalid(format!("[cluster]: {e}")))?;
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        let owners: Arc<dyn owners::Owners> = match &membership {
+            Some(m) => Arc::new(owners::EtcdOwners::new(m.clone(), tasks.clone())),
+            None => Arc::new(owners::S3Owners {
+                store: vms.store.clone(),
+                host: host.clone(),
+                data_dir: cfg.data_dir.clone(),
+            }),
+        };
         let s = Arc::new_cyclic(|me| Sessions {
             cfg,
             db,
@@ -286,11 +308,23 @@ impl Sessions {
             map: RwLock::new(HashMap::new()),
             host,
             coord: tokio::sync::Mutex::new(Coord::Unknown),
+            owners,
+            membership,
             metrics: SessionMetrics::default(),
             tasks,
             me: me.clone(),
         });
         s.adopt()?;
+        if s.membership.is_some() {
+            // A cluster's hosts register at once: routers place by the registrations.
+            let me = s.clone();
+            s.tasks.spawn_loop(async move {
+                while let Err(e) = me.coordinated().await {
+                    warn!(error = %e, "could not join the cluster yet; trying again in 2 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            });
+        }
         Ok(s)
     }
 

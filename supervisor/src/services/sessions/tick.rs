@@ -201,6 +201,10 @@ impl Sessions {
     /// be renewed freezes, then fences, the session whatever runs on it.
     fn tick(self: &Arc<Self>) {
         let now = now_unix_ms();
+        if let Some(m) = &self.membership {
+            m.sessions.store(self.len(), Ordering::Relaxed);
+            m.vms.store(self.vms.len(), Ordering::Relaxed);
+        }
         for s in self.all() {
             self.tend_lease(&s, now);
             let action = s.rec.with(|rec| {
@@ -254,6 +258,16 @@ impl Sessions {
                 });
                 return;
             }
+            LeaseDue::Lost => {
+                *lock(&s.lease) = None;
+                let (this, s) = (self.clone(), s.clone());
+                self.tasks.spawn(async move {
+                    this.fence(&s, "this host's etcd lease ended (etcd lost sight of it for longer than its TTL)").await
+                });
+                return;
+            }
+            LeaseDue::Thaw => return self.freeze(s, false),
+            LeaseDue::Freeze if self.owners.host_lease().is_some() => return self.freeze(s, true),
             LeaseDue::Freeze => self.freeze(s, true),
             LeaseDue::Renew => {}
         }
