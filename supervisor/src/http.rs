@@ -1,12 +1,108 @@
-//! An HTTP/1.1 client over a Unix socket (`Connection: close`) for the VMM's API, the flint CLI and the tests,
-//! on the codec of `flint_vmm_api::http`.
+//! An HTTP/1.1 client (`Connection: close`) over a Unix socket — the VMM's API, flintd's local API — or TCP with
+//! TLS — a router, a host's cluster listener (`flint --url`) — for the flint CLI, the tests and the benches, on the
+//! codec of `flint_vmm_api::http`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flint_vmm_api::http::{encode_request, parse_response, split_head, Dechunker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+/// Where an API answers.
+#[derive(Clone)]
+pub enum Target {
+    Unix(PathBuf),
+    /// `http://host:port` or `https://host:port` (then with the client's TLS: the CA and maybe a certificate).
+    Url {
+        url: String,
+        addr: String,
+        server_name: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Target {
+    /// A URL target; `https://` needs `tls`.
+    pub fn url(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Target, String> {
+        let (secure, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(r), _) => (true, r),
+            (None, Some(r)) => (false, r),
+            _ => return Err(format!("`{url}`: give an http:// or https:// URL")),
+        };
+        let hostport = rest.trim_end_matches('/');
+        if hostport.is_empty() || hostport.contains('/') {
+            return Err(format!("`{url}`: give scheme://host:port, without a path"));
+        }
+        let with_port = hostport.rsplit_once(':').filter(|(h, p)| p.parse::<u16>().is_ok() && !h.is_empty());
+        let (host, addr) = match with_port {
+            Some((h, _)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), hostport.to_string()),
+            None => (hostport.to_string(), format!("{hostport}:{}", if secure { 443 } else { 80 })),
+        };
+        if secure && tls.is_none() {
+            return Err(format!("`{url}`: https needs the fleet's CA (--ca)"));
+        }
+        Ok(Target::Url { url: url.to_string(), addr, server_name: host, tls: if secure { tls } else { None } })
+    }
+
+    /// The scheme and authority (for messages).
+    pub fn name(&self) -> String {
+        match self {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Url { url, .. } => url.clone(),
+        }
+    }
+}
+
+/// What a request can be sent to: a socket path or a [`Target`].
+pub trait Dial {
+    fn target(&self) -> Target;
+}
+
+impl Dial for Path {
+    fn target(&self) -> Target {
+        Target::Unix(self.to_path_buf())
+    }
+}
+
+impl Dial for PathBuf {
+    fn target(&self) -> Target {
+        Target::Unix(self.clone())
+    }
+}
+
+impl Dial for Target {
+    fn target(&self) -> Target {
+        self.clone()
+    }
+}
+
+/// A connection to a target.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn dial(to: &Target) -> Result<Box<dyn Io>, HttpError> {
+    let connect = |e| HttpError::Connect(to.name(), e);
+    match to {
+        Target::Unix(p) => Ok(Box::new(UnixStream::connect(p).await.map_err(connect)?)),
+        Target::Url { addr, server_name, tls, .. } => {
+            let tcp = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(connect)?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = tls else { return Ok(Box::new(tcp)) };
+            let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                .map_err(|e| connect(std::io::Error::other(format!("server name `{server_name}`: {e}"))))?;
+            let s = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(connect)?;
+            Ok(Box::new(s))
+        }
+    }
+}
 
 /// Largest whole response `request` reads (streamed responses have no limit: their consumer decides).
 pub const MAX_RESPONSE_BYTES: u64 = 256 << 20;
@@ -25,7 +121,7 @@ pub enum HttpError {
 
 /// Sends one request and returns (status, body); the whole exchange is bounded by `timeout`.
 pub async fn request(
-    sock: &Path,
+    sock: &(impl Dial + ?Sized),
     method: &str,
     path: &str,
     body: Option<&[u8]>,
@@ -37,15 +133,16 @@ pub async fn request(
 /// [`request`] reading at most `max` bytes of response (head included): a server that sends more is not read
 /// further, and its answer is malformed.
 pub async fn request_limited(
-    sock: &Path,
+    sock: &(impl Dial + ?Sized),
     (method, path): (&str, &str),
     body: Option<&[u8]>,
     timeout: Duration,
     max: u64,
 ) -> Result<(u16, Vec<u8>), HttpError> {
-    let name = sock.display().to_string();
+    let to = sock.target();
+    let name = to.name();
     let fut = async {
-        let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
+        let mut s = dial(&to).await?;
         let request = encode_request(method, path, body.unwrap_or_default());
         // A server may answer (an error, say) and close before reading the whole body: then the write fails but
         // the response is there to read, and it is the answer that matters.
@@ -58,21 +155,22 @@ pub async fn request_limited(
             (None, None, Ok(_)) => Err(HttpError::Malformed(name.clone())),
         }
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| HttpError::Timeout(sock.display().to_string(), timeout))?
+    tokio::time::timeout(timeout, fut).await.map_err(|_| HttpError::Timeout(to.name(), timeout))?
 }
 
 /// Sends one request and hands the response body to `on_data` as it arrives (for streamed NDJSON such as exec
 /// output); returns the status. Chunked transfer encoding is decoded on the fly.
 pub async fn request_stream(
-    sock: &Path,
+    sock: &(impl Dial + ?Sized),
     method: &str,
     path: &str,
     body: Option<&[u8]>,
     mut on_data: impl FnMut(&[u8]),
 ) -> Result<u16, HttpError> {
-    let name = sock.display().to_string();
+    let to = sock.target();
+    let name = to.name();
     let io = |e| HttpError::Io(name.clone(), e);
-    let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
+    let mut s = dial(&to).await?;
     let request = encode_request(method, path, body.unwrap_or_default());
     // As in `request`: an early answer (and close) still gets read.
     let _ = s.write_all(&request).await;
@@ -100,7 +198,7 @@ pub async fn request_stream(
 }
 
 /// Reads until a whole response head is in `buf`: (status, chunked body?, offset of the body in `buf`).
-async fn read_head(s: &mut UnixStream, buf: &mut Vec<u8>, name: &str) -> Result<(u16, bool, usize), HttpError> {
+async fn read_head(s: &mut Box<dyn Io>, buf: &mut Vec<u8>, name: &str) -> Result<(u16, bool, usize), HttpError> {
     let mut tmp = [0u8; 16384];
     loop {
         let n = s.read(&mut tmp).await.map_err(|e| HttpError::Io(name.to_string(), e))?;
@@ -118,17 +216,23 @@ async fn read_head(s: &mut UnixStream, buf: &mut Vec<u8>, name: &str) -> Result<
 pub enum Upgrade {
     /// `101 Switching Protocols`: the connection now speaks the new protocol; `early` holds bytes of it that
     /// arrived with the response head.
-    Switched { stream: UnixStream, early: Vec<u8> },
+    Switched { stream: Box<dyn Io>, early: Vec<u8> },
     /// Any other answer: its status and body (an API error).
     Refused { status: u16, body: Vec<u8> },
 }
 
 /// Sends a POST asking to switch the connection to `protocol` (`Connection: Upgrade`), e.g. an interactive exec.
-pub async fn upgrade(sock: &Path, path: &str, body: &[u8], protocol: &str) -> Result<Upgrade, HttpError> {
-    let name = sock.display().to_string();
+pub async fn upgrade(
+    sock: &(impl Dial + ?Sized),
+    path: &str,
+    body: &[u8],
+    protocol: &str,
+) -> Result<Upgrade, HttpError> {
+    let to = sock.target();
+    let name = to.name();
     let io = |e| HttpError::Io(name.clone(), e);
     let malformed = || HttpError::Malformed(name.clone());
-    let mut s = UnixStream::connect(sock).await.map_err(|e| HttpError::Connect(name.clone(), e))?;
+    let mut s = dial(&to).await?;
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",

@@ -37,8 +37,10 @@ pub mod oci;
 pub mod openapi;
 pub mod owner;
 pub mod pager;
+pub mod router;
 pub mod services;
 pub mod tasks;
+pub mod tls;
 pub mod vm;
 
 use std::os::unix::fs::PermissionsExt;
@@ -80,6 +82,8 @@ pub enum RunError {
     InUse(std::path::PathBuf),
     #[error("{0}")]
     E2b(String),
+    #[error("cluster listener: {0}")]
+    Cluster(String),
 }
 
 /// The gid of a group by name.
@@ -166,6 +170,24 @@ pub async fn run(cfg: config::Config) -> Result<(), RunError> {
     if daemon.cfg.e2b.listen.is_some() || daemon.cfg.e2b.tls_listen.is_some() {
         let serving = e2b::serve(daemon.e2b.clone()).await.map_err(|e| RunError::E2b(e.to_string()))?;
         daemon.tasks.spawn_loop(serving);
+    }
+    if let Some(addr) = daemon.cfg.cluster.listen {
+        let c = &daemon.cfg.cluster;
+        let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else { unreachable!("checked with the config") };
+        let tls =
+            tls::server_config(cert, key, c.client_ca.as_deref()).map_err(|e| RunError::Cluster(e.to_string()))?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Io { what: format!("bind the cluster listener to {addr}"), source })?;
+        let l = tls::TlsListener::new(l, tls)
+            .map_err(|source| RunError::Io { what: "the cluster listener".into(), source })?;
+        info!(%addr, "cluster listener (mutual TLS)");
+        let app = api::router(daemon.clone());
+        daemon.tasks.spawn_loop(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                warn!(error = %e, "the cluster listener stopped");
+            }
+        });
     }
     info!(socket = %socket.display(), vms = daemon.vms.len(), s3 = daemon.store.has_remote(), "flintd ready");
     sd_notify("READY=1");

@@ -1194,6 +1194,70 @@ impl Drop for KillVmmsUnder {
 
 /// Every fuzz target's corpus (fuzz/corpus/<target>/, committed: seeds, minimized finds, regressions) replayed
 /// through the target's body on stable: `make test` guards every case the fuzzer found (docs/testing.md).
+/// A fleet's certificates (openssl): a CA, a server certificate for 127.0.0.1/localhost (hosts' cluster
+/// listeners, the router) and a client certificate (routers towards hosts, the CLI towards routers).
+pub struct FleetCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl FleetCerts {
+    pub fn make(dir: &Path) -> FleetCerts {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Flint test fleet CA"],
+        ]
+        .concat());
+        for (name, ext) in [
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let (key, csr, pem, extf) =
+                (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+            std::fs::write(dir.join(&extf), ext).unwrap();
+            run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN=flint-{name}")]].concat());
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extf,
+            ]);
+        }
+        FleetCerts {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}
+
+/// A free TCP port on loopback (bound and released: good enough for a test's own servers).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port").local_addr().unwrap().port()
+}
+
 /// A real etcd (Debian's etcd-server) on loopback, in a directory of its own; killed and removed on drop.
 pub struct EtcdServer {
     pub port: u16,
@@ -1208,17 +1272,17 @@ impl EtcdServer {
         let (port, peer) = (pick(), pick());
         let client = format!("http://127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
             .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
             .stdout(log.try_clone().expect("etcd log"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd (Debian package etcd-server; scripts/test.sh installs it)");
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("start etcd (Debian package etcd-server; scripts/test.sh installs it)");
         let e = EtcdServer { port, child, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(60);
         while e.get_prefix("/").is_none() {

@@ -1217,6 +1217,149 @@ fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
     drop((a, b));
 }
 
+/// #29: a router in front of two hosts of an etcd cluster, driven by `flint --url` with mutual TLS. New sessions
+/// are placed on registered hosts; calls naming a session reach its holder; a hibernated session wakes on the host
+/// that hibernated it; lists merge every host's. When a host dies (flintd and its VMMs killed), its sessions wake on
+/// the other host through the router once its lease is over, from their last hibernation.
+#[test]
+fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies() {
+    let s3 = S3Server::start();
+    let etcd = flint_tests::EtcdServer::start();
+    let work = TempDir::new("flintd-router");
+    let certs = flint_tests::FleetCerts::make(work.path());
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let mut hosts = Vec::new();
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        let data = work.path().join(name);
+        let reap = KillVmmsUnder(data.clone());
+        let sock = work.path().join(format!("{name}.sock"));
+        let port = flint_tests::free_port();
+        let config = work.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
+                 etcd_timeout_ms = 1000\nlisten = \"127.0.0.1:{port}\"\nadvertise = \"https://127.0.0.1:{port}\"\n\
+                 tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n[jail]\nuid_base = {}\nuid_count = 1000\n",
+                etcd.url(),
+                p(&certs.server_cert),
+                p(&certs.server_key),
+                p(&certs.ca),
+                960000 + i * 10000,
+            ),
+        )
+        .unwrap();
+        if i == 0 {
+            // Published to the bucket: the other host restores it from there.
+            flint_tests::import_golden(&data, &s3, "router", "gold", None);
+        }
+        let args = ["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap()];
+        let d = Flintd::start_with(&data, &sock, &s3, "router", &args);
+        let id = flint_json(&sock, &["health"])["host"].as_str().unwrap().to_string();
+        hosts.push((id, sock, data, Some(d), reap));
+    }
+    let rport = flint_tests::free_port();
+    let url = format!("https://127.0.0.1:{rport}");
+    let log = std::fs::File::create(work.path().join("router.log")).unwrap();
+    let mut router = Command::new(bin_dir().join("flint-router"));
+    flint_tests::die_with_parent(&mut router);
+    let mut router = router
+        .args(["--etcd", &etcd.url(), "--listen", &format!("127.0.0.1:{rport}"), "--min-free-mib", "64"])
+        .args(["--tls-cert", &p(&certs.server_cert), "--tls-key", &p(&certs.server_key), "--client-ca", &p(&certs.ca)])
+        .args(["--host-ca", &p(&certs.ca), "--cert", &p(&certs.client_cert), "--key", &p(&certs.client_key)])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start flint-router");
+    let via = |args: &[&str]| {
+        Command::new(bin_dir().join("flint"))
+            .args(["--url", &url, "--ca", &p(&certs.ca), "--cert", &p(&certs.client_cert)])
+            .args(["--key", &p(&certs.client_key)])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let via_json = |args: &[&str]| {
+        let out = via(&[&["--json"][..], args].concat());
+        assert!(out.status.success(), "flint --url {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = via(&["--json", "host", "ls"]);
+        if out.status.success() && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[1].is_object() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never saw both hosts: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Without a client certificate the router lets nobody in.
+    let out = Command::new(bin_dir().join("flint"))
+        .args(["--url", &url, "--ca", &p(&certs.ca), "host", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a caller without a client certificate was served: {out:?}");
+
+    let owner = |id: &str| etcd.get_prefix(&format!("/flint/owners/{id}")).unwrap().into_values().next();
+    let ids = ["r1", "r2", "r3", "r4"];
+    for id in ids {
+        via_json(&["session", "create", "--snapshot", "gold", "--id", id, "--idle-timeout", "3600"]);
+        let o = owner(id).expect("an owner key");
+        let (_, sock, ..) = hosts.iter().find(|h| h.0 == o).expect("the owner is a registered host");
+        assert_eq!(session(sock, id)["state"], "running", "{id} runs where its owner key says");
+        let out = via(&["exec", id, "--", "/bin/sh", "-c", &format!("echo {id} > /tmp/id; cat /tmp/id")]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id, "{out:?}");
+    }
+    let listed = via_json(&["session", "ls"]);
+    assert_eq!(listed.as_array().unwrap().len(), 4, "the router merges both hosts' lists: {listed}");
+    // A hibernated session wakes on the host that hibernated it.
+    let before = owner("r2").unwrap();
+    via_json(&["session", "hibernate", "r2"]);
+    assert_eq!(owner("r2"), None, "a hibernated session has no owner");
+    let out = via(&["exec", "r2", "--", "cat", "/tmp/id"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "r2", "{out:?}");
+    assert_eq!(owner("r2"), Some(before.clone()), "woken where its cache is warm");
+
+    // The host holding r2 dies with its VMs; the router wakes r2 on the other host once the lease is over.
+    let victim = hosts.iter().position(|h| h.0 == before).unwrap();
+    let survivor = 1 - victim;
+    {
+        let h = &mut hosts[victim];
+        let mut d = h.3.take().unwrap();
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+        std::mem::forget(d); // its Drop would signal a dead pid
+        drop(std::mem::replace(&mut h.4, KillVmmsUnder(work.path().join("none"))));
+    }
+    let killed = Instant::now();
+    let woken = loop {
+        assert!(killed.elapsed() < Duration::from_secs(180), "r2 never woke on the surviving host");
+        let out = via(&["exec", "r2", "--", "cat", "/tmp/id"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("r2 woke on the surviving host {:?} after its host was killed", killed.elapsed());
+    assert_eq!(woken, "r2", "from its last hibernation");
+    assert_eq!(owner("r2").as_deref(), Some(hosts[survivor].0.as_str()));
+    let reg = etcd.get_prefix("/flint/hosts/").unwrap();
+    assert!(!reg.contains_key(&format!("/flint/hosts/{}", hosts[victim].0)), "the dead host's registration expired");
+    let metrics = String::from_utf8_lossy(&via(&["metrics"]).stdout).into_owned();
+    assert!(metrics.contains("flint_router_placed_total"), "{metrics}");
+
+    // Every session ends through the router, wherever it was; nothing is left on the survivor or in etcd.
+    for id in ids {
+        let out = via(&["session", "rm", id]);
+        assert!(out.status.success(), "rm {id}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(flint_json(&hosts[survivor].1, &["vm", "ls"]).as_array().unwrap().is_empty());
+    let keys = etcd.get_prefix("/flint/").unwrap();
+    assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
+    let _ = router.kill();
+    let _ = router.wait();
+}
+
 /// One mapping's page accounting from /proc/PID/smaps, in KiB.
 #[derive(Debug, Default)]
 struct Smaps {

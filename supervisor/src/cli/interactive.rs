@@ -51,7 +51,7 @@ fn term_size() -> Option<TtySize> {
 }
 
 /// `flint exec -i` / `-it`: an interactive exec over an upgraded connection (agent-protocol frames both ways).
-pub async fn exec(socket: &std::path::Path, id: &str, mut req: ExecRequest, tty: bool) -> Result<i32, CliError> {
+pub async fn exec(socket: &crate::http::Target, id: &str, mut req: ExecRequest, tty: bool) -> Result<i32, CliError> {
     use flint_agent::protocol::{kind, read_frame, write_frame, Frame, Request, Response};
     use std::io::{IsTerminal, Write};
     use tokio::io::AsyncWriteExt;
@@ -80,7 +80,7 @@ pub async fn exec(socket: &std::path::Path, id: &str, mut req: ExecRequest, tty:
         true => Some(RawMode::enter().map_err(|source| CliError::Io { what: "raw mode".into(), source })?),
         false => None,
     };
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(early), rd);
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Frame>(16);
     // Input: a plain thread (a blocking read of stdin must not hold up the runtime's exit).

@@ -23,11 +23,27 @@ pub struct Cli {
     /// flintd's API socket.
     #[arg(long, env = "FLINT_SOCKET", default_value = "/run/flint/flintd.sock")]
     pub socket: PathBuf,
+    /// Drive a router (or a host's cluster listener) instead: https://router:7443 (docs/cluster.md).
+    #[arg(long, env = "FLINT_URL", global = true)]
+    pub url: Option<String>,
+    /// With --url https://…: the fleet's CA, and this client's certificate and key (mutual TLS).
+    #[arg(long, env = "FLINT_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    #[arg(long, env = "FLINT_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    #[arg(long, env = "FLINT_KEY", global = true)]
+    pub key: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Registered hosts with their headroom.
+    Ls,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +113,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: net::PortCmd,
     },
+    /// The fleet's hosts, as a router sees them: flint --url https://router host ls (docs/cluster.md).
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+    },
     /// The E2B-compatible endpoint: flint e2b key create|ls|rm (docs/e2b.md).
     E2b {
         #[command(subcommand)]
@@ -151,7 +172,26 @@ pub fn pairs(flag: &str, args: &[String]) -> Result<BTreeMap<String, String>, Cl
 
 /// Runs one command; its exit code.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    let client = Client::new(&cli.socket);
+    let client = match &cli.url {
+        None => Client::new(&cli.socket),
+        Some(url) => {
+            let tls = match (&cli.ca, &cli.cert, &cli.key) {
+                (None, None, None) => None,
+                (Some(ca), cert, key) => {
+                    let identity = match (cert, key) {
+                        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                        (None, None) => None,
+                        _ => return Err(usage("--cert and --key go together")),
+                    };
+                    Some(crate::tls::client_config(ca, identity).map_err(|e| usage(e.to_string()))?)
+                }
+                (None, _, _) => {
+                    return Err(usage("--cert/--key need --ca (the CA that signed the server's certificate)"))
+                }
+            };
+            Client::with_target(crate::http::Target::url(url, tls).map_err(|e| usage(format!("--url {e}")))?)
+        }
+    };
     let out = Out { json: cli.json };
     match cli.cmd {
         Cmd::Health => out.pretty(&client.health().await?),
@@ -174,6 +214,26 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Cmd::Net { cmd } => net::net(&client, &out, cmd).await?,
         Cmd::Port { cmd } => net::port(&client, &out, cmd).await?,
         Cmd::E2b { cmd } => e2b::e2b(&client, &out, cmd).await?,
+        Cmd::Host { cmd: HostCmd::Ls } => {
+            let hosts = client.hosts().await?;
+            out.show(&hosts, |hs| {
+                println!(
+                    "{:<28} {:<28} {:>9} {:>9} {:>8} DRAINING",
+                    "HOST", "ADVERTISE", "FREE MiB", "SESSIONS", "VMS"
+                );
+                for h in hs {
+                    println!(
+                        "{:<28} {:<28} {:>9} {:>9} {:>8} {}",
+                        h.host,
+                        h.advertise.as_deref().unwrap_or("-"),
+                        h.mem_free_mib,
+                        h.sessions,
+                        h.vms,
+                        h.draining
+                    );
+                }
+            });
+        }
     }
     Ok(0)
 }

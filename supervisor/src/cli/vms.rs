@@ -211,7 +211,7 @@ fn echo_line<T: serde::Serialize>(json: bool, line: &T, stdout: Option<&str>, st
 pub async fn exec(client: &Client, out: &Out, a: ExecArgs) -> Result<i32, CliError> {
     let req = ExecRequest { argv: a.argv, timeout_ms: a.timeout_ms, cwd: a.cwd, ..Default::default() };
     if a.interactive || a.tty {
-        return super::interactive::exec(client.socket(), &a.vm, req, a.tty).await;
+        return super::interactive::exec(client.target(), &a.vm, req, a.tty).await;
     }
     // Output is printed as the guest produces it (NDJSON lines over a chunked response).
     let exit = client

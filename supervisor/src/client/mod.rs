@@ -4,7 +4,7 @@
 pub mod progress;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use flint_snapshot_store::{PublishReport, SnapshotInfo};
@@ -59,22 +59,27 @@ fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body).map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(body).into())
 }
 
-/// A client of one flintd's Unix-socket API.
+/// A client of one flintd's Unix-socket API, or of a router or a host's cluster listener by URL.
 #[derive(Clone, Debug)]
 pub struct Client {
-    pub socket: PathBuf,
+    pub target: crate::http::Target,
     /// Whole-call deadline (templates boot a VM, clones restore many: minutes on a slow host).
     pub timeout: Duration,
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Client {
-        Client { socket: socket.into(), timeout: Duration::from_secs(3600) }
+        Client { target: crate::http::Target::Unix(socket.into()), timeout: Duration::from_secs(3600) }
+    }
+
+    /// A client of the API at `target` (`flint --url`).
+    pub fn with_target(target: crate::http::Target) -> Client {
+        Client { target, timeout: Duration::from_secs(3600) }
     }
 
     /// One call; the raw body of a success.
     pub async fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
-        let (status, out) = crate::http::request(&self.socket, method, path, body, self.timeout).await?;
+        let (status, out) = crate::http::request(&self.target, method, path, body, self.timeout).await?;
         if status >= 300 {
             return Err(ClientError::Api { status, message: error_message(&out) });
         }
@@ -96,6 +101,11 @@ impl Client {
     /// One call answered with no body (204).
     async fn call_empty(&self, method: &str, path: &str) -> Result<(), ClientError> {
         self.raw(method, path, None).await.map(drop)
+    }
+
+    /// The fleet's hosts (a router's `GET /v1/hosts`).
+    pub async fn hosts(&self) -> Result<Vec<crate::cluster::HostInfo>, ClientError> {
+        self.call("GET", "/v1/hosts", None::<&()>).await
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -143,7 +153,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let mut pending: Vec<u8> = Vec::new();
         let mut undecodable = Vec::new();
-        let status = crate::http::request_stream(&self.socket, "POST", path, Some(body), |data| {
+        let status = crate::http::request_stream(&self.target, "POST", path, Some(body), |data| {
             pending.extend_from_slice(data);
             while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=nl).collect();
@@ -357,8 +367,8 @@ impl Client {
         Ok(String::from_utf8_lossy(&self.raw("GET", "/metrics", None).await?).into_owned())
     }
 
-    /// The socket's path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// Where the API answers.
+    pub fn target(&self) -> &crate::http::Target {
+        &self.target
     }
 }

@@ -73,10 +73,19 @@ pub struct TxnResult {
     pub got: Vec<Option<Kv>>,
 }
 
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put(Kv),
+    Delete(String),
+}
+
 #[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
     http: reqwest::Client,
+    /// For watches: no whole-request deadline (a watch lasts as long as it is wanted).
+    watch_http: reqwest::Client,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -131,26 +140,72 @@ impl Etcd {
                 return Err(EtcdError::Setup(format!("etcd endpoint `{e}`: give it as http://host:port or https://…")));
             }
         }
-        let mut b = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).no_proxy();
-        if let Some(ca) = &tls.ca {
-            let pem = std::fs::read(ca).map_err(|e| EtcdError::Setup(format!("{}: {e}", ca.display())))?;
-            let cert =
-                reqwest::Certificate::from_pem(&pem).map_err(|e| EtcdError::Setup(format!("{}: {e}", ca.display())))?;
-            b = b.add_root_certificate(cert);
-        }
-        match (&tls.cert, &tls.key) {
-            (Some(c), Some(k)) => {
-                let mut pem = std::fs::read(c).map_err(|e| EtcdError::Setup(format!("{}: {e}", c.display())))?;
-                pem.extend(std::fs::read(k).map_err(|e| EtcdError::Setup(format!("{}: {e}", k.display())))?);
-                let id = reqwest::Identity::from_pem(&pem)
-                    .map_err(|e| EtcdError::Setup(format!("etcd client certificate: {e}")))?;
-                b = b.identity(id);
+        let build = |b: reqwest::ClientBuilder| -> Result<reqwest::Client, EtcdError> {
+            let mut b = b.connect_timeout(timeout).no_proxy();
+            if let Some(ca) = &tls.ca {
+                let pem = std::fs::read(ca).map_err(|e| EtcdError::Setup(format!("{}: {e}", ca.display())))?;
+                let cert = reqwest::Certificate::from_pem(&pem)
+                    .map_err(|e| EtcdError::Setup(format!("{}: {e}", ca.display())))?;
+                b = b.add_root_certificate(cert);
             }
-            (None, None) => {}
-            _ => return Err(EtcdError::Setup("etcd TLS: give both a client certificate and its key".into())),
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => {
+                    let mut pem = std::fs::read(c).map_err(|e| EtcdError::Setup(format!("{}: {e}", c.display())))?;
+                    pem.extend(std::fs::read(k).map_err(|e| EtcdError::Setup(format!("{}: {e}", k.display())))?);
+                    let id = reqwest::Identity::from_pem(&pem)
+                        .map_err(|e| EtcdError::Setup(format!("etcd client certificate: {e}")))?;
+                    b = b.identity(id);
+                }
+                (None, None) => {}
+                _ => return Err(EtcdError::Setup("etcd TLS: give both a client certificate and its key".into())),
+            }
+            b.build().map_err(|e| EtcdError::Setup(e.to_string()))
+        };
+        Ok(Etcd {
+            endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
+            http: build(reqwest::Client::builder().timeout(timeout))?,
+            watch_http: build(reqwest::Client::builder())?,
+        })
+    }
+
+    /// Watches every key under `prefix` from revision `from` on, handing each change to `on`, until the stream
+    /// ends or fails (returned either way: the caller lists again and watches from there).
+    pub async fn watch_prefix(&self, prefix: &str, from: i64, mut on: impl FnMut(WatchEvent)) -> EtcdError {
+        let body = json!({ "create_request": {
+            "key": b64::encode(prefix.as_bytes()),
+            "range_end": b64::encode(&prefix_end(prefix)),
+            "start_revision": from.to_string(),
+        }});
+        let ep = &self.endpoints[0];
+        let mut r = match self.watch_http.post(format!("{ep}/v3/watch")).body(body.to_string()).send().await {
+            Ok(r) => r,
+            Err(e) => return EtcdError::Unreachable(format!("{ep}: {e}")),
+        };
+        let mut buf = Vec::new();
+        loop {
+            let chunk = match r.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => return EtcdError::Unreachable(format!("{ep}: the watch ended")),
+                Err(e) => return EtcdError::Unreachable(format!("{ep}: {e}")),
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let Ok(v) = serde_json::from_slice::<Value>(&line) else { continue };
+                let v = v.get("result").cloned().unwrap_or(v);
+                if v.get("canceled").and_then(Value::as_bool) == Some(true) || v.get("error").is_some() {
+                    return EtcdError::Refused { call: "watch", detail: v.to_string() };
+                }
+                for e in v.get("events").and_then(Value::as_array).into_iter().flatten() {
+                    let Some(kv) = e.get("kv").and_then(kv_of) else { continue };
+                    if e.get("type").and_then(Value::as_str) == Some("DELETE") {
+                        on(WatchEvent::Delete(kv.key));
+                    } else {
+                        on(WatchEvent::Put(kv));
+                    }
+                }
+            }
         }
-        let http = b.build().map_err(|e| EtcdError::Setup(e.to_string()))?;
-        Ok(Etcd { endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(), http })
     }
 
     /// One gateway call, on each endpoint in turn until one answers.

@@ -23,8 +23,17 @@ pub struct ClusterConfig {
     /// How long before its lease could have ended a cut-off host pauses its VMs (covers a scheduling delay in
     /// flintd and the clock-rate difference over one TTL; the clocks' offsets do not matter: etcd times leases).
     pub pause_margin_ms: u64,
-    /// The address routers reach this host's API at (its cluster listener), published in its registration.
+    /// The address routers reach this host's API at (its cluster listener), published in its registration:
+    /// `https://10.0.0.5:7443`.
     pub advertise: Option<String>,
+    /// The cluster listener: flintd's API over TCP with mutual TLS, for routers (the Unix socket stays the local
+    /// API). Needs `tls_cert`, `tls_key` and `client_ca`.
+    pub listen: Option<std::net::SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The CA whose certificates the listener accepts (the fleet's routers'): anyone holding one drives this host
+    /// as its API socket would allow root to.
+    pub client_ca: Option<PathBuf>,
     /// Labels routers may place by (`zone = "a"`).
     pub labels: std::collections::BTreeMap<String, String>,
     /// A request to etcd that takes longer failed (no quorum, a partition).
@@ -42,6 +51,10 @@ impl Default for ClusterConfig {
             lease_ttl_s: 10,
             pause_margin_ms: 1500,
             advertise: None,
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
             labels: Default::default(),
             etcd_timeout_ms: 2000,
             etcd_ca: None,
@@ -57,6 +70,16 @@ impl ClusterConfig {
     }
 
     pub fn check(&self) -> Result<(), String> {
+        if self.listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none()) {
+            return Err(
+                "cluster.listen serves the whole API: it needs tls_cert, tls_key and client_ca (mutual TLS)".into()
+            );
+        }
+        if let Some(a) = &self.advertise {
+            if !a.starts_with("https://") {
+                return Err(format!("cluster.advertise `{a}`: give the cluster listener's URL, https://host:port"));
+            }
+        }
         if !self.enabled() {
             return Ok(());
         }

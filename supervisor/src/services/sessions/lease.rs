@@ -215,6 +215,7 @@ impl Sessions {
             expires_unix_ms: if holding { sent + self.lease_ms() } else { 0 },
             epoch,
             session: rec.clone(),
+            last_holder: Some(self.host.clone()),
         };
         match self.owners.put(&rec.id, &lease, version).await? {
             Some(v) => {

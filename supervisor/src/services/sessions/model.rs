@@ -327,6 +327,9 @@ pub struct SessionLease {
     pub epoch: u64,
     /// The session as of its last hibernation (its base is in the bucket).
     pub session: SessionRecord,
+    /// The host that wrote this entry last (routers wake the session there if they can: its cache is warm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_holder: Option<String>,
 }
 
 /// Most bytes of metadata (keys and values together) a session may carry.

@@ -1,0 +1,94 @@
+//! `flint-router`: the fleet's API at one address (docs/cluster.md). Unprivileged and stateless: run several.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "flint-router", version, about = "Flint fleet router: places sessions on hosts and routes calls")]
+struct Args {
+    /// etcd client URLs (repeatable).
+    #[arg(long, required = true)]
+    etcd: Vec<String>,
+    /// The cluster's etcd key prefix (flintd's cluster.prefix).
+    #[arg(long, default_value = "/flint/")]
+    prefix: String,
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Where callers reach the router.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    listen: std::net::SocketAddr,
+    /// The router's server certificate and key (callers see these).
+    #[arg(long)]
+    tls_cert: PathBuf,
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// The CA whose client certificates callers must present (mutual TLS).
+    #[arg(long)]
+    client_ca: PathBuf,
+    /// The CA that signed hosts' cluster listener certificates.
+    #[arg(long)]
+    host_ca: PathBuf,
+    /// The certificate and key the router presents to hosts.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    /// Hosts with less free memory get no new sessions.
+    #[arg(long, default_value_t = 512)]
+    min_free_mib: u64,
+}
+
+async fn run(a: Args) -> Result<(), String> {
+    use flint_supervisor::{cluster, router, tls};
+    let etcd_tls = cluster::etcd::EtcdTls { ca: a.etcd_ca, cert: a.etcd_cert, key: a.etcd_key };
+    let etcd = cluster::etcd::Etcd::new(&a.etcd, &etcd_tls, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let host_tls = tls::client_config(&a.host_ca, Some((&a.cert, &a.key))).map_err(|e| e.to_string())?;
+    let server_tls = tls::server_config(&a.tls_cert, &a.tls_key, Some(&a.client_ca)).map_err(|e| e.to_string())?;
+    let r = Arc::new(router::Router::new(etcd, a.prefix, host_tls, a.min_free_mib));
+    tokio::spawn(r.clone().keep_view());
+    let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("bind {}: {e}", a.listen))?;
+    let l = tls::TlsListener::new(l, server_tls).map_err(|e| e.to_string())?;
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| r.clone().handle(req));
+    tracing::info!(listen = %a.listen, "flint-router ready");
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    };
+    axum::serve(l, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(flint_supervisor::log_colours())
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flint-router: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flint-router: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
