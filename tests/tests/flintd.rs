@@ -404,6 +404,19 @@ fn the_systemd_unit_verifies_and_needs_no_config_file() {
         .collect();
     assert!(out.status.success() && !text.contains("flintd.service:"), "systemd-analyze verify: {text}");
     assert!(unit.contains("\nDelegate=yes\n") && unit.contains("\nDelegateSubgroup=daemon\n"), "{unit}");
+    // The router's unit (docs/cluster.md) too.
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/flint-router.service")).unwrap();
+    let path = work.path().join("flint-router.service");
+    let exe = bin_dir().join("flint-router").display().to_string();
+    let env = work.path().join("router.env");
+    std::fs::write(&env, "FLINT_ROUTER_ARGS=--etcd http://127.0.0.1:2379\n").unwrap();
+    let unit =
+        unit.replace("/usr/local/bin/flint-router", &exe).replace("/etc/flint/router.env", &env.display().to_string());
+    std::fs::write(&path, &unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("flint-router.service:"), "systemd-analyze verify: {text}");
 }
 
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
