@@ -68,6 +68,8 @@ enum Route {
     FanOut,
     /// A call naming a session or VM by id.
     Named(String),
+    /// A call for one host (drain, undrain).
+    Host(String),
     Unserved,
 }
 
@@ -76,6 +78,7 @@ fn classify(method: &Method, path: &str) -> Route {
     match (method, segs.as_slice()) {
         (&Method::GET, ["v1", "health"]) => Route::Health,
         (&Method::GET, ["v1", "hosts"]) => Route::Hosts,
+        (&Method::POST, ["v1", "hosts", id, "drain" | "undrain"]) => Route::Host(id.to_string()),
         (&Method::GET, ["metrics"]) => Route::Metrics,
         (&Method::POST, ["v1", "sessions"]) => Route::Create,
         (&Method::GET, ["v1", "sessions" | "vms"]) => Route::FanOut,
@@ -394,6 +397,12 @@ impl Router {
                 Response::new(Body::from(text))
             }
             Route::FanOut => self.fan_out(&path_q).await,
+            Route::Host(h) => {
+                if self.url_of(&h).is_none() {
+                    return error(StatusCode::NOT_FOUND, format!("no host `{h}` is registered"));
+                }
+                self.forward(h, &parts.method, &path_q, &parts.headers, Some(Default::default()), None).await
+            }
             Route::Unserved => error(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -464,6 +473,7 @@ mod tests {
         assert_eq!(classify(&Method::DELETE, "/v1/sessions/s1"), Route::Named("s1".into()));
         assert_eq!(classify(&Method::GET, "/v1/templates"), Route::Unserved);
         assert_eq!(classify(&Method::GET, "/v1/health"), Route::Health);
+        assert_eq!(classify(&Method::POST, "/v1/hosts/h1/drain"), Route::Host("h1".into()));
     }
 
     #[test]

@@ -1325,7 +1325,27 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
     }
     let listed = via_json(&["session", "ls"]);
     assert_eq!(listed.as_array().unwrap().len(), 4, "the router merges both hosts' lists: {listed}");
-    // A hibernated session wakes on the host that hibernated it.
+    // Draining a host hibernates its running sessions; the router wakes them, and places new ones, elsewhere.
+    let drained = owner("r3").unwrap();
+    let other = hosts.iter().find(|h| h.0 != drained).unwrap().0.clone();
+    let r = via_json(&["host", "drain", &drained]);
+    assert!(r["hibernated"].as_array().unwrap().iter().any(|x| x == "r3"), "{r}");
+    assert_eq!(owner("r3"), None, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !via_json(&["host", "ls"]).as_array().unwrap().iter().any(|h| h["host"] == drained && h["draining"] == true) {
+        assert!(Instant::now() < deadline, "the router never saw the drain");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = via(&["exec", "r3", "--", "cat", "/tmp/id"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "r3", "{out:?}");
+    assert_eq!(owner("r3"), Some(other.clone()), "woken on the host that is not draining");
+    via_json(&["session", "create", "--snapshot", "gold", "--id", "r5", "--idle-timeout", "3600"]);
+    assert_eq!(owner("r5"), Some(other.clone()), "placed on the host that is not draining");
+    let r = via_json(&["host", "undrain", &drained]);
+    assert_eq!(r["draining"], false, "{r}");
+
+    // A hibernated session wakes on the host that hibernated it (r2 may have been hibernated by the drain).
+    assert!(via(&["exec", "r2", "--", "true"]).status.success());
     let before = owner("r2").unwrap();
     via_json(&["session", "hibernate", "r2"]);
     assert_eq!(owner("r2"), None, "a hibernated session has no owner");
@@ -1362,7 +1382,7 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
     assert!(metrics.contains("flint_router_placed_total"), "{metrics}");
 
     // Every session ends through the router, wherever it was; nothing is left on the survivor or in etcd.
-    for id in ids {
+    for id in ids.iter().chain(&["r5"]) {
         let out = via(&["session", "rm", id]);
         assert!(out.status.success(), "rm {id}: {}", String::from_utf8_lossy(&out.stderr));
     }

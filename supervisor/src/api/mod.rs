@@ -59,6 +59,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/sessions/{id}/hibernate"),
     ("post", "/v1/sessions/{id}/wake"),
     ("post", "/v1/sessions/{id}/fork"),
+    ("post", "/v1/hosts/{id}/drain"),
+    ("post", "/v1/hosts/{id}/undrain"),
     ("delete", "/v1/store/cache"),
     ("get", "/v1/e2b/keys"),
     ("post", "/v1/e2b/keys"),
@@ -211,6 +213,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/sessions/{id}/hibernate", post(services::hibernate_session))
         .route("/v1/sessions/{id}/wake", post(services::wake_session))
         .route("/v1/sessions/{id}/fork", post(services::fork_session))
+        .route("/v1/hosts/{id}/drain", post(services::drain_host))
+        .route("/v1/hosts/{id}/undrain", post(services::undrain_host))
         .route("/v1/store/cache", axum::routing::delete(services::clear_cache))
         .route("/v1/e2b/keys", get(services::list_e2b_keys).post(services::create_e2b_key))
         .route("/v1/e2b/keys/{id}", axum::routing::delete(services::delete_e2b_key))

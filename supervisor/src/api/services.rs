@@ -138,6 +138,14 @@ pub(super) async fn hibernate_session(State(d): D, Path(id): Path<String>) -> R<
     Ok(json(d.sessions.hibernate(&id).await?))
 }
 
+pub(super) async fn drain_host(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.sessions.drain(&id, true).await?))
+}
+
+pub(super) async fn undrain_host(State(d): D, Path(id): Path<String>) -> R<Response> {
+    Ok(json(d.sessions.drain(&id, false).await?))
+}
+
 pub(super) async fn wake_session(State(d): D, Path(id): Path<String>) -> R<Response> {
     Ok(json(d.sessions.wake(&id).await?))
 }

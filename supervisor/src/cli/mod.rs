@@ -44,6 +44,10 @@ pub struct Cli {
 pub enum HostCmd {
     /// Registered hosts with their headroom.
     Ls,
+    /// No new sessions on HOST; its running sessions hibernate and wake elsewhere at their next call.
+    Drain { host: String },
+    /// Take HOST back into placement.
+    Undrain { host: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,6 +218,19 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Cmd::Net { cmd } => net::net(&client, &out, cmd).await?,
         Cmd::Port { cmd } => net::port(&client, &out, cmd).await?,
         Cmd::E2b { cmd } => e2b::e2b(&client, &out, cmd).await?,
+        Cmd::Host { cmd: HostCmd::Drain { host } } => {
+            let r = client.drain_host(&host, true).await?;
+            out.show(&r, |r| {
+                println!("{} draining: {} sessions hibernated", r.host, r.hibernated.len());
+                for (id, e) in &r.failed {
+                    println!("  {id} keeps running here: {e}");
+                }
+            });
+        }
+        Cmd::Host { cmd: HostCmd::Undrain { host } } => {
+            let r = client.drain_host(&host, false).await?;
+            out.show(&r, |r| println!("{} takes new sessions again", r.host));
+        }
         Cmd::Host { cmd: HostCmd::Ls } => {
             let hosts = client.hosts().await?;
             out.show(&hosts, |hs| {

@@ -108,6 +108,16 @@ impl Client {
         self.call("GET", "/v1/hosts", None::<&()>).await
     }
 
+    /// Drains a host (`on`) or takes it back into placement.
+    pub async fn drain_host(
+        &self,
+        host: &str,
+        on: bool,
+    ) -> Result<crate::services::sessions::DrainReport, ClientError> {
+        let verb = if on { "drain" } else { "undrain" };
+        self.call("POST", &format!("/v1/hosts/{}/{verb}", enc(host)), None::<&()>).await
+    }
+
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.call("GET", "/v1/health", None::<&()>).await
     }

@@ -161,6 +161,16 @@ impl Membership {
         Ok(())
     }
 
+    /// Publishes the registration now (after a change an operator made: draining).
+    pub async fn refresh(&self) -> Result<(), EtcdError> {
+        let lease = self.lease_id();
+        if lease == 0 {
+            return Err(EtcdError::Unreachable("this host is not registered in etcd yet".into()));
+        }
+        let v = serde_json::to_vec(&self.info()).map_err(|e| EtcdError::Setup(e.to_string()))?;
+        self.etcd.put(&self.key("hosts", &self.host), &v, lease).await.map(drop)
+    }
+
     /// One keep-alive. A lease etcd no longer has ends this generation of claims and registers the host again.
     async fn keep_alive(&self) {
         let lease = self.lease_id();

@@ -461,6 +461,50 @@ impl Sessions {
     }
 }
 
+/// What draining a host did (`POST /v1/hosts/{id}/drain`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DrainReport {
+    pub host: String,
+    pub draining: bool,
+    /// Running sessions hibernated (routers wake them on other hosts at their next call).
+    pub hibernated: Vec<String>,
+    /// Sessions that could not be hibernated, and why (they keep running here).
+    pub failed: std::collections::BTreeMap<String, String>,
+}
+
+impl Sessions {
+    /// Drains this host of a cluster (`on`): routers place nothing new on it, and its running sessions are
+    /// hibernated so that their next call wakes them elsewhere. `!on` takes it back into placement.
+    pub async fn drain(self: &Arc<Self>, host: &str, on: bool) -> Result<DrainReport, SessionError> {
+        let Some(m) = &self.membership else {
+            return Err(SessionError::Invalid("this host is in no cluster ([cluster] etcd is not set)".into()));
+        };
+        if host != self.host {
+            return Err(SessionError::NotFound(format!("this is host `{}`, not `{host}`", self.host)));
+        }
+        m.draining.store(on, Ordering::Relaxed);
+        m.refresh().await.map_err(|e| SessionError::Unavailable(format!("publishing the drain: {e}")))?;
+        info!(draining = on, "host drain changed");
+        let mut report =
+            DrainReport { host: self.host.clone(), draining: on, hibernated: vec![], failed: Default::default() };
+        if !on {
+            return Ok(report);
+        }
+        for rec in self.records() {
+            if rec.state != SessionState::Running {
+                continue;
+            }
+            match self.hibernate(&rec.id).await {
+                Ok(_) => report.hibernated.push(rec.id),
+                Err(e) => {
+                    report.failed.insert(rec.id, e.to_string());
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
 /// The record a lease object carries: no VM or host (those are the holder's own).
 fn published(rec: &SessionRecord) -> SessionRecord {
     SessionRecord { vm: None, host: None, ..rec.clone() }

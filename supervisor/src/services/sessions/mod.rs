@@ -4,6 +4,7 @@
 //! Every change goes through the session's [`Owner`] (one operation at a time, database first). With hosts
 //! sharing a bucket, a lease says which host runs the session (`lease.rs`). See docs/sessions.md.
 mod lease;
+pub use lease::DrainReport;
 pub mod model;
 mod owners;
 #[cfg(test)]
