@@ -350,6 +350,13 @@ impl Config {
             }
         }
         self.cluster.check().map_err(ConfigError::Invalid)?;
+        if self.cluster.enabled() && self.sessions.tick_ms * 2 > self.cluster.lease_ttl_s * 1000 / 3 {
+            return invalid(format!(
+                "sessions.tick_ms ({}) must be at most a sixth of cluster.lease_ttl_s ({} s): a lost lease's VMs are \
+                 stopped by the tick before the host registers again",
+                self.sessions.tick_ms, self.cluster.lease_ttl_s
+            ));
+        }
         if self.cluster.enabled() && (self.store.s3.is_none() || !self.sessions.cross_host) {
             return invalid(
                 "cluster.etcd is set, but sessions cannot move between hosts: hosts of a cluster share an S3 tier \

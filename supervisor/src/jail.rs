@@ -172,6 +172,10 @@ pub fn jail_spec_from(
         passed.push(fd);
         Ok::<(), JailError>(())
     };
+    // The fence file (flintd's, outside the VM's directory): read-only.
+    if let Some(f) = out.fence.as_mut() {
+        map(f, false, &mut passed)?;
+    }
     match &mut out.launch {
         Launch::Boot(config) => {
             map(&mut config.kernel, false, &mut passed)?;

@@ -223,6 +223,7 @@ impl VmProcess {
             api_sock: None,
             seccomp: true,
             jail: None,
+            fence: None,
             launch: flint_vmm_api::spec::Launch::Boot(c),
         };
         Self::launch(dir, spec)
@@ -252,6 +253,7 @@ impl VmProcess {
             api_sock: None,
             seccomp: true,
             jail: None,
+            fence: None,
             launch: flint_vmm_api::spec::Launch::Restore(r),
         };
         Self::launch(dir, spec)
@@ -1260,36 +1262,81 @@ pub fn free_port() -> u16 {
 
 /// A real etcd (Debian's etcd-server) on loopback, in a directory of its own; killed and removed on drop.
 pub struct EtcdServer {
+    /// The first member's client port.
     pub port: u16,
-    child: Child,
-    _dir: TempDir,
+    members: Vec<EtcdMember>,
+    dir: TempDir,
+}
+
+struct EtcdMember {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
 }
 
 impl EtcdServer {
+    /// One member.
     pub fn start() -> EtcdServer {
+        Self::start_cluster(1)
+    }
+
+    /// A cluster of `n` members on loopback.
+    pub fn start_cluster(n: usize) -> EtcdServer {
         let dir = TempDir::new("etcd");
-        let pick = || std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port").local_addr().unwrap().port();
-        let (port, peer) = (pick(), pick());
-        let client = format!("http://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let members: Vec<EtcdMember> = (0..n)
+            .map(|i| EtcdMember { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
+            .collect();
+        let mut e = EtcdServer { port: members[0].client, members, dir };
+        for i in 0..n {
+            e.start_member(i);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while e.get_prefix("/").is_none() {
+            assert!(Instant::now() < deadline, "etcd did not answer on port {} within 60 s", e.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    /// (Re)starts member `i` on its data directory.
+    pub fn start_member(&mut self, i: usize) {
+        let initial: Vec<String> =
+            self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect();
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("etcd log");
         let mut cmd = Command::new("etcd");
-        cmd.arg("--data-dir")
-            .arg(dir.path().join("data"))
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&m.name))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(log.try_clone().expect("etcd log"))
             .stderr(log);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("start etcd (Debian package etcd-server; scripts/test.sh installs it)");
-        let e = EtcdServer { port, child, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while e.get_prefix("/").is_none() {
-            assert!(Instant::now() < deadline, "etcd did not answer on port {port} within 60 s");
-            std::thread::sleep(Duration::from_millis(100));
+        self.members[i].child = Some(child);
+    }
+
+    /// Kills member `i` (SIGKILL): with a majority gone the cluster has no quorum.
+    pub fn stop_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        e
+    }
+
+    /// Every member's client URL, as a TOML array's items.
+    pub fn urls_toml(&self) -> String {
+        self.members.iter().map(|m| format!("\"http://127.0.0.1:{}\"", m.client)).collect::<Vec<_>>().join(", ")
     }
 
     pub fn url(&self) -> String {
@@ -1322,8 +1369,9 @@ impl EtcdServer {
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.members.len() {
+            self.stop_member(i);
+        }
     }
 }
 

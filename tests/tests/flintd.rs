@@ -590,6 +590,7 @@ fn a_compromised_vmm_reaches_nothing() {
         api_sock: Some(dir.join("api.sock")),
         seccomp: true,
         jail: None,
+        fence: None,
         launch: flint_vmm_api::spec::Launch::Boot(config),
     };
     let launcher = ProcessLauncher::new(bin_dir().join("jail-probe"), Some(Default::default()));
@@ -1227,6 +1228,81 @@ fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
     let keys = etcd.get_prefix("/flint/").expect("etcd answers");
     assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
     assert!(flint_json(&sock_b, &["vm", "ls"]).as_array().unwrap().is_empty());
+    drop((a, b));
+}
+
+/// #29: a flintd that stops (SIGSTOP here; a crash or a hang alike) cannot pause its VMs, and its VMs outlive it by
+/// design. Each session VM of a cluster host arms a dead man's switch: a fence file whose deadline flintd moves after
+/// every successful etcd keep-alive. Past it the VMM holds its own vCPUs, before another host may wake the session.
+/// When flintd runs again it learns its lease ended, stops the VM and records why; its late hibernation is refused.
+#[test]
+fn a_stopped_flintd_s_session_vm_holds_itself_before_another_host_wakes_it() {
+    let s3 = S3Server::start();
+    let etcd = flint_tests::EtcdServer::start();
+    let work = TempDir::new("flintd-sigstop");
+    let (data_a, data_b) = (work.path().join("a"), work.path().join("b"));
+    let _reap_a = KillVmmsUnder(data_a.clone());
+    let _reap_b = KillVmmsUnder(data_b.clone());
+    let (sock_a, sock_b) = (work.path().join("a.sock"), work.path().join("b.sock"));
+    let cluster = format!(
+        "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
+         etcd_timeout_ms = 1000\n",
+        etcd.url()
+    );
+    let (config_a, config_b) = (work.path().join("a.toml"), work.path().join("b.toml"));
+    std::fs::write(&config_a, &cluster).unwrap();
+    std::fs::write(&config_b, format!("{cluster}[jail]\nuid_base = 970000\nuid_count = 1000\n")).unwrap();
+    flint_tests::import_golden(&data_a, &s3, "stop", "gold", None);
+    let args_a = ["--allow-unauthenticated-bucket", "--config", config_a.to_str().unwrap()];
+    let a = Flintd::start_with(&data_a, &sock_a, &s3, "stop", &args_a);
+    let args_b = ["--allow-unauthenticated-bucket", "--config", config_b.to_str().unwrap()];
+    let b = Flintd::start_with(&data_b, &sock_b, &s3, "stop", &args_b);
+
+    flint_json(&sock_a, &["session", "create", "--snapshot", "gold", "--id", "z1", "--idle-timeout", "3600"]);
+    sh(&sock_a, "z1", "echo hibernated > /tmp/state");
+    flint_json(&sock_a, &["session", "hibernate", "z1"]);
+    assert_eq!(sh(&sock_a, "z1", "echo after > /tmp/later; cat /tmp/state"), "hibernated");
+    let vm = session(&sock_a, "z1")["vm"].as_str().unwrap().to_string();
+    let detail = vm_detail(&sock_a, &vm);
+    let pid = detail["pid"].as_i64().expect("the VM's pid");
+    let log = Path::new(detail["dir"].as_str().unwrap()).join("vmm.log");
+    let held = || std::fs::read_to_string(&log).unwrap_or_default().contains("vCPUs held");
+    assert!(!held(), "the VM runs while its host renews its lease");
+
+    let flintd_a = a.child.id() as i32;
+    // SAFETY: kill(2) on the flintd this test started.
+    unsafe { libc::kill(flintd_a, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let woken = loop {
+        assert!(stopped.elapsed() < Duration::from_secs(300), "B never woke the session");
+        let out = flint(&sock_b, &["exec", "z1", "--", "/bin/sh", "-c", "cat /tmp/state; cat /tmp/later || true"]);
+        if out.status.success() {
+            assert!(held(), "B woke the session while A's VMM (pid {pid}) still ran its vCPUs");
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("HTTP 409") && err.contains("is held by host"), "B's wake failed otherwise: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("B woke the session {:?} after A's flintd stopped", stopped.elapsed());
+    assert_eq!(woken, "hibernated", "the last hibernation, and nothing A did after it");
+
+    // SAFETY: as above.
+    unsafe { libc::kill(flintd_a, libc::SIGCONT) };
+    let resumed = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        assert!(resumed.elapsed() < Duration::from_secs(120), "A never stopped its VM once running again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let on_a = session(&sock_a, "z1");
+    assert_eq!(on_a["state"], "failed", "{on_a}");
+    assert!(on_a["error"].as_str().unwrap_or("").contains("etcd lease ended"), "{on_a}");
+    assert!(!flint(&sock_a, &["session", "hibernate", "z1"]).status.success(), "A's late hibernation is refused");
+    flint_json(&sock_b, &["session", "rm", "z1"]);
+    let keys = etcd.get_prefix("/flint/").expect("etcd answers");
+    assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
     drop((a, b));
 }
 

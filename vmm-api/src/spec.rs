@@ -22,7 +22,30 @@ pub struct LaunchSpec {
     /// then relative to the jail's root, and host files outside it are inherited fds (`/dev/fd/N`).
     #[serde(default)]
     pub jail: Option<JailSpec>,
+    /// A dead man's switch (a session VM of a cluster host, docs/cluster.md): a file whose first 8 bytes are a
+    /// little-endian deadline in CLOCK_MONOTONIC milliseconds (0: none). Past it the VMM holds its vCPUs — the
+    /// guest stops running — until the deadline moves past the clock again. flintd moves it after every etcd
+    /// keep-alive that succeeds; a flintd that stops (crash, SIGSTOP, cut off) stops moving it.
+    #[serde(default)]
+    pub fence: Option<PathBuf>,
     pub launch: Launch,
+}
+
+/// Reads a fence file's deadline (CLOCK_MONOTONIC ms; 0: none). An unreadable or short file reads as "held"
+/// (1): a fence that cannot be read must not let a guest run.
+pub fn read_fence(f: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    match f.read_exact_at(&mut b, 0) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 1,
+    }
+}
+
+/// Writes a fence file's deadline (see [`LaunchSpec::fence`]).
+pub fn write_fence(f: &std::fs::File, deadline_ms: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&deadline_ms.to_le_bytes(), 0)
 }
 
 /// What a standby VMM is started with (`flint-vmm --standby FILE`): flintd's launcher starts it jailed (`jail`,
@@ -195,11 +218,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fence_that_cannot_be_read_holds() {
+        let path = std::env::temp_dir().join(format!("flint-fence-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        assert_eq!(read_fence(&f), 1, "an empty fence file holds");
+        write_fence(&f, 0).unwrap();
+        assert_eq!(read_fence(&f), 0, "no deadline");
+        write_fence(&f, 123_456).unwrap();
+        assert_eq!(read_fence(&f), 123_456);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn spec_round_trips_and_refuses_unknown_fields() {
         let spec = LaunchSpec {
             api_sock: Some("/vm/api.sock".into()),
             seccomp: true,
             jail: None,
+            fence: Some("/dev/fd/101".into()),
             launch: Launch::Restore(RestoreSpec {
                 state_path: "/vm/state".into(),
                 memory: MemorySource::Pager { socket: "/vm/pager.sock".into() },

@@ -132,6 +132,16 @@ pub struct Vmm {
     event_manager: EventManager<Box<dyn MutEventSubscriber + Send>>,
     pending_vcpus: Vec<(VcpuFd, VcpuContext)>,
     vcpu_threads: Vec<JoinHandle<VcpuFd>>,
+    /// The dead man's switch ([`flint_vmm_api::LaunchSpec::fence`]), read by the event loop.
+    fence: Option<Fence>,
+}
+
+/// How often the event loop reads the fence's deadline.
+const FENCE_CHECK: Duration = Duration::from_millis(50);
+
+struct Fence {
+    file: std::fs::File,
+    checked: Instant,
 }
 
 impl std::ops::Deref for Vmm {
@@ -614,6 +624,31 @@ impl Vmm {
             event_manager: devices.event_manager,
             pending_vcpus,
             vcpu_threads: Vec::new(),
+            fence: None,
+        }
+    }
+
+    /// Arms the dead man's switch: from now on the vCPUs run only while the file's deadline is ahead of the clock
+    /// (checked before they first run and every [`FENCE_CHECK`] after).
+    pub fn set_fence(&mut self, file: std::fs::File) {
+        self.fence = Some(Fence { file, checked: Instant::now() });
+        self.check_fence(true);
+    }
+
+    fn check_fence(&mut self, now_anyway: bool) {
+        let Some(f) = self.fence.as_mut() else { return };
+        if !now_anyway && f.checked.elapsed() < FENCE_CHECK {
+            return;
+        }
+        f.checked = Instant::now();
+        let deadline = flint_vmm_api::spec::read_fence(&f.file);
+        let passed = deadline != 0 && flint_vmm_api::monotonic_us() / 1000 >= deadline;
+        if passed != self.control.is_fenced() {
+            self.control.set_fenced(passed);
+            match passed {
+                true => eprintln!("flint-vmm: fence: the deadline passed (its flintd stopped renewing): vCPUs held"),
+                false => eprintln!("flint-vmm: fence: the deadline moved on: vCPUs released"),
+            }
         }
     }
 
@@ -642,9 +677,11 @@ impl Vmm {
                 self.shutdown();
                 return reason;
             }
-            if let Err(e) = self.event_manager.run_with_timeout(100) {
+            let wait = if self.fence.is_some() { FENCE_CHECK.as_millis() as i32 } else { 100 };
+            if let Err(e) = self.event_manager.run_with_timeout(wait) {
                 self.exit.set(ExitReason::Failed { message: format!("device event loop failed: {e:?}") });
             }
+            self.check_fence(false);
         }
     }
 

@@ -219,7 +219,7 @@ fn launch_spec(args: &Args) -> Result<LaunchSpec, String> {
         (Some(state), Some(mem)) => Launch::Restore(restore_spec(args, state, mem)?),
         _ => Launch::Boot(build_config(args)?),
     };
-    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, jail: None, launch })
+    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, jail: None, fence: None, launch })
 }
 
 fn main() -> ExitCode {
@@ -288,6 +288,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    if let Some(path) = &spec.fence {
+        match flint_vmm_api::spec::open_host_file(path, false) {
+            Ok(f) => vmm.set_fence(f),
+            Err(e) => {
+                eprintln!("flint-vmm: fence {}: {e}", path.display());
+                return ExitCode::from(EXIT_SETUP);
+            }
+        }
+    }
     let profile = vmm.profile;
     let handle = vmm.handle();
     if let Some(p) = &spec.api_sock {

@@ -32,17 +32,22 @@ pub enum RegisterError {
 pub struct HostLease {
     /// Moves on every time the host lease is lost and taken anew: claims made under an older one are gone.
     pub generation: u64,
-    /// When the last keep-alive that found the lease alive was sent (0: never).
+    /// When the last keep-alive that found the lease alive was sent, CLOCK_MONOTONIC ms (0: never).
     pub ok_sent_ms: u64,
     pub ttl_ms: u64,
     pub margin_ms: u64,
 }
 
 impl HostLease {
-    /// Whether claims under this lease are certainly still held at `now` (by this host's clock rate).
-    pub fn current(&self, now: u64) -> bool {
-        self.ok_sent_ms > 0 && now.saturating_sub(self.ok_sent_ms) + self.margin_ms < self.ttl_ms
+    /// Whether claims under this lease are certainly still held now (by this host's clock rate).
+    pub fn current(&self) -> bool {
+        self.ok_sent_ms > 0 && mono_ms().saturating_sub(self.ok_sent_ms) + self.margin_ms < self.ttl_ms
     }
+}
+
+/// CLOCK_MONOTONIC in milliseconds: the clock of leases here and of the VMMs' fences (one clock for the host).
+pub fn mono_ms() -> u64 {
+    flint_vmm_api::monotonic_us() / 1000
 }
 
 pub struct Membership {
@@ -59,6 +64,10 @@ pub struct Membership {
     pub vms: AtomicUsize,
     pub keepalive_failures: AtomicU64,
     pub leases_lost: AtomicU64,
+    /// The dead man's switch of this host's session VMs (`<data_dir>/fence`): the deadline this host's claims
+    /// certainly hold until, moved after every successful keep-alive. VMMs hold their vCPUs past it.
+    fence: std::fs::File,
+    fence_path: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Membership {
@@ -68,9 +77,30 @@ impl std::fmt::Debug for Membership {
 }
 
 impl Membership {
-    pub fn new(cfg: &ClusterConfig, host: String, nonce: String) -> Result<Membership, EtcdError> {
+    pub fn new(
+        cfg: &ClusterConfig,
+        host: String,
+        nonce: String,
+        data_dir: &std::path::Path,
+    ) -> Result<Membership, EtcdError> {
         let etcd = Etcd::new(&cfg.etcd, &cfg.tls(), Duration::from_millis(cfg.etcd_timeout_ms))?;
+        // Kept across restarts (same inode): re-adopted VMs keep reading it. Its deadline stays what the last run
+        // wrote until this run's registration moves it.
+        let fence_path = data_dir.join("fence");
+        let fence = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&fence_path)
+            .map_err(|e| EtcdError::Setup(format!("{}: {e}", fence_path.display())))?;
+        if fence.metadata().map(|m| m.len()).unwrap_or(0) < 8 {
+            flint_vmm_api::spec::write_fence(&fence, 1)
+                .map_err(|e| EtcdError::Setup(format!("{}: {e}", fence_path.display())))?;
+        }
         Ok(Membership {
+            fence,
+            fence_path,
             etcd,
             cfg: cfg.clone(),
             host,
@@ -84,6 +114,22 @@ impl Membership {
             keepalive_failures: AtomicU64::new(0),
             leases_lost: AtomicU64::new(0),
         })
+    }
+
+    /// The fence file session VMs arm.
+    pub fn fence_path(&self) -> &std::path::Path {
+        &self.fence_path
+    }
+
+    /// Moves the VMMs' deadline to what a keep-alive sent at `sent` (monotonic ms) guarantees; `1`: hold now.
+    fn set_fence(&self, deadline: u64) {
+        if let Err(e) = flint_vmm_api::spec::write_fence(&self.fence, deadline) {
+            warn!(error = %e, "could not move the session VMs' fence");
+        }
+    }
+
+    fn fence_after(&self, sent: u64) -> u64 {
+        sent + self.cfg.lease_ttl_s * 1000 - self.cfg.pause_margin_ms
     }
 
     pub fn key(&self, kind: &str, name: &str) -> String {
@@ -130,7 +176,7 @@ impl Membership {
     /// data directory's nonce) holds the id.
     pub async fn register(&self) -> Result<(), RegisterError> {
         let unreachable = |e: EtcdError| RegisterError::Unreachable(e.to_string());
-        let sent = now_unix_ms();
+        let sent = mono_ms();
         let lease = self.etcd.grant(self.cfg.lease_ttl_s).await.map_err(unreachable)?;
         let key = self.key("hosts", &self.host);
         let value = serde_json::to_vec(&self.info()).map_err(|e| RegisterError::Unreachable(e.to_string()))?;
@@ -157,6 +203,7 @@ impl Membership {
         }
         self.lease.store(lease, Ordering::Release);
         self.ok_sent_ms.store(sent, Ordering::Release);
+        self.set_fence(self.fence_after(sent));
         info!(host = %self.host, lease = format!("{lease:x}"), ttl_s = self.cfg.lease_ttl_s, "registered in etcd");
         Ok(())
     }
@@ -174,10 +221,12 @@ impl Membership {
     /// One keep-alive. A lease etcd no longer has ends this generation of claims and registers the host again.
     async fn keep_alive(&self) {
         let lease = self.lease_id();
-        let sent = now_unix_ms();
+        let sent = mono_ms();
         match self.etcd.keep_alive(lease).await {
             Ok(Some(_)) => {
-                self.ok_sent_ms.fetch_max(sent, Ordering::AcqRel);
+                if self.ok_sent_ms.fetch_max(sent, Ordering::AcqRel) < sent {
+                    self.set_fence(self.fence_after(sent));
+                }
                 // The registration's load figures (a plain put: the key is this host's, under its lease).
                 if let Ok(v) = serde_json::to_vec(&self.info()) {
                     if let Err(e) = self.etcd.put(&self.key("hosts", &self.host), &v, lease).await {
@@ -186,17 +235,20 @@ impl Membership {
                 }
             }
             Ok(None) => {
+                // Held first (every session VM of the old lease stops running), then the claims' generation
+                // moves on: the sessions' tick fences (kills) those VMs. The host registers again on the loop's
+                // next turn, a third of the TTL later — after that tick — so the new lease's deadline never
+                // releases a VM of the old one.
+                self.set_fence(1);
                 self.leases_lost.fetch_add(1, Ordering::Relaxed);
                 let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 self.ok_sent_ms.store(0, Ordering::Release);
+                self.lease.store(0, Ordering::Release);
                 warn!(
                     lease = format!("{lease:x}"),
                     generation = g,
                     "this host's etcd lease ended: its session claims are gone; registering again"
                 );
-                if let Err(e) = self.register().await {
-                    warn!(error = ?e, "could not register this host again");
-                }
             }
             Err(e) => {
                 self.keepalive_failures.fetch_add(1, Ordering::Relaxed);

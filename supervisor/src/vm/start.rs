@@ -49,6 +49,8 @@ pub struct Restore {
     pub paused: bool,
     /// A CPU limit (a fraction of a core); none: the snapshot's.
     pub cpu: Option<f64>,
+    /// The dead man's switch the VMM arms (a cluster host's session VMs: docs/cluster.md).
+    pub fence: Option<PathBuf>,
 }
 
 /// A start that failed: why, and the VM's record as it was when it failed (nothing of it is left).
@@ -369,6 +371,7 @@ impl Manager {
             api_sock: Some(dir.join("api.sock")),
             seccomp: true,
             jail: None,
+            fence: None,
             launch: Launch::Boot(config),
         };
         self.spawn(vm, &spec)?;
@@ -496,6 +499,7 @@ impl Manager {
             api_sock: Some(dir.join("api.sock")),
             seccomp: true,
             jail: None,
+            fence: req.fence.clone(),
             launch: Launch::Restore(RestoreSpec {
                 state_path: state,
                 memory,

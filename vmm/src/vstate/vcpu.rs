@@ -64,6 +64,8 @@ enum Want {
 
 struct ControlState {
     want: Want,
+    /// Held by the fence (its deadline passed): parked as if paused, whatever the API asked.
+    fenced: bool,
     paused: usize,
     running_threads: usize,
     /// Bumped to ask every parked vCPU to save its state into `saved`.
@@ -83,6 +85,7 @@ impl VcpuControl {
         Self {
             state: Mutex::new(ControlState {
                 want: Want::Run,
+                fenced: false,
                 paused: 0,
                 running_threads: 0,
                 save_gen: 0,
@@ -155,19 +158,43 @@ impl VcpuControl {
         lock(&self.state).want == Want::Pause
     }
 
+    /// Holds every vCPU (`on`: parked at once, as by [`VcpuControl::pause`]) or lets them run again if the API has
+    /// not paused them meanwhile. Independent of the API's pause and resume.
+    pub fn set_fenced(&self, on: bool) {
+        let mut s = lock(&self.state);
+        if s.fenced == on {
+            return;
+        }
+        s.fenced = on;
+        self.cv.notify_all();
+        drop(s);
+        if on {
+            self.kick_all();
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        lock(&self.state).fenced
+    }
+
     fn wanted(&self) -> Want {
-        lock(&self.state).want
+        let s = lock(&self.state);
+        match s.want {
+            Want::Run if s.fenced => Want::Pause,
+            w => w,
+        }
     }
 
     /// Parks the calling vCPU while paused (saving its state when asked); returns false when
     /// it must stop.
     fn park(&self, fd: &VcpuFd, index: usize) -> bool {
+        let held = |s: &ControlState| s.want == Want::Pause || (s.want == Want::Run && s.fenced);
         let mut s = lock(&self.state);
-        if s.want == Want::Pause {
+        if held(&s) {
             s.paused += 1;
             self.cv.notify_all();
             let mut seen = s.save_gen;
-            while s.want == Want::Pause {
+            while held(&s) {
                 if s.save_gen != seen {
                     seen = s.save_gen;
                     drop(s);

@@ -143,9 +143,9 @@ impl Sessions {
             let frozen = s.frozen.load(Ordering::Relaxed);
             return if host.generation != h.host_gen {
                 LeaseDue::Lost
-            } else if !host.current(now) && !frozen {
+            } else if !host.current() && !frozen {
                 LeaseDue::Freeze
-            } else if host.current(now) && frozen {
+            } else if host.current() && frozen {
                 LeaseDue::Thaw
             } else {
                 LeaseDue::Nothing
@@ -168,7 +168,7 @@ impl Sessions {
     pub(super) fn lease_current(&self, s: &Session) -> bool {
         let now = now_unix_ms();
         lock(&s.lease).as_ref().is_some_and(|h| match self.owners.host_lease() {
-            Some(host) => host.generation == h.host_gen && host.current(now),
+            Some(host) => host.generation == h.host_gen && host.current(),
             None => now.saturating_sub(h.sent_ms) < self.lease_ms() - self.lease_ms() / 3,
         })
     }

@@ -286,7 +286,7 @@ impl Sessions {
         let membership = if cfg.cluster.enabled() {
             let nonce = owners::host_nonce(&cfg.data_dir)
                 .map_err(|e| SessionError::Internal(format!("{}/host-nonce: {e}", cfg.data_dir.display())))?;
-            let m = crate::cluster::host::Membership::new(&cfg.cluster, host.clone(), nonce)
+            let m = crate::cluster::host::Membership::new(&cfg.cluster, host.clone(), nonce, &cfg.data_dir)
                 .map_err(|e| SessionError::Invalid(format!("[cluster]: {e}")))?;
             Some(Arc::new(m))
         } else {
@@ -327,6 +327,11 @@ impl Sessions {
             });
         }
         Ok(s)
+    }
+
+    /// The fence a session VM arms (a cluster host's).
+    fn fence_file(&self) -> Option<std::path::PathBuf> {
+        self.membership.as_ref().map(|m| m.fence_path().to_path_buf())
     }
 
     fn all(&self) -> Vec<Arc<Session>> {
@@ -517,8 +522,10 @@ impl Sessions {
         self.reconcile_forwards(s)?;
         // A warm pool's VM when the session starts from its template's snapshot, else a restore.
         let pooled = match &req.template {
+            // A cluster host's session VMs arm the fence at launch; a pooled VM was launched without one.
             Some(t)
-                if req.network.is_none()
+                if self.membership.is_none()
+                    && req.network.is_none()
                     && req.cpu.is_none()
                     && self.templates.get(t).is_ok_and(|t| t.snapshot == snapshot) =>
             {
@@ -538,6 +545,7 @@ impl Sessions {
                     network: req.network.clone(),
                     id_prefix: Some(id.clone()),
                     cpu: req.cpu,
+                    fence: self.fence_file(),
                     ..Default::default()
                 };
                 self.vms.restore(r).await?
@@ -630,6 +638,7 @@ impl Sessions {
                 id_prefix: Some(id.clone()),
                 paused: false,
                 cpu: rec.cpu,
+                fence: self.fence_file(),
             };
             match self.vms.restore(r).await {
                 Ok(vm) => {

@@ -37,6 +37,7 @@ async fn crashed_daemon(env: &Env, l: &FakeLauncher) -> (Vec<crate::launcher::Pr
         api_sock: None,
         seccomp: true,
         jail: None,
+        fence: None,
         launch: flint_vmm_api::spec::Launch::Boot(config),
     };
     let orphan = l.spawn(&orphan_dir, &spec, None).unwrap();
