@@ -1306,6 +1306,79 @@ fn a_stopped_flintd_s_session_vm_holds_itself_before_another_host_wakes_it() {
     drop((a, b));
 }
 
+/// #29: an etcd outage is a pause, not a fleet outage. With two of three etcd members gone (no quorum), creates
+/// answer 503; the host's session VM holds at its lease's end (its fence) and flintd pauses it; when quorum returns
+/// the host's lease turns out alive, and the same VM runs on, with nothing lost and nothing fenced.
+#[test]
+fn an_etcd_without_quorum_pauses_session_vms_and_quorum_back_resumes_them() {
+    let s3 = S3Server::start();
+    let mut etcd = flint_tests::EtcdServer::start_cluster(3);
+    let work = TempDir::new("flintd-quorum");
+    let data = work.path().join("a");
+    let _reap = KillVmmsUnder(data.clone());
+    let sock = work.path().join("a.sock");
+    let config = work.path().join("a.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sessions]\ntick_ms = 200\n[cluster]\netcd = [{}]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
+             etcd_timeout_ms = 1000\n",
+            etcd.urls_toml()
+        ),
+    )
+    .unwrap();
+    flint_tests::import_golden(&data, &s3, "quorum", "gold", None);
+    let args = ["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap()];
+    let a = Flintd::start_with(&data, &sock, &s3, "quorum", &args);
+    flint_json(&sock, &["session", "create", "--snapshot", "gold", "--id", "q1", "--idle-timeout", "3600"]);
+    assert_eq!(sh(&sock, "q1", "echo kept > /tmp/marker; cat /tmp/marker"), "kept");
+    let vm = session(&sock, "q1")["vm"].as_str().unwrap().to_string();
+    let detail = vm_detail(&sock, &vm);
+    let log = Path::new(detail["dir"].as_str().unwrap()).join("vmm.log");
+    let log_has = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().contains(what);
+
+    etcd.stop_member(1);
+    etcd.stop_member(2);
+    let lost = Instant::now();
+    while !log_has("vCPUs held") {
+        assert!(lost.elapsed() < Duration::from_secs(120), "the VM never held without etcd's quorum");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("the VM held {:?} after quorum was lost", lost.elapsed());
+    let out = flint(&sock, &["session", "create", "--snapshot", "gold", "--id", "q2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("HTTP 503") && err.contains("etcd"),
+        "create without quorum: {out:?}"
+    );
+
+    etcd.start_member(1);
+    etcd.start_member(2);
+    let back = Instant::now();
+    while !log_has("vCPUs released") {
+        assert!(back.elapsed() < Duration::from_secs(120), "the VM never ran again once quorum was back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("the VM ran again {:?} after quorum was back", back.elapsed());
+    // flintd's own pause is lifted too (its tick resumes the VM once the lease is current).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = flint(&sock, &["exec", "q1", "--", "cat", "/tmp/marker"]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never answered again: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = session(&sock, "q1");
+    assert_eq!((s["state"].as_str(), s["vm"].as_str()), (Some("running"), Some(vm.as_str())), "the same VM: {s}");
+    let metrics = String::from_utf8_lossy(&flint(&sock, &["metrics"]).stdout).into_owned();
+    assert!(metrics.contains("flint_session_lease_fences_total 0"), "nothing was fenced: {metrics}");
+    flint_json(&sock, &["session", "rm", "q1"]);
+    drop(a);
+}
+
 /// #29: a router in front of two hosts of an etcd cluster, driven by `flint --url` with mutual TLS. New sessions
 /// are placed on registered hosts; calls naming a session reach its holder; a hibernated session wakes on the host
 /// that hibernated it; lists merge every host's. When a host dies (flintd and its VMMs killed), its sessions wake on
