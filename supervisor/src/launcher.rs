@@ -19,6 +19,49 @@ use crate::cgroup::Hierarchy;
 use crate::config::JailConfig;
 pub use crate::jail::Confinement;
 
+/// How long a standby VMM may take to enter its jail and make its KVM VM.
+const STANDBY_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for a standby's `ready` on its control socket (a blocking read with a timeout: the launcher's standby
+/// starts run on a blocking thread).
+fn wait_ready(ctl: &OwnedFd, timeout: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: setsockopt(2) with a timeval we own, on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            ctl.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 16];
+    // SAFETY: recv(2) into a buffer we own, of its length.
+    let n = unsafe { libc::recv(ctl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let clear = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    // SAFETY: as above (no timeout again for the hand-over's own exchanges).
+    unsafe {
+        libc::setsockopt(
+            ctl.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&clear as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    match n {
+        5 if &buf[..5] == b"ready" => Ok(()),
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        0 => Err(std::io::Error::other("it exited first (its vmm.log says why)")),
+        _ => Err(std::io::Error::other("it sent something other than `ready`")),
+    }
+}
+
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a VMM could not be started or did not do what its control API was asked.
@@ -285,13 +328,15 @@ impl ProcessLauncher {
         };
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.jailed).insert(pid, Arc::new(pidfd));
-        Ok(Standby {
-            proc: Proc { pid, start },
-            dir: dir.to_path_buf(),
-            uid: c.uid,
-            mem_mib: c.mem_mib,
-            ctl: Some(ours),
-        })
+        let standby = Standby { proc: Proc { pid, start }, dir: dir.to_path_buf(), uid: c.uid, mem_mib: c.mem_mib, ctl: Some(ours) };
+        // Offered for hand-over only once it says it is ready (jailed, its KVM VM made): until then it still opens
+        // paths in its directory, which a hand-over renames.
+        if let Err(e) = wait_ready(standby.ctl.as_ref().expect("just set"), STANDBY_READY_TIMEOUT) {
+            self.kill(standby.proc);
+            cgroup.remove();
+            return Err(io_err(format!("standby VMM {pid} did not get ready"))(e));
+        }
+        Ok(standby)
     }
 
     fn hand_over_to(&self, s: &mut Standby, dir: &Path, spec: &LaunchSpec, c: Confinement) -> Result<Proc, VmmError> {

@@ -185,6 +185,12 @@ pub fn run(path: &Path) -> Result<Option<(LaunchSpec, Prepared, u32)>, StandbyEr
     let prepared = prepare(spec.mem_mib)?;
     // SAFETY: fd 3 is the control socket flintd's launcher passed (kept by the jail); owned from here on.
     let ctl = unsafe { OwnedFd::from_raw_fd(STANDBY_CONTROL_FD) };
+    // Ready: jailed, with its KVM VM. flintd offers a standby for hand-over only after this (its directory is
+    // renamed then; before, the paths this process still had to open would be gone).
+    // SAFETY: send(2) of a 5-byte buffer we own on the control socket we own.
+    if unsafe { libc::send(ctl.as_raw_fd(), b"ready".as_ptr().cast(), 5, libc::MSG_NOSIGNAL) } != 5 {
+        return Err(StandbyError::Handover(format!("telling flintd it is ready: {}", std::io::Error::last_os_error())));
+    }
     let Some(mut launch) = receive(&ctl)? else { return Ok(None) };
     drop(ctl);
     let j = launch.jail.as_ref().ok_or_else(|| StandbyError::Handover("it has no jail".into()))?;

@@ -1639,6 +1639,205 @@ fn p50_p99(v: &[f64]) -> (f64, f64) {
     (v[v.len() / 2], v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)])
 }
 
+/// One timed API call to any target (socket or URL); (status, ms, body).
+fn call_timed(
+    rt: &tokio::runtime::Runtime,
+    to: &flint_supervisor::http::Target,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, f64, serde_json::Value) {
+    let body = body.map(|b| b.to_string().into_bytes());
+    let t = Instant::now();
+    let r = rt.block_on(flint_supervisor::http::request(to, method, path, body.as_deref(), Duration::from_secs(600)));
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    match r {
+        Ok((status, out)) => (status, ms, serde_json::from_slice(&out).unwrap_or_default()),
+        Err(e) => (0, ms, serde_json::json!({ "error": e.to_string() })),
+    }
+}
+
+/// etcd's own count of the operations it served (puts, deletes, ranges, transactions, lease renewals), from its
+/// Prometheus endpoint.
+fn etcd_ops(url: &str) -> u64 {
+    let out = std::process::Command::new("curl").args(["-sf", "-m", "5", &format!("{url}/metrics")]).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let name = l.split([' ', '{']).next().unwrap_or("");
+            matches!(
+                name,
+                "etcd_mvcc_put_total"
+                    | "etcd_mvcc_delete_total"
+                    | "etcd_mvcc_range_total"
+                    | "etcd_mvcc_txn_total"
+                    | "etcd_debugging_mvcc_put_total"
+                    | "etcd_debugging_mvcc_delete_total"
+                    | "etcd_debugging_mvcc_range_total"
+                    | "etcd_debugging_mvcc_txn_total"
+                    | "etcd_debugging_lease_renewed_total"
+            )
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// `flint-bench cluster [--runs N] [--seconds S]`: a real etcd, an S3 server, two flintds with cluster listeners
+/// (mutual TLS) and a flint-router, on loopback. Side by side in one run: session create and wake latency through
+/// the router vs. straight to a host's cluster listener vs. its Unix socket; the router's added latency on a session
+/// GET; etcd operations per session per minute while sessions run idle, and per create/hibernate/wake cycle.
+fn cluster_bench(runs: usize, idle_s: u64) {
+    use flint_supervisor::http::Target;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let work = TempDir::new("bench-cluster");
+    let s3 = flint_tests::S3Server::start();
+    let etcd = flint_tests::EtcdServer::start();
+    let certs = flint_tests::FleetCerts::make(work.path());
+    let p = |x: &std::path::Path| x.display().to_string();
+    let mut hosts = Vec::new();
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        let data = work.path().join(name);
+        let reap = flint_tests::KillVmmsUnder(data.clone());
+        let sock = work.path().join(format!("{name}.sock"));
+        let port = flint_tests::free_port();
+        let config = work.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlisten = \"127.0.0.1:{port}\"\n\
+                 advertise = \"https://127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\
+                 [jail]\nuid_base = {}\nuid_count = 1000\n",
+                etcd.url(),
+                p(&certs.server_cert),
+                p(&certs.server_key),
+                p(&certs.ca),
+                963_000 + i * 10_000,
+            ),
+        )
+        .expect("config");
+        if i == 0 {
+            flint_tests::import_golden(&data, &s3, "cluster", "gold", None);
+        }
+        let args = ["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap_or("")];
+        let d = flint_tests::Flintd::start_with(&data, &sock, &s3, "cluster", &args);
+        hosts.push((sock, port, d, reap));
+    }
+    let rport = flint_tests::free_port();
+    let mut router = std::process::Command::new(flint_tests::bin_dir().join("flint-router"));
+    flint_tests::die_with_parent(&mut router);
+    let mut router = router
+        .args(["--etcd", &etcd.url(), "--listen", &format!("127.0.0.1:{rport}"), "--min-free-mib", "64"])
+        .args(["--tls-cert", &p(&certs.server_cert), "--tls-key", &p(&certs.server_key), "--client-ca", &p(&certs.ca)])
+        .args(["--host-ca", &p(&certs.ca), "--cert", &p(&certs.client_cert), "--key", &p(&certs.client_key)])
+        .stderr(std::fs::File::create(work.path().join("router.log")).expect("log"))
+        .spawn()
+        .expect("flint-router");
+    let tls = flint_supervisor::tls::client_config(&certs.ca, Some((&certs.client_cert, &certs.client_key)))
+        .expect("client TLS");
+    let via_router = Target::url(&format!("https://127.0.0.1:{rport}"), Some(tls.clone())).expect("url");
+    let direct = Target::url(&format!("https://127.0.0.1:{}", hosts[0].1), Some(tls)).expect("url");
+    let socket = Target::Unix(hosts[0].0.clone());
+    let t = Instant::now();
+    while call_timed(&rt, &via_router, "GET", "/v1/hosts", None).2.as_array().map_or(0, Vec::len) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the router never saw both hosts");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let create = |to: &Target, id: &str| {
+        let body = serde_json::json!({ "id": id, "snapshot": "gold", "idle_timeout_s": 3600 });
+        let (status, ms, v) = call_timed(&rt, to, "POST", "/v1/sessions", Some(body));
+        assert!(status < 300, "create {id}: {status} {v}");
+        ms
+    };
+    // Warm-up, not counted: each host restores the snapshot once (B fetches it from the bucket).
+    for (i, (sock, ..)) in hosts.iter().enumerate() {
+        let id = format!("warm{i}");
+        create(&Target::Unix(sock.clone()), &id);
+        call_timed(&rt, &Target::Unix(sock.clone()), "DELETE", &format!("/v1/sessions/{id}"), None);
+    }
+    println!("flint-bench cluster: {runs} run(s) per path, alternating; 2 hosts, 1 etcd member, 1 router, loopback");
+    let ops_before = etcd_ops(&etcd.url());
+    let paths = [("router", &via_router), ("cluster listener", &direct), ("unix socket", &socket)];
+    let mut created: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    let mut ids: Vec<(&str, String)> = Vec::new();
+    for i in 0..runs {
+        for (label, to) in paths {
+            let id = format!("{}{i}", &label[..1]);
+            created.entry(label).or_default().push(create(to, &id));
+            ids.push((label, id));
+        }
+    }
+    let ops_created = etcd_ops(&etcd.url());
+    // Idle: sessions run, nothing is asked of them.
+    std::thread::sleep(Duration::from_secs(idle_s));
+    let ops_idle = etcd_ops(&etcd.url());
+    let mut got: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        for (label, id) in &ids {
+            // Each path asks for the sessions it made (the socket and the listener made theirs on host A).
+            let to = paths.iter().find(|p| p.0 == *label).map_or(&via_router, |p| p.1);
+            let (status, ms, v) = call_timed(&rt, to, "GET", &format!("/v1/sessions/{id}"), None);
+            assert_eq!(status, 200, "GET {id} via {label}: {v}");
+            got.entry(label).or_default().push(ms);
+        }
+    }
+    for (_, id) in &ids {
+        let (status, _, v) = call_timed(&rt, &via_router, "POST", &format!("/v1/sessions/{id}/hibernate"), None);
+        assert!(status < 300, "hibernate {id}: {status} {v}");
+    }
+    let ops_hibernated = etcd_ops(&etcd.url());
+    let mut woken: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    for (label, id) in &ids {
+        // A wake through the router goes where it was hibernated; straight calls go to host A (which may take a
+        // session B hibernated: then from the bucket).
+        let to = paths.iter().find(|p| p.0 == *label).map_or(&via_router, |p| p.1);
+        let (status, ms, v) = call_timed(&rt, to, "POST", &format!("/v1/sessions/{id}/wake"), None);
+        assert!(status < 300, "wake {id} via {label}: {status} {v}");
+        woken.entry(label).or_default().push(ms);
+    }
+    let ops_woken = etcd_ops(&etcd.url());
+    let row = |what: &str, m: &std::collections::BTreeMap<&str, Vec<f64>>| {
+        let r = p50_p99(m.get("router").map_or(&[][..], Vec::as_slice));
+        let c = p50_p99(m.get("cluster listener").map_or(&[][..], Vec::as_slice));
+        let u = p50_p99(m.get("unix socket").map_or(&[][..], Vec::as_slice));
+        println!(
+            "  {what:<22} router {:>8.2} / {:>8.2}   listener {:>8.2} / {:>8.2}   socket {:>8.2} / {:>8.2}   router/socket p50 {:.2}x",
+            r.0,
+            r.1,
+            c.0,
+            c.1,
+            u.0,
+            u.1,
+            if u.0 > 0.0 { r.0 / u.0 } else { 0.0 }
+        );
+    };
+    println!("  ms, p50 / p99:");
+    row("session create", &created);
+    row("session GET", &got);
+    row("session wake", &woken);
+    let n = ids.len() as f64;
+    println!(
+        "  etcd operations (etcd's own counters: puts, deletes, ranges, transactions, lease renewals): {:.1} per \
+         create, {:.1} per hibernate, {:.1} per wake",
+        (ops_created - ops_before) as f64 / n,
+        (ops_hibernated - ops_idle) as f64 / n,
+        (ops_woken - ops_hibernated) as f64 / n,
+    );
+    println!(
+        "  idle ({} running sessions, {} s): {:.1} etcd operations per host per minute (keep-alive and registration), \
+         none per session",
+        ids.len(),
+        idle_s,
+        (ops_idle - ops_created) as f64 / hosts.len() as f64 * 60.0 / idle_s as f64,
+    );
+    for (_, id) in &ids {
+        call_timed(&rt, &via_router, "DELETE", &format!("/v1/sessions/{id}"), None);
+    }
+    let _ = router.kill();
+    let _ = router.wait();
+    drop(hosts);
+}
+
 /// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]`: one flintd on its defaults (jail,
 /// standby VMMs), a template of the default image with a warm pool; N sessions, M of them kept running, the rest
 /// hibernating after 1 s idle; then K clients doing exec/file calls on random sessions (waking hibernated ones)
@@ -1933,8 +2132,13 @@ async fn main() {
         let _ = std::thread::spawn(move || standby_bench(runs.max(5))).join();
         return;
     }
+    if mode == "cluster" {
+        let secs = args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
+        let _ = std::thread::spawn(move || cluster_bench(runs.max(3), secs.unwrap_or(30))).join();
+        return;
+    }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench cluster [--runs N] [--seconds S] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
