@@ -328,7 +328,13 @@ impl ProcessLauncher {
         };
         let start = pid_start_time(pid).unwrap_or(0);
         lock(&self.jailed).insert(pid, Arc::new(pidfd));
-        let standby = Standby { proc: Proc { pid, start }, dir: dir.to_path_buf(), uid: c.uid, mem_mib: c.mem_mib, ctl: Some(ours) };
+        let standby = Standby {
+            proc: Proc { pid, start },
+            dir: dir.to_path_buf(),
+            uid: c.uid,
+            mem_mib: c.mem_mib,
+            ctl: Some(ours),
+        };
         // Offered for hand-over only once it says it is ready (jailed, its KVM VM made): until then it still opens
         // paths in its directory, which a hand-over renames.
         if let Err(e) = wait_ready(standby.ctl.as_ref().expect("just set"), STANDBY_READY_TIMEOUT) {

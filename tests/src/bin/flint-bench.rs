@@ -2133,7 +2133,8 @@ async fn main() {
         return;
     }
     if mode == "cluster" {
-        let secs = args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
+        let secs =
+            args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
         let _ = std::thread::spawn(move || cluster_bench(runs.max(3), secs.unwrap_or(30))).join();
         return;
     }
