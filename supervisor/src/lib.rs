@@ -125,6 +125,18 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixL
     Ok(l)
 }
 
+/// Resolves at SIGTERM or SIGINT (never, if the handler cannot be installed).
+pub async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
 /// Tells systemd (Type=notify) about the daemon's state.
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
@@ -193,14 +205,7 @@ pub async fn run(cfg: config::Config) -> Result<(), RunError> {
     sd_notify("READY=1");
     let app = api::router(daemon.clone());
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
+        terminated().await;
         info!("flintd stopping: no new requests; operations in flight finish (VMs keep running and are re-adopted)");
         sd_notify("STOPPING=1");
     };

@@ -57,17 +57,7 @@ async fn run(a: Args) -> Result<(), String> {
     let l = tls::TlsListener::new(l, server_tls).map_err(|e| e.to_string())?;
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| r.clone().handle(req));
     tracing::info!(listen = %a.listen, "flint-router ready");
-    let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-    };
-    axum::serve(l, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+    axum::serve(l, app).with_graceful_shutdown(flint_supervisor::terminated()).await.map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

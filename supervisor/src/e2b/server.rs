@@ -75,34 +75,17 @@ pub async fn dispatch(e: Arc<E2b>, req: Request<Body>) -> Response {
     control::serve(e, &parts.method, parts.uri.path(), parts.uri.query().unwrap_or(""), &body).await
 }
 
-fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, ServeError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(ServeError::Tls(format!("{}: no certificate", cert.display())));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    // HTTP/1.1 only: the SDK speaks h2 whenever ALPN allows it.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
 /// Binds the endpoint's listeners (and loads its certificate) before flintd says it is ready; the returned
 /// future serves them.
 pub async fn serve(e: Arc<E2b>) -> Result<impl std::future::Future<Output = ()>, ServeError> {
     let c = &e.cfg.e2b;
     let tls = match (c.tls_listen, &c.tls_cert, &c.tls_key) {
-        (Some(addr), Some(cert), Some(key)) => Some((addr, tokio_rustls::TlsAcceptor::from(tls_config(cert, key)?))),
+        (Some(addr), Some(cert), Some(key)) => Some((
+            addr,
+            tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(cert, key, None).map_err(|e| ServeError::Tls(e.0))?,
+            ),
+        )),
         (Some(_), _, _) => return Err(ServeError::Tls("[e2b] tls_listen needs tls_cert and tls_key".into())),
         (None, _, _) => None,
     };
