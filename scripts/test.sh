@@ -68,6 +68,7 @@ unit() {
 }
 
 kvm() {
+  packages # the boot test pings the guest from its network namespace
   images
   run_tests --test vmm_boot --test snapshot
   say "tier 1 passed"

@@ -1090,8 +1090,7 @@ fn a_host_that_cannot_renew_its_lease_stops_the_session_before_another_takes_it(
     println!("A's VM stopped {a_stopped_at:?} after the cut; B woke the session {:?} after it", cut.elapsed());
     assert!(frozen_seen, "A paused the VM before it stopped it");
     assert_eq!(woken, "hibernated", "the last hibernation, and nothing A did after it");
-    let on_a = session(&sock_a, "f1");
-    assert_eq!(on_a["state"], "failed", "{on_a}");
+    let on_a = wait_state(&sock_a, "f1", "failed", Duration::from_secs(120));
     assert!(on_a["error"].as_str().unwrap_or("").contains("lost its lease"), "{on_a}");
     let metrics = String::from_utf8_lossy(&flint(&sock_a, &["metrics"]).stdout).into_owned();
     for m in ["flint_session_lease_freezes_total 1", "flint_session_lease_fences_total 1"] {
@@ -1205,8 +1204,8 @@ fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
         assert!(healed.elapsed() < Duration::from_secs(120), "A never stopped its VM after reconnecting");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let on_a = session(&sock_a, "e1");
-    assert_eq!(on_a["state"], "failed", "{on_a}");
+    // The VM is killed first, the record written once the session's operation lock is free: wait for it.
+    let on_a = wait_state(&sock_a, "e1", "failed", Duration::from_secs(120));
     assert!(on_a["error"].as_str().unwrap_or("").contains("etcd lease ended"), "{on_a}");
     let out = flint(&sock_a, &["session", "hibernate", "e1"]);
     assert!(!out.status.success(), "A's late hibernation is refused: {out:?}");
@@ -1296,8 +1295,7 @@ fn a_stopped_flintd_s_session_vm_holds_itself_before_another_host_wakes_it() {
         assert!(resumed.elapsed() < Duration::from_secs(120), "A never stopped its VM once running again");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let on_a = session(&sock_a, "z1");
-    assert_eq!(on_a["state"], "failed", "{on_a}");
+    let on_a = wait_state(&sock_a, "z1", "failed", Duration::from_secs(120));
     assert!(on_a["error"].as_str().unwrap_or("").contains("etcd lease ended"), "{on_a}");
     assert!(!flint(&sock_a, &["session", "hibernate", "z1"]).status.success(), "A's late hibernation is refused");
     flint_json(&sock_b, &["session", "rm", "z1"]);
