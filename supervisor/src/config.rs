@@ -169,6 +169,10 @@ pub struct Limits {
     pub max_vms: usize,
     /// Sum of those VMs' guest memory, MiB; 0: no limit (guest memory is touched lazily, so hosts overcommit).
     pub max_total_mem_mib: u64,
+    /// The overcommit policy (docs/operations.md): those VMs' guest memory may add up to at most this multiple of
+    /// the host's RAM (MemTotal); 0: no limit. Clones share their snapshot's pages and free page reporting gives
+    /// freed memory back, so a host carries far more guest memory than it has; past the ratio a start is a 429.
+    pub memory_overcommit: f64,
     /// Clones one `POST /v1/clones` may ask for.
     pub max_clones_per_call: u32,
     /// Largest writable disk (storage quota) of a disk-rooted image's VM, MiB; 0: no limit.
@@ -181,11 +185,31 @@ pub struct Limits {
     pub min_free_disk_mib: u64,
 }
 
+impl Limits {
+    /// Most guest memory live VMs may hold under [`Limits::memory_overcommit`], MiB (`None`: no limit).
+    pub fn overcommit_cap_mib(&self) -> Option<u64> {
+        (self.memory_overcommit > 0.0).then(|| (host_ram_mib() as f64 * self.memory_overcommit) as u64)
+    }
+}
+
+/// This host's RAM (MemTotal), MiB, read once.
+pub fn host_ram_mib() -> u64 {
+    static RAM: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *RAM.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string())))
+            .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    })
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_vms: 1024,
             max_total_mem_mib: 0,
+            memory_overcommit: 4.0,
             max_clones_per_call: 1000,
             max_disk_mib: 16384,
             max_total_disk_mib: 0,
@@ -204,6 +228,10 @@ pub struct VmDefaults {
     /// Size of a disk image's VM's mount slot (a sparse drive dynamic mounts fill), MiB: the largest directory
     /// one mount can carry.
     pub mount_slot_mib: u64,
+    /// Booted VMs get a virtio-balloon device with free page reporting: memory their guest frees (in blocks of
+    /// 4 MiB) goes back to the host, and a hibernation leaves it out. Clones and wakes keep what their snapshot's
+    /// VM had.
+    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +286,7 @@ impl Default for VmDefaults {
             vcpus: 1,
             console_limit_bytes: flint_vmm_api::config::DEFAULT_CONSOLE_LIMIT,
             mount_slot_mib: 1024,
+            free_page_reporting: true,
         }
     }
 }
@@ -332,6 +361,10 @@ impl Config {
         }
         if let Some(h) = &self.sessions.host_id {
             flint_snapshot_store::manifest::check_name("sessions.host_id", h).map_err(ConfigError::Invalid)?;
+        }
+        let o = self.limits.memory_overcommit;
+        if !(o == 0.0 || (0.1..=100.0).contains(&o)) {
+            return invalid(format!("limits.memory_overcommit {o}: 0 (no limit) or within 0.1..=100 (times the RAM)"));
         }
         let j = &self.jail;
         if j.uid_base == 0 || j.uid_count == 0 || u64::from(j.uid_base) + u64::from(j.uid_count) > u64::from(u32::MAX) {

@@ -674,6 +674,107 @@ fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
     assert_eq!(child["cpu"], 0.1, "a clone keeps its snapshot's limit: {child}");
 }
 
+/// Anonymous memory of a process, KiB (`RssAnon`: a VMM's private copies of guest pages).
+fn rss_anon_kib(pid: i64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The balloon device's counters in a VM's VMM description.
+fn balloon_of(socket: &Path, vm: &str) -> serde_json::Value {
+    let d = vm_detail(socket, vm);
+    let devices = d["vmm"]["devices"].as_array().cloned().unwrap_or_default();
+    let b = devices.into_iter().find(|v| v["id"] == "balloon0").unwrap_or_else(|| panic!("no balloon0 device: {d}"));
+    b["device"].clone()
+}
+
+/// About 30 MiB of poorly compressible guest memory, then freed: 16 copies of the guest's busybox binary into a
+/// tmpfs file, which is then removed. (Every MiB a guest touches costs seconds of emulated kernel on the
+/// development host, so the fill is no larger than it needs to be; free page reporting works in 4 MiB blocks.)
+const FILL_AND_FREE: &str = "i=0; while [ $i -lt 16 ]; do cat /bin/busybox; i=$((i+1)); done > /tmp/fill; \
+    wc -c < /tmp/fill; rm /tmp/fill";
+
+/// Memory that goes back (#30): two sessions of the golden snapshot (its guest has the balloon device with free
+/// page reporting); the guest of `off` has reporting turned off (its order past the largest). Each fills ~30 MiB
+/// of tmpfs and frees it. `on` gives it back to the host (its VMM's anonymous memory drops, the device counts the
+/// bytes) and its hibernation leaves it out; `off` keeps it and its hibernation stores it. `on` wakes after.
+#[test]
+fn freed_guest_memory_goes_back_to_the_host_and_out_of_hibernations() {
+    let s3 = S3Server::start();
+    let work = TempDir::new("flintd-balloon");
+    let data = work.path().join("data");
+    let _reaper = KillVmmsUnder(data.clone());
+    let socket = work.path().join("flintd.sock");
+    flint_tests::import_golden(&data, &s3, "balloon", "gold", None);
+    let _d = Flintd::start_with(&data, &socket, &s3, "balloon", &["--allow-unauthenticated-bucket"]);
+    // The golden guest's counter forks a `sleep` every second, a core's worth of emulated kernel here: stopped.
+    let stop_counter = "for p in /proc/[0-9]*; do n=${p#/proc/}; [ $n = $$ ] && continue; \
+        grep -q /tmp/counter $p/cmdline 2>/dev/null && kill $n; done; echo stopped";
+    let mut vms = std::collections::HashMap::new();
+    for id in ["on", "off"] {
+        let s = flint_json(&socket, &["session", "create", "--snapshot", "gold", "--id", id, "--idle-timeout", "3600"]);
+        let vm = s["vm"].as_str().unwrap().to_string();
+        let pid = vm_detail(&socket, &vm)["pid"].as_i64().expect("the VMM's pid");
+        assert_eq!(sh(&socket, id, stop_counter), "stopped");
+        vms.insert(id, (vm, pid));
+    }
+    let order = "/sys/module/page_reporting/parameters/page_reporting_order";
+    assert_eq!(sh(&socket, "off", &format!("echo 11 > {order}; cat {order}")), "11", "reporting off in `off`");
+
+    // Both fill at once (one vCPU each).
+    let before: std::collections::HashMap<&str, u64> =
+        vms.iter().map(|(id, (_, pid))| (*id, rss_anon_kib(*pid))).collect();
+    let t = Instant::now();
+    let filled: Vec<u64> = std::thread::scope(|sc| {
+        let socket = &socket;
+        let fills: Vec<_> = ["on", "off"].iter().map(|id| sc.spawn(move || sh(socket, id, FILL_AND_FREE))).collect();
+        fills.into_iter().map(|f| f.join().unwrap().parse().expect("the fill's size")).collect()
+    });
+    let fill_kib = filled[0] / 1024;
+    assert!(fill_kib > 24 << 10, "filled {fill_kib} KiB");
+    println!("filled and freed {fill_kib} KiB in each guest in {:.1} s", t.elapsed().as_secs_f64());
+
+    // `on`: the guest reports the freed blocks (2 s after they are freed) and the VMM discards them.
+    let (vm_on, pid_on) = vms["on"].clone();
+    let t = Instant::now();
+    loop {
+        let b = balloon_of(&socket, &vm_on);
+        let rss = rss_anon_kib(pid_on);
+        let reported = b["reported_bytes"].as_u64().unwrap_or(0);
+        // Blocks of 4 MiB and up are reported: not every page of the fill ends up in one.
+        if reported >= (fill_kib / 2) << 10 && rss < before["on"] + fill_kib / 2 {
+            println!(
+                "on: {reported} bytes reported, VMM RssAnon {} → {rss} KiB, {:.1} s after the fill",
+                before["on"],
+                t.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(180), "the freed memory never went back: RssAnon {rss} KiB, {b}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let rss_off = rss_anon_kib(vms["off"].1);
+    println!("off: VMM RssAnon {} → {rss_off} KiB", before["off"]);
+    assert!(rss_off > before["off"] + fill_kib * 3 / 4, "`off` keeps what its guest freed");
+
+    let stored = |id: &str| {
+        let h = flint_json(&socket, &["session", "hibernate", id]);
+        assert_eq!(h["state"], "hibernated", "{h}");
+        h["last_hibernate_stored_bytes"].as_u64().unwrap()
+    };
+    let (on, off) = (stored("on"), stored("off"));
+    println!("hibernation stored {on} bytes with free page reporting, {off} without");
+    assert!(off > (fill_kib << 10) / 4, "without reporting the freed pages are stored: {off} bytes");
+    assert!(on * 2 < off, "with reporting most are left out: {on} bytes");
+    assert_eq!(sh(&socket, "on", "echo awake"), "awake", "the session wakes from a hibernation without them");
+    flint_json(&socket, &["session", "rm", "on"]);
+    flint_json(&socket, &["session", "rm", "off"]);
+}
+
 /// A child process killed (and reaped) when dropped.
 struct KillOnDrop(std::process::Child);
 

@@ -2,7 +2,7 @@
 //! agent work. One boot carries most checks (a boot costs ~40 s on emulating KVM hosts).
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flint_agent::client::ExecEvent;
 use flint_agent::protocol::ExecRequest;
@@ -75,7 +75,7 @@ async fn guest_boots_and_every_device_works() {
     let (st, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
     assert_eq!(st, 200);
     assert_eq!(d["state"], "running");
-    assert_eq!(d["devices"].as_array().unwrap().len(), 5, "2 drives, net, vsock, rng");
+    assert_eq!(d["devices"].as_array().unwrap().len(), 6, "2 drives, net, vsock, rng, balloon");
     assert!(d["devices"].as_array().unwrap().iter().all(|x| x["activated"] == true), "{d}");
     assert!(d["timings"]["first_run_to_init_us"].as_u64().is_some());
 
@@ -137,6 +137,20 @@ async fn guest_boots_and_every_device_works() {
     let out = agent.exec_output(argv(&["/bin/head", "-c", "64", "/dev/hwrng"])).await.unwrap();
     assert_eq!(out.stdout.len(), 64, "{out:?}");
     assert!(out.stdout.iter().any(|b| *b != 0));
+
+    // Balloon: the guest's free page reporting hands its free memory (most of its 256 MiB, unused since boot)
+    // to the VMM, which discards it.
+    let t = Instant::now();
+    loop {
+        let (_, d) = api_call(&vm.api_sock, "GET", "/vm", None).unwrap();
+        let b = d["devices"].as_array().unwrap().iter().find(|x| x["id"] == "balloon0").unwrap()["device"].clone();
+        if b["reported_bytes"].as_u64().unwrap_or(0) >= 128 << 20 {
+            assert_eq!(b["discard_errors"], 0, "{b}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "the guest reported no free memory: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Net: the guest reaches the host end of the tap inside the namespace, and back.
     let out = agent.exec_output(argv(&["/bin/ping", "-c", "2", "-W", "5", &net.host_ip])).await.unwrap();

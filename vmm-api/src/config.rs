@@ -28,6 +28,10 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// A virtio-balloon device with free page reporting: memory the guest frees goes back to the host, and diff
+    /// snapshots leave it out. Off in configurations written before it existed.
+    #[serde(default)]
+    pub balloon: bool,
     /// Where the serial console goes: a file path, "stdout" or "off".
     #[serde(default = "default_console")]
     pub console: String,
@@ -236,6 +240,7 @@ impl VmConfig {
             net: None,
             vsock: None,
             rng: true,
+            balloon: true,
             console: default_console(),
             console_limit_bytes: DEFAULT_CONSOLE_LIMIT,
             host_profile: None,
@@ -276,7 +281,8 @@ impl VmConfig {
         let n = self.drives.len()
             + usize::from(self.net.is_some())
             + usize::from(self.vsock.is_some())
-            + usize::from(self.rng);
+            + usize::from(self.rng)
+            + usize::from(self.balloon);
         if n > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices);
         }

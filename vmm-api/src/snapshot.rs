@@ -34,6 +34,10 @@ pub struct WriteStats {
     pub bytes_written: u64,
     pub pages_written: u64,
     pub zero_pages_skipped: u64,
+    /// Dirtied pages a diff left out because they hold the restored snapshot's page again (the guest freed them
+    /// and free page reporting gave them back).
+    #[serde(default)]
+    pub returned_pages_skipped: u64,
 }
 
 /// What a snapshot cost, and what it holds.

@@ -190,6 +190,9 @@ pub struct VmmShared {
     pub(crate) local_pager: Option<LocalPager>,
     /// One snapshot at a time.
     pub(crate) snapshot_lock: Mutex<()>,
+    /// The next diff snapshot's parent is the snapshot this VM was restored from (no snapshot taken since): a page
+    /// that holds that snapshot's content again is left out of it ([`crate::snapshot::memory::SourcePages`]).
+    pub(crate) diff_on_source: std::sync::atomic::AtomicBool,
 }
 
 /// Everything a built or restored VM is made of, before its vCPU threads exist.
@@ -603,6 +606,7 @@ impl Vmm {
             vm,
             mem,
             serial: devices.serial,
+            diff_on_source: std::sync::atomic::AtomicBool::new(restore.is_some()),
             restore_timings: restore,
             cpuids,
             exit,

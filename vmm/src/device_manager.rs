@@ -1,5 +1,5 @@
 //! The devices of a VM: the legacy PIO devices (UART, i8042 reset line), the virtio-mmio devices in id order
-//! (drives `vda`.., `net0`, `vsock0`, `rng0`), their irqfds and ioeventfds, and the device event loop.
+//! (drives `vda`.., `net0`, `vsock0`, `rng0`, `balloon0`), their irqfds and ioeventfds, and the device event loop.
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -14,7 +14,7 @@ use crate::config::{mac_from_name, parse_mac, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{I8042Device, SerialDevice, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN};
 use crate::devices::virtio::mmio::{MmioSubscriber, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{block, net, rng, vsock, Interrupt, MmioTransport, VirtioDevice};
+use crate::devices::virtio::{balloon, block, net, rng, vsock, Interrupt, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::vstate::memory::GuestMem;
 use crate::vstate::vcpu::VmExit;
@@ -181,6 +181,9 @@ pub(crate) fn setup_devices(
     }
     if config.rng {
         virtio.push(Box::new(rng::Rng::new()));
+    }
+    if config.balloon {
+        virtio.push(Box::new(balloon::Balloon::new()));
     }
 
     let mut mmio = Bus::new();

@@ -135,6 +135,12 @@ pub fn enter(j: &JailSpec) -> Result<(), JailError> {
             return Err(JailError::Invalid("credentials did not change".into()));
         }
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")?;
+        // The page map a diff snapshot reads (crate::snapshot::memory::SourcePages): the credential change left
+        // the process non-dumpable, which hands /proc/self to root; for the moment of the open it is dumpable
+        // again, so the file opens with the VM's own credentials (page frame numbers stay hidden). Nothing else
+        // runs as this uid. Without it diffs hold every dirtied page, as before.
+        check(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable for the page map")?;
+        crate::snapshot::memory::preopen_pagemap();
         check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0), "non-dumpable")?;
     }
     Ok(())

@@ -18,11 +18,11 @@ const EXIT_SETUP: u8 = 1;
 struct Args {
     /// The launch spec flintd writes (JSON `LaunchSpec`, docs/vmm.md): everything this process is to do. No other
     /// flag may be given with it.
-    #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "no_balloon", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
     spec: Option<PathBuf>,
     /// Run as a standby VMM (`StandbySpec` JSON, docs/vmm.md): jail, KVM VM and memory slots made ahead, then wait
     /// for a launch spec on fd 3 (flintd's launcher only).
-    #[arg(long, conflicts_with_all = ["spec", "config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
+    #[arg(long, conflicts_with_all = ["spec", "config", "kernel", "initramfs", "mem", "vcpus", "cmdline_extra", "drives", "tap", "vsock_uds", "console", "console_limit", "no_rng", "no_balloon", "api_sock", "track_dirty_pages", "restore_state", "restore_mem", "merged_memory", "no_seccomp", "merge_diff"])]
     standby: Option<PathBuf>,
     /// JSON VM configuration (fields as in docs/vmm.md); flags below override it.
     #[arg(long)]
@@ -59,6 +59,9 @@ struct Args {
     /// Most bytes the console file and its rotated predecessor hold together.
     #[arg(long)]
     console_limit: Option<u64>,
+    /// No virtio-balloon (free page reporting) device.
+    #[arg(long)]
+    no_balloon: bool,
     /// Disable virtio-rng.
     #[arg(long)]
     no_rng: bool,
@@ -176,6 +179,9 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
     }
     if let Some(l) = a.console_limit {
         c.console_limit_bytes = l;
+    }
+    if a.no_balloon {
+        c.balloon = false;
     }
     if a.no_rng {
         c.rng = false;

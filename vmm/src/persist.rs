@@ -72,6 +72,8 @@ impl VmmHandle {
             report.state_bytes = crate::snapshot::write_state(&state, &req.state_path)?;
             report.write_state_us = elapsed_us(t);
             let t = Instant::now();
+            // From here on the parent of a later diff is this snapshot, whatever becomes of it.
+            let on_source = self.diff_on_source.swap(false, std::sync::atomic::Ordering::AcqRel);
             report.memory = match req.kind {
                 SnapshotKind::Full => {
                     let st = snapmem::write_full(&self.mem, &req.mem_path)?;
@@ -80,7 +82,11 @@ impl VmmHandle {
                     }
                     st
                 }
-                SnapshotKind::Diff => snapmem::write_diff(&self.vm, &self.mem, &req.mem_path)?,
+                SnapshotKind::Diff => {
+                    // Without the pagemap every dirtied page is written: larger, never wrong.
+                    let source = on_source.then(|| snapmem::SourcePages::open().ok()).flatten();
+                    snapmem::write_diff(&self.vm, &self.mem, &req.mem_path, source.as_ref())?
+                }
             };
             report.write_memory_us = elapsed_us(t);
             drop(guards);

@@ -67,6 +67,15 @@ impl Allocator {
                 self.mem_mib, limits.max_total_mem_mib
             )));
         }
+        if let Some(cap) = limits.overcommit_cap_mib().filter(|cap| want > *cap) {
+            return Err(AllocError::Quota(format!(
+                "{} MiB of guest memory in use, {n} more VM(s) of {mem_mib} MiB would pass limits.memory_overcommit = {} \
+                 times this host's {} MiB of RAM ({cap} MiB)",
+                self.mem_mib,
+                limits.memory_overcommit,
+                crate::config::host_ram_mib()
+            )));
+        }
         Ok(())
     }
 
@@ -209,6 +218,20 @@ mod tests {
         assert_eq!(a.held("\0standby-1").and_then(|h| h.uid), Some(100), "a refused take leaves the standby's uid");
         a.release("x");
         assert_eq!(a.reserve_uid("\0standby-3", &jail).unwrap(), 101, "the VM's uid is free once it is deleted");
+    }
+
+    #[test]
+    fn guest_memory_past_the_overcommit_ratio_is_refused() {
+        let ram = crate::config::host_ram_mib();
+        assert!(ram > 0, "MemTotal read");
+        let limits = Limits { memory_overcommit: 0.5, ..Default::default() };
+        let mut a = Allocator::default();
+        a.reserve("x", &limits, (ram / 4, 0), None, None).unwrap();
+        let e = a.reserve("y", &limits, (ram / 3, 0), None, None).unwrap_err().to_string();
+        assert!(e.contains("limits.memory_overcommit = 0.5 times this host's"), "{e}");
+        a.reserve("y", &limits, (ram / 8, 0), None, None).unwrap();
+        let off = Limits { memory_overcommit: 0.0, ..Default::default() };
+        assert!(a.check(&off, 1, ram * 100, 0).is_ok(), "0: no limit");
     }
 
     #[test]

@@ -358,6 +358,7 @@ impl Manager {
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") });
         config.console = dir.join("console.log").display().to_string();
         config.console_limit_bytes = self.cfg.vm.console_limit_bytes;
+        config.balloon = self.cfg.vm.free_page_reporting;
         config.validate_limits()?;
         if let Some(mib) = disk {
             let (dir, slot_mib) = (dir.clone(), self.cfg.vm.mount_slot_mib);

@@ -83,9 +83,62 @@ pub fn write_full(mem: &GuestMem, path: &Path) -> Result<WriteStats, MemFileErro
     Ok(stats)
 }
 
+/// The VMM's page table as `/proc/self/pagemap` shows it: which pages of a restored VM's memory hold the restored
+/// snapshot's content again. A page is such when it is not present (never touched, or given back through free
+/// page reporting: its next touch maps the snapshot file's page or has the page server fetch it) or is a page of
+/// the mapped snapshot file itself (read, never copied on write). A present anonymous page or a swapped one may
+/// differ.
+pub struct SourcePages {
+    pagemap: File,
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// The page map opened ahead by the jail (a jailed VMM cannot open it later: see `jail::enter`).
+static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/pagemap` now and keeps it for [`SourcePages::open`]; a failure leaves diffs whole.
+pub fn preopen_pagemap() {
+    if let Ok(f) = File::open("/proc/self/pagemap") {
+        let _ = PAGEMAP.set(f);
+    }
+}
+
+impl SourcePages {
+    pub fn open() -> std::io::Result<Self> {
+        let pagemap = match PAGEMAP.get() {
+            Some(f) => f.try_clone()?,
+            None => File::open("/proc/self/pagemap")?,
+        };
+        Ok(Self { pagemap })
+    }
+
+    /// For each of the `n` pages at host address `addr`: whether it holds the restored snapshot's page.
+    pub fn unchanged(&self, addr: usize, n: usize) -> std::io::Result<Vec<bool>> {
+        let mut raw = vec![0u8; n * 8];
+        self.pagemap.read_exact_at(&mut raw, (addr / PAGE) as u64 * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|e| {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                e & PM_SWAP == 0 && (e & PM_PRESENT == 0 || e & PM_FILE != 0)
+            })
+            .collect())
+    }
+}
+
 /// Writes only the pages KVM logged as dirty since the last call (the dirty log is cleared
 /// by reading it). Dirty pages are written even when zero: in a diff a hole means "unchanged".
-pub fn write_diff(vm: &kvm_ioctls::VmFd, mem: &GuestMem, path: &Path) -> Result<WriteStats, MemFileError> {
+/// With `source` (the diff's parent is the snapshot this VM was restored from, and no snapshot was taken since),
+/// a dirtied page that holds that snapshot's page again is left out: memory the guest freed and gave back.
+pub fn write_diff(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMem,
+    path: &Path,
+    source: Option<&SourcePages>,
+) -> Result<WriteStats, MemFileError> {
     let p = path.display().to_string();
     let tmp = path.with_extension("tmp");
     let f = File::create(&tmp).map_err(|e| MemFileError::Write(p.clone(), e))?;
@@ -111,10 +164,29 @@ pub fn write_diff(vm: &kvm_ioctls::VmFd, mem: &GuestMem, path: &Path) -> Result<
             while page < pages && dirty(page) {
                 page += 1;
             }
-            let (a, b) = (start * PAGE, page * PAGE);
-            f.write_all_at(&data[a..b], off + a as u64).map_err(|e| MemFileError::Write(p.clone(), e))?;
-            stats.bytes_written += (b - a) as u64;
-            stats.pages_written += (page - start) as u64;
+            let kept = match source {
+                Some(s) => s
+                    .unchanged(data.as_ptr() as usize + start * PAGE, page - start)
+                    .map_err(|e| MemFileError::Read("/proc/self/pagemap".into(), e))?,
+                None => vec![false; page - start],
+            };
+            // Runs of pages that changed, each one write.
+            let mut i = 0;
+            while i < kept.len() {
+                if kept[i] {
+                    stats.returned_pages_skipped += 1;
+                    i += 1;
+                    continue;
+                }
+                let run = i;
+                while i < kept.len() && !kept[i] {
+                    i += 1;
+                }
+                let (a, b) = ((start + run) * PAGE, (start + i) * PAGE);
+                f.write_all_at(&data[a..b], off + a as u64).map_err(|e| MemFileError::Write(p.clone(), e))?;
+                stats.bytes_written += (b - a) as u64;
+                stats.pages_written += (i - run) as u64;
+            }
         }
         devices.reset();
         off += r.len();
@@ -277,6 +349,30 @@ mod tests {
         let again = map_private(&p, &layout(&mem), None).unwrap();
         assert_eq!(again.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x1122_3344);
         assert!(matches!(map_private(&p, &[(0, 4096)], None), Err(MemFileError::Size { .. })));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// Which pages of a private mapping of a snapshot file hold the file's page: untouched, read, and written then
+    /// given back (MADV_DONTNEED, what free page reporting does) do; written ones do not.
+    #[test]
+    fn pagemap_tells_pages_given_back_from_pages_written() {
+        let p = tmp("pagemap");
+        std::fs::write(&p, vec![7u8; 8 * PAGE]).unwrap();
+        let mem = map_private(&p, &[(0, 8 * PAGE as u64)], None).unwrap();
+        let r = mem.find_region(GuestAddress(0)).unwrap();
+        let host = r.as_ptr() as usize;
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE as u64)).unwrap(), 7);
+        for page in [2u64, 3, 4] {
+            mem.write_obj(1u8, GuestAddress(page * PAGE as u64)).unwrap();
+        }
+        // SAFETY: pages 3..5 of the mapping `mem` owns; MADV_DONTNEED only drops their private copies.
+        let rc = unsafe { libc::madvise((host + 3 * PAGE) as *mut libc::c_void, 2 * PAGE, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let source = SourcePages::open().unwrap();
+        let unchanged = source.unchanged(host, 8).unwrap();
+        assert_eq!(unchanged, [true, true, false, true, true, true, true, true]);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * PAGE as u64)).unwrap(), 7, "the file's page again");
+        drop(mem);
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -121,6 +121,9 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     if config.rng {
         ids.push("rng0".into());
     }
+    if config.balloon {
+        ids.push("balloon0".into());
+    }
     ids
 }
 

@@ -3,6 +3,7 @@
 //! Each device is one [`MmioTransport`] behind a mutex: vCPU threads access its registers
 //! through the MMIO bus; the event-manager thread processes its queues when the guest's
 //! ioeventfd notification fires and when the device's own fds (tap, sockets) are ready.
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -26,6 +27,7 @@ pub use mmio::MmioTransport;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
