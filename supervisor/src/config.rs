@@ -195,13 +195,7 @@ impl Limits {
 /// This host's RAM (MemTotal), MiB, read once.
 pub fn host_ram_mib() -> u64 {
     static RAM: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *RAM.get_or_init(|| {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string())))
-            .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kib| kib / 1024)
-    })
+    *RAM.get_or_init(|| crate::cluster::host_memory_mib().0)
 }
 
 impl Default for Limits {

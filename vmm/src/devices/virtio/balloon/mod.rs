@@ -115,7 +115,9 @@ impl Balloon {
     fn report(&mut self, ctx: &mut DeviceCtx) {
         let mem = ctx.mem;
         let mut ranges = Vec::new();
+        let mut chains = 0;
         super::queue::drain(ctx, REPORTING, &self.counters.bad_descriptors, |chain| {
+            chains += 1;
             for d in chain {
                 if !d.is_write_only() {
                     return None;
@@ -131,7 +133,7 @@ impl Balloon {
                 self.balloon.reported_bytes.fetch_add(len, Ordering::Relaxed);
             }
         }
-        self.balloon.reports.fetch_add(1, Ordering::Relaxed);
+        self.balloon.reports.fetch_add(chains, Ordering::Relaxed);
     }
 
     /// Inflate (discard each page frame) or deflate (nothing to do) queue: chains of readable little-endian u32
@@ -284,6 +286,9 @@ mod tests {
         assert_eq!(env.used(REPORTING), vec![(u32::from(head), 0)]);
         assert!(env.interrupted());
         assert_eq!(dev.balloon.reported_bytes.load(Ordering::Relaxed), 0x60000);
+        assert_eq!(dev.balloon.reports.load(Ordering::Relaxed), 1);
+        env.run(|ctx| dev.process(REPORTING, ctx));
+        assert_eq!(dev.balloon.reports.load(Ordering::Relaxed), 1, "a notification without a chain is no report");
     }
 
     /// A report the guest got wrong (a readable descriptor; a range outside memory or not page-aligned) is
