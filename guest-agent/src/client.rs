@@ -478,6 +478,29 @@ impl AgentClient {
         Ok(FileStream { client: self, id, rx, size, max, whole, got: 0, done: false, deadline, path: path.into() })
     }
 
+    /// Watches a directory (and, with `recursive`, everything below it); answers once the watch is in place.
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream<'_>, ClientError> {
+        let (id, mut rx) = self.open();
+        let started = tokio::time::timeout(self.call_timeout, async {
+            self.send(Frame::json(id, &Request::Watch { path: path.to_string(), recursive })).await?;
+            Self::next_json(&mut rx).await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(self.call_timeout))
+        .and_then(|r| r);
+        match started {
+            Ok(Response::Watching) => Ok(WatchStream { client: self, id, rx, done: false }),
+            Ok(other) => {
+                self.close(id);
+                Err(ClientError::Protocol(format!("{other:?}")))
+            }
+            Err(e) => {
+                self.close(id);
+                Err(e)
+            }
+        }
+    }
+
     pub async fn stat(&self, path: &str) -> Result<StatInfo, ClientError> {
         match self.call(&Request::Stat { path: path.into() }).await? {
             Response::Stat(s) => Ok(s),
@@ -654,6 +677,51 @@ impl FileStream<'_> {
 
 impl Drop for FileStream<'_> {
     fn drop(&mut self) {
+        self.client.close(self.id);
+    }
+}
+
+/// A directory watch in progress ([`AgentClient::watch`]). Dropping it ends the watch in the guest.
+pub struct WatchStream<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    done: bool,
+}
+
+impl WatchStream<'_> {
+    /// The next batch of changes; `None` once the watch is over (stopped, or the directory itself went).
+    pub async fn next(&mut self) -> Result<Option<Vec<FsEvent>>, ClientError> {
+        while !self.done {
+            let f = self.rx.recv().await.ok_or(ClientError::Closed)?;
+            if f.kind != kind::JSON {
+                return Err(ClientError::Protocol(format!("frame kind {:#x} on a watch stream", f.kind)));
+            }
+            match serde_json::from_slice::<Response>(&f.payload).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                Response::FsEvents { events } => return Ok(Some(events)),
+                Response::Ok { .. } => self.done = true,
+                Response::Error { code, message } => {
+                    self.done = true;
+                    return Err(ClientError::Agent { code, message });
+                }
+                other => return Err(ClientError::Protocol(format!("{other:?}"))),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ends the watch; [`WatchStream::next`] then gives what was still queued, then `None`.
+    pub async fn stop(&self) -> Result<(), ClientError> {
+        self.client.send(Frame::json(self.id, &Request::Signal { signal: libc::SIGTERM })).await
+    }
+}
+
+impl Drop for WatchStream<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Best effort: a full queue leaves the watch to end with the connection.
+            let _ = self.client.tx.try_send(Frame::json(self.id, &Request::Signal { signal: libc::SIGTERM }));
+        }
         self.client.close(self.id);
     }
 }

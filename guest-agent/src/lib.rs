@@ -14,6 +14,7 @@ pub mod reaper;
 pub mod runner;
 pub mod server;
 pub mod vsock_cat;
+pub mod watch;
 
 /// Locks a mutex, recovering from poisoning (a panicked task must not wedge the others).
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

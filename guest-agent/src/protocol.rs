@@ -157,6 +157,14 @@ pub enum Request {
         from: String,
         to: String,
     },
+    /// Watch a directory (inotify): `watching`, then `fs_events` batches as things change in it, until the host
+    /// sends `signal` on the stream (or the directory itself goes): then `ok`.
+    Watch {
+        path: String,
+        /// Its subdirectories too, those made later included.
+        #[serde(default)]
+        recursive: bool,
+    },
     Refresh(RefreshRequest),
     /// Run code in one of the image's warm runners (a long-lived interpreter; state kept between runs). The
     /// code's stdout and stderr stream as STDOUT/STDERR frames, then `ran`.
@@ -327,6 +335,12 @@ pub enum Response {
     List {
         entries: Vec<DirEntry>,
     },
+    /// A watch is in place: what changes from now on is reported.
+    Watching,
+    /// What changed in a watched directory, in order.
+    FsEvents {
+        events: Vec<FsEvent>,
+    },
     Refreshed {
         clock_step_ns: Option<i64>,
         entropy_bytes: usize,
@@ -404,6 +418,29 @@ pub struct DirEntry {
     pub group: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+}
+
+/// One change in a watched directory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsEvent {
+    /// The entry's path relative to the watched directory (`sub/a.txt`).
+    pub name: String,
+    pub op: FsOp,
+}
+
+/// What happened to an entry (inotify's events, as fsnotify names them).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsOp {
+    /// Made, or moved in.
+    Create,
+    /// Its contents changed.
+    Write,
+    Remove,
+    /// Moved away (its new name, if in the watch, comes as a `create`).
+    Rename,
+    /// Its mode, owner or times changed.
+    Chmod,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

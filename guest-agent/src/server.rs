@@ -249,6 +249,51 @@ where
     let _ = writer.await;
 }
 
+/// Serves a `watch`: `watching`, then a `fs_events` frame per batch of changes, until the host signals on the
+/// stream, the connection ends or the directory itself goes (then `ok`).
+async fn watch(
+    agent: &Agent,
+    id: u32,
+    path: &str,
+    recursive: bool,
+    mut inbound: mpsc::Receiver<Inbound>,
+    tx: &Tx,
+) -> Option<Response> {
+    let root = match agent.resolve(path) {
+        Ok(p) => p,
+        Err((c, m)) => return Some(error(c, m)),
+    };
+    let mut w = match crate::watch::Watcher::new(&root, recursive) {
+        Ok(w) => w,
+        Err((c, m)) => return Some(error(c, m)),
+    };
+    if tx.send(Frame::json(id, &Response::Watching)).await.is_err() {
+        return None;
+    }
+    loop {
+        tokio::select! {
+            m = inbound.recv() => match m {
+                None | Some(Inbound::Json(Request::Signal { .. })) => return Some(Response::Ok { bytes: None }),
+                Some(_) => {}
+            },
+            ev = w.next() => match ev {
+                Ok(Some(events)) if events.is_empty() => {}
+                Ok(Some(events)) => {
+                    // Frames stay under MAX_PAYLOAD (64 names of at most PATH_MAX each): a burst goes in slices.
+                    for part in events.chunks(64) {
+                        let f = Frame::json(id, &Response::FsEvents { events: part.to_vec() });
+                        if tx.send(f).await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+                Ok(None) => return Some(Response::Ok { bytes: None }),
+                Err(e) => return Some(io_error(path, &e)),
+            },
+        }
+    }
+}
+
 /// Runs one request; returns its final response (streams send theirs themselves).
 async fn handle(
     agent: Arc<Agent>,
@@ -309,6 +354,7 @@ async fn handle(
             },
             (Err((c, m)), _) | (_, Err((c, m))) => error(c, m),
         },
+        Request::Watch { path, recursive } => return watch(&agent, id, &path, recursive, inbound, tx).await,
         Request::Refresh(r) => refresh(&agent, r).await,
         Request::Run(r) => {
             if r.code.len() > MAX_RUN_CODE {

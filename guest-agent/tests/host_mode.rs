@@ -4,7 +4,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use flint_agent::client::{AgentClient, ClientError, Endpoint, ExecEvent};
-use flint_agent::protocol::{ErrorCode, ExecRequest, FileKind, Frame, Request, Response};
+use flint_agent::protocol::{ErrorCode, ExecRequest, FileKind, Frame, FsOp, Request, Response};
 use tokio::io::AsyncWriteExt;
 
 struct Agent {
@@ -481,4 +481,67 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
         matches!(&err, ClientError::Agent { code: ErrorCode::NotFound, message } if message.contains("it has: python")),
         "{err}"
     );
+}
+
+/// Reads a watch's batches until `want` are all among them (in any order, others allowed), within a minute.
+async fn watch_until(
+    w: &mut flint_agent::client::WatchStream<'_>,
+    seen: &mut Vec<(String, FsOp)>,
+    want: &[(&str, FsOp)],
+) {
+    let all = |seen: &Vec<(String, FsOp)>| want.iter().all(|(n, op)| seen.iter().any(|(m, o)| m == n && o == op));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !all(seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, w.next()).await.unwrap_or_else(|_| panic!("never {want:?}: {seen:?}"));
+        seen.extend(batch.unwrap().expect("the watch ended early").into_iter().map(|e| (e.name, e.op)));
+    }
+}
+
+#[tokio::test]
+async fn a_watch_reports_changes_below_a_directory_until_stopped() {
+    use FsOp::*;
+    let a = Agent::start("watch", &[]);
+    let c = a.client().await;
+    let w_dir = a.root().join("w");
+    std::fs::create_dir_all(w_dir.join("old/deep")).unwrap();
+    let err = c.watch("/nope", false).await.err().unwrap();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    std::fs::write(a.root().join("file"), b"x").unwrap();
+    assert_eq!(c.watch("/file", false).await.err().unwrap().code(), Some(ErrorCode::NotADirectory));
+
+    let mut w = c.watch("/w", true).await.unwrap();
+    let mut seen = Vec::new();
+    std::fs::write(w_dir.join("a.txt"), b"1").unwrap();
+    std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(w_dir.join("a.txt")).unwrap(), b"2")
+        .unwrap();
+    std::fs::set_permissions(w_dir.join("a.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(w_dir.join("a.txt"), w_dir.join("b.txt")).unwrap();
+    std::fs::remove_file(w_dir.join("b.txt")).unwrap();
+    watch_until(&mut w, &mut seen, &[("a.txt", Create), ("a.txt", Write), ("a.txt", Chmod), ("a.txt", Rename)]).await;
+    watch_until(&mut w, &mut seen, &[("b.txt", Create), ("b.txt", Remove)]).await;
+    // Directories that existed before the watch, and those made after it, with what is made in them at once.
+    std::fs::write(w_dir.join("old/deep/x"), b"").unwrap();
+    std::fs::create_dir_all(w_dir.join("new/sub")).unwrap();
+    std::fs::write(w_dir.join("new/sub/f"), b"").unwrap();
+    watch_until(&mut w, &mut seen, &[("old/deep/x", Create), ("new", Create), ("new/sub/f", Create)]).await;
+    std::fs::write(w_dir.join("new/sub/g"), b"").unwrap();
+    watch_until(&mut w, &mut seen, &[("new/sub/g", Create)]).await;
+    w.stop().await.unwrap();
+    while w.next().await.unwrap().is_some() {}
+
+    // Not recursive: a subdirectory's contents are not reported; the directory going ends the watch.
+    let mut w = c.watch("/w", false).await.unwrap();
+    std::fs::write(w_dir.join("old/deep/y"), b"").unwrap();
+    std::fs::write(w_dir.join("top"), b"").unwrap();
+    let mut seen = Vec::new();
+    watch_until(&mut w, &mut seen, &[("top", Create)]).await;
+    assert!(!seen.iter().any(|(n, _)| n.contains("deep")), "{seen:?}");
+    std::fs::remove_dir_all(&w_dir).unwrap();
+    let t = Instant::now();
+    while let Some(batch) = w.next().await.unwrap() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the watch never ended: {batch:?}");
+    }
+    // The connection still serves calls.
+    assert!(c.health().await.is_ok());
 }

@@ -75,6 +75,52 @@ def files(sbx):
     assert sbx.files.read("/tmp/blob.bin", format="bytes") == blob
 
 
+def watch(sbx):
+    step("watch")
+    from e2b import FilesystemEventType as T
+
+    sbx.files.make_dir("watched")
+    h = sbx.files.watch_dir("watched", recursive=True)
+    sbx.files.write("watched/a.txt", "1")
+    sbx.commands.run("cd ~/watched && mkdir -p sub/deeper && echo x > sub/deeper/b.txt && mv a.txt c.txt && rm c.txt")
+    want = {("a.txt", T.CREATE), ("sub", T.CREATE), ("sub/deeper/b.txt", T.CREATE), ("a.txt", T.RENAME),
+            ("c.txt", T.CREATE), ("c.txt", T.REMOVE)}
+    seen = set()
+
+    def got_all():
+        seen.update((e.name, e.type) for e in h.get_new_events())
+        return want <= seen
+
+    wait_until(f"watch events {want}", got_all, within=60)
+    h.stop()
+    try:
+        h.get_new_events()
+        raise AssertionError("a stopped watcher answered")
+    except Exception as e:
+        assert "stopped" in str(e), e
+
+
+def idle_wake(sbx):
+    step("idle_wake")
+    # What idling does to a session, done at once: flintd hibernates it (not an E2B pause). The next SDK call
+    # wakes it, and nothing of it is lost.
+    import json
+    import os
+    import subprocess
+
+    sbx.commands.run("echo before-idle > /tmp/idle-mark")
+    flint = [os.environ["FLINT_CLI"], "--socket", os.environ["FLINT_SOCKET"]]
+    subprocess.run(flint + ["session", "hibernate", sbx.sandbox_id], check=True, capture_output=True)
+    state = json.loads(subprocess.run(flint + ["--json", "session", "get", sbx.sandbox_id], check=True,
+                                      capture_output=True).stdout)["state"]
+    assert state == "hibernated", state
+    assert sbx.commands.run("cat /tmp/idle-mark").stdout == "before-idle\n"
+    state = json.loads(subprocess.run(flint + ["--json", "session", "get", sbx.sandbox_id], check=True,
+                                      capture_output=True).stdout)["state"]
+    assert state == "running", state
+    assert sbx.get_info().state == "running"
+
+
 def info_and_list(sbx):
     step("info_and_list")
     info = sbx.get_info()
@@ -146,7 +192,7 @@ def code_interpreter():
     assert ci.kill()
 
 
-FLOWS = ["commands", "background", "files", "info_and_list", "pause_and_connect"]
+FLOWS = ["commands", "background", "files", "watch", "info_and_list", "idle_wake", "pause_and_connect"]
 
 
 def main():

@@ -13,6 +13,13 @@ await sbx.files.write('/home/user/js.txt', 'written by js')
 check((await sbx.files.read('/home/user/js.txt')) === 'written by js', 'read back')
 const names = (await sbx.files.list('/home/user')).map((e) => e.name)
 check(names.includes('js.txt'), JSON.stringify(names))
+// A watch is a server stream (WatchDir): events arrive through the callback.
+const events = []
+const handle = await sbx.files.watchDir('/home/user', (e) => events.push(`${e.type}:${e.name}`))
+await sbx.files.write('/home/user/watched.txt', 'w')
+for (let i = 0; i < 120 && !events.includes('create:watched.txt'); i++) await new Promise((r) => setTimeout(r, 500))
+check(events.includes('create:watched.txt'), JSON.stringify(events))
+await handle.stop()
 check(await sbx.isRunning(), 'running')
 check((await sbx.kill()) === undefined || true, 'kill')
 check(!(await sbx.isRunning()), 'killed')

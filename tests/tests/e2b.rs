@@ -168,6 +168,8 @@ fn python_flow(python: &Path, flows: &str, tls: bool) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2b/sdk_flow.py");
     let mut cmd = Command::new(python);
     cmd.arg(&script).arg(flows).env("E2B_API_KEY", &f.key).env_remove("E2B_DEBUG");
+    // For the flows that act as flintd itself would (idle_wake hibernates a session through Flint's CLI).
+    cmd.env("FLINT_CLI", bin_dir().join("flint")).env("FLINT_SOCKET", &f.socket);
     if tls {
         cmd.env("E2B_DOMAIN", format!("flint.localhost:{TLS_PORT}")).env("SSL_CERT_FILE", &f.ca);
     } else {
@@ -181,8 +183,12 @@ fn python_flow(python: &Path, flows: &str, tls: bool) {
 }
 
 #[test]
-fn python_sdk_commands_files_info_and_pause() {
-    python_flow(&e2b_python(PY_LATEST), "commands,background,files,info_and_list,pause_and_connect", false);
+fn python_sdk_commands_files_watch_info_idle_wake_and_pause() {
+    python_flow(
+        &e2b_python(PY_LATEST),
+        "commands,background,files,watch,info_and_list,idle_wake,pause_and_connect",
+        false,
+    );
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn unary(r: Result<Value, ConnectError>) -> Response {
 }
 
 /// An agent error as the SDK expects it.
-fn agent_error(e: ClientError) -> ConnectError {
+pub(super) fn agent_error(e: ClientError) -> ConnectError {
     let code = match e.code() {
         Some(ErrorCode::NotFound) => Code::NotFound,
         Some(ErrorCode::AlreadyExists) => Code::AlreadyExists,
@@ -400,6 +400,26 @@ fn signal_of(v: &Value) -> Option<i32> {
     }
 }
 
+/// The period of `keepalive` messages a stream's caller asks for (`Keepalive-Ping-Interval`, seconds).
+fn keepalive_of(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s.min(3600)))
+}
+
+/// `WatchDirRequest` / `CreateWatcherRequest` (`include_entry` and `allow_network_mounts` need an envd newer than
+/// the one flintd reports, so the SDK never sends them).
+#[derive(Deserialize)]
+struct WatchRequest {
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
 async fn rpc_call(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, headers: &HeaderMap, rpc: &str, body: Bytes) -> Response {
     let streaming = headers
         .get("content-type")
@@ -414,12 +434,7 @@ async fn rpc_call(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, headers: &HeaderMap
                     "a server stream (application/connect+json)",
                 ));
             }
-            let keepalive = headers
-                .get("keepalive-ping-interval")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .filter(|s| *s > 0)
-                .map(|s| Duration::from_secs(s.min(3600)));
+            let keepalive = keepalive_of(headers);
             let timeout_ms =
                 headers.get("connect-timeout-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
             let started = match connect::single(&body) {
@@ -430,6 +445,26 @@ async fn rpc_call(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, headers: &HeaderMap
                     .map(|p| (p.pid, Events::Attached(p.subscribe()))),
             };
             stream_response(started, keepalive)
+        }
+        "filesystem.Filesystem/WatchDir" => {
+            if !streaming {
+                return unary_error(&ConnectError::new(
+                    Code::InvalidArgument,
+                    "a server stream (application/connect+json)",
+                ));
+            }
+            let keepalive = keepalive_of(headers);
+            let req = connect::single(&body).and_then(parse::<WatchRequest>);
+            let watched = match req {
+                Ok(r) => agent(&e, &t.id).await.map(|(a, activity)| (a, activity, r)),
+                Err(err) => Err(err),
+            };
+            match watched {
+                Ok((a, activity, r)) => {
+                    super::watch::stream(a, activity, resolve(&r.path, &user), r.recursive, keepalive).await
+                }
+                Err(err) => ([("content-type", "application/connect+json")], connect::end(Some(&err))).into_response(),
+            }
         }
         "process.Process/StreamInput" => {
             let res = async {
@@ -587,6 +622,25 @@ async fn unary_rpc(
             let (a, _activity) = agent(e, &t.id).await?;
             a.rename(&from, &to).await.map_err(agent_error)?;
             Ok(json!({"entry": stat_entry(&a, &to).await?}))
+        }
+        "filesystem.Filesystem/CreateWatcher" => {
+            let r: WatchRequest = parse(body)?;
+            let (a, activity) = agent(e, &t.id).await?;
+            let id = sbx.watchers.create(a, activity, resolve(&r.path, user), r.recursive).await?;
+            Ok(json!({"watcherId": id}))
+        }
+        "filesystem.Filesystem/GetWatcherEvents" => {
+            let v: Value = parse(body)?;
+            let events = sbx.watchers.events(v["watcherId"].as_str().unwrap_or(""))?;
+            Ok(json!({"events": events.iter().map(super::watch::event_json).collect::<Vec<_>>()}))
+        }
+        "filesystem.Filesystem/RemoveWatcher" => {
+            let v: Value = parse(body)?;
+            let id = v["watcherId"].as_str().unwrap_or("");
+            if !sbx.watchers.remove(id) {
+                return Err(ConnectError::new(Code::NotFound, format!("watcher {id} not found")));
+            }
+            Ok(json!({}))
         }
         "filesystem.Filesystem/Remove" => {
             let v: Value = parse(body)?;

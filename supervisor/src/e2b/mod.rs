@@ -16,6 +16,7 @@ pub mod keys;
 pub mod multipart;
 mod procs;
 mod server;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -121,6 +122,20 @@ pub struct SandboxRecord {
 pub struct Sandbox {
     pub rec: Mutex<SandboxRecord>,
     pub procs: Arc<procs::Procs>,
+    /// Its polling directory watchers (`CreateWatcher`).
+    pub watchers: watch::Watchers,
+}
+
+impl Sandbox {
+    fn new(rec: SandboxRecord) -> Sandbox {
+        Sandbox { rec: Mutex::new(rec), procs: Default::default(), watchers: Default::default() }
+    }
+
+    /// Lets go of what streams from its VM (processes, watches): the VM is going.
+    fn release(&self) {
+        self.procs.clear();
+        self.watchers.clear();
+    }
 }
 
 /// The E2B service.
@@ -174,7 +189,7 @@ impl E2b {
         let mut map = HashMap::new();
         for rec in db.all::<SandboxRecord>(SANDBOXES)? {
             if sessions.session(&rec.id).is_some() {
-                map.insert(rec.id.clone(), Arc::new(Sandbox { rec: Mutex::new(rec), procs: Default::default() }));
+                map.insert(rec.id.clone(), Arc::new(Sandbox::new(rec)));
             } else {
                 warn!(sandbox = %rec.id, "an E2B sandbox whose session is gone: forgotten");
                 db.delete(SANDBOXES, &rec.id)?;
@@ -214,7 +229,7 @@ impl E2b {
 
     fn insert(&self, rec: SandboxRecord) -> Result<Arc<Sandbox>, E2bError> {
         self.db.put(SANDBOXES, &rec.id, &rec)?;
-        let s = Arc::new(Sandbox { rec: Mutex::new(rec.clone()), procs: Default::default() });
+        let s = Arc::new(Sandbox::new(rec.clone()));
         lock(&self.sandboxes).insert(rec.id, s.clone());
         Ok(s)
     }
@@ -222,7 +237,7 @@ impl E2b {
     /// Forgets a sandbox (its session is deleted by the caller).
     fn forget(&self, id: &str) {
         if let Some(s) = lock(&self.sandboxes).remove(id) {
-            s.procs.clear();
+            s.release();
         }
         if let Err(e) = self.db.delete(SANDBOXES, id) {
             warn!(sandbox = %id, error = %e, "could not delete an E2B sandbox's record");
@@ -232,7 +247,7 @@ impl E2b {
     /// Kills a sandbox: its session and everything of it. `false`: no such sandbox.
     pub async fn kill(&self, id: &str) -> Result<bool, E2bError> {
         let Some(sbx) = self.sandbox(id) else { return Ok(false) };
-        sbx.procs.clear();
+        sbx.release();
         match self.sessions.delete(id).await {
             Ok(()) => {}
             Err(crate::services::sessions::SessionError::NotFound(_)) => {}
@@ -281,7 +296,7 @@ impl E2b {
         if lock(&sbx.rec).paused {
             return Ok(false);
         }
-        sbx.procs.clear();
+        sbx.release();
         self.sessions.hibernate(id).await?;
         self.update(&sbx, |r| r.paused = true)?;
         Ok(true)
