@@ -17,6 +17,8 @@ const PY_OLDER: &[&str] = &["e2b==2.45.1"];
 const JS: &str = "e2b@2.51.0";
 const PLAIN: &str = "127.0.0.1:18680";
 const TLS_PORT: u16 = 18643;
+/// `[e2b] max_upload_bytes` of the fixture: above the flows' 1 MiB file, below the oversized upload.
+const MAX_UPLOAD: usize = 4 << 20;
 
 struct Fixture {
     work: PathBuf,
@@ -133,7 +135,7 @@ fn make_fixture() -> Fixture {
             &config,
             format!(
                 "[jail]\nuid_base = 975000\nuid_count = 2000\n[e2b]\nlisten = \"{PLAIN}\"\ntls_listen = \"127.0.0.1:{TLS_PORT}\"\ntls_cert = \"{w}/e2b.pem\"\n\
-                 tls_key = \"{w}/e2b.key\"\ndomain = \"flint.localhost:{TLS_PORT}\"\n"
+                 tls_key = \"{w}/e2b.key\"\ndomain = \"flint.localhost:{TLS_PORT}\"\nmax_upload_bytes = {MAX_UPLOAD}\n"
             ),
         )
         .unwrap();
@@ -231,6 +233,41 @@ fn the_javascript_sdk_creates_runs_writes_and_kills() {
     assert!(out.status.success() && text.contains("JS OK"), "the JS SDK smoke failed:\n{text}");
 }
 
+/// `POST /files?path=PATH` of `len` bytes to sandbox `id`, the body written by a thread of its own while the answer
+/// is read (flintd answers 413 before it has read the whole body). With `cut_after`, the client closes after that
+/// many bytes and reads nothing. Returns the status and the answer.
+fn upload(id: &str, path: &str, len: usize, cut_after: Option<usize>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(PLAIN).unwrap();
+    let head = format!(
+        "POST /files?path={path} HTTP/1.1\r\nHost: {PLAIN}\r\nE2b-Sandbox-Id: {id}\r\nE2b-Sandbox-Port: 49983\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let send = cut_after.unwrap_or(len);
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0;
+        while sent < send {
+            let n = chunk.len().min(send - sent);
+            if w.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            sent += n;
+        }
+    });
+    if cut_after.is_some() {
+        writer.join().unwrap();
+        drop(s);
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let _ = writer.join();
+    (out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+}
+
 /// Bad input gets what the SDK expects, and nothing of it is left behind (no sandbox, no process).
 #[test]
 fn bad_keys_unknown_sandboxes_and_malformed_frames() {
@@ -286,6 +323,24 @@ fn bad_keys_unknown_sandboxes_and_malformed_frames() {
         b"{not json",
     );
     assert!(st == 400 && body.contains("invalid_argument"), "{body}");
+    // An upload past the limit: 413, and nothing written.
+    let (st, body) = upload(&id, "/tmp/big", MAX_UPLOAD + (1 << 20), None);
+    assert!(st == 413 && body.contains("at most"), "an oversized upload: {st} {body}");
+    // An upload cut mid-way (the client goes after 64 KiB of 1 MiB): nothing written either.
+    upload(&id, "/tmp/cut", 1 << 20, Some(64 << 10));
+    let stat = |path: &str| {
+        let req = format!("{{\"path\":\"{path}\"}}");
+        call(
+            "POST",
+            "/filesystem.Filesystem/Stat",
+            &[live[0], live[1], ("Content-Type", "application/json")],
+            req.as_bytes(),
+        )
+    };
+    for path in ["/tmp/big", "/tmp/cut"] {
+        let (st, body) = stat(path);
+        assert!(st == 404 && body.contains("not_found"), "{path} after a refused upload: {st} {body}");
+    }
     assert_eq!(call("DELETE", &format!("/sandboxes/{id}"), &[("X-API-KEY", key)], b"").0, 204);
     let vms = flint(&f.socket, &["--json", "vm", "ls"]);
     assert!(!String::from_utf8_lossy(&vms.stdout).contains(&id), "the sandbox's VM is left");
