@@ -54,6 +54,23 @@ def background(sbx):
     assert cat.wait().stdout == "piped\n"
 
 
+def pty(sbx):
+    step("pty")
+    from e2b import PtySize
+
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(h.pid, b"stty size; echo pty-$((6*7)); tty; exit 3\n")
+    out = []
+    try:
+        h.wait(on_pty=out.append)
+        raise AssertionError("the terminal's shell did not exit 3")
+    except CommandExitException as e:
+        assert e.exit_code == 3, e
+    text = b"".join(bytes(d) for d in out).decode(errors="replace")
+    assert "30 100" in text and "pty-42" in text and "/dev/pts/" in text, repr(text)
+
+
 def files(sbx):
     step("files")
     sbx.files.write("/home/user/a.txt", "hello")
@@ -192,7 +209,7 @@ def code_interpreter():
     assert ci.kill()
 
 
-FLOWS = ["commands", "background", "files", "watch", "info_and_list", "idle_wake", "pause_and_connect"]
+FLOWS = ["commands", "background", "pty", "files", "watch", "info_and_list", "idle_wake", "pause_and_connect"]
 
 
 def main():

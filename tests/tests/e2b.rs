@@ -185,10 +185,10 @@ fn python_flow(python: &Path, flows: &str, tls: bool) {
 }
 
 #[test]
-fn python_sdk_commands_files_watch_info_idle_wake_and_pause() {
+fn python_sdk_commands_pty_files_watch_info_idle_wake_and_pause() {
     python_flow(
         &e2b_python(PY_LATEST),
-        "commands,background,files,watch,info_and_list,idle_wake,pause_and_connect",
+        "commands,background,pty,files,watch,info_and_list,idle_wake,pause_and_connect",
         false,
     );
 }
