@@ -286,29 +286,40 @@ impl AgentClient {
         }
     }
 
-    /// Starts a process; events arrive on the returned stream.
-    pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream<'_>, ClientError> {
+    /// Opens a stream with `req` and waits (within `call_timeout`) for its first answer, which `first` takes or
+    /// hands back as unexpected. On any failure the stream is closed again.
+    async fn start_stream<T>(
+        &self,
+        req: &Request,
+        first: impl FnOnce(Response) -> Result<T, Response>,
+    ) -> Result<(u32, mpsc::Receiver<Frame>, T), ClientError> {
         let (id, mut rx) = self.open();
         let started = tokio::time::timeout(self.call_timeout, async {
-            self.send(Frame::json(id, &Request::Exec(req))).await?;
+            self.send(Frame::json(id, req)).await?;
             Self::next_json(&mut rx).await
         })
-        .await;
+        .await
+        .map_err(|_| ClientError::Timeout(self.call_timeout))
+        .and_then(|r| r)
+        .and_then(|r| first(r).map_err(|other| ClientError::Protocol(format!("{other:?}"))));
         match started {
-            Ok(Ok(Response::Started { pid })) => Ok(ExecStream { client: self, id, rx, pid, done: false }),
-            Ok(Ok(other)) => {
-                self.close(id);
-                Err(ClientError::Protocol(format!("{other:?}")))
-            }
-            Ok(Err(e)) => {
+            Ok(t) => Ok((id, rx, t)),
+            Err(e) => {
                 self.close(id);
                 Err(e)
             }
-            Err(_) => {
-                self.close(id);
-                Err(ClientError::Timeout(self.call_timeout))
-            }
         }
+    }
+
+    /// Starts a process; events arrive on the returned stream.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream<'_>, ClientError> {
+        let (id, rx, pid) = self
+            .start_stream(&Request::Exec(req), |r| match r {
+                Response::Started { pid } => Ok(pid),
+                other => Err(other),
+            })
+            .await?;
+        Ok(ExecStream { client: self, id, rx, pid, done: false })
     }
 
     /// Runs a process to completion and collects its output (at most [`MAX_CAPTURE_BYTES`] of each stream; the
@@ -449,27 +460,15 @@ impl AgentClient {
     /// Starts a download of at most `max` bytes. With `whole`, a file the guest says is larger than `max`, or that
     /// turns out to be, is an error ([`ErrorCode::TooLarge`]); without, the first `max` bytes are the answer.
     pub async fn read_file_stream(&self, path: &str, max: u64, whole: bool) -> Result<FileStream<'_>, ClientError> {
-        let (id, mut rx) = self.open();
         // Ask for one byte more than allowed: it tells a file that is exactly `max` bytes from a longer one.
         let ask = if whole { max.saturating_add(1) } else { max };
-        let started = tokio::time::timeout(self.call_timeout, async {
-            self.send(Frame::json(id, &Request::ReadFile { path: path.into(), limit: Some(ask) })).await?;
-            Self::next_json(&mut rx).await
-        })
-        .await
-        .map_err(|_| ClientError::Timeout(self.call_timeout))
-        .and_then(|r| r);
-        let size = match started {
-            Ok(Response::File { size, .. }) => size,
-            Ok(other) => {
-                self.close(id);
-                return Err(ClientError::Protocol(format!("{other:?}")));
-            }
-            Err(e) => {
-                self.close(id);
-                return Err(e);
-            }
-        };
+        let req = Request::ReadFile { path: path.into(), limit: Some(ask) };
+        let (id, rx, size) = self
+            .start_stream(&req, |r| match r {
+                Response::File { size, .. } => Ok(size),
+                other => Err(other),
+            })
+            .await?;
         if whole && size > max {
             self.close(id);
             return Err(too_large(path, size, max));
@@ -480,25 +479,14 @@ impl AgentClient {
 
     /// Watches a directory (and, with `recursive`, everything below it); answers once the watch is in place.
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream<'_>, ClientError> {
-        let (id, mut rx) = self.open();
-        let started = tokio::time::timeout(self.call_timeout, async {
-            self.send(Frame::json(id, &Request::Watch { path: path.to_string(), recursive })).await?;
-            Self::next_json(&mut rx).await
-        })
-        .await
-        .map_err(|_| ClientError::Timeout(self.call_timeout))
-        .and_then(|r| r);
-        match started {
-            Ok(Response::Watching) => Ok(WatchStream { client: self, id, rx, done: false }),
-            Ok(other) => {
-                self.close(id);
-                Err(ClientError::Protocol(format!("{other:?}")))
-            }
-            Err(e) => {
-                self.close(id);
-                Err(e)
-            }
-        }
+        let req = Request::Watch { path: path.to_string(), recursive };
+        let (id, rx, ()) = self
+            .start_stream(&req, |r| match r {
+                Response::Watching => Ok(()),
+                other => Err(other),
+            })
+            .await?;
+        Ok(WatchStream { client: self, id, rx, done: false })
     }
 
     pub async fn stat(&self, path: &str) -> Result<StatInfo, ClientError> {

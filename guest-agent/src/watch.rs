@@ -40,6 +40,8 @@ pub struct Watcher {
     dirs: HashMap<i32, String>,
     root_wd: i32,
     done: bool,
+    /// Where events are read into (kept: a watch reads many times).
+    buf: Vec<u8>,
 }
 
 impl Watcher {
@@ -60,19 +62,21 @@ impl Watcher {
         // SAFETY: the OwnedFd is moved into the AsyncFd, which deregisters it before it is closed; nothing
         // else holds or replaces the descriptor meanwhile.
         let fd = unsafe { AsyncFd::register(owned) }.map_err(|e| (ErrorCode::Io, format!("inotify: {e}")))?;
-        let mut w = Watcher { fd, root: root.to_path_buf(), recursive, dirs: HashMap::new(), root_wd: -1, done: false };
+        let mut w = Watcher {
+            fd,
+            root: root.to_path_buf(),
+            recursive,
+            dirs: HashMap::new(),
+            root_wd: -1,
+            done: false,
+            buf: vec![0u8; 64 * 1024],
+        };
         // The root may be named through a symlink: follow it (subdirectories are never followed).
         w.root_wd = w.add(root, "", false).map_err(|e| (ErrorCode::from_io(&e), format!("{}: {e}", root.display())))?;
         if recursive {
-            let mut found = Vec::new();
-            w.scan("", &mut found, false).map_err(|e| (ErrorCode::from_io(&e), e.to_string()))?;
+            w.scan("", None).map_err(|e| (ErrorCode::from_io(&e), e.to_string()))?;
         }
         Ok(w)
-    }
-
-    /// How many directories are watched.
-    pub fn dirs(&self) -> usize {
-        self.dirs.len()
     }
 
     fn add(&mut self, path: &Path, rel: &str, no_follow: bool) -> std::io::Result<i32> {
@@ -90,15 +94,16 @@ impl Watcher {
         Ok(wd)
     }
 
-    /// Watches every directory below `rel` (not through symlinks); with `report`, each entry found is a `create`.
-    fn scan(&mut self, rel: &str, out: &mut Vec<FsEvent>, report: bool) -> std::io::Result<()> {
+    /// Watches every directory below `rel` (not through symlinks); with `report`, each entry found is a `create`
+    /// in it.
+    fn scan(&mut self, rel: &str, mut report: Option<&mut Vec<FsEvent>>) -> std::io::Result<()> {
         let mut todo = vec![rel.to_string()];
         while let Some(dir) = todo.pop() {
             let abs = self.root.join(&dir);
             let Ok(rd) = std::fs::read_dir(&abs) else { continue };
             for ent in rd.flatten() {
                 let name = join(&dir, &ent.file_name().to_string_lossy());
-                if report {
+                if let Some(out) = report.as_deref_mut() {
                     out.push(FsEvent { name: name.clone(), op: FsOp::Create });
                 }
                 if ent.file_type().is_ok_and(|t| t.is_dir()) {
@@ -132,9 +137,9 @@ impl Watcher {
         if self.done {
             return Ok(None);
         }
-        let mut buf = vec![0u8; 64 * 1024];
+        let Watcher { fd, buf, .. } = self;
         let n = loop {
-            let mut guard = self.fd.readable().await?;
+            let mut guard = fd.readable().await?;
             match guard.try_io(|fd| {
                 // SAFETY: reads into `buf`, which is valid for its whole length, from our own descriptor.
                 let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -148,7 +153,7 @@ impl Watcher {
                 Err(_would_block) => continue,
             }
         };
-        let raw = parse(&buf[..n]);
+        let raw = parse(&self.buf[..n]);
         let mut out = Vec::new();
         let mut ended = false;
         for (wd, mask, name) in raw {
@@ -186,7 +191,7 @@ impl Watcher {
                 match op {
                     // Best effort: a directory past MAX_DIRS is reported, not watched.
                     FsOp::Create if self.add(&self.root.join(&rel), &rel, true).is_ok() => {
-                        let _ = self.scan(&rel, &mut out, true);
+                        let _ = self.scan(&rel, Some(&mut out));
                     }
                     FsOp::Rename => self.forget(&rel),
                     _ => {}

@@ -126,15 +126,18 @@ def idle_wake(sbx):
     import subprocess
 
     sbx.commands.run("echo before-idle > /tmp/idle-mark")
-    flint = [os.environ["FLINT_CLI"], "--socket", os.environ["FLINT_SOCKET"]]
-    subprocess.run(flint + ["session", "hibernate", sbx.sandbox_id], check=True, capture_output=True)
-    state = json.loads(subprocess.run(flint + ["--json", "session", "get", sbx.sandbox_id], check=True,
-                                      capture_output=True).stdout)["state"]
-    assert state == "hibernated", state
+
+    def flint(*args):
+        cli = [os.environ["FLINT_CLI"], "--socket", os.environ["FLINT_SOCKET"], *args]
+        return subprocess.run(cli, check=True, capture_output=True).stdout
+
+    def state():
+        return json.loads(flint("--json", "session", "get", sbx.sandbox_id))["state"]
+
+    flint("session", "hibernate", sbx.sandbox_id)
+    assert state() == "hibernated", state()
     assert sbx.commands.run("cat /tmp/idle-mark").stdout == "before-idle\n"
-    state = json.loads(subprocess.run(flint + ["--json", "session", "get", sbx.sandbox_id], check=True,
-                                      capture_output=True).stdout)["state"]
-    assert state == "running", state
+    assert state() == "running", state()
     assert sbx.get_info().state == "running"
 
 

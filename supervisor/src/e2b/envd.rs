@@ -427,13 +427,10 @@ async fn rpc_call(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, headers: &HeaderMap
         .is_some_and(|c| c.starts_with("application/connect+json"));
     let user = user_of(&e, headers);
     match rpc {
+        "process.Process/Start" | "process.Process/Connect" | "filesystem.Filesystem/WatchDir" if !streaming => {
+            unary_error(&ConnectError::new(Code::InvalidArgument, "a server stream (application/connect+json)"))
+        }
         "process.Process/Start" | "process.Process/Connect" => {
-            if !streaming {
-                return unary_error(&ConnectError::new(
-                    Code::InvalidArgument,
-                    "a server stream (application/connect+json)",
-                ));
-            }
             let keepalive = keepalive_of(headers);
             let timeout_ms =
                 headers.get("connect-timeout-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
@@ -447,12 +444,6 @@ async fn rpc_call(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, headers: &HeaderMap
             stream_response(started, keepalive)
         }
         "filesystem.Filesystem/WatchDir" => {
-            if !streaming {
-                return unary_error(&ConnectError::new(
-                    Code::InvalidArgument,
-                    "a server stream (application/connect+json)",
-                ));
-            }
             let keepalive = keepalive_of(headers);
             let req = connect::single(&body).and_then(parse::<WatchRequest>);
             let watched = match req {

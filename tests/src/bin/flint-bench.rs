@@ -1901,6 +1901,14 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
             .iter()
             .filter_map(|id| call("GET", &format!("/v1/sessions/{id}"), None)["vm"].as_str().map(String::from))
             .collect();
+        // A call's time under its route; a status other than 200 is an error.
+        let note = |out: &mut std::collections::BTreeMap<&'static str, Vec<f64>>, route: &'static str, st: u16, ms| {
+            if st != 200 {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("{route}: {st}");
+            }
+            out.entry(route).or_default().push(ms);
+        };
         let mut x = 0x9e37_79b9_u64;
         let mut pick = |n: usize| {
             x ^= x << 13;
@@ -1911,24 +1919,12 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         for _ in 0..rounds {
             let id = &list[pick(list.len())];
             let (st, _, ms) = timed_request(&sock, "GET", &format!("/v1/sessions/{id}"), b"");
-            if st != 200 {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("get session: {st}");
-            }
-            out.entry("get session").or_default().push(ms);
+            note(&mut out, "get session", st, ms);
             let (st, _, ms) = timed_request(&sock, "GET", "/v1/sessions", b"");
-            if st != 200 {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("list sessions: {st}");
-            }
-            out.entry("list sessions").or_default().push(ms);
+            note(&mut out, "list sessions", st, ms);
             let (st, _, ms) =
                 timed_request(&sock, "GET", &format!("/v1/vms/{}", running_vms[pick(running_vms.len())]), b"");
-            if st != 200 {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("get VM: {st}");
-            }
-            out.entry("get VM").or_default().push(ms);
+            note(&mut out, "get VM", st, ms);
             let exec = serde_json::json!({"argv": ["/bin/true"]}).to_string();
             let (st, head, _) = timed_request(
                 &sock,
@@ -1936,11 +1932,7 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
                 &format!("/v1/vms/{}/exec", running[pick(running.len())]),
                 exec.as_bytes(),
             );
-            if st != 200 {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("exec start: {st}");
-            }
-            out.entry("exec start").or_default().push(head);
+            note(&mut out, "exec start", st, head);
         }
         out
     };
