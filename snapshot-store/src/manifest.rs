@@ -95,10 +95,10 @@ impl Manifest {
                 self.format
             ));
         }
-        check_name("snapshot id", &self.id)?;
+        check_name("snapshot id", &self.id).map_err(|e| e.to_string())?;
         let mut names = std::collections::HashSet::new();
         for image in &self.images {
-            check_name("image name", &image.name)?;
+            check_name("image name", &image.name).map_err(|e| e.to_string())?;
             if !names.insert(&image.name) {
                 return Err(format!("image `{}` is listed twice", image.name));
             }
@@ -129,7 +129,7 @@ impl Image {
 
 /// Snapshot ids and image names: 1-128 of `[A-Za-z0-9._-]`, not starting with `.` (they become object keys and
 /// file names, so nothing can climb out of the store's directory).
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
@@ -137,8 +137,16 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{what} `{name}` is invalid: use 1-128 of A-Z a-z 0-9 . _ - and do not start with `.`"))
+        Err(BadName { what: what.to_string(), name: name.to_string() })
     }
+}
+
+/// A name [`check_name`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} `{name}` is invalid: use 1-128 of A-Z a-z 0-9 . _ - and do not start with `.`")]
+pub struct BadName {
+    pub what: String,
+    pub name: String,
 }
 
 #[cfg(test)]

@@ -354,7 +354,8 @@ impl Config {
             return invalid("sessions: max_clock_skew_ms must be at most 600000".into());
         }
         if let Some(h) = &self.sessions.host_id {
-            flint_snapshot_store::manifest::check_name("sessions.host_id", h).map_err(ConfigError::Invalid)?;
+            flint_snapshot_store::manifest::check_name("sessions.host_id", h)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         let o = self.limits.memory_overcommit;
         if !(o == 0.0 || (0.1..=100.0).contains(&o)) {
@@ -376,7 +377,7 @@ impl Config {
                 return invalid(format!("standby.mem_mib: {e}"));
             }
         }
-        self.cluster.check().map_err(ConfigError::Invalid)?;
+        self.cluster.check()?;
         if self.cluster.enabled() && self.sessions.tick_ms * 2 > self.cluster.lease_ttl_s * 1000 / 3 {
             return invalid(format!(
                 "sessions.tick_ms ({}) must be at most a sixth of cluster.lease_ttl_s ({} s): a lost lease's VMs are \

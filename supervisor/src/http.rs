@@ -31,15 +31,16 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     /// A URL target; `https://` needs `tls`.
-    pub fn url(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Target, String> {
+    pub fn url(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Target, UrlError> {
+        let bad = |why| UrlError { url: url.to_string(), why };
         let (secure, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
             (Some(r), _) => (true, r),
             (None, Some(r)) => (false, r),
-            _ => return Err(format!("`{url}`: give an http:// or https:// URL")),
+            _ => return Err(bad("give an http:// or https:// URL")),
         };
         let hostport = rest.trim_end_matches('/');
         if hostport.is_empty() || hostport.contains('/') {
-            return Err(format!("`{url}`: give scheme://host:port, without a path"));
+            return Err(bad("give scheme://host:port, without a path"));
         }
         let with_port = hostport.rsplit_once(':').filter(|(h, p)| p.parse::<u16>().is_ok() && !h.is_empty());
         let (host, addr) = match with_port {
@@ -47,7 +48,7 @@ impl Target {
             None => (hostport.to_string(), format!("{hostport}:{}", if secure { 443 } else { 80 })),
         };
         if secure && tls.is_none() {
-            return Err(format!("`{url}`: https needs the fleet's CA (--ca)"));
+            return Err(bad("https needs the fleet's CA (--ca)"));
         }
         Ok(Target::Url { url: url.to_string(), addr, server_name: host, tls: if secure { tls } else { None } })
     }
@@ -59,6 +60,14 @@ impl Target {
             Target::Url { url, .. } => url.clone(),
         }
     }
+}
+
+/// Why a URL is not an API address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{url}`: {why}")]
+pub struct UrlError {
+    pub url: String,
+    pub why: &'static str,
 }
 
 /// What a request can be sent to: a socket path or a [`Target`].

@@ -18,8 +18,8 @@ pub struct Versioned<T> {
 }
 
 fn coord_key(kind: &str, name: &str) -> Result<String, StoreError> {
-    check_name("coordination object kind", kind).map_err(StoreError::InvalidInput)?;
-    check_name("coordination object name", name).map_err(StoreError::InvalidInput)?;
+    check_name("coordination object kind", kind)?;
+    check_name("coordination object name", name)?;
     Ok(format!("coord/{kind}/{name}"))
 }
 

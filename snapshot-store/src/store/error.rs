@@ -41,6 +41,12 @@ pub enum StoreError {
     PublishTooSlow { id: String, grace: Duration },
 }
 
+impl From<crate::manifest::BadName> for StoreError {
+    fn from(e: crate::manifest::BadName) -> Self {
+        StoreError::InvalidInput(e.to_string())
+    }
+}
+
 impl From<TierError> for StoreError {
     fn from(e: TierError) -> Self {
         StoreError::Unavailable(e)

@@ -329,13 +329,13 @@ impl Store {
     /// also uploads to the remote tiers (write-through); otherwise call [`Store::publish`] later (write-back).
     pub async fn put(&self, draft: SnapshotDraft, publish: bool) -> Result<(Manifest, PutReport), StoreError> {
         let started = Instant::now();
-        check_name("snapshot id", &draft.id).map_err(StoreError::InvalidInput)?;
+        check_name("snapshot id", &draft.id)?;
         if let Some(p) = &draft.parent {
-            check_name("parent id", p).map_err(StoreError::InvalidInput)?;
+            check_name("parent id", p)?;
         }
         let mut names = HashSet::new();
         for (name, _) in &draft.images {
-            check_name("image name", name).map_err(StoreError::InvalidInput)?;
+            check_name("image name", name)?;
             if !names.insert(name.clone()) {
                 return Err(StoreError::InvalidInput(format!("image `{name}` is given twice")));
             }
@@ -605,7 +605,7 @@ impl Store {
 
     /// Reads a manifest: L1 first, then the remote tiers (caching it in L1 as published).
     pub async fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
-        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        check_name("snapshot id", id)?;
         if let Some(bytes) = self.inner.l1.get_blocking(&manifest_key(id), MAX_MANIFEST_OBJECT)? {
             return self.decode_manifest(id, "local cache", &bytes);
         }
@@ -873,7 +873,7 @@ impl Store {
 
     /// Deletes a snapshot's manifest locally and, with `remote`, from the remote tiers. Chunks go at the next GC.
     pub async fn delete(&self, id: &str, remote: bool) -> Result<(), StoreError> {
-        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        check_name("snapshot id", id)?;
         let local = self.inner.l1.get_blocking(&manifest_key(id), MAX_MANIFEST_OBJECT)?.is_some();
         let mut found = local;
         if remote {

@@ -30,7 +30,7 @@ impl Store {
 
     /// The recorded working set of a snapshot, if any (L1, then the remote tiers).
     pub async fn working_set(&self, id: &str) -> Result<Option<WorkingSet>, StoreError> {
-        check_name("snapshot id", id).map_err(StoreError::InvalidInput)?;
+        check_name("snapshot id", id)?;
         let mut bytes = self.inner.l1.get_blocking(&working_set_key(id), MAX_WORKING_SET_OBJECT)?.map(Bytes::from);
         if bytes.is_none() {
             for tier in &self.inner.remotes {

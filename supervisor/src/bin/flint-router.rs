@@ -45,19 +45,32 @@ struct Args {
     min_free_mib: u64,
 }
 
-async fn run(a: Args) -> Result<(), String> {
+/// Why the router stopped.
+#[derive(Debug, thiserror::Error)]
+enum RouterError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] flint_supervisor::cluster::etcd::EtcdError),
+    #[error(transparent)]
+    Tls(#[from] flint_supervisor::tls::TlsError),
+    #[error("bind {0}: {1}")]
+    Bind(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("serve: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+async fn run(a: Args) -> Result<(), RouterError> {
     use flint_supervisor::{cluster, router, tls};
     let etcd_tls = cluster::etcd::EtcdTls { ca: a.etcd_ca, cert: a.etcd_cert, key: a.etcd_key };
-    let etcd = cluster::etcd::Etcd::new(&a.etcd, &etcd_tls, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    let host_tls = tls::client_config(&a.host_ca, Some((&a.cert, &a.key))).map_err(|e| e.to_string())?;
-    let server_tls = tls::server_config(&a.tls_cert, &a.tls_key, Some(&a.client_ca)).map_err(|e| e.to_string())?;
+    let etcd = cluster::etcd::Etcd::new(&a.etcd, &etcd_tls, Duration::from_secs(2))?;
+    let host_tls = tls::client_config(&a.host_ca, Some((&a.cert, &a.key)))?;
+    let server_tls = tls::server_config(&a.tls_cert, &a.tls_key, Some(&a.client_ca))?;
     let r = Arc::new(router::Router::new(etcd, a.prefix, host_tls, a.min_free_mib));
     tokio::spawn(r.clone().keep_view());
-    let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("bind {}: {e}", a.listen))?;
-    let l = tls::TlsListener::new(l, server_tls).map_err(|e| e.to_string())?;
+    let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| RouterError::Bind(a.listen, e))?;
+    let l = tls::TlsListener::new(l, server_tls).map_err(RouterError::Serve)?;
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| r.clone().handle(req));
     tracing::info!(listen = %a.listen, "flint-router ready");
-    axum::serve(l, app).with_graceful_shutdown(flint_supervisor::terminated()).await.map_err(|e| e.to_string())
+    axum::serve(l, app).with_graceful_shutdown(flint_supervisor::terminated()).await.map_err(RouterError::Serve)
 }
 
 fn main() -> ExitCode {

@@ -192,21 +192,17 @@ impl Client {
         mut on_line: impl FnMut(&ExecLine),
     ) -> Result<ExecExit, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
-        let mut end: Option<Result<ExecExit, String>> = None;
+        let mut end: Option<Result<ExecExit, ClientError>> = None;
         self.ndjson(&format!("/v1/vms/{}/exec", enc(id)), &body, |l: ExecLine| {
             on_line(&l);
             match l {
                 ExecLine::Exit(e) => end = Some(Ok(e)),
-                ExecLine::Error(e) => end = Some(Err(e)),
+                ExecLine::Error(e) => end = Some(Err(ClientError::Stream(e))),
                 _ => {}
             }
         })
         .await?;
-        match end {
-            Some(Ok(e)) => Ok(e),
-            Some(Err(e)) => Err(ClientError::Stream(e)),
-            None => Err(ClientError::Stream("the exec's answer ended before its exit status".into())),
-        }
+        end.unwrap_or_else(|| Err(ClientError::Stream("the exec's answer ended before its exit status".into())))
     }
 
     /// A command's whole output and exit.
@@ -234,21 +230,17 @@ impl Client {
         mut on_line: impl FnMut(&RunLine),
     ) -> Result<RunResult, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
-        let mut end: Option<Result<RunResult, String>> = None;
+        let mut end: Option<Result<RunResult, ClientError>> = None;
         self.ndjson(&format!("/v1/vms/{}/run", enc(id)), &body, |l: RunLine| {
             on_line(&l);
             match l {
                 RunLine::Result(r) => end = Some(Ok(r)),
-                RunLine::Error(e) => end = Some(Err(e)),
+                RunLine::Error(e) => end = Some(Err(ClientError::Stream(e))),
                 _ => {}
             }
         })
         .await?;
-        match end {
-            Some(Ok(r)) => Ok(r),
-            Some(Err(e)) => Err(ClientError::Stream(e)),
-            None => Err(ClientError::Stream("the run's answer ended before its result".into())),
-        }
+        end.unwrap_or_else(|| Err(ClientError::Stream("the run's answer ended before its result".into())))
     }
 
     pub async fn mount(&self, id: &str, m: &VolumeMount) -> Result<VmRecord, ClientError> {

@@ -69,42 +69,44 @@ impl ClusterConfig {
         !self.etcd.is_empty()
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    /// Refuses settings the cluster cannot run with.
+    pub fn check(&self) -> Result<(), crate::config::ConfigError> {
+        let bad = |m: String| Err(crate::config::ConfigError::Invalid(m));
         if self.listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none()) {
-            return Err(
+            return bad(
                 "cluster.listen serves the whole API: it needs tls_cert, tls_key and client_ca (mutual TLS)".into()
             );
         }
         if let Some(a) = &self.advertise {
             if !a.starts_with("https://") {
-                return Err(format!("cluster.advertise `{a}`: give the cluster listener's URL, https://host:port"));
+                return bad(format!("cluster.advertise `{a}`: give the cluster listener's URL, https://host:port"));
             }
         }
         if !self.enabled() {
             return Ok(());
         }
         if !(self.prefix.starts_with('/') && self.prefix.ends_with('/')) {
-            return Err(format!("cluster.prefix `{}`: give it as /name/", self.prefix));
+            return bad(format!("cluster.prefix `{}`: give it as /name/", self.prefix));
         }
         if !(3..=300).contains(&self.lease_ttl_s) {
-            return Err(format!("cluster.lease_ttl_s {}: give 3 to 300 seconds", self.lease_ttl_s));
+            return bad(format!("cluster.lease_ttl_s {}: give 3 to 300 seconds", self.lease_ttl_s));
         }
         // The keep-alive runs every third of the TTL: the margin must leave at least one more try.
         if self.pause_margin_ms * 3 > self.lease_ttl_s * 1000 {
-            return Err(format!(
+            return bad(format!(
                 "cluster.pause_margin_ms {} is more than a third of lease_ttl_s {}",
                 self.pause_margin_ms, self.lease_ttl_s
             ));
         }
         if self.etcd_timeout_ms == 0 || self.etcd_timeout_ms * 3 > self.lease_ttl_s * 1000 {
-            return Err(format!(
+            return bad(format!(
                 "cluster.etcd_timeout_ms {}: give 1 ms up to a third of lease_ttl_s",
                 self.etcd_timeout_ms
             ));
         }
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > 63 || v.len() > 255 {
-                return Err(format!("cluster.labels `{k}`: names of 1-63 bytes, values up to 255"));
+                return bad(format!("cluster.labels `{k}`: names of 1-63 bytes, values up to 255"));
             }
         }
         Ok(())

@@ -38,13 +38,15 @@ struct NewContext {
     cwd: Option<String>,
 }
 
-/// Why a language is refused (Flint's code interpreter runs Python).
-fn python(language: Option<&str>) -> Result<(), String> {
+/// A language Flint's code interpreter does not run (it runs Python).
+#[derive(Debug, thiserror::Error)]
+#[error("language `{0}` is not served: Flint's code interpreter runs Python (docs/e2b.md)")]
+struct NotPython(String);
+
+fn python(language: Option<&str>) -> Result<(), NotPython> {
     match language {
         None | Some("python") | Some("python3") => Ok(()),
-        Some(other) => {
-            Err(format!("language `{other}` is not served: Flint's code interpreter runs Python (docs/e2b.md)"))
-        }
+        Some(other) => Err(NotPython(other.to_string())),
     }
 }
 
@@ -80,7 +82,7 @@ pub async fn serve(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, req: axum::extract
             let req: NewContext =
                 serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }).unwrap_or_default();
             if let Err(m) = python(req.language.as_deref()) {
-                return plain_error(400, m);
+                return plain_error(400, m.to_string());
             }
             let _ = req.cwd;
             let id = format!("ctx{}", &super::new_id()[1..13]);
@@ -113,7 +115,7 @@ pub async fn serve(e: Arc<E2b>, sbx: Arc<Sandbox>, t: Target, req: axum::extract
                 return plain_error(400, "give a context_id or a language, not both");
             }
             if let Err(m) = python(req.language.as_deref()) {
-                return plain_error(400, m);
+                return plain_error(400, m.to_string());
             }
             let ctx = req.context_id.clone().unwrap_or_else(|| DEFAULT_CONTEXT.into());
             if ctx != DEFAULT_CONTEXT && !lock(&sbx.rec).executions.contains_key(&ctx) {

@@ -157,8 +157,8 @@ fn cookies(h: &Head) -> Vec<(String, String)> {
 /// The (id, port) a request names, and how: the Host form first, then the headers, then the cookie. In the Host
 /// form the id is as the client sent it (DNS names reach flintd lower-cased; ids are unique whatever their case,
 /// and the resolver matches them so).
-pub fn route(h: &Head, domain: &str) -> Result<(String, u16, RouteBy), String> {
-    let parse_port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("bad port {p:?}"));
+pub fn route(h: &Head, domain: &str) -> Result<(String, u16, RouteBy), RouteError> {
+    let parse_port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| RouteError::BadPort(p.into()));
     if let Some(host) = h.get("host") {
         let name =
             host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(n, _)| n);
@@ -179,10 +179,37 @@ pub fn route(h: &Head, domain: &str) -> Result<(String, u16, RouteBy), String> {
             return Ok((id.to_string(), parse_port(port)?, RouteBy::Cookie));
         }
     }
-    Err(format!(
+    Err(RouteError::NoRoute { domain: domain.to_string() })
+}
+
+/// Why a request names no guest port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("bad port {0:?}")]
+    BadPort(String),
+    #[error(
         "no route: name a guest port by `Host: <port>-<id>.{domain}`, by the headers `flint-session: <id>` and \
          `flint-port: <port>`, or by the `{ROUTE_COOKIE}` cookie set by an earlier response"
-    ))
+    )]
+    NoRoute { domain: String },
+}
+
+/// Why a client connection ended before its client closed it (logged; the client has been answered or is gone).
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Malformed(#[from] http1::Malformed),
+    /// The guest's answer could not be framed.
+    #[error("the guest's answer: {0}")]
+    Answer(http1::Malformed),
+    #[error("{0}")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Closed(&'static str),
+    #[error("refused with {}: {}", .0.status(), .0.message)]
+    Refused(Refusal),
 }
 
 /// The token a request carries: `flint-token` header, `flint_token` query parameter, or cookie.
@@ -322,20 +349,20 @@ struct Upstream {
 }
 
 impl Conn<'_> {
-    async fn refuse(&mut self, r: Refusal) -> Result<(), String> {
+    async fn refuse(&mut self, r: Refusal) -> Result<(), ConnError> {
         let shown = generic(&r);
         info!(peer = %self.peer, status = r.status(), reason = %r.message, "front end refused a request");
         let _ = self.client.write_all(&reply(&shown)).await;
-        Err(r.message)
+        Err(ConnError::Refused(r))
     }
 
     /// Reads the next request head: waits up to the idle timeout for its first byte, then the head timeout.
-    async fn read_head(&mut self) -> Result<Option<(Head, usize)>, String> {
+    async fn read_head(&mut self) -> Result<Option<(Head, usize)>, ConnError> {
         let mut chunk = [0u8; 8192];
         if self.buf.is_empty() {
             match tokio::time::timeout(self.gate.limits.idle_timeout, self.client.read(&mut chunk)).await {
                 Err(_) | Ok(Ok(0)) => return Ok(None),
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -356,8 +383,7 @@ impl Conn<'_> {
             }
             let n = tokio::time::timeout_at(deadline, self.client.read(&mut chunk))
                 .await
-                .map_err(|_| "no complete request head in time".to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| ConnError::Timeout("no complete request head in time"))??;
             if n == 0 {
                 return Ok(None);
             }
@@ -365,7 +391,7 @@ impl Conn<'_> {
         }
     }
 
-    async fn run(mut self) -> Result<(), String> {
+    async fn run(mut self) -> Result<(), ConnError> {
         let mut upstream: Option<Upstream> = None;
         let mut first = true;
         loop {
@@ -377,7 +403,7 @@ impl Conn<'_> {
             };
             let (id, port, by) = match route(&head, self.domain) {
                 Ok(r) => r,
-                Err(e) => return self.refuse(Refusal::new(Kind::Invalid, e)).await,
+                Err(e) => return self.refuse(Refusal::new(Kind::Invalid, e.to_string())).await,
             };
             if self.gate.throttled(self.peer.ip()) {
                 return self.refuse(Refusal::new(Kind::Quota, "too many wrong tokens from this address")).await;
@@ -407,12 +433,12 @@ impl Conn<'_> {
                 Some(u) => u,
                 None => match connect(target.addr).await {
                     Ok(s) => Upstream { key, stream: s },
-                    Err(e) => return self.refuse(Refusal::new(Kind::Guest, e)).await,
+                    Err(r) => return self.refuse(r).await,
                 },
             };
             let _guard = target.guard;
             if head.get("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
-                self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|e| e.to_string())?;
+                self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
             }
             match self.exchange(&head, body, &mut up, &set).await? {
                 Next::Keep { upstream_too } => upstream = upstream_too.then_some(up),
@@ -420,7 +446,7 @@ impl Conn<'_> {
                 Next::Pipe => {
                     let leftover = std::mem::take(&mut self.buf);
                     if !leftover.is_empty() {
-                        up.stream.write_all(&leftover).await.map_err(|e| e.to_string())?;
+                        up.stream.write_all(&leftover).await?;
                     }
                     super::pipe::splice(self.client, up.stream, self.gate.limits.transfer_idle).await;
                     return Ok(());
@@ -430,32 +456,38 @@ impl Conn<'_> {
     }
 
     /// Sends one request to the guest and its answer to the client.
-    async fn exchange(&mut self, head: &Head, body: Body, up: &mut Upstream, set: &[String]) -> Result<Next, String> {
+    async fn exchange(
+        &mut self,
+        head: &Head,
+        body: Body,
+        up: &mut Upstream,
+        set: &[String],
+    ) -> Result<Next, ConnError> {
         let idle = self.gate.limits.transfer_idle;
         let guest_head = for_guest(head);
-        up.stream.write_all(&guest_head.to_bytes()).await.map_err(|e| e.to_string())?;
+        up.stream.write_all(&guest_head.to_bytes()).await?;
         copy_body(&mut self.client, &mut self.buf, &mut up.stream, body, idle).await?;
         // The answer, through its head (1xx informational answers passed on as they come).
         let mut from_guest = Vec::new();
         let resp = loop {
             let (resp, n) = read_response_head(&mut up.stream, &mut from_guest, idle).await?;
             from_guest.drain(..n);
-            let status = resp.status().map_err(|e| e.0)?;
+            let status = resp.status().map_err(ConnError::Answer)?;
             if (100..200).contains(&status) && status != 101 {
-                self.client.write_all(&resp.to_bytes()).await.map_err(|e| e.to_string())?;
+                self.client.write_all(&resp.to_bytes()).await?;
                 continue;
             }
             break resp;
         };
-        let status = resp.status().map_err(|e| e.0)?;
-        let rbody = resp.response_body(&head.start.0).map_err(|e| e.0)?;
+        let status = resp.status().map_err(ConnError::Answer)?;
+        let rbody = resp.response_body(&head.start.0).map_err(ConnError::Answer)?;
         // The client's connection outlives a guest that closes its own, unless the answer ends at the close.
         let client_keeps = head.keep_alive() && rbody != Body::UntilClose;
         let keep = (status != 101).then_some(client_keeps);
-        self.client.write_all(&for_client(&resp, set, keep).to_bytes()).await.map_err(|e| e.to_string())?;
+        self.client.write_all(&for_client(&resp, set, keep).to_bytes()).await?;
         if status == 101 {
             if !from_guest.is_empty() {
-                self.client.write_all(&from_guest).await.map_err(|e| e.to_string())?;
+                self.client.write_all(&from_guest).await?;
             }
             return Ok(Next::Pipe);
         }
@@ -474,7 +506,7 @@ enum Next {
     Pipe,
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+async fn connect(addr: SocketAddr) -> Result<TcpStream, Refusal> {
     // flintd's forwarder marks its connections: the host lets new connections into VM networks out only with
     // this mark (docs/networking.md).
     match tokio::time::timeout(Duration::from_secs(5), super::connect_marked(addr)).await {
@@ -482,8 +514,10 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(e)) => Err(format!("the guest does not accept connections on {}: {e}", addr.port())),
-        Err(_) => Err(format!("no answer from the guest's port {} within 5 s", addr.port())),
+        Ok(Err(e)) => {
+            Err(Refusal::new(Kind::Guest, format!("the guest does not accept connections on {}: {e}", addr.port())))
+        }
+        Err(_) => Err(Refusal::new(Kind::Guest, format!("no answer from the guest's port {} within 5 s", addr.port()))),
     }
 }
 
@@ -492,18 +526,17 @@ async fn read_response_head<R: AsyncRead + Unpin>(
     from: &mut R,
     buf: &mut Vec<u8>,
     idle: Duration,
-) -> Result<(Head, usize), String> {
+) -> Result<(Head, usize), ConnError> {
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(n) = http1::response_head_end(buf).map_err(|e| format!("the guest's answer: {e}"))? {
-            return Ok((http1::parse_response(&buf[..n]).map_err(|e| format!("the guest's answer: {e}"))?, n));
+        if let Some(n) = http1::response_head_end(buf).map_err(ConnError::Answer)? {
+            return Ok((http1::parse_response(&buf[..n]).map_err(ConnError::Answer)?, n));
         }
         let n = tokio::time::timeout(idle, from.read(&mut chunk))
             .await
-            .map_err(|_| "the guest did not answer in time".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ConnError::Timeout("the guest did not answer in time"))??;
         if n == 0 {
-            return Err("the guest closed the connection before answering".into());
+            return Err(ConnError::Closed("the guest closed the connection before answering"));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -517,7 +550,7 @@ async fn copy_body<R, W>(
     to: &mut W,
     body: Body,
     idle: Duration,
-) -> Result<(), String>
+) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -533,7 +566,7 @@ where
         if !pending.is_empty() {
             let take = match body {
                 Body::Chunked => {
-                    let (n, done) = chunked.feed(pending).map_err(|e| e.0)?;
+                    let (n, done) = chunked.feed(pending)?;
                     if done {
                         left = 0;
                     }
@@ -542,7 +575,7 @@ where
                 Body::UntilClose => pending.len(),
                 _ => (left.min(pending.len() as u64)) as usize,
             };
-            to.write_all(&pending[..take]).await.map_err(|e| e.to_string())?;
+            to.write_all(&pending[..take]).await?;
             pending.drain(..take);
             if let Body::Length(_) = body {
                 left -= take as u64;
@@ -553,12 +586,11 @@ where
         }
         let n = tokio::time::timeout(idle, from.read(&mut chunk))
             .await
-            .map_err(|_| "a body stalled".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ConnError::Timeout("a body stalled"))??;
         if n == 0 {
             return match body {
                 Body::UntilClose => Ok(()),
-                _ => Err("the connection closed inside a body".into()),
+                _ => Err(ConnError::Closed("the connection closed inside a body")),
             };
         }
         pending.extend_from_slice(&chunk[..n]);

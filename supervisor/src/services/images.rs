@@ -130,7 +130,7 @@ impl Images {
     /// under `<data_dir>/images/` (docs/images.md). The kernel and the agent's initramfs are the default image's.
     /// Appears whole or not at all.
     pub async fn import(&self, req: ImportImage) -> Result<ImportReport, ImportError> {
-        vm::valid_id("image name", &req.name).map_err(ImportError::Invalid)?;
+        vm::valid_id("image name", &req.name).map_err(|e| ImportError::Invalid(e.to_string()))?;
         if self.vms.images().contains_key(&req.name) {
             return Err(ImportError::Exists(format!("image `{}` already exists", req.name)));
         }
@@ -138,7 +138,8 @@ impl Images {
             return Err(ImportError::Invalid(format!("oci: `{}` must be an absolute path", req.oci.display())));
         }
         let disk_mib = req.disk_mib.unwrap_or(256);
-        vm::check_disk_mib(disk_mib, self.vms.cfg.limits.max_disk_mib).map_err(ImportError::Invalid)?;
+        vm::check_disk_mib(disk_mib, self.vms.cfg.limits.max_disk_mib)
+            .map_err(|e| ImportError::Invalid(e.to_string()))?;
         let base = self.vms.image("default")?;
         let boot = base.dir.join("boot.cpio");
         if !boot.is_file() {

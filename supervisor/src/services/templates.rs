@@ -134,7 +134,7 @@ impl Templates {
 
     /// SnapStart: boot an image, run the init command once, snapshot, (publish), delete the VM.
     pub async fn create(&self, req: CreateTemplate, max_pool: usize) -> Result<TemplateRecord, TemplateError> {
-        vm::valid_id("template name", &req.name).map_err(TemplateError::Invalid)?;
+        vm::valid_id("template name", &req.name).map_err(|e| TemplateError::Invalid(e.to_string()))?;
         if req.pool_size as usize > max_pool {
             return Err(TemplateError::Quota(format!(
                 "pool size {} is over pools.max_total = {max_pool}",

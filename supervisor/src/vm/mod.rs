@@ -161,7 +161,7 @@ pub struct Manager {
 }
 
 /// A VM id, template name, snapshot id or any name that becomes a path: `[A-Za-z0-9._-]{1,128}`, not `.`-first.
-pub fn valid_id(what: &str, id: &str) -> Result<(), String> {
+pub fn valid_id(what: &str, id: &str) -> Result<(), flint_snapshot_store::manifest::BadName> {
     flint_snapshot_store::manifest::check_name(what, id)
 }
 

@@ -36,7 +36,7 @@ impl Manager {
         id: &str,
         how: &SnapshotHow,
     ) -> Result<(SnapshotInfo, PutReport), SnapshotError> {
-        super::valid_id("snapshot id", id).map_err(SnapshotError::Invalid)?;
+        super::valid_id("snapshot id", id).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
         let v = self.vm(vm)?;
         let _op = v.rec.op.lock().await;
         let span = tracing::info_span!("vm", id = %vm, op = "snapshot", snapshot = %id);

@@ -17,6 +17,19 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::launcher::{Confinement, Standby};
 
+/// Why a standby did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error(transparent)]
+    Alloc(#[from] super::alloc::AllocError),
+    #[error("create {}: {source}", dir.display())]
+    Dir { dir: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Vmm(#[from] crate::launcher::VmmError),
+    #[error("the standby start panicked: {0}")]
+    Panicked(String),
+}
+
 /// The idle standbys and what became of them.
 #[derive(Default)]
 pub struct Standbys {
@@ -91,7 +104,7 @@ impl Manager {
     }
 
     /// Starts one standby where a size has fewer than `count`; whether it started one.
-    async fn refill_one(self: &Arc<Self>) -> Result<bool, String> {
+    async fn refill_one(self: &Arc<Self>) -> Result<bool, StandbyError> {
         let Some(mem_mib) = ({
             let idle = lock(&self.standbys.idle);
             self.cfg.standby.mem_mib.iter().copied().find(|m| idle.get(m).map_or(0, Vec::len) < self.cfg.standby.count)
@@ -101,7 +114,7 @@ impl Manager {
         let uid = {
             let mut alloc = lock(&self.alloc);
             let tmp = key(u32::MAX);
-            let uid = alloc.reserve_uid(&tmp, &self.cfg.jail).map_err(|e| e.to_string())?;
+            let uid = alloc.reserve_uid(&tmp, &self.cfg.jail)?;
             let held = alloc.held(&tmp).unwrap_or_default();
             alloc.release(&tmp);
             alloc.add(&key(uid), held);
@@ -112,12 +125,11 @@ impl Manager {
         let c = Confinement { uid, gid: uid, mem_mib, cpu: None };
         let started = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
-            launcher.standby(&d, c).map_err(|e| e.to_string())
+            std::fs::create_dir_all(&d).map_err(|source| StandbyError::Dir { dir: d.clone(), source })?;
+            Ok(launcher.standby(&d, c)?)
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        .unwrap_or_else(|e| Err(StandbyError::Panicked(e.to_string())));
         match started {
             Ok(s) => {
                 self.standbys.started.fetch_add(1, Ordering::Relaxed);

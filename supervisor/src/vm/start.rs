@@ -90,11 +90,19 @@ pub(crate) fn refresh_guest_ms(answer: Option<&flint_agent::protocol::Response>)
 
 /// A disk-rooted image's VM's writable disk size: at least [`crate::image::MIN_DISK_MIB`], at most `max` (0: no
 /// limit).
-pub fn check_disk_mib(mib: u64, max: u64) -> Result<(), String> {
+pub fn check_disk_mib(mib: u64, max: u64) -> Result<(), DiskSizeError> {
     if mib < crate::image::MIN_DISK_MIB || (max > 0 && mib > max) {
-        return Err(format!("disk_mib {mib}: between {} and limits.max_disk_mib = {max}", crate::image::MIN_DISK_MIB));
+        return Err(DiskSizeError { mib, max });
     }
     Ok(())
+}
+
+/// A disk size [`check_disk_mib`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("disk_mib {mib}: between {} and limits.max_disk_mib = {max}", crate::image::MIN_DISK_MIB)]
+pub struct DiskSizeError {
+    pub mib: u64,
+    pub max: u64,
 }
 
 /// The drive index of a disk image's VM's mount slot (`vdc`, after the image's root and the VM's disk).
@@ -127,7 +135,7 @@ impl Manager {
     ) -> Result<Arc<Vm>, StartError> {
         let id = match id {
             Some(id) => {
-                super::valid_id("VM id", &id).map_err(StartError::Invalid)?;
+                super::valid_id("VM id", &id).map_err(|e| StartError::Invalid(e.to_string()))?;
                 id
             }
             None => self.new_id(prefix),
@@ -282,7 +290,7 @@ impl Manager {
         let disk = match &img.root {
             crate::image::Root::Disk { rootfs, disk_mib, .. } => {
                 let mib = req.disk_mib.unwrap_or(*disk_mib);
-                check_disk_mib(mib, self.cfg.limits.max_disk_mib).map_err(StartError::Invalid)?;
+                check_disk_mib(mib, self.cfg.limits.max_disk_mib).map_err(|e| StartError::Invalid(e.to_string()))?;
                 Some((rootfs.clone(), mib))
             }
             crate::image::Root::Initramfs if req.disk_mib.is_some() => {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::daemon::Daemon;
+use crate::error::{Kind, Refusal};
 use crate::fake::{FakeLauncher, TestEnv as Env};
 use flint_vmm_api::describe::RunState;
 
@@ -106,16 +107,16 @@ fn check(d: &Daemon, l: &FakeLauncher, id: &str) {
     }
 }
 
-async fn random_op(d: Arc<Daemon>, id: String, i: usize, op: u64) -> Result<(), String> {
+async fn random_op(d: Arc<Daemon>, id: String, i: usize, op: u64) -> Result<(), Refusal> {
     match op {
-        0 => d.vms.pause(&id).await.map(drop).map_err(|e| e.to_string()),
-        1 => d.vms.resume(&id).await.map(drop).map_err(|e| e.to_string()),
-        2 => d.vms.snapshot(&id, &format!("s{id}-{i}"), &how(false)).await.map(drop).map_err(|e| e.to_string()),
-        3 => d.vms.delete(&id).await.map_err(|e| e.to_string()),
+        0 => Ok(d.vms.pause(&id).await.map(drop)?),
+        1 => Ok(d.vms.resume(&id).await.map(drop)?),
+        2 => Ok(d.vms.snapshot(&id, &format!("s{id}-{i}"), &how(false)).await.map(drop)?),
+        3 => Ok(d.vms.delete(&id).await?),
         _ => {
-            let a = d.vms.agent(&id).await.map_err(|e| e.to_string())?;
+            let a = d.vms.agent(&id).await?;
             let req = flint_agent::protocol::ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() };
-            a.exec_output(req).await.map(drop).map_err(|e| e.to_string())
+            a.exec_output(req).await.map(drop).map_err(|e| Refusal::new(Kind::Guest, e.to_string()))
         }
     }
 }
@@ -141,9 +142,9 @@ async fn random_interleavings_on_one_vm_end_in_valid_states() {
         for t in tasks {
             let k = match t.await.unwrap() {
                 Ok(()) => "ok",
-                Err(e) if e.contains("no VM") || e.contains("deleted") => "not found",
-                Err(e) if e.contains(" is ") => "conflict",
-                Err(e) => panic!("round {round}: unexpected error {e}"),
+                Err(e) if e.kind == Kind::NotFound => "not found",
+                Err(e) if e.kind == Kind::Conflict => "conflict",
+                Err(e) => panic!("round {round}: unexpected error {} {e}", e.status()),
             };
             *outcomes.entry(k).or_default() += 1;
         }

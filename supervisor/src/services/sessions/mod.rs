@@ -412,7 +412,7 @@ impl Sessions {
     }
 
     fn check_create(&self, req: &CreateSession, id: &str) -> Result<u64, SessionError> {
-        vm::valid_id("session id", id).map_err(SessionError::Invalid)?;
+        vm::valid_id("session id", id).map_err(|e| SessionError::Invalid(e.to_string()))?;
         if id.len() > MAX_SESSION_ID {
             return Err(SessionError::Invalid(format!("session id: at most {MAX_SESSION_ID} characters")));
         }
