@@ -387,12 +387,7 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
         std::fs::write(root.join("etc/flint/image.json"), cfg.to_string()).unwrap();
     });
     let c = a.client().await;
-    let run = |code: &str, timeout_ms: Option<u64>| RunRequest {
-        language: "python".into(),
-        code: code.into(),
-        timeout_ms,
-        ..Default::default()
-    };
+    let run = py_cell;
     let o = c.run_code(run("print(6*7)", None)).await.unwrap();
     let d = o.done.clone().unwrap();
     assert_eq!((String::from_utf8_lossy(&o.stdout).as_ref(), d.status, d.value), ("42\n", RunStatus::Ok, None));
@@ -425,6 +420,44 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
         .await
         .unwrap();
     assert_eq!((o.stdout.len(), String::from_utf8_lossy(&o.stderr).as_ref()), (300_000, "oops\n"));
+    a_timeout_interrupts_the_code_not_the_runner(&c).await;
+    // Contexts: namespaces of their own in the one runner; env set for one run only.
+    let ctx = |code: &str, context: &str| RunRequest {
+        language: "python".into(),
+        code: code.into(),
+        context: Some(context.into()),
+        env: [("FLINT_CELL_VAR".to_string(), "cell".to_string())].into(),
+        ..Default::default()
+    };
+    let d = c.run_code(ctx("x = 'in-b'\nimport os\nos.environ['FLINT_CELL_VAR']", "b")).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("'cell'"), "{d:?}");
+    assert_eq!(c.run_code(ctx("x", "b")).await.unwrap().done.unwrap().value.as_deref(), Some("'in-b'"));
+    let d = c.run_code(run("import os\n(x, os.environ.get('FLINT_CELL_VAR'))", None)).await.unwrap().done.unwrap();
+    assert_eq!(d.value.as_deref(), Some("(1, None)"), "the default context is untouched, the env restored");
+    // Code that ignores the interrupt costs the runner: killed, replaced, and the answer says the state is gone.
+    let code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)";
+    let d = c.run_code(run(code, Some(300))).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.restarted), (RunStatus::Timeout, true), "{d:?}");
+    let d = c.run_code(run("'x' in globals()", None)).await.unwrap().done.unwrap();
+    assert_eq!((d.status, d.value.as_deref()), (RunStatus::Ok, Some("False")));
+    // No such runner: a clear error.
+    let err =
+        c.run_code(RunRequest { language: "ruby".into(), code: "1".into(), ..Default::default() }).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Agent { code: ErrorCode::NotFound, message } if message.contains("it has: python")),
+        "{err}"
+    );
+}
+
+/// A Python cell of the default context.
+fn py_cell(code: &str, timeout_ms: Option<u64>) -> flint_agent::protocol::RunRequest {
+    flint_agent::protocol::RunRequest { language: "python".into(), code: code.into(), timeout_ms, ..Default::default() }
+}
+
+/// A timeout interrupts the code, not the runner (`x` stays 1); so does the host's interrupt of a run.
+async fn a_timeout_interrupts_the_code_not_the_runner(c: &AgentClient) {
+    use flint_agent::protocol::RunStatus;
+    let run = py_cell;
     // A timeout interrupts the code, not the runner: the state is still there. The interrupt is safe wherever it
     // lands: with timeouts of a few milliseconds it arrives while the runner still reads or parses the request
     // (held, then raised as the cell starts), never killing the runner however loaded the machine is.
@@ -455,32 +488,6 @@ async fn python_runner_keeps_state_and_survives_timeouts() {
     };
     assert_eq!((done.status, done.restarted), (RunStatus::Timeout, false), "{done:?}");
     drop(s);
-    // Contexts: namespaces of their own in the one runner; env set for one run only.
-    let ctx = |code: &str, context: &str| RunRequest {
-        language: "python".into(),
-        code: code.into(),
-        context: Some(context.into()),
-        env: [("FLINT_CELL_VAR".to_string(), "cell".to_string())].into(),
-        ..Default::default()
-    };
-    let d = c.run_code(ctx("x = 'in-b'\nimport os\nos.environ['FLINT_CELL_VAR']", "b")).await.unwrap().done.unwrap();
-    assert_eq!(d.value.as_deref(), Some("'cell'"), "{d:?}");
-    assert_eq!(c.run_code(ctx("x", "b")).await.unwrap().done.unwrap().value.as_deref(), Some("'in-b'"));
-    let d = c.run_code(run("import os\n(x, os.environ.get('FLINT_CELL_VAR'))", None)).await.unwrap().done.unwrap();
-    assert_eq!(d.value.as_deref(), Some("(1, None)"), "the default context is untouched, the env restored");
-    // Code that ignores the interrupt costs the runner: killed, replaced, and the answer says the state is gone.
-    let code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)";
-    let d = c.run_code(run(code, Some(300))).await.unwrap().done.unwrap();
-    assert_eq!((d.status, d.restarted), (RunStatus::Timeout, true), "{d:?}");
-    let d = c.run_code(run("'x' in globals()", None)).await.unwrap().done.unwrap();
-    assert_eq!((d.status, d.value.as_deref()), (RunStatus::Ok, Some("False")));
-    // No such runner: a clear error.
-    let err =
-        c.run_code(RunRequest { language: "ruby".into(), code: "1".into(), ..Default::default() }).await.unwrap_err();
-    assert!(
-        matches!(&err, ClientError::Agent { code: ErrorCode::NotFound, message } if message.contains("it has: python")),
-        "{err}"
-    );
 }
 
 /// Reads a watch's batches until `want` are all among them (in any order, others allowed), within a minute.

@@ -271,6 +271,71 @@ enum Op {
     TemplateCreate,
 }
 
+impl Op {
+    /// The `flint` arguments of one run of the operation (`src`: the VM it works on).
+    fn args(self, src: Option<&str>, tag: &str) -> Vec<String> {
+        let src = || src.expect("the operation's VM").to_string();
+        match self {
+            Op::SnapshotPush => vec!["snapshot".into(), "create".into(), src(), format!("s{tag}"), "--push".into()],
+            Op::CloneEager => ["clone", "--snapshot", "base", "-n", "2"].map(String::from).to_vec(),
+            Op::CloneLazy => ["clone", "--snapshot", "base", "-n", "2", "--lazy"].map(String::from).to_vec(),
+            Op::Delete => vec!["vm".into(), "rm".into(), src()],
+            Op::Hibernate => vec!["session".into(), "hibernate".into(), SESSION.into()],
+            Op::Wake => vec!["session".into(), "wake".into(), SESSION.into()],
+            Op::TemplateCreate => {
+                ["template", "create", &format!("t{tag}"), "--push", "--", "/bin/true"].map(String::from).to_vec()
+            }
+        }
+    }
+}
+
+impl Harness {
+    /// What operation `op` starts from: a running clone for a snapshot or delete (its id), the session running
+    /// with a new mark (recorded in `marks`; hibernated for a wake), else nothing but the base snapshot.
+    fn prepare(&mut self, op: Op, tag: &str, marks: &mut Vec<String>) -> Option<String> {
+        match op {
+            Op::SnapshotPush | Op::Delete => Some(self.running_clone("")),
+            Op::Hibernate | Op::Wake => {
+                self.clean(&[]);
+                let mark = format!("m{tag}");
+                self.session_running(&mark);
+                marks.push(mark);
+                if op == Op::Wake {
+                    self.json(&["session", "hibernate", SESSION]);
+                }
+                None
+            }
+            _ => {
+                self.clean(&[]);
+                None
+            }
+        }
+    }
+
+    /// Kills, at `at` into the operation run by `child` (or when it ends, if sooner), flintd on odd rounds, else
+    /// the VMMs the operation started (those not in `before`), or the one it works on. What was killed, when.
+    fn cut(&mut self, child: &mut Child, started: Instant, at: Duration, round: usize, before: &[i32]) -> String {
+        while started.elapsed() < at && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = started.elapsed();
+        if round % 2 == 1 {
+            self.kill_flintd();
+            return format!("flintd at {t:?}");
+        }
+        let mut victims: Vec<i32> =
+            self.vmm_processes().into_iter().map(|p| p.0).filter(|p| !before.contains(p)).collect();
+        if victims.is_empty() {
+            victims = before.to_vec();
+        }
+        for p in &victims {
+            // SAFETY: kill(2) on a flint-vmm of this test's flintd.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        format!("{} VMM(s) at {t:?}", victims.len())
+    }
+}
+
 #[test]
 fn kill_9_at_random_points_keeps_every_invariant() {
     let rounds = env_count("FLINT_CRASH_ROUNDS", 2);
@@ -310,37 +375,9 @@ fn kill_9_at_random_points_keeps_every_invariant() {
                 h.start();
             }
             let tag = format!("{}{round}", rng.next() % 100_000);
-            let src = match op {
-                Op::SnapshotPush | Op::Delete => Some(h.running_clone("")),
-                Op::Hibernate | Op::Wake => {
-                    h.clean(&[]);
-                    let mark = format!("m{tag}");
-                    h.session_running(&mark);
-                    marks.push(mark);
-                    if op == Op::Wake {
-                        h.json(&["session", "hibernate", SESSION]);
-                    }
-                    None
-                }
-                _ => {
-                    h.clean(&[]);
-                    None
-                }
-            };
+            let src = h.prepare(op, &tag, &mut marks);
             let before: Vec<i32> = h.vmm_processes().into_iter().map(|p| p.0).collect();
-            let args: Vec<String> = match op {
-                Op::SnapshotPush => {
-                    vec!["snapshot".into(), "create".into(), src.clone().unwrap(), format!("s{tag}"), "--push".into()]
-                }
-                Op::CloneEager => ["clone", "--snapshot", "base", "-n", "2"].map(String::from).to_vec(),
-                Op::CloneLazy => ["clone", "--snapshot", "base", "-n", "2", "--lazy"].map(String::from).to_vec(),
-                Op::Delete => vec!["vm".into(), "rm".into(), src.clone().unwrap()],
-                Op::Hibernate => vec!["session".into(), "hibernate".into(), SESSION.into()],
-                Op::Wake => vec!["session".into(), "wake".into(), SESSION.into()],
-                Op::TemplateCreate => {
-                    ["template", "create", &format!("t{tag}"), "--push", "--", "/bin/true"].map(String::from).to_vec()
-                }
-            };
+            let args = op.args(src.as_deref(), &tag);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let started = Instant::now();
             let mut child: Child = h.flint(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
@@ -350,27 +387,7 @@ fn kill_9_at_random_points_keeps_every_invariant() {
                 span = started.elapsed();
                 "none (measures the span)".to_string()
             } else {
-                let at = rng.below(span);
-                while started.elapsed() < at && child.try_wait().unwrap().is_none() {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                let t = started.elapsed();
-                if round % 2 == 1 {
-                    h.kill_flintd();
-                    format!("flintd at {t:?}")
-                } else {
-                    // The VMMs the operation started, else the one it works on.
-                    let mut victims: Vec<i32> =
-                        h.vmm_processes().into_iter().map(|p| p.0).filter(|p| !before.contains(p)).collect();
-                    if victims.is_empty() {
-                        victims = before.clone();
-                    }
-                    for p in &victims {
-                        // SAFETY: kill(2) on a flint-vmm of this test's flintd.
-                        unsafe { libc::kill(*p, libc::SIGKILL) };
-                    }
-                    format!("{} VMM(s) at {t:?}", victims.len())
-                }
+                h.cut(&mut child, started, rng.below(span), round, &before)
             };
             let _ = child.wait();
             if h.flintd.is_none() {

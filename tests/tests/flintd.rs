@@ -498,16 +498,24 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     }
     assert!(flint_json(&socket, &["vm", "ls"]).as_array().unwrap().is_empty(), "nothing was started");
 
+    let (blob, stored) = a_two_vcpu_vm_with_a_known_blob_is_snapshotted_to_s3(&socket, work.path(), &data);
+    lazy_clones_fetch_part_of_the_memory_and_prefetch_the_working_set(&socket, work.path(), &data, &blob, stored);
+    the_bucket_gone_mid_restore_fails_the_clone_and_leaves_nothing(&socket, &data, &mut s3);
+}
+
+/// A 2-vCPU VM holding a known 192 KiB of random bytes in guest memory (tmpfs), exec'd in, snapshotted as `lz`
+/// and pushed to S3, then deleted. The blob and the snapshot's stored bytes.
+fn a_two_vcpu_vm_with_a_known_blob_is_snapshotted_to_s3(socket: &Path, work: &Path, data: &Path) -> (Vec<u8>, u64) {
     // A 2-vCPU VM holding a known 192 KiB of random bytes in guest memory (tmpfs), snapshotted and pushed to S3.
-    let src = flint_json(&socket, &["vm", "create", "--id", "src", "--vcpus", "2", "--env", "FLINT_TEST=forty-two"]);
+    let src = flint_json(socket, &["vm", "create", "--id", "src", "--vcpus", "2", "--env", "FLINT_TEST=forty-two"]);
     assert_eq!(src["vcpus"], 2, "{src}");
     flint_tests::assert_jailed(src["pid"].as_u64().unwrap(), &data.join("vms/src"));
     // exec through the CLI: streamed output, the command's exit status, the VM's env.
-    let out = flint(&socket, &["exec", "src", "--", "/bin/sh", "-c", "echo out-$FLINT_TEST; echo err >&2; exit 3"]);
+    let out = flint(socket, &["exec", "src", "--", "/bin/sh", "-c", "echo out-$FLINT_TEST; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out-forty-two\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"), "{out:?}");
-    let out = flint(&socket, &["exec", "nope", "--", "/bin/true"]);
+    let out = flint(socket, &["exec", "nope", "--", "/bin/true"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VM or session `nope`"), "{out:?}");
     let blob: Vec<u8> = {
         let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -520,21 +528,32 @@ fn lazy_clones_from_s3_working_set_and_outage() {
             })
             .collect()
     };
-    let blob_path = work.path().join("blob");
+    let blob_path = work.join("blob");
     std::fs::write(&blob_path, &blob).unwrap();
-    let out = flint(&socket, &["cp", blob_path.to_str().unwrap(), "src:/tmp/blob"]);
+    let out = flint(socket, &["cp", blob_path.to_str().unwrap(), "src:/tmp/blob"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    flint_json(&socket, &["snapshot", "create", "src", "lz", "--push"]);
-    assert!(flint(&socket, &["vm", "rm", "src"]).status.success());
-    let snaps = flint_json(&socket, &["snapshot", "ls"]);
+    flint_json(socket, &["snapshot", "create", "src", "lz", "--push"]);
+    assert!(flint(socket, &["vm", "rm", "src"]).status.success());
+    let snaps = flint_json(socket, &["snapshot", "ls"]);
     let stored = snaps.as_array().unwrap().iter().find(|s| s["id"] == "lz").unwrap()["stored_bytes"].as_u64().unwrap();
+    (blob, stored)
+}
 
+/// Two lazy clones of `lz` from an empty cache: each fetches part of the memory, byte-exact, in a jailed VMM
+/// without store credentials; the second prefetches the working set the first recorded and faults less.
+fn lazy_clones_fetch_part_of_the_memory_and_prefetch_the_working_set(
+    socket: &Path,
+    work: &Path,
+    data: &Path,
+    blob: &[u8],
+    stored: u64,
+) {
     let mut report = Vec::new();
     for round in ["first lazy (records the working set)", "second lazy (prefetches it)"] {
-        flint_json(&socket, &["cache", "clear"]);
-        let c = flint_json(&socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
+        flint_json(socket, &["cache", "clear"]);
+        let c = flint_json(socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
         let id = c[0]["id"].as_str().unwrap().to_string();
-        let d = vm_detail(&socket, &id);
+        let d = vm_detail(socket, &id);
         // The clone is what the snapshot was: 2 vCPUs, in flintd's record and in the VMM's description.
         assert_eq!(d["vcpus"], 2, "{d}");
         assert_eq!(d["vmm"]["config"]["vcpus"], 2);
@@ -559,11 +578,11 @@ fn lazy_clones_from_s3_working_set_and_outage() {
         assert!(fetched > 0 && fetched < stored, "a lazy clone fetches part of the memory: {u}");
         report.push(u.clone());
         // Byte-exact memory: the blob written before the snapshot reads back identical from the lazy clone.
-        let back = work.path().join("blob.back");
-        let out = flint(&socket, &["cp", &format!("{id}:/tmp/blob"), back.to_str().unwrap()]);
+        let back = work.join("blob.back");
+        let out = flint(socket, &["cp", &format!("{id}:/tmp/blob"), back.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(std::fs::read(&back).unwrap() == blob, "guest memory differs after a lazy restore");
-        assert!(flint(&socket, &["vm", "rm", &id]).status.success());
+        assert!(flint(socket, &["vm", "rm", &id]).status.success());
     }
     assert_eq!(report[0]["prefetched_units"], 0);
     assert!(report[1]["prefetched_units"].as_u64().unwrap() > 0, "the second restore prefetched the working set");
@@ -573,10 +592,12 @@ fn lazy_clones_from_s3_working_set_and_outage() {
         report[1]["faults"],
         report[0]["faults"]
     );
+}
 
+fn the_bucket_gone_mid_restore_fails_the_clone_and_leaves_nothing(socket: &Path, data: &Path, s3: &mut S3Server) {
     // S3 goes away after the manifest and state are local: the VMM cannot get memory, the VM fails with a clear
     // error in bounded time, and no VMM is left running.
-    flint_json(&socket, &["cache", "clear"]);
+    flint_json(socket, &["cache", "clear"]);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s3.object_path("e2e/manifests/lz")).unwrap()).unwrap();
     let state_images = manifest["images"].as_array().unwrap();
@@ -590,14 +611,14 @@ fn lazy_clones_from_s3_working_set_and_outage() {
     }
     s3.stop();
     let started = Instant::now();
-    let out = flint(&socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
+    let out = flint(socket, &["clone", "--snapshot", "lz", "-n", "1", "--lazy"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     println!("with S3 stopped: {err} (after {:?})", started.elapsed());
     assert!(!out.status.success());
     assert!(err.contains("lazy restore failed") && err.contains("could not be provided"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(120), "a lost page source must fail the VM, not hang it");
     // A failed start leaves nothing: no VMM, no record, no directory.
-    let vms = flint_json(&socket, &["vm", "ls"]);
+    let vms = flint_json(socket, &["vm", "ls"]);
     assert!(vms.as_array().unwrap().is_empty(), "the failed clone left a VM behind: {vms}");
     assert_eq!(std::fs::read_dir(data.join("vms")).unwrap().count(), 0, "and no directory");
 }
@@ -2543,75 +2564,11 @@ fn python_image_runner_and_per_vm_disks() {
     assert_eq!(clones[0]["disk_mib"], 64, "{clones}");
 
     step("Cells");
-    // Cells: output, values, state between calls.
-    let t = Instant::now();
-    assert_eq!(run_py(&socket, a, "print(6*7)", &[]), (0, "42".into(), String::new()));
-    println!("clone → first print answered in {:?}", t.elapsed());
-    assert_eq!(
-        run_py(&socket, a, "import json, sqlite3, hashlib, ssl\nx = 1\nssl.OPENSSL_VERSION[:7]", &[]).1,
-        "'OpenSSL'"
-    );
-    assert_eq!(run_py(&socket, a, "print(x + 1)", &[]).1, "2");
-    step("Each clone reseeded");
-    // Each clone reseeded its interpreter's PRNG: the template's state is not shared.
-    let draw = "import random\nrandom.getrandbits(64)";
-    assert_ne!(run_py(&socket, a, draw, &[]).1, run_py(&socket, b, draw, &[]).1, "two clones drew the same number");
-    step("An exception");
-    // An exception: its traceback, exit 1; a timeout interrupts the code, the runner and its state live on.
-    let (code, _, err) = run_py(&socket, a, "def f():\n    raise ValueError('bad value')\nf()", &[]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("Traceback") && err.contains("ValueError: bad value") && err.contains("in f"), "{err}");
-    let (code, _, err) = run_py(&socket, a, "while True: pass", &["--timeout-ms", "3000"]);
-    assert_eq!(code, 124, "{err}");
-    assert!(err.contains("KeyboardInterrupt"), "{err}");
-    assert_eq!(run_py(&socket, a, "x", &[]).1, "1");
-
+    the_python_runner_keeps_state_reseeds_and_survives_exceptions_and_timeouts(&socket, a, b);
     step("Disks");
-    // Disks: the template's file in both; each clone's own files; the quota.
-    assert_eq!(sh(&socket, a, "cat /etc/flint-template"), "from-template");
-    assert_eq!(sh(&socket, b, "cat /etc/flint-template"), "from-template");
-    sh(&socket, a, "echo only-in-a > /root/mine && sync");
-    assert_eq!(sh(&socket, b, "cat /root/mine 2>/dev/null || echo absent"), "absent");
-    step("quota");
-    // Past the quota: a reservation (fallocate, no data to copy) and a real write once the disk is nearly full
-    // (guest block I/O on an emulating host is far too slow to fill 64 MiB by writing).
-    // (A failed fallocate keeps what it allocated: the file goes, or the disk stays full.)
-    let over = sh(&socket, a, "fallocate -l 100M /root/huge 2>&1; echo rc=$?; rm -f /root/huge");
-    assert!(over.contains("No space left on device") && over.contains("rc=1"), "{over}");
-    let full = sh(
-        &socket,
-        a,
-        "free=$(df -k / | awk 'NR==2 {print $4}'); fallocate -l $(( (free - 1024) * 1024 )) /root/filler; \
-         dd if=/dev/zero of=/root/big bs=64k count=64 2>&1; echo rc=$?; rm -f /root/filler /root/big; sync",
-    );
-    assert!(full.contains("No space left on device") && full.contains("rc=1"), "{full}");
-    let disk = data.join("vms").join(a).join("drive1.img");
-    let other = data.join("vms").join(b).join("drive1.img");
-    assert!(flint_supervisor::image::allocated_bytes(&other) < 16 << 20, "a clone's disk is sparse");
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 << 20, "the disk file is exactly the quota");
-    assert!(flint_supervisor::image::allocated_bytes(&disk) <= 64 << 20);
-
-    // Dynamic mounts: a copy of a host directory into the running VM, read-only, then read-write.
+    let disk = each_clone_has_its_own_disk_within_its_quota(&socket, &data, a, b);
     step("mounts");
-    let share = work.path().join("share");
-    std::fs::create_dir_all(share.join("sub")).unwrap();
-    std::fs::write(share.join("hello.txt"), "from-host\n").unwrap();
-    std::fs::write(share.join("sub/deep.txt"), "deep\n").unwrap();
-    let spec = |path: &str| format!("{}:{path}", share.display());
-    let m = flint_json(&socket, &["mount", a, &spec("/mnt/in:ro")]);
-    assert_eq!(m["mounts"][0]["path"], "/mnt/in", "{m}");
-    assert_eq!(sh(&socket, a, "cat /mnt/in/hello.txt /mnt/in/sub/deep.txt"), "from-host\ndeep");
-    assert!(sh(&socket, a, "touch /mnt/in/x 2>&1; true").contains("Read-only file system"));
-    assert_eq!(sh(&socket, b, "cat /mnt/in/hello.txt 2>/dev/null || echo absent"), "absent");
-    let busy = flint(&socket, &["mount", a, &spec("/mnt/other")]);
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("unmount it first"), "{busy:?}");
-    let bad = flint(&socket, &["mount", b, &spec("/proc/x")]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("/proc"), "{bad:?}");
-    flint_json(&socket, &["umount", a, "/mnt/in"]);
-    assert_eq!(sh(&socket, a, "cat /mnt/in/hello.txt 2>/dev/null || echo gone"), "gone");
-    flint_json(&socket, &["mount", a, &spec("/mnt/rw")]);
-    sh(&socket, a, "echo written-in-guest > /mnt/rw/new && sync");
-    assert!(!share.join("new").exists(), "a mount is a copy: the host directory is unchanged");
+    a_host_directory_mounts_read_only_then_read_write(&socket, work.path(), a, b);
 
     // The state and the files (the disk's and the mount's) survive snapshot → clone.
     step("snapshot → clone");
@@ -2628,6 +2585,81 @@ fn python_image_runner_and_per_vm_disks() {
     flint(&socket, &["vm", "rm", a, b, &c]);
     assert!(!disk.exists(), "{} is left", disk.display());
     assert_eq!(sha256_of(&image.join("rootfs.ext4")), sha_before);
+}
+
+/// Clones `a` and `b` of the python template: cells keep state, each clone reseeded its PRNG, an exception's
+/// traceback, a timeout that interrupts the code and leaves the runner (and `x = 1` in `a`) alive.
+fn the_python_runner_keeps_state_reseeds_and_survives_exceptions_and_timeouts(socket: &Path, a: &str, b: &str) {
+    // Cells: output, values, state between calls.
+    let t = Instant::now();
+    assert_eq!(run_py(socket, a, "print(6*7)", &[]), (0, "42".into(), String::new()));
+    println!("clone → first print answered in {:?}", t.elapsed());
+    assert_eq!(
+        run_py(socket, a, "import json, sqlite3, hashlib, ssl\nx = 1\nssl.OPENSSL_VERSION[:7]", &[]).1,
+        "'OpenSSL'"
+    );
+    assert_eq!(run_py(socket, a, "print(x + 1)", &[]).1, "2");
+    // Each clone reseeded its interpreter's PRNG: the template's state is not shared.
+    let draw = "import random\nrandom.getrandbits(64)";
+    assert_ne!(run_py(socket, a, draw, &[]).1, run_py(socket, b, draw, &[]).1, "two clones drew the same number");
+    // An exception: its traceback, exit 1; a timeout interrupts the code, the runner and its state live on.
+    let (code, _, err) = run_py(socket, a, "def f():\n    raise ValueError('bad value')\nf()", &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Traceback") && err.contains("ValueError: bad value") && err.contains("in f"), "{err}");
+    let (code, _, err) = run_py(socket, a, "while True: pass", &["--timeout-ms", "3000"]);
+    assert_eq!(code, 124, "{err}");
+    assert!(err.contains("KeyboardInterrupt"), "{err}");
+    assert_eq!(run_py(socket, a, "x", &[]).1, "1");
+}
+
+/// Disks: the template's file in both clones; each clone's own files; the quota. Clone `a`'s disk file.
+fn each_clone_has_its_own_disk_within_its_quota(socket: &Path, data: &Path, a: &str, b: &str) -> PathBuf {
+    // Disks: the template's file in both; each clone's own files; the quota.
+    assert_eq!(sh(socket, a, "cat /etc/flint-template"), "from-template");
+    assert_eq!(sh(socket, b, "cat /etc/flint-template"), "from-template");
+    sh(socket, a, "echo only-in-a > /root/mine && sync");
+    assert_eq!(sh(socket, b, "cat /root/mine 2>/dev/null || echo absent"), "absent");
+    // Past the quota: a reservation (fallocate, no data to copy) and a real write once the disk is nearly full
+    // (guest block I/O on an emulating host is far too slow to fill 64 MiB by writing).
+    // (A failed fallocate keeps what it allocated: the file goes, or the disk stays full.)
+    let over = sh(socket, a, "fallocate -l 100M /root/huge 2>&1; echo rc=$?; rm -f /root/huge");
+    assert!(over.contains("No space left on device") && over.contains("rc=1"), "{over}");
+    let full = sh(
+        socket,
+        a,
+        "free=$(df -k / | awk 'NR==2 {print $4}'); fallocate -l $(( (free - 1024) * 1024 )) /root/filler; \
+         dd if=/dev/zero of=/root/big bs=64k count=64 2>&1; echo rc=$?; rm -f /root/filler /root/big; sync",
+    );
+    assert!(full.contains("No space left on device") && full.contains("rc=1"), "{full}");
+    let disk = data.join("vms").join(a).join("drive1.img");
+    let other = data.join("vms").join(b).join("drive1.img");
+    assert!(flint_supervisor::image::allocated_bytes(&other) < 16 << 20, "a clone's disk is sparse");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 << 20, "the disk file is exactly the quota");
+    assert!(flint_supervisor::image::allocated_bytes(&disk) <= 64 << 20);
+    disk
+}
+
+/// Dynamic mounts: a copy of a host directory into running VM `a`, read-only, then read-write at /mnt/rw.
+fn a_host_directory_mounts_read_only_then_read_write(socket: &Path, work: &Path, a: &str, b: &str) {
+    let share = work.join("share");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    std::fs::write(share.join("hello.txt"), "from-host\n").unwrap();
+    std::fs::write(share.join("sub/deep.txt"), "deep\n").unwrap();
+    let spec = |path: &str| format!("{}:{path}", share.display());
+    let m = flint_json(socket, &["mount", a, &spec("/mnt/in:ro")]);
+    assert_eq!(m["mounts"][0]["path"], "/mnt/in", "{m}");
+    assert_eq!(sh(socket, a, "cat /mnt/in/hello.txt /mnt/in/sub/deep.txt"), "from-host\ndeep");
+    assert!(sh(socket, a, "touch /mnt/in/x 2>&1; true").contains("Read-only file system"));
+    assert_eq!(sh(socket, b, "cat /mnt/in/hello.txt 2>/dev/null || echo absent"), "absent");
+    let busy = flint(socket, &["mount", a, &spec("/mnt/other")]);
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("unmount it first"), "{busy:?}");
+    let bad = flint(socket, &["mount", b, &spec("/proc/x")]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/proc"), "{bad:?}");
+    flint_json(socket, &["umount", a, "/mnt/in"]);
+    assert_eq!(sh(socket, a, "cat /mnt/in/hello.txt 2>/dev/null || echo gone"), "gone");
+    flint_json(socket, &["mount", a, &spec("/mnt/rw")]);
+    sh(socket, a, "echo written-in-guest > /mnt/rw/new && sync");
+    assert!(!share.join("new").exists(), "a mount is a copy: the host directory is unchanged");
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -2761,38 +2793,7 @@ fn oci_layouts_import_boot_and_exec() {
     flint_json(&socket, &["image", "import", "oci-tar", "--oci", tarball.to_str().unwrap()]);
     let bad = flint(&socket, &["image", "import", "oci-test", "--oci", layout.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("already exists"), "{bad:?}");
-
-    // Malformed layouts: each refused with what is wrong, and nothing left behind.
-    let refuse = |name: &str, dir: &Path, want: &str| {
-        let out = flint(&socket, &["image", "import", name, "--oci", dir.to_str().unwrap()]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(want), "{name}: want `{want}`: {err}");
-        assert!(!data.join("images").join(name).exists());
-    };
-    let empty = work.path().join("empty");
-    std::fs::create_dir_all(&empty).unwrap();
-    refuse("bad1", &empty, "neither an OCI image layout");
-    let garbage = work.path().join("garbage");
-    std::fs::create_dir_all(&garbage).unwrap();
-    std::fs::write(garbage.join("index.json"), "{not json").unwrap();
-    refuse("bad2", &garbage, "index.json");
-    let tampered = work.path().join("tampered");
-    oci_layout(&tampered, &[lower.clone(), upper.clone()]);
-    for e in std::fs::read_dir(tampered.join("blobs/sha256")).unwrap().flatten() {
-        if std::fs::metadata(e.path()).unwrap().len() == upper.len() as u64 {
-            std::fs::write(e.path(), layer_tar(&[Item::File("etc/evil", b"x", 0o644)])).unwrap();
-        }
-    }
-    refuse("bad3", &tampered, "digest");
-    let escape = work.path().join("escape");
-    oci_layout(
-        &escape,
-        &[lower.clone(), layer_tar(&[Item::Link("etc/x", "/etc"), Item::File("../../outside", b"x", 0o644)])],
-    );
-    refuse("bad4", &escape, "climbs out");
-    assert!(!work.path().join("outside").exists() && !Path::new("/outside").exists());
-    let leftovers: Vec<_> = std::fs::read_dir(data.join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 2, "only the two good images: {leftovers:?}");
+    malformed_oci_layouts_are_refused_with_nothing_left(&socket, work.path(), &data, &lower, &upper);
 
     // Boot the imported image and exec in it: the upper layer won, the whiteouts removed, env and cwd kept.
     let vm = flint_json(&socket, &["vm", "create", "--image", "oci-test"]);
@@ -2801,6 +2802,47 @@ fn oci_layouts_import_boot_and_exec() {
         sh(&socket, &id, "cat /etc/hello; test -e /etc/removed || echo removed-gone; ls /data; echo $GREETING; pwd");
     assert_eq!(out, "layer2\nremoved-gone\nnew\nhi-from-oci\n/data", "{out}");
     flint(&socket, &["vm", "rm", &id]);
+}
+
+/// Malformed layouts (empty, bad index.json, a tampered blob, a layer climbing out): each refused with what is
+/// wrong, and nothing left behind (the two good images of `data` stay).
+fn malformed_oci_layouts_are_refused_with_nothing_left(
+    socket: &Path,
+    work: &Path,
+    data: &Path,
+    lower: &[u8],
+    upper: &[u8],
+) {
+    let refuse = |name: &str, dir: &Path, want: &str| {
+        let out = flint(socket, &["image", "import", name, "--oci", dir.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{name}: want `{want}`: {err}");
+        assert!(!data.join("images").join(name).exists());
+    };
+    let empty = work.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refuse("bad1", &empty, "neither an OCI image layout");
+    let garbage = work.join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("index.json"), "{not json").unwrap();
+    refuse("bad2", &garbage, "index.json");
+    let tampered = work.join("tampered");
+    oci_layout(&tampered, &[lower.to_vec(), upper.to_vec()]);
+    for e in std::fs::read_dir(tampered.join("blobs/sha256")).unwrap().flatten() {
+        if std::fs::metadata(e.path()).unwrap().len() == upper.len() as u64 {
+            std::fs::write(e.path(), layer_tar(&[Item::File("etc/evil", b"x", 0o644)])).unwrap();
+        }
+    }
+    refuse("bad3", &tampered, "digest");
+    let escape = work.join("escape");
+    oci_layout(
+        &escape,
+        &[lower.to_vec(), layer_tar(&[Item::Link("etc/x", "/etc"), Item::File("../../outside", b"x", 0o644)])],
+    );
+    refuse("bad4", &escape, "climbs out");
+    assert!(!work.join("outside").exists() && !Path::new("/outside").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "only the two good images: {leftovers:?}");
 }
 
 /// The critical finding of docs/security.md: an image whose `tmp` is a symlink to a host directory and whose

@@ -241,7 +241,6 @@ fn outage_corruption_and_encryption() {
     fill_random(&mut a, 1);
     let mut b = vec![0u8; 4 * MIB as usize];
     fill_random(&mut b, 2);
-    let marker = b"FLINT-PLAINTEXT-MARKER-0123456789".repeat(8000);
     let rt = rt();
     rt.block_on(async {
         let writer = Store::open(store_cfg(&work.path().join("w"), &s3)).unwrap();
@@ -301,36 +300,41 @@ fn outage_corruption_and_encryption() {
         assert_eq!(std::fs::read(&out).unwrap(), b);
         assert_eq!(host.stats().corrupt, 2, "the S3 copy earlier, the L1 copy now");
         assert!(host.verify("b", true).await.unwrap().problems.is_empty(), "L1 was healed");
-
-        // Encryption at rest: no plaintext and no plaintext hashes reach the bucket; the right secret reads it back.
-        let mut cfg = store_cfg(&work.path().join("enc"), &s3);
-        cfg.s3.as_mut().unwrap().prefix = "sealed".into();
-        cfg.secret = Some(Secret([42; 32]));
-        let sealed = Store::open(cfg.clone()).unwrap();
-        let (m, _) = sealed
-            .put(SnapshotDraft::new("s").image("memory", ImageSource::Bytes(marker.clone().into())), true)
-            .await
-            .unwrap();
-        let plain_id = m.images[0].chunks[0].unwrap().id.to_hex();
-        let mut found_plain = false;
-        visit(&s3.object_path("sealed"), &mut |p| {
-            let data = std::fs::read(p).unwrap();
-            found_plain |= data.windows(23).any(|w| w == b"FLINT-PLAINTEXT-MARKER-");
-            found_plain |= p.to_string_lossy().contains(&plain_id);
-            found_plain |= String::from_utf8_lossy(&data).contains(&plain_id);
-        });
-        assert!(!found_plain, "plaintext or its hash is visible in the bucket");
-        cfg.local_dir = work.path().join("enc2");
-        let reader = Store::open(cfg.clone()).unwrap();
-        let out = work.path().join("s.out");
-        reader.get_image("s", "memory", &out).await.unwrap();
-        assert_eq!(std::fs::read(&out).unwrap(), marker);
-        cfg.local_dir = work.path().join("enc3");
-        cfg.secret = Some(Secret([43; 32]));
-        let wrong = Store::open(cfg).unwrap();
-        let err = wrong.manifest("s").await.unwrap_err();
-        assert!(error_chain(&err).contains("authentication"), "{}", error_chain(&err));
     });
+    rt.block_on(encryption_at_rest_hides_plaintext_and_needs_the_secret(work.path(), &s3));
+}
+
+/// Encryption at rest: no plaintext and no plaintext hashes reach the bucket; the right secret reads it back, a
+/// wrong one is refused.
+async fn encryption_at_rest_hides_plaintext_and_needs_the_secret(work: &Path, s3: &S3Server) {
+    let marker = b"FLINT-PLAINTEXT-MARKER-0123456789".repeat(8000);
+    let mut cfg = store_cfg(&work.join("enc"), s3);
+    cfg.s3.as_mut().unwrap().prefix = "sealed".into();
+    cfg.secret = Some(Secret([42; 32]));
+    let sealed = Store::open(cfg.clone()).unwrap();
+    let (m, _) = sealed
+        .put(SnapshotDraft::new("s").image("memory", ImageSource::Bytes(marker.clone().into())), true)
+        .await
+        .unwrap();
+    let plain_id = m.images[0].chunks[0].unwrap().id.to_hex();
+    let mut found_plain = false;
+    visit(&s3.object_path("sealed"), &mut |p| {
+        let data = std::fs::read(p).unwrap();
+        found_plain |= data.windows(23).any(|w| w == b"FLINT-PLAINTEXT-MARKER-");
+        found_plain |= p.to_string_lossy().contains(&plain_id);
+        found_plain |= String::from_utf8_lossy(&data).contains(&plain_id);
+    });
+    assert!(!found_plain, "plaintext or its hash is visible in the bucket");
+    cfg.local_dir = work.join("enc2");
+    let reader = Store::open(cfg.clone()).unwrap();
+    let out = work.join("s.out");
+    reader.get_image("s", "memory", &out).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), marker);
+    cfg.local_dir = work.join("enc3");
+    cfg.secret = Some(Secret([43; 32]));
+    let wrong = Store::open(cfg).unwrap();
+    let err = wrong.manifest("s").await.unwrap_err();
+    assert!(error_chain(&err).contains("authentication"), "{}", error_chain(&err));
 }
 
 fn visit(dir: &Path, f: &mut dyn FnMut(&Path)) {

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use flint_agent::client::ExecEvent;
+use flint_agent::client::{AgentClient, ExecEvent};
 use flint_agent::protocol::ExecRequest;
 use flint_tests::*;
 
@@ -30,20 +30,7 @@ async fn guest_boots_and_every_device_works() {
     let rw = dir.path().join("rw.img");
     std::fs::write(&rw, vec![0u8; DRIVE_BYTES]).unwrap();
 
-    // Guest → host vsock: a host service on port 5000, answering one line.
-    let vsock_service = dir.path().join("vsock.sock_5000");
-    let listener = UnixListener::bind(&vsock_service).unwrap();
-    let service = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut got = Vec::new();
-        let mut b = [0u8; 1];
-        while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            got.push(b[0]);
-        }
-        s.write_all(b"pong-from-host\n").unwrap();
-        String::from_utf8_lossy(&got).into_owned()
-    });
+    let service = a_host_vsock_service(dir.path());
 
     let mut vm = VmProcess::boot_with(dir.path(), |c| {
         use flint_vmm_api::config::{DriveConfig, NetConfig};
@@ -79,6 +66,56 @@ async fn guest_boots_and_every_device_works() {
     assert!(d["devices"].as_array().unwrap().iter().all(|x| x["activated"] == true), "{d}");
     assert!(d["timings"]["first_run_to_init_us"].as_u64().is_some());
 
+    the_agent_runs_processes_with_the_hosts_tunables(&agent, &mut vm, &d).await;
+    the_guest_reaches_a_host_vsock_service(&agent, service).await;
+    drives_rng_and_balloon_work(&agent, &vm, &ro_data).await;
+
+    // Net: the guest reaches the host end of the tap inside the namespace, and back.
+    let out = agent.exec_output(argv(&["/bin/ping", "-c", "2", "-W", "5", &net.host_ip])).await.unwrap();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "guest ping failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run("ip", &["netns", "exec", &net.ns, "ping", "-c", "1", "-W", "5", &net.guest_ip]);
+
+    let fresh = pause_and_resume_through_the_api(&mut vm, &agent).await;
+
+    // Clean shutdown from inside the guest: the VMM exits 0 and leaves no sockets behind.
+    fresh.shutdown().await.unwrap();
+    let (status, stderr) = vm.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("reset itself"), "{stderr}");
+    assert!(!vm.api_sock.exists() && !vm.vsock_uds.exists(), "sockets removed");
+    let written = std::fs::read(&rw).unwrap();
+    assert_eq!(&written[..16], b"FLINT-WROTE-THIS", "data written by the guest is in the host file");
+    assert!(written[16..512].iter().all(|b| *b == 0));
+}
+
+/// Guest → host vsock: a host service on port 5000 of the VM in `dir`, answering one line; what it was sent.
+fn a_host_vsock_service(dir: &std::path::Path) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(dir.join("vsock.sock_5000")).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            got.push(b[0]);
+        }
+        s.write_all(b"pong-from-host\n").unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    })
+}
+
+/// A command, a pipeline, and the environment the host profile asks for.
+async fn the_agent_runs_processes_with_the_hosts_tunables(
+    agent: &AgentClient,
+    vm: &mut VmProcess,
+    d: &serde_json::Value,
+) {
     // The agent runs processes: a single command and a three-stage shell pipeline.
     let out = agent.exec_output(argv(&["/bin/echo", "hello", "flint"])).await.unwrap();
     assert_eq!((out.code, String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "hello flint\n"), "{out:?}");
@@ -94,7 +131,10 @@ async fn guest_boots_and_every_device_works() {
     } else {
         assert_eq!(tunables, "", "hardware hosts leave glibc alone");
     }
+}
 
+/// Guest → host vsock to [`a_host_vsock_service`].
+async fn the_guest_reaches_a_host_vsock_service(agent: &AgentClient, service: std::thread::JoinHandle<String>) {
     // Guest → host vsock (stdin streamed into the guest-side client).
     let mut req = ExecRequest {
         argv: vec!["/sbin/flint-agent".into(), "vsock-cat".into(), "2".into(), "5000".into()],
@@ -117,7 +157,11 @@ async fn guest_boots_and_every_device_works() {
     drop(s);
     assert_eq!((String::from_utf8_lossy(&out).as_ref(), exit), ("pong-from-host\n", Some(0)));
     assert_eq!(service.join().unwrap(), "ping-from-guest");
+}
 
+/// The drives (vda read-only holding `ro_data`, vdb read-write), virtio-rng, and the balloon's free page
+/// reporting.
+async fn drives_rng_and_balloon_work(agent: &AgentClient, vm: &VmProcess, ro_data: &[u8]) {
     // Block: the read-only drive reads back byte-exact and refuses writes; the read-write
     // drive takes a write.
     assert_eq!(agent.read_file("/dev/vda").await.unwrap(), ro_data, "read-only drive content");
@@ -151,39 +195,6 @@ async fn guest_boots_and_every_device_works() {
         assert!(t.elapsed() < Duration::from_secs(120), "the guest reported no free memory: {b}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-
-    // Net: the guest reaches the host end of the tap inside the namespace, and back.
-    let out = agent.exec_output(argv(&["/bin/ping", "-c", "2", "-W", "5", &net.host_ip])).await.unwrap();
-    assert_eq!(
-        out.code,
-        Some(0),
-        "guest ping failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    run("ip", &["netns", "exec", &net.ns, "ping", "-c", "1", "-W", "5", &net.guest_ip]);
-
-    // Pause and resume through the API.
-    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/pause", None).unwrap();
-    assert_eq!((st, r["state"].as_str()), (200, Some("paused")));
-    let paused = tokio::time::timeout(Duration::from_secs(3), agent.health()).await;
-    assert!(paused.is_err(), "a paused guest does not answer");
-    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/resume", None).unwrap();
-    assert_eq!((st, r["state"].as_str()), (200, Some("running")));
-    let fresh = vm.agent(Duration::from_secs(60)).await;
-    assert!(fresh.health().await.is_ok());
-    let (st, _) = api_call(&vm.api_sock, "GET", "/nope", None).unwrap();
-    assert_eq!(st, 404);
-
-    // Clean shutdown from inside the guest: the VMM exits 0 and leaves no sockets behind.
-    fresh.shutdown().await.unwrap();
-    let (status, stderr) = vm.wait(Duration::from_secs(120));
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("reset itself"), "{stderr}");
-    assert!(!vm.api_sock.exists() && !vm.vsock_uds.exists(), "sockets removed");
-    let written = std::fs::read(&rw).unwrap();
-    assert_eq!(&written[..16], b"FLINT-WROTE-THIS", "data written by the guest is in the host file");
-    assert!(written[16..512].iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -248,4 +259,21 @@ fn bad_inputs_fail_fast_with_clear_errors() {
         assert!(stderr.contains(want), "{args:?}: expected {want:?} in {stderr:?}");
         assert!(!vm.vsock_uds.exists() && !vm.api_sock.exists(), "no socket left behind for {args:?}");
     }
+}
+
+/// Pause (a paused guest does not answer) and resume through the API; an unknown route is 404. A new agent
+/// connection.
+async fn pause_and_resume_through_the_api(vm: &mut VmProcess, agent: &AgentClient) -> AgentClient {
+    // Pause and resume through the API.
+    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/pause", None).unwrap();
+    assert_eq!((st, r["state"].as_str()), (200, Some("paused")));
+    let paused = tokio::time::timeout(Duration::from_secs(3), agent.health()).await;
+    assert!(paused.is_err(), "a paused guest does not answer");
+    let (st, r) = api_call(&vm.api_sock, "PUT", "/vm/resume", None).unwrap();
+    assert_eq!((st, r["state"].as_str()), (200, Some("running")));
+    let fresh = vm.agent(Duration::from_secs(60)).await;
+    assert!(fresh.health().await.is_ok());
+    let (st, _) = api_call(&vm.api_sock, "GET", "/nope", None).unwrap();
+    assert_eq!(st, 404);
+    fresh
 }
