@@ -1410,3 +1410,76 @@ mod fuzz_corpora_tests {
         let _ = std::fs::remove_file(flint_vmm::fuzzing::block_disk());
     }
 }
+
+#[cfg(test)]
+mod test_shape_tests {
+    use std::path::{Path, PathBuf};
+
+    /// Longest a test function may be: past it, a failure names a scenario rather than a feature (docs/testing.md).
+    const MAX_TEST_LINES: usize = 80;
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p.is_dir() && !matches!(name.as_str(), "target" | ".git" | "fuzz" | "node_modules") {
+                rust_files(&p, out);
+            } else if name.ends_with(".rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// The test functions of `text` longer than [`MAX_TEST_LINES`]: (first line, name, lines).
+    fn long_tests(text: &str) -> Vec<(usize, String, usize)> {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut out = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if !(t.starts_with("#[test]") || t.starts_with("#[tokio::test")) {
+                continue;
+            }
+            let Some(j) = (i + 1..lines.len()).find(|&j| {
+                let s = lines[j].trim_start();
+                s.starts_with("fn ") || s.starts_with("async fn ") || s.starts_with("pub fn ")
+            }) else {
+                continue;
+            };
+            let indent = lines[j].len() - lines[j].trim_start().len();
+            let end = (j + 1..lines.len()).find(|&k| {
+                let s = lines[k];
+                s.len() > indent && s[..indent].trim().is_empty() && s[indent..].starts_with('}')
+            });
+            let n = end.map_or(lines.len(), |k| k + 1) - j;
+            if n > MAX_TEST_LINES {
+                let name = lines[j].trim().split('(').next().unwrap_or("").to_string();
+                out.push((j + 1, name, n));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_shape_check_finds_a_long_test() {
+        let long = format!("#[test]\nfn long() {{\n{}}}\n", "    x();\n".repeat(MAX_TEST_LINES));
+        assert_eq!(long_tests(&long), vec![(2, "fn long".to_string(), MAX_TEST_LINES + 2)]);
+        let short = "#[tokio::test]\nasync fn short() {\n    x();\n}\n";
+        assert!(long_tests(short).is_empty());
+    }
+
+    #[test]
+    fn no_test_function_is_longer_than_80_lines() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        rust_files(&root, &mut files);
+        assert!(files.len() > 50, "the workspace's sources were not found under {}", root.display());
+        let mut found = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            for (line, name, n) in long_tests(&text) {
+                found.push(format!("{}:{line} {name}: {n} lines", f.display()));
+            }
+        }
+        assert!(found.is_empty(), "split these into named steps:\n{}", found.join("\n"));
+    }
+}
