@@ -641,11 +641,12 @@ impl Manager {
     /// Marks the VM failed when its VMM exits (unless it is being deleted), and releases what it held on the
     /// host but its directory (logs, console) and its uid, which its record keeps until it is deleted.
     pub(super) fn watch(self: &Arc<Self>, vm: &Arc<Vm>, p: Proc) {
-        // Weak: a watcher does not keep the manager alive (its VMMs outlive it by design).
+        // Weak: a watcher does not keep the manager alive (its VMMs outlive it by design). A loop of the shutdown:
+        // a running VM's watch lasts as long as the VM, which outlives flintd (it is re-adopted and watched again).
         let this = Arc::downgrade(self);
         let weak_vm = Arc::downgrade(vm);
         let exited = self.launcher.exited(p);
-        self.tasks.spawn(async move {
+        self.tasks.spawn_loop(async move {
             let how = exited.await;
             if let (Some(this), Some(vm)) = (this.upgrade(), weak_vm.upgrade()) {
                 this.vmm_exited(&vm, p, how).await;

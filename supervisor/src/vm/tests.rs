@@ -215,6 +215,19 @@ async fn a_restore_makes_at_most_two_durable_commits() {
     d.vms.stop_all().await;
 }
 
+/// A shutdown with VMs running ends without waiting for them: their exit watches are loops of the shutdown (the
+/// VMs outlive flintd and are watched again when re-adopted), not work in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_for_running_vms() {
+    let env = Env::new("shutdown");
+    let l = FakeLauncher::default();
+    let d = with_snapshot(&env, &l, 256).await;
+    let v = d.vms.restore(restore("s")).await.unwrap();
+    assert!(d.shutdown(Duration::from_secs(10)).await, "tasks still running: {}", d.tasks.len());
+    assert!(l.pid_of(&d.vms.vm_dir(&v.id)).is_some(), "the VM runs on after flintd's shutdown");
+    d.vms.stop_all().await;
+}
+
 /// A clone whose agent never answers fails by its own deadline and frees its restore slot: the other clones of
 /// the same call are restored meanwhile; the failed one is answered as `failed`, with nothing of it left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
