@@ -80,7 +80,7 @@ full() {
   FLINT_S3_SERVER=${FLINT_S3_SERVER:-$(bash scripts/s3-server.sh)}
   export FLINT_S3_SERVER
   say "S3-compatible server $FLINT_S3_SERVER"
-  run_tests --test store_s3 --test flintd --test e2b --test crash
+  run_tests --test store_s3 --test fleet --test flintd --test e2b --test crash
   say "tier 2 passed"
 }
 

@@ -22,8 +22,8 @@ pub mod db;
 pub mod drives;
 pub mod e2b;
 pub mod error;
-#[cfg(test)]
-mod fake;
+#[doc(hidden)]
+pub mod fake;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -163,12 +163,29 @@ pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_sec
 /// Runs flintd until SIGTERM/SIGINT: then it stops accepting, lets operations in flight finish (up to
 /// [`SHUTDOWN_DEADLINE`]) and exits. VMs keep running across a daemon restart (they are re-adopted).
 pub async fn run(cfg: config::Config) -> Result<(), RunError> {
-    let socket = cfg.socket.clone();
-    let group = cfg.socket_group.clone();
-    if let Some(g) = &group {
+    if let Some(g) = &cfg.socket_group {
         group_id(g)?; // before anything starts
     }
-    let daemon = daemon::Daemon::open(cfg)?;
+    serve(daemon::Daemon::open(cfg)?).await
+}
+
+/// Runs flintd as [`run`] does, but on fake VMMs and a fake host network (`flintd --fake-vmm`): the control plane
+/// (API, sessions, pools, the store, etcd, routers) without KVM, for multi-host tests on one machine. A fake VM is
+/// a table entry in this process, and its "guest agent" is flint-agent in host mode: commands run **on this
+/// host** as flintd's user. Never on a host with tenants.
+pub async fn run_without_kvm(cfg: config::Config) -> Result<(), RunError> {
+    if let Some(g) = &cfg.socket_group {
+        group_id(g)?;
+    }
+    warn!("--fake-vmm: VMs are in-process fakes whose commands run on this host; for tests only");
+    let net = net::Networks::with_fake_host(cfg.network.clone(), &cfg.data_dir);
+    let launcher = Arc::new(fake::FakeLauncher::default());
+    serve(daemon::Daemon::open_parts(cfg, launcher, Arc::new(net))?).await
+}
+
+async fn serve(daemon: Arc<daemon::Daemon>) -> Result<(), RunError> {
+    let socket = daemon.cfg.socket.clone();
+    let group = daemon.cfg.socket_group.clone();
     let listener = bind(&socket, group.as_deref())?;
     if let Some(addr) = daemon.cfg.network.front_end {
         let l = net::front::bind(addr)

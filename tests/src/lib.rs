@@ -1260,6 +1260,110 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port").local_addr().unwrap().port()
 }
 
+/// A `flint-router` in front of an etcd cluster, with the fleet's certificates (its log in `<dir>/<name>.log`), and
+/// `flint --url` to it with the fleet's client certificate. Killed on drop.
+pub struct FleetRouter {
+    pub url: String,
+    pub port: u16,
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    pub ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl FleetRouter {
+    /// Starts a router on `port` (0: a free one) for the etcd members `etcd` (client URLs).
+    pub fn start(dir: &Path, name: &str, etcd: &[String], certs: &FleetCerts, port: u16) -> FleetRouter {
+        let port = if port == 0 { free_port() } else { port };
+        let p = |x: &Path| x.to_str().unwrap().to_string();
+        let mut args = Vec::new();
+        for e in etcd {
+            args.extend(["--etcd".to_string(), e.clone()]);
+        }
+        args.extend(["--listen".into(), format!("127.0.0.1:{port}"), "--min-free-mib".into(), "64".into()]);
+        args.extend(["--tls-cert".into(), p(&certs.server_cert), "--tls-key".into(), p(&certs.server_key)]);
+        args.extend(["--client-ca".into(), p(&certs.ca), "--host-ca".into(), p(&certs.ca)]);
+        args.extend(["--cert".into(), p(&certs.client_cert), "--key".into(), p(&certs.client_key)]);
+        let mut r = FleetRouter {
+            url: format!("https://127.0.0.1:{port}"),
+            port,
+            child: None,
+            args,
+            log: dir.join(format!("{name}.log")),
+            ca: certs.ca.clone(),
+            cert: certs.client_cert.clone(),
+            key: certs.client_key.clone(),
+        };
+        r.restart();
+        r
+    }
+
+    /// Kills the router (SIGKILL: it holds no state) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("router log");
+        let mut cmd = Command::new(bin_dir().join("flint-router"));
+        die_with_parent(&mut cmd);
+        cmd.args(&self.args).stdout(log.try_clone().expect("router log")).stderr(log);
+        self.child = Some(cmd.spawn().expect("start flint-router (cargo build --workspace --bins)"));
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `flint --url <router> ARGS` with the fleet's client certificate.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin_dir().join("flint"))
+            .arg("--url")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key)
+            .args(args)
+            .output()
+            .expect("run flint")
+    }
+
+    /// `flint --url <router> --json ARGS`, which must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(&[&["--json"][..], args].concat());
+        assert!(out.status.success(), "flint --url {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until the router lists `n` hosts.
+    pub fn wait_for_hosts(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run(&["--json", "host", "ls"]);
+            let listed = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().map(Vec::len))
+                .unwrap_or(0);
+            if out.status.success() && listed >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the router never saw {n} hosts: {out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for FleetRouter {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A real etcd (Debian's etcd-server) on loopback, in a directory of its own; killed and removed on drop.
 pub struct EtcdServer {
     /// The first member's client port.
@@ -1332,6 +1436,11 @@ impl EtcdServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Every member's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
     }
 
     /// Every member's client URL, as a TOML array's items.

@@ -1615,16 +1615,8 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
         .enumerate()
         .map(|(i, name)| RoutedHost::start(work.path(), &s3, &etcd, &certs, i, name))
         .collect();
-    let (mut router, via) = Via::router(work.path(), &etcd, &certs);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = via.run(&["--json", "host", "ls"]);
-        if out.status.success() && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[1].is_object() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the router never saw both hosts: {out:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let via = flint_tests::FleetRouter::start(work.path(), "router", &[etcd.url()], &certs, 0);
+    via.wait_for_hosts(2);
     // Without a client certificate the router lets nobody in.
     let out = Command::new(bin_dir().join("flint"))
         .args(["--url", &via.url, "--ca", via.ca.to_str().unwrap(), "host", "ls"])
@@ -1676,8 +1668,6 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
     assert!(flint_json(&hosts[survivor].sock, &["vm", "ls"]).as_array().unwrap().is_empty());
     let keys = etcd.get_prefix("/flint/").unwrap();
     assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
-    let _ = router.kill();
-    let _ = router.wait();
 }
 
 /// The host whose owner key in etcd names session `id`, if any.
@@ -1743,76 +1733,10 @@ impl RoutedHost {
     }
 }
 
-/// `flint --url` to a router with the fleet's client certificate.
-struct Via {
-    url: String,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl Via {
-    /// Starts `flint-router` in front of the etcd cluster (its log in `work`) and a caller for it.
-    fn router(
-        work: &Path,
-        etcd: &flint_tests::EtcdServer,
-        certs: &flint_tests::FleetCerts,
-    ) -> (std::process::Child, Via) {
-        let p = |x: &Path| x.to_str().unwrap().to_string();
-        let rport = flint_tests::free_port();
-        let log = std::fs::File::create(work.join("router.log")).unwrap();
-        let mut router = Command::new(bin_dir().join("flint-router"));
-        flint_tests::die_with_parent(&mut router);
-        let router = router
-            .args(["--etcd", &etcd.url(), "--listen", &format!("127.0.0.1:{rport}"), "--min-free-mib", "64"])
-            .args([
-                "--tls-cert",
-                &p(&certs.server_cert),
-                "--tls-key",
-                &p(&certs.server_key),
-                "--client-ca",
-                &p(&certs.ca),
-            ])
-            .args(["--host-ca", &p(&certs.ca), "--cert", &p(&certs.client_cert), "--key", &p(&certs.client_key)])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start flint-router");
-        let via = Via {
-            url: format!("https://127.0.0.1:{rport}"),
-            ca: certs.ca.clone(),
-            cert: certs.client_cert.clone(),
-            key: certs.client_key.clone(),
-        };
-        (router, via)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin_dir().join("flint"))
-            .arg("--url")
-            .arg(&self.url)
-            .arg("--ca")
-            .arg(&self.ca)
-            .arg("--cert")
-            .arg(&self.cert)
-            .arg("--key")
-            .arg(&self.key)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.run(&[&["--json"][..], args].concat());
-        assert!(out.status.success(), "flint --url {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    }
-}
-
 /// Draining the host of `r3` hibernates its running sessions; the router wakes them, and places new ones (`r5`),
 /// elsewhere; then the host is undrained.
 fn a_drained_hosts_sessions_wake_and_new_ones_are_placed_elsewhere(
-    via: &Via,
+    via: &flint_tests::FleetRouter,
     etcd: &flint_tests::EtcdServer,
     hosts: &[RoutedHost],
 ) {
@@ -1839,7 +1763,7 @@ fn a_drained_hosts_sessions_wake_and_new_ones_are_placed_elsewhere(
 /// A hibernated session (`id`, which may have been hibernated by a drain) wakes on the host that hibernated it,
 /// whose cache is warm. That host.
 fn a_hibernated_session_wakes_on_the_host_that_hibernated_it(
-    via: &Via,
+    via: &flint_tests::FleetRouter,
     etcd: &flint_tests::EtcdServer,
     id: &str,
 ) -> String {

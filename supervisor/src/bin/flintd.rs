@@ -35,6 +35,9 @@ struct Args {
     /// Run VMMs unjailed (jail.enabled = false): for debugging only, never on a host with tenants.
     #[arg(long)]
     no_jail: bool,
+    /// Tests only: fake in-process VMMs whose commands run on this host (docs/testing.md). Never with tenants.
+    #[arg(long, hide = true)]
+    fake_vmm: bool,
     /// Serve the E2B-compatible API on this address ([e2b] listen; docs/e2b.md).
     #[arg(long)]
     e2b_listen: Option<std::net::SocketAddr>,
@@ -92,7 +95,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(flint_supervisor::run(cfg)) {
+    let served = if args.fake_vmm {
+        rt.block_on(flint_supervisor::run_without_kvm(cfg))
+    } else {
+        rt.block_on(flint_supervisor::run(cfg))
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flintd: {e}");
