@@ -62,6 +62,8 @@ pub struct Membership {
     /// The host's load, kept up to date by the sessions' tick.
     pub sessions: AtomicUsize,
     pub vms: AtomicUsize,
+    /// Guest memory the host's quotas still allow, MiB (`u64::MAX`: no limit).
+    pub headroom_mib: AtomicU64,
     pub keepalive_failures: AtomicU64,
     pub leases_lost: AtomicU64,
     /// The dead man's switch of this host's session VMs (`<data_dir>/fence`): the deadline this host's claims
@@ -111,6 +113,7 @@ impl Membership {
             draining: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
             vms: AtomicUsize::new(0),
+            headroom_mib: AtomicU64::new(u64::MAX),
             keepalive_failures: AtomicU64::new(0),
             leases_lost: AtomicU64::new(0),
         })
@@ -155,7 +158,9 @@ impl Membership {
     }
 
     fn info(&self) -> HostInfo {
-        let (total, free) = super::host_memory_mib();
+        let (total, available) = super::host_memory_mib();
+        // Free for a new session: what the kernel has and what this host's own accounting still allows.
+        let free = available.min(self.headroom_mib.load(Ordering::Relaxed));
         HostInfo {
             host: self.host.clone(),
             nonce: self.nonce.clone(),

@@ -44,6 +44,13 @@ pub struct Allocator {
 }
 
 impl Allocator {
+    /// Guest memory live VMs may still be given under `limits` (`max_total_mem_mib`, `memory_overcommit`), MiB;
+    /// `None`: no limit.
+    pub fn mem_headroom_mib(&self, limits: &Limits) -> Option<u64> {
+        let caps = [(limits.max_total_mem_mib > 0).then_some(limits.max_total_mem_mib), limits.overcommit_cap_mib()];
+        caps.into_iter().flatten().min().map(|cap| cap.saturating_sub(self.mem_mib))
+    }
+
     /// Whether `n` more live VMs of `mem_mib` of memory and `disk_mib` of disks each fit `limits`.
     pub fn check(&self, limits: &Limits, n: usize, mem_mib: u64, disk_mib: u64) -> Result<(), AllocError> {
         let disk = self.disk_mib + n as u64 * disk_mib;
@@ -232,6 +239,21 @@ mod tests {
         a.reserve("y", &limits, (ram / 8, 0), None, None).unwrap();
         let off = Limits { memory_overcommit: 0.0, ..Default::default() };
         assert!(a.check(&off, 1, ram * 100, 0).is_ok(), "0: no limit");
+    }
+
+    #[test]
+    fn memory_headroom_is_the_tightest_quota_left() {
+        let ram = crate::config::host_ram_mib();
+        let mut a = Allocator::default();
+        let off = Limits { memory_overcommit: 0.0, ..Default::default() };
+        assert_eq!(a.mem_headroom_mib(&off), None, "no memory quota: no limit");
+        let both = Limits { memory_overcommit: 4.0, max_total_mem_mib: 1024, ..Default::default() };
+        a.reserve("x", &both, (256, 0), None, None).unwrap();
+        assert_eq!(a.mem_headroom_mib(&both), Some(768));
+        let ratio = Limits { memory_overcommit: 0.5, ..Default::default() };
+        assert_eq!(a.mem_headroom_mib(&ratio), Some((ram / 2).saturating_sub(256)));
+        a.release("x");
+        assert_eq!(a.mem_headroom_mib(&both), Some(1024), "a deleted VM's memory is free again");
     }
 
     #[test]

@@ -229,6 +229,12 @@ impl Manager {
         self.vms.read().unwrap_or_else(|p| p.into_inner()).keys().find(|k| k.eq_ignore_ascii_case(name)).cloned()
     }
 
+    /// Guest memory this host may still promise under its quotas, MiB (`None`: no limit): its own accounting,
+    /// which a fleet's placement reads beside the kernel's free memory.
+    pub fn mem_headroom_mib(&self) -> Option<u64> {
+        flint_vmm_api::lock(&self.alloc).mem_headroom_mib(&self.cfg.limits)
+    }
+
     pub fn len(&self) -> usize {
         self.vms.read().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -204,6 +204,7 @@ impl Sessions {
         if let Some(m) = &self.membership {
             m.sessions.store(self.len(), Ordering::Relaxed);
             m.vms.store(self.vms.len(), Ordering::Relaxed);
+            m.headroom_mib.store(self.vms.mem_headroom_mib().unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         for s in self.all() {
             self.tend_lease(&s, now);
