@@ -5,7 +5,9 @@
 //!   random hosts by free memory — and that host wakes it on the call;
 //! - `POST /v1/sessions` is placed the same way; `GET /v1/sessions` and `GET /v1/vms` ask every host and merge;
 //! - a host answering 409 "held by host X" (the view was behind) is retried at X;
-//! - no host fits: 503 with `Retry-After`.
+//! - no host fits: 503 with `Retry-After`;
+//! - an upgraded call naming a session (an interactive exec, `Upgrade: flint-exec`) is sent to the holder with the
+//!   same upgrade; once the host switches protocols, the caller's connection and the host's are spliced.
 //!
 //! Hosts are reached at their registration's `advertise` URL with mutual TLS (the router's certificate); callers
 //! reach the router with mutual TLS too (`flint --url https://router …`).
@@ -51,6 +53,8 @@ pub struct Router {
     pub view: RwLock<View>,
     /// Reaches hosts' cluster listeners (mutual TLS).
     http: reqwest::Client,
+    /// The router's TLS towards hosts (certificate and CA), for upgraded calls.
+    host_tls: Arc<rustls::ClientConfig>,
     /// Hosts with less free memory are not placed on.
     pub min_free_mib: u64,
     pub metrics: RouterMetrics,
@@ -145,7 +149,15 @@ impl Router {
             .no_proxy()
             .build()
             .expect("an HTTP client over a rustls configuration");
-        Router { etcd, prefix, view: RwLock::new(View::default()), http, min_free_mib, metrics: Default::default() }
+        Router {
+            etcd,
+            prefix,
+            view: RwLock::new(View::default()),
+            http,
+            host_tls,
+            min_free_mib,
+            metrics: Default::default(),
+        }
     }
 
     fn apply(&self, view: &mut View, key: &str, value: Option<&[u8]>) {
@@ -350,16 +362,80 @@ impl Router {
         resp
     }
 
+    /// An upgraded call naming a session (an interactive exec): sent to the session's holder asking the same
+    /// upgrade; once the host answers `101 Switching Protocols`, so does the router, and the two connections are
+    /// spliced until either ends. Any other answer is passed back as it is.
+    async fn relay_upgrade(
+        &self,
+        route: Route,
+        mut parts: axum::http::request::Parts,
+        body: Body,
+        path_q: &str,
+        protocol: &str,
+    ) -> Response<Body> {
+        let Route::Named(id) = route else {
+            return error(StatusCode::BAD_REQUEST, "only a call naming a session can be upgraded (interactive exec)");
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return error(StatusCode::BAD_REQUEST, "this connection cannot be upgraded (HTTP/1.1 only)");
+        };
+        let host = match self.host_for(&id).await {
+            Ok(h) => h,
+            Err(r) => return r,
+        };
+        let Some(base) = self.url_of(&host) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("host `{host}` is not registered (gone?)"));
+        };
+        let bytes = match axum::body::to_bytes(body, REPLAYABLE_BODY).await {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        };
+        let target = match crate::http::Target::url(&base, Some(self.host_tls.clone())) {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("host `{host}`: {e}")),
+        };
+        self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+        let (mut to_host, early) = match crate::http::upgrade(&target, path_q, &bytes, protocol).await {
+            Ok(crate::http::Upgrade::Switched { stream, early }) => (stream, early),
+            Ok(crate::http::Upgrade::Refused { status, body }) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut h = HeaderMap::new();
+                h.insert("content-type", HeaderValue::from_static("application/json"));
+                return rebuild(status, &h, Body::from(body), &host);
+            }
+            Err(e) => {
+                self.metrics.host_errors.fetch_add(1, Ordering::Relaxed);
+                return error(StatusCode::BAD_GATEWAY, format!("host `{host}` ({base}): {e}"));
+            }
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let Ok(up) = on_upgrade.await else { return };
+            let mut caller = hyper_util::rt::TokioIo::new(up);
+            if !early.is_empty() && caller.write_all(&early).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut caller, &mut to_host).await;
+        });
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(protocol) {
+            r.headers_mut().insert("upgrade", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            r.headers_mut().insert("x-flint-host", v);
+        }
+        r
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
         let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let route = classify(&parts.method, parts.uri.path());
-        if parts.headers.contains_key("upgrade") {
-            return error(
-                StatusCode::NOT_IMPLEMENTED,
-                "the router does not relay upgraded connections (interactive exec): call the session's host",
-            );
+        if let Some(protocol) = parts.headers.get("upgrade").and_then(|v| v.to_str().ok()).map(str::to_string) {
+            return self.relay_upgrade(route, parts, body, &path_q, &protocol).await;
         }
         match route {
             Route::Health => {

@@ -1317,6 +1317,11 @@ impl FleetRouter {
         }
     }
 
+    /// `--cert` and `--key` of the fleet's client certificate.
+    pub fn identity(&self) -> [&std::ffi::OsStr; 4] {
+        ["--cert".as_ref(), self.cert.as_os_str(), "--key".as_ref(), self.key.as_os_str()]
+    }
+
     /// `flint --url <router> ARGS` with the fleet's client certificate.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin_dir().join("flint"))

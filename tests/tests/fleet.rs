@@ -246,6 +246,7 @@ fn creates_spread_over_the_hosts_and_a_storm_never_gives_a_session_two_owners() 
     f.routers[1].wait_for_hosts(HOSTS);
     let out = f.routers[1].run(&["exec", "c3-0", "--", "/bin/echo", "routed"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "routed", "{}", stderr(&out));
+    interactive_exec_through_a_router(&f.routers[0], "c5-1");
     let h = f.routers[1].json(&["session", "hibernate", "dup"]);
     assert_eq!(h["state"], "hibernated", "{h}");
     // A storm of wakes of one hibernated session, through both routers: it wakes once, on one host.
@@ -271,6 +272,28 @@ fn creates_spread_over_the_hosts_and_a_storm_never_gives_a_session_two_owners() 
             stderr(o)
         );
     }
+}
+
+/// `flint --url <router> exec -i`: the router relays the upgraded connection to the session's host: 100 kB of
+/// piped stdin reach the command, its output and exit status come back.
+fn interactive_exec_through_a_router(r: &FleetRouter, session: &str) {
+    use std::io::Write;
+    let mut child = Command::new(bin_dir().join("flint"))
+        .arg("--url")
+        .arg(&r.url)
+        .arg("--ca")
+        .arg(&r.ca)
+        .args(r.identity())
+        .args(["exec", "-i", session, "--", "/bin/sh", "-c", "wc -c; exit 3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&vec![b'x'; 100_000]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000", "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "the command's exit status: {}", stderr(&out));
 }
 
 /// kill -9 of a host: its sessions wake on other hosts through the router once its lease has ended, and the
