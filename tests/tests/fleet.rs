@@ -381,3 +381,28 @@ fn a_host_stopped_past_its_lease_is_fenced_when_it_runs_again() {
         f.routers[0].json(&["session", "rm", s]);
     }
 }
+
+/// The ownership contract (an entry created once, compare-and-swap by version, released and taken over under the
+/// next epoch, one winner of a race of creates) holds for both backends: the bucket's conditional writes (a real S3
+/// server) and etcd's transactions (a real etcd).
+#[test]
+fn both_ownership_backends_keep_one_contract() {
+    use flint_supervisor::services::sessions::owners::contract;
+    let work = TempDir::new("fleet-contract");
+    let s3 = S3Server::start();
+    let etcd = EtcdServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (a, b) = {
+        let _in = rt.enter();
+        let store = |name: &str| flint_tests::flintd_store(&work.path().join(name), &s3, "contract");
+        (store("a"), store("b"))
+    };
+    rt.block_on(contract::s3(a, b, &work.path().join("s3")));
+    let cluster = flint_supervisor::cluster::ClusterConfig {
+        etcd: etcd.urls(),
+        prefix: "/contract/".into(),
+        lease_ttl_s: TTL_S,
+        ..Default::default()
+    };
+    rt.block_on(contract::etcd(&cluster, &work.path().join("etcd")));
+}

@@ -6,7 +6,8 @@
 mod lease;
 pub use lease::DrainReport;
 pub mod model;
-mod owners;
+#[doc(hidden)]
+pub mod owners;
 #[cfg(test)]
 mod tests;
 mod tick;

@@ -266,3 +266,103 @@ impl Owners for EtcdOwners {
         Some(self.m.lease())
     }
 }
+
+/// The contract both ownership backends keep, checked against each on real servers by `tests/tests/fleet.rs`
+/// (a real S3 server, a real etcd): what the lease logic relies on, whichever backend serves it.
+#[doc(hidden)]
+pub mod contract {
+    use std::sync::Arc;
+
+    use super::{EtcdOwners, Owners, S3Owners, SessionLease};
+    use crate::cluster::host::Membership;
+    use crate::cluster::ClusterConfig;
+
+    /// Two hosts (`ha`, `hb`, each with its data directory under `dir`) on one bucket of `a`'s and `b`'s stores.
+    pub async fn s3(a: flint_snapshot_store::Store, b: flint_snapshot_store::Store, dir: &std::path::Path) {
+        let owner = |store, host: &str| {
+            let data_dir = dir.join(host);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            S3Owners { store, host: host.to_string(), data_dir }
+        };
+        // Whether two concurrent conditional creates of one key can both succeed is the server's doing: s3s-fs, the
+        // test server, checks and then writes (docs/sessions.md), so races are checked on etcd only.
+        check(&owner(a, "ha"), &owner(b, "hb"), false).await;
+    }
+
+    /// Two hosts (`ha`, `hb`) registered in the etcd of `cluster`.
+    pub async fn etcd(cluster: &ClusterConfig, dir: &std::path::Path) {
+        let tasks = crate::tasks::Tasks::new();
+        let owner = |host: &str| {
+            let data_dir = dir.join(host);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let nonce = super::host_nonce(&data_dir).unwrap();
+            let m = Membership::new(cluster, host.to_string(), nonce, &data_dir).expect("an etcd client");
+            EtcdOwners::new(Arc::new(m), tasks.clone())
+        };
+        check(&owner("ha"), &owner("hb"), true).await;
+        tasks.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+
+    fn lease(holder: Option<&str>, epoch: u64, base: &str) -> SessionLease {
+        let session = serde_json::from_value(serde_json::json!({
+            "id": "c1", "state": if holder.is_some() { "running" } else { "hibernated" }, "origin": "gold",
+            "base": base, "idle_timeout_s": 60, "on_idle": "hibernate", "env": {}, "metadata": {},
+            "created_unix_ms": 1, "awake_ms": 0, "hibernations": 0, "wakes": 0, "generation": epoch,
+        }))
+        .expect("a session record");
+        SessionLease {
+            holder: holder.map(str::to_string),
+            expires_unix_ms: flint_vmm_api::now_unix_ms() + 60_000,
+            epoch,
+            session,
+            last_holder: holder.map(str::to_string),
+        }
+    }
+
+    /// The contract, as hosts `ha` (`a`) and `hb` (`b`) use it; `races`: whether concurrent creates are checked.
+    async fn check(a: &dyn Owners, b: &dyn Owners, races: bool) {
+        let backend = a.backend();
+        a.register().await.unwrap_or_else(|e| panic!("{backend}: register ha: {e:?}"));
+        b.register().await.unwrap_or_else(|e| panic!("{backend}: register hb: {e:?}"));
+        assert!(a.get("c1").await.unwrap().is_none(), "{backend}: an unknown session has no entry");
+        // Create-only: one write wins, a second create (any host) changes nothing.
+        let v1 = a.put("c1", &lease(Some("ha"), 1, "gold"), None).await.unwrap().expect("the first create");
+        assert_eq!(b.put("c1", &lease(Some("hb"), 1, "gold"), None).await.unwrap(), None, "{backend}: 2nd create");
+        let got = b.get("c1").await.unwrap().expect("the entry");
+        assert_eq!((got.value.holder.as_deref(), got.version.as_str()), (Some("ha"), v1.as_str()), "{backend}");
+        assert!(got.value.expires_unix_ms > flint_vmm_api::now_unix_ms(), "{backend}: a live claim");
+        // Compare-and-swap: a write naming the current version wins; one naming a replaced version changes nothing.
+        let v2 = a.put("c1", &lease(Some("ha"), 1, "c1.h1.e1"), Some(&v1)).await.unwrap().expect("the holder's update");
+        assert_ne!(v1, v2, "{backend}: every write makes a new version");
+        assert_eq!(b.put("c1", &lease(Some("hb"), 2, "x"), Some(&v1)).await.unwrap(), None, "{backend}: stale write");
+        let got = b.get("c1").await.unwrap().expect("the entry");
+        assert_eq!((got.value.holder.as_deref(), got.value.session.base.as_str()), (Some("ha"), "c1.h1.e1"));
+        // Released (hibernated): no holder; then taken over by the other host under the next epoch.
+        let v3 = a.put("c1", &lease(None, 1, "c1.h1.e1"), Some(&v2)).await.unwrap().expect("the release");
+        let got = b.get("c1").await.unwrap().expect("the entry");
+        assert_eq!((got.value.holder.as_deref(), got.version.as_str()), (None, v3.as_str()), "{backend}: released");
+        let v4 = b.put("c1", &lease(Some("hb"), 2, "c1.h1.e1"), Some(&v3)).await.unwrap().expect("the take-over");
+        let got = a.get("c1").await.unwrap().expect("the entry");
+        assert_eq!((got.value.holder.as_deref(), got.value.epoch), (Some("hb"), 2), "{backend}: taken over");
+        assert_eq!(a.put("c1", &lease(Some("ha"), 1, "late"), Some(&v3)).await.unwrap(), None, "{backend}: late");
+        assert_eq!(got.version, v4);
+        // A race of creates of one new id from both hosts: exactly one wins.
+        if !races {
+            a.delete("c1").await.unwrap();
+            assert!(b.get("c1").await.unwrap().is_none(), "{backend}: c1 deleted");
+            return;
+        }
+        let tries: Vec<_> = (0..8)
+            .map(|i| {
+                let (o, h) = if i % 2 == 0 { (a, "ha") } else { (b, "hb") };
+                async move { o.put("c2", &lease(Some(h), 1, "gold"), None).await.unwrap() }
+            })
+            .collect();
+        let won = futures_util::future::join_all(tries).await.into_iter().flatten().count();
+        assert_eq!(won, 1, "{backend}: concurrent creates of one id");
+        for id in ["c1", "c2"] {
+            a.delete(id).await.unwrap();
+            assert!(b.get(id).await.unwrap().is_none(), "{backend}: {id} deleted");
+        }
+    }
+}
