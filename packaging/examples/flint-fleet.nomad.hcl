@@ -39,7 +39,8 @@ job "flint-hosts" {
       #   tls_cert = "/etc/flint/cluster/host.pem"
       #   tls_key = "/etc/flint/cluster/host.key"
       #   client_ca = "/etc/flint/cluster/ca.pem"
-X
+      # and the store's S3 settings ([store.s3], secret_file) with sessions.cross_host = true: every host of a fleet
+      # shares one bucket.
 
       kill_signal  = "SIGTERM"
       kill_timeout = "40s" # flintd finishes operations in flight for up to 30 s; VMs keep running
