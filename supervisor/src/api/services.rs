@@ -103,21 +103,41 @@ pub(super) async fn hide_port(State(d): D, Path((id, port)): Path<(String, u16)>
     Ok(json(d.network.set_port(&id, port, None).await?))
 }
 
-/// `GET /v1/sessions?metadata.KEY=VALUE...`: sessions whose metadata has every pair.
+/// `GET /v1/sessions?metadata.KEY=VALUE...&limit=N&after=CURSOR`: sessions whose metadata has every pair,
+/// oldest first; with `limit`, one page, and `Flint-Next-After` names where the next one starts if any is left.
 pub(super) async fn list_sessions(
     State(d): D,
     Query(q): Query<std::collections::BTreeMap<String, String>>,
 ) -> R<Response> {
+    use crate::services::sessions::{BadCursor, Page, MAX_PAGE, NEXT_AFTER};
     let mut filter = std::collections::BTreeMap::new();
+    let mut page = Page::default();
     for (k, v) in q {
-        match k.strip_prefix("metadata.") {
-            Some(key) if !key.is_empty() => filter.insert(key.to_string(), v),
-            _ => {
-                return Err(ApiError::new(Kind::Invalid, format!("unknown query parameter `{k}` (metadata.KEY=VALUE)")))
+        match (k.as_str(), k.strip_prefix("metadata.")) {
+            ("limit", _) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => page.limit = Some(n),
+                _ => return Err(ApiError::new(Kind::Invalid, format!("limit `{v}`: a number from 1 to {MAX_PAGE}"))),
+            },
+            ("after", _) => {
+                page.after = Some(v.parse().map_err(|e: BadCursor| ApiError::new(Kind::Invalid, e.to_string()))?)
             }
-        };
+            (_, Some(key)) if !key.is_empty() => {
+                filter.insert(key.to_string(), v);
+            }
+            _ => {
+                return Err(ApiError::new(
+                    Kind::Invalid,
+                    format!("unknown query parameter `{k}` (metadata.KEY=VALUE, limit, after)"),
+                ))
+            }
+        }
     }
-    Ok(json(d.sessions.list(&filter)))
+    let (list, next) = d.sessions.page(&filter, &page);
+    let mut resp = json(list);
+    if let Some(v) = next.and_then(|c| axum::http::HeaderValue::from_str(&c.to_string()).ok()) {
+        resp.headers_mut().insert(NEXT_AFTER, v);
+    }
+    Ok(resp)
 }
 
 pub(super) async fn create_session(State(d): D, b: Bytes) -> R<Response> {
@@ -189,4 +209,9 @@ pub(super) async fn delete_e2b_key(State(d): D, Path(id): Path<String>) -> R<Res
 
 pub(super) async fn metrics(State(d): D) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&d)).into_response()
+}
+
+/// `/v1/e2b/fleet/{rest}`: an E2B call `flint-router` forwards (the API key checked by the router).
+pub(super) async fn e2b_from_router(State(d): D, req: axum::extract::Request) -> Response {
+    crate::e2b::dispatch_from_router(d.e2b.clone(), req).await
 }

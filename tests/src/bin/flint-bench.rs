@@ -1027,6 +1027,13 @@ async fn floor_bench(runs: usize) {
         sb("256 MiB", "standby"),
     );
     row("  with a standby VMM p50, 2 GiB (ms)", "≤ 2", "-", sb("2 GiB", "spawned"), sb("2 GiB", "standby"));
+    row(
+        "  standby 256 MiB: alone → beside a spinning VM (ms)",
+        "≤ 2x",
+        "-",
+        sb("256 MiB", "standby"),
+        sb("256 MiB", "spinner"),
+    );
     row("restore → agent ready p50, 8 at once (ms)", "", "255-314 (1)", none(), format!("{:.0}", f("ready_p50_ms")));
     row("restore → agent ready p99, 8 at once (ms)", "", "", none(), format!("{:.0}", f("ready_p99_ms")));
     row("clone rate, 8 at once (restores/s/core)", "", "-", none(), format!("{:.2}", f("rate_per_core")));
@@ -1477,6 +1484,8 @@ fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
     );
     let mut rows: Vec<(String, String, Vec<serde_json::Value>)> = Vec::new();
     let mut refill_ms = Vec::new();
+    // Per guest size: each restored VMM's (cgroup non-file, guest anonymous, overhead) in KiB.
+    let mut overhead: std::collections::BTreeMap<&str, Vec<(u64, u64, u64)>> = Default::default();
     // One restore of each snapshot on each flintd first, not counted: it writes the snapshot's shared memory and
     // state files from the store.
     for (_, sock, _, _) in &daemons {
@@ -1496,6 +1505,10 @@ fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
                 let id = c[0]["id"].as_str().unwrap_or("?").to_string();
                 let d = call(sock, "GET", &format!("/v1/vms/{id}"), None);
                 assert_eq!(d["standby"].as_bool().unwrap_or(false), *label == "standby", "{label}: {d}");
+                let pid = d["pid"].as_u64().unwrap_or(0) as u32;
+                if let Some(o) = vmm_overhead_kib(pid, mib.parse().unwrap_or(256)) {
+                    overhead.entry(size).or_default().push(o);
+                }
                 results[i].push(d);
                 call(sock, "DELETE", &format!("/v1/vms/{id}"), None);
             }
@@ -1504,6 +1517,30 @@ fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
             rows.push((size.to_string(), label.to_string(), std::mem::take(&mut results[i])));
         }
     }
+    // A spinning neighbour (#30): a VM whose guest runs a busy loop on its vCPU (a whole core of this 2-core host,
+    // no CPU limit), then the standby restores of 256 MiB again beside it.
+    let (_, sock, _, _) = &daemons[0];
+    let spinner = call(sock, "POST", "/v1/clones", Some(serde_json::json!({"snapshot": "small", "count": 1})));
+    let spinner = spinner[0]["id"].as_str().unwrap_or("?").to_string();
+    let spin = serde_json::json!({"argv": ["sh", "-c", "while :; do :; done >/dev/null 2>&1 </dev/null &"]});
+    call(sock, "POST", &format!("/v1/vms/{spinner}/exec"), Some(spin));
+    let spinner_pid = call(sock, "GET", &format!("/v1/vms/{spinner}"), None)["pid"].as_u64().unwrap_or(0) as u32;
+    let (c0, _) = proc_cpu_rss(spinner_pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spinner_cpu = (proc_cpu_rss(spinner_pid).0 - c0) / 2.0 * 100.0;
+    let mut beside = Vec::new();
+    for _ in 0..runs {
+        refill_ms.push(wait_standbys(sock, "256"));
+        let c = call(sock, "POST", "/v1/clones", Some(serde_json::json!({"snapshot": "small", "count": 1})));
+        let id = c[0]["id"].as_str().unwrap_or("?").to_string();
+        beside.push(call(sock, "GET", &format!("/v1/vms/{id}"), None));
+        call(sock, "DELETE", &format!("/v1/vms/{id}"), None);
+    }
+    if let Some(o) = vmm_overhead_kib(spinner_pid, 256) {
+        overhead.entry("256 MiB, spinning").or_default().push(o);
+    }
+    call(sock, "DELETE", &format!("/v1/vms/{spinner}"), None);
+    rows.push(("256 MiB".into(), "spinner".into(), beside));
     let pick = |v: &[serde_json::Value], f: &dyn Fn(&serde_json::Value) -> f64| {
         let mut x: Vec<f64> = v.iter().map(f).collect();
         x.sort_by(|a, b| a.total_cmp(b));
@@ -1551,6 +1588,37 @@ fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
     println!("CPUID were made ahead.");
     if let Some(m) = refill_ms.get(refill_ms.len() / 2) {
         println!("waiting for the taken standby's replacement before a standby restore: p50 {m:.0} ms");
+    }
+    for (size, v) in &overhead {
+        let mut o: Vec<u64> = v.iter().map(|x| x.2).collect();
+        o.sort_unstable();
+        let (guest, all) = v.iter().fold((0, 0), |(g, a), x| (g.max(x.1), a.max(x.0)));
+        println!(
+            "VMM memory beyond the guest's, {size}: p50 {:.1} MiB, max {:.1} MiB ({} VMMs; cgroup non-file up to \
+             {:.1} MiB, of which guest anonymous up to {:.1} MiB)",
+            o[o.len() / 2] as f64 / 1024.0,
+            o[o.len() - 1] as f64 / 1024.0,
+            o.len(),
+            all as f64 / 1024.0,
+            guest as f64 / 1024.0
+        );
+    }
+    // The spinning neighbour's effect: the same restores (standby, 256 MiB) with and without it.
+    let vmm_side = |label: &str| {
+        rows.iter().find(|(size, l, _)| size == "256 MiB" && l == label).map(|(_, _, v)| {
+            let (p50, _) = pick(v, &|d| ms(d["first_run_us"].as_u64().unwrap_or(0)));
+            (p50, pick(v, &|d| ms(d["vmm"]["timings"]["process_to_first_run_us"].as_u64().unwrap_or(0))).0)
+        })
+    };
+    if let (Some((alone, alone_vmm)), Some((spun, spun_vmm))) = (vmm_side("standby"), vmm_side("spinner")) {
+        println!(
+            "spinner: the same standby restores beside a VM spinning on its vCPU ({spinner_cpu:.0}% of a core, no CPU \
+             limit): VMM-side {spun_vmm:.2} ms against {alone_vmm:.2} alone ({:.2}x); to the first instruction \
+             {spun:.2} against {alone:.2} ({:.2}x)",
+            spun_vmm / alone_vmm.max(1e-9),
+            spun / alone.max(1e-9)
+        );
+        fig.push(("256 MiB".into(), "spinner".into(), spun));
     }
     drop(daemons);
     fig
@@ -1607,6 +1675,47 @@ fn proc_cpu_rss(pid: u32) -> (f64, f64) {
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     (ticks / hz, rss / 1024.0)
+}
+
+/// What a jailed VMM holds in its cgroup beyond its guest's memory (KiB): the cgroup's usage that is not file
+/// cache (the VMM's heap, stacks and page tables, KVM's accounted kernel memory, the guest's anonymous pages),
+/// minus the anonymous pages of the guest's memory mappings (the snapshot's memory file mapped copy-on-write, or
+/// anonymous guest memory of its size). `(cgroup non-file, guest anonymous, overhead)`; none if unreadable.
+fn vmm_overhead_kib(pid: u32, guest_mib: u64) -> Option<(u64, u64, u64)> {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (dir, v2) = cg.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+        if ctrl.split(',').any(|c| c == "memory") {
+            Some((format!("/sys/fs/cgroup/memory{path}"), false))
+        } else if ctrl.is_empty() {
+            Some((format!("/sys/fs/cgroup{path}"), true))
+        } else {
+            None
+        }
+    })?;
+    let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+    let stat = read("memory.stat")?;
+    let stat_of = |k: &str| stat.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
+    let non_file = if v2 {
+        read("memory.current")?.trim().parse::<u64>().ok()?.saturating_sub(stat_of("file").unwrap_or(0))
+    } else {
+        read("memory.usage_in_bytes")?.trim().parse::<u64>().ok()?.saturating_sub(stat_of("cache").unwrap_or(0))
+    } / 1024;
+    // The guest's mappings: the largest ones (at least half the guest's memory each, or its whole layout).
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut guest_anon = 0;
+    let mut in_guest = false;
+    for l in smaps.lines() {
+        if let Some((range, _)) = l.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            let (a, b) = range.split_once('-')?;
+            let len = u64::from_str_radix(b, 16).ok()?.saturating_sub(u64::from_str_radix(a, 16).ok()?);
+            in_guest = len >= (guest_mib << 20) / 2;
+        } else if let Some(v) = l.strip_prefix("Anonymous:").filter(|_| in_guest) {
+            guest_anon += v.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some((non_file, guest_anon, non_file.saturating_sub(guest_anon)))
 }
 
 fn mem_available_mib() -> f64 {
@@ -1921,7 +2030,10 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
             let (st, _, ms) = timed_request(&sock, "GET", &format!("/v1/sessions/{id}"), b"");
             note(&mut out, "get session", st, ms);
             let (st, _, ms) = timed_request(&sock, "GET", "/v1/sessions", b"");
-            note(&mut out, "list sessions", st, ms);
+            note(&mut out, "list all sessions", st, ms);
+            // What a client of a large host pages with (`Flint-Next-After`): a page as long as the whole list at 10.
+            let (st, _, ms) = timed_request(&sock, "GET", "/v1/sessions?limit=10", b"");
+            note(&mut out, "list a page of 10", st, ms);
             let (st, _, ms) =
                 timed_request(&sock, "GET", &format!("/v1/vms/{}", running_vms[pick(running_vms.len())]), b"");
             note(&mut out, "get VM", st, ms);
@@ -1934,14 +2046,31 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
             );
             note(&mut out, "exec start", st, head);
         }
+        // Creates one at a time on a quiet host, each from a full warm pool (the same case at 10 and at N: the
+        // mass creation above runs beside hibernations and pool refills), each deleted after.
+        let pooled = || {
+            call("GET", "/v1/vms", None)
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|v| v["owner"]["kind"] == "pool" && v["status"] == "paused").count())
+        };
+        for i in 0..20 {
+            let t = Instant::now();
+            while pooled() < 4 && t.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let id = format!("probe{}-{i}", list.len());
+            let body = serde_json::json!({"template": "idle", "id": id, "idle_timeout_s": 3600}).to_string();
+            let (st, _, ms) = timed_request(&sock, "POST", "/v1/sessions", body.as_bytes());
+            note(&mut out, "create session", if st == 201 { 200 } else { st }, ms);
+            call("DELETE", &format!("/v1/sessions/{id}"), None);
+        }
         out
     };
     // At 10 sessions. Creation and hibernation rates count the time spent creating, not the probes.
     let t = Instant::now();
     create(0..10.min(n));
     let mut created_s = t.elapsed().as_secs_f64();
-    let at10 = probe(50);
-    let create10 = create_ms.lock().unwrap().clone();
+    let at10 = probe(200);
     // Up to N.
     let t = Instant::now();
     create(10.min(n)..n);
@@ -1976,7 +2105,7 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         / n.saturating_sub(m).max(1) as f64
         / 1048576.0;
     // At N sessions.
-    let atn = probe(50);
+    let atn = probe(200);
     // K clients for S seconds on random sessions: exec or a 4 KiB file write and read.
     let wakes0 = metrics("flint_session_wake_ms_count");
     let load: std::sync::Mutex<std::collections::BTreeMap<&'static str, Vec<f64>>> = Default::default();
@@ -2013,11 +2142,26 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         }
     });
     let wakes = metrics("flint_session_wake_ms_count") - wakes0;
+    // What each running session's VMM holds beyond its guest's memory, after the load.
+    let mut overhead: Vec<u64> = call("GET", "/v1/sessions", None)
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["state"] == "running")
+                .filter_map(|s| {
+                    let vm = call("GET", &format!("/v1/vms/{}", s["vm"].as_str()?), None);
+                    let mib = vm["mem_mib"].as_u64().unwrap_or(256);
+                    vmm_overhead_kib(vm["pid"].as_u64()? as u32, mib).map(|o| o.2)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    overhead.sort_unstable();
     println!();
     println!("{:<44} {:>12}", "sessions created (incl. the first 10)", n);
     println!("{:<44} {:>12.2}", "  sessions created/s", n as f64 / created_s);
     let (c50, c99) = p50_p99(&create_all);
-    println!("{:<44} {:>12.0} {:>10.0}", "  create p50 / p99 (ms)", c50, c99);
+    println!("{:<44} {:>12.0} {:>10.0}", "  create p50 / p99, 4 at a time (ms)", c50, c99);
     println!("{:<44} {:>12.2}", "hibernations/s (last creates → all hibernated)", hibernations / all_hibernated_s);
     println!("{:<44} {:>12.2}", format!("wakes/s under {k} clients"), wakes / secs as f64);
     println!();
@@ -2029,16 +2173,6 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         format!("p50 @{n}"),
         format!("p99 @{n}"),
         "p99 ratio"
-    );
-    let c10 = p50_p99(&create10);
-    println!(
-        "{:<24} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
-        "create session",
-        c10.0,
-        c10.1,
-        c50,
-        c99,
-        c99 / c10.1.max(1e-9)
     );
     for (route, v10) in &at10 {
         let (a, b) = p50_p99(v10);
@@ -2054,6 +2188,14 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
     println!();
     println!("flintd idle CPU, {n} sessions ({m} running): {idle_cpu:.2}% of a core; RSS {rss:.1} MiB");
     println!("host memory per running session (MemAvailable drop / M): {mem_per_running:.1} MiB");
+    if let (Some(p50), Some(max)) = (overhead.get(overhead.len() / 2), overhead.last()) {
+        println!(
+            "VMM memory beyond the guest's ({} running sessions' cgroups, after the load): p50 {:.1} MiB, max {:.1} MiB",
+            overhead.len(),
+            *p50 as f64 / 1024.0,
+            *max as f64 / 1024.0
+        );
+    }
     println!("disk per hibernated session (store growth / (N - M)): {disk_per_hibernated:.2} MiB");
     println!("errors: {}", errors.load(std::sync::atomic::Ordering::Relaxed));
     drop(d);

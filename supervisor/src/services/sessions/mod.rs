@@ -224,6 +224,70 @@ pub struct SessionMetrics {
     pub lease_fences: AtomicU64,
 }
 
+/// This host's sessions by id, and in the list's order (oldest first, then by id): a page of the list is read
+/// from its cursor on, without walking the sessions before it.
+#[derive(Default)]
+struct SessionMap {
+    /// Each session with the position it was filed at in `order`.
+    by_id: HashMap<String, (Cursor, Arc<Session>)>,
+    order: BTreeMap<Cursor, Arc<Session>>,
+}
+
+impl SessionMap {
+    fn get(&self, id: &str) -> Option<&Arc<Session>> {
+        self.by_id.get(id).map(|(_, s)| s)
+    }
+
+    fn contains_key(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_id.keys()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.order.values()
+    }
+
+    fn insert(&mut self, id: String, s: Arc<Session>) {
+        let at = s.rec.with(Cursor::of);
+        if let Some((was, _)) = self.by_id.insert(id, (at.clone(), s.clone())) {
+            self.order.remove(&was);
+        }
+        self.order.insert(at, s);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Session>> {
+        let (at, s) = self.by_id.remove(id)?;
+        self.order.remove(&at);
+        Some(s)
+    }
+
+    /// The session `id`, filed from `make()` if there is none.
+    fn get_or_insert_with(&mut self, id: &str, make: impl FnOnce() -> Arc<Session>) -> Arc<Session> {
+        if let Some(s) = self.get(id) {
+            return s.clone();
+        }
+        let s = make();
+        self.insert(id.to_string(), s.clone());
+        s
+    }
+
+    /// The sessions after `after` (all with none), in the list's order.
+    fn after<'a>(&'a self, after: Option<&Cursor>) -> Box<dyn Iterator<Item = &'a Arc<Session>> + 'a> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        match after {
+            Some(c) => Box::new(self.order.range((Excluded(c.clone()), Unbounded)).map(|(_, s)| s)),
+            None => Box::new(self.order.values()),
+        }
+    }
+}
+
 /// The sessions service.
 pub struct Sessions {
     cfg: Arc<Config>,
@@ -231,7 +295,7 @@ pub struct Sessions {
     vms: Arc<vm::Manager>,
     templates: Arc<Templates>,
     pools: Arc<Pools>,
-    map: RwLock<HashMap<String, Arc<Session>>>,
+    map: RwLock<SessionMap>,
     /// This host's name in leases.
     pub host: String,
     coord: tokio::sync::Mutex<Coord>,
@@ -307,7 +371,7 @@ impl Sessions {
             vms,
             templates,
             pools,
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(SessionMap::default()),
             host,
             coord: tokio::sync::Mutex::new(Coord::Unknown),
             owners,
@@ -362,9 +426,7 @@ impl Sessions {
 
     /// Every session, oldest first.
     pub fn records(&self) -> Vec<SessionRecord> {
-        let mut v: Vec<SessionRecord> = self.all().iter().map(|s| s.rec.get()).collect();
-        v.sort_by(|a, b| a.created_unix_ms.cmp(&b.created_unix_ms).then(a.id.cmp(&b.id)));
-        v
+        self.all().iter().map(|s| s.rec.get()).collect()
     }
 
     /// Sessions by state (metrics).
@@ -376,8 +438,34 @@ impl Sessions {
         out
     }
 
+    /// Every session whose metadata has every pair of `filter`, oldest first.
     pub fn list(&self, filter: &BTreeMap<String, String>) -> Vec<SessionRecord> {
-        self.records().into_iter().filter(|r| filter.iter().all(|(k, v)| r.metadata.get(k) == Some(v))).collect()
+        self.page(filter, &Page::default()).0
+    }
+
+    /// One page of [`Sessions::list`]: the sessions after `page.after`, at most `page.limit`, and where the next
+    /// page starts if any session is left after this one. Records are copied only for the page.
+    pub fn page(&self, filter: &BTreeMap<String, String>, page: &Page) -> (Vec<SessionRecord>, Option<Cursor>) {
+        let limit = page.limit.unwrap_or(usize::MAX);
+        let mut more = false;
+        let picked: Vec<Arc<Session>> = {
+            let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+            let mut picked = Vec::new();
+            for s in map.after(page.after.as_ref()) {
+                if !s.rec.with(|r| filter.iter().all(|(k, v)| r.metadata.get(k) == Some(v))) {
+                    continue;
+                }
+                if picked.len() == limit {
+                    more = true;
+                    break;
+                }
+                picked.push(s.clone());
+            }
+            picked
+        };
+        let out: Vec<SessionRecord> = picked.iter().map(|s| s.rec.get()).collect();
+        let next = if more { out.last().map(Cursor::of) } else { None };
+        (out, next)
     }
 
     /// Whether a session uses snapshot `id` (its base, a base being written, one kept for a lazy VM).

@@ -139,6 +139,10 @@ pub struct SessionRecord {
     /// A CPU limit, a fraction of one core (default: the template's or snapshot's); kept across wakes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<f64>,
+    /// What services built on sessions keep with them (the E2B endpoint's sandbox, under `e2b`): carried with
+    /// the record wherever it goes, so a host that wakes the session elsewhere has it too. Not set by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl SessionRecord {
@@ -186,6 +190,7 @@ impl SessionRecord {
             error: None,
             host: None,
             network: req.network.clone(),
+            annotations: req.annotations.clone(),
         }
     }
 
@@ -217,6 +222,8 @@ impl SessionRecord {
             metadata,
             on_idle: self.on_idle,
             pre_stop: self.pre_stop.clone(),
+            // A fork is a new session: what a service kept with the parent is not the child's.
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -295,6 +302,9 @@ pub struct CreateSession {
     /// A CPU limit, a fraction of one core (0.01 up to its vCPUs; needs the jail); default: the template's.
     #[serde(default)]
     pub cpu: Option<f64>,
+    /// The new record's annotations (services inside flintd only: never read from a request).
+    #[serde(skip)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -374,3 +384,53 @@ mod tests {
         assert!(r.expired(100_000).unwrap().contains("max_lifetime_s 100"));
     }
 }
+
+/// A position in the session list's order (oldest first, then by id), written `<created_unix_ms>.<id>`: where a
+/// page ends and the next one starts (`GET /v1/sessions?after=`). It names no session that must still exist: a
+/// session deleted between two pages does not break the walk.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub created_unix_ms: u64,
+    pub id: String,
+}
+
+impl Cursor {
+    pub fn of(r: &SessionRecord) -> Cursor {
+        Cursor { created_unix_ms: r.created_unix_ms, id: r.id.clone() }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_unix_ms, self.id)
+    }
+}
+
+/// A cursor that is not `<created_unix_ms>.<id>`.
+#[derive(Debug, thiserror::Error)]
+#[error("bad list cursor `{0}`: `after` takes the `Flint-Next-After` header of the previous page")]
+pub struct BadCursor(pub String);
+
+impl std::str::FromStr for Cursor {
+    type Err = BadCursor;
+    fn from_str(s: &str) -> Result<Cursor, BadCursor> {
+        let (ms, id) = s.split_once('.').ok_or_else(|| BadCursor(s.to_string()))?;
+        match ms.parse() {
+            Ok(created_unix_ms) if !id.is_empty() => Ok(Cursor { created_unix_ms, id: id.to_string() }),
+            _ => Err(BadCursor(s.to_string())),
+        }
+    }
+}
+
+/// One page of the session list: after a cursor (none: from the start), at most `limit` sessions (none: all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<Cursor>,
+    pub limit: Option<usize>,
+}
+
+/// The header of a session list's page that names where the next page starts (absent: the last page).
+pub const NEXT_AFTER: &str = "flint-next-after";
+
+/// The most sessions one page may ask for.
+pub const MAX_PAGE: usize = 10_000;

@@ -318,3 +318,35 @@ async fn cpu_limits_are_checked_and_kept_across_snapshots_and_wakes() {
     let e = d.vms.create(vm::CreateVm { cpu: Some(0.5), ..Default::default() }, None).await.unwrap_err();
     assert!(e.to_string().contains("needs the jail"), "{e}");
 }
+
+/// Pages of the session list walk every session once, in the list's order, whatever is deleted between pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_walk_every_session_once() {
+    let env = env("pages");
+    let l = FakeLauncher::default();
+    let d = with_base(&env, &l).await;
+    for i in 0..5 {
+        d.sessions.create(req(&format!("p{i}"))).await.unwrap();
+    }
+    let all: Vec<String> = d.sessions.list(&BTreeMap::new()).into_iter().map(|r| r.id).collect();
+    assert_eq!(all.len(), 5);
+    let mut walked = Vec::new();
+    let mut page = Page { after: None, limit: Some(2) };
+    loop {
+        let (items, next) = d.sessions.page(&BTreeMap::new(), &page);
+        assert!(items.len() <= 2);
+        walked.extend(items.into_iter().map(|r| r.id));
+        if walked.len() == 2 {
+            // The cursor's session goes: the walk goes on from its place.
+            d.sessions.delete(&walked[1]).await.unwrap();
+        }
+        match next {
+            Some(c) => page.after = Some(c.to_string().parse().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all);
+    assert!(
+        "no-dot".parse::<Cursor>().is_err() && "x.id".parse::<Cursor>().is_err() && "1.".parse::<Cursor>().is_err()
+    );
+}
