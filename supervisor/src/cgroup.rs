@@ -199,6 +199,27 @@ impl Hierarchy {
     }
 }
 
+/// An open memory.events (v2) or memory.failcnt (v1) of one cgroup.
+pub struct FailedCharges {
+    file: std::fs::File,
+    v2: bool,
+}
+
+impl FailedCharges {
+    /// The count now; none once the cgroup is gone.
+    pub fn read(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        if self.v2 {
+            stat_value(text, "max")
+        } else {
+            text.trim().parse().ok()
+        }
+    }
+}
+
 /// One reading of a cgroup's memory: its limit, what it uses that cannot be reclaimed without swap (everything but
 /// file cache: anonymous memory, page tables, kernel memory) and how many charges have failed at the limit so far.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -235,6 +256,17 @@ impl VmCgroup {
             anon: usage.saturating_sub(stat_value(&stat, "cache").unwrap_or(0)),
             failed_charges: read("memory.failcnt")?.trim().parse().ok()?,
         })
+    }
+
+    /// A reader of how many memory charges have failed at the limit (v2: memory.events `max`; v1:
+    /// memory.failcnt): the file is opened once and read again from its start on each check (a path lookup in
+    /// the cgroup file system costs more than the read).
+    pub fn failed_charges(&self) -> Option<FailedCharges> {
+        let d = &self.memory_dir;
+        match std::fs::File::open(d.join("memory.events")) {
+            Ok(file) => Some(FailedCharges { file, v2: true }),
+            Err(_) => Some(FailedCharges { file: std::fs::File::open(d.join("memory.failcnt")).ok()?, v2: false }),
+        }
     }
 
     /// Moves process `pid` into every hierarchy of this cgroup.

@@ -241,12 +241,16 @@ pub fn jail_spec_from(
 
 /// Gives the VM's directory and everything in it to the jail's uid (it is `/` for the VMM).
 pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io(format!("chown {}", dir.display())))?;
+    // Only what is not the uid's yet is changed (a standby's directory is its already): a chown writes the inode.
+    let owned = |m: &std::fs::Metadata| (m.uid(), m.gid()) == (uid, gid);
+    if !std::fs::symlink_metadata(dir).is_ok_and(|m| owned(&m)) {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io(format!("chown {}", dir.display())))?;
+    }
     for e in std::fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))?.flatten() {
         let p = e.path();
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             chown_tree(&p, uid, gid)?;
-        } else {
+        } else if !e.metadata().is_ok_and(|m| owned(&m)) {
             std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io(format!("chown {}", p.display())))?;
         }
     }

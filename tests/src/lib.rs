@@ -112,9 +112,14 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        // FLINT_KEEP_FAILED=1: a failing test's directory (logs, consoles) stays for a post-mortem.
+        // FLINT_KEEP_FAILED=1: a failing test's directory (logs, consoles) stays for a post-mortem; FLINT_KEEP=1:
+        // every directory stays (a benchmark's flintd logs).
         if std::thread::panicking() && std::env::var_os("FLINT_KEEP_FAILED").is_some() {
             eprintln!("kept {} (FLINT_KEEP_FAILED)", self.0.display());
+            return;
+        }
+        if std::env::var_os("FLINT_KEEP").is_some() {
+            eprintln!("kept {} (FLINT_KEEP)", self.0.display());
             return;
         }
         let _ = std::fs::remove_dir_all(&self.0);
@@ -1276,6 +1281,18 @@ pub struct FleetRouter {
 impl FleetRouter {
     /// Starts a router on `port` (0: a free one) for the etcd members `etcd` (client URLs).
     pub fn start(dir: &Path, name: &str, etcd: &[String], certs: &FleetCerts, port: u16) -> FleetRouter {
+        Self::start_with(dir, name, etcd, certs, port, &[])
+    }
+
+    /// [`FleetRouter::start`] with more arguments (`--e2b-listen …`).
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        etcd: &[String],
+        certs: &FleetCerts,
+        port: u16,
+        extra: &[String],
+    ) -> FleetRouter {
         let port = if port == 0 { free_port() } else { port };
         let p = |x: &Path| x.to_str().unwrap().to_string();
         let mut args = Vec::new();
@@ -1286,6 +1303,7 @@ impl FleetRouter {
         args.extend(["--tls-cert".into(), p(&certs.server_cert), "--tls-key".into(), p(&certs.server_key)]);
         args.extend(["--client-ca".into(), p(&certs.ca), "--host-ca".into(), p(&certs.ca)]);
         args.extend(["--cert".into(), p(&certs.client_cert), "--key".into(), p(&certs.client_key)]);
+        args.extend(extra.iter().cloned());
         let mut r = FleetRouter {
             url: format!("https://127.0.0.1:{port}"),
             port,

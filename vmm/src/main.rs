@@ -305,21 +305,23 @@ fn main() -> ExitCode {
     }
     let profile = vmm.profile;
     let handle = vmm.handle();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs an async-signal-safe handler (one atomic store).
+        unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
+    }
+    if let Err(e) = vmm.start(process_start) {
+        eprintln!("flint-vmm: {}", error_chain(&e));
+        return ExitCode::from(EXIT_SETUP);
+    }
+    // The control API comes up once the vCPUs run, off the path to the guest's first instruction: flintd calls
+    // it only after the guest's agent has answered, which needs the event loop below.
     if let Some(p) = &spec.api_sock {
         if let Err(e) = api::serve(p, handle.clone()) {
             eprintln!("flint-vmm: {}", error_chain(&e));
             return ExitCode::from(EXIT_SETUP);
         }
     }
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: installs an async-signal-safe handler (one atomic store).
-        unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
-    }
     eprintln!("flint-vmm: host profile {}, cmdline: {}", profile.name(), vmm.cmdline);
-    if let Err(e) = vmm.start(process_start) {
-        eprintln!("flint-vmm: {}", error_chain(&e));
-        return ExitCode::from(EXIT_SETUP);
-    }
     // The vCPUs run (each under its own list); this thread becomes the device event loop.
     if spec.seccomp {
         match flint_vmm::seccomp::enter(flint_vmm::seccomp::ThreadKind::EventLoop) {

@@ -152,6 +152,8 @@ pub struct Manager {
     restore_slots: tokio::sync::Semaphore,
     /// One writer per shared memory file being made.
     shared_writes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shared file names already worked out, per (snapshot, image), with the manifest entry they were made from.
+    shared_paths: Mutex<HashMap<(String, String), (flint_snapshot_store::Image, PathBuf)>>,
     seq: AtomicU64,
     events: tokio::sync::broadcast::Sender<VmEvent>,
     pub metrics: VmMetrics,
@@ -186,6 +188,7 @@ impl Manager {
             vms: RwLock::new(HashMap::new()),
             alloc: Mutex::new(alloc::Allocator::default()),
             shared_writes: Mutex::new(HashMap::new()),
+            shared_paths: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             events,
             metrics: VmMetrics::default(),
