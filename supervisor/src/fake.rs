@@ -29,6 +29,20 @@ fn agent_runtime() -> &'static (tokio::runtime::Runtime, Arc<Agent>) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let root = agent_root();
         std::fs::create_dir_all(&root).unwrap();
+        // The accounts E2B's SDKs run commands as (`user`, `root`), both this process's own uid: the fake VMs'
+        // agent runs on the host.
+        let (uid, gid) = (std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&root).unwrap()), unsafe {
+            // SAFETY: getgid(2) has no preconditions.
+            libc::getgid()
+        });
+        for d in ["etc", "root", "home/user", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            format!("root:x:{uid}:{gid}:root:/root:/bin/sh\nuser:x:{uid}:{gid}:user:/home/user:/bin/sh\n"),
+        )
+        .unwrap();
         extern "C" fn remove_root() {
             let _ = std::fs::remove_dir_all(agent_root());
         }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use flint_tests::{bin_dir, EtcdServer, FleetCerts, FleetRouter, Flintd, S3Server, TempDir};
+use flint_tests::{bin_dir, e2b_python, EtcdServer, FleetCerts, FleetRouter, Flintd, S3Server, TempDir};
 use serde_json::Value;
 
 /// Hosts in each test's fleet (fake VMMs serve no lazy restores: wakes are eager, `lazy_wake = false`).
@@ -405,4 +405,63 @@ fn both_ownership_backends_keep_one_contract() {
         ..Default::default()
     };
     rt.block_on(contract::etcd(&cluster, &work.path().join("etcd")));
+}
+
+/// Runs a step of tests/e2b/fleet_flow.py (E2B's unchanged Python SDK) against the router's E2B endpoint; its
+/// output, which must end well.
+fn e2b_step(endpoint: &str, key: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2b/fleet_flow.py");
+    // The same SDK pins as tests/tests/e2b.rs (one virtualenv for both).
+    let out = Command::new(e2b_python(&["e2b==2.63.0", "e2b-code-interpreter==2.11.5"]))
+        .arg(&script)
+        .args(args)
+        .env("E2B_API_KEY", key)
+        .env("E2B_API_URL", endpoint)
+        .env("E2B_SANDBOX_URL", endpoint)
+        .env_remove("E2B_DEBUG")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("ALL OK"), "fleet_flow.py {args:?}:\n{text}");
+    text
+}
+
+/// E2B's SDK drives the fleet through one endpoint, the router's: a sandbox is created on a host the router
+/// places it on, runs a command, pauses; its host is drained; `connect` through the router wakes it on another
+/// host, which knows the sandbox from its session's record in etcd (its env and state with it); the fleet's list
+/// shows it where it is; kill ends it everywhere. A key the router does not accept is refused.
+#[test]
+fn the_e2b_sdk_drives_the_fleet_through_the_routers_endpoint() {
+    let f = Fleet::start("e2b");
+    let key = f.hosts[0].json(&["e2b", "key", "create", "--name", "fleet"])["key"].as_str().unwrap().to_string();
+    let keys = f.work.path().join("e2b-keys");
+    std::fs::write(&keys, format!("# the fleet's E2B keys\n{key}\n")).unwrap();
+    let port = flint_tests::free_port();
+    let extra: Vec<String> =
+        vec!["--e2b-listen".into(), format!("127.0.0.1:{port}"), "--e2b-keys".into(), keys.to_str().unwrap().into()];
+    let r = FleetRouter::start_with(f.work.path(), "router-e2b", &f.etcd.urls(), &f.certs, 0, &extra);
+    r.wait_for_hosts(HOSTS);
+    let endpoint = format!("http://127.0.0.1:{port}");
+
+    let out = e2b_step(&endpoint, &key, &["create"]);
+    let id = out.lines().find_map(|l| l.strip_prefix("SANDBOX ")).expect("the sandbox's id").trim().to_string();
+    let entry: Value =
+        serde_json::from_str(&f.etcd.get_prefix("/flint/sessions/").unwrap()[&format!("/flint/sessions/{id}")])
+            .unwrap();
+    let first = entry["last_holder"].as_str().expect("the host that paused it").to_string();
+    assert!(entry["session"]["annotations"]["e2b"].as_str().unwrap().contains("\"paused\":true"), "{entry}");
+    f.assert_one_owner_each("after the E2B pause");
+
+    // Its host takes no more sessions: the sandbox wakes elsewhere.
+    f.routers[0].json(&["host", "drain", &first]);
+    e2b_step(&endpoint, &key, &["resume", &id]);
+    let runs = f.assert_one_owner_each("after the E2B connect");
+    let second = runs.get(&id).expect("the sandbox runs after connect").clone();
+    assert_ne!(second, first, "the sandbox woke on another host than the drained one");
+    println!("E2B sandbox {id}: created and paused on {first}, resumed on {second}");
+
+    e2b_step(&endpoint, &key, &["finish", &id]);
+    let runs = f.assert_one_owner_each("after the E2B kill");
+    assert!(!runs.contains_key(&id) && !f.owners().contains_key(&id), "the killed sandbox is gone: {runs:?}");
+    assert!(!f.etcd.get_prefix("/flint/sessions/").unwrap().contains_key(&format!("/flint/sessions/{id}")));
 }

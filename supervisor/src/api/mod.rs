@@ -65,6 +65,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/e2b/keys"),
     ("post", "/v1/e2b/keys"),
     ("delete", "/v1/e2b/keys/{id}"),
+    ("get", "/v1/e2b/fleet/{rest}"),
+    ("post", "/v1/e2b/fleet/{rest}"),
+    ("delete", "/v1/e2b/fleet/{rest}"),
     ("get", "/metrics"),
 ];
 
@@ -218,6 +221,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/store/cache", axum::routing::delete(services::clear_cache))
         .route("/v1/e2b/keys", get(services::list_e2b_keys).post(services::create_e2b_key))
         .route("/v1/e2b/keys/{id}", axum::routing::delete(services::delete_e2b_key))
+        .route(
+            "/v1/e2b/fleet/{*rest}",
+            get(services::e2b_from_router).post(services::e2b_from_router).delete(services::e2b_from_router),
+        )
         .route("/metrics", get(services::metrics))
         .fallback(|| async { ApiError::new(Kind::NotFound, "no such route (see docs/api/flintd.yaml)") })
         .layer(axum::middleware::from_fn_with_state(d.clone(), trace_requests))

@@ -43,6 +43,21 @@ struct Args {
     /// Hosts with less free memory get no new sessions.
     #[arg(long, default_value_t = 512)]
     min_free_mib: u64,
+    /// The fleet's E2B endpoint (docs/e2b.md): where the unchanged E2B SDKs reach every host at once. Plain HTTP
+    /// (`E2B_API_URL`/`E2B_SANDBOX_URL`) unless `--e2b-tls-cert` is given (`E2B_DOMAIN`).
+    #[arg(long, requires = "e2b_keys")]
+    e2b_listen: Option<std::net::SocketAddr>,
+    /// The domain of the E2B endpoint's Host routing (`<port>-<id>.<domain>`).
+    #[arg(long, default_value = "flint.localhost")]
+    e2b_domain: String,
+    /// The API keys the E2B endpoint accepts: keys or `sha256:<hex>` digests, one per line (re-read on change).
+    #[arg(long)]
+    e2b_keys: Option<PathBuf>,
+    /// A certificate (a wildcard for `*.<domain>`) and key: the E2B endpoint serves TLS.
+    #[arg(long, requires = "e2b_tls_key")]
+    e2b_tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    e2b_tls_key: Option<PathBuf>,
 }
 
 /// Why the router stopped.
@@ -56,6 +71,8 @@ enum RouterError {
     Bind(std::net::SocketAddr, #[source] std::io::Error),
     #[error("serve: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] flint_supervisor::router::KeyFileError),
 }
 
 async fn run(a: Args) -> Result<(), RouterError> {
@@ -68,6 +85,27 @@ async fn run(a: Args) -> Result<(), RouterError> {
     tokio::spawn(r.clone().keep_view());
     let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| RouterError::Bind(a.listen, e))?;
     let l = tls::TlsListener::new(l, server_tls).map_err(RouterError::Serve)?;
+    if let (Some(addr), Some(keys)) = (a.e2b_listen, &a.e2b_keys) {
+        let front = Arc::new(router::E2bFront { domain: a.e2b_domain.clone(), keys: router::KeyFile::open(keys)? });
+        let tls = match (&a.e2b_tls_cert, &a.e2b_tls_key) {
+            (Some(c), Some(k)) => Some(tls::server_config(c, k, None)?),
+            _ => None,
+        };
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| RouterError::Bind(addr, e))?;
+        let r = r.clone();
+        let app =
+            axum::Router::new().fallback(move |req: axum::extract::Request| r.clone().handle_e2b(front.clone(), req));
+        tracing::info!(listen = %addr, tls = tls.is_some(), domain = %a.e2b_domain, "E2B endpoint for the fleet");
+        match tls {
+            Some(t) => {
+                let l = tls::TlsListener::new(l, t).map_err(RouterError::Serve)?;
+                tokio::spawn(async move { axum::serve(l, app).await });
+            }
+            None => {
+                tokio::spawn(async move { axum::serve(l, app).await });
+            }
+        }
+    }
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| r.clone().handle(req));
     tracing::info!(listen = %a.listen, "flint-router ready");
     axum::serve(l, app).with_graceful_shutdown(flint_supervisor::terminated()).await.map_err(RouterError::Serve)

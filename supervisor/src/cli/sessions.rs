@@ -98,6 +98,7 @@ impl CreateArgs {
                 .map(|c| PreStop { argv: vec!["sh".into(), "-c".into(), c], timeout_ms: self.pre_stop_timeout_ms }),
             network: self.net.request()?,
             cpu: self.cpu,
+            annotations: Default::default(),
         })
     }
 }

@@ -53,11 +53,11 @@ pub async fn serve(e: Arc<E2b>, method: &Method, path: &str, query: &str, body: 
     match (method, segs.as_slice()) {
         (&Method::POST, ["sandboxes"]) => create(&e, body).await,
         (&Method::GET, ["sandboxes"]) => list(&e, query),
-        (&Method::GET, ["sandboxes", id]) => match e.sandbox(id) {
-            Some(s) => axum::Json(detail(&e, &lock(&s.rec), true)).into_response(),
+        (&Method::GET, ["sandboxes", id]) => match e.sandbox(id).await {
+            Some(s) => axum::Json(detail(&lock(&s.rec), true)).into_response(),
             None => error(404, format!("sandbox {id} not found")),
         },
-        (&Method::DELETE, ["sandboxes", id]) => match e.kill(id).await {
+        (&Method::DELETE, ["sandboxes", id]) => match e.kill_anywhere(id).await {
             Ok(true) => StatusCode::NO_CONTENT.into_response(),
             Ok(false) => error(404, format!("sandbox {id} not found")),
             Err(err) => from(err),
@@ -73,14 +73,14 @@ pub async fn serve(e: Arc<E2b>, method: &Method, path: &str, query: &str, body: 
         (&Method::POST, ["sandboxes", id, "timeout"]) => {
             let t: Timeout = serde_json::from_slice(body).unwrap_or_default();
             let Some(secs) = t.timeout else { return error(400, "`timeout` (seconds) is needed") };
-            let Some(s) = e.sandbox(id) else { return error(404, format!("sandbox {id} not found")) };
+            let Some(s) = e.sandbox(id).await else { return error(404, format!("sandbox {id} not found")) };
             let secs = secs.min(e.cfg.e2b.max_timeout_s);
             match e.update(&s, |r| r.end_unix_ms = now_unix_ms() + secs * 1000) {
                 Ok(_) => StatusCode::NO_CONTENT.into_response(),
                 Err(err) => from(err),
             }
         }
-        (&Method::POST, ["sandboxes", id, "refreshes"]) => match e.sandbox(id) {
+        (&Method::POST, ["sandboxes", id, "refreshes"]) => match e.sandbox(id).await {
             Some(_) => StatusCode::NO_CONTENT.into_response(),
             None => error(404, format!("sandbox {id} not found")),
         },
@@ -129,6 +129,21 @@ async fn create(e: &Arc<E2b>, body: &[u8]) -> Response {
     };
     let id = new_id();
     let t0 = std::time::Instant::now();
+    let token = req.secure.unwrap_or(false).then(crate::net::policy::new_token);
+    let mut rec = SandboxRecord {
+        id: id.clone(),
+        template_id: req.template_id.clone(),
+        started_unix_ms: now_unix_ms(),
+        end_unix_ms: now_unix_ms() + timeout * 1000,
+        on_timeout,
+        paused: false,
+        access_token: token,
+        metadata: req.metadata.clone().unwrap_or_default(),
+        cpu_count: 1,
+        memory_mb: 0,
+        disk_mb: 0,
+        executions: BTreeMap::new(),
+    };
     let s = CreateSession {
         template,
         snapshot,
@@ -136,6 +151,8 @@ async fn create(e: &Arc<E2b>, body: &[u8]) -> Response {
         env: req.env_vars.clone().unwrap_or_default(),
         metadata: req.metadata.clone().unwrap_or_default(),
         on_idle: OnIdle::Hibernate,
+        // The session's claim carries the sandbox from the start (in a fleet, another host may wake it).
+        annotations: [(super::ANNOTATION.to_string(), serde_json::to_string(&rec).unwrap_or_default())].into(),
         ..Default::default()
     };
     // Create answers once the guest's agent has answered: the SDK does not wait for envd itself.
@@ -144,21 +161,9 @@ async fn create(e: &Arc<E2b>, body: &[u8]) -> Response {
         Err(err) => return from(err.into()),
     };
     let vm = session.vm.as_deref().and_then(|v| e.vms.get(v).ok());
-    let token = req.secure.unwrap_or(false).then(crate::net::policy::new_token);
-    let rec = SandboxRecord {
-        id: id.clone(),
-        template_id: req.template_id.clone(),
-        started_unix_ms: now_unix_ms(),
-        end_unix_ms: now_unix_ms() + timeout * 1000,
-        on_timeout,
-        paused: false,
-        access_token: token,
-        metadata: req.metadata.unwrap_or_default(),
-        cpu_count: vm.as_ref().map_or(1, |v| u32::from(v.vcpus.max(1))),
-        memory_mb: vm.as_ref().map_or(0, |v| v.mem_mib),
-        disk_mb: vm.as_ref().and_then(|v| v.disk_mib).unwrap_or(0),
-        executions: BTreeMap::new(),
-    };
+    rec.cpu_count = vm.as_ref().map_or(1, |v| u32::from(v.vcpus.max(1)));
+    rec.memory_mb = vm.as_ref().map_or(0, |v| v.mem_mib);
+    rec.disk_mb = vm.as_ref().and_then(|v| v.disk_mib).unwrap_or(0);
     if let Err(err) = e.insert(rec.clone()) {
         let _ = e.sessions.delete(&id).await;
         return from(err);
@@ -184,7 +189,7 @@ fn sandbox_json(r: &SandboxRecord) -> Value {
 }
 
 /// A `SandboxDetail` (`with_token`: the detail of `get`, which carries the access token) or a `ListedSandbox`.
-fn detail(_e: &E2b, r: &SandboxRecord, with_token: bool) -> Value {
+pub fn detail(r: &SandboxRecord, with_token: bool) -> Value {
     let mut v = json!({
         "templateID": r.template_id,
         "alias": r.template_id,
@@ -209,6 +214,12 @@ fn detail(_e: &E2b, r: &SandboxRecord, with_token: bool) -> Value {
 }
 
 fn list(e: &E2b, query: &str) -> Response {
+    list_page(e.sandboxes().iter().map(|s| lock(&s.rec).clone()).collect(), query)
+}
+
+/// E2B's `GET /sandboxes` over `recs` (this host's sandboxes, or a fleet's): `metadata`, `state`, `limit`,
+/// `nextToken` and `order` as the SDK sends them; `X-Next-Token` when a page is left.
+pub fn list_page(recs: Vec<SandboxRecord>, query: &str) -> Response {
     let param = |k: &str| {
         query.split('&').find_map(|kv| kv.split_once('=').filter(|(key, _)| *key == k).map(|(_, v)| percent_decode(v)))
     };
@@ -224,10 +235,8 @@ fn list(e: &E2b, query: &str) -> Response {
     let limit = param("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
     let offset = param("nextToken").and_then(|t| t.parse::<usize>().ok()).unwrap_or(0);
     let ascending = param("order").as_deref() == Some("asc");
-    let mut recs: Vec<SandboxRecord> = e
-        .sandboxes()
-        .iter()
-        .map(|s| lock(&s.rec).clone())
+    let mut recs: Vec<SandboxRecord> = recs
+        .into_iter()
         .filter(|r| want.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
         .filter(|r| states.is_empty() || states.iter().any(|s| s == if r.paused { "paused" } else { "running" }))
         .collect();
@@ -235,7 +244,7 @@ fn list(e: &E2b, query: &str) -> Response {
     if !ascending {
         recs.reverse();
     }
-    let page: Vec<Value> = recs.iter().skip(offset).take(limit).map(|r| detail(e, r, false)).collect();
+    let page: Vec<Value> = recs.iter().skip(offset).take(limit).map(|r| detail(r, false)).collect();
     let mut resp = axum::Json(page).into_response();
     if offset + limit < recs.len() {
         if let Ok(h) = HeaderValue::from_str(&(offset + limit).to_string()) {
@@ -246,7 +255,7 @@ fn list(e: &E2b, query: &str) -> Response {
 }
 
 async fn connect(e: &Arc<E2b>, id: &str, body: &[u8]) -> Response {
-    let Some(s) = e.sandbox(id) else { return error(404, format!("Paused sandbox {id} not found")) };
+    let Some(s) = e.sandbox(id).await else { return error(404, format!("Paused sandbox {id} not found")) };
     let t: Timeout = serde_json::from_slice(body).unwrap_or_default();
     let was_paused = lock(&s.rec).paused;
     if was_paused {
@@ -269,7 +278,7 @@ async fn connect(e: &Arc<E2b>, id: &str, body: &[u8]) -> Response {
 }
 
 async fn metrics(e: &E2b, id: &str) -> Response {
-    let Some(s) = e.sandbox(id) else { return error(404, format!("sandbox {id} not found")) };
+    let Some(s) = e.sandbox(id).await else { return error(404, format!("sandbox {id} not found")) };
     let rec = lock(&s.rec).clone();
     // A sleeping sandbox has no fresh sample (and is not woken for one).
     let running = e.sessions.get(id).await.is_ok_and(|r| r.state == SessionState::Running);

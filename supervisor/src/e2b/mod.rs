@@ -34,8 +34,10 @@ use crate::services::templates::Templates;
 use crate::tasks::Tasks;
 use crate::vm;
 
+pub use control::{detail, error, list_page};
 pub use envd::percent_decode;
-pub use server::serve;
+pub use envd::{not_found as sandbox_not_found, Target};
+pub use server::{data_plane_target, dispatch_from_router, serve, FLEET_PREFIX};
 
 use crate::db::E2B_SANDBOXES as SANDBOXES;
 
@@ -81,6 +83,9 @@ impl Default for E2bConfig {
         }
     }
 }
+
+/// The session annotation that carries a sandbox's record.
+pub const ANNOTATION: &str = "e2b";
 
 /// The envd version flintd reports: the highest whose features it serves (docs/e2b.md).
 pub const ENVD_VERSION: &str = "0.5.7";
@@ -209,29 +214,85 @@ impl E2b {
         Ok(e)
     }
 
-    pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+    /// The sandbox as this host knows it.
+    pub fn local(&self, id: &str) -> Option<Arc<Sandbox>> {
         lock(&self.sandboxes).get(id).cloned()
+    }
+
+    /// The sandbox `id`. On a host of a fleet (sessions coordinated across hosts) a sandbox this host does not
+    /// hold is read from its session's record as the fleet has it (the owner key), which carries the sandbox's
+    /// record under the `e2b` annotation: a sandbox created, paused or woken on another host is known here,
+    /// with its latest state. One past its deadline that is to be killed is killed instead (no host kills an
+    /// unheld sandbox at its deadline: the first call after it does).
+    pub async fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+        let local = self.local(id);
+        if (local.is_some() && self.sessions.held_here(id)) || !self.sessions.cross_host().await {
+            return local;
+        }
+        let Ok(Some(session)) = self.sessions.fleet_record(id).await else { return local };
+        let Some(rec) = session.annotations.get(ANNOTATION).and_then(|t| serde_json::from_str::<SandboxRecord>(t).ok())
+        else {
+            return local;
+        };
+        if rec.end_unix_ms <= now_unix_ms() && rec.on_timeout == OnTimeout::Kill && !self.sessions.held_here(id) {
+            info!(sandbox = %id, "an E2B sandbox found past its deadline: killed");
+            let sbx = self.adopt(rec, local).ok()?;
+            drop(sbx);
+            let _ = self.kill(id).await;
+            return None;
+        }
+        self.adopt(rec, local).ok()
+    }
+
+    /// Takes the fleet's record of a sandbox as this host's (a new sandbox here, or a stale one brought up to date).
+    fn adopt(&self, rec: SandboxRecord, local: Option<Arc<Sandbox>>) -> Result<Arc<Sandbox>, E2bError> {
+        match local {
+            Some(l) => {
+                if *lock(&l.rec) != rec {
+                    self.db.put(SANDBOXES, &rec.id, &rec)?;
+                    *lock(&l.rec) = rec;
+                }
+                Ok(l)
+            }
+            None => {
+                self.db.put(SANDBOXES, &rec.id, &rec)?;
+                let s = Arc::new(Sandbox::new(rec.clone()));
+                Ok(lock(&self.sandboxes).entry(rec.id).or_insert(s).clone())
+            }
+        }
     }
 
     pub fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
         lock(&self.sandboxes).values().cloned().collect()
     }
 
-    /// Writes a sandbox's record after `f` (durably: a restart keeps deadlines and pauses).
+    /// Writes a sandbox's record after `f` (durably: a restart keeps deadlines and pauses), and into its
+    /// session's `e2b` annotation (which goes wherever the session goes: its next hibernation carries it).
     pub fn update(&self, sbx: &Sandbox, f: impl FnOnce(&mut SandboxRecord)) -> Result<SandboxRecord, E2bError> {
         let mut rec = lock(&sbx.rec);
         let mut next = rec.clone();
         f(&mut next);
         self.db.put(SANDBOXES, &next.id, &next)?;
+        self.annotate(&next);
         *rec = next.clone();
         Ok(next)
     }
 
     fn insert(&self, rec: SandboxRecord) -> Result<Arc<Sandbox>, E2bError> {
         self.db.put(SANDBOXES, &rec.id, &rec)?;
+        self.annotate(&rec);
         let s = Arc::new(Sandbox::new(rec.clone()));
         lock(&self.sandboxes).insert(rec.id, s.clone());
         Ok(s)
+    }
+
+    /// The record as its session's annotation (a session already gone has nothing to carry it).
+    fn annotate(&self, rec: &SandboxRecord) {
+        let text = serde_json::to_string(rec).unwrap_or_default();
+        match self.sessions.annotate(&rec.id, ANNOTATION, Some(text)) {
+            Ok(_) | Err(crate::services::sessions::SessionError::NotFound(_)) => {}
+            Err(e) => warn!(sandbox = %rec.id, error = %e, "could not keep the E2B record with its session"),
+        }
     }
 
     /// Forgets a sandbox (its session is deleted by the caller).
@@ -246,7 +307,7 @@ impl E2b {
 
     /// Kills a sandbox: its session and everything of it. `false`: no such sandbox.
     pub async fn kill(&self, id: &str) -> Result<bool, E2bError> {
-        let Some(sbx) = self.sandbox(id) else { return Ok(false) };
+        let Some(sbx) = self.local(id) else { return Ok(false) };
         sbx.release();
         match self.sessions.delete(id).await {
             Ok(()) => {}
@@ -256,6 +317,14 @@ impl E2b {
         self.forget(id);
         info!(sandbox = %id, "E2B sandbox killed");
         Ok(true)
+    }
+
+    /// Kills a sandbox wherever it is known ([`E2b::sandbox`]: on a fleet's host, one this host does not hold).
+    pub async fn kill_anywhere(&self, id: &str) -> Result<bool, E2bError> {
+        if self.sandbox(id).await.is_none() {
+            return Ok(false);
+        }
+        self.kill(id).await
     }
 
     /// Every second: sandboxes past their deadline are killed, or paused (`on_timeout: pause`).
@@ -268,9 +337,14 @@ impl E2b {
                 tick.tick().await;
                 let Some(e) = me.upgrade() else { return };
                 let now = now_unix_ms();
+                let fleet = e.sessions.cross_host().await;
                 for sbx in e.sandboxes() {
                     let rec = lock(&sbx.rec).clone();
                     if rec.end_unix_ms > now || (rec.paused && rec.on_timeout == OnTimeout::Pause) {
+                        continue;
+                    }
+                    // In a fleet a host acts only on the sandboxes it holds (its record of another may be stale).
+                    if fleet && !e.sessions.held_here(&rec.id) {
                         continue;
                     }
                     let done = match rec.on_timeout {
@@ -290,15 +364,19 @@ impl E2b {
         });
     }
 
-    /// Pauses (hibernates) a sandbox. `Ok(false)`: it was paused already.
+    /// Pauses (hibernates) a sandbox. `Ok(false)`: it was paused already. The record says paused before the
+    /// hibernation, which carries it to whichever host wakes the sandbox next.
     pub async fn pause(&self, id: &str) -> Result<bool, E2bError> {
-        let sbx = self.sandbox(id).ok_or_else(|| E2bError::new(404, format!("sandbox {id} not found")))?;
+        let sbx = self.sandbox(id).await.ok_or_else(|| E2bError::new(404, format!("sandbox {id} not found")))?;
         if lock(&sbx.rec).paused {
             return Ok(false);
         }
         sbx.release();
-        self.sessions.hibernate(id).await?;
         self.update(&sbx, |r| r.paused = true)?;
+        if let Err(e) = self.sessions.hibernate(id).await {
+            self.update(&sbx, |r| r.paused = false)?;
+            return Err(e.into());
+        }
         Ok(true)
     }
 }

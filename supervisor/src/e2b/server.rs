@@ -44,8 +44,30 @@ pub fn data_plane_target(headers: &axum::http::HeaderMap, domain: &str) -> Optio
 
 /// One request, routed.
 pub async fn dispatch(e: Arc<E2b>, req: Request<Body>) -> Response {
+    route(e, req, false).await
+}
+
+/// One request that `flint-router` sends for the fleet's E2B endpoint (`/v1/e2b/fleet/…` on a host's API): the
+/// router checked the API key already, and names a data-plane call's sandbox and port in the `E2b-Sandbox-*`
+/// headers. The path is the SDK's, after the prefix.
+pub async fn dispatch_from_router(e: Arc<E2b>, req: Request<Body>) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let rest = pq.strip_prefix(FLEET_PREFIX).unwrap_or(pq);
+    let rest = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+    match rest.parse() {
+        Ok(uri) => parts.uri = uri,
+        Err(_) => return control::error(400, format!("bad path `{rest}`")),
+    }
+    route(e, Request::from_parts(parts, body), true).await
+}
+
+/// Where a host's API takes the E2B calls a router forwards.
+pub const FLEET_PREFIX: &str = "/v1/e2b/fleet";
+
+async fn route(e: Arc<E2b>, req: Request<Body>, key_checked: bool) -> Response {
     if let Some(t) = data_plane_target(req.headers(), &e.cfg.e2b.domain) {
-        let Some(sbx) = e.sandbox(&t.id) else { return envd::not_found(&t.id) };
+        let Some(sbx) = e.sandbox(&t.id).await else { return envd::not_found(&t.id) };
         if flint_vmm_api::lock(&sbx.rec).paused {
             return envd::not_found(&t.id);
         }
@@ -64,7 +86,7 @@ pub async fn dispatch(e: Arc<E2b>, req: Request<Body>) -> Response {
             }
         };
     }
-    if !control::authorised(&e, req.headers()) {
+    if !key_checked && !control::authorised(&e, req.headers()) {
         return control::error(401, "Invalid API key (flint e2b key create makes one)");
     }
     let (parts, body) = req.into_parts();

@@ -111,6 +111,31 @@ impl Sessions {
         self.coordinated().await.unwrap_or(false)
     }
 
+    /// Whether this host holds session `id`'s claim (it runs it, or is about to).
+    pub fn held_here(&self, id: &str) -> bool {
+        self.session(id).is_some_and(|s| lock(&s.lease).is_some())
+    }
+
+    /// Session `id` as the fleet has it (its owner key's record, holder included) when sessions move between
+    /// hosts; none when they do not or it has no owner key.
+    pub async fn fleet_record(&self, id: &str) -> Result<Option<SessionRecord>, SessionError> {
+        self.shared_record(id).await
+    }
+
+    /// Sets (or, with `None`, removes) annotation `key` of session `id`, durably. Other hosts see it once the
+    /// session's record is next written to its owner key (its next hibernation, or claim).
+    pub fn annotate(&self, id: &str, key: &str, value: Option<String>) -> Result<SessionRecord, SessionError> {
+        let s = self.session(id).ok_or_else(|| SessionError::NotFound(format!("no session `{id}`")))?;
+        Ok(s.rec.commit(&self.db, |r| match value {
+            Some(v) => {
+                r.annotations.insert(key.to_string(), v);
+            }
+            None => {
+                r.annotations.remove(key);
+            }
+        })?)
+    }
+
     /// For a session this host does not know: why the bucket was not asked.
     pub(super) async fn not_here_why(&self) -> String {
         match self.coord_refusal().await {
@@ -333,7 +358,7 @@ impl Sessions {
         rec.awake_since_unix_ms = None;
         let s = {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-            map.entry(id.to_string()).or_insert_with(|| Session::new(rec.clone(), false)).clone()
+            map.get_or_insert_with(id, || Session::new(rec.clone(), false))
         };
         s.rec.commit(&self.db, |_| ())?;
         info!(session = %id, holder = ?l.value.holder, "session known from the bucket");

@@ -24,6 +24,9 @@ use tracing::{info, warn};
 use crate::cluster::etcd::{Etcd, WatchEvent};
 use crate::cluster::HostInfo;
 
+mod e2b;
+pub use e2b::{E2bFront, KeyFile, KeyFileError};
+
 /// Request bodies up to this size are kept so the request can be sent again to another host.
 const REPLAYABLE_BODY: usize = 1 << 20;
 
@@ -89,6 +92,32 @@ fn classify(method: &Method, path: &str) -> Route {
         (_, ["v1", "sessions" | "vms", id, ..]) if !id.is_empty() => Route::Named(id.to_string()),
         _ => Route::Unserved,
     }
+}
+
+/// The `limit` of a list call's query, if it pages.
+fn page_limit(path_q: &str) -> Option<usize> {
+    let q = path_q.split_once('?')?.1;
+    q.split('&').find_map(|kv| kv.strip_prefix("limit=")?.parse().ok())
+}
+
+/// Merges hosts' answers to one list call into the fleet's order (oldest first, then by id, as each host orders
+/// its own) and, for a page of `limit`, keeps its first `limit`. Each host answered its own first `limit` after
+/// the same cursor, so these are the fleet's. Returns the next page's cursor if any item is left: a host said it
+/// had more (`more`), or the merge cut some.
+fn merge_page(all: &mut Vec<serde_json::Value>, limit: Option<usize>, more: bool) -> Option<String> {
+    let key = |v: &serde_json::Value| {
+        (v["created_unix_ms"].as_u64().unwrap_or(0), v["id"].as_str().unwrap_or("").to_string())
+    };
+    all.sort_by_cached_key(key);
+    let limit = limit?;
+    if !more && all.len() <= limit {
+        return None;
+    }
+    all.truncate(limit);
+    all.last().map(|v| {
+        let (ms, id) = key(v);
+        format!("{ms}.{id}")
+    })
 }
 
 fn answer(status: StatusCode, body: impl Serialize) -> Response<Body> {
@@ -246,9 +275,14 @@ impl Router {
         if let Some(h) = self.view.read().unwrap_or_else(|p| p.into_inner()).owners.get(id).cloned() {
             return Ok(h);
         }
-        let entry = self.etcd.get(&format!("{}sessions/{id}", self.prefix)).await.map_err(|e| {
+        let unavailable = |e: crate::cluster::etcd::EtcdError| {
             error(StatusCode::SERVICE_UNAVAILABLE, format!("the router cannot read the fleet's state: {e}"))
-        })?;
+        };
+        // The view may be behind a claim made a moment ago (a wake through another router): etcd's owner key says.
+        if let Some(owner) = self.etcd.get(&format!("{}owners/{id}", self.prefix)).await.map_err(&unavailable)? {
+            return Ok(String::from_utf8_lossy(&owner.value).into_owned());
+        }
+        let entry = self.etcd.get(&format!("{}sessions/{id}", self.prefix)).await.map_err(&unavailable)?;
         let Some(entry) = entry else {
             return Err(error(StatusCode::NOT_FOUND, format!("no session `{id}` in the fleet")));
         };
@@ -338,7 +372,10 @@ impl Router {
             let r = self.http.get(format!("{}{path_q}", base.trim_end_matches('/'))).send().await;
             let r = match r {
                 Ok(r) if r.status().is_success() => {
-                    r.bytes().await.ok().and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok())
+                    let more = r.headers().contains_key(crate::services::sessions::NEXT_AFTER);
+                    let items =
+                        r.bytes().await.ok().and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok());
+                    items.map(|i| (i, more))
                 }
                 _ => None,
             };
@@ -346,13 +383,21 @@ impl Router {
         });
         let mut all = Vec::new();
         let mut failed = Vec::new();
+        let mut more = false;
         for (host, r) in futures_util::future::join_all(calls).await {
             match r {
-                Some(items) => all.extend(items),
+                Some((items, m)) => {
+                    all.extend(items);
+                    more |= m;
+                }
                 None => failed.push(host),
             }
         }
+        let next = merge_page(&mut all, page_limit(path_q), more);
         let mut resp = answer(StatusCode::OK, all);
+        if let Some(v) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+            resp.headers_mut().insert(crate::services::sessions::NEXT_AFTER, v);
+        }
         if !failed.is_empty() {
             self.metrics.host_errors.fetch_add(failed.len() as u64, Ordering::Relaxed);
             if let Ok(v) = HeaderValue::from_str(&failed.join(",")) {
@@ -550,6 +595,26 @@ mod tests {
         assert_eq!(classify(&Method::GET, "/v1/templates"), Route::Unserved);
         assert_eq!(classify(&Method::GET, "/v1/health"), Route::Health);
         assert_eq!(classify(&Method::POST, "/v1/hosts/h1/drain"), Route::Host("h1".into()));
+    }
+
+    #[test]
+    fn pages_merged_from_hosts_are_the_fleets_first() {
+        let item = |ms: u64, id: &str| serde_json::json!({"created_unix_ms": ms, "id": id});
+        assert_eq!(page_limit("/v1/sessions?metadata.a=b&limit=3"), Some(3));
+        assert_eq!(page_limit("/v1/sessions"), None);
+        // Host A answered its first 3 (and has more), host B its only 2.
+        let mut all = vec![item(1, "a1"), item(4, "a2"), item(6, "a3"), item(2, "b1"), item(5, "b2")];
+        assert_eq!(merge_page(&mut all, Some(3), true).as_deref(), Some("4.a2"));
+        let ids: Vec<&str> = all.iter().map(|v| v["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a1", "b1", "a2"]);
+        // The last page: nothing cut, no host has more.
+        let mut all = vec![item(7, "b"), item(7, "a")];
+        assert_eq!(merge_page(&mut all, Some(3), false), None);
+        assert_eq!(all[0]["id"], "a", "ties in time are ordered by id, as on a host");
+        // No limit: everything, ordered, no cursor.
+        let mut all = vec![item(9, "x"), item(1, "y")];
+        assert_eq!(merge_page(&mut all, None, false), None);
+        assert_eq!(all.len(), 2);
     }
 
     #[test]
