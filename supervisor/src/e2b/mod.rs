@@ -229,12 +229,21 @@ impl E2b {
         if (local.is_some() && self.sessions.held_here(id)) || !self.sessions.cross_host().await {
             return local;
         }
-        let Ok(Some(session)) = self.sessions.fleet_record(id).await else { return local };
+        let session = match self.sessions.fleet_record(id).await {
+            Ok(Some(s)) => s,
+            // Gone from the fleet (killed through another host): a copy here is forgotten.
+            Ok(None) if local.is_some() && self.sessions.session(id).is_none() => {
+                self.forget(id);
+                return None;
+            }
+            _ => return local,
+        };
         let Some(rec) = session.annotations.get(ANNOTATION).and_then(|t| serde_json::from_str::<SandboxRecord>(t).ok())
         else {
             return local;
         };
-        if rec.end_unix_ms <= now_unix_ms() && rec.on_timeout == OnTimeout::Kill && !self.sessions.held_here(id) {
+        let unheld = session.host.is_none() && !self.sessions.held_here(id);
+        if rec.end_unix_ms <= now_unix_ms() && rec.on_timeout == OnTimeout::Kill && unheld {
             info!(sandbox = %id, "an E2B sandbox found past its deadline: killed");
             let sbx = self.adopt(rec, local).ok()?;
             drop(sbx);
@@ -343,8 +352,13 @@ impl E2b {
                     if rec.end_unix_ms > now || (rec.paused && rec.on_timeout == OnTimeout::Pause) {
                         continue;
                     }
-                    // In a fleet a host acts only on the sandboxes it holds (its record of another may be stale).
+                    // In a fleet a host acts only on the sandboxes it holds (its record of another may be stale);
+                    // one that nobody holds (paused) is looked up in the fleet's record, which kills it there if
+                    // its deadline passed there too.
                     if fleet && !e.sessions.held_here(&rec.id) {
+                        if rec.on_timeout == OnTimeout::Kill {
+                            drop(e.sandbox(&rec.id).await);
+                        }
                         continue;
                     }
                     let done = match rec.on_timeout {
