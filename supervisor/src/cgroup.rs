@@ -211,12 +211,16 @@ impl FailedCharges {
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 512];
         let n = self.file.read_at(&mut buf, 0).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        if self.v2 {
-            stat_value(text, "max")
-        } else {
-            text.trim().parse().ok()
-        }
+        failed_charges_in(std::str::from_utf8(&buf[..n]).ok()?, self.v2)
+    }
+}
+
+/// The failed charges in memory.events (v2: its `max` line) or memory.failcnt (v1: the number).
+fn failed_charges_in(text: &str, v2: bool) -> Option<u64> {
+    if v2 {
+        stat_value(text, "max")
+    } else {
+        text.trim().parse().ok()
     }
 }
 
@@ -246,7 +250,7 @@ impl VmCgroup {
             return Some(MemoryReading {
                 limit: max.trim().parse().unwrap_or(u64::MAX),
                 anon: current.saturating_sub(stat_value(&stat, "file").unwrap_or(0)),
-                failed_charges: stat_value(&events, "max")?,
+                failed_charges: failed_charges_in(&events, true)?,
             });
         }
         let stat = read("memory.stat")?;
@@ -254,7 +258,7 @@ impl VmCgroup {
         Some(MemoryReading {
             limit: read("memory.limit_in_bytes")?.trim().parse().ok()?,
             anon: usage.saturating_sub(stat_value(&stat, "cache").unwrap_or(0)),
-            failed_charges: read("memory.failcnt")?.trim().parse().ok()?,
+            failed_charges: failed_charges_in(&read("memory.failcnt")?, false)?,
         })
     }
 

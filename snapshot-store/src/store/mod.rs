@@ -655,24 +655,26 @@ impl Store {
         check_name("snapshot id", id)?;
         // The file unchanged since it was decoded (a settled one by its stamp, a recent one byte for byte): the
         // decoded manifest is reused.
-        let path = self.inner.l1.root().join(manifest_key(id));
-        let stamp = FileStamp::of(&path);
+        let key = manifest_key(id);
+        let stamp = FileStamp::of(&self.inner.l1.root().join(&key));
         if let (Some(stamp), Some(d)) = (stamp, lock(&self.inner.decoded).get(id)) {
             if d.stamp == stamp && stamp.settled() {
                 return Ok(d.manifest.clone());
             }
         }
-        if let Some(bytes) = self.inner.l1.get_blocking(&manifest_key(id), MAX_MANIFEST_OBJECT)? {
+        if let Some(bytes) = self.inner.l1.get_blocking(&key, MAX_MANIFEST_OBJECT)? {
+            // The stamp describes these bytes only if the file was not replaced between the two reads.
+            let stamp = stamp.filter(|s| s.len == bytes.len() as u64);
             if let Some(d) = lock(&self.inner.decoded).get_mut(id) {
                 if d.bytes == bytes {
-                    if let Some(stamp) = stamp.filter(|s| s.len == bytes.len() as u64) {
+                    if let Some(stamp) = stamp {
                         d.stamp = stamp;
                     }
                     return Ok(d.manifest.clone());
                 }
             }
             let manifest = self.decode_manifest(id, "local cache", &bytes)?;
-            if let Some(stamp) = stamp.filter(|s| s.len == bytes.len() as u64) {
+            if let Some(stamp) = stamp {
                 let mut decoded = lock(&self.inner.decoded);
                 if decoded.len() >= DECODED_MANIFESTS {
                     decoded.clear();

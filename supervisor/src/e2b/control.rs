@@ -43,13 +43,18 @@ struct Timeout {
     timeout: Option<u64>,
 }
 
-/// Serves a control-plane request (the API key already checked).
-pub async fn serve(e: Arc<E2b>, method: &Method, path: &str, query: &str, body: &[u8]) -> Response {
+/// A control-plane path's segments after its API version (`/v2/sandboxes/x` and `/sandboxes/x`: `sandboxes`, `x`).
+pub fn control_segments(path: &str) -> Vec<&str> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let segs: Vec<&str> = match segs.as_slice() {
+    match segs.as_slice() {
         ["v2", rest @ ..] | ["v1", rest @ ..] => rest.to_vec(),
         s => s.to_vec(),
-    };
+    }
+}
+
+/// Serves a control-plane request (the API key already checked).
+pub async fn serve(e: Arc<E2b>, method: &Method, path: &str, query: &str, body: &[u8]) -> Response {
+    let segs = control_segments(path);
     match (method, segs.as_slice()) {
         (&Method::POST, ["sandboxes"]) => create(&e, body).await,
         (&Method::GET, ["sandboxes"]) => list(&e, query),

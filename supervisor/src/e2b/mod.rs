@@ -34,7 +34,7 @@ use crate::services::templates::Templates;
 use crate::tasks::Tasks;
 use crate::vm;
 
-pub use control::{detail, error, list_page};
+pub use control::{control_segments, detail, error, list_page};
 pub use envd::percent_decode;
 pub use envd::{not_found as sandbox_not_found, Target};
 pub use server::{data_plane_target, dispatch_from_router, serve, FLEET_PREFIX};
@@ -245,8 +245,7 @@ impl E2b {
         let unheld = session.host.is_none() && !self.sessions.held_here(id);
         if rec.end_unix_ms <= now_unix_ms() && rec.on_timeout == OnTimeout::Kill && unheld {
             info!(sandbox = %id, "an E2B sandbox found past its deadline: killed");
-            let sbx = self.adopt(rec, local).ok()?;
-            drop(sbx);
+            self.adopt(rec, local).ok()?;
             let _ = self.kill(id).await;
             return None;
         }

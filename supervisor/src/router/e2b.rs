@@ -19,7 +19,7 @@ use axum::http::{HeaderValue, Method, Request, Response, StatusCode};
 use flint_vmm_api::lock;
 use sha2::{Digest, Sha256};
 
-use super::{Router, REPLAYABLE_BODY};
+use super::{body_to_send, Router};
 use crate::e2b::{SandboxRecord, FLEET_PREFIX};
 
 /// `flint-router --e2b-*`: the domain of Host routing and the API keys accepted.
@@ -112,27 +112,6 @@ async fn e2b_shaped(r: Response<Body>) -> Response<Body> {
     out
 }
 
-/// The body to send on: kept whole when small (the call can be sent again to the holder a 409 names), streamed
-/// otherwise (a file upload).
-async fn body_to_send(
-    method: &Method,
-    headers: &axum::http::HeaderMap,
-    body: Body,
-) -> Result<(Option<axum::body::Bytes>, Option<Body>), Response<Body>> {
-    let small = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|n| n <= REPLAYABLE_BODY);
-    if small || method == Method::GET || method == Method::DELETE {
-        match axum::body::to_bytes(body, REPLAYABLE_BODY).await {
-            Ok(b) => Ok((Some(b), None)),
-            Err(e) => Err(crate::e2b::error(400, format!("request body: {e}"))),
-        }
-    } else {
-        Ok((None, Some(body)))
-    }
-}
-
 impl Router {
     /// One request to the fleet's E2B endpoint.
     pub async fn handle_e2b(self: Arc<Self>, front: Arc<E2bFront>, req: Request<Body>) -> Response<Body> {
@@ -153,7 +132,7 @@ impl Router {
             }
             let (bytes, stream) = match body_to_send(&parts.method, &parts.headers, body).await {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(e) => return crate::e2b::error(400, format!("request body: {e}")),
             };
             return e2b_shaped(self.forward(host, &parts.method, &to_host, &parts.headers, bytes, stream).await).await;
         }
@@ -161,11 +140,7 @@ impl Router {
         if key.is_empty() || !front.keys.accepts(key) {
             return crate::e2b::error(401, "Invalid API key (the router accepts the keys of its --e2b-keys file)");
         }
-        let segs: Vec<&str> = parts.uri.path().trim_matches('/').split('/').collect();
-        let segs: Vec<&str> = match segs.as_slice() {
-            ["v2", rest @ ..] | ["v1", rest @ ..] => rest.to_vec(),
-            s => s.to_vec(),
-        };
+        let segs = crate::e2b::control_segments(parts.uri.path());
         let host = match (&parts.method, segs.as_slice()) {
             (&Method::GET, ["sandboxes"]) => return self.e2b_list(parts.uri.query().unwrap_or("")).await,
             (&Method::POST, ["sandboxes"]) => match self.place(None) {
@@ -191,7 +166,7 @@ impl Router {
         };
         let (bytes, stream) = match body_to_send(&parts.method, &parts.headers, body).await {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(e) => return crate::e2b::error(400, format!("request body: {e}")),
         };
         e2b_shaped(self.forward(host, &parts.method, &to_host, &parts.headers, bytes, stream).await).await
     }

@@ -94,6 +94,24 @@ fn classify(method: &Method, path: &str) -> Route {
     }
 }
 
+/// The body to send on: kept whole when small (the call can be sent again to the holder a 409 names), streamed
+/// otherwise (an upload).
+async fn body_to_send(
+    method: &Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Option<axum::body::Bytes>, Option<Body>), axum::Error> {
+    let small = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n <= REPLAYABLE_BODY);
+    if small || method == Method::GET || method == Method::DELETE {
+        Ok((Some(axum::body::to_bytes(body, REPLAYABLE_BODY).await?), None))
+    } else {
+        Ok((None, Some(body)))
+    }
+}
+
 /// The `limit` of a list call's query, if it pages.
 fn page_limit(path_q: &str) -> Option<usize> {
     let q = path_q.split_once('?')?.1;
@@ -105,8 +123,9 @@ fn page_limit(path_q: &str) -> Option<usize> {
 /// the same cursor, so these are the fleet's. Returns the next page's cursor if any item is left: a host said it
 /// had more (`more`), or the merge cut some.
 fn merge_page(all: &mut Vec<serde_json::Value>, limit: Option<usize>, more: bool) -> Option<String> {
-    let key = |v: &serde_json::Value| {
-        (v["created_unix_ms"].as_u64().unwrap_or(0), v["id"].as_str().unwrap_or("").to_string())
+    let key = |v: &serde_json::Value| crate::services::sessions::Cursor {
+        created_unix_ms: v["created_unix_ms"].as_u64().unwrap_or(0),
+        id: v["id"].as_str().unwrap_or("").to_string(),
     };
     all.sort_by_cached_key(key);
     let limit = limit?;
@@ -114,10 +133,7 @@ fn merge_page(all: &mut Vec<serde_json::Value>, limit: Option<usize>, more: bool
         return None;
     }
     all.truncate(limit);
-    all.last().map(|v| {
-        let (ms, id) = key(v);
-        format!("{ms}.{id}")
-    })
+    all.last().map(|v| key(v).to_string())
 }
 
 fn answer(status: StatusCode, body: impl Serialize) -> Response<Body> {
@@ -547,18 +563,9 @@ impl Router {
                         None => return self.no_host(),
                     },
                 };
-                let small = parts
-                    .headers
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-                    .is_some_and(|n| n <= REPLAYABLE_BODY);
-                let (bytes, stream) = if small || parts.method == Method::GET || parts.method == Method::DELETE {
-                    match axum::body::to_bytes(body, REPLAYABLE_BODY).await {
-                        Ok(b) => (Some(b), None),
-                        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
-                    }
-                } else {
-                    (None, Some(body))
+                let (bytes, stream) = match body_to_send(&parts.method, &parts.headers, body).await {
+                    Ok(b) => b,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
                 };
                 self.forward(host, &parts.method, &path_q, &parts.headers, bytes, stream).await
             }
