@@ -524,8 +524,6 @@ impl Vmm {
         let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Runtime(e.to_string()))?);
         let init_seen = Arc::new(Mutex::new(None));
         let mut devices = setup_devices(&config, &vm, &mem, &exit, &init_seen, Some(&snap.serial))?;
-        crate::persist::restore_devices(&devices.ids, &devices.transports, &snap.devices)?;
-        finish_devices(&mut devices);
         rt.devices_us = elapsed_us(t);
 
         let t = Instant::now();
@@ -540,6 +538,14 @@ impl Vmm {
             fds.push(fd);
         }
         rt.vcpu_state_us = elapsed_us(t);
+
+        // Device state last: restoring a transport can raise its interrupt (vsock's transport reset), and an
+        // interrupt raised before the IOAPIC and LAPIC states are set is overwritten by them. The guest then
+        // never sees the reset, and vsock holds new host connections until it does.
+        let t = Instant::now();
+        crate::persist::restore_devices(&devices.ids, &devices.transports, &snap.devices)?;
+        finish_devices(&mut devices);
+        rt.devices_us += elapsed_us(t);
         let timings = BootTimings { process_to_first_run_us: elapsed_us(process_start), ..Default::default() };
         let cpuids = snap.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         Ok(Self::assemble(Parts {

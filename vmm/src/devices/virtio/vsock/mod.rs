@@ -44,6 +44,15 @@ pub const MAX_RX_CTRL: usize = 512;
 /// First host-side port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// Where a device's host-side ports start: a different place for each VMM process. A restored guest can still
+/// hold connections from its snapshot's VMM until it takes the transport reset; a fresh port never collides with
+/// one of those (the guest would answer our REQUEST on such a port with a reset).
+fn first_local_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
+    FIRST_LOCAL_PORT + r % (u32::MAX - FIRST_LOCAL_PORT)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     #[error("guest CID {0} is reserved (use 3 or above)")]
@@ -176,7 +185,7 @@ impl Vsock {
             pending: HashMap::new(),
             by_fd: HashMap::new(),
             rx_ctrl: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: first_local_port(),
             counters: DeviceCounters::default(),
             trace: std::env::var_os("FLINT_TRACE_VSOCK").is_some(),
             awaiting_reset_ack: false,
@@ -256,6 +265,9 @@ impl Vsock {
     }
 
     fn drop_conn(&mut self, key: ConnKey, ops: &mut dyn Watch) {
+        // A host connection that gave up while its REQUEST waited for the transport reset: the guest must not
+        // get that REQUEST later.
+        self.deferred_requests.retain(|h| h.src_port != key.local || h.dst_port != key.peer);
         if let Some(c) = self.conns.remove(&key) {
             let fd = c.stream.as_raw_fd();
             if !c.watch.is_empty() {
@@ -266,8 +278,12 @@ impl Vsock {
     }
 
     fn reset_conn(&mut self, key: ConnKey, ops: &mut dyn Watch) {
+        let unsent = self.deferred_requests.iter().any(|h| h.src_port == key.local && h.dst_port == key.peer);
         self.drop_conn(key, ops);
-        self.queue_ctrl(key, OP_RST, 0);
+        // The guest never heard of a connection whose REQUEST was still held back: nothing to reset there.
+        if !unsent {
+            self.queue_ctrl(key, OP_RST, 0);
+        }
     }
 
     /// Guest → host: drains the TX queue (while the control queue has room; see [`MAX_RX_CTRL`]).

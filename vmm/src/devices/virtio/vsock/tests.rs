@@ -285,3 +285,55 @@ fn a_driver_reset_unregisters_connection_fds() {
     env.host_event(lfd, EV_LISTENER, EventSet::IN);
     assert!(!env.watch.watched.contains_key(&fd), "fd {fd} of a dropped connection is still registered");
 }
+
+#[test]
+fn a_host_connection_that_gives_up_before_the_reset_is_taken_never_reaches_the_guest() {
+    let mut env = Env::new("deferred");
+    env.give_rx_buffers(8);
+    env.q.add_chain(EVQ, &[(0x60000, 8, true)]);
+    {
+        let Env { q, dev, .. } = &mut env;
+        q.run(|ctx| dev.restored(0, ctx));
+    }
+    assert!(env.dev.awaiting_reset_ack);
+    let lfd = env.dev.listener.as_raw_fd();
+    let connect = |env: &mut Env| {
+        let mut c = UnixStream::connect(env.dir.join("v.sock")).unwrap();
+        env.host_event(lfd, EV_LISTENER, EventSet::IN);
+        c.write_all(b"CONNECT 52\n").unwrap();
+        let pfd = *env.dev.pending.keys().next().unwrap();
+        env.host_event(pfd, EV_STREAM, EventSet::IN);
+        (c, pfd)
+    };
+    // Held back until the guest takes the reset; then the client gives up.
+    let (gone, gone_fd) = connect(&mut env);
+    assert!(env.guest_recv().is_empty(), "nothing reaches the guest before it takes the reset");
+    drop(gone);
+    env.host_event(gone_fd, EV_STREAM, EventSet::READ_HANG_UP);
+    assert!(env.guest_recv().is_empty(), "no RST for a connection the guest never heard of");
+    let (mut live, _) = connect(&mut env);
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The guest re-posts its event buffer: the reset is taken.
+    env.q.add_chain(EVQ, &[(0x60000, 8, true)]);
+    {
+        let Env { q, dev, watch, .. } = &mut env;
+        q.run(|ctx| dev.queue_notify(EVQ, ctx, watch));
+    }
+    let pkts = env.guest_recv();
+    assert_eq!(pkts.len(), 1, "only the live client's REQUEST: {pkts:?}");
+    let req = pkts[0].0;
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
+    env.guest_send(env.guest_hdr(OP_RESPONSE, 52, req.src_port), &[]);
+    let mut line = [0u8; 64];
+    let n = live.read(&mut line).unwrap();
+    assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {}\n", req.src_port));
+}
+
+#[test]
+fn each_device_starts_its_host_ports_somewhere_else() {
+    let a = Env::new("port-a").dev.next_local_port;
+    let b = Env::new("port-b").dev.next_local_port;
+    let c = Env::new("port-c").dev.next_local_port;
+    assert!(a >= FIRST_LOCAL_PORT && b >= FIRST_LOCAL_PORT && c >= FIRST_LOCAL_PORT);
+    assert!(a != b || b != c, "three devices started at the same port {a}");
+}
