@@ -564,6 +564,8 @@ pub fn memory_source(mem: &Path, mode: &str) -> flint_vmm_api::spec::MemorySourc
 /// as files under its own directory. Killed on drop.
 pub struct S3Server {
     pub dir: TempDir,
+    /// The address it listens on (loopback unless started with [`S3Server::start_on`]).
+    pub ip: String,
     pub port: u16,
     pub bucket: String,
     child: Option<Child>,
@@ -778,6 +780,11 @@ fn s3_server_bin() -> PathBuf {
 
 impl S3Server {
     pub fn start() -> S3Server {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A server listening on `ip` (an address of the calling thread's network namespace).
+    pub fn start_on(ip: &str) -> S3Server {
         let dir = TempDir::new("s3");
         let bucket = "flint".to_string();
         std::fs::create_dir_all(dir.path().join("data").join(&bucket)).expect("create bucket dir");
@@ -785,13 +792,13 @@ impl S3Server {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port");
             l.local_addr().expect("port").port()
         };
-        let mut s = S3Server { dir, port, bucket, child: None, via: None };
+        let mut s = S3Server { dir, ip: ip.to_string(), port, bucket, child: None, via: None };
         s.resume();
         s
     }
 
     pub fn endpoint(&self) -> String {
-        self.via.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+        self.via.clone().unwrap_or_else(|| format!("http://{}:{}", self.ip, self.port))
     }
 
     /// From now on clients (`env`, `endpoint`) go through `proxy`.
@@ -832,7 +839,7 @@ impl S3Server {
     pub fn resume(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         let mut cmd = Command::new(s3_server_bin());
-        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+        cmd.args(["--host", &self.ip, "--port", &self.port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
             .arg(self.dir.path().join("data"))
             .stdout(log.try_clone().expect("log"))
@@ -840,7 +847,7 @@ impl S3Server {
         die_with_parent(&mut cmd);
         self.child = Some(cmd.spawn().expect("start s3s-fs"));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.ip.as_str(), self.port)).is_err() {
             assert!(Instant::now() < deadline, "S3 server did not listen on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1001,23 +1008,73 @@ impl TestNetns {
         run("ip", &full)
     }
 
-    /// Runs `f` on a thread inside the namespace (sockets it makes stay in it, also when used from elsewhere).
-    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `f` on a thread inside the namespace (sockets it makes stay in it, also when used from elsewhere;
+    /// processes it starts run in it, and a `die_with_parent` child ends when `f` returns).
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let file = std::fs::File::open(self.path()).expect("open the network namespace");
-        std::thread::spawn(move || {
-            // SAFETY: setns(2) on a namespace fd we hold; it changes only this thread.
-            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: setns(2) on a namespace fd we hold; it changes only this thread.
+                    let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+                    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
-        .join()
-        .expect("a thread in the namespace panicked")
     }
 }
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A test's own network: a `fabric` namespace with a bridge (the shared services run there: etcd, the S3 server,
+/// routers) and one namespace per host, each joined to the bridge by a veth pair. Cutting a host's link takes it off
+/// the network as a pulled cable would: it reaches neither etcd, nor S3, nor routers, and they do not reach it.
+pub struct Fabric {
+    pub ns: TestNetns,
+    pub hosts: Vec<TestNetns>,
+}
+
+impl Fabric {
+    /// The fabric's own address on the bridge (10.213.0.0/24).
+    pub const IP: &'static str = "10.213.0.1";
+
+    pub fn new(tag: &str, hosts: usize) -> Fabric {
+        let ns = TestNetns::new(&format!("{tag}-fab"));
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["addr", "add", &format!("{}/24", Self::IP), "dev", "br0"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        let hosts = (0..hosts)
+            .map(|i| {
+                let h = TestNetns::new(&format!("{tag}-h{i}"));
+                let port = format!("h{i}");
+                ns.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &h.name]);
+                ns.ip(&["link", "set", &port, "master", "br0", "up"]);
+                h.ip(&["addr", "add", &format!("{}/24", Self::host_ip(i)), "dev", "eth0"]);
+                h.ip(&["link", "set", "eth0", "up"]);
+                h
+            })
+            .collect();
+        Fabric { ns, hosts }
+    }
+
+    /// Host `i`'s address.
+    pub fn host_ip(i: usize) -> String {
+        format!("10.213.0.{}", i + 2)
+    }
+
+    /// Takes host `i` off the network (its bridge port down).
+    pub fn cut(&self, i: usize) {
+        self.ns.ip(&["link", "set", &format!("h{i}"), "down"]);
+    }
+
+    pub fn heal(&self, i: usize) {
+        self.ns.ip(&["link", "set", &format!("h{i}"), "up"]);
     }
 }
 
@@ -1213,6 +1270,11 @@ pub struct FleetCerts {
 
 impl FleetCerts {
     pub fn make(dir: &Path) -> FleetCerts {
+        Self::make_for(dir, &[])
+    }
+
+    /// Certificates whose server certificate also names the addresses `ips` (hosts on a test's own network).
+    pub fn make_for(dir: &Path, ips: &[&str]) -> FleetCerts {
         let run = |args: &[&str]| {
             let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
             assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -1224,10 +1286,9 @@ impl FleetCerts {
             &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Flint test fleet CA"],
         ]
         .concat());
-        for (name, ext) in [
-            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-            ("client", "extendedKeyUsage=clientAuth\n"),
-        ] {
+        let alt: String = ips.iter().map(|ip| format!(",IP:{ip}")).collect();
+        let server = format!("subjectAltName=IP:127.0.0.1,DNS:localhost{alt}\nextendedKeyUsage=serverAuth\n");
+        for (name, ext) in [("server", server.as_str()), ("client", "extendedKeyUsage=clientAuth\n")] {
             let (key, csr, pem, extf) =
                 (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
             std::fs::write(dir.join(&extf), ext).unwrap();
@@ -1391,6 +1452,8 @@ impl Drop for FleetRouter {
 pub struct EtcdServer {
     /// The first member's client port.
     pub port: u16,
+    /// The address its members listen on.
+    pub ip: String,
     members: Vec<EtcdMember>,
     dir: TempDir,
 }
@@ -1410,11 +1473,16 @@ impl EtcdServer {
 
     /// A cluster of `n` members on loopback.
     pub fn start_cluster(n: usize) -> EtcdServer {
+        Self::start_cluster_on(n, "127.0.0.1")
+    }
+
+    /// A cluster of `n` members on `ip` (an address of the calling thread's network namespace).
+    pub fn start_cluster_on(n: usize, ip: &str) -> EtcdServer {
         let dir = TempDir::new("etcd");
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember { name: format!("m{i}"), client: free_port(), peer: free_port(), child: None })
             .collect();
-        let mut e = EtcdServer { port: members[0].client, members, dir };
+        let mut e = EtcdServer { port: members[0].client, ip: ip.to_string(), members, dir };
         for i in 0..n {
             e.start_member(i);
         }
@@ -1429,10 +1497,10 @@ impl EtcdServer {
     /// (Re)starts member `i` on its data directory.
     pub fn start_member(&mut self, i: usize) {
         let initial: Vec<String> =
-            self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect();
+            self.members.iter().map(|m| format!("{}=http://{}:{}", m.name, self.ip, m.peer)).collect();
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
-        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let client = format!("http://{}:{}", self.ip, m.client);
+        let peer = format!("http://{}:{}", self.ip, m.peer);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1463,16 +1531,16 @@ impl EtcdServer {
 
     /// Every member's client URL.
     pub fn urls(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
+        self.members.iter().map(|m| format!("http://{}:{}", self.ip, m.client)).collect()
     }
 
     /// Every member's client URL, as a TOML array's items.
     pub fn urls_toml(&self) -> String {
-        self.members.iter().map(|m| format!("\"http://127.0.0.1:{}\"", m.client)).collect::<Vec<_>>().join(", ")
+        self.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ")
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     /// Every key under `prefix` and its value (through etcd's JSON gateway); `None` if etcd did not answer.

@@ -1421,7 +1421,7 @@ fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
     assert!(!keys.contains_key(&format!("/flint/hosts/{host_a}")), "A's registration ended with its lease");
 
     proxy.heal();
-    the_reconnected_host_stops_its_vm_and_registers_again(&etcd, &sock_a, pid, &host_a);
+    the_reconnected_host_stops_its_vm_and_registers_again(&etcd, &sock_a, pid, &host_a, "e1");
     let h = flint_json(&sock_b, &["session", "hibernate", "e1"]);
     assert_eq!(h["base"], "e1.h2.e3", "A created (1) and woke (2) it, B took it over (3): {h}");
     flint_json(&sock_b, &["session", "rm", "e1"]);
@@ -1431,13 +1431,14 @@ fn an_etcd_cluster_hands_sessions_over_and_a_cut_off_host_pauses_then_stops() {
     drop((a, b));
 }
 
-/// A, back in touch with etcd, finds its lease gone: it stops its VM (`pid`) of `e1`, records why, is refused
+/// A, back in touch with etcd, finds its lease gone: it stops its VM (`pid`) of session `id`, records why, is refused
 /// while B holds the session, and registers again.
 fn the_reconnected_host_stops_its_vm_and_registers_again(
     etcd: &flint_tests::EtcdServer,
     sock_a: &Path,
     pid: i64,
     host_a: &str,
+    id: &str,
 ) {
     let healed = Instant::now();
     while proc_state(pid).is_some() {
@@ -1445,11 +1446,11 @@ fn the_reconnected_host_stops_its_vm_and_registers_again(
         std::thread::sleep(Duration::from_millis(100));
     }
     // The VM is killed first, the record written once the session's operation lock is free: wait for it.
-    let on_a = wait_state(sock_a, "e1", "failed", Duration::from_secs(120));
+    let on_a = wait_state(sock_a, id, "failed", Duration::from_secs(120));
     assert!(on_a["error"].as_str().unwrap_or("").contains("etcd lease ended"), "{on_a}");
-    let out = flint(sock_a, &["session", "hibernate", "e1"]);
+    let out = flint(sock_a, &["session", "hibernate", id]);
     assert!(!out.status.success(), "A's late hibernation is refused: {out:?}");
-    let out = flint(sock_a, &["session", "wake", "e1"]);
+    let out = flint(sock_a, &["session", "wake", id]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HTTP 409") && err.contains("is held by host"), "A's wake while B holds it: {out:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1623,7 +1624,7 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
     let mut hosts: Vec<RoutedHost> = ["a", "b"]
         .into_iter()
         .enumerate()
-        .map(|(i, name)| RoutedHost::start(work.path(), &s3, &etcd, &certs, i, name))
+        .map(|(i, name)| RoutedHost::start(work.path(), &s3, &etcd, &certs, (i, name), None))
         .collect();
     let via = flint_tests::FleetRouter::start(work.path(), "router", &[etcd.url()], &certs, 0);
     via.wait_for_hosts(2);
@@ -1680,6 +1681,135 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
     assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
 }
 
+/// #29 on a real network: a `fabric` namespace (bridge, etcd, S3 server, router) and one namespace per flintd.
+/// A session created through the router is hibernated and woken on its host; that host's cable is then pulled
+/// (its bridge port down: it reaches neither etcd, nor S3, nor the router). Its flintd pauses the VM by itself
+/// before its lease can have ended; past the lease the router wakes the session on the other host from its last
+/// hibernation. Reconnected, the cut host stops its VM and its late commit is refused. The hosts' VM lists and the
+/// owner keys never show the session running on two hosts; nothing is left afterwards.
+#[test]
+fn a_host_cut_off_the_fabric_loses_its_session_to_the_other_host_and_is_fenced() {
+    let fabric = flint_tests::Fabric::new("fabric", 2);
+    fabric.ns.enter(|| cut_host_flow(&fabric));
+}
+
+/// The fabric test's body, on a thread in the fabric namespace (the servers it starts run there).
+fn cut_host_flow(fabric: &flint_tests::Fabric) {
+    use flint_tests::Fabric;
+    let s3 = S3Server::start_on(Fabric::IP);
+    let etcd = flint_tests::EtcdServer::start_cluster_on(1, Fabric::IP);
+    let work = TempDir::new("flintd-fabric");
+    let ips: Vec<String> = (0..2).map(Fabric::host_ip).collect();
+    let certs = flint_tests::FleetCerts::make_for(work.path(), &[&ips[0], &ips[1]]);
+    let hosts: Vec<RoutedHost> = ["a", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let at = (fabric.hosts[i].path(), ips[i].as_str());
+            RoutedHost::start(work.path(), &s3, &etcd, &certs, (i, name), Some((&at.0, at.1)))
+        })
+        .collect();
+    let via = flint_tests::FleetRouter::start(work.path(), "router", &etcd.urls(), &certs, 0);
+    via.wait_for_hosts(2);
+    let exec = |script: &str| via.run(&["exec", "f1", "--", "/bin/sh", "-c", script]);
+    via.json(&["session", "create", "--snapshot", "gold", "--id", "f1", "--idle-timeout", "3600"]);
+    assert!(exec("echo hibernated > /tmp/marker").status.success());
+    via.json(&["session", "hibernate", "f1"]);
+    let out = exec("echo after > /tmp/later; cat /tmp/marker");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hibernated", "{out:?}");
+    let x = hosts.iter().position(|h| Some(&h.id) == etcd_owner(&etcd, "f1").as_ref()).expect("an owner");
+    let pid = vm_detail(&hosts[x].sock, session(&hosts[x].sock, "f1")["vm"].as_str().unwrap())["pid"]
+        .as_i64()
+        .expect("the VM's pid");
+    assert_eq!(running_on(&hosts, &etcd, "f1"), vec![x]);
+
+    fabric.cut(x);
+    let woken = wake_through_the_router_after_a_cut(&exec, &hosts, &etcd, pid);
+    assert_eq!(woken, "hibernated", "the last hibernation, and nothing the cut host did after it");
+    assert_eq!(running_on(&hosts, &etcd, "f1"), vec![1 - x]);
+
+    fabric.heal(x);
+    the_reconnected_host_stops_its_vm_and_registers_again(&etcd, &hosts[x].sock, pid, &hosts[x].id, "f1");
+    assert_eq!(running_on(&hosts, &etcd, "f1"), vec![1 - x]);
+    via.json(&["session", "hibernate", "f1"]);
+    via.json(&["session", "rm", "f1"]);
+    for h in &hosts {
+        assert!(flint_json(&h.sock, &["vm", "ls"]).as_array().unwrap().is_empty(), "VMs left on {}", h.id);
+    }
+    let keys = etcd.get_prefix("/flint/").unwrap();
+    assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
+}
+
+/// After host cut off the fabric: retries `exec` (through the router) until the session answers elsewhere, checking
+/// on every attempt that it never runs on two hosts, and that the cut host's VM (`pid`) was paused (seen by a
+/// sampler every 20 ms) before. The output of the exec that answered.
+fn wake_through_the_router_after_a_cut(
+    exec: &dyn Fn(&str) -> Output,
+    hosts: &[RoutedHost],
+    etcd: &flint_tests::EtcdServer,
+    pid: i64,
+) -> String {
+    let cut = Instant::now();
+    let paused_at = std::sync::Mutex::new(None);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if proc_state(pid).as_deref() == Some("T") {
+                    paused_at.lock().unwrap().get_or_insert(cut.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let woken = loop {
+            if cut.elapsed() > Duration::from_secs(300) {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!("the router never woke the session on the other host");
+            }
+            let running = running_on(hosts, etcd, "f1");
+            assert!(running.len() <= 1, "f1 runs on hosts {running:?} at once");
+            let out = exec("cat /tmp/marker; cat /tmp/later || true");
+            if out.status.success() {
+                let paused = *paused_at.lock().unwrap();
+                assert!(paused.is_some(), "f1 woke elsewhere before the cut host's VM (pid {pid}) was seen paused");
+                assert!(matches!(proc_state(pid).as_deref(), Some("T") | None), "the cut host's VM runs still");
+                println!(
+                    "the cut host paused its VM {paused:?} after the cut; f1 answered elsewhere {:?} after it",
+                    cut.elapsed()
+                );
+                break String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+            println!("{:?} after the cut: {}", cut.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        woken
+    })
+}
+
+/// The hosts (indexes) on which session `id` runs: its host's record says running and its VM's process runs (is
+/// not stopped). Any running host must be the one the owner key names.
+fn running_on(hosts: &[RoutedHost], etcd: &flint_tests::EtcdServer, id: &str) -> Vec<usize> {
+    let running: Vec<usize> = (0..hosts.len())
+        .filter(|&i| {
+            let out = flint(&hosts[i].sock, &["--json", "session", "get", id]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let Some(vm) = s["vm"].as_str().filter(|_| s["state"] == "running") else { return false };
+            let out = flint(&hosts[i].sock, &["--json", "vm", "get", vm]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["pid"].as_i64().and_then(proc_state).is_some_and(|st| st != "T")
+        })
+        .collect();
+    if let [i] = running[..] {
+        let owner = etcd_owner(etcd, id);
+        assert!(
+            owner.is_none() || owner.as_deref() == Some(hosts[i].id.as_str()),
+            "{id} runs on a host that is not its owner {owner:?}"
+        );
+    }
+    running
+}
+
 /// The host whose owner key in etcd names session `id`, if any.
 fn etcd_owner(etcd: &flint_tests::EtcdServer, id: &str) -> Option<String> {
     etcd.get_prefix(&format!("/flint/owners/{id}")).unwrap().into_values().next()
@@ -1695,25 +1825,27 @@ struct RoutedHost {
 
 impl RoutedHost {
     /// Host `name` (the `i`th), with its cluster listener on mutual TLS; the first publishes the golden snapshot.
+    /// On loopback, or in network namespace `at.0` on its address `at.1`.
     fn start(
         work: &Path,
         s3: &S3Server,
         etcd: &flint_tests::EtcdServer,
         certs: &flint_tests::FleetCerts,
-        i: usize,
-        name: &str,
+        (i, name): (usize, &str),
+        at: Option<(&Path, &str)>,
     ) -> RoutedHost {
         let p = |x: &Path| x.to_str().unwrap().to_string();
         let data = work.join(name);
         let reap = KillVmmsUnder(data.clone());
         let sock = work.join(format!("{name}.sock"));
         let port = flint_tests::free_port();
+        let ip = at.map_or("127.0.0.1", |a| a.1);
         let config = work.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
-                 etcd_timeout_ms = 1000\nlisten = \"127.0.0.1:{port}\"\nadvertise = \"https://127.0.0.1:{port}\"\n\
+                 etcd_timeout_ms = 1000\nlisten = \"{ip}:{port}\"\nadvertise = \"https://{ip}:{port}\"\n\
                  tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n[jail]\nuid_base = {}\nuid_count = 1000\n",
                 etcd.url(),
                 p(&certs.server_cert),
@@ -1728,7 +1860,7 @@ impl RoutedHost {
             flint_tests::import_golden(&data, s3, "router", "gold", None);
         }
         let args = ["--allow-unauthenticated-bucket", "--config", config.to_str().unwrap()];
-        let d = Flintd::start_with(&data, &sock, s3, "router", &args);
+        let d = Flintd::start_full(&data, &sock, Some((s3, "router")), &args, at.map(|a| a.0));
         let id = flint_json(&sock, &["health"])["host"].as_str().unwrap().to_string();
         RoutedHost { id, sock, flintd: Some(d), reap }
     }

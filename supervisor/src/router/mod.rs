@@ -186,11 +186,22 @@ fn best_of_two<'a>(fits: &[&'a HostInfo]) -> Option<&'a HostInfo> {
     }
 }
 
+/// Longest a host may leave the router's bytes unacknowledged (or not answer keep-alive probes) before the
+/// connection counts as dead.
+pub const HOST_SILENT_LIMIT: Duration = Duration::from_secs(8);
+
 impl Router {
     pub fn new(etcd: Etcd, prefix: String, host_tls: Arc<rustls::ClientConfig>, min_free_mib: u64) -> Router {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*host_tls).clone())
             .connect_timeout(Duration::from_secs(5))
+            // A host cut off the network mid-call (or while a pooled connection idles) is noticed within
+            // HOST_SILENT_LIMIT rather than after TCP's own retransmission limits (tens of seconds to minutes):
+            // the caller gets its 502 and its retry is routed by the fleet's state by then.
+            .tcp_user_timeout(HOST_SILENT_LIMIT)
+            .tcp_keepalive(HOST_SILENT_LIMIT / 4)
+            .tcp_keepalive_interval(HOST_SILENT_LIMIT / 4)
+            .tcp_keepalive_retries(3)
             .no_proxy()
             .build()
             .expect("an HTTP client over a rustls configuration");
