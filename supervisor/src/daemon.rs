@@ -334,7 +334,7 @@ impl crate::net::front::Resolve for FrontRoutes {
                 // Authorised: now (and only now) a hibernated session wakes, and counts as active.
                 let (vm, activity) = d.target(&id).await?;
                 let route = d.vms.route(&vm, port)?;
-                Ok::<_, Refusal>(crate::net::front::Target { addr: route.addr, guard: Box::new(activity) })
+                Ok::<_, Refusal>(crate::net::front::Target { addr: route.addr, guard: Box::new(activity), name: None })
             }
             .await;
             let c = &d.vms.net.counters;

@@ -196,6 +196,21 @@ async fn serve(daemon: Arc<daemon::Daemon>) -> Result<(), RunError> {
         let limits = net::front::Limits::default();
         daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes, limits));
     }
+    if let Some(addr) = daemon.cfg.cluster.front_listen {
+        let c = &daemon.cfg.cluster;
+        let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else { unreachable!("checked with the config") };
+        let tls =
+            tls::server_config(cert, key, c.client_ca.as_deref()).map_err(|e| RunError::Cluster(e.to_string()))?;
+        let l = net::front::bind(addr)
+            .await
+            .map_err(|source| RunError::Io { what: format!("bind the routers' front end to {addr}"), source })?;
+        let routes = Arc::new(daemon::FrontRoutes(Arc::downgrade(&daemon)));
+        info!(%addr, domain = %daemon.cfg.network.domain, "front end for exposed ports, for routers (mutual TLS)");
+        let (domain, limits) = (daemon.cfg.network.domain.clone(), net::front::Limits::default());
+        let role = net::front::Role::BehindRouter;
+        let acceptor = Some(tokio_rustls::TlsAcceptor::from(tls));
+        daemon.tasks.spawn_loop(net::front::serve_as(l, domain, routes, limits, role, acceptor));
+    }
     if daemon.cfg.e2b.listen.is_some() || daemon.cfg.e2b.tls_listen.is_some() {
         let serving = e2b::serve(daemon.e2b.clone()).await.map_err(|e| RunError::E2b(e.to_string()))?;
         daemon.tasks.spawn_loop(serving);

@@ -1682,10 +1682,11 @@ fn a_router_places_and_routes_sessions_and_wakes_them_elsewhere_when_a_host_dies
 }
 
 /// #29 on a real network: a `fabric` namespace (bridge, etcd, S3 server, router) and one namespace per flintd.
-/// A session created through the router is hibernated and woken on its host; that host's cable is then pulled
+/// A session created through the router, with port 8080 exposed, serves its guest's page through the router's
+/// front end (the holder checks the token), is hibernated and woken on its host; that host's cable is then pulled
 /// (its bridge port down: it reaches neither etcd, nor S3, nor the router). Its flintd pauses the VM by itself
 /// before its lease can have ended; past the lease the router wakes the session on the other host from its last
-/// hibernation. Reconnected, the cut host stops its VM and its late commit is refused. The hosts' VM lists and the
+/// hibernation, and its front end serves the page from there. Reconnected, the cut host stops its VM and its late commit is refused. The hosts' VM lists and the
 /// owner keys never show the session running on two hosts; nothing is left afterwards.
 #[test]
 fn a_host_cut_off_the_fabric_loses_its_session_to_the_other_host_and_is_fenced() {
@@ -1709,11 +1710,18 @@ fn cut_host_flow(fabric: &flint_tests::Fabric) {
             RoutedHost::start(work.path(), &s3, &etcd, &certs, (i, name), Some((&at.0, at.1)))
         })
         .collect();
-    let via = flint_tests::FleetRouter::start(work.path(), "router", &etcd.urls(), &certs, 0);
+    let front = ["--front-listen".to_string(), ROUTER_FRONT.to_string()];
+    let via = flint_tests::FleetRouter::start_with(work.path(), "router", &etcd.urls(), &certs, 0, &front);
     via.wait_for_hosts(2);
     let exec = |script: &str| via.run(&["exec", "f1", "--", "/bin/sh", "-c", script]);
-    via.json(&["session", "create", "--snapshot", "gold", "--id", "f1", "--idle-timeout", "3600"]);
-    assert!(exec("echo hibernated > /tmp/marker").status.success());
+    let f1 = ["--snapshot", "gold", "--id", "f1", "--idle-timeout", "3600", "--expose", "8080:auto"];
+    let created = via.json(&[&["session", "create"][..], &f1].concat());
+    let token = created["network"]["ports"]["8080"]["token"].as_str().expect("the port's token").to_string();
+    let serve =
+        "echo hibernated > /tmp/marker && mkdir -p /www && cp /tmp/marker /www/index.html && httpd -p 8080 -h /www";
+    assert!(exec(serve).status.success());
+    assert_eq!(through_the_routers_front_end(&token), (200, "hibernated".into()), "the guest's port, by the router");
+    assert_eq!(through_the_routers_front_end("not-the-token").0, 401, "the holder checks the token");
     via.json(&["session", "hibernate", "f1"]);
     let out = exec("echo after > /tmp/later; cat /tmp/marker");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hibernated", "{out:?}");
@@ -1727,6 +1735,7 @@ fn cut_host_flow(fabric: &flint_tests::Fabric) {
     let woken = wake_through_the_router_after_a_cut(&exec, &hosts, &etcd, pid);
     assert_eq!(woken, "hibernated", "the last hibernation, and nothing the cut host did after it");
     assert_eq!(running_on(&hosts, &etcd, "f1"), vec![1 - x]);
+    assert_eq!(through_the_routers_front_end(&token), (200, "hibernated".into()), "served by the other host now");
 
     fabric.heal(x);
     the_reconnected_host_stops_its_vm_and_registers_again(&etcd, &hosts[x].sock, pid, &hosts[x].id, "f1");
@@ -1738,6 +1747,25 @@ fn cut_host_flow(fabric: &flint_tests::Fabric) {
     }
     let keys = etcd.get_prefix("/flint/").unwrap();
     assert!(keys.keys().all(|k| k.starts_with("/flint/hosts/")), "only host registrations are left: {keys:?}");
+}
+
+/// Where a fabric host's front end for routers listens (each host has a namespace of its own).
+const HOST_FRONT_PORT: u16 = 7444;
+/// The fabric router's front end for exposed ports.
+const ROUTER_FRONT: &str = "127.0.0.1:18580";
+
+/// `GET /` of session f1's port 8080 through the router's front end with `token`: (status, body).
+fn through_the_routers_front_end(token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(ROUTER_FRONT).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let req =
+        format!("GET / HTTP/1.1\r\nHost: 8080-f1.flint.localhost\r\nflint-token: {token}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut all = String::new();
+    let _ = s.read_to_string(&mut all);
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), body.trim().to_string())
 }
 
 /// After host cut off the fabric: retries `exec` (through the router) until the session answers elsewhere, checking
@@ -1840,13 +1868,18 @@ impl RoutedHost {
         let sock = work.join(format!("{name}.sock"));
         let port = flint_tests::free_port();
         let ip = at.map_or("127.0.0.1", |a| a.1);
+        // In a namespace of its own a host has sandbox networks, and a front end for the router's.
+        let (front, net) = match at {
+            Some(_) => (format!("front_listen = \"{ip}:{HOST_FRONT_PORT}\"\n"), "[network]\npool = \"10.77.0.0/24\"\n"),
+            None => (String::new(), ""),
+        };
         let config = work.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlease_ttl_s = 6\npause_margin_ms = 1500\n\
-                 etcd_timeout_ms = 1000\nlisten = \"{ip}:{port}\"\nadvertise = \"https://{ip}:{port}\"\n\
-                 tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n[jail]\nuid_base = {}\nuid_count = 1000\n",
+                 etcd_timeout_ms = 1000\nlisten = \"{ip}:{port}\"\nadvertise = \"https://{ip}:{port}\"\n{front}\
+                 tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n[jail]\nuid_base = {}\nuid_count = 1000\n{net}",
                 etcd.url(),
                 p(&certs.server_cert),
                 p(&certs.server_key),

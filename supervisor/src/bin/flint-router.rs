@@ -43,6 +43,13 @@ struct Args {
     /// Hosts with less free memory get no new sessions.
     #[arg(long, default_value_t = 512)]
     min_free_mib: u64,
+    /// The fleet's front end for exposed ports (plain HTTP, as a host's `network.front_end`): each request goes to
+    /// the front end of the host holding its session (the hosts' `cluster.front_listen`, mutual TLS).
+    #[arg(long)]
+    front_listen: Option<std::net::SocketAddr>,
+    /// The domain of the front end's Host routing (`<port>-<id>.<domain>`): the hosts' `network.domain`.
+    #[arg(long, default_value = "flint.localhost")]
+    front_domain: String,
     /// The fleet's E2B endpoint (docs/e2b.md): where the unchanged E2B SDKs reach every host at once. Plain HTTP
     /// (`E2B_API_URL`/`E2B_SANDBOX_URL`) unless `--e2b-tls-cert` is given (`E2B_DOMAIN`).
     #[arg(long, requires = "e2b_keys")]
@@ -85,6 +92,21 @@ async fn run(a: Args) -> Result<(), RouterError> {
     tokio::spawn(r.clone().keep_view());
     let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| RouterError::Bind(a.listen, e))?;
     let l = tls::TlsListener::new(l, server_tls).map_err(RouterError::Serve)?;
+    if let Some(addr) = a.front_listen {
+        let l = flint_supervisor::net::front::bind(addr).await.map_err(|e| RouterError::Bind(addr, e))?;
+        let relay = Arc::new(router::FrontRelay(r.clone()));
+        let limits = flint_supervisor::net::front::Limits::default();
+        tracing::info!(listen = %addr, domain = %a.front_domain, "front end for the fleet's exposed ports");
+        let serving = flint_supervisor::net::front::serve_as(
+            l,
+            a.front_domain.clone(),
+            relay,
+            limits,
+            router::FrontRelay::ROLE,
+            None,
+        );
+        tokio::spawn(serving);
+    }
     if let (Some(addr), Some(keys)) = (a.e2b_listen, &a.e2b_keys) {
         let front = Arc::new(router::E2bFront { domain: a.e2b_domain.clone(), keys: router::KeyFile::open(keys)? });
         let tls = match (&a.e2b_tls_cert, &a.e2b_tls_key) {

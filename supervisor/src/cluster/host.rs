@@ -165,6 +165,7 @@ impl Membership {
             host: self.host.clone(),
             nonce: self.nonce.clone(),
             advertise: self.cfg.advertise.clone(),
+            front: self.cfg.front(),
             labels: self.cfg.labels.clone(),
             mem_total_mib: total,
             mem_free_mib: free,

@@ -29,6 +29,13 @@ pub struct ClusterConfig {
     /// The cluster listener: flintd's API over TCP with mutual TLS, for routers (the Unix socket stays the local
     /// API). Needs `tls_cert`, `tls_key` and `client_ca`.
     pub listen: Option<std::net::SocketAddr>,
+    /// The front end for exposed ports as routers reach it (`flint-router --front-listen`): this host's front end
+    /// (docs/networking.md) over mutual TLS with the listener's certificate and `client_ca`, each request carrying
+    /// its client's address from the router.
+    pub front_listen: Option<std::net::SocketAddr>,
+    /// Where routers reach `front_listen` (`10.0.0.5:7444`), published in the registration; by default
+    /// `front_listen` itself (which must then name an address, not 0.0.0.0).
+    pub front_advertise: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// The CA whose certificates the listener accepts (the fleet's routers'): anyone holding one drives this host
@@ -52,6 +59,8 @@ impl Default for ClusterConfig {
             pause_margin_ms: 1500,
             advertise: None,
             listen: None,
+            front_listen: None,
+            front_advertise: None,
             tls_cert: None,
             tls_key: None,
             client_ca: None,
@@ -69,6 +78,11 @@ impl ClusterConfig {
         !self.etcd.is_empty()
     }
 
+    /// Where routers reach this host's front end: `front_advertise`, else `front_listen`.
+    pub fn front(&self) -> Option<String> {
+        self.front_advertise.clone().or_else(|| self.front_listen.map(|a| a.to_string()))
+    }
+
     /// Refuses settings the cluster cannot run with.
     pub fn check(&self) -> Result<(), crate::config::ConfigError> {
         let bad = |m: String| Err(crate::config::ConfigError::Invalid(m));
@@ -76,6 +90,23 @@ impl ClusterConfig {
             return bad(
                 "cluster.listen serves the whole API: it needs tls_cert, tls_key and client_ca (mutual TLS)".into()
             );
+        }
+        if self.front_listen.is_some()
+            && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none())
+        {
+            return bad(
+                "cluster.front_listen trusts the client addresses routers send: it needs tls_cert, tls_key and \
+                 client_ca (mutual TLS)"
+                    .into(),
+            );
+        }
+        if let Some(f) = self.front_listen.filter(|f| f.ip().is_unspecified() && self.front_advertise.is_none()) {
+            return bad(format!("cluster.front_listen {f}: give front_advertise, the address routers reach it at"));
+        }
+        if let Some(a) = &self.front_advertise {
+            if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return bad(format!("cluster.front_advertise `{a}`: give host:port"));
+            }
         }
         if let Some(a) = &self.advertise {
             if !a.starts_with("https://") {
@@ -125,6 +156,9 @@ pub struct HostInfo {
     /// This data directory's random nonce: two flintds given one host id refuse to share it.
     pub nonce: String,
     pub advertise: Option<String>,
+    /// Where routers send exposed-port requests (`host:port` of `cluster.front_listen`, mutual TLS).
+    #[serde(default)]
+    pub front: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
     /// The host's memory, and what is free of it now (MemAvailable).
     pub mem_total_mib: u64,

@@ -12,6 +12,11 @@
 //! Limits: connections in all and per source address, time to send a head, idle time between requests and on a
 //! pipe, and wrong tokens per source (past the limit its requests are refused for a while). Refusals tell an
 //! anonymous client only the kind of failure; the log has the detail.
+//!
+//! In a fleet ([`Role`], docs/cluster.md) `flint-router` serves the same front end for every host: it parses and
+//! routes each request the same way, but sends it as it came to the front end of the host holding its session
+//! (over mutual TLS), adding the client's address; that host authorises, wakes and strips, counting limits and
+//! wrong tokens against the client's address rather than the router's.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -32,13 +37,44 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Held until the request's answer (or the pipe) ends (a session's activity).
     pub guard: Box<dyn Send>,
+    /// The name a TLS upstream's certificate must carry (a router's host); `None` for a guest.
+    pub name: Option<String>,
 }
+
+/// A byte stream either way: a client's or an upstream's connection, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Finds the guest behind (id, port) for a request that presents `token`: the implementation authorises first
 /// (the port exposed, the token right) and only then wakes anything.
 pub trait Resolve: Send + Sync + 'static {
     fn resolve(&self, id: String, port: u16, token: Option<String>) -> BoxFut<'_, Result<Target, Refusal>>;
+
+    /// Opens the connection a request to a target (its `addr` and `name`) goes on: by default flintd's marked
+    /// TCP connection to a guest.
+    fn connect(&self, addr: SocketAddr, _name: Option<String>) -> BoxFut<'_, Result<Box<dyn Io>, Refusal>> {
+        Box::pin(async move { connect(addr).await.map(|s| Box::new(s) as Box<dyn Io>) })
+    }
 }
+
+/// Who a front end serves, and so what it trusts and rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Clients on the network, guests behind: each request is authorised, stripped of Flint's token and routing,
+    /// and sent to its guest.
+    Edge,
+    /// A host's front end behind `flint-router` (flintd's `cluster.front_listen`, mutual TLS: only the fleet's
+    /// routers connect): as [`Role::Edge`], with each request's client address taken from the router's
+    /// [`FORWARDED_HEADER`] (required), so limits and wrong tokens count against the client, not the router.
+    BehindRouter,
+    /// `flint-router`'s front end: each request is routed as [`Role::Edge`] routes it, then sent as it came (its
+    /// [`FORWARDED_HEADER`] replaced by the client's address) to the front end of the host holding its session,
+    /// which authorises it; the host's answer comes back as it is.
+    Router,
+}
+
+/// The client's address, as a router tells a host behind it.
+pub const FORWARDED_HEADER: &str = "flint-forwarded-for";
 
 pub const ROUTE_COOKIE: &str = "flint-route";
 pub const TOKEN_COOKIE: &str = "flint-token";
@@ -86,11 +122,12 @@ struct Gate {
 }
 
 impl Gate {
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Entry> {
+    /// A place for a new connection from `ip`, within the limits (`per_source`: that source's too).
+    fn enter(self: &Arc<Self>, ip: IpAddr, per_source: bool) -> Option<Entry> {
         let mut g = lock(&self.open);
         let (all, per) = &mut *g;
         let mine = per.entry(ip).or_default();
-        if *all >= self.limits.connections || *mine >= self.limits.per_source {
+        if *all >= self.limits.connections || (per_source && *mine >= self.limits.per_source) {
             return None;
         }
         *all += 1;
@@ -230,11 +267,20 @@ pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The request as a host behind the router gets it: as it came, with the client's address (any the client sent
+/// itself replaced).
+fn for_host(h: &Head, client: IpAddr) -> Head {
+    let mut out = h.clone();
+    out.remove(FORWARDED_HEADER);
+    out.headers.push((FORWARDED_HEADER.into(), client.to_string()));
+    out
+}
+
 /// The request as the guest gets it: Flint's routing and token headers, query parameter and cookies removed,
 /// `Expect` answered by the front end.
 fn for_guest(h: &Head) -> Head {
     let mut out = h.clone();
-    for name in [TOKEN_HEADER, "flint-session", "flint-port", "expect"] {
+    for name in [TOKEN_HEADER, "flint-session", "flint-port", "expect", FORWARDED_HEADER] {
         out.remove(name);
     }
     if let Some((path, q)) = out.start.1.split_once('?') {
@@ -253,16 +299,18 @@ fn for_guest(h: &Head) -> Head {
     out
 }
 
-/// The guest's answer as the client gets it: no `Set-Cookie` of Flint's cookies, and Flint's own added. Unless it
-/// switches protocols, the guest's hop-by-hop `Connection`/`Keep-Alive` headers are its own connection's: the
-/// client's connection is kept (`keep`) or closed by the front end, which says so.
-fn for_client(h: &Head, set: &[String], keep: Option<bool>) -> Head {
+/// The guest's answer as the client gets it: no `Set-Cookie` of Flint's cookies, and Flint's own added (a
+/// router passes a host's cookies on: `from_host`). Unless it switches protocols, the guest's hop-by-hop
+/// `Connection`/`Keep-Alive` headers are its own connection's: the client's connection is kept (`keep`) or closed
+/// by the front end, which says so.
+fn for_client(h: &Head, set: &[String], keep: Option<bool>, from_host: bool) -> Head {
     let mut out = h.clone();
     out.headers.retain(|(n, v)| {
-        !(n.eq_ignore_ascii_case("set-cookie") && {
-            let name = v.split('=').next().unwrap_or("").trim();
-            name == ROUTE_COOKIE || name == TOKEN_COOKIE
-        })
+        from_host
+            || !(n.eq_ignore_ascii_case("set-cookie") && {
+                let name = v.split('=').next().unwrap_or("").trim();
+                name == ROUTE_COOKIE || name == TOKEN_COOKIE
+            })
     });
     if let Some(keep) = keep {
         out.remove("connection");
@@ -309,21 +357,43 @@ fn generic(r: &Refusal) -> Refusal {
 
 /// Serves the front end on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, domain: String, resolver: Arc<dyn Resolve>, limits: Limits) {
+    serve_as(listener, domain, resolver, limits, Role::Edge, None).await
+}
+
+/// Serves the front end on `listener` in `role` until the task is dropped; with `tls`, each connection is a TLS
+/// one (its handshake bounded by the head timeout).
+pub async fn serve_as(
+    listener: TcpListener,
+    domain: String,
+    resolver: Arc<dyn Resolve>,
+    limits: Limits,
+    role: Role,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let gate = Arc::new(Gate { limits, open: Mutex::new((0, HashMap::new())), failures: Mutex::new(HashMap::new()) });
     loop {
         let Ok((conn, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(entry) = gate.enter(peer.ip()) else {
+        // Behind a router every connection comes from a router: the per-source cap is applied to clients there.
+        let Some(entry) = gate.enter(peer.ip(), role != Role::BehindRouter) else {
             debug!(%peer, "front end: connection limit reached; closing a new connection");
             continue;
         };
-        let (domain, resolver, gate) = (domain.clone(), resolver.clone(), gate.clone());
+        let (domain, resolver, gate, tls) = (domain.clone(), resolver.clone(), gate.clone(), tls.clone());
         tokio::spawn(async move {
             let _entry = entry;
             let _ = conn.set_nodelay(true);
-            let c = Conn { client: conn, peer, buf: Vec::new(), gate, domain: &domain, resolver };
+            let client: Box<dyn Io> = match tls {
+                None => Box::new(conn),
+                Some(t) => match tokio::time::timeout(gate.limits.head_timeout, t.accept(conn)).await {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "front end: TLS handshake refused"),
+                    Err(_) => return debug!(%peer, "front end: TLS handshake timed out"),
+                },
+            };
+            let c = Conn { client, peer, buf: Vec::new(), gate, domain: &domain, resolver, role };
             if let Err(e) = c.run().await {
                 debug!(%peer, error = %e, "front end connection");
             }
@@ -333,19 +403,20 @@ pub async fn serve(listener: TcpListener, domain: String, resolver: Arc<dyn Reso
 
 /// One client connection.
 struct Conn<'a> {
-    client: TcpStream,
+    client: Box<dyn Io>,
     peer: SocketAddr,
     /// Bytes read from the client and not yet used (the next request's, when pipelined).
     buf: Vec<u8>,
     gate: Arc<Gate>,
     domain: &'a str,
     resolver: Arc<dyn Resolve>,
+    role: Role,
 }
 
-/// The guest connection of the last request, kept for the next one to the same port.
+/// The guest connection of the last request (a host's, behind a router), kept for the next one to the same port.
 struct Upstream {
     key: (String, u16),
-    stream: TcpStream,
+    stream: Box<dyn Io>,
 }
 
 impl Conn<'_> {
@@ -405,7 +476,17 @@ impl Conn<'_> {
                 Ok(r) => r,
                 Err(e) => return self.refuse(Refusal::new(Kind::Invalid, e.to_string())).await,
             };
-            if self.gate.throttled(self.peer.ip()) {
+            let source = match self.role {
+                Role::BehindRouter => match head.get(FORWARDED_HEADER).and_then(|v| v.trim().parse::<IpAddr>().ok()) {
+                    Some(ip) => ip,
+                    None => {
+                        let m = format!("a request from a router names no client address ({FORWARDED_HEADER})");
+                        return self.refuse(Refusal::new(Kind::Invalid, m)).await;
+                    }
+                },
+                Role::Edge | Role::Router => self.peer.ip(),
+            };
+            if self.gate.throttled(source) {
                 return self.refuse(Refusal::new(Kind::Quota, "too many wrong tokens from this address")).await;
             }
             let token = presented_token(&head);
@@ -413,17 +494,21 @@ impl Conn<'_> {
                 Ok(t) => t,
                 Err(r) => {
                     if r.kind == Kind::Unauthorized && token.is_some() {
-                        self.gate.wrong_token(self.peer.ip());
+                        self.gate.wrong_token(source);
                     }
                     return self.refuse(r).await;
                 }
             };
-            // Flint's cookies: the route (unless it came by cookie) and the token (when it came another way).
+            // Flint's cookies: the route (unless it came by cookie) and the token (when it came another way). A
+            // router sets none: the host behind it does.
             let mut set = Vec::new();
-            if first && by != RouteBy::Cookie {
+            if self.role != Role::Router && first && by != RouteBy::Cookie {
                 set.push(format!("{ROUTE_COOKIE}={id}.{port}; Path=/; HttpOnly; SameSite=Lax"));
             }
-            if let Some(t) = token.as_ref().filter(|_| !cookies(&head).iter().any(|(k, _)| k == TOKEN_COOKIE)) {
+            if let Some(t) = token
+                .as_ref()
+                .filter(|_| self.role != Role::Router && !cookies(&head).iter().any(|(k, _)| k == TOKEN_COOKIE))
+            {
                 set.push(format!("{TOKEN_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict"));
             }
             first = false;
@@ -431,13 +516,15 @@ impl Conn<'_> {
             let reuse = upstream.take().filter(|u| u.key == key);
             let mut up = match reuse {
                 Some(u) => u,
-                None => match connect(target.addr).await {
+                None => match self.resolver.connect(target.addr, target.name.clone()).await {
                     Ok(s) => Upstream { key, stream: s },
                     Err(r) => return self.refuse(r).await,
                 },
             };
             let _guard = target.guard;
-            if head.get("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
+            // `Expect` is answered here, or (through a router) by the host, whose `100 Continue` passes on.
+            let expects = head.get("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+            if expects && self.role != Role::Router {
                 self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
             }
             match self.exchange(&head, body, &mut up, &set).await? {
@@ -464,7 +551,10 @@ impl Conn<'_> {
         set: &[String],
     ) -> Result<Next, ConnError> {
         let idle = self.gate.limits.transfer_idle;
-        let guest_head = for_guest(head);
+        let guest_head = match self.role {
+            Role::Router => for_host(head, self.peer.ip()),
+            Role::Edge | Role::BehindRouter => for_guest(head),
+        };
         up.stream.write_all(&guest_head.to_bytes()).await?;
         copy_body(&mut self.client, &mut self.buf, &mut up.stream, body, idle).await?;
         // The answer, through its head (1xx informational answers passed on as they come).
@@ -484,7 +574,8 @@ impl Conn<'_> {
         // The client's connection outlives a guest that closes its own, unless the answer ends at the close.
         let client_keeps = head.keep_alive() && rbody != Body::UntilClose;
         let keep = (status != 101).then_some(client_keeps);
-        self.client.write_all(&for_client(&resp, set, keep).to_bytes()).await?;
+        let from_host = self.role == Role::Router;
+        self.client.write_all(&for_client(&resp, set, keep, from_host).to_bytes()).await?;
         if status == 101 {
             if !from_guest.is_empty() {
                 self.client.write_all(&from_guest).await?;

@@ -25,7 +25,9 @@ use crate::cluster::etcd::{Etcd, WatchEvent};
 use crate::cluster::HostInfo;
 
 mod e2b;
+mod front;
 pub use e2b::{E2bFront, KeyFile, KeyFileError};
+pub use front::FrontRelay;
 
 /// Request bodies up to this size are kept so the request can be sent again to another host.
 const REPLAYABLE_BODY: usize = 1 << 20;
@@ -648,6 +650,7 @@ mod tests {
             host: name.into(),
             nonce: String::new(),
             advertise: Some("https://x:1".into()),
+            front: None,
             labels: Default::default(),
             mem_total_mib: 1000,
             mem_free_mib: free,

@@ -1795,7 +1795,8 @@ fn etcd_ops(url: &str) -> u64 {
 /// `flint-bench cluster [--runs N] [--seconds S]`: a real etcd, an S3 server, two flintds with cluster listeners
 /// (mutual TLS) and a flint-router, on loopback. Side by side in one run: session create and wake latency through
 /// the router vs. straight to a host's cluster listener vs. its Unix socket; the router's added latency on a session
-/// GET; etcd operations per session per minute while sessions run idle, and per create/hibernate/wake cycle.
+/// GET and on an exposed-port request; etcd operations per session per minute while sessions run idle, and per
+/// create/hibernate/wake cycle.
 fn cluster_bench(runs: usize, idle_s: u64) {
     use flint_supervisor::http::Target;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -1805,18 +1806,27 @@ fn cluster_bench(runs: usize, idle_s: u64) {
     let certs = flint_tests::FleetCerts::make(work.path());
     let p = |x: &std::path::Path| x.display().to_string();
     let mut hosts = Vec::new();
+    // Host A has sandbox networks: its front end (for clients) and its front end for routers.
+    let (edge_front, host_front) = (flint_tests::free_port(), flint_tests::free_port());
     for (i, name) in ["a", "b"].into_iter().enumerate() {
         let data = work.path().join(name);
         let reap = flint_tests::KillVmmsUnder(data.clone());
         let sock = work.path().join(format!("{name}.sock"));
         let port = flint_tests::free_port();
         let config = work.path().join(format!("{name}.toml"));
+        let (front, net) = match i {
+            0 => (
+                format!("front_listen = \"127.0.0.1:{host_front}\"\n"),
+                format!("[network]\npool = \"10.78.0.0/24\"\nfront_end = \"127.0.0.1:{edge_front}\"\n"),
+            ),
+            _ => (String::new(), String::new()),
+        };
         std::fs::write(
             &config,
             format!(
                 "[sessions]\ntick_ms = 200\n[cluster]\netcd = [\"{}\"]\nlisten = \"127.0.0.1:{port}\"\n\
-                 advertise = \"https://127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\
-                 [jail]\nuid_base = {}\nuid_count = 1000\n",
+                 advertise = \"https://127.0.0.1:{port}\"\n{front}tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\
+                 [jail]\nuid_base = {}\nuid_count = 1000\n{net}",
                 etcd.url(),
                 p(&certs.server_cert),
                 p(&certs.server_key),
@@ -1832,11 +1842,12 @@ fn cluster_bench(runs: usize, idle_s: u64) {
         let d = flint_tests::Flintd::start_with(&data, &sock, &s3, "cluster", &args);
         hosts.push((sock, port, d, reap));
     }
-    let rport = flint_tests::free_port();
+    let (rport, router_front) = (flint_tests::free_port(), flint_tests::free_port());
     let mut router = std::process::Command::new(flint_tests::bin_dir().join("flint-router"));
     flint_tests::die_with_parent(&mut router);
     let mut router = router
         .args(["--etcd", &etcd.url(), "--listen", &format!("127.0.0.1:{rport}"), "--min-free-mib", "64"])
+        .args(["--front-listen", &format!("127.0.0.1:{router_front}")])
         .args(["--tls-cert", &p(&certs.server_cert), "--tls-key", &p(&certs.server_key), "--client-ca", &p(&certs.ca)])
         .args(["--host-ca", &p(&certs.ca), "--cert", &p(&certs.client_cert), "--key", &p(&certs.client_key)])
         .stderr(std::fs::File::create(work.path().join("router.log")).expect("log"))
@@ -1942,9 +1953,63 @@ fn cluster_bench(runs: usize, idle_s: u64) {
     for (_, id) in &ids {
         call_timed(&rt, &via_router, "DELETE", &format!("/v1/sessions/{id}"), None);
     }
+    exposed_port_latency(&rt, &socket, edge_front, router_front, runs * 40);
     let _ = router.kill();
     let _ = router.wait();
     drop(hosts);
+}
+
+/// The router's added latency for an exposed-port request: `n` requests for a page of a guest's httpd (session
+/// `web` on host A, port 8080 with a token), alternating between host A's front end and the router's (which sends
+/// them to A's front end for routers over mutual TLS), each on a new connection as a browser's first request is.
+fn exposed_port_latency(
+    rt: &tokio::runtime::Runtime,
+    host_a: &flint_supervisor::http::Target,
+    edge_front: u16,
+    router_front: u16,
+    n: usize,
+) {
+    let token = "bench-token-0123456789abcdef";
+    let ports = serde_json::json!({ "8080": { "token": token } });
+    let body =
+        serde_json::json!({ "id": "web", "snapshot": "gold", "idle_timeout_s": 3600, "network": { "ports": ports } });
+    let (status, _, v) = call_timed(rt, host_a, "POST", "/v1/sessions", Some(body));
+    assert!(status < 300, "create web: {status} {v}");
+    let serve = "mkdir -p /www && echo page > /www/index.html && httpd -p 8080 -h /www";
+    let body = serde_json::json!({ "argv": ["/bin/sh", "-c", serve], "timeout_ms": 600_000 });
+    let (status, _, v) = call_timed(rt, host_a, "POST", "/v1/vms/web/exec", Some(body));
+    assert!(status < 300 && v.to_string().contains("\"code\":0"), "httpd: {status} {v}");
+    let get = |port: u16| {
+        use std::io::{Read, Write};
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("front end");
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: 8080-web.flint.localhost\r\nflint-token: {token}\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).expect("request");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("page\n"), "{answer}");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    get(edge_front);
+    get(router_front);
+    let (mut direct, mut routed) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        direct.push(get(edge_front));
+        routed.push(get(router_front));
+    }
+    let (d, r) = (p50_p99(&direct), p50_p99(&routed));
+    println!(
+        "  exposed port, GET of a guest page (new connection each), ms p50 / p99: host's front end {:.2} / {:.2}, \
+         router's front end {:.2} / {:.2}: the router adds {:.2} ms at p50 ({n} each)",
+        d.0,
+        d.1,
+        r.0,
+        r.1,
+        r.0 - d.0
+    );
+    call_timed(rt, host_a, "DELETE", "/v1/sessions/web", None);
 }
 
 /// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]`: one flintd on its defaults (jail,

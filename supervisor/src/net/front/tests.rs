@@ -73,12 +73,16 @@ impl Resolve for Fake {
                 }
             }
             lock(&self.1).push(id); // resolved (and so woken), only once authorised
-            Ok(Target { addr, guard: Box::new(()) })
+            Ok(Target { addr, guard: Box::new(()), name: None })
         })
     }
 }
 
 async fn front(limits: Limits) -> (SocketAddr, Arc<Fake>) {
+    front_as(limits, Role::Edge).await
+}
+
+async fn front_as(limits: Limits, role: Role) -> (SocketAddr, Arc<Fake>) {
     let (a, b) = (guest("guest-a", "X-A: 1\r\n").await, guest("guest-b", "Set-Cookie: flint-route=evil.1\r\n").await);
     let c = guest("guest-c", "Connection: close\r\n").await;
     let fake = Arc::new(Fake(
@@ -91,7 +95,7 @@ async fn front(limits: Limits) -> (SocketAddr, Arc<Fake>) {
     ));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(serve(l, "flint.test".into(), fake.clone(), limits));
+    tokio::spawn(serve_as(l, "flint.test".into(), fake.clone(), limits, role, None));
     (addr, fake)
 }
 
@@ -259,6 +263,58 @@ async fn wrong_tokens_are_throttled_and_connections_capped() {
     let mut b = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut b)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "a third connection from one address was served");
+}
+
+/// A router's resolver: every sandbox is on the one host behind it.
+struct OneHost(SocketAddr);
+
+impl Resolve for OneHost {
+    fn resolve(&self, _id: String, _port: u16, _token: Option<String>) -> BoxFut<'_, Result<Target, Refusal>> {
+        Box::pin(async move { Ok(Target { addr: self.0, guard: Box::new(()), name: None }) })
+    }
+}
+
+/// A fleet (#29): a router's front end sends each request as it came to the host's front end, with the client's
+/// address in place of any the client forged; the host authorises, strips and sets its cookies, which pass back;
+/// its wrong-token throttling counts the client behind the router, not the router; a host behind a router
+/// refuses a request that names no client.
+#[tokio::test]
+async fn a_router_passes_requests_on_and_the_host_counts_the_client_behind_it() {
+    let limits = Limits { wrong_tokens: 3, ..Limits::default() };
+    let (host, _) = front_as(limits, Role::BehindRouter).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = l.local_addr().unwrap();
+    tokio::spawn(serve_as(l, "flint.test".into(), Arc::new(OneHost(host)), Limits::default(), Role::Router, None));
+    let mut s = TcpStream::connect(router).await.unwrap();
+    let req = "GET /r HTTP/1.1\r\nHost: 80-b.flint.test\r\nflint-token: token-of-b-1234\r\n\
+               flint-forwarded-for: 203.0.113.9\r\n\r\n";
+    let (st, heads, body) = ask(&mut s, req).await;
+    assert!(st == 200 && body.starts_with("guest-b:GET /r"), "{st} {body}");
+    for leak in ["token-of-b", "flint-forwarded-for", "203.0.113.9"] {
+        assert!(!body.contains(leak), "{leak} reached the guest: {body}");
+    }
+    assert!(heads.contains("Set-Cookie: flint-route=b.80") && heads.contains("Set-Cookie: flint-token="), "{heads}");
+    let (st, _, _) = ask(&mut s, "GET /a HTTP/1.1\r\nHost: 80-a.flint.test\r\n\r\n").await;
+    assert_eq!(st, 200, "the next request on the connection, for another sandbox");
+
+    let mut direct = TcpStream::connect(host).await.unwrap();
+    let (st, _, _) = ask(&mut direct, "GET / HTTP/1.1\r\nHost: 80-a.flint.test\r\n\r\n").await;
+    assert_eq!(st, 400, "a request without the client's address reached a host behind a router");
+
+    for forged in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let mut s = TcpStream::connect(router).await.unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: 80-b.flint.test\r\nflint-token: guess-guess\r\nflint-forwarded-for: {forged}\r\n\r\n"
+        );
+        assert_eq!(ask(&mut s, &req).await.0, 401);
+    }
+    let mut s = TcpStream::connect(router).await.unwrap();
+    let ok = "GET / HTTP/1.1\r\nHost: 80-b.flint.test\r\nflint-token: token-of-b-1234\r\n\r\n";
+    assert_eq!(ask(&mut s, ok).await.0, 429, "the client's wrong tokens counted, whatever address it forged");
+    let mut direct = TcpStream::connect(host).await.unwrap();
+    let other = "GET / HTTP/1.1\r\nHost: 80-b.flint.test\r\nflint-token: token-of-b-1234\r\n\
+                 flint-forwarded-for: 198.51.100.7\r\n\r\n";
+    assert_eq!(ask(&mut direct, other).await.0, 200, "another client behind the same router is served");
 }
 
 #[test]
