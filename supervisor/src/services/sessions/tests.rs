@@ -72,8 +72,11 @@ async fn concurrent_calls_share_one_wake_and_ttl_ends_a_session() {
     assert_eq!((r.state, r.wakes), (SessionState::Running, 1), "six calls, one wake");
     assert_eq!(session_vms(&d, "s"), 1);
     d.sessions.create(CreateSession { ttl_s: Some(1), ..req("short") }).await.unwrap();
+    // A hibernated one reaches its lifetime too: the upkeep checks sleeping sessions on every tenth tick only.
+    d.sessions.create(CreateSession { max_lifetime_s: Some(1), ..req("asleep") }).await.unwrap();
+    d.sessions.hibernate("asleep").await.unwrap();
     let t = Instant::now();
-    while d.sessions.get("short").await.is_ok() {
+    while d.sessions.get("short").await.is_ok() || d.sessions.get("asleep").await.is_ok() {
         assert!(t.elapsed() < Duration::from_secs(10), "not ended after its ttl");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

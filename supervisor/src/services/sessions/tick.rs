@@ -153,10 +153,10 @@ impl Sessions {
         self.tasks.spawn_loop(async move {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for n in 0u64.. {
                 interval.tick().await;
                 let Some(s) = me.upgrade() else { return };
-                s.tick();
+                s.tick(n % SLEEPERS_EVERY == 0);
             }
         });
         let me = Arc::downgrade(self);
@@ -198,8 +198,10 @@ impl Sessions {
 
     /// Idle timeouts, lifetimes and lease renewals; each action runs in its own task and skips a session another
     /// operation holds. The lease is kept apart from operations: renewed beside them, and a claim that could not
-    /// be renewed freezes, then fences, the session whatever runs on it.
-    fn tick(self: &Arc<Self>) {
+    /// be renewed freezes, then fences, the session whatever runs on it. Sessions with no VM and no claim
+    /// (hibernated, failed) have only their lifetime to check: on `sleepers` ticks only (on a host of mostly
+    /// hibernated sessions the walk is most of flintd's idle CPU).
+    fn tick(self: &Arc<Self>, sleepers: bool) {
         let now = now_unix_ms();
         if let Some(m) = &self.membership {
             m.sessions.store(self.len(), Ordering::Relaxed);
@@ -207,6 +209,10 @@ impl Sessions {
             m.headroom_mib.store(self.vms.mem_headroom_mib().unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         for s in self.all() {
+            let asleep = |rec: &SessionRecord| matches!(rec.state, SessionState::Hibernated | SessionState::Failed);
+            if !sleepers && s.rec.with(asleep) && lock(&s.lease).is_none() {
+                continue;
+            }
             self.tend_lease(&s, now);
             let action = s.rec.with(|rec| {
                 if let Some(why) = rec.expired(now) {
@@ -293,6 +299,10 @@ impl Sessions {
         });
     }
 }
+
+/// Every this many ticks the upkeep also checks sleeping sessions (their lifetimes): every 5 s at the default
+/// `tick_ms`.
+const SLEEPERS_EVERY: u64 = 10;
 
 /// Whether an interrupted hibernation's snapshot reached the store (then it is finished, not undone).
 fn fixed_is_none_and_stored(s: &Sessions, rec: &SessionRecord) -> bool {
