@@ -196,11 +196,16 @@ async fn serve(daemon: Arc<daemon::Daemon>) -> Result<(), RunError> {
         let limits = net::front::Limits::default();
         daemon.tasks.spawn_loop(net::front::serve(l, daemon.cfg.network.domain.clone(), routes, limits));
     }
+    // The cluster listener and the routers' front end share one mutual-TLS configuration (read once).
+    let c = &daemon.cfg.cluster;
+    let cluster_tls = match (&c.tls_cert, &c.tls_key) {
+        (Some(cert), Some(key)) if c.listen.is_some() || c.front_listen.is_some() => {
+            Some(tls::server_config(cert, key, c.client_ca.as_deref()).map_err(|e| RunError::Cluster(e.to_string()))?)
+        }
+        _ => None,
+    };
     if let Some(addr) = daemon.cfg.cluster.front_listen {
-        let c = &daemon.cfg.cluster;
-        let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else { unreachable!("checked with the config") };
-        let tls =
-            tls::server_config(cert, key, c.client_ca.as_deref()).map_err(|e| RunError::Cluster(e.to_string()))?;
+        let Some(tls) = cluster_tls.clone() else { unreachable!("checked with the config") };
         let l = net::front::bind(addr)
             .await
             .map_err(|source| RunError::Io { what: format!("bind the routers' front end to {addr}"), source })?;
@@ -216,10 +221,7 @@ async fn serve(daemon: Arc<daemon::Daemon>) -> Result<(), RunError> {
         daemon.tasks.spawn_loop(serving);
     }
     if let Some(addr) = daemon.cfg.cluster.listen {
-        let c = &daemon.cfg.cluster;
-        let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else { unreachable!("checked with the config") };
-        let tls =
-            tls::server_config(cert, key, c.client_ca.as_deref()).map_err(|e| RunError::Cluster(e.to_string()))?;
+        let Some(tls) = cluster_tls else { unreachable!("checked with the config") };
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Io { what: format!("bind the cluster listener to {addr}"), source })?;

@@ -86,14 +86,13 @@ impl ClusterConfig {
     /// Refuses settings the cluster cannot run with.
     pub fn check(&self) -> Result<(), crate::config::ConfigError> {
         let bad = |m: String| Err(crate::config::ConfigError::Invalid(m));
-        if self.listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none()) {
+        let mutual_tls = self.tls_cert.is_some() && self.tls_key.is_some() && self.client_ca.is_some();
+        if self.listen.is_some() && !mutual_tls {
             return bad(
                 "cluster.listen serves the whole API: it needs tls_cert, tls_key and client_ca (mutual TLS)".into()
             );
         }
-        if self.front_listen.is_some()
-            && (self.tls_cert.is_none() || self.tls_key.is_none() || self.client_ca.is_none())
-        {
+        if self.front_listen.is_some() && !mutual_tls {
             return bad(
                 "cluster.front_listen trusts the client addresses routers send: it needs tls_cert, tls_key and \
                  client_ca (mutual TLS)"
