@@ -715,7 +715,12 @@ impl Manager {
             match AgentClient::connect(&self.launcher.agent_endpoint(&rec.dir), Duration::from_secs(5)).await {
                 Ok(a) => break Arc::new(a),
                 Err(e) if started.elapsed() > deadline => {
-                    return Err(StartError::AgentSilent { id, secs, why: e.to_string() })
+                    // A guest held to a small CPU share that is busy when it restores can starve its own agent.
+                    let why = match rec.cpu {
+                        Some(cpu) => format!("{e} (its CPU limit: {cpu} of a core)"),
+                        None => e.to_string(),
+                    };
+                    return Err(StartError::AgentSilent { id, secs, why });
                 }
                 Err(_) => {
                     tokio::time::sleep(pause).await;
