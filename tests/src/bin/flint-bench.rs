@@ -1677,6 +1677,47 @@ fn proc_cpu_rss(pid: u32) -> (f64, f64) {
     (ticks / hz, rss / 1024.0)
 }
 
+/// How busy the host was over a stretch, and how long a process's threads waited for a CPU in it: what tells a
+/// control plane's slow call from a host whose cores its guests keep busy.
+struct Quiet {
+    pid: u32,
+    cpu: (u64, u64),
+    waited_ns: u64,
+}
+
+impl Quiet {
+    fn start(pid: u32) -> Quiet {
+        Quiet { pid, cpu: host_cpu_ticks(), waited_ns: run_queue_wait_ns(pid) }
+    }
+
+    /// (host CPU busy over the stretch, %; the process's run-queue wait in it, ms).
+    fn end(self) -> (f64, f64) {
+        let (busy, total) = host_cpu_ticks();
+        let pct = (busy - self.cpu.0) as f64 * 100.0 / (total - self.cpu.1).max(1) as f64;
+        (pct, run_queue_wait_ns(self.pid).saturating_sub(self.waited_ns) as f64 / 1e6)
+    }
+}
+
+/// (busy, total) ticks of all the host's CPUs (/proc/stat; idle and iowait are not busy).
+fn host_cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// How long all of a process's threads have waited on a run queue, ns (the second field of each schedstat).
+fn run_queue_wait_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// What a jailed VMM holds in its cgroup beyond its guest's memory (KiB): the cgroup's usage that is not file
 /// cache (the VMM's heap, stacks and page tables, KVM's accounted kernel memory, the guest's anonymous pages),
 /// minus the anonymous pages of the guest's memory mappings (the snapshot's memory file mapped copy-on-write, or
@@ -2142,7 +2183,9 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
     let t = Instant::now();
     create(0..10.min(n));
     let mut created_s = t.elapsed().as_secs_f64();
+    let q10 = Quiet::start(flintd_pid);
     let at10 = probe(200);
+    let q10 = q10.end();
     // Up to N.
     let t = Instant::now();
     create(10.min(n)..n);
@@ -2177,7 +2220,9 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         / n.saturating_sub(m).max(1) as f64
         / 1048576.0;
     // At N sessions.
+    let qn = Quiet::start(flintd_pid);
     let atn = probe(200);
+    let qn = qn.end();
     // K clients for S seconds on random sessions: exec or a 4 KiB file write and read.
     let wakes0 = metrics("flint_session_wake_ms_count");
     let load: std::sync::Mutex<std::collections::BTreeMap<&'static str, Vec<f64>>> = Default::default();
@@ -2251,6 +2296,11 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         let (c, dd) = p50_p99(atn.get(route).map(Vec::as_slice).unwrap_or(&[]));
         println!("{:<24} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", route, a, b, c, dd, dd / b.max(1e-9));
     }
+    println!(
+        "while probing: host CPU busy {:.0}% @10, {:.0}% @{n}; flintd's threads waited for a CPU {:.1} ms @10, \
+         {:.1} ms @{n} (run queue, /proc/PID/task/*/schedstat)",
+        q10.0, qn.0, q10.1, qn.1
+    );
     println!();
     println!("{:<34} {:>10} {:>10} {:>10}", format!("under {k} clients (ms)"), "p50", "p99", "calls");
     for (route, v) in load.lock().unwrap().iter() {
