@@ -724,6 +724,12 @@ fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
     assert_eq!(vm["cpu"], 0.1, "{vm}");
     let id = vm["id"].as_str().unwrap().to_string();
     let pid = vm["pid"].as_i64().expect("the VMM's pid");
+    // Its snapshot, while its guest is quiet (a guest left spinning would starve its clone's agent under the
+    // same limit).
+    let snap = flint_json(&socket, &["snapshot", "create", &id, "cpu-snap"]);
+    assert!(snap.is_object(), "{snap}");
+    let child = flint_json(&socket, &["clone", "--snapshot", "cpu-snap"])[0].clone();
+    assert_eq!(child["cpu"], 0.1, "a clone keeps its snapshot's limit: {child}");
     let spin = Command::new(bin_dir().join("flint"))
         .arg("--socket")
         .arg(&socket)
@@ -745,10 +751,6 @@ fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
     println!("a guest limited to 0.1 core that spins used {share:.3} of a core over 10 s");
     assert!((0.07..=0.13).contains(&share), "{share:.3} of a core, not 0.1 ± 0.03");
     let _ = spin.0.kill();
-    let snap = flint_json(&socket, &["snapshot", "create", &id, "cpu-snap"]);
-    assert!(snap.is_object(), "{snap}");
-    let child = flint_json(&socket, &["clone", "--snapshot", "cpu-snap"])[0].clone();
-    assert_eq!(child["cpu"], 0.1, "a clone keeps its snapshot's limit: {child}");
 }
 
 /// Anonymous memory of a process, KiB (`RssAnon`: a VMM's private copies of guest pages).
