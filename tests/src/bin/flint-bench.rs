@@ -1682,19 +1682,29 @@ fn proc_cpu_rss(pid: u32) -> (f64, f64) {
 struct Quiet {
     pid: u32,
     cpu: (u64, u64),
-    waited_ns: u64,
+    waited_ns: std::collections::HashMap<String, u64>,
+    own_ns: std::collections::HashMap<String, u64>,
 }
 
 impl Quiet {
     fn start(pid: u32) -> Quiet {
-        Quiet { pid, cpu: host_cpu_ticks(), waited_ns: run_queue_wait_ns(pid) }
+        let own_ns = run_queue_waits_ns(std::process::id());
+        Quiet { pid, cpu: host_cpu_ticks(), waited_ns: run_queue_waits_ns(pid), own_ns }
     }
 
-    /// (host CPU busy over the stretch, %; the process's run-queue wait in it, ms).
-    fn end(self) -> (f64, f64) {
+    /// (host CPU busy over the stretch, %; the process's and this bench's run-queue waits in it, ms: each
+    /// thread's growth, a thread started since counted whole, one that ended since not at all).
+    fn end(self) -> (f64, f64, f64) {
         let (busy, total) = host_cpu_ticks();
         let pct = (busy - self.cpu.0) as f64 * 100.0 / (total - self.cpu.1).max(1) as f64;
-        (pct, run_queue_wait_ns(self.pid).saturating_sub(self.waited_ns) as f64 / 1e6)
+        let grown = |pid: u32, was: &std::collections::HashMap<String, u64>| {
+            let ns: u64 = run_queue_waits_ns(pid)
+                .into_iter()
+                .map(|(tid, ns)| ns.saturating_sub(was.get(&tid).copied().unwrap_or(0)))
+                .sum();
+            ns as f64 / 1e6
+        };
+        (pct, grown(self.pid, &self.waited_ns), grown(std::process::id(), &self.own_ns))
     }
 }
 
@@ -1708,14 +1718,16 @@ fn host_cpu_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// How long all of a process's threads have waited on a run queue, ns (the second field of each schedstat).
-fn run_queue_wait_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+/// How long each of a process's threads has waited on a run queue, ns (the second field of its schedstat).
+fn run_queue_waits_ns(pid: u32) -> std::collections::HashMap<String, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Default::default() };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), stat.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// What a jailed VMM holds in its cgroup beyond its guest's memory (KiB): the cgroup's usage that is not file
@@ -2060,12 +2072,14 @@ fn exposed_port_latency(
     call_timed(rt, host_a, "DELETE", "/v1/sessions/web", None);
 }
 
-/// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]`: one flintd on its defaults (jail,
-/// standby VMMs), a template of the default image with a warm pool; N sessions, M of them kept running, the rest
-/// hibernating after 1 s idle; then K clients doing exec/file calls on random sessions (waking hibernated ones)
-/// for S seconds. Prints creation, hibernation and wake rates, the API's latency per route at 10 sessions and at
-/// N (ratio), flintd's idle CPU and RSS, host memory per running session, disk per hibernated session, errors.
-fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
+/// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P]`: one flintd on its
+/// defaults (jail, standby VMMs), a template of the default image with a warm pool; N sessions, M of them kept
+/// running, the rest hibernating after 1 s idle; then K clients doing exec/file calls on random sessions (waking
+/// hibernated ones) for S seconds. Prints creation, hibernation and wake rates, the API's latency per route at 10
+/// sessions and at N (P calls each, default 200; ratio) with how busy the host was and how long flintd waited
+/// for a CPU meanwhile, flintd's idle CPU and RSS, host memory per running session, disk per hibernated session,
+/// errors.
+fn scale_bench(n: usize, m: usize, k: usize, secs: u64, probes: usize) {
     let work = TempDir::new("bench-scale");
     let data = work.path().join("data");
     let _reap = flint_tests::KillVmmsUnder(data.clone());
@@ -2184,7 +2198,7 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
     create(0..10.min(n));
     let mut created_s = t.elapsed().as_secs_f64();
     let q10 = Quiet::start(flintd_pid);
-    let at10 = probe(200);
+    let at10 = probe(probes);
     let q10 = q10.end();
     // Up to N.
     let t = Instant::now();
@@ -2221,7 +2235,7 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
         / 1048576.0;
     // At N sessions.
     let qn = Quiet::start(flintd_pid);
-    let atn = probe(200);
+    let atn = probe(probes);
     let qn = qn.end();
     // K clients for S seconds on random sessions: exec or a 4 KiB file write and read.
     let wakes0 = metrics("flint_session_wake_ms_count");
@@ -2298,8 +2312,8 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64) {
     }
     println!(
         "while probing: host CPU busy {:.0}% @10, {:.0}% @{n}; flintd's threads waited for a CPU {:.1} ms @10, \
-         {:.1} ms @{n} (run queue, /proc/PID/task/*/schedstat)",
-        q10.0, qn.0, q10.1, qn.1
+         {:.1} ms @{n}; this bench's {:.1} / {:.1} ms (run queue, /proc/PID/task/*/schedstat)",
+        q10.0, qn.0, q10.1, qn.1, q10.2, qn.2
     );
     println!();
     println!("{:<34} {:>10} {:>10} {:>10}", format!("under {k} clients (ms)"), "p50", "p99", "calls");
@@ -2393,7 +2407,8 @@ async fn main() {
             args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
         };
         let (n, m, k, s) = (arg("--sessions", 1000), arg("--running", 100), arg("--clients", 32), arg("--seconds", 60));
-        let _ = std::thread::spawn(move || scale_bench(n, m.min(n), k, s as u64)).join();
+        let probes = arg("--probes", 200);
+        let _ = std::thread::spawn(move || scale_bench(n, m.min(n), k, s as u64, probes)).join();
         return;
     }
     if mode == "standby" {
@@ -2407,7 +2422,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench cluster [--runs N] [--seconds S] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench cluster [--runs N] [--seconds S] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());
