@@ -2038,8 +2038,8 @@ fn eager_clones_share_one_memory_file() {
     let ids: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids.len(), 10);
     // The golden guest's counter wakes every second (~0.1 of a core of emulated kernel here each): ten of them
-    // running take most of an emulating host's two cores, and an exec could starve past the agent's call timeout. The other eight are paused (their
-    // mappings are what is measured, and a paused VM keeps them).
+    // running take about a core of an emulating host's two, and an exec could starve past the agent's call
+    // timeout. The other eight are paused (their mappings are what is measured, and a paused VM keeps them).
     for id in &ids[2..] {
         flint_json(&socket, &["vm", "pause", id]);
     }
