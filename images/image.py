@@ -201,12 +201,14 @@ def main():
     for f in ("vmlinux", "boot.cpio"):
         if not os.path.isfile(os.path.join(base_dir, f)):
             die(f"{base_dir}/{f} is missing: build the default image first (images/build.sh)")
+    # The tools first: their versions are inputs (a fresh machine's first build hashed an empty mmdebstrap
+    # version, so the next call missed the cache and built the image again).
+    ensure_packages()
     text = inputs(name, desc_path, desc, base_dir)
     out = os.path.join(out_root, f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
     if os.path.isfile(os.path.join(out, ".complete")):
         print(out)
         return
-    ensure_packages()
     tmp = f"{out}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
