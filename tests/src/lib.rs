@@ -458,6 +458,12 @@ pub fn golden() -> &'static Golden {
         );
         let dir = cache.join("golden").join(key);
         let meta = dir.join("golden.json");
+        // Test processes run side by side (scripts/test.sh): one makes the snapshot, the others wait for it.
+        std::fs::create_dir_all(cache.join("golden")).expect("golden cache dir");
+        let lock = std::fs::File::create(cache.join("golden/.lock")).expect("golden lock file");
+        // SAFETY: flock(2) on an fd this function owns; the lock goes when `lock` is dropped at return.
+        let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+        assert_eq!(locked, 0, "lock the golden cache: {}", std::io::Error::last_os_error());
         if let Ok(text) = std::fs::read_to_string(&meta) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 return Golden {

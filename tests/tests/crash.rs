@@ -49,12 +49,16 @@ struct Harness {
     s3: S3Server,
     data: PathBuf,
     socket: PathBuf,
+    /// flintd's configuration: jail uids of this suite's own, apart from the flintd suite's (scripts/test.sh
+    /// runs the two side by side).
+    config: PathBuf,
     flintd: Option<Flintd>,
 }
 
 impl Harness {
     fn start(&mut self) {
-        self.flintd = Some(Flintd::start(&self.data, &self.socket, &self.s3, PREFIX));
+        let config = ["--config", self.config.to_str().unwrap()];
+        self.flintd = Some(Flintd::start_with(&self.data, &self.socket, &self.s3, PREFIX, &config));
     }
 
     fn kill_flintd(&mut self) {
@@ -348,8 +352,10 @@ fn kill_9_at_random_points_keeps_every_invariant() {
     let work = TempDir::new("crash");
     let data = work.path().join("data");
     let _reaper = KillVmmsUnder(data.clone());
-    let mut h =
-        Harness { s3: S3Server::start(), data: data.clone(), socket: work.path().join("flintd.sock"), flintd: None };
+    let config = work.path().join("flintd.toml");
+    std::fs::write(&config, "[jail]\nuid_base = 980000\nuid_count = 2000\n").unwrap();
+    let socket = work.path().join("flintd.sock");
+    let mut h = Harness { s3: S3Server::start(), data: data.clone(), socket, config, flintd: None };
 
     // The golden snapshot as flintd's snapshot `base`, local and in S3.
     flint_tests::import_golden(&data, &h.s3, PREFIX, "base", None);

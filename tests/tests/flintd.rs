@@ -2323,11 +2323,13 @@ fn networks_egress_policy_isolation_and_exposed_ports() {
     let _reap = KillVmmsUnder(data.clone());
     let socket = work.path().join("flintd.sock");
     let config = work.path().join("flintd.toml");
+    // Jail uids of its own: scripts/test.sh runs this test beside the rest of this suite.
     std::fs::write(
         &config,
         format!(
             "[network]\npool = \"10.77.0.0/24\"\nupstream_dns = \"{WORLD_DNS}:53\"\nfront_end = \"127.0.0.1:18480\"\n\
-             tcp_ports = [18490, 18499]\nmax_rules = 8\n[sessions]\ntick_ms = 200\n"
+             tcp_ports = [18490, 18499]\nmax_rules = 8\n[sessions]\ntick_ms = 200\n\
+             [jail]\nuid_base = 985000\nuid_count = 1000\n"
         ),
     )
     .unwrap();
