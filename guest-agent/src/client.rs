@@ -847,6 +847,11 @@ impl Drop for RunStream<'_> {
 
 impl Drop for ExecStream<'_> {
     fn drop(&mut self) {
+        if !self.done {
+            // Dropped before its exit, so nobody reads its output any more: the process group is killed, as the
+            // agent kills it when its connection goes. Best effort: a full queue leaves it to the connection's end.
+            let _ = self.client.tx.try_send(Frame::json(self.id, &Request::Signal { signal: libc::SIGKILL }));
+        }
         self.client.close(self.id);
     }
 }

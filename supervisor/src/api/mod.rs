@@ -185,6 +185,11 @@ impl Lines {
         line.push(b'\n');
         self.0.send(Ok(Bytes::from(line))).await.is_ok()
     }
+
+    /// Resolves once the caller has gone away (its connection closed), even while nothing is being sent.
+    async fn closed(&self) {
+        self.0.closed().await
+    }
 }
 
 pub fn router(d: Arc<Daemon>) -> Router {

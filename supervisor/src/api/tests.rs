@@ -153,3 +153,50 @@ async fn answers_conform_to_the_openapi_schemas() {
     server.abort();
     d.vms.stop_all().await;
 }
+
+/// A caller of a (non-interactive) exec that goes away ends the process, a silent one too (it never writes, so a
+/// failed send could never tell): flintd drops the agent's stream, which kills the process group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_caller_goes_away_is_killed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new("exec-gone");
+    let l = FakeLauncher::default();
+    let d = env.open(&l);
+    d.vms.create(CreateVm { id: Some("e".into()), ..Default::default() }, None).await.unwrap();
+    let sock = env.dir.join("api.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let app = super::router(d.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let pidfile = env.dir.join("silent.pid");
+    let script = format!("echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 1000", pidfile.display());
+    let body = serde_json::json!({ "argv": ["/bin/sh", "-c", script] }).to_string();
+    let mut conn = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let head = format!(
+        "POST /v1/vms/e/exec HTTP/1.1\r\nHost: flintd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200", "the exec's answer began");
+    until("the process wrote its pid", || pidfile.exists()).await;
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let alive = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.is_empty() && !stat.contains(") Z ")
+    };
+    assert!(alive(), "the silent process runs while its caller waits");
+    drop(conn);
+    until("the process of a caller that went away ended", || !alive()).await;
+    server.abort();
+    d.vms.stop_all().await;
+}
+
+/// Waits (polling) until `cond` holds, at most a minute.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

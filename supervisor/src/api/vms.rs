@@ -190,7 +190,13 @@ pub(super) async fn exec(State(d): D, Path(id): Path<String>, req: axum::extract
             }
         };
         loop {
-            let line = match stream.next().await {
+            // A caller that goes away ends the exec: the stream dropped kills the guest process (a silent one too,
+            // which would never find out by a failed send).
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                () = out.closed() => return,
+            };
+            let line = match ev {
                 Ok(Some(ExecEvent::Stdout(b))) => ExecLine::Stdout(String::from_utf8_lossy(&b).into_owned()),
                 Ok(Some(ExecEvent::Stderr(b))) => ExecLine::Stderr(String::from_utf8_lossy(&b).into_owned()),
                 Ok(Some(ExecEvent::Exit { code, signal, timed_out, guest_us })) => ExecLine::Exit(ExecExit {
