@@ -158,16 +158,25 @@ impl Manager {
         if let Some(a) = cached.as_ref().filter(|a| !a.is_closed()) {
             return Ok(a.clone());
         }
-        let a = Arc::new(
-            flint_agent::client::AgentClient::connect(
-                &self.launcher.agent_endpoint(&rec.dir),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .map_err(|e| VmError::agent(&rec.id, "agent", &e))?,
-        );
+        let mut a = flint_agent::client::AgentClient::connect(
+            &self.launcher.agent_endpoint(&rec.dir),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| VmError::agent(&rec.id, "agent", &e))?;
+        a.call_timeout = call_timeout(a.call_timeout, rec.cpu);
+        let a = Arc::new(a);
         *cached = Some(a.clone());
         Ok(a)
+    }
+}
+
+/// The agent's call timeout for a VM held to `cpu` of a core: the guest answers that much slower (an exec of a VM
+/// held to 0.1 of a core took past the 30 s its start may take), so it waits that much longer, at most 10 minutes.
+fn call_timeout(base: std::time::Duration, cpu: Option<f64>) -> std::time::Duration {
+    match cpu {
+        Some(c) if c > 0.0 && c < 1.0 => base.div_f64(c).min(std::time::Duration::from_secs(600)).max(base),
+        _ => base,
     }
 }
 
@@ -192,4 +201,19 @@ fn copy_drives(rec: &VmRecord, into: &Beneath) -> Result<(), SnapshotError> {
         info!(vm = %rec.id, drive = i, reflinked, "drive copied for the snapshot");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_cpu_limited_vm_waits_longer_for_its_agent() {
+        let s = Duration::from_secs;
+        assert_eq!(super::call_timeout(s(30), None), s(30));
+        assert_eq!(super::call_timeout(s(30), Some(0.25)), s(120), "a quarter of a core: four times as long");
+        assert_eq!(super::call_timeout(s(30), Some(0.01)), s(600), "at most 10 minutes");
+        assert_eq!(super::call_timeout(s(30), Some(1.5)), s(30), "a core or more: the base");
+        assert_eq!(super::call_timeout(s(700), Some(0.5)), s(700), "never below the base");
+    }
 }
