@@ -38,6 +38,7 @@ pub mod openapi;
 pub mod owner;
 pub mod pager;
 pub mod router;
+pub mod sched;
 pub mod services;
 pub mod tasks;
 pub mod tls;

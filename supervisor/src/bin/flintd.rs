@@ -88,7 +88,20 @@ fn main() -> ExitCode {
         };
         cfg.images.insert(name.to_string(), PathBuf::from(dir));
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Every thread of flintd's, the runtime's as each starts, asks for the configured scheduling slice.
+    let slice = cfg.sched_slice_us;
+    let take_slice = move || {
+        if slice > 0 {
+            if let Err(e) = flint_supervisor::sched::set_thread_slice(slice) {
+                tracing::warn!(error = %e, slice_us = slice, "sched_slice_us: the kernel refused the slice");
+            }
+        }
+    };
+    take_slice();
+    if slice > 0 {
+        tracing::info!(slice_us = slice, "flintd's threads ask for a scheduling slice");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_start(take_slice).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flintd: runtime: {e}");
