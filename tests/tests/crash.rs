@@ -57,7 +57,7 @@ struct Harness {
 
 impl Harness {
     fn start(&mut self) {
-        let config = ["--config", self.config.to_str().unwrap()];
+        let config = ["--allow-unauthenticated-bucket", "--config", self.config.to_str().unwrap()];
         self.flintd = Some(Flintd::start_with(&self.data, &self.socket, &self.s3, PREFIX, &config));
     }
 
