@@ -393,6 +393,15 @@ pub async fn crash(d: Arc<crate::daemon::Daemon>) {
     }
 }
 
+/// Waits (polling every 20 ms) until `f` holds, at most 20 s.
+pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A data directory and configuration for a daemon on the fake launcher (one fake image), removed on drop.
 pub struct TestEnv {
     pub dir: PathBuf,

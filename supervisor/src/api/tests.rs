@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use crate::error::{Classify, Kind, Refusal};
-use crate::fake::{FakeLauncher, TestEnv as Env};
+use crate::fake::{wait_for, FakeLauncher, TestEnv as Env};
 use crate::vm::CreateVm;
 
 /// An error as each edge turns it into an answer (built twice: errors hold sources and are not Clone).
@@ -58,10 +58,7 @@ async fn guest_files_are_streamed_and_capped() {
     let root = crate::fake::agent_root();
     let big = root.join("big-4g");
     std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
-    let sock = env.dir.join("api.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let app = super::router(d.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (sock, server) = serve(&env, &d);
     let get = |path: String| {
         let sock = sock.clone();
         async move { crate::http::request(&sock, "GET", &path, None, Duration::from_secs(60)).await }
@@ -126,10 +123,7 @@ async fn answers_conform_to_the_openapi_schemas() {
         ..Default::default()
     };
     d.sessions.create(s).await.unwrap();
-    let sock = env.dir.join("api.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let app = super::router(d.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (sock, server) = serve(&env, &d);
     let spec = crate::openapi::Spec::repo().unwrap();
     let mut checked = 0;
     for (path, doc_path) in [
@@ -163,10 +157,7 @@ async fn an_exec_whose_caller_goes_away_is_killed() {
     let l = FakeLauncher::default();
     let d = env.open(&l);
     d.vms.create(CreateVm { id: Some("e".into()), ..Default::default() }, None).await.unwrap();
-    let sock = env.dir.join("api.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let app = super::router(d.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (sock, server) = serve(&env, &d);
     let pidfile = env.dir.join("silent.pid");
     let script = format!("echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 1000", pidfile.display());
     let body = serde_json::json!({ "argv": ["/bin/sh", "-c", script] }).to_string();
@@ -179,7 +170,7 @@ async fn an_exec_whose_caller_goes_away_is_killed() {
     let mut answer = [0u8; 12];
     conn.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200", "the exec's answer began");
-    until("the process wrote its pid", || pidfile.exists()).await;
+    wait_for("the process wrote its pid", || pidfile.exists()).await;
     let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let alive = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -187,16 +178,18 @@ async fn an_exec_whose_caller_goes_away_is_killed() {
     };
     assert!(alive(), "the silent process runs while its caller waits");
     drop(conn);
-    until("the process of a caller that went away ended", || !alive()).await;
+    wait_for("the process of a caller that went away ended", || !alive()).await;
     server.abort();
     d.vms.stop_all().await;
 }
 
-/// Waits (polling) until `cond` holds, at most a minute.
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The API of daemon `d` on a socket in the test's directory: its path, and the server's task.
+fn serve(
+    env: &Env,
+    d: &std::sync::Arc<crate::daemon::Daemon>,
+) -> (std::path::PathBuf, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let sock = env.dir.join("api.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let app = super::router(d.clone());
+    (sock, tokio::spawn(async move { axum::serve(listener, app).await }))
 }

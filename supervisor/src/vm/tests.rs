@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::daemon::Daemon;
 use crate::error::{Kind, Refusal};
-use crate::fake::{FakeLauncher, TestEnv as Env};
+use crate::fake::{wait_for, FakeLauncher, TestEnv as Env};
 use flint_vmm_api::describe::RunState;
 
 fn vm(id: &str) -> CreateVm {
@@ -30,14 +30,6 @@ async fn with_snapshot(env: &Env, l: &FakeLauncher, mem: u64) -> Arc<Daemon> {
 
 fn restore(snapshot: &str) -> Restore {
     Restore { snapshot: snapshot.into(), ..Default::default() }
-}
-
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The quotas of `[limits]`: exceeding one is a 429 naming it, and nothing starts; failed VMs hold no quota.
