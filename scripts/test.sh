@@ -75,28 +75,30 @@ kvm() {
   say "tier 1 passed"
 }
 
-full() {
+# What tier 2 needs (and the lanes, which hold it): packages, images, the S3 server.
+full_needs() {
   packages
   images
   FLINT_S3_SERVER=${FLINT_S3_SERVER:-$(bash scripts/s3-server.sh)}
   export FLINT_S3_SERVER
   say "S3-compatible server $FLINT_S3_SERVER"
+}
+
+full() {
+  full_needs
   run_tests --test store_s3 --test fleet --test flintd --test e2b --test crash
   say "tier 2 passed"
 }
 
 # Tiers 1 and 2 in two lanes at once: the flintd suite in one; tier 1, the S3 store, the fleet, the E2B SDKs, the
-# crash harness and the flintd suite's networks test in the other (together about as long). Most of the time a test has one guest running, and a guest
-# keeps one core busy (its kernel is emulated here): through a cold boot the two cores are 49% idle.
+# crash harness and the flintd suite's networks test in the other (together about as long). Most of the time a
+# test has one guest running, and a guest keeps one core busy (its kernel is emulated here): through a cold boot
+# the two cores are 49% idle.
 # The lanes share no jail uids (the E2B and crash suites configure ranges of their own), ports, namespaces or
 # data directories; the golden snapshot is made once under a lock. The test binaries run directly: `cargo test`
 # holds the build directory's lock while its tests run. The second lane prints as it goes, the first when done.
 lanes() {
-  packages
-  images
-  FLINT_S3_SERVER=${FLINT_S3_SERVER:-$(bash scripts/s3-server.sh)}
-  export FLINT_S3_SERVER
-  say "S3-compatible server $FLINT_S3_SERVER"
+  full_needs
   cargo build -j"$jobs" --workspace --bins
   local bins
   bins=$(cargo test -j"$jobs" -p flint-tests --no-run --message-format=json-render-diagnostics | python3 -c '
@@ -115,7 +117,8 @@ for line in sys.stdin:
   # The networks test (its own jail uids and namespaces) goes in the second lane: the lanes take about as long.
   local net_test=networks_egress_policy_isolation_and_exposed_ports
   local log; log=$(mktemp /tmp/flint-lane-flintd.XXXXXX)
-  say "lanes: [flintd] | [vmm_boot snapshot store_s3 fleet e2b crash, flintd's networks test] (the first lane's output follows when done)"
+  say "lanes: [flintd] | [vmm_boot snapshot store_s3 fleet e2b crash, flintd's networks test]" \
+    "(the first lane's output follows when done)"
   suite flintd --skip "$net_test" >"$log" 2>&1 &
   local lane_a=$!
   local failed=() a=0

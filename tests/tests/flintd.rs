@@ -223,11 +223,10 @@ fn a_drives_rate_limit_holds_in_a_clone(socket: &Path, vm: &str) {
     // host (7.23 s measured once in CI, with one zero-length dd before: 141.6 KiB/s): 1.25 x that bound still tells
     // a limited drive from one that is not (the unlimited one reads at 350 KiB/s here, far more on hardware).
     let rate = |dev: &str| -> f64 {
-        // Timed inside the guest (/proc/uptime, 10 ms ticks), less a zero-length dd: starting a process costs about
-        // a second on this host and is not I/O.
+        // Timed inside the guest (/proc/uptime, 10 ms ticks), less the mean time of a zero-length dd before and
+        // after it: starting a process costs about a second on this host and is not I/O.
         let dd = |count: u32| format!("dd if={dev} of=/dev/null bs=64k count={count} 2>/dev/null");
         let up = "$(cat /proc/uptime)";
-        // A zero-length dd before and after: the mean of their starts stands for the read's.
         let script = format!("a={up}; {}; b={up}; {}; c={up}; {0}; d={up}; echo $a $b $c $d", dd(0), dd(16));
         let out = flint(socket, &["exec", vm, "--", "/bin/sh", "-c", &script]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -2073,12 +2073,12 @@ fn exposed_port_latency(
 }
 
 /// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P] [--sched-slice-us U]`:
-/// one flintd on its defaults (jail, standby VMMs; `sched_slice_us` U, default 0), a template of the default image with a warm pool; N sessions, M of them kept
-/// running, the rest hibernating after 1 s idle; then K clients doing exec/file calls on random sessions (waking
-/// hibernated ones) for S seconds. Prints creation, hibernation and wake rates, the API's latency per route at 10
-/// sessions and at N (P calls each, default 200; ratio) with how busy the host was and how long flintd waited
-/// for a CPU meanwhile, flintd's idle CPU and RSS, host memory per running session, disk per hibernated session,
-/// errors.
+/// one flintd on its defaults (jail, standby VMMs; `sched_slice_us` U, default 0), a template of the default
+/// image with a warm pool; N sessions, M of them kept running, the rest hibernating after 1 s idle; then K
+/// clients doing exec/file calls on random sessions (waking hibernated ones) for S seconds. Prints creation,
+/// hibernation and wake rates, the API's latency per route at 10 sessions and at N (P calls each, default 200;
+/// ratio) with how busy the host was and how long flintd waited for a CPU meanwhile, flintd's idle CPU and RSS,
+/// host memory per running session, disk per hibernated session, errors.
 fn scale_bench(n: usize, m: usize, k: usize, secs: u64, probes: usize, slice_us: u64) {
     let work = TempDir::new("bench-scale");
     let data = work.path().join("data");
