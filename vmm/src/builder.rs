@@ -87,22 +87,37 @@ pub struct LocalPager {
     pub source: Arc<dyn flint_uffd::PageSource>,
 }
 
-/// Anonymous guest memory at `layout`, registered with a new userfaultfd; returns the memory, the fd and the
-/// registered ranges (in memory-image order).
-fn lazy_memory(
+/// The snapshot's memory file mapped privately at `layout`: into a standby's prepared slots if it has them (true:
+/// registered already), else at new addresses (false: the caller registers them). A slot range something else
+/// took meanwhile makes the slots go and the memory map anew.
+fn private_memory(
+    vm: &VmFd,
+    path: &std::path::Path,
     layout: &[(u64, u64)],
     ahead: Option<crate::standby::PreparedMemory>,
-) -> Result<(GuestMem, flint_uffd::Userfault, Vec<flint_vmm_api::pager::PagerRange>), BuildError> {
-    use crate::snapshot::RestoreError;
-    let mem = match ahead {
-        // A standby's prepared slots: anonymous memory not touched yet, as userfaultfd needs it.
-        Some(m) => crate::standby::anonymous_guest_mem(m).map_err(|e| BuildError::Runtime(e.to_string()))?,
-        None => {
-            let ranges: Vec<(GuestAddress, usize)> =
-                layout.iter().map(|&(g, l)| (GuestAddress(g), l as usize)).collect();
-            GuestMem::from_ranges(&ranges).map_err(|e| BuildError::Memory(memory::MemoryError::Map(e)))?
+) -> Result<(GuestMem, bool), BuildError> {
+    use crate::snapshot::{memory::map_private, memory::MemFileError, RestoreError};
+    if let Some(m) = ahead {
+        match map_private(path, layout, Some(&m)) {
+            Ok(mem) => return Ok((mem, true)),
+            Err(MemFileError::Map(_, e)) if e.kind() == std::io::ErrorKind::AlreadyExists => m.release(vm)?,
+            Err(e) => return Err(RestoreError::from(e).into()),
         }
-    };
+    }
+    Ok((map_private(path, layout, None).map_err(RestoreError::from)?, false))
+}
+
+/// Anonymous guest memory at `layout`, registered with a new userfaultfd; returns the memory, whether it is in
+/// prepared KVM slots already, the fd and the registered ranges (in memory-image order).
+fn lazy_memory(
+    vm: &VmFd,
+    layout: &[(u64, u64)],
+    ahead: Option<crate::standby::PreparedMemory>,
+) -> Result<(GuestMem, bool, flint_uffd::Userfault, Vec<flint_vmm_api::pager::PagerRange>), BuildError> {
+    use crate::snapshot::RestoreError;
+    // A standby's prepared slots get anonymous memory not touched yet, as userfaultfd needs it.
+    let (mem, registered) =
+        crate::standby::anonymous_guest_mem(vm, layout, ahead).map_err(|e| BuildError::Runtime(e.to_string()))?;
     let uffd = flint_uffd::Userfault::create().map_err(RestoreError::from)?;
     let mut off = 0;
     let mut uranges = Vec::new();
@@ -111,7 +126,7 @@ fn lazy_memory(
         uranges.push(flint_vmm_api::pager::PagerRange { host: r.as_ptr() as u64, len: r.len(), image_offset: off });
         off += r.len();
     }
-    Ok((mem, uffd, uranges))
+    Ok((mem, registered, uffd, uranges))
 }
 
 fn dirty_flag(config: &VmConfig) -> u32 {
@@ -317,33 +332,42 @@ impl Vmm {
         let t = Instant::now();
         let layout = crate::arch::x86_64::layout::ram_regions(config.mem_mib * memory::MIB);
         let supported_ahead = prepared.as_ref().map(|p| p.supported_cpuid.clone());
-        let (kvm, vm, ahead) = match prepared {
-            Some(p) => p.take(&layout).map_err(|e| BuildError::Runtime(e.to_string()))?,
+        // A standby made the irqchip (and vCPU 0) ahead, after its slots.
+        let irqchip_ahead = prepared.is_some();
+        let (kvm, vm, ahead, mut vcpu0) = match prepared {
+            Some(p) => {
+                let t = p.take(&layout).map_err(|e| BuildError::Runtime(e.to_string()))?;
+                (t.kvm, t.vm, t.memory, t.vcpu0)
+            }
             None => {
                 let kvm = vm::open_kvm()?;
                 let vm = vm::create_vm(&kvm)?;
-                (kvm, vm, None)
+                (kvm, vm, None, None)
             }
         };
         timings.kvm_setup_us = elapsed_us(t);
 
         let t = Instant::now();
-        let mem = match ahead {
-            Some(m) => {
-                let mem = crate::standby::anonymous_guest_mem(m).map_err(|e| BuildError::Runtime(e.to_string()))?;
+        let mem = if irqchip_ahead {
+            let (mem, registered) = crate::standby::anonymous_guest_mem(&vm, &layout, ahead)
+                .map_err(|e| BuildError::Runtime(e.to_string()))?;
+            if registered {
                 crate::standby::set_slot_flags(&vm, &mem, dirty_flag(&config))?;
-                mem
-            }
-            None => {
-                let mem = memory::create_anonymous(config.mem_mib)?;
+            } else {
                 vm::register_memory(&vm, &mem, dirty_flag(&config))?;
-                mem
             }
+            mem
+        } else {
+            let mem = memory::create_anonymous(config.mem_mib)?;
+            vm::register_memory(&vm, &mem, dirty_flag(&config))?;
+            mem
         };
         timings.memory_us = elapsed_us(t);
-        let t = Instant::now();
-        vm::create_irqchip(&vm)?;
-        timings.kvm_setup_us += elapsed_us(t);
+        if !irqchip_ahead {
+            let t = Instant::now();
+            vm::create_irqchip(&vm)?;
+            timings.kvm_setup_us += elapsed_us(t);
+        }
 
         let t = Instant::now();
         let (entry, kernel_end) = load_kernel(&mem, &config.kernel)?;
@@ -390,7 +414,8 @@ impl Vmm {
         let mut fds = Vec::new();
         let mut cpuids = Vec::new();
         for i in 0..config.vcpus {
-            let fd = vm.create_vcpu(u64::from(i)).map_err(|e| BuildError::Kvm("create a vCPU", e))?;
+            let fd =
+                crate::standby::vcpu(&vm, u64::from(i), &mut vcpu0).map_err(|e| BuildError::Kvm("create a vCPU", e))?;
             let mut c = supported.clone();
             cpuid::normalize(&mut c, i, config.vcpus);
             fd.set_cpuid2(&c).map_err(|e| BuildError::Kvm("set CPUID", e))?;
@@ -447,18 +472,19 @@ impl Vmm {
         rt.read_state_us = elapsed_us(t);
 
         let t = Instant::now();
-        let (kvm, vm, ahead) = match prepared {
+        let (kvm, vm, ahead, mut vcpu0) = match prepared {
             Some(p) => {
                 rt.prepared = true;
                 let supported = p.supported_cpuid.clone();
                 cpu::check_supported_cpuid(supported, &snap.cpu, snap.config.vcpus).map_err(RestoreError::from)?;
-                p.take(&snap.memory_layout).map_err(|e| BuildError::Runtime(e.to_string()))?
+                let t = p.take(&snap.memory_layout).map_err(|e| BuildError::Runtime(e.to_string()))?;
+                (t.kvm, t.vm, t.memory, t.vcpu0)
             }
             None => {
                 let kvm = vm::open_kvm()?;
                 cpu::check_host_cpu(&kvm, &snap.cpu, snap.config.vcpus).map_err(RestoreError::from)?;
                 let vm = vm::create_vm(&kvm)?;
-                (kvm, vm, None)
+                (kvm, vm, None, None)
             }
         };
         rt.kvm_setup_us = elapsed_us(t);
@@ -466,13 +492,9 @@ impl Vmm {
         let t = Instant::now();
         let want: u64 = snap.memory_layout.iter().map(|r| r.1).sum();
         let mut local_pager = None;
-        // Prepared slots are registered already (flags 0): only a dirty log is still to turn on.
-        let registered = ahead.is_some();
-        let mem = match &spec.memory {
-            MemorySource::Private { path } => {
-                let at = ahead.map(crate::standby::PreparedMemory::take);
-                snapmem::map_private(path, &snap.memory_layout, at.as_deref()).map_err(RestoreError::from)?
-            }
+        let layout = &snap.memory_layout;
+        let (mem, registered) = match &spec.memory {
+            MemorySource::Private { path } => private_memory(&vm, path, layout, ahead)?,
             MemorySource::Uffd { path } => {
                 let read_err = |e| RestoreError::Memory(snapmem::MemFileError::Read(path.display().to_string(), e));
                 let f = std::fs::File::open(path).map_err(read_err)?;
@@ -481,7 +503,7 @@ impl Vmm {
                     let e = snapmem::MemFileError::Size { path: path.display().to_string(), have: size, want };
                     return Err(RestoreError::Memory(e).into());
                 }
-                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout, ahead)?;
+                let (mem, registered, uffd, ranges) = lazy_memory(&vm, layout, ahead)?;
                 let pager = LocalPager {
                     stats: Arc::new(flint_uffd::UffdStats::default()),
                     source: Arc::new(flint_uffd::FileSource { file: f, unit: UFFD_CHUNK, size }),
@@ -502,23 +524,26 @@ impl Vmm {
                 };
                 flint_uffd::serve(uffd, cfg).map_err(RestoreError::from)?;
                 local_pager = Some(pager);
-                mem
+                (mem, registered)
             }
             MemorySource::Pager { socket } => {
-                let (mem, uffd, ranges) = lazy_memory(&snap.memory_layout, ahead)?;
+                let (mem, registered, uffd, ranges) = lazy_memory(&vm, layout, ahead)?;
                 crate::pager_link::hand_over(socket, uffd, ranges, want)?;
-                mem
+                (mem, registered)
             }
         };
+        // Prepared slots are registered already (flags 0): only a dirty log is still to turn on.
         if registered {
             crate::standby::set_slot_flags(&vm, &mem, dirty_flag(&config))?;
         } else {
             vm::register_memory(&vm, &mem, dirty_flag(&config))?;
         }
         rt.memory_us = elapsed_us(t);
-        let t = Instant::now();
-        vm::create_irqchip(&vm)?;
-        rt.kvm_setup_us += elapsed_us(t);
+        if !rt.prepared {
+            let t = Instant::now();
+            vm::create_irqchip(&vm)?;
+            rt.kvm_setup_us += elapsed_us(t);
+        }
 
         let t = Instant::now();
         let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Runtime(e.to_string()))?);
@@ -533,7 +558,8 @@ impl Vmm {
         let t = Instant::now();
         let mut fds = Vec::new();
         for (i, s) in snap.vcpus.iter().enumerate() {
-            let fd = vm.create_vcpu(i as u64).map_err(|e| BuildError::Kvm("create a vCPU", e))?;
+            let fd =
+                crate::standby::vcpu(&vm, i as u64, &mut vcpu0).map_err(|e| BuildError::Kvm("create a vCPU", e))?;
             cpu::restore_vcpu(&fd, s).map_err(RestoreError::from)?;
             fds.push(fd);
         }

@@ -1,13 +1,21 @@
 //! A standby VMM (`flint-vmm --standby FILE`, flintd's `[standby]`): a process flintd starts ahead of any VM,
-//! already jailed, which makes what does not depend on the VM ahead (its KVM VM and, for one memory size, the
-//! VM's memory slots) and then waits for one launch spec on its control socket. A restore handed to it skips the
-//! process start, the jail and KVM's per-VM setup: what is left is reading the state, mapping the snapshot's
-//! memory over the prepared slots and restoring devices and vCPUs.
+//! already jailed, which makes what does not depend on the VM ahead (its KVM VM with its irqchip, PIT and first
+//! vCPU and, for one memory size, the VM's memory slots) and then waits for one launch spec on its control socket.
+//! A restore handed to it skips the process start, the jail and KVM's per-VM setup: what is left is reading the
+//! state, mapping the snapshot's memory into the prepared slots and restoring devices and vCPUs.
 //!
-//! The memory slots are anonymous mappings registered with KVM before the VM has an irqchip (after it, every
-//! slot change waits for an SRCU grace period: milliseconds on a nested host). A restore maps the snapshot's
-//! memory file over them (`MAP_FIXED`): the slots keep their host addresses, KVM's MMU notifier sees the new
-//! pages, and the per-slot arrays KVM allocated (which grow with guest memory) are already there.
+//! The memory slots are registered over address ranges where nothing is mapped (KVM records a slot's host
+//! address; it reaches the pages only when the guest touches them). A restore maps the snapshot's memory file
+//! into those ranges (`MAP_FIXED_NOREPLACE`): the slots keep their host addresses, and the per-slot arrays KVM
+//! allocated (which grow with guest memory) are already there. Mapping over memory that was already there
+//! instead would make KVM's MMU notifier walk the slot's reverse map page by page (0.75 ms at 2 GiB on a host
+//! that shadow-pages). The ranges lie at a random address far below where the kernel places mappings (top-down
+//! from the stack), so nothing else lands in them; should something have, the restore deletes the slots and
+//! registers fresh memory instead (`PreparedMemory::release`).
+//!
+//! After the irqchip and PIT, KVM's next memory-slot change waits for an SRCU grace period (4-8 ms on a nested
+//! host) unless the VM's earlier grace periods are some time past: a standby waits long enough before any
+//! hand-over, so a VM that logs dirty pages turns its log on at the hand-over for ~0.1 ms.
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
@@ -15,7 +23,7 @@ use flint_vmm_api::spec::{
     LaunchSpec, StandbySpec, HANDOVER_FIRST_FD, HANDOVER_MAX_FDS, MAX_SPEC_BYTES, STANDBY_CONTROL_FD,
 };
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::arch::x86_64::layout::ram_regions;
 use crate::vstate::memory::{GuestMem, MIB};
@@ -45,21 +53,30 @@ fn sys(what: &'static str) -> StandbyError {
     StandbyError::Sys { what, source: std::io::Error::last_os_error() }
 }
 
-/// A KVM VM made ahead, with memory slots 0.. for `memory`'s layout (flags 0) if it has some.
+/// A KVM VM made ahead, with its irqchip and PIT, vCPU 0, and memory slots 0.. for `memory`'s layout (flags 0)
+/// if it has some.
 pub struct Prepared {
     pub kvm: Kvm,
     pub vm: VmFd,
     memory: Option<PreparedMemory>,
+    vcpu0: VcpuFd,
     /// What `KVM_GET_SUPPORTED_CPUID` answers (~0.4 ms on a nested host): read ahead.
     pub supported_cpuid: kvm_bindings::CpuId,
 }
 
-/// Anonymous private mappings registered as the prepared VM's memory slots, in layout order. Unmapped on drop
-/// unless taken into a [`GuestMem`].
+/// The prepared VM's memory slots, in layout order: each registered over a range of host addresses where nothing
+/// is mapped yet. Whoever maps guest memory into them owns that memory; the VM must not outlive the slots'
+/// memory, so a VM that does not use them deletes them first ([`PreparedMemory::release`]).
 pub struct PreparedMemory {
     pub layout: Vec<(u64, u64)>,
     addrs: Vec<usize>,
 }
+
+/// Where the prepared slots' ranges may start: 1 GiB-aligned, between 32 and 48 TiB. The kernel places mappings
+/// top-down from below the stack (~128 TiB) and a position-independent binary and its heap near 85 TiB.
+const SLOTS_LOW: usize = 32 << 40;
+const SLOTS_SPAN_GIB: u64 = 16 << 10;
+const GIB: usize = 1 << 30;
 
 impl PreparedMemory {
     /// The host address of each region, in layout order.
@@ -67,22 +84,96 @@ impl PreparedMemory {
         &self.addrs
     }
 
-    /// Hands the mappings over: whoever takes the addresses unmaps them.
-    pub fn take(mut self) -> Vec<usize> {
-        std::mem::take(&mut self.addrs)
+    /// Ranges for `layout` at a random place between [`SLOTS_LOW`] and +16 TiB, each 1 GiB-aligned with a 1 GiB
+    /// gap after it, checked free (mapped `PROT_NONE` with `MAP_FIXED_NOREPLACE`, then unmapped: before they are
+    /// slots, so KVM has nothing to walk).
+    fn reserve(layout: &[(u64, u64)]) -> Result<Self, StandbyError> {
+        let mut last = None;
+        for _ in 0..8 {
+            let mut r = [0u8; 8];
+            getrandom::getrandom(&mut r).map_err(|e| StandbyError::Sys {
+                what: "pick guest memory's place",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let mut at = SLOTS_LOW + (u64::from_le_bytes(r) % SLOTS_SPAN_GIB) as usize * GIB;
+            let mut addrs = Vec::new();
+            for &(_, len) in layout {
+                addrs.push(at);
+                at += (len as usize).div_ceil(GIB) * GIB + GIB;
+            }
+            let m = PreparedMemory { layout: layout.to_vec(), addrs };
+            match m.map_regions(libc::PROT_NONE, None) {
+                Ok(()) => {
+                    m.unmap();
+                    return Ok(m);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(StandbyError::Sys { what: "find free host addresses for guest memory", source: last.unwrap() })
     }
-}
 
-impl Drop for PreparedMemory {
-    fn drop(&mut self) {
+    /// Maps every region into its range (`MAP_FIXED_NOREPLACE`): anonymous, or `file` from offset 0 on in layout
+    /// order, private, read-write unless `prot` says otherwise. `AlreadyExists`: something else is mapped in a
+    /// range now (nothing is left mapped then).
+    pub fn map_regions(&self, prot: i32, file: Option<RawFd>) -> std::io::Result<()> {
+        let mut off = 0u64;
+        for (i, (&addr, &(_, len))) in self.addrs.iter().zip(&self.layout).enumerate() {
+            let (flags, fd) = match file {
+                Some(fd) => (libc::MAP_PRIVATE, fd),
+                None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            };
+            // SAFETY: a new mapping at a range this struct names, which MAP_FIXED_NOREPLACE makes only if nothing
+            // is mapped there (it replaces nothing); the result is checked below.
+            let got = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    len as usize,
+                    prot,
+                    flags | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+                    fd,
+                    off as libc::off_t,
+                )
+            };
+            // A kernel before 4.17 takes the flag for a hint and may map elsewhere.
+            let err = if got == libc::MAP_FAILED {
+                Some(std::io::Error::last_os_error())
+            } else if got as usize != addr {
+                // SAFETY: the mapping just made, elsewhere than asked; nobody else knows of it.
+                unsafe { libc::munmap(got, len as usize) };
+                Some(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
+            } else {
+                None
+            };
+            if let Some(e) = err {
+                PreparedMemory { layout: self.layout[..i].to_vec(), addrs: self.addrs[..i].to_vec() }.unmap();
+                return Err(e);
+            }
+            off += len;
+        }
+        Ok(())
+    }
+
+    fn unmap(&self) {
         for (&addr, &(_, len)) in self.addrs.iter().zip(&self.layout) {
-            // SAFETY: a mapping this struct made and still owns (not taken), of `len` bytes.
+            // SAFETY: a range this struct mapped (map_regions) and nobody took.
             unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) };
         }
     }
+
+    /// Deletes the slots from `vm` (they then name no memory; cheap on a VM idle for a while).
+    pub fn release(self, vm: &VmFd) -> Result<(), vm::VmError> {
+        for slot in 0..self.layout.len() {
+            let r = kvm_userspace_memory_region { slot: slot as u32, ..Default::default() };
+            // SAFETY: a size of 0 deletes the slot; nothing of ours is mapped in its range.
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| vm::VmError::Kvm("delete a memory slot made ahead", e))?;
+        }
+        Ok(())
+    }
 }
 
-/// Makes the KVM VM (and its memory slots for `mem_mib`, if given).
+/// Makes the KVM VM (and its memory slots for `mem_mib`, if given), its irqchip and PIT, and vCPU 0.
 pub fn prepare(mem_mib: Option<u64>) -> Result<Prepared, StandbyError> {
     let kvm = vm::open_kvm()?;
     let supported_cpuid = kvm
@@ -92,24 +183,8 @@ pub fn prepare(mem_mib: Option<u64>) -> Result<Prepared, StandbyError> {
     let memory = match mem_mib {
         None => None,
         Some(mib) => {
-            let layout = ram_regions(mib * MIB);
-            let mut m = PreparedMemory { layout: layout.clone(), addrs: Vec::new() };
-            for (slot, &(gpa, len)) in layout.iter().enumerate() {
-                // SAFETY: a fresh anonymous private mapping; the result is checked and owned by `m`.
-                let addr = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        len as usize,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                        -1,
-                        0,
-                    )
-                };
-                if addr == libc::MAP_FAILED {
-                    return Err(sys("map guest memory ahead"));
-                }
-                m.addrs.push(addr as usize);
+            let m = PreparedMemory::reserve(&ram_regions(mib * MIB))?;
+            for (slot, (&addr, &(gpa, len))) in m.addrs.iter().zip(&m.layout).enumerate() {
                 let r = kvm_userspace_memory_region {
                     slot: slot as u32,
                     flags: 0,
@@ -117,48 +192,89 @@ pub fn prepare(mem_mib: Option<u64>) -> Result<Prepared, StandbyError> {
                     memory_size: len,
                     userspace_addr: addr as u64,
                 };
-                // SAFETY: the mapping is owned by `m`, which the restore either takes into the VM's GuestMem
-                // (kept as long as the VmFd) or, if unused, deletes the slot before it drops (`take`).
+                // SAFETY: nothing is mapped in the range yet; whoever maps guest memory there keeps it as long as
+                // the VmFd, and a VM that does not use the slots deletes them first (PreparedMemory::release).
                 unsafe { vm.set_user_memory_region(r) }
                     .map_err(|e| vm::VmError::Kvm("register guest memory ahead", e))?;
             }
             Some(m)
         }
     };
-    Ok(Prepared { kvm, vm, memory, supported_cpuid })
+    // After the slots: a slot change right after the irqchip waits for an SRCU grace period (module docs).
+    vm::create_irqchip(&vm)?;
+    let vcpu0 = vm.create_vcpu(0).map_err(|e| vm::VmError::Kvm("create vCPU 0 ahead", e))?;
+    Ok(Prepared { kvm, vm, memory, vcpu0, supported_cpuid })
+}
+
+/// What a launch takes of a [`Prepared`] VM.
+pub struct Taken {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    /// The prepared slots, if they have the launch's layout.
+    pub memory: Option<PreparedMemory>,
+    /// vCPU 0, made ahead (see [`vcpu`]).
+    pub vcpu0: Option<VcpuFd>,
 }
 
 impl Prepared {
     /// The KVM VM, and its prepared memory if that has `layout`. Prepared memory of another layout is removed
-    /// from the VM (its slots deleted: cheap before the VM has an irqchip) and unmapped.
-    pub fn take(self, layout: &[(u64, u64)]) -> Result<(Kvm, VmFd, Option<PreparedMemory>), StandbyError> {
-        let Prepared { kvm, vm, memory, .. } = self;
+    /// from the VM (its slots deleted).
+    pub fn take(self, layout: &[(u64, u64)]) -> Result<Taken, StandbyError> {
+        let Prepared { kvm, vm, memory, vcpu0, .. } = self;
         let memory = match memory {
             Some(m) if m.layout == layout => Some(m),
             Some(m) => {
-                for slot in 0..m.layout.len() {
-                    let r = kvm_userspace_memory_region { slot: slot as u32, ..Default::default() };
-                    // SAFETY: a size of 0 deletes the slot; KVM stops using the mapping before `m` unmaps it.
-                    unsafe { vm.set_user_memory_region(r) }
-                        .map_err(|e| vm::VmError::Kvm("delete a memory slot made ahead", e))?;
-                }
-                drop(m);
+                m.release(&vm)?;
                 None
             }
             None => None,
         };
-        Ok((kvm, vm, memory))
+        Ok(Taken { kvm, vm, memory, vcpu0: Some(vcpu0) })
     }
 }
 
-/// Guest memory over prepared anonymous mappings (boot, or a lazy restore whose pages userfaultfd fills).
-pub fn anonymous_guest_mem(m: PreparedMemory) -> Result<GuestMem, std::io::Error> {
-    let layout = m.layout.clone();
-    let addrs = m.take();
-    crate::snapshot::memory::guest_mem_over(&layout, &addrs, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+/// vCPU `index` of `vm`: the one made ahead (`ahead`, vCPU 0) or a new one.
+pub fn vcpu(vm: &VmFd, index: u64, ahead: &mut Option<VcpuFd>) -> Result<VcpuFd, kvm_ioctls::Error> {
+    match ahead.take() {
+        Some(fd) if index == 0 => Ok(fd),
+        other => {
+            *ahead = other;
+            vm.create_vcpu(index)
+        }
+    }
 }
 
-/// Sets the (prepared) slots' flags: a VM that logs dirty pages turns the log on (before its irqchip: cheap).
+/// Guest memory of `layout` (anonymous, private) for a VM made ahead: in its prepared slots if it has them
+/// (true: registered already), else new (false: the caller registers it).
+pub fn anonymous_guest_mem(
+    vm: &VmFd,
+    layout: &[(u64, u64)],
+    ahead: Option<PreparedMemory>,
+) -> Result<(GuestMem, bool), StandbyError> {
+    let io = |what| move |source| StandbyError::Sys { what, source };
+    if let Some(m) = ahead {
+        match m.map_regions(libc::PROT_READ | libc::PROT_WRITE, None) {
+            Ok(()) => {
+                let mem = crate::snapshot::memory::guest_mem_over(
+                    &m.layout,
+                    &m.addrs,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+                .map_err(io("track guest memory"))?;
+                return Ok((mem, true));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => m.release(vm)?,
+            Err(e) => return Err(io("map guest memory into its slots")(e)),
+        }
+    }
+    let ranges: Vec<(vm_memory::GuestAddress, usize)> =
+        layout.iter().map(|&(g, l)| (vm_memory::GuestAddress(g), l as usize)).collect();
+    let mem =
+        GuestMem::from_ranges(&ranges).map_err(|e| io("map guest memory")(std::io::Error::other(e.to_string())))?;
+    Ok((mem, false))
+}
+
+/// Sets the (prepared) slots' flags: a VM that logs dirty pages turns the log on.
 pub fn set_slot_flags(vm: &VmFd, mem: &GuestMem, flags: u32) -> Result<(), vm::VmError> {
     if flags == 0 {
         return Ok(());
@@ -270,4 +386,64 @@ fn receive(ctl: &OwnedFd) -> Result<Option<LaunchSpec>, StandbyError> {
         }
     }
     Ok(Some(spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn is_mapped(addr: usize) -> bool {
+        // SAFETY: msync(2) only asks whether the page is mapped (ENOMEM if not); nothing is written.
+        unsafe { libc::msync(addr as *mut libc::c_void, 4096, libc::MS_ASYNC) == 0 }
+    }
+
+    #[test]
+    fn prepared_ranges_are_free_apart_and_take_a_file_in_layout_order() {
+        let layout = [(0u64, 2 << 20), (1 << 32, 1 << 20)];
+        let m = PreparedMemory::reserve(&layout).unwrap();
+        let a = m.addrs().to_vec();
+        assert!(a.iter().all(|&x| x % GIB == 0 && (SLOTS_LOW..SLOTS_LOW + (16 << 40)).contains(&x)), "{a:x?}");
+        assert!(a[1] >= a[0] + 2 * GIB, "a guard gap after each range: {a:x?}");
+        assert!(!is_mapped(a[0]) && !is_mapped(a[1]), "reserved ranges hold no mapping");
+
+        let path = std::env::temp_dir().join(format!("flint-standby-mem-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![1u8; 2 << 20]).unwrap();
+        f.write_all(&vec![2u8; 1 << 20]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        m.map_regions(libc::PROT_READ | libc::PROT_WRITE, Some(f.as_raw_fd())).unwrap();
+        // SAFETY: both ranges were just mapped readable from the file.
+        let (x, y) = unsafe { (*((a[0] + 4096) as *const u8), *((a[1] + 8) as *const u8)) };
+        assert_eq!((x, y), (1, 2), "each region maps its part of the file");
+        m.unmap();
+        assert!(!is_mapped(a[0]));
+    }
+
+    #[test]
+    fn a_prepared_range_something_else_took_is_refused_and_nothing_is_left_mapped() {
+        let layout = [(0u64, 1 << 20), (1 << 32, 1 << 20)];
+        let m = PreparedMemory::reserve(&layout).unwrap();
+        let a = m.addrs().to_vec();
+        // Something else lands in the second range.
+        // SAFETY: a fresh anonymous mapping at a free address (MAP_FIXED_NOREPLACE), unmapped below.
+        let other = unsafe {
+            libc::mmap(
+                a[1] as *mut libc::c_void,
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(other as usize, a[1]);
+        let e = m.map_regions(libc::PROT_READ | libc::PROT_WRITE, None).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(!is_mapped(a[0]), "the first range, mapped before the refusal, is unmapped again");
+        assert!(is_mapped(a[1]), "what took the second range is left alone");
+        // SAFETY: the page mapped above.
+        unsafe { libc::munmap(other, 4096) };
+    }
 }

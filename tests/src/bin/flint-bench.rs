@@ -1584,8 +1584,8 @@ fn standby_bench(runs: usize) -> Vec<(String, String, f64)> {
         "part (process start, or a standby's hand-over, → first instruction); the gap between them is the process"
     );
     println!("start (exec, loader) or the standby's wake-up;");
-    println!("the columns after it are its restore steps (medians). A standby's KVM VM, memory slots and supported");
-    println!("CPUID were made ahead.");
+    println!("the columns after it are its restore steps (medians; VM: irqchip, PIT and clock state). A standby's KVM");
+    println!("VM, memory slots, irqchip, PIT, vCPU 0 and supported CPUID were made ahead.");
     if let Some(m) = refill_ms.get(refill_ms.len() / 2) {
         println!("waiting for the taken standby's replacement before a standby restore: p50 {m:.0} ms");
     }

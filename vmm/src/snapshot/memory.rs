@@ -248,8 +248,12 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, MemFileError> {
 }
 
 /// Maps the memory file privately at the given layout: at new addresses, or (`at`: a standby VMM's prepared
-/// memory slots) over the anonymous mappings at these addresses, one per region (`MAP_FIXED`).
-pub fn map_private(path: &Path, layout: &[(u64, u64)], at: Option<&[usize]>) -> Result<GuestMem, MemFileError> {
+/// memory slots) into the slots' ranges. `MemFileError::Map` with `AlreadyExists`: a slot's range is taken.
+pub fn map_private(
+    path: &Path,
+    layout: &[(u64, u64)],
+    at: Option<&crate::standby::PreparedMemory>,
+) -> Result<GuestMem, MemFileError> {
     let p = path.display().to_string();
     // A jailed VMM gets the (shared) memory file as an inherited fd.
     let f = flint_vmm_api::spec::open_host_file(path, false).map_err(|e| MemFileError::Read(p.clone(), e))?;
@@ -258,24 +262,24 @@ pub fn map_private(path: &Path, layout: &[(u64, u64)], at: Option<&[usize]>) -> 
     if have != want {
         return Err(MemFileError::Size { path: p, have, want });
     }
-    if at.is_some_and(|a| a.len() != layout.len()) {
-        return Err(MemFileError::Map(p, std::io::Error::other("prepared regions do not match the layout")));
+    if let Some(m) = at {
+        if m.layout != layout {
+            return Err(MemFileError::Map(p, std::io::Error::other("prepared regions do not match the layout")));
+        }
+        m.map_regions(libc::PROT_READ | libc::PROT_WRITE, Some(f.as_raw_fd()))
+            .map_err(|e| MemFileError::Map(p.clone(), e))?;
+        return guest_mem_over(layout, m.addrs(), libc::MAP_PRIVATE).map_err(|e| MemFileError::Map(p, e));
     }
     let mut addrs = Vec::new();
     let mut off = 0u64;
-    for (i, &(_, len)) in layout.iter().enumerate() {
-        let (hint, fixed) = match at {
-            Some(a) => (a[i] as *mut libc::c_void, libc::MAP_FIXED),
-            None => (std::ptr::null_mut(), 0),
-        };
-        // SAFETY: a private mapping of `len` bytes of our file, either fresh or (MAP_FIXED) replacing exactly an
-        // anonymous mapping of the same length this process made and hands over here; the result is checked.
+    for &(_, len) in layout {
+        // SAFETY: a new private mapping of `len` bytes of our file; the result is checked.
         let addr = unsafe {
             libc::mmap(
-                hint,
+                std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE | fixed,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
                 f.as_raw_fd(),
                 off as libc::off_t,
             )
