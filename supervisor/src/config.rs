@@ -35,6 +35,10 @@ pub struct Config {
     /// `sched_runtime`, which EEVDF takes as the task's slice on Linux 6.12 and later; earlier kernels ignore it).
     /// Beside busy guests, a short slice lets a woken API thread run sooner. 0: the kernel's default.
     pub sched_slice_us: u64,
+    /// VMMs run their vCPU threads as `SCHED_IDLE`: flintd's threads (and each VMM's API and device threads)
+    /// preempt a running vCPU the moment they wake, rather than waiting out its slice; over time each VM's cgroup
+    /// keeps its CPU weight. Keeps the API's tail latency flat beside busy guests (docs/performance.md).
+    pub vcpu_sched_idle: bool,
     pub limits: Limits,
     pub jail: JailConfig,
     pub sessions: SessionsConfig,
@@ -276,6 +280,7 @@ impl Default for Config {
             max_file_read_bytes: 1 << 30,
             socket_group: None,
             sched_slice_us: 0,
+            vcpu_sched_idle: true,
             limits: Limits::default(),
             jail: JailConfig::default(),
             sessions: SessionsConfig::default(),
@@ -495,6 +500,13 @@ mod tests {
         }
         let c: Config = toml::from_str("sched_slice_us = 200000\n").unwrap();
         assert!(c.check().unwrap_err().to_string().contains("within 100..=100000"));
+    }
+
+    #[test]
+    fn vcpu_threads_are_idle_class_unless_turned_off() {
+        assert!(Config::default().vcpu_sched_idle);
+        let c: Config = toml::from_str("vcpu_sched_idle = false\n").unwrap();
+        assert!(!c.vcpu_sched_idle && c.check().is_ok());
     }
 
     #[test]

@@ -229,6 +229,7 @@ impl VmProcess {
             seccomp: true,
             jail: None,
             fence: None,
+            vcpu_sched_idle: false,
             launch: flint_vmm_api::spec::Launch::Boot(c),
         };
         Self::launch(dir, spec)
@@ -259,6 +260,7 @@ impl VmProcess {
             seccomp: true,
             jail: None,
             fence: None,
+            vcpu_sched_idle: false,
             launch: flint_vmm_api::spec::Launch::Restore(r),
         };
         Self::launch(dir, spec)

@@ -675,6 +675,7 @@ fn a_compromised_vmm_reaches_nothing() {
         seccomp: true,
         jail: None,
         fence: None,
+        vcpu_sched_idle: false,
         launch: flint_vmm_api::spec::Launch::Boot(config),
     };
     let launcher = ProcessLauncher::new(bin_dir().join("jail-probe"), Some(Default::default()));
@@ -3027,6 +3028,21 @@ fn oci_import_never_writes_through_the_images_symlinks() {
     assert!(stat("/root").contains("Type: directory"), "the root home is the image's link no more");
 }
 
+/// Each thread of process `pid`: its name and scheduling policy (/proc/PID/task/TID/stat field 41).
+fn thread_policies(pid: u64) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+        // Field 41 of the whole line is the 39th after the command's closing parenthesis (state is field 3).
+        if let Some(p) = after.split_whitespace().nth(38).and_then(|p| p.parse().ok()) {
+            out.push((comm, p));
+        }
+    }
+    out
+}
+
 /// Waits until flintd has `n` idle standby VMMs of 256 MiB (`GET /v1/health`).
 fn wait_standbys(socket: &Path, n: u64) {
     let t = Instant::now();
@@ -3064,6 +3080,12 @@ fn a_standby_vmm_takes_a_jailed_restore() {
     let pid = vm["pid"].as_u64().unwrap();
     let dir = data.join("vms").join(&id);
     flint_tests::assert_jailed(pid, &dir);
+    // flintd's default `vcpu_sched_idle`: the vCPU thread runs SCHED_IDLE (5), the VMM's other threads do not
+    // (KVM's own `kvm-nx-lpage-recovery` task of the process is SCHED_IDLE by the kernel's choice).
+    let policies = thread_policies(pid);
+    assert!(policies.iter().any(|(n, p)| n == "vcpu0" && *p == 5), "{policies:?}");
+    let mut own = policies.iter().filter(|(n, _)| !n.starts_with("vcpu") && !n.starts_with("kvm-"));
+    assert!(own.clone().count() >= 2 && own.all(|(_, p)| *p == 0), "{policies:?}");
     // Its cgroup, made with the standby, is named after the uid the VM keeps.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let own = format!("/flint/vm-{}", vm["uid"].as_u64().unwrap());

@@ -28,6 +28,11 @@ pub struct LaunchSpec {
     /// keep-alive that succeeds; a flintd that stops (crash, SIGSTOP, cut off) stops moving it.
     #[serde(default)]
     pub fence: Option<PathBuf>,
+    /// vCPU threads run as `SCHED_IDLE` (flintd's `vcpu_sched_idle`): any other task that wakes on their core
+    /// (flintd, this VMM's API and device threads) runs at once instead of waiting out the vCPU's slice. The VM's
+    /// cgroup keeps its CPU weight against other VMs and the host's tasks over time.
+    #[serde(default)]
+    pub vcpu_sched_idle: bool,
     pub launch: Launch,
 }
 
@@ -236,6 +241,7 @@ mod tests {
             seccomp: true,
             jail: None,
             fence: Some("/dev/fd/101".into()),
+            vcpu_sched_idle: true,
             launch: Launch::Restore(RestoreSpec {
                 state_path: "/vm/state".into(),
                 memory: MemorySource::Pager { socket: "/vm/pager.sock".into() },

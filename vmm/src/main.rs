@@ -225,7 +225,14 @@ fn launch_spec(args: &Args) -> Result<LaunchSpec, String> {
         (Some(state), Some(mem)) => Launch::Restore(restore_spec(args, state, mem)?),
         _ => Launch::Boot(build_config(args)?),
     };
-    Ok(LaunchSpec { api_sock: args.api_sock.clone(), seccomp: !args.no_seccomp, jail: None, fence: None, launch })
+    Ok(LaunchSpec {
+        api_sock: args.api_sock.clone(),
+        seccomp: !args.no_seccomp,
+        jail: None,
+        fence: None,
+        vcpu_sched_idle: false,
+        launch,
+    })
 }
 
 fn main() -> ExitCode {
@@ -280,6 +287,7 @@ fn main() -> ExitCode {
         }
         eprintln!("flint-vmm: jailed in {} as uid {}", jail.root.display(), jail.uid);
     }
+    flint_vmm::vstate::vcpu::set_sched_idle(spec.vcpu_sched_idle);
     let built = match spec.launch {
         Launch::Restore(r) => Vmm::restore(r, process_start, prepared).map_err(|e| error_chain(&e)),
         Launch::Boot(config) => {

@@ -381,6 +381,7 @@ impl Manager {
             seccomp: true,
             jail: None,
             fence: None,
+            vcpu_sched_idle: self.cfg.vcpu_sched_idle,
             launch: Launch::Boot(config),
         };
         self.spawn(vm, &spec)?;
@@ -513,6 +514,7 @@ impl Manager {
             seccomp: true,
             jail: None,
             fence: req.fence.clone(),
+            vcpu_sched_idle: self.cfg.vcpu_sched_idle,
             launch: Launch::Restore(RestoreSpec {
                 state_path: state,
                 memory,

@@ -2072,20 +2072,22 @@ fn exposed_port_latency(
     call_timed(rt, host_a, "DELETE", "/v1/sessions/web", None);
 }
 
-/// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P] [--sched-slice-us U]`:
-/// one flintd on its defaults (jail, standby VMMs; `sched_slice_us` U, default 0), a template of the default
+/// `flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P] [--sched-slice-us U]
+/// [--vcpu-sched-idle 0|1]`: one flintd on its defaults (jail, standby VMMs; `sched_slice_us` U, default 0;
+/// `vcpu_sched_idle`, default 1), a template of the default
 /// image with a warm pool; N sessions, M of them kept running, the rest hibernating after 1 s idle; then K
 /// clients doing exec/file calls on random sessions (waking hibernated ones) for S seconds. Prints creation,
 /// hibernation and wake rates, the API's latency per route at 10 sessions and at N (P calls each, default 200;
 /// ratio) with how busy the host was and how long flintd waited for a CPU meanwhile, flintd's idle CPU and RSS,
 /// host memory per running session, disk per hibernated session, errors.
-fn scale_bench(n: usize, m: usize, k: usize, secs: u64, probes: usize, slice_us: u64) {
+fn scale_bench(n: usize, m: usize, k: usize, secs: u64, probes: usize, slice_us: u64, vcpu_idle: bool) {
     let work = TempDir::new("bench-scale");
     let data = work.path().join("data");
     let _reap = flint_tests::KillVmmsUnder(data.clone());
     let sock = work.path().join("flintd.sock");
     let config = work.path().join("flintd.toml");
-    let head = format!("sched_slice_us = {slice_us}\n[limits]\nmax_vms = {}\n", m + 2 * k + 64);
+    let head =
+        format!("sched_slice_us = {slice_us}\nvcpu_sched_idle = {vcpu_idle}\n[limits]\nmax_vms = {}\n", m + 2 * k + 64);
     std::fs::write(&config, format!("{head}[sessions]\nmax_sessions = {}\n", n + 64)).expect("config");
     let d = flint_tests::Flintd::start_full(&data, &sock, None, &["--config", config.to_str().unwrap_or("")], None);
     let flintd_pid = d.child.id();
@@ -2094,9 +2096,10 @@ fn scale_bench(n: usize, m: usize, k: usize, secs: u64, probes: usize, slice_us:
     let t = Instant::now();
     call("POST", "/v1/templates", Some(serde_json::json!({"name": "idle", "pool_size": 4})));
     println!(
-        "flint-bench scale: N={n} sessions, M={m} running, K={k} clients for {secs} s, flintd's scheduling slice {}; \
-         template in {:.0} s",
+        "flint-bench scale: N={n} sessions, M={m} running, K={k} clients for {secs} s, flintd's scheduling slice {}, \
+         vCPU threads {}; template in {:.0} s",
         if slice_us == 0 { "the kernel's".to_string() } else { format!("{slice_us} µs") },
+        if vcpu_idle { "SCHED_IDLE" } else { "SCHED_OTHER" },
         t.elapsed().as_secs_f64()
     );
     let mem_before = mem_available_mib();
@@ -2411,7 +2414,8 @@ async fn main() {
         let (n, m, k, s) = (arg("--sessions", 1000), arg("--running", 100), arg("--clients", 32), arg("--seconds", 60));
         let probes = arg("--probes", 200);
         let slice = arg("--sched-slice-us", 0) as u64;
-        let _ = std::thread::spawn(move || scale_bench(n, m.min(n), k, s as u64, probes, slice)).join();
+        let idle = arg("--vcpu-sched-idle", 1) != 0;
+        let _ = std::thread::spawn(move || scale_bench(n, m.min(n), k, s as u64, probes, slice, idle)).join();
         return;
     }
     if mode == "standby" {
@@ -2425,7 +2429,7 @@ async fn main() {
         return;
     }
     if mode != "boot" {
-        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench cluster [--runs N] [--seconds S] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P] [--sched-slice-us U]");
+        eprintln!("usage: flint-bench boot [--runs N] | flint-bench snapshot | flint-bench store | flint-bench lazy [--runs N] [--latency-ms L] [--workers W] | flint-bench jail [--runs N] | flint-bench sessions [--runs N] | flint-bench clones [--density N] | flint-bench restore-floor [--runs N] | flint-bench floor [--runs N] | flint-bench net [--runs N] | flint-bench python [--runs N] | flint-bench e2b [--runs N] | flint-bench standby [--runs N] | flint-bench cluster [--runs N] [--seconds S] | flint-bench scale [--sessions N] [--running M] [--clients K] [--seconds S] [--probes P] [--sched-slice-us U] [--vcpu-sched-idle 0|1]");
         std::process::exit(2);
     }
     println!("flint-bench boot: {runs} cold boot(s) of {}", images().dir.display());

@@ -261,11 +261,27 @@ pub struct VcpuContext {
     pub stats: Arc<VcpuStats>,
 }
 
+/// Whether vCPU threads run as `SCHED_IDLE` ([`flint_vmm_api::LaunchSpec::vcpu_sched_idle`]).
+static SCHED_IDLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets whether the vCPU threads this process starts run as `SCHED_IDLE`.
+pub fn set_sched_idle(on: bool) {
+    SCHED_IDLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Starts a vCPU thread running `fd`.
 pub fn spawn(mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHandle<VcpuFd>> {
     let control = ctx.control.clone();
     lock(&control.state).running_threads += 1;
     let handle = std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || {
+        if SCHED_IDLE.load(std::sync::atomic::Ordering::Relaxed) {
+            let p = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler(2) on this thread (0) with a parameter we own; lowering a thread's
+            // policy to SCHED_IDLE needs no privilege. A refusal leaves the thread as it was.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) } != 0 {
+                eprintln!("flint-vmm: vcpu{}: SCHED_IDLE refused: {}", ctx.index, std::io::Error::last_os_error());
+            }
+        }
         // Before the first KVM_RUN: from here on the guest drives what this thread does.
         crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
         // SAFETY: pthread_self has no preconditions.

@@ -38,6 +38,7 @@ async fn crashed_daemon(env: &Env, l: &FakeLauncher) -> (Vec<crate::launcher::Pr
         seccomp: true,
         jail: None,
         fence: None,
+        vcpu_sched_idle: false,
         launch: flint_vmm_api::spec::Launch::Boot(config),
     };
     let orphan = l.spawn(&orphan_dir, &spec, None).unwrap();
