@@ -3028,6 +3028,15 @@ fn oci_import_never_writes_through_the_images_symlinks() {
     assert!(stat("/root").contains("Type: directory"), "the root home is the image's link no more");
 }
 
+/// flintd's default `vcpu_sched_idle`: the VMM `pid`'s vCPU thread runs SCHED_IDLE (5), its other threads do not
+/// (KVM's own `kvm-nx-lpage-recovery` task of the process is SCHED_IDLE by the kernel's choice).
+fn assert_vcpus_idle_class(pid: u64) {
+    let policies = thread_policies(pid);
+    assert!(policies.iter().any(|(n, p)| n == "vcpu0" && *p == 5), "{policies:?}");
+    let mut own = policies.iter().filter(|(n, _)| !n.starts_with("vcpu") && !n.starts_with("kvm-"));
+    assert!(own.clone().count() >= 2 && own.all(|(_, p)| *p == 0), "{policies:?}");
+}
+
 /// Each thread of process `pid`: its name and scheduling policy (/proc/PID/task/TID/stat field 41).
 fn thread_policies(pid: u64) -> Vec<(String, u32)> {
     let mut out = Vec::new();
@@ -3080,12 +3089,7 @@ fn a_standby_vmm_takes_a_jailed_restore() {
     let pid = vm["pid"].as_u64().unwrap();
     let dir = data.join("vms").join(&id);
     flint_tests::assert_jailed(pid, &dir);
-    // flintd's default `vcpu_sched_idle`: the vCPU thread runs SCHED_IDLE (5), the VMM's other threads do not
-    // (KVM's own `kvm-nx-lpage-recovery` task of the process is SCHED_IDLE by the kernel's choice).
-    let policies = thread_policies(pid);
-    assert!(policies.iter().any(|(n, p)| n == "vcpu0" && *p == 5), "{policies:?}");
-    let mut own = policies.iter().filter(|(n, _)| !n.starts_with("vcpu") && !n.starts_with("kvm-"));
-    assert!(own.clone().count() >= 2 && own.all(|(_, p)| *p == 0), "{policies:?}");
+    assert_vcpus_idle_class(pid);
     // Its cgroup, made with the standby, is named after the uid the VM keeps.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let own = format!("/flint/vm-{}", vm["uid"].as_u64().unwrap());
