@@ -193,3 +193,25 @@ fn serve(
     let app = super::router(d.clone());
     (sock, tokio::spawn(async move { axum::serve(listener, app).await }))
 }
+
+/// Listings show an exposed port's token as `(set)` wherever it sits; the call that made it shows it in clear;
+/// text that only looks like a token key (in a value) is left alone, and an answer without tokens is the same JSON
+/// either way.
+#[test]
+fn answers_redact_tokens_and_only_tokens() {
+    use serde_json::{json, Value};
+    let shown = |v: &Value, redact: bool| -> Value {
+        serde_json::from_slice(&super::answer_bytes(v, redact).unwrap()).unwrap()
+    };
+    let port = crate::net::ExposedPort { token: Some("a-token-of-22-chars-ok".into()), tcp_listen: None };
+    let rec = json!({"id": "s1", "metadata": {"note": "\"token\":\"x\""}, "network": {"ports": {"8080": port}}});
+    let listed = shown(&rec, true);
+    assert_eq!(listed["network"]["ports"]["8080"]["token"], "(set)");
+    assert_eq!(listed["metadata"]["note"], "\"token\":\"x\"");
+    assert_eq!(shown(&rec, false)["network"]["ports"]["8080"]["token"], "a-token-of-22-chars-ok");
+    let listed = shown(&json!([rec, rec]), true);
+    assert!(listed.as_array().unwrap().iter().all(|r| r["network"]["ports"]["8080"]["token"] == "(set)"));
+    for plain in [json!({"id": "s2", "metadata": {"token": 7}}), json!({"id": "s3", "tokens": ["a"]})] {
+        assert_eq!(shown(&plain, true), plain);
+    }
+}
