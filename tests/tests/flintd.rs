@@ -747,6 +747,7 @@ fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
     assert!(snap.is_object(), "{snap}");
     let child = flint_json(&socket, &["clone", "--snapshot", "cpu-snap"])[0].clone();
     assert_eq!(child["cpu"], 0.1, "a clone keeps its snapshot's limit: {child}");
+    a_session_keeps_its_cpu_limit(&socket, "quiet");
     let spin = Command::new(bin_dir().join("flint"))
         .arg("--socket")
         .arg(&socket)
@@ -768,6 +769,49 @@ fn a_cpu_limit_holds_a_spinning_guest_to_its_share() {
     println!("a guest limited to 0.1 core that spins used {share:.3} of a core over 10 s");
     assert!((0.07..=0.13).contains(&share), "{share:.3} of a core, not 0.1 ± 0.03");
     let _ = spin.0.kill();
+}
+
+/// A session made with `flint session create --cpu 0.1` runs under that limit (its record, its VM, its VMM's
+/// cgroup) and keeps it across a hibernation and a wake.
+fn a_session_keeps_its_cpu_limit(socket: &Path, snapshot: &str) {
+    let args = ["session", "create", "--snapshot", snapshot, "--id", "cpu-s", "--idle-timeout", "3600", "--cpu", "0.1"];
+    let created = flint_json(socket, &args);
+    let limit = |s: &serde_json::Value| {
+        assert_eq!(s["cpu"], 0.1, "the session's record: {s}");
+        let vm = vm_detail(socket, s["vm"].as_str().unwrap_or_else(|| panic!("a running session's VM: {s}")));
+        assert_eq!(vm["cpu"], 0.1, "its VM: {vm}");
+        cgroup_cpu_limit(vm["pid"].as_i64().expect("the VMM's pid"))
+    };
+    assert_eq!(limit(&created), Some(0.1), "the VMM's cgroup");
+    let slept = flint_json(socket, &["session", "hibernate", "cpu-s"]);
+    assert_eq!((slept["state"].as_str(), slept["cpu"].as_f64()), (Some("hibernated"), Some(0.1)), "{slept}");
+    let woken = flint_json(socket, &["session", "wake", "cpu-s"]);
+    assert_eq!(limit(&woken), Some(0.1), "the woken VM's cgroup");
+    assert!(flint(socket, &["session", "rm", "cpu-s"]).status.success());
+}
+
+/// The CPU limit of a process's cgroup, a fraction of one core (v1 CFS quota / period, v2 `cpu.max`); None: none.
+fn cgroup_cpu_limit(pid: i64) -> Option<f64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("the process's cgroups");
+    let read = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().to_string();
+    let (quota, period) = match cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':').skip(1);
+        let (controllers, path) = (f.next()?, f.next()?);
+        controllers.split(',').any(|c| c == "cpu").then(|| path.to_string())
+    }) {
+        Some(v1) => (
+            read(format!("/sys/fs/cgroup/cpu{v1}/cpu.cfs_quota_us")),
+            read(format!("/sys/fs/cgroup/cpu{v1}/cpu.cfs_period_us")),
+        ),
+        None => {
+            let v2 = cgroups.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 path").to_string();
+            let max = read(format!("/sys/fs/cgroup{v2}/cpu.max"));
+            let (q, p) = max.split_once(' ').expect("cpu.max: QUOTA PERIOD");
+            (q.to_string(), p.to_string())
+        }
+    };
+    let quota: f64 = quota.parse().ok().filter(|q: &f64| *q > 0.0)?;
+    Some(quota / period.parse::<f64>().expect("a period"))
 }
 
 /// Anonymous memory of a process, KiB (`RssAnon`: a VMM's private copies of guest pages).
