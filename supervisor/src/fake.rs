@@ -19,7 +19,12 @@ use crate::launcher::{BoxFut, Launcher, Proc, VmmControl, VmmError};
 
 /// The directory the fake VMs' agent serves as `/`.
 pub fn agent_root() -> PathBuf {
-    std::env::temp_dir().join(format!("flint-fake-agent-{}", std::process::id()))
+    agent_root_of(std::process::id())
+}
+
+/// The directory the fake VMs' agent of process `pid` serves (a test removes that of a flintd it killed).
+pub fn agent_root_of(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("flint-fake-agent-{pid}"))
 }
 
 /// One agent (and one reaper: it waits for any child) for every fake VM of the test process, on its own runtime.

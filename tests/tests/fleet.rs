@@ -52,11 +52,13 @@ impl Host {
             .collect()
     }
 
-    /// kill -9 (its fake VMs die with it, as a host's VMs do).
+    /// kill -9 (its fake VMs die with it, as a host's VMs do), and the directory its fake VMs' agent served as
+    /// `/` (the fake launcher removes it at exit, which a killed process never reaches).
     fn kill(&mut self) {
         let mut d = self.flintd.take().unwrap();
         d.child.kill().unwrap();
         d.child.wait().unwrap();
+        let _ = std::fs::remove_dir_all(flint_supervisor::fake::agent_root_of(d.child.id()));
         std::mem::forget(d); // its Drop would signal a reaped pid
     }
 }
