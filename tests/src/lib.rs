@@ -1190,22 +1190,29 @@ pub fn assert_jailed(pid: u64, dir: &Path) {
             t.file_name()
         );
     }
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let limit = cgroups.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "memory") {
-            std::fs::read_to_string(Path::new("/sys/fs/cgroup/memory").join(path).join("memory.limit_in_bytes")).ok()
-        } else if controllers.is_empty() {
-            std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(path).join("memory.max")).ok()
-        } else {
-            None
-        }
-    });
-    let limit = limit.unwrap_or_else(|| panic!("VMM {pid} has no memory cgroup: {cgroups}"));
+    let (dir, v2) = cgroup_dir(pid, "memory").unwrap_or_else(|| panic!("VMM {pid} has no memory cgroup"));
+    let file = dir.join(if v2 { "memory.max" } else { "memory.limit_in_bytes" });
+    let limit = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("VMM {pid}: {}: {e}", file.display()));
     let bytes: u64 = limit.trim().parse().unwrap_or(u64::MAX);
     assert!(bytes < 1 << 40, "VMM {pid}: memory limit {limit:?}");
+}
+
+/// The directory of process `pid`'s cgroup that holds `controller` (`memory`, `cpu`): in that controller's v1
+/// hierarchy if it has one, else in the unified (v2) one; and whether it is v2. None: no such process.
+pub fn cgroup_dir(pid: u64, controller: &str) -> Option<(PathBuf, bool)> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    // `ID:CONTROLLERS:PATH`; the v2 line has no controllers.
+    let entries = || {
+        cgroups.lines().filter_map(|l| {
+            let mut f = l.splitn(3, ':').skip(1);
+            Some((f.next()?, f.next()?.trim_start_matches('/')))
+        })
+    };
+    let root = Path::new("/sys/fs/cgroup");
+    match entries().find(|(c, _)| c.split(',').any(|c| c == controller)) {
+        Some((_, path)) => Some((root.join(controller).join(path), false)),
+        None => entries().find(|(c, _)| c.is_empty()).map(|(_, path)| (root.join(path), true)),
+    }
 }
 
 /// Processes whose command line names `dir` (flintd and its VMMs under a test's data directory): pid and command

@@ -792,23 +792,17 @@ fn a_session_keeps_its_cpu_limit(socket: &Path, snapshot: &str) {
 
 /// The CPU limit of a process's cgroup, a fraction of one core (v1 CFS quota / period, v2 `cpu.max`); None: none.
 fn cgroup_cpu_limit(pid: i64) -> Option<f64> {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("the process's cgroups");
-    let read = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().to_string();
-    let (quota, period) = match cgroups.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':').skip(1);
-        let (controllers, path) = (f.next()?, f.next()?);
-        controllers.split(',').any(|c| c == "cpu").then(|| path.to_string())
-    }) {
-        Some(v1) => (
-            read(format!("/sys/fs/cgroup/cpu{v1}/cpu.cfs_quota_us")),
-            read(format!("/sys/fs/cgroup/cpu{v1}/cpu.cfs_period_us")),
-        ),
-        None => {
-            let v2 = cgroups.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 path").to_string();
-            let max = read(format!("/sys/fs/cgroup{v2}/cpu.max"));
-            let (q, p) = max.split_once(' ').expect("cpu.max: QUOTA PERIOD");
-            (q.to_string(), p.to_string())
-        }
+    let (dir, v2) = flint_tests::cgroup_dir(pid as u64, "cpu").expect("the VMM's cpu cgroup");
+    let read = |f: &str| {
+        let p = dir.join(f);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).trim().to_string()
+    };
+    let (quota, period) = if v2 {
+        let max = read("cpu.max");
+        let (q, p) = max.split_once(' ').expect("cpu.max: QUOTA PERIOD");
+        (q.to_string(), p.to_string())
+    } else {
+        (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
     };
     let quota: f64 = quota.parse().ok().filter(|q: &f64| *q > 0.0)?;
     Some(quota / period.parse::<f64>().expect("a period"))

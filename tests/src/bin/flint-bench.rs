@@ -1735,19 +1735,8 @@ fn run_queue_waits_ns(pid: u32) -> std::collections::HashMap<String, u64> {
 /// minus the anonymous pages of the guest's memory mappings (the snapshot's memory file mapped copy-on-write, or
 /// anonymous guest memory of its size). `(cgroup non-file, guest anonymous, overhead)`; none if unreadable.
 fn vmm_overhead_kib(pid: u32, guest_mib: u64) -> Option<(u64, u64, u64)> {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let (dir, v2) = cg.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
-        if ctrl.split(',').any(|c| c == "memory") {
-            Some((format!("/sys/fs/cgroup/memory{path}"), false))
-        } else if ctrl.is_empty() {
-            Some((format!("/sys/fs/cgroup{path}"), true))
-        } else {
-            None
-        }
-    })?;
-    let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+    let (dir, v2) = flint_tests::cgroup_dir(pid.into(), "memory")?;
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let stat = read("memory.stat")?;
     let stat_of = |k: &str| stat.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
     let non_file = if v2 {
