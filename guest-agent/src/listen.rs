@@ -41,8 +41,15 @@ impl Listener {
     pub fn bind(addr: &ListenAddr) -> std::io::Result<Self> {
         match addr {
             ListenAddr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
+                // Bound and listening under a sibling name, then renamed into place: whoever sees
+                // the path can connect (between bind(2) and listen(2) a connect is refused).
+                let mut staging = p.clone().into_os_string();
+                staging.push("~");
+                let staging = std::path::PathBuf::from(staging);
+                let _ = std::fs::remove_file(&staging);
+                let listener = tokio::net::UnixListener::bind(&staging)?;
+                std::fs::rename(&staging, p)?;
+                Ok(Listener::Unix(listener))
             }
             ListenAddr::Vsock(port) => {
                 // SAFETY: plain socket(2); the result is checked and then owned.

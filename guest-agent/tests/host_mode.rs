@@ -44,6 +44,8 @@ impl Agent {
             assert!(t.elapsed() < Duration::from_secs(10), "agent did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The socket appears where it was asked for only once it listens; its staging name is gone.
+        assert!(!dir.join("agent.sock~").exists(), "staging socket left behind");
         Agent { child, dir, sock }
     }
 
