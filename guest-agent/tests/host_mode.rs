@@ -124,11 +124,19 @@ async fn concurrent_execs_interleave_output() {
 async fn output_streams_as_it_is_produced() {
     let a = Agent::start("stream", &[]);
     let c = a.client().await;
-    let mut s = c.exec(sh("echo first; sleep 1; echo second")).await.unwrap();
-    let t = Instant::now();
-    let first = s.next().await.unwrap().unwrap();
-    assert_eq!(first, ExecEvent::Stdout(b"first\n".to_vec()));
-    assert!(t.elapsed() < Duration::from_millis(900), "first chunk arrived before the process ended");
+    // The process prints its second line only once the test has seen the first: output that
+    // arrived only at exit would never let it finish (no timing window, however loaded the host).
+    let go = a.root().join("go");
+    let mut s = c
+        .exec(sh(&format!("echo first; while [ ! -e {} ]; do sleep 0.01; done; echo second", go.display())))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(60), s.next())
+        .await
+        .expect("the first chunk arrives while the process still runs")
+        .unwrap();
+    assert_eq!(first, Some(ExecEvent::Stdout(b"first\n".to_vec())));
+    std::fs::write(&go, b"").unwrap();
     let mut rest = Vec::new();
     while let Some(ev) = s.next().await.unwrap() {
         rest.push(ev);
