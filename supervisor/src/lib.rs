@@ -115,13 +115,27 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixL
         }
         std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(io(format!("chmod {}", path.display())))?;
-    if let Some(g) = group {
-        let gid = group_id(g)?;
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(io(format!("chown {} to group {g}", path.display())))?;
+    // Made under a sibling name and renamed into place: the path appears only once the socket
+    // listens with its final mode and group (a client never sees it half made, nor with the
+    // umask's mode).
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("~");
+    let staging = std::path::PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let l = tokio::net::UnixListener::bind(&staging).map_err(io(format!("bind {}", staging.display())))?;
+    let publish = || {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+            .map_err(io(format!("chmod {}", staging.display())))?;
+        if let Some(g) = group {
+            let gid = group_id(g)?;
+            std::os::unix::fs::chown(&staging, None, Some(gid))
+                .map_err(io(format!("chown {} to group {g}", staging.display())))?;
+        }
+        std::fs::rename(&staging, path).map_err(io(format!("rename {} into place", staging.display())))
+    };
+    if let Err(e) = publish() {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
     Ok(l)
 }
@@ -250,4 +264,37 @@ async fn serve(daemon: Arc<daemon::Daemon>) -> Result<(), RunError> {
         warn!(left = daemon.tasks.len(), "operations still running at the shutdown deadline; exiting anyway");
     }
     served.map_err(|source| RunError::Io { what: "the API server".into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_api_socket_appears_only_when_ready() {
+        let dir = std::env::temp_dir().join(format!("flint-bind-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("run/api.sock");
+        let staging = dir.join("run/api.sock~");
+
+        // A group that does not exist: nothing is left behind, under either name.
+        let e = bind(&path, Some("flint-no-such-group")).unwrap_err();
+        assert!(matches!(e, RunError::NoGroup(_)), "{e}");
+        assert!(!path.exists() && !staging.exists());
+
+        // A stale staging socket (a crash mid-bind) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&staging).unwrap());
+        let l = bind(&path, None).unwrap();
+        assert!(!staging.exists());
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+        std::os::unix::net::UnixStream::connect(&path).expect("listening as soon as it is there");
+
+        // A live socket is another flintd's; a dead one is stale and replaced.
+        assert!(matches!(bind(&path, None), Err(RunError::InUse(_))));
+        drop(l);
+        let _l = bind(&path, None).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
