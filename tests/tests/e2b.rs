@@ -29,13 +29,22 @@ struct Fixture {
 
 /// flintd and what the test process must stop at exit (statics are never dropped).
 static RUNNING: Mutex<Option<(Flintd, KillVmmsUnder, TempDir)>> = Mutex::new(None);
+/// Set by the panic hook: some test failed, and flintd's log is kept.
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn stop_fixture() {
     if let Ok(mut r) = RUNNING.lock() {
         if let Some((d, reap, work)) = r.take() {
             drop(d);
-            // flintd's log outlives the run, for whoever reads a failure.
-            let _ = std::fs::copy(work.path().join("data.log"), std::env::temp_dir().join("flint-e2b-flintd.log"));
+            // flintd's log outlives a failed run, for whoever reads the failure; a run that passed leaves none.
+            let kept = std::env::temp_dir().join("flint-e2b-flintd.log");
+            if FAILED.load(std::sync::atomic::Ordering::SeqCst) {
+                if std::fs::copy(work.path().join("data.log"), &kept).is_ok() {
+                    eprintln!("flintd's log: {}", kept.display());
+                }
+            } else {
+                let _ = std::fs::remove_file(&kept);
+            }
             drop((reap, work));
         }
     }
@@ -140,6 +149,11 @@ fn make_fixture() -> Fixture {
         )
         .unwrap();
         let reap = KillVmmsUnder(data.clone());
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+            report(info)
+        }));
         let image_arg = format!("e2b={}", image.display());
         let d = Flintd::start_full(
             &data,
