@@ -1,6 +1,6 @@
 //! Where the agent listens: a vsock port (in a guest) or a Unix socket (host mode, tests).
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -32,6 +32,32 @@ pub fn peer_allowed(cid: u32) -> bool {
     cid == libc::VMADDR_CID_HOST
 }
 
+/// A Unix socket listening at `path` that appears there only once it listens and `prepare` (given
+/// the socket's staging path: its mode, its group) has succeeded. It is made under a sibling name
+/// (`PATH~`) and renamed into place, so whoever sees the path can connect (between bind(2) and
+/// listen(2) a connect is refused) and never sees it half made. On failure nothing is left under
+/// either name; a stale staging socket (a crash mid-bind) is replaced.
+pub fn bind_unix(
+    path: &Path,
+    prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<tokio::net::UnixListener> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("~");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {}: {e}", staging.display())))?;
+    let published = prepare(&staging).and_then(|()| {
+        std::fs::rename(&staging, path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("rename {} into place: {e}", staging.display())))
+    });
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 pub enum Listener {
     Vsock(AsyncFd<OwnedFd>),
     Unix(tokio::net::UnixListener),
@@ -40,17 +66,7 @@ pub enum Listener {
 impl Listener {
     pub fn bind(addr: &ListenAddr) -> std::io::Result<Self> {
         match addr {
-            ListenAddr::Unix(p) => {
-                // Bound and listening under a sibling name, then renamed into place: whoever sees
-                // the path can connect (between bind(2) and listen(2) a connect is refused).
-                let mut staging = p.clone().into_os_string();
-                staging.push("~");
-                let staging = std::path::PathBuf::from(staging);
-                let _ = std::fs::remove_file(&staging);
-                let listener = tokio::net::UnixListener::bind(&staging)?;
-                std::fs::rename(&staging, p)?;
-                Ok(Listener::Unix(listener))
-            }
+            ListenAddr::Unix(p) => Ok(Listener::Unix(bind_unix(p, |_| Ok(()))?)),
             ListenAddr::Vsock(port) => {
                 // SAFETY: plain socket(2); the result is checked and then owned.
                 let fd = unsafe {

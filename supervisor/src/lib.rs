@@ -115,29 +115,20 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<tokio::net::UnixL
         }
         std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
     }
-    // Made under a sibling name and renamed into place: the path appears only once the socket
-    // listens with its final mode and group (a client never sees it half made, nor with the
-    // umask's mode).
-    let mut staging = path.as_os_str().to_owned();
-    staging.push("~");
-    let staging = std::path::PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    let l = tokio::net::UnixListener::bind(&staging).map_err(io(format!("bind {}", staging.display())))?;
-    let publish = || {
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
-            .map_err(io(format!("chmod {}", staging.display())))?;
-        if let Some(g) = group {
-            let gid = group_id(g)?;
-            std::os::unix::fs::chown(&staging, None, Some(gid))
-                .map_err(io(format!("chown {} to group {g}", staging.display())))?;
+    // The path appears only once the socket listens with its final mode and group (a client never sees it half
+    // made, nor with the umask's mode). The group is resolved first: a bad one makes no socket at all.
+    let gid = group.map(|g| group_id(g).map(|gid| (g, gid))).transpose()?;
+    let with = |what: String| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    flint_agent::listen::bind_unix(path, |staging| {
+        std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o660))
+            .map_err(with(format!("chmod {}", staging.display())))?;
+        if let Some((g, gid)) = gid {
+            std::os::unix::fs::chown(staging, None, Some(gid))
+                .map_err(with(format!("chown {} to group {g}", staging.display())))?;
         }
-        std::fs::rename(&staging, path).map_err(io(format!("rename {} into place", staging.display())))
-    };
-    if let Err(e) = publish() {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
-    }
-    Ok(l)
+        Ok(())
+    })
+    .map_err(io(format!("the API socket {}", path.display())))
 }
 
 /// Resolves at SIGTERM or SIGINT (never, if the handler cannot be installed).
